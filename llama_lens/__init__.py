@@ -1,0 +1,1 @@
+"""llama_lens: open a Llama checkpoint, hook every step of its forward pass, and look inside."""

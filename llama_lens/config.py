@@ -1,0 +1,316 @@
+"""The model's shape, in glossary words, read from Hugging Face config.json or Meta params.json.
+
+Every key of either file is handled, ignored on purpose (listed below with the reason), or rejected with
+its name: a key that changes the forward pass and that we do not implement must never be dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys of a Hugging Face config.json that do not change the forward pass of a Llama, so we ignore them.
+# Generic PretrainedConfig attributes, generation defaults and bookkeeping.
+HF_IGNORED_KEYS = frozenset(
+    {
+        "architectures", "model_type", "transformers_version", "_name_or_path", "_attn_implementation",
+        "_attn_implementation_autoset", "initializer_range", "use_cache", "attention_dropout",
+        "is_llama_config", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+        "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_encoder_decoder", "is_decoder",
+        "is_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size", "chunk_size_feed_forward",
+        "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+        "finetuning_task", "decoder_start_token_id", "sep_token_id", "max_length", "min_length", "do_sample",
+        "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+        "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+        "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
+        # Splits the projections into slices in transformers 4.x only to mimic the pretraining layout; the
+        # result is the same matmul up to float rounding.
+        "pretraining_tp",
+        # Weight-loading hints that do not change the arithmetic.
+        "torch_dtype", "dtype", "rope_interleaved", "max_position_embeddings",
+    }
+)
+
+# Keys of a Meta params.json that we ignore: they size the reference code's caches, not the model.
+META_IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """How RoPE frequencies are rescaled for long contexts (the `rope_scaling` of a config).
+
+    kind: "linear" (positions divided by `factor`), "dynamic" (NTK-aware base growth past
+    `original_max_position_embeddings`) or "llama3" (Llama 3.1's per-frequency smoothing).
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """The numbers that fix a Llama's forward pass.
+
+    Attributes use the glossary of model.py: d_model, n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_vocab.
+    `d_head` is stored because configs may set it (`head_dim`) to something other than d_model // n_heads.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    checkpoint_dtype: str | None = None  # as stored on disk ("bfloat16", ...); a hint, not a runtime choice
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> LlamaConfig:
+        """Reads a transformers 4.x or 5.x Llama config.json dict.
+
+        Raises:
+            ValueError: naming `source` and the key, for keys that change the computation in a way we do not
+                implement, for unknown keys, and for missing required keys.
+        """
+        handled = {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id",
+            "eos_token_id", "pad_token_id", "max_position_embeddings", "torch_dtype", "dtype",
+            "rope_interleaved", "model_type",
+        }
+        unknown = sorted(set(hf) - handled - HF_IGNORED_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{source}: unsupported key(s) {unknown}. They may change the forward pass of this model, "
+                "which llama_lens implements for LlamaForCausalLM only; remove them from the file if they "
+                "do not."
+            )
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type is {model_type!r}; llama_lens reads 'llama' models only")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses 'silu')")
+        if hf.get("rope_interleaved"):
+            raise ValueError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
+
+        def need(key: str) -> Any:
+            if key not in hf:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+            return hf[key]
+
+        d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        rope_theta, rope_scaling = _hf_rope(hf, source)
+        eos = hf.get("eos_token_id")
+        dtype = hf.get("dtype", hf.get("torch_dtype"))
+        return cls(
+            d_model=d_model,
+            n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            d_head=int(hf.get("head_dim") or d_model // n_heads),
+            d_mlp=int(need("intermediate_size")),
+            d_vocab=int(need("vocab_size")),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+            pad_token_id=hf.get("pad_token_id"),
+            checkpoint_dtype=str(dtype) if dtype is not None else None,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict transformers' LlamaConfig reads (used to write checkpoints and in tests)."""
+        scaling = None
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            scaling = {"rope_type": rs.kind, "factor": rs.factor}
+            if rs.kind == "llama3":
+                scaling |= {
+                    "low_freq_factor": rs.low_freq_factor,
+                    "high_freq_factor": rs.high_freq_factor,
+                    "original_max_position_embeddings": rs.original_max_position_embeddings,
+                }
+        eos: int | list[int] | None = list(self.eos_token_ids) or None
+        if eos is not None and len(eos) == 1:
+            eos = eos[0]
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.d_head,
+            "intermediate_size": self.d_mlp,
+            "vocab_size": self.d_vocab,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": scaling,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.checkpoint_dtype or "float32",
+        }
+
+    # ------------------------------------------------------------------ Meta params.json
+    @classmethod
+    def from_meta(
+        cls, params: dict[str, Any], *, d_vocab: int | None = None, source: str = "params.json"
+    ) -> LlamaConfig:
+        """Reads a Meta release's params.json dict, deriving d_mlp the way Meta's reference code does.
+
+        Args:
+            params: the parsed params.json.
+            d_vocab: the vocabulary size when params.json says -1 (Llama 2 takes it from the tokenizer);
+                read from the embedding's shape by the checkpoint reader.
+        """
+        handled = {
+            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+            "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+            "head_dim",
+        }
+        unknown = sorted(set(params) - handled - META_IGNORED_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only"
+            )
+
+        def need(key: str) -> Any:
+            if key not in params:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+            return params[key]
+
+        d_model, n_heads = int(need("dim")), int(need("n_heads"))
+        vocab = int(params.get("vocab_size", -1))
+        if vocab <= 0:
+            if d_vocab is None:
+                raise ValueError(f"{source}: vocab_size is {vocab}; pass d_vocab (the embedding's rows)")
+            vocab = d_vocab
+        rope_scaling = None
+        if params.get("use_scaled_rope"):
+            # Meta's llama3 reference code: apply_scaling(freqs, scale_factor=8, high_freq_factor=4) with
+            # low_freq_factor 1 and an original context of 8192; newer params.json files may override.
+            rope_scaling = RopeScaling(
+                kind="llama3",
+                factor=float(params.get("rope_scaling_factor", 8.0)),
+                low_freq_factor=1.0,
+                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+                original_max_position_embeddings=8192,
+            )
+        return cls(
+            d_model=d_model,
+            n_layers=int(need("n_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            d_head=int(params.get("head_dim") or d_model // n_heads),
+            d_mlp=meta_d_mlp(d_model, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+            d_vocab=vocab,
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            tie_embeddings=False,
+            max_position_embeddings=int(params.get("max_seq_len", 8192 if rope_scaling else 4096)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, d_vocab: int | None = None) -> LlamaConfig:
+        """Reads config.json (HF) or params.json (Meta), chosen by file name."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if path.name == "params.json":
+            return cls.from_meta(data, d_vocab=d_vocab, source=str(path))
+        return cls.from_hf(data, source=str(path))
+
+
+def meta_d_mlp(d_model: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU hidden size exactly as Meta's FeedForward computes it."""
+    hidden = int(2 * (4 * d_model) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """rope_theta and rope scaling from a 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`) config."""
+    params = hf.get("rope_parameters")
+    key = "rope_parameters"
+    if params is None:
+        params, key = hf.get("rope_scaling"), "rope_scaling"
+    params = dict(params or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"{source}: {key}.rope_type {kind!r} is not supported; llama_lens implements {list(ROPE_TYPES)}"
+        )
+    if kind == "default":
+        return theta, None
+    if "factor" not in params:
+        raise ValueError(f"{source}: {key} of type {kind!r} needs a 'factor'")
+    original = params.get("original_max_position_embeddings")
+    if kind == "dynamic" and original is None:
+        original = hf.get("max_position_embeddings", 2048)
+    if kind == "llama3":
+        for needed in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if needed not in params:
+                raise ValueError(f"{source}: {key} of type 'llama3' needs {needed!r}")
+    return theta, RopeScaling(
+        kind=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=params.get("low_freq_factor"),
+        high_freq_factor=params.get("high_freq_factor"),
+        original_max_position_embeddings=int(original) if original is not None else None,
+    )
