@@ -301,7 +301,8 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     if "factor" not in params:
         raise ValueError(f"{source}: {key} of type {kind!r} needs a 'factor'")
     original = params.get("original_max_position_embeddings")
-    if kind == "dynamic" and original is None:
+    if kind == "dynamic":
+        # transformers grows the base past max_position_embeddings, whatever the original length says.
         original = hf.get("max_position_embeddings", 2048)
     if kind == "llama3":
         for needed in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):

@@ -1,0 +1,114 @@
+"""Sampling continuations with a KV cache, as Meta's Llama reference code does (temperature, top-p)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .model import HookedLlama, KVCache
+
+
+@dataclass
+class Generation:
+    """What `generate` returns: per prompt, the new token ids and their text (stopped before EOS)."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+
+    @property
+    def text(self) -> str:
+        """The continuation of a single prompt."""
+        if len(self.texts) != 1:
+            raise ValueError(f"{len(self.texts)} prompts were given; read .texts")
+        return self.texts[0]
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Nucleus sampling: draws from the smallest set of tokens whose probability adds up to `top_p`.
+
+    Args:
+        probs: [batch, d_vocab]
+    Returns:
+        [batch] token ids
+    """
+    probs_sorted, order = probs.sort(dim=-1, descending=True)
+    # Drop a token when the tokens ranked above it already cover top_p.
+    probs_sorted[probs_sorted.cumsum(dim=-1) - probs_sorted > top_p] = 0.0
+    probs_sorted /= probs_sorted.sum(dim=-1, keepdim=True)
+    picked = torch.multinomial(probs_sorted, num_samples=1, generator=generator)
+    return order.gather(-1, picked).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: HookedLlama,
+    prompts: str | Sequence[str] | torch.Tensor,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    stop_at_eos: bool = True,
+    prepend_bos: bool = True,
+    use_kv_cache: bool = True,
+    seed: int | None = None,
+) -> Generation:
+    """Continues each prompt; hooks added with `model.hooks(...)` fire at every step.
+
+    Args:
+        prompts: text, a list of texts (left-padded into one batch) or token ids [batch, pos].
+        max_new_tokens: how many tokens to add at most.
+        temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling threshold (ignored when greedy).
+        stop_at_eos: stop a prompt at its first end-of-sequence token (not included in the output).
+        use_kv_cache: reuse keys/values of earlier positions (the default) instead of re-running the prefix.
+        seed: seeds the sampler for reproducible draws.
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    device = model.embed.weight.device
+    if isinstance(prompts, torch.Tensor):
+        tokens = prompts.to(device)
+        mask = model.infer_attention_mask(tokens)
+        if mask is None:
+            mask = torch.ones_like(tokens)
+    else:
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tokens, mask = model._need_tokenizer().batch_encode(texts, bos=prepend_bos)
+        tokens, mask = tokens.to(device), mask.to(device)
+    eos_ids = sorted(set(model.cfg.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ()))
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    batch = tokens.shape[0]
+    kv_cache = KVCache() if use_kv_cache else None
+    logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)
+    new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        last = logits[:, -1].float()  # [batch, d_vocab]
+        if temperature == 0:
+            next_token = last.argmax(dim=-1)
+        else:
+            next_token = sample_top_p((last / temperature).softmax(dim=-1), top_p, generator)
+        new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+        if stop_at_eos:
+            finished |= torch.isin(next_token, eos)
+            if bool(finished.all()):
+                break
+        step_mask = torch.ones(batch, 1, dtype=torch.long, device=device)
+        if kv_cache is not None:
+            logits = model(next_token[:, None], attention_mask=step_mask, kv_cache=kv_cache)
+        else:
+            tokens, mask = torch.cat([tokens, next_token[:, None]], dim=1), torch.cat([mask, step_mask], dim=1)
+            logits = model(tokens, attention_mask=mask)
+
+    out_tokens = []
+    for row in new_tokens.tolist():
+        if stop_at_eos:
+            cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+            row = row[:cut]
+        out_tokens.append(row)
+    texts = [model.to_string(row) if model.tokenizer is not None else "" for row in out_tokens]
+    return Generation(tokens=out_tokens, texts=texts)

@@ -1,0 +1,399 @@
+"""A readable Llama forward pass with a named hook at every step.
+
+Dimension glossary (shape comments use only these words):
+    batch       prompts in the batch
+    pos         token positions (q_pos / k_pos when queries and keys differ, as with a KV cache)
+    d_model     width of the residual stream
+    n_heads     query heads;  n_kv_heads  key/value heads (GQA: n_heads is a multiple of n_kv_heads)
+    d_head      width of one head
+    d_mlp       hidden width of the SwiGLU MLP
+    d_vocab     vocabulary size
+
+References: RoPE (Su et al. 2021, arXiv:2104.09864), RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467),
+SwiGLU (Shazeer 2020, arXiv:2002.05202), GQA (Ainslie et al. 2023, arXiv:2305.13245), Llama (Touvron et al.
+2023). Numerics follow transformers' LlamaForCausalLM so that logits agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .hooks import HookedModule, HookPoint
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies [d_head // 2] for the config's RoPE variant (float32)."""
+    dim = cfg.d_head
+    base = cfg.rope_theta
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.kind == "dynamic" and seq_len > scaling.original_max_position_embeddings:
+        # NTK-aware: grow the base with the context so low frequencies stretch and high ones stay.
+        original = scaling.original_max_position_embeddings
+        base = base * ((scaling.factor * seq_len / original) - (scaling.factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is None or scaling.kind == "dynamic":
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slow down by `factor`, short ones stay, the band between is interpolated.
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelen = original / scaling.low_freq_factor
+    high_freq_wavelen = original / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [batch, pos, 1, d_head] for integer `positions` [batch, pos]."""
+    inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1, positions.device)
+    angles = positions[..., None].float() * inv_freq  # [batch, pos, d_head // 2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [batch, pos, 1, d_head]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates [batch, pos, heads, d_head] in HF's rotate-half layout (pairs i and i + d_head/2)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+# -------------------------------------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model], before the weight, as in TransformerLens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the activations' dtype, as transformers does.
+        x32 = x.float()
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized((x32 / scale).to(x.dtype))
+        return self.weight * normalized
+
+
+# ------------------------------------------------------------------------------------------ Attention
+class KVCache:
+    """Keys (after RoPE) and values of earlier positions, per layer, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [batch, n_kv_heads, k_pos, d_head]
+        self.values: dict[int, torch.Tensor] = {}
+        self.attention_mask: torch.Tensor | None = None  # [batch, k_pos], 1 for real tokens
+
+    @property
+    def length(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=bias)
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x [batch, pos, d_model]; mask [batch, 1, q_pos, k_pos] (True = may attend) or None for plain causal."""
+        cfg = self.cfg
+        batch, pos, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(batch, pos, cfg.n_heads, cfg.d_head))
+        k = self.hook_k(self.k_proj(x).view(batch, pos, cfg.n_kv_heads, cfg.d_head))
+        v = self.hook_v(self.v_proj(x).view(batch, pos, cfg.n_kv_heads, cfg.d_head))
+        q = self.hook_rot_q(apply_rope(q, cos, sin))
+        k = self.hook_rot_k(apply_rope(k, cos, sin))
+
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, pos, d_head]
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # [batch, n_kv_heads, k_pos, d_head]
+
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+            z = self._attention_written_out(q, k, v, mask)
+        else:
+            # Nothing reads the pattern: let the fused kernel do the same arithmetic.
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=cfg.n_rep > 1
+            )
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, n_heads, d_head]
+
+        if self.hook_result.has_hooks:
+            # Each head's write into the residual stream; they sum (plus the bias) to the attention output.
+            w_o = self.o_proj.weight.view(cfg.d_model, cfg.n_heads, cfg.d_head)
+            result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w_o))  # [batch, pos, n_heads, d_model]
+            out = result.sum(dim=2)
+            return out if self.o_proj.bias is None else out + self.o_proj.bias
+        return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
+
+    def _attention_written_out(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scores, softmax and weighted sum spelled out so the hooks see real tensors; returns z [batch,
+        n_heads, q_pos, d_head]."""
+        n_rep = self.cfg.n_rep
+        # Query head j reads key/value head j // n_rep.
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.cfg.d_head)  # [batch, n_heads, q_pos, k_pos]
+        if mask is None:
+            q_pos, k_pos = scores.shape[-2:]
+            mask = torch.ones(q_pos, k_pos, dtype=torch.bool, device=q.device).tril(k_pos - q_pos)
+        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        # Softmax in float32 as transformers does, then back to the activations' dtype.
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
+        return pattern @ v
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.hook_pre = HookPoint()  # gate, before the SiLU  [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # up
+        self.hook_post = HookPoint()  # silu(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.hook_pre(self.gate_proj(x))
+        up = self.hook_pre_linear(self.up_proj(x))
+        return self.down_proj(self.hook_post(F.silu(gate) * up))
+
+
+# ---------------------------------------------------------------------------------------------- Block
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
+        resid_pre = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), cos, sin, mask, kv_cache))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+# ---------------------------------------------------------------------------------------------- Llama
+class HookedLlama(HookedModule):
+    """LlamaForCausalLM with TransformerLens hook points; holds all layers or only `layers`.
+
+    Args:
+        cfg: the model's shape.
+        layers: absolute indices of the decoder layers to hold (default: all). The embedding, final norm and
+            unembedding are always held, so a partial model still reads out logits.
+    """
+
+    def __init__(self, cfg: LlamaConfig, layers: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_indices = sorted(range(cfg.n_layers) if layers is None else layers)
+        self.tokenizer = None  # set by the loader
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_indices})
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.hook_logits = HookPoint()
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.setup_hook_points()
+
+    def forward(
+        self,
+        tokens: torch.Tensor | str | list[str] | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        start_layer: int | None = None,
+        resid: torch.Tensor | None = None,
+        stop_at_layer: int | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Runs the loaded layers.
+
+        Args:
+            tokens: [batch, pos] token ids (or text, tokenized with `to_tokens`). Optional when `resid` is given.
+            attention_mask: [batch, pos], 1 for real tokens and 0 for left padding; inferred from leading pad
+                tokens when omitted.
+            start_layer: resume at this layer with `resid` as its resid_pre (e.g. from a cache).
+            resid: [batch, pos, d_model] residual stream entering `start_layer`.
+            stop_at_layer: return the residual stream entering this layer instead of logits.
+            kv_cache: keys/values of earlier positions; filled in place (see `generate`).
+
+        Returns:
+            logits [batch, pos, d_vocab], or resid [batch, pos, d_model] when `stop_at_layer` is given.
+        """
+        if isinstance(tokens, (str, list)):
+            tokens = self.to_tokens(tokens)
+        layers = self._layers_to_run(start_layer, stop_at_layer, resid is not None)
+        if resid is None:
+            if tokens is None:
+                raise ValueError("forward needs tokens, or resid= with start_layer=")
+            resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        elif resid.shape[-1] != self.cfg.d_model or resid.dim() != 3:
+            raise ValueError(f"resid must be [batch, pos, d_model={self.cfg.d_model}], got {tuple(resid.shape)}")
+        batch, pos, _ = resid.shape
+        if attention_mask is None and tokens is not None:
+            attention_mask = self.infer_attention_mask(tokens)
+        positions, mask = self._positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
+        cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
+
+        for i in layers:
+            resid = self.blocks[str(i)](resid, cos, sin, mask, kv_cache)
+        if stop_at_layer is not None:
+            return resid
+        return self.hook_logits(self.unembed(self.ln_final(resid)))
+
+    # ---------------------------------------------------------------- helpers of forward
+    def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
+        loaded = self.layer_indices
+        if has_resid:
+            start = loaded[0] if start_layer is None else start_layer
+        elif start_layer not in (None, 0):
+            raise ValueError("start_layer needs resid= (the residual stream entering that layer)")
+        elif loaded and loaded[0] != 0:
+            first = loaded[0]
+            raise ValueError(
+                f"this model holds layers {first}..{loaded[-1]} only; pass resid= (the residual stream entering "
+                f"layer {first}, e.g. cache['blocks.{first}.hook_resid_pre'] of a full model) and start_layer={first}"
+            )
+        else:
+            start = 0
+        # A partial model loaded with layers=range(0, k) stops after its last layer: its logits are the lens
+        # read-out of layer k - 1.
+        stop = (loaded[-1] + 1 if loaded else start) if stop_at_layer is None else stop_at_layer
+        layers = list(range(start, stop))
+        missing = [i for i in layers if str(i) not in self.blocks]
+        if missing:
+            raise ValueError(f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others")
+        return layers
+
+    def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """1 for real tokens, 0 for left padding: leading tokens equal to the tokenizer's pad id. None when
+        nothing is padded, so the common case takes the plain causal path."""
+        pad_id = getattr(self.tokenizer, "pad_id", None)
+        if pad_id is None or tokens.shape[0] == 1 or not bool((tokens[:, 0] == pad_id).any()):
+            return None
+        mask = (tokens != pad_id).long().cumsum(dim=-1) > 0
+        bos_id = getattr(self.tokenizer, "bos_id", None)
+        if bos_id == pad_id:
+            # The pad token doubles as BOS: the last leading one is the real BOS.
+            first_real = (~mask).sum(dim=-1, keepdim=True) - 1
+            mask.scatter_(1, first_real.clamp(min=0), True)
+        return mask.long()
+
+    def _positions_and_mask(
+        self,
+        batch: int,
+        pos: int,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position ids [batch, pos] counted from each prompt's first real token, and the attention mask
+        [batch, 1, q_pos, k_pos] (None for the plain causal case the fused kernel handles itself)."""
+        past = 0 if kv_cache is None else kv_cache.length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, pos, dtype=torch.long, device=device)
+        attention_mask = attention_mask.to(device)
+        if kv_cache is not None:
+            if kv_cache.attention_mask is not None:
+                attention_mask = torch.cat([kv_cache.attention_mask, attention_mask], dim=1)
+            kv_cache.attention_mask = attention_mask  # [batch, k_pos]
+        positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, past:]  # [batch, pos]
+        if past == 0 and bool(attention_mask.all()):
+            return positions, None
+        k_pos = past + pos
+        causal = torch.ones(pos, k_pos, dtype=torch.bool, device=device).tril(past)  # [q_pos, k_pos]
+        mask = causal[None] & attention_mask.bool()[:, None, :]  # [batch, q_pos, k_pos]
+        # A padding query would see no key at all (softmax of nothing is NaN): let it see itself.
+        mask |= torch.eye(pos, k_pos, dtype=torch.bool, device=device).roll(past, dims=1)[None]
+        return positions, mask[:, None]
+
+    # ---------------------------------------------------------------- tokens and text
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass tokenizer= to ll.load or give token ids")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool = True) -> torch.Tensor:
+        """Token ids [batch, pos], left-padded, BOS first unless `prepend_bos=False`."""
+        texts = [text] if isinstance(text, str) else list(text)
+        tokens, _ = self._need_tokenizer().batch_encode(texts, bos=prepend_bos)
+        return tokens.to(self.embed.weight.device)
+
+    def to_str_tokens(self, tokens: torch.Tensor | str | Sequence[int], *, prepend_bos: bool = True) -> list[str]:
+        """The text of each token of one prompt, e.g. ['<|im_start|>', 'The', ' capital', ...]."""
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens, prepend_bos=prepend_bos)[0]
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() == 2:
+                if tokens.shape[0] != 1:
+                    raise ValueError("to_str_tokens takes one prompt; index the batch first")
+                tokens = tokens[0]
+            tokens = tokens.tolist()
+        return self._need_tokenizer().token_strs(tokens)
+
+    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
+        """Decodes [pos] to a string or [batch, pos] to a list of strings."""
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+            return [self.to_string(row) for row in tokens]
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return self._need_tokenizer().decode(ids)
+
+    # ---------------------------------------------------------------- generation and summaries
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.6, top_p: float = 0.9, **kwargs):
+        """Samples continuations with a KV cache; see `llama_lens.generate.generate` for the arguments."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **kwargs)
+
+    def summary(self):
+        """Parameters per module (a pandas DataFrame: module, parameters, share of total)."""
+        from .summary import module_summary
+
+        return module_summary(self)
+
+    def extra_repr(self) -> str:
+        cfg = self.cfg
+        return (
+            f"layers={self.layer_indices[0] if self.layer_indices else '-'}..{self.layer_indices[-1] if self.layer_indices else '-'}"
+            f" of {cfg.n_layers}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}"
+        )
