@@ -280,10 +280,14 @@ class HookedLlama(HookedModule):
         cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
 
         for i in layers:
-            resid = self.blocks[str(i)](resid, cos, sin, mask, kv_cache)
+            resid = self.run_block(i, resid, cos, sin, mask, kv_cache)
         if stop_at_layer is not None:
             return resid
         return self.hook_logits(self.unembed(self.ln_final(resid)))
+
+    def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
+        """Runs one decoder layer; the streaming model overrides this to fetch the layer's weights first."""
+        return self.blocks[str(layer)](resid, cos, sin, mask, kv_cache)
 
     # ---------------------------------------------------------------- helpers of forward
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
