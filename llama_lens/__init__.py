@@ -1,1 +1,45 @@
-"""llama_lens: open a Llama checkpoint, hook every step of its forward pass, and look inside."""
+"""llama_lens: open a Llama checkpoint, hook every step of its forward pass, and look inside.
+
+Names are imported on first use, so `import llama_lens` stays cheap (no pandas, matplotlib or transformers).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_LAZY = {
+    "LlamaConfig": "config",
+    "RopeScaling": "config",
+    "HookedLlama": "model",
+    "KVCache": "model",
+    "HookPoint": "hooks",
+    "ActivationCache": "hooks",
+    "Generation": "generate",
+    "Checkpoint": "checkpoint",
+    "load": "loading",
+    "load_tokenizer": "tokenizer",
+    "demo_model_path": "demo",
+    "logit_lens": "lens",
+    "direct_logit_attribution": "lens",
+    "LensResult": "lens",
+    "plan": "plan",
+}
+_SUBMODULES = {"plot", "widgets", "testing"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'llama_lens' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
