@@ -314,9 +314,9 @@ class HookedLlama(HookedModule):
         return layers
 
     def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """1 for real tokens, 0 for left padding: leading tokens equal to the tokenizer's pad id. None when
-        nothing is padded, so the common case takes the plain causal path."""
-        pad_id = getattr(self.tokenizer, "pad_id", None)
+        """1 for real tokens, 0 for left padding: leading tokens equal to the id the tokenizer pads with. None
+        when nothing is padded, so the common case takes the plain causal path."""
+        pad_id = getattr(self.tokenizer, "padding_id", getattr(self.tokenizer, "pad_id", None))
         if pad_id is None or tokens.shape[0] == 1 or not bool((tokens[:, 0] == pad_id).any()):
             return None
         mask = (tokens != pad_id).long().cumsum(dim=-1) > 0
