@@ -1,0 +1,90 @@
+"""`load`: a checkpoint folder in, a HookedLlama holding only the asked-for layers out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, check_layers, resolve_device, resolve_dtype
+
+
+def load(
+    path: str | os.PathLike | Checkpoint,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    layers: Iterable[int] | None = None,
+    stream: bool = False,
+    tokenizer: Any = None,
+    index_cache: str | os.PathLike | bool | None = None,
+    *,
+    check_memory: bool = True,
+    progress: bool = True,
+):
+    """Opens a checkpoint and returns a HookedLlama holding its weights.
+
+    The model is built on the meta device and filled with the tensors as they are read, one layer at a time,
+    each cast to `dtype` as soon as it is read: peak memory is about one copy of what was asked for.
+
+    Args:
+        path: a checkpoint folder (Hugging Face or Meta layout, see `Checkpoint`) or an open Checkpoint.
+        dtype: torch dtype or "float32", "bfloat16", "float16".
+        device: where the weights go ("cpu", "cuda", "cuda:1", ...).
+        layers: decoder layers to load (e.g. `range(0, 3)`); default all. The embedding, final norm and
+            unembedding are always loaded, so a partial model still gives logits.
+        stream: keep only the embedding, final norm and unembedding in memory and read each decoder layer
+            when the forward pass reaches it (a `StreamedLlama`, see `llama_lens.stream`).
+        tokenizer: a tokenizer file or folder, a tokenizer object (ours, transformers' or a
+            `tokenizers.Tokenizer`), or None for the checkpoint's own tokenizer.json / tokenizer.model (if any).
+        index_cache: where to cache the shard index (see `Checkpoint`).
+        check_memory: refuse, before reading, a load whose weights cannot fit in the memory available
+            (see `ll.plan`); False to try anyway.
+        progress: show progress bars (loading; with `stream=True`, each forward pass).
+
+    Returns:
+        HookedLlama in eval mode, with `.tokenizer` set (None when neither given nor found).
+
+    Raises:
+        ValueError: for a bad dtype, device or layer range, or a corrupt checkpoint (CheckpointError).
+        FileNotFoundError: for a missing folder, config or weight file.
+        NotEnoughMemoryError (a MemoryError and ValueError): the weights would not fit; the message gives the
+            estimate and suggests stream=True, layers=range(...) or a smaller dtype.
+    """
+    from .model import HookedLlama
+
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, index_cache=index_cache)
+    layer_indices = check_layers(layers, ckpt.config.n_layers)
+    # The tokenizer first: a bad tokenizer path should fail before minutes of reading weights.
+    tokenizer = _resolve_tokenizer(tokenizer, ckpt)
+    if check_memory:
+        from .plan import check_fits
+
+        check_fits(ckpt, layers=layer_indices, dtype=dtype, device=device, stream=stream)
+    if stream:
+        from .stream import load_streamed
+
+        return load_streamed(
+            ckpt, dtype=dtype, device=device, layers=layer_indices, tokenizer=tokenizer, progress=progress
+        )
+    with torch.device("meta"):
+        model = HookedLlama(ckpt.config, layers=layer_indices)
+    state = ckpt.state_dict(ckpt.params_for(layer_indices), dtype=dtype, device=device, progress=progress)
+    if ckpt.config.tie_embeddings:
+        # One Parameter under both names keeps the weights tied (and counted once) after assign=True.
+        state["embed.weight"] = state["unembed.weight"] = nn.Parameter(state["embed.weight"])
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+def _resolve_tokenizer(tokenizer: Any, ckpt: Checkpoint) -> Any:
+    """The given tokenizer (a path, or an object wrapped by `as_tokenizer`), else the checkpoint's own."""
+    if tokenizer is None and ckpt.tokenizer_path is None:
+        return None
+    from .tokenizer import as_tokenizer, load_tokenizer
+
+    return load_tokenizer(ckpt.tokenizer_path) if tokenizer is None else as_tokenizer(tokenizer)
