@@ -1,0 +1,129 @@
+"""Logit-lens speed, in one process, on the same weights (fp32, CPU by default).
+
+The lens's floor is its unembedding matmul: read-outs × positions × d_model × d_vocab × 2 FLOPs. For each
+prompt length this prints
+
+  beyond/mm = (our logit_lens time - our forward time) / bare unembedding matmul time      (aim <= 1.15)
+  lens/hf   = our logit_lens time / the transformers recipe's time                        (aim <= 0.8)
+
+Read-outs: the embedding and every layer's resid_post (31 for SmolLM2, as many as transformers' hidden_states).
+The bare matmul is F.linear over all those rows (normed), timed as one call, in the lens's own blocks
+([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 4096; the fastest counts. The transformers
+recipe is the usual one: `output_hidden_states=True`, then for each hidden state model.model.norm (except the
+last entry, which transformers has already normed) -> lm_head -> softmax -> top-k. Our lens computes more on
+the same read-outs (entropy, KL to the final distribution, the target's probability / logit / rank).
+
+The candidates run in turns (forward, lens, matmuls, recipe, forward, ...) so that other load on the machine
+falls on all of them alike; the table shows the median over the turns (and the minimum, for a loaded machine).
+
+Usage: python scripts/bench_lens.py [PATH] [--lengths 29 512] [--repeats 5] [--chunk-size N] [--threads N]
+PATH defaults to the embedded SmolLM2-135M (ll.demo_model_path()). Threads: torch's default unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llama_lens as ll
+from llama_lens import lens as lens_module
+
+
+def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:
+    for fn in candidates.values():
+        fn()  # warm-up: allocator, kernels, lazy init
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def transformers_recipe(hf, tokens: torch.Tensor, top_k: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = hf(tokens, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states  # embeddings, then each layer's output; the last entry is already normed
+    results = []
+    for i, h in enumerate(hidden):
+        normed = h if i == len(hidden) - 1 else hf.model.norm(h)
+        probs = torch.softmax(hf.lm_head(normed), dim=-1)
+        results.append(torch.topk(probs, top_k, dim=-1))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs="?", help="checkpoint folder (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[29, 512])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the lens's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import LlamaForCausalLM
+
+    chunk = args.chunk_size or lens_module.DEFAULT_CHUNK_SIZE
+    block = lens_module.VOCAB_BLOCK
+    path = args.path or str(ll.demo_model_path())
+    model = ll.load(path, dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = model.cfg
+    n_readouts = cfg.n_layers + 1  # the embedding and every layer's resid_post, as hidden_states has
+    print(f"model: {path}  threads: {torch.get_num_threads()}  chunk: {chunk} rows x {block} ids  "
+          f"repeats: {args.repeats} (interleaved)")  # fmt: skip
+    print(f"{'tokens':>6} {'GFLOP':>6} {'stat':>6} {'forward':>9} {'lens':>9} {'mm 1call':>9} {'mm blocks':>9} "
+          f"{'mm 1024x4096':>12} {'hf recipe':>9} {'beyond/mm':>9} {'lens/hf':>7}")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    weight = model.unembed.weight
+    for length in args.lengths:
+        tokens = torch.randint(100, cfg.d_vocab, (1, length), generator=generator)
+        target = int(tokens[0, -1])
+        with torch.inference_mode():
+            rows = model.ln_final(torch.randn(n_readouts * length, cfg.d_model, generator=generator))
+
+        def blocked_matmul(chunk: int, block: int):
+            def run():
+                buffer = torch.empty(min(chunk, len(rows)) * min(block, cfg.d_vocab))  # reused, as the lens does
+                for start in range(0, len(rows), chunk):
+                    x = rows[start : start + chunk]
+                    for v0 in range(0, cfg.d_vocab, block):
+                        w = weight[v0 : v0 + block]
+                        torch.mm(x, w.t(), out=buffer[: len(x) * len(w)].view(len(x), len(w)))
+
+            return run
+
+        def inference(fn):
+            def run():
+                with torch.inference_mode():
+                    return fn()
+
+            return run
+
+        candidates = {
+            "forward": inference(lambda: model(tokens)),
+            "lens": lambda: ll.logit_lens(model, tokens, target=target, chunk_size=chunk),
+            "mm 1call": inference(lambda: F.linear(rows, weight)),
+            # The lens's own blocks and a larger shape: the faster of all the bare matmuls is the floor.
+            "mm blocks": inference(blocked_matmul(chunk, block)),
+            "mm 1024x4096": inference(blocked_matmul(1024, 4096)),
+            "hf recipe": inference(lambda: transformers_recipe(hf, tokens)),
+        }
+        times = interleaved_times(candidates, args.repeats)
+        gflop = n_readouts * length * cfg.d_model * cfg.d_vocab * 2 / 1e9
+        for stat_name, stat in (("median", statistics.median), ("min", min)):
+            t = {name: stat(values) for name, values in times.items()}
+            matmul = min(t[name] for name in candidates if name.startswith("mm"))
+            cells = " ".join(f"{t[name] * 1e3:>{max(7, len(name) - 2)}.0f}ms" for name in candidates)
+            print(f"{length:>6} {gflop:>6.0f} {stat_name:>6} {cells} "
+                  f"{(t['lens'] - t['forward']) / matmul:>9.3f} {t['lens'] / t['hf recipe']:>7.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

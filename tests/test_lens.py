@@ -1,0 +1,406 @@
+"""The logit lens and direct logit attribution, checked against independent computations on tiny random
+models, plus the real SmolLM2 end to end."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llama_lens as ll
+from conftest import tiny_config
+from llama_lens.model import HookedLlama
+from llama_lens.plot_lens import visible_token
+from llama_lens.testing import random_state_dict
+
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The capital of France is Paris.",
+    "Rome is in Italy.\nBerlin is in Germany.",
+] * 5
+
+
+def tiny_model(cfg=None, *, layers=None, tokenizer=None) -> HookedLlama:
+    """A random model whose read-outs are peaked enough for top-k and ranks to mean something."""
+    cfg = cfg or tiny_config()
+    state = random_state_dict(cfg, seed=1)
+    for name, value in state.items():
+        if not name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
+            value.mul_(25 if name == "embed.weight" else 4)  # in place: a tied unembed.weight follows
+    if layers is not None:
+        keep = {f"blocks.{i}." for i in layers}
+        state = {k: v for k, v in state.items() if not k.startswith("blocks.") or k[: k.index(".", 7) + 1] in keep}
+    model = HookedLlama(cfg, layers=layers)
+    model.load_state_dict(state, strict=True)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE (like SmolLM2's) over 300 ids, with <s> as BOS and </s> as EOS and padding."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llama_lens.tokenizer import HFTokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    backend.train_from_iterator(CORPUS, trainer)
+    return HFTokenizer(backend=backend)
+
+
+@pytest.fixture(scope="module")
+def text_model(tokenizer):
+    return tiny_model(tiny_config(d_vocab=tokenizer.vocab_size), tokenizer=tokenizer)
+
+
+def reference_readouts(model, tokens, hooks):
+    """Every read-out's logits [n_readouts, batch, pos, d_vocab] the plain way: full cache, norm, unembed."""
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        return logits, torch.stack([model.unembed(model.ln_final(cache[h])) for h in hooks])
+
+
+# ----------------------------------------------------------------------------------------------- read-outs
+def test_last_readout_is_the_models_own_logits():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 9))
+    result = ll.logit_lens(model, tokens, keep_logits=True)
+    assert result.labels == ["embed", "0_post", "1_post"]
+    with torch.no_grad():
+        logits = model(tokens)
+    assert torch.equal(result.logits[:, -1], logits)  # exactly: no second norm, no recomputation
+    assert torch.equal(result.kl_to_final[:, -1], torch.zeros(2, 9))
+    # The other read-outs go through ln_final once, like the model's last one.
+    _, ref = reference_readouts(model, tokens, ["hook_embed", "blocks.0.hook_resid_post"])
+    torch.testing.assert_close(result.logits[:, :2], ref.transpose(0, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "d_vocab, vocab_block, chunk_size",
+    [(128, None, None), (128, None, 5), (9000, None, 7), (3000, 1000, 16)],  # several blocks, with a tail
+)
+def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_size, monkeypatch):
+    if vocab_block is not None:
+        monkeypatch.setattr(ll.lens, "VOCAB_BLOCK", vocab_block)
+    model = tiny_model(tiny_config(d_vocab=d_vocab))
+    tokens = torch.randint(0, d_vocab, (2, 11))
+    with torch.no_grad():
+        top = model(tokens)[:, -1].argmax(-1).tolist()  # rank 0 at the last read-out
+    target = [[top[0], d_vocab - 1], [d_vocab // 2, top[1]]]  # two per prompt, in different blocks
+    result = ll.logit_lens(model, tokens, target, readout=list(ll.lens.READOUTS), top_k=4, chunk_size=chunk_size)
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
+             "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]  # fmt: skip
+    assert result.labels == ["0_pre", "0_mid", "0_post", "1_pre", "1_mid", "1_post"]
+    assert result.readouts == ["resid_pre", "resid_mid", "resid_post"] * 2
+    assert result.layers == [0, 0, 0, 1, 1, 1]
+    final, logits = reference_readouts(model, tokens, hooks)
+    logits = logits.transpose(0, 1)  # [batch, n_readouts, pos, d_vocab]
+    log_probs = logits.log_softmax(-1)
+    probs = log_probs.exp()
+    final_log_probs = final.log_softmax(-1)[:, None]
+
+    top = probs.topk(4, dim=-1)
+    assert torch.equal(result.top_ids, top.indices)
+    torch.testing.assert_close(result.top_probs, top.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.entropy, -(probs * log_probs).sum(-1), atol=2e-5, rtol=0)
+    kl = (final_log_probs.exp() * (final_log_probs - log_probs)).sum(-1)
+    torch.testing.assert_close(result.kl_to_final, kl, atol=2e-5, rtol=0)
+    assert kl[:, :-1].min() > 1e-3  # the read-outs really differ from the final distribution
+
+    ids = torch.tensor(target)[:, None, None, :].expand(-1, 6, 11, -1)
+    torch.testing.assert_close(result.target_probs, probs.gather(-1, ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.target_logits, logits.gather(-1, ids), atol=1e-5, rtol=0)
+    # rank = position in the descending sort (no ties among random float logits)
+    order = logits.argsort(dim=-1, descending=True)
+    ranks = (order[..., None, :] == ids[..., None]).float().argmax(-1)
+    assert torch.equal(result.target_ranks, ranks)
+    assert result.target_ranks.min() == 0 and result.target_ranks.max() > 5
+
+
+def test_chunking_and_positions_select_the_same_numbers():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (3, 10))
+    full = ll.logit_lens(model, tokens, target=5)
+    for chunk_size in (1, 7, 1000):
+        other = ll.logit_lens(model, tokens, target=5, chunk_size=chunk_size)
+        assert torch.equal(other.top_ids, full.top_ids)
+        torch.testing.assert_close(other.kl_to_final, full.kl_to_final, atol=1e-5, rtol=0)
+    some = ll.logit_lens(model, tokens, target=5, positions=[0, -1, 4])
+    assert some.positions == [0, 9, 4]
+    assert torch.equal(some.top_ids, full.top_ids[:, :, [0, 9, 4]])
+    assert torch.equal(some.target_ranks, full.target_ranks[:, :, [0, 9, 4]])
+    torch.testing.assert_close(some.entropy, full.entropy[:, :, [0, 9, 4]], atol=1e-6, rtol=0)
+    last = ll.logit_lens(model, tokens[0], positions=-1)  # one prompt as [pos]
+    assert last.top_ids.shape == (1, 3, 1, 5) and last.positions == [9]
+
+
+@pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
+def test_blockwise_top_k_matches_torch_topk(d_vocab):
+    from llama_lens.lens import top_k_largest
+
+    logits = torch.randn(37, d_vocab)
+    logits[3, :] = 0.5  # all tied
+    logits[4, -3:] = 100.0  # the winners in the tail
+    logits[5, 256:261] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])  # the winners in one block
+    values, ids = top_k_largest(logits, 5)
+    expected = logits.topk(5, dim=-1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(logits.gather(-1, ids), values)  # the ids point at those values
+    untied = [i for i in range(37) if i not in (3, 4)]
+    assert torch.equal(ids[untied], expected.indices[untied])
+    if d_vocab == 9000:
+        assert set(ids[4, :3].tolist()) == {8997, 8998, 8999}
+
+
+def test_shared_residual_vectors_give_identical_rows():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (1, 6))
+    result = ll.logit_lens(model, tokens, readout=["embed", "resid_pre", "resid_post"])
+    # "embed" is 0_pre, so it is left out; 0_post is 1_pre.
+    assert result.labels == ["0_pre", "0_post", "1_pre", "1_post"]
+    assert torch.equal(result.top_probs[:, 1], result.top_probs[:, 2])
+    embed = ll.logit_lens(model, tokens, readout="embed")
+    assert embed.labels == ["embed"] and embed.readouts == ["embed"]
+    assert torch.equal(embed.top_ids[:, 0], result.top_ids[:, 0])
+
+
+def test_partial_model_reads_out_its_loaded_layers():
+    cfg = tiny_config(n_layers=3)
+    full, partial = tiny_model(cfg), tiny_model(cfg, layers=range(0, 2))
+    tokens = torch.randint(0, 128, (2, 8))
+    result = ll.logit_lens(partial, tokens, keep_logits=True)
+    assert result.labels == ["embed", "0_post", "1_post"]
+    with torch.no_grad():
+        assert torch.equal(result.logits[:, -1], partial(tokens))  # its final distribution is its own output
+    assert torch.equal(result.kl_to_final[:, -1], torch.zeros(2, 8))
+    whole = ll.logit_lens(full, tokens)
+    assert torch.equal(result.top_ids, whole.top_ids[:, :3])
+    assert not torch.allclose(result.kl_to_final, whole.kl_to_final[:, :3])  # KL is to the partial's output
+    only = ll.logit_lens(full, tokens, layers=[1])
+    assert only.labels == ["embed", "1_post"]
+    assert torch.equal(only.top_ids[:, 1], whole.top_ids[:, 2])
+    with pytest.raises(ValueError, match=r"layers \[2\] are not loaded"):
+        ll.logit_lens(partial, tokens, layers=[2])
+
+
+def test_bfloat16_model_reads_out_in_its_own_dtype():
+    model = tiny_model(tiny_config(d_vocab=5000))
+    tokens = torch.randint(0, 5000, (2, 6))
+    full = ll.logit_lens(model, tokens, target=7)
+    half = ll.logit_lens(model.to(torch.bfloat16), tokens, target=7, keep_logits=True)
+    assert half.logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(half.logits[:, -1], model(tokens))
+    # The metrics are computed in float32 from bfloat16 logits: close to the float32 model's.
+    torch.testing.assert_close(half.entropy, full.entropy, atol=0.05, rtol=0.02)
+    assert (half.top_ids[..., 0] == full.top_ids[..., 0]).float().mean() > 0.9
+
+
+def test_bad_arguments_are_named():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 5))
+    with pytest.raises(ValueError, match="unknown read-out"):
+        ll.logit_lens(model, tokens, readout="resid_postt")
+    with pytest.raises(ValueError, match="position 5 is out of range"):
+        ll.logit_lens(model, tokens, positions=5)
+    with pytest.raises(ValueError, match="3 targets for 2 prompt"):
+        ll.logit_lens(model, tokens, target=[1, 2, 3])
+    with pytest.raises(ValueError, match="out of range"):
+        ll.logit_lens(model, tokens, target=128)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        ll.logit_lens(model, tokens, target=" Paris")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        ll.logit_lens(model, "some text")
+    with pytest.raises(ValueError, match="top_k"):
+        ll.logit_lens(model, tokens, top_k=0)
+
+
+# ----------------------------------------------------------------------------------------------- texts, frames
+def test_batch_of_texts_with_padding_and_text_targets(text_model, tokenizer):
+    prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
+    result = ll.logit_lens(text_model, prompts, target=" Paris")
+    n_real = [len(tokenizer.encode(p)) for p in prompts]
+    assert result.tokens.shape == (2, max(n_real))
+    assert result.attention_mask.sum(1).tolist() == n_real
+    assert result.str_tokens[1][0] == "<s>" and " Paris" not in result.str_tokens[0]
+    assert result.target_strs == [[" Paris"], [" Paris"]]
+    assert result.target_ids[0, 0] == tokenizer.id_of(" Paris")
+    assert result.top_strs[1][0][3] == tokenizer.token_strs(result.top_ids[1, 0, 3].tolist())
+
+    frame = result.to_frame()
+    assert len(frame) == sum(n_real) * result.n_readouts  # padding rows left out
+    assert len(result.to_frame(drop_padding=False)) == 2 * max(n_real) * result.n_readouts
+    first = frame[frame.prompt == 0]
+    assert first.position.min() == max(n_real) - n_real[0]  # left padding: prompt 0 starts later
+    row = frame[(frame.prompt == 1) & (frame.label == "1_post") & (frame.position == 4)].iloc[0]
+    assert row.token == result.str_tokens[1][4] and row.layer == 1 and row.readout == "resid_post"
+    assert row.top_token == result.top_strs[1][2][4][0]
+    assert row.target_prob == pytest.approx(float(result.target_probs[1, 2, 4, 0]))
+    # Each prompt's own target, given as text.
+    per_prompt = ll.logit_lens(text_model, prompts, target=[" Paris", " of"])
+    assert per_prompt.target_strs == [[" Paris"], [" of"]]
+
+
+def test_to_frame_columns_and_rows():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 4))
+    result = ll.logit_lens(model, tokens, target=[[1, 2, 3], [4, 5, 6]], top_k=3)
+    frame = result.to_frame()
+    assert list(frame.columns) == [
+        "prompt", "label", "layer", "readout", "position", "token", "top_token", "top_id", "top_prob", "entropy",
+        "kl_to_final", "target", "target_id", "target_prob", "target_logit", "target_rank",
+    ]  # fmt: skip
+    assert len(frame) == 2 * 3 * 4 * 3  # prompt × read-out × position × target
+    assert frame.target_id[frame.prompt == 1].unique().tolist() == [4, 5, 6]
+    assert frame.token.iloc[0] == f"<{int(tokens[0, 0])}>"  # no tokenizer: ids in angle brackets
+    top = result.to_frame("top_k")
+    assert list(top.columns) == ["prompt", "label", "layer", "readout", "position", "token", "k", "top_token",
+                                 "top_id", "top_prob", "top_logit"]  # fmt: skip
+    assert len(top) == 2 * 3 * 4 * 3 and top.k.tolist()[:4] == [0, 1, 2, 0]
+    assert (top.groupby(["prompt", "label", "position"], observed=True).top_prob.apply(
+        lambda p: p.is_monotonic_decreasing)).all()  # fmt: skip
+    assert list(frame.sort_values("label").label.unique()) == ["embed", "0_post", "1_post"]
+    with pytest.raises(ValueError, match="kind"):
+        result.to_frame("wide")
+    no_target = ll.logit_lens(model, tokens).to_frame()
+    assert "target" not in no_target.columns and len(no_target) == 2 * 3 * 4
+
+
+# ----------------------------------------------------------------------------------------------- attribution
+def test_components_sum_to_the_final_logit():
+    cfg = tiny_config(attention_bias=True, n_layers=3)
+    model = tiny_model(cfg)
+    tokens = torch.randint(0, 128, (2, 7))
+    result = ll.direct_logit_attribution(model, tokens, target=[[3, 9], [11, 0]], positions=None)
+    assert result.labels == ["embed", "0_attn", "0_mlp", "1_attn", "1_mlp", "2_attn", "2_mlp"]
+    assert result.components.shape == (2, 7, 7, 2)
+    with torch.no_grad():
+        logits = model(tokens)
+    expected = logits.gather(-1, torch.tensor([[3, 9], [11, 0]])[:, None, :].expand(-1, 7, -1))
+    torch.testing.assert_close(result.final_logits, expected, atol=1e-5, rtol=0)
+    # Frozen final-norm scale: RMSNorm is linear, so the parts add up to the model's logit.
+    torch.testing.assert_close(result.components.sum(1), expected, atol=1e-4, rtol=0)
+    assert result.components.abs().amax(dim=(0, 2, 3)).min() > 1e-3  # every component takes part
+    # Heads add up to their layer's attention term, plus the o_proj bias's own term.
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_scale")
+        scale = cache["ln_final.hook_scale"]  # [batch, pos, 1]
+        directions = model.unembed.weight[torch.tensor([[3, 9], [11, 0]])] * model.ln_final.weight
+        bias = torch.stack([torch.einsum("d,btd->bt", model.blocks[str(i)].attn.o_proj.bias, directions)
+                            for i in range(3)], dim=1)  # [batch, n_layers, n_targets]  # fmt: skip
+    bias_terms = bias[:, :, None, :] / scale[:, None, :, :]
+    attn = result.components[:, 1::2]  # [batch, n_layers, pos, n_targets]
+    torch.testing.assert_close(result.heads.sum(2) + bias_terms, attn, atol=1e-5, rtol=0)
+
+
+def test_attribution_frames_and_last_position(text_model):
+    result = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", " Paris")
+    assert result.positions == [result.tokens.shape[1] - 1]
+    frame = result.to_frame()
+    assert list(frame.columns) == ["prompt", "label", "layer", "component", "position", "token", "target",
+                                   "target_id", "contribution", "final_logit"]  # fmt: skip
+    assert len(frame) == 5 and frame.contribution.sum() == pytest.approx(frame.final_logit.iloc[0], abs=1e-4)
+    heads = result.to_frame("heads")
+    assert len(heads) == 2 * 4 and set(heads["head"]) == {0, 1, 2, 3} and set(heads.target) == {" Paris"}
+    no_heads = ll.direct_logit_attribution(text_model, "The capital of France is", " Paris", heads=False)
+    assert no_heads.heads is None
+    with pytest.raises(ValueError, match="heads=True"):
+        no_heads.to_frame("heads")
+    with pytest.raises(ValueError, match="needs a target"):
+        ll.direct_logit_attribution(text_model, "The capital", None)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def test_visible_token():
+    assert visible_token(" Paris\n") == "·Paris↵"
+    assert visible_token("\tx") == "⇥x"
+    assert visible_token(" internationalisation", 8) == "·intern…"
+    assert visible_token("$x$") == r"\$x\$"
+
+
+def test_heatmap_axes_labels_and_cells(text_model):
+    from matplotlib.figure import Figure
+
+    prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
+    result = ll.logit_lens(text_model, prompts, target=" Paris")
+    fig = result.plot(prompt=1)  # the longer prompt: no padding
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    n_tokens = result.tokens.shape[1]
+    assert ax.images[0].get_array().shape == (3, n_tokens)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0_post", "1_post"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [visible_token(t, 10) for t in result.str_tokens[1]]
+    assert ax.get_xlabel() == "input token" and ax.get_ylabel() == "read-out (layer)"
+    cells = [t.get_text() for t in ax.texts]
+    assert len(cells) == 3 * n_tokens
+    assert cells[0] == visible_token(result.top_strs[1][0][0][0], 7)
+    assert "probability of the top token" in fig.axes[-1].get_ylabel()  # the colour bar
+
+    # Prompt 0 is shorter: its padding columns are left out.
+    short = result.plot("rank", prompt=0)
+    n_real = int(result.attention_mask[0].sum())
+    assert short.axes[0].images[0].get_array().shape == (3, n_real)
+    assert "rank of ' Paris'" in short.axes[0].get_title()
+    for metric in ("entropy", "kl", "target_prob"):
+        assert result.plot(metric, prompt=1).axes[0].images[0].get_array().shape == (3, n_tokens)
+    with pytest.raises(ValueError, match="unknown metric"):
+        result.plot("loss")
+    with pytest.raises(ValueError, match="needs a target"):
+        ll.logit_lens(text_model, prompts).plot("rank")
+
+
+def test_heatmap_fonts_shrink_for_big_prompts():
+    cfg = tiny_config(n_layers=32, d_model=32, d_mlp=32, n_heads=2, n_kv_heads=1)
+    model = tiny_model(cfg)
+    result = ll.logit_lens(model, torch.randint(0, 128, (1, 45)))
+    big = result.plot(figsize=(12, 8))
+    small = ll.logit_lens(tiny_model(), torch.randint(0, 128, (1, 5))).plot(figsize=(12, 8))
+    assert big.axes[0].images[0].get_array().shape == (33, 45)
+    assert big.axes[0].texts[0].get_fontsize() < small.axes[0].texts[0].get_fontsize()
+    assert len(big.axes[0].get_yticklabels()) == 33
+
+
+def test_trajectory_and_attribution_plots(text_model):
+    result = ll.logit_lens(text_model, "The Eiffel Tower is located in the city of", target=[[" Paris", " of"]])
+    fig = result.plot_trajectory()
+    prob_ax, rank_ax = fig.axes[:2]
+    assert [len(ax.lines) for ax in (prob_ax, rank_ax)] == [2, 2]
+    assert prob_ax.get_ylabel() == "probability" and rank_ax.get_yscale() == "log"
+    assert [t.get_text() for t in rank_ax.get_xticklabels()] == result.labels
+    assert prob_ax.lines[0].get_ydata().tolist() == pytest.approx(result.target_probs[0, :, -1, 0].tolist())
+    assert len(result.plot_trajectory(metric="prob").axes) == 1
+    with pytest.raises(ValueError, match="was not read out"):
+        ll.logit_lens(text_model, "The city of", target=" Paris", positions=0).plot_trajectory(position=-1)
+
+    attribution = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", " Paris")
+    fig = attribution.plot()
+    bars, heads = fig.axes[:2]
+    assert len(bars.patches) == 1 + 2 * 2  # embed, then attn and mlp per layer
+    assert heads.images[0].get_array().shape == (2, 4)
+    assert heads.get_xlabel() == "head" and bars.get_ylabel() == "direct contribution to the logit"
+
+
+def test_lens_module_imports_no_pandas_or_matplotlib():
+    code = (
+        "import llama_lens as ll, sys; ll.logit_lens; ll.plot; "
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- real model
+def test_paris_rises_to_the_top_in_smollm2(demo_path):
+    model = ll.load(demo_path, dtype=torch.float32)
+    result = ll.logit_lens(model, "The Eiffel Tower is located in the city of", target=" Paris", positions=-1)
+    ranks = result.target_ranks[0, :, 0, 0]
+    assert result.labels[-1] == "29_post" and ranks[-1] == 0
+    assert result.top_strs[0][-1][0][0] == " Paris"
+    assert ranks[:20].min() > 100 and (ranks[-4:] < 30).all()  # absent early, rising through the last layers
+    attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", " Paris")
+    assert float(attribution.components.sum()) == pytest.approx(float(attribution.final_logits), abs=1e-3)
