@@ -1,0 +1,322 @@
+"""`plan`: how much memory (and disk time) a load and a forward pass will take, before running them.
+
+    ll.plan("Llama-3.1-70B", tokens=128, stream=True, dtype=torch.bfloat16)
+
+Everything is counted from the config, nothing is read: the weights held (all layers, or with `stream=True`
+only the embedding, final norm and unembedding), the layers in flight, one layer's working activations,
+the activations a cache keeps and the attention patterns if asked for. `ll.load` uses the weights part
+to refuse, with this estimate in the message, a load that cannot fit, rather than be killed by the OS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LlamaConfig
+
+# Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
+# (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
+DEFAULT_READ_BANDWIDTH = 1e9
+
+CACHE_KINDS = ("resid", "all", None)
+GIB = 2**30
+
+
+class NotEnoughMemoryError(MemoryError, ValueError):
+    """A load would need more memory than is available; the message holds the estimate and what to try."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Estimated peak memory and disk reading of a load plus one forward pass (bytes, seconds).
+
+    Attributes:
+        weights_resident_bytes: weights held for the model's lifetime.
+        layer_in_flight_bytes: decoder layers held only while they are read or run (streaming: the layer
+            computing, the layer being read and the tensor being copied, as stored; a full load: one layer
+            as stored while loading).
+        activations_bytes: working memory of one layer's forward pass, plus the logits.
+        cache_bytes: activations kept by `run_with_cache` (`cache="resid"`: the residual stream at every
+            layer, as the logit lens keeps it; "all": every hook point but the attention patterns).
+        pattern_bytes: attention scores / patterns kept (`patterns=True`: hook_pattern of every layer;
+            `cache="all"` keeps scores and pattern).
+        peak_bytes: the sum of the above. Not counted: the Python process itself (about 0.3 GB with torch
+            imported on CPU).
+        available_bytes: memory available on the device now (None when unknown).
+        read_bytes: bytes read from disk by the load and one forward pass (streaming re-reads the layers on
+            every pass).
+        est_read_seconds: `read_bytes` at `read_bandwidth` bytes per second.
+        fits: whether `peak_bytes` is within `available_bytes` (True when unknown).
+    """
+
+    stream: bool
+    dtype: torch.dtype
+    n_layers: int
+    tokens: int
+    batch: int
+    cache: str | None
+    patterns: bool
+    weights_resident_bytes: int
+    layer_in_flight_bytes: int
+    activations_bytes: int
+    cache_bytes: int
+    pattern_bytes: int
+    peak_bytes: int
+    available_bytes: int | None
+    read_bytes: int
+    read_bandwidth: float
+    est_read_seconds: float
+    fits: bool
+
+    _ROWS = (
+        ("weights resident", "weights_resident_bytes"),
+        ("layers in flight", "layer_in_flight_bytes"),
+        ("activations", "activations_bytes"),
+        ("cache", "cache_bytes"),
+        ("patterns", "pattern_bytes"),
+        ("peak", "peak_bytes"),
+        ("available", "available_bytes"),
+        ("read from disk", "read_bytes"),
+    )
+
+    def to_frame(self):
+        """The estimate as a pandas DataFrame: one row per item, columns bytes and GiB."""
+        import pandas as pd
+
+        rows = [(label, getattr(self, field)) for label, field in self._ROWS]
+        frame = pd.DataFrame(rows, columns=["item", "bytes"]).set_index("item")
+        frame["bytes"] = frame["bytes"].astype("Int64")
+        frame["GiB"] = (frame["bytes"].astype("Float64") / GIB).round(3)
+        return frame
+
+    def __repr__(self) -> str:
+        head = (
+            f"Plan(stream={self.stream}, dtype={_dtype_name(self.dtype)}, layers={self.n_layers}, "
+            f"tokens={self.tokens}, batch={self.batch}, cache={self.cache!r}, patterns={self.patterns})"
+        )
+        lines = [head]
+        for label, field in self._ROWS[:5]:
+            lines.append(f"  {label:<18}{_gib(getattr(self, field))}")
+        verdict = "fits" if self.fits else "does NOT fit"
+        if self.available_bytes is None:
+            available = "unknown memory available"
+        else:
+            available = f"{_gib(self.available_bytes)} available"
+        lines.append(f"  {'peak':<18}{_gib(self.peak_bytes)}   of {available}: {verdict}")
+        per_pass = " per forward pass" if self.stream else ""
+        lines.append(
+            f"  {'read from disk':<18}{self.read_bytes / 1e9:.2f} GB{per_pass}, ~{self.est_read_seconds:.1f} s "
+            f"at {self.read_bandwidth / 1e9:.1f} GB/s"
+        )
+        return "\n".join(lines)
+
+
+def plan(
+    path: str | os.PathLike | Any,
+    tokens: int = 128,
+    batch: int = 1,
+    *,
+    stream: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+    layers: Iterable[int] | None = None,
+    cache: str | None = "resid",
+    patterns: bool = False,
+    device: torch.device | str = "cpu",
+    read_bandwidth: float | None = None,
+) -> Plan:
+    """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
+
+    Args:
+        path: a checkpoint folder, an open `Checkpoint`, or a `LlamaConfig`.
+        tokens: positions per prompt (pos).
+        batch: prompts per forward pass.
+        stream: as `ll.load(..., stream=True)`: hold only the embedding, final norm and unembedding.
+        dtype: dtype of the weights and activations.
+        layers: decoder layers loaded (default: all).
+        cache: activations kept: "resid" (the residual stream at every layer, as the logit lens keeps it),
+            "all" (`run_with_cache()` with no filter) or None.
+        patterns: also keep every layer's attention pattern.
+        device: where the weights go; its free memory is `available_bytes`.
+        read_bandwidth: disk read speed in bytes per second (default `DEFAULT_READ_BANDWIDTH`).
+
+    Returns:
+        Plan (print it, or `.to_frame()`).
+
+    Raises:
+        ValueError: for a bad cache kind, dtype, token count or layer range.
+    """
+    from .checkpoint import check_layers, resolve_device, resolve_dtype
+
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+    if tokens < 0 or batch < 1:
+        raise ValueError(f"need tokens >= 0 and batch >= 1, got tokens={tokens}, batch={batch}")
+    cfg = _config_of(path)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    if dtype is None:  # as stored
+        dtype = getattr(torch, cfg.checkpoint_dtype or "float32", torch.float32)
+    n_layers = len(check_layers(layers, cfg.n_layers))
+    weight_size = dtype.itemsize
+    stored_size = _stored_itemsize(cfg, dtype)
+    act = weight_size  # activations take the weights' dtype (the embedding's output)
+    rows = batch * tokens
+
+    layer_params = layer_param_count(cfg)
+    embed_params = cfg.d_vocab * cfg.d_model
+    head_params = cfg.d_model + (0 if cfg.tie_embeddings else embed_params)  # final norm (+ untied unembedding)
+    resident = (embed_params + head_params) * weight_size
+    if stream:
+        weights_resident = resident
+        # The layer computing, the layer being read, and the stored bytes of the tensor being copied (mapped
+        # from the file until the copy is done; see stream.read_layer).
+        in_flight = layer_params * 2 * weight_size + largest_layer_tensor(cfg) * stored_size
+    else:
+        weights_resident = resident + n_layers * layer_params * weight_size
+        in_flight = layer_params * stored_size if n_layers else 0  # one layer as stored while loading
+    computes_pattern = patterns or cache == "all"
+    activations = rows * _working_width(cfg) * act + rows * cfg.d_vocab * (act + 4)  # + logits, float32 softmax
+    if computes_pattern and n_layers:
+        # Written-out attention: scores, the float32 softmax and the pattern of one layer.
+        activations += batch * cfg.n_heads * tokens**2 * (2 * act + 4)
+    cache_bytes = 0
+    if cache == "resid":
+        cache_bytes = (n_layers + 1) * rows * cfg.d_model * act
+    elif cache == "all":
+        cache_bytes = n_layers * rows * (_cached_width(cfg) * act + 2 * 4) + rows * (
+            (2 * cfg.d_model + cfg.d_vocab) * act + 4
+        )
+    pattern_bytes = 0
+    if computes_pattern:
+        pattern_bytes = n_layers * batch * cfg.n_heads * tokens**2 * act * (2 if cache == "all" else 1)
+    peak = weights_resident + in_flight + activations + cache_bytes + pattern_bytes
+
+    read_bytes = (embed_params + head_params + n_layers * layer_params) * stored_size
+    bandwidth = float(read_bandwidth or DEFAULT_READ_BANDWIDTH)
+    available = available_memory(device)
+    return Plan(
+        stream=stream, dtype=dtype, n_layers=n_layers, tokens=tokens, batch=batch, cache=cache, patterns=patterns,
+        weights_resident_bytes=weights_resident, layer_in_flight_bytes=in_flight, activations_bytes=activations,
+        cache_bytes=cache_bytes, pattern_bytes=pattern_bytes, peak_bytes=peak, available_bytes=available,
+        read_bytes=read_bytes, read_bandwidth=bandwidth, est_read_seconds=read_bytes / bandwidth,
+        fits=available is None or peak <= available,
+    )
+
+
+def layer_param_count(cfg: LlamaConfig) -> int:
+    """Parameters of one decoder layer."""
+    from .checkpoint import block_param_shapes
+
+    return sum(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
+
+
+def largest_layer_tensor(cfg: LlamaConfig) -> int:
+    """Values in the largest parameter of a decoder layer."""
+    from .checkpoint import block_param_shapes
+
+    return max(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
+
+
+def _working_width(cfg: LlamaConfig) -> int:
+    """Values per position alive at once inside one block: the residual stream and its normalized copies,
+    q/k/v before and after RoPE, z and the attention output, the MLP's gate, up, their product and output."""
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+    return 6 * cfg.d_model + 2 * qkv + cfg.n_heads * cfg.d_head + 4 * cfg.d_mlp
+
+
+def _cached_width(cfg: LlamaConfig) -> int:
+    """Values per position of every hook point of one block, but the attention scores and pattern (and the
+    two float32 norm scales, counted apart)."""
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    resid = 5 * cfg.d_model  # resid_pre, resid_mid, resid_post, attn_out, mlp_out
+    norms = 2 * cfg.d_model  # ln1 / ln2 hook_normalized
+    attn = q + 2 * kv + (q + kv) + q + cfg.n_heads * cfg.d_model  # q, k, v, rot_q, rot_k, z, result
+    return resid + norms + attn + 3 * cfg.d_mlp  # + mlp hook_pre, hook_pre_linear, hook_post
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can be allocated on `device` now: MemAvailable from /proc/meminfo (or psutil) for the CPU,
+    free memory for CUDA; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(
+    ckpt: Any, *, layers: Iterable[int] | None, dtype: torch.dtype, device: torch.device | str, stream: bool
+) -> Plan:
+    """Raises NotEnoughMemoryError, with the estimate and what to try, when the weights alone of this load
+    cannot fit in the memory available now (activations are not counted: the load does not know them).
+
+    Returns:
+        the Plan (tokens=0).
+    """
+    estimate = plan(ckpt, tokens=0, stream=stream, dtype=dtype, layers=layers, cache=None, device=device)
+    if estimate.fits:
+        return estimate
+    where = getattr(ckpt, "path", "this checkpoint")
+    source = "MemAvailable in /proc/meminfo" if torch.device(device).type == "cpu" else f"free on {device}"
+    message = (
+        f"loading {where} in {_dtype_name(dtype)}{' streamed' if stream else ''} needs about "
+        f"{_gib(estimate.peak_bytes)} (weights {_gib(estimate.weights_resident_bytes)} + layers in flight "
+        f"{_gib(estimate.layer_in_flight_bytes)}), but only {_gib(estimate.available_bytes)} is available "
+        f"({source}). Try: "
+    )
+    options = []
+    if not stream:
+        streamed = plan(ckpt, tokens=0, stream=True, dtype=dtype, layers=layers, cache=None, device=device)
+        cfg = _config_of(ckpt)
+        per_layer = layer_param_count(cfg) * dtype.itemsize
+        options.append(
+            f"stream=True (about {_gib(streamed.peak_bytes)}: only the embedding, final norm and unembedding stay "
+            "in memory, each layer is read when the forward pass reaches it)"
+        )
+        options.append(f"layers=range(0, k) to load fewer of the {cfg.n_layers} layers ({_gib(per_layer)} each)")
+    if dtype.itemsize > 2:
+        half = plan(ckpt, tokens=0, stream=stream, dtype=torch.bfloat16, layers=layers, cache=None, device=device)
+        options.append(f"dtype=torch.bfloat16 (about {_gib(half.peak_bytes)})")
+    options.append("check_memory=False to load anyway")
+    raise NotEnoughMemoryError(message + "; ".join(options) + ".")
+
+
+def _config_of(source: Any) -> LlamaConfig:
+    if isinstance(source, LlamaConfig):
+        return source
+    config = getattr(source, "config", None)
+    if isinstance(config, LlamaConfig):
+        return config
+    from .checkpoint import Checkpoint
+
+    return Checkpoint(source).config
+
+
+def _stored_itemsize(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+    """Bytes per stored value: the checkpoint's dtype if the config names it, else the load dtype."""
+    stored = getattr(torch, cfg.checkpoint_dtype or "", None)
+    return stored.itemsize if isinstance(stored, torch.dtype) else dtype.itemsize
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _gib(nbytes: int | None) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / GIB:.2f} GiB"

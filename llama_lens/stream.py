@@ -1,0 +1,336 @@
+"""Streaming: a model whose decoder layers stay on disk until the forward pass reaches them.
+
+`ll.load(path, stream=True)` returns a `StreamedLlama`. The embedding, the final norm and the unembedding
+are held in memory; each block is built on the meta device (no memory) and filled just before it runs:
+
+    forward starts ──> read layer 0 (loader thread)
+    run_block(0)   ──> wait for layer 0, assign it to block 0, queue the read of layer 1, run block 0,
+                       put block 0 back on the meta device
+    run_block(1)   ──> ... layer 1 was read while block 0 computed
+
+So at most two layers are in memory (the one computing, the one being read), and reading overlaps compute
+(torch releases the GIL in copies and matmuls, so one background thread is enough). Everything else is
+HookedLlama unchanged: hooks, `run_with_cache`, batches (one pass over the layers per forward), the logit
+lens. Generation with a KV cache works too, but re-reads every layer for each new token.
+
+The streamed weights do not require grad: a backward pass through the model would keep every layer's
+weights alive in the autograd graph, which is what streaming avoids. Gradients with respect to activations
+still work; they just cost the memory of the weights the graph saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+from .model import HookedLlama, KVCache
+
+# layer -> (its parameters under block-relative names such as "attn.q_proj.weight", bytes read from disk)
+LayerReader = Callable[[int], tuple[dict[str, torch.Tensor], int]]
+
+RESIDENT_PARAMS = ("embed.weight", "ln_final.weight", "unembed.weight")
+READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when they are cast on the way in
+
+
+class CheckpointLayerReader:
+    """Reads decoder layers of a Checkpoint into fresh tensors: the `reader` of a StreamedLlama.
+
+    Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
+    memory map), found by the byte offsets in their headers; Meta .pth tensors are memory-mapped by the
+    Checkpoint and copied in one at a time, so at most one tensor's pages are mapped at once.
+
+    Args:
+        ckpt: an open `Checkpoint`.
+        dtype: dtype of the result (None: as stored).
+        device: where the result goes.
+    """
+
+    def __init__(self, ckpt: Any, dtype: torch.dtype | None, device: torch.device) -> None:
+        from .checkpoint import read_safetensors_header
+
+        self.ckpt, self.dtype, self.device = ckpt, dtype, device
+        frame = ckpt.tensors()
+        frame = frame[frame["layer"].notna() & frame["param"].notna()]
+        self.stored_dtypes = {param: getattr(torch, name) for param, name in zip(frame["param"], frame["dtype"])}
+        # canonical name -> (file, [start, end) bytes); None for Meta, which the Checkpoint reads.
+        self.locations: dict[str, tuple[Path, tuple[int, int]]] | None = None
+        if ckpt.format == "hf":
+            headers = {file: read_safetensors_header(ckpt.path / file) for file in frame["file"].unique()}
+            self.locations = {
+                param: (ckpt.path / file, tuple(headers[file][name]["offsets"]))
+                for param, name, file in zip(frame["param"], frame["name"], frame["file"])
+            }
+
+    def specs(self, layer: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Block-relative name -> (shape, dtype after the cast) of the layer's parameters."""
+        from .checkpoint import block_param_shapes
+
+        prefix = f"blocks.{layer}."
+        return {
+            name.removeprefix(prefix): (torch.Size(shape), self.dtype or self.stored_dtypes[name])
+            for name, shape in block_param_shapes(self.ckpt.config, layer).items()
+        }
+
+    def __call__(self, layer: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Reads layer `layer`; returns block-relative name -> tensor, and the bytes read as stored."""
+        specs = self.specs(layer)
+        targets = dict(zip(specs, _empty_cpu_tensors(list(specs.values()))))
+        names = {relative: f"blocks.{layer}.{relative}" for relative in targets}
+        if self.locations is None:
+            read_bytes = 0
+            for relative, target in targets.items():
+                # One tensor at a time: only its pages are mapped, and only until it is copied (and cast).
+                source = self.ckpt.state_dict([names[relative]])[names[relative]]
+                read_bytes += source.nbytes
+                target.copy_(source)
+                del source
+        else:
+            read_bytes = self._read_safetensors({names[relative]: target for relative, target in targets.items()})
+        if self.device.type != "cpu":
+            # Read into host memory first, so that the disk read never waits inside a device copy.
+            targets = {name: tensor.to(self.device) for name, tensor in targets.items()}
+        return targets, read_bytes
+
+    def _read_safetensors(self, targets: dict[str, torch.Tensor]) -> int:
+        read_bytes = 0
+        with contextlib.ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for name, target in targets.items():
+                path, (start, end) = self.locations[name]
+                if path not in handles:
+                    handles[path] = stack.enter_context(open(path, "rb", buffering=0))
+                handle = handles[path]
+                handle.seek(start)
+                stored = self.stored_dtypes[name]
+                flat = target.view(-1)
+                if stored == target.dtype:
+                    _read_exactly(handle, flat, name)
+                else:  # through a small buffer, cast as it arrives
+                    chunk = max(1, READ_CHUNK_BYTES // stored.itemsize)
+                    (buffer,) = _empty_cpu_tensors([(torch.Size([min(chunk, flat.numel())]), stored)])
+                    for first in range(0, flat.numel(), chunk):
+                        part = buffer[: min(chunk, flat.numel() - first)]
+                        _read_exactly(handle, part, name)
+                        flat[first : first + len(part)].copy_(part)
+                read_bytes += end - start
+        return read_bytes
+
+
+def _read_exactly(handle: Any, tensor: torch.Tensor, name: str) -> None:
+    """Fills a contiguous CPU tensor with the next bytes of an open file (readinto releases the GIL)."""
+    view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        count = handle.readinto(view[done:])
+        if not count:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"{handle.name}: ended early while reading {name}; the file is truncated")
+        done += count
+
+
+def _empty_cpu_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
+    """Uninitialized tensors carved from one anonymous memory map, unmapped when the last of them is freed.
+
+    Why not torch.empty: glibc serves blocks under its (adaptive, up to 32 MB) mmap threshold from heaps it
+    rarely returns to the OS, so allocating and freeing one layer after another grows the process by tens
+    of MB per layer. A map of its own per layer goes back to the OS as soon as the block lets go of it.
+    """
+    align = 64
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + -(-size // align) * align)
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        # Private: the default shared anonymous map would be shmem, which takes no transparent huge pages.
+        buffer = mmap.mmap(-1, max(offsets[-1], 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # Windows
+        buffer = mmap.mmap(-1, max(offsets[-1], 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults while the layer is copied in
+    # frombuffer keeps `buffer` alive for as long as any tensor viewing it.
+    slab = torch.frombuffer(buffer, dtype=torch.uint8)
+    return [
+        slab[start : start + size].view(dtype).view(shape)
+        for (shape, dtype), start, size in zip(specs, offsets, sizes)
+    ]
+
+
+class LayerStream:
+    """Reads the layers of one forward pass in a background thread, one layer ahead of the compute.
+
+    Args:
+        reader: reads one layer (see `LayerReader`); called in the loader thread.
+        layers: the layers the pass will run, in order.
+        progress: show a tqdm bar with layers streamed and MB/s.
+    """
+
+    def __init__(self, reader: LayerReader, layers: Sequence[int], *, progress: bool = True) -> None:
+        self.reader = reader
+        self.layers = list(layers)
+        self._next = {a: b for a, b in zip(self.layers, self.layers[1:])}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama_lens-stream")
+        self._pending: dict[int, Future] = {}
+        self.read_bytes = 0
+        self._start = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=len(self.layers), desc="streaming layers", unit="layer", leave=False, disable=not progress
+        )
+        if self.layers:
+            self._submit(self.layers[0])
+
+    def _submit(self, layer: int) -> None:
+        if layer not in self._pending:
+            self._pending[layer] = self._pool.submit(self.reader, layer)
+
+    def take(self, layer: int) -> dict[str, torch.Tensor]:
+        """Waits for `layer`'s parameters, after queueing the read of the layer that runs next."""
+        self._submit(layer)
+        if layer in self._next:
+            # Queued before waiting: the loader thread goes straight on to the next layer.
+            self._submit(self._next[layer])
+        state, read_bytes = self._pending.pop(layer).result()
+        self.read_bytes += read_bytes
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{self.read_bytes / elapsed / 1e6:.0f} MB/s", refresh=False)
+        self._bar.update(1)
+        return state
+
+    def close(self) -> None:
+        """Drops reads not taken (after an error, or a pass that stopped early) and ends the thread."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()  # a read that was already running finished; its tensors go with it
+        self._bar.close()
+
+
+class StreamedLlama(HookedLlama):
+    """A HookedLlama that reads each decoder layer from the checkpoint when the forward pass reaches it.
+
+    Made by `ll.load(path, stream=True)`; see the module docstring. The dtype and device are fixed at load
+    time (`.to(...)` raises).
+
+    Args:
+        cfg: the model's shape.
+        reader: reads one layer (see `LayerReader`).
+        layers: decoder layers to run (default: all).
+        progress: show a progress bar for each forward pass.
+    """
+
+    def __init__(
+        self, cfg: LlamaConfig, reader: LayerReader, layers: Sequence[int] | None = None, *, progress: bool = True
+    ) -> None:
+        with torch.device("meta"):
+            super().__init__(cfg, layers)
+        # Frozen before any weight is assigned, so that assigned parameters inherit requires_grad=False.
+        self.requires_grad_(False)
+        self.reader = reader
+        self.progress = progress
+        self._stream: LayerStream | None = None
+        self._in_forward = False
+
+    # ---------------------------------------------------------------- the forward pass
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """HookedLlama.forward, reading each layer from disk as it is reached (same arguments)."""
+        if self._in_forward:
+            # The inner pass would free the block the outer pass is in the middle of.
+            raise RuntimeError(
+                "a streamed model cannot run a forward pass from inside one of its own hooks; "
+                "save what the hook needs and run the second pass afterwards"
+            )
+        self._in_forward = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._in_forward = False
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+            # After an error (a hook that raised, a bad read) a block may still hold its weights.
+            for block in self.blocks.values():
+                _to_meta(block)
+
+    def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
+        # HookedLlama.forward asks for its layers once, before the embedding: the moment to start reading
+        # the first one.
+        layers = super()._layers_to_run(start_layer, stop_at_layer, has_resid)
+        self._stream = LayerStream(self.reader, layers, progress=self.progress)
+        return layers
+
+    def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
+        """Fetches layer `layer`'s weights, runs the block, and frees the weights again."""
+        if self._stream is not None:
+            state = self._stream.take(layer)
+        else:  # called outside forward: read it here
+            state = self.reader(layer)[0]
+        block = self.blocks[str(layer)]
+        block.load_state_dict(state, strict=True, assign=True)
+        del state
+        try:
+            return block(resid, cos, sin, mask, kv_cache)
+        finally:
+            _to_meta(block)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half() ... would move the resident weights only and leave the streamed ones behind.
+        raise ValueError(
+            "a streamed model's dtype and device are fixed when it is loaded; "
+            "pass dtype= and device= to ll.load(path, stream=True, ...)"
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", streamed"
+
+
+def _to_meta(block: nn.Module) -> None:
+    """Replaces a block's parameters by meta tensors, freeing their memory."""
+    if any(not param.is_meta for param in block.parameters()):
+        block.to_empty(device="meta")
+
+
+def load_streamed(
+    ckpt: Any,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    layers: Sequence[int] | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> StreamedLlama:
+    """A StreamedLlama over an open Checkpoint: resident weights read now, decoder layers on demand.
+
+    Args:
+        ckpt: an open `Checkpoint`.
+        dtype: dtype of the weights (None: as stored); each layer is cast as it is read.
+        device: where the weights go.
+        layers: decoder layers to run (default: all).
+        tokenizer: set as `model.tokenizer`.
+        progress: show a progress bar for each forward pass.
+
+    Returns:
+        StreamedLlama in eval mode, no decoder layer in memory.
+    """
+    cfg = ckpt.config
+    model = StreamedLlama(cfg, CheckpointLayerReader(ckpt, dtype, device), layers, progress=progress)
+    state = ckpt.state_dict(RESIDENT_PARAMS, dtype=dtype, device=device)
+    if cfg.tie_embeddings:
+        # One Parameter under both names keeps the weights tied after assign=True.
+        state["embed.weight"] = state["unembed.weight"] = nn.Parameter(state["embed.weight"], requires_grad=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(not name.startswith("blocks.") for name in missing):
+        raise RuntimeError(f"resident weights did not match the model: missing {missing}, unexpected {unexpected}")
+    model.tokenizer = tokenizer
+    return model.eval()

@@ -1,0 +1,133 @@
+"""plan(): memory and disk estimates, checked by hand and against real runs; load's refusal to overcommit."""
+
+import pytest
+import torch
+
+import llama_lens as ll
+import llama_lens.plan as plan_module
+from llama_lens.model import HookedLlama
+from llama_lens.plan import NotEnoughMemoryError, plan
+from llama_lens.stream import StreamedLlama
+from llama_lens.testing import random_state_dict, write_hf_checkpoint
+
+from conftest import tiny_config
+
+# The tiny config (d_model 64, 2 layers, 4 heads of 16, 2 KV heads, d_mlp 128, vocab 128, untied), by hand:
+#   one layer: ln1 64 + q 64*64 + k 32*64 + v 32*64 + o 64*64 + ln2 64 + gate, up, down 3 * 128*64 = 36_992
+#   outside the layers: embed 128*64 + unembed 128*64 + ln_final 64 = 16_448
+LAYER, OUTSIDE = 36_992, 16_448
+
+
+def test_weights_by_hand(tiny_cfg):
+    full = plan(tiny_cfg, tokens=0, dtype=torch.float32, cache=None)
+    assert full.weights_resident_bytes == (OUTSIDE + 2 * LAYER) * 4
+    assert full.layer_in_flight_bytes == LAYER * 4  # one layer as stored (float32: no checkpoint dtype given)
+    streamed = plan(tiny_cfg, tokens=0, stream=True, dtype=torch.bfloat16, cache=None)
+    assert streamed.weights_resident_bytes == OUTSIDE * 2
+    # The layer computing and the layer being read (bf16), plus the tensor being copied as stored (bf16
+    # too): the largest, gate/up/down, 128*64.
+    assert streamed.layer_in_flight_bytes == LAYER * (2 + 2) + 128 * 64 * 2
+    assert streamed.activations_bytes == 0 and streamed.cache_bytes == 0 and streamed.pattern_bytes == 0
+    assert streamed.peak_bytes == OUTSIDE * 2 + LAYER * 4 + 128 * 64 * 2
+
+
+def test_activations_cache_and_patterns_by_hand(tiny_cfg):
+    estimate = plan(tiny_cfg, tokens=10, batch=2, dtype=torch.float32, cache="resid", patterns=True)
+    rows = 2 * 10
+    # Working values per position: 6 d_model + 2 (q + k + v) + z + 4 d_mlp = 384 + 256 + 64 + 512 = 1216;
+    # logits 128 values plus their float32 softmax; one layer's scores, float32 softmax, pattern (2*4*10*10).
+    working = rows * 1216 * 4 + rows * 128 * (4 + 4) + 2 * 4 * 100 * (4 + 4 + 4)
+    assert estimate.activations_bytes == working == 127_360
+    assert estimate.cache_bytes == (2 + 1) * rows * 64 * 4 == 15_360  # resid_pre of each layer + final resid_post
+    assert estimate.pattern_bytes == 2 * 2 * 4 * 100 * 4 == 6_400  # hook_pattern of each layer
+    parts = (
+        estimate.weights_resident_bytes + estimate.layer_in_flight_bytes + estimate.activations_bytes
+        + estimate.cache_bytes + estimate.pattern_bytes
+    )
+    assert estimate.peak_bytes == parts
+
+
+def test_cache_estimates_equal_real_caches():
+    cfg = tiny_config(n_layers=3)
+    model = HookedLlama(cfg)
+    model.load_state_dict(random_state_dict(cfg), assign=True)
+    tokens = torch.randint(0, 128, (2, 10))
+
+    _, cache = model.run_with_cache(tokens)
+    is_pattern = lambda name: name.endswith(("hook_attn_scores", "hook_pattern"))  # noqa: E731
+    estimate = plan(cfg, tokens=10, batch=2, cache="all")
+    assert estimate.cache_bytes == sum(t.nbytes for name, t in cache.items() if not is_pattern(name))
+    assert estimate.pattern_bytes == sum(t.nbytes for name, t in cache.items() if is_pattern(name))
+
+    resid_names = lambda name: name.endswith("hook_resid_pre") or name == "blocks.2.hook_resid_post"  # noqa: E731
+    _, cache = model.run_with_cache(tokens, names_filter=resid_names)
+    assert plan(cfg, tokens=10, batch=2, cache="resid").cache_bytes == sum(t.nbytes for t in cache.values())
+
+
+def test_read_time_and_layers(tiny_cfg):
+    estimate = plan(tiny_cfg, tokens=4, layers=range(0, 1), dtype=torch.float32, read_bandwidth=1e6)
+    assert estimate.n_layers == 1
+    assert estimate.read_bytes == (OUTSIDE + LAYER) * 4
+    assert estimate.est_read_seconds == pytest.approx((OUTSIDE + LAYER) * 4 / 1e6)
+
+
+def test_checkpoint_folder_gives_the_same_plan_with_its_stored_dtype(tiny_cfg, tmp_path):
+    path = write_hf_checkpoint(tmp_path / "hf", tiny_cfg, random_state_dict(tiny_cfg), dtype=torch.bfloat16)
+    from_folder = plan(ll.Checkpoint(path, index_cache=False), tokens=8, stream=True, dtype=torch.float32)
+    assert from_folder.layer_in_flight_bytes == LAYER * (4 + 4) + 128 * 64 * 2  # two float32 layers + a bf16 tensor
+    assert from_folder.read_bytes == (OUTSIDE + 2 * LAYER) * 2
+
+
+def test_fits_and_report(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 10_000)
+    estimate = plan(tiny_cfg, tokens=8)
+    assert not estimate.fits and estimate.available_bytes == 10_000
+    text = repr(estimate)
+    assert "does NOT fit" in text and "weights resident" in text
+    frame = estimate.to_frame()
+    assert frame.loc["peak", "bytes"] == estimate.peak_bytes
+    assert list(frame.index) == [
+        "weights resident", "layers in flight", "activations", "cache", "patterns", "peak", "available",
+        "read from disk",
+    ]
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 10**12)
+    assert plan(tiny_cfg, tokens=8).fits
+
+
+def test_bad_arguments(tiny_cfg):
+    with pytest.raises(ValueError, match="cache must be one of"):
+        plan(tiny_cfg, cache="everything")
+    with pytest.raises(ValueError, match="tokens"):
+        plan(tiny_cfg, tokens=-1)
+    with pytest.raises(ValueError, match="outside the model"):
+        plan(tiny_cfg, layers=[5])
+
+
+def test_available_memory_reads_the_machine():
+    available = plan_module.available_memory("cpu")
+    assert available is None or available > 0
+
+
+def test_load_refuses_what_cannot_fit(tmp_path, monkeypatch):
+    cfg = tiny_config(n_layers=6)
+    path = write_hf_checkpoint(tmp_path / "hf", cfg, random_state_dict(cfg))
+    ckpt = ll.Checkpoint(path, index_cache=False)
+    full = plan(ckpt, tokens=0, cache=None).peak_bytes
+    streamed = plan(ckpt, tokens=0, cache=None, stream=True).peak_bytes
+    assert streamed < full
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: (streamed + full) // 2)
+
+    with pytest.raises(NotEnoughMemoryError) as info:
+        ll.load(path, index_cache=False, progress=False)
+    assert isinstance(info.value, MemoryError) and isinstance(info.value, ValueError)
+    message = str(info.value)
+    for hint in ("stream=True", "layers=range(0, k)", "dtype=torch.bfloat16", "check_memory=False", "available"):
+        assert hint in message
+
+    # Streaming fits in the same memory; check_memory=False loads anyway.
+    assert isinstance(ll.load(path, stream=True, index_cache=False, progress=False), StreamedLlama)
+    assert not ll.load(path, index_cache=False, progress=False, check_memory=False).blocks["1"].ln1.weight.is_meta
+
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: streamed // 2)
+    with pytest.raises(NotEnoughMemoryError, match="streamed needs about"):
+        ll.load(path, stream=True, index_cache=False, progress=False)
