@@ -23,6 +23,7 @@ _LAZY = {
     "logit_lens": "lens",
     "direct_logit_attribution": "lens",
     "LensResult": "lens",
+    "AttributionResult": "lens",
     "plan": "plan",
 }
 _SUBMODULES = {"plot", "widgets", "testing"}
