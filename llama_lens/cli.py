@@ -41,9 +41,191 @@ def run_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ shared arguments
+def _add_checkpoint_and_prompt(parser: argparse.ArgumentParser) -> None:
+    # argparse fills an optional positional before a required one only when both are given, which is what
+    # "[PATH] PROMPT" means: one argument is the prompt, two are the checkpoint and the prompt.
+    parser.add_argument("path", nargs="?", metavar="PATH",
+                        help="checkpoint folder (HF or Meta layout); default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("prompt", metavar="PROMPT", help="the text to run")
+    _add_load_options(parser)
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the loaded weights (default: float32)")
+    parser.add_argument("--device", default="cpu", help='where the weights go: "cpu", "cuda", "cuda:1", ...')
+    parser.add_argument("--stream", action="store_true",
+                        help="read each layer from disk when the forward pass reaches it (models bigger than memory)")
+
+
+def _load_model(args: argparse.Namespace):
+    import llama_lens as ll
+
+    ckpt = ll.Checkpoint(args.path if args.path is not None else ll.demo_model_path())
+    if ckpt.tokenizer_path is None:  # checked before minutes of reading weights
+        raise ValueError(
+            f"{ckpt.path} has no tokenizer.json or tokenizer.model; this command needs one to read the prompt"
+        )
+    return ll.load(ckpt, dtype=args.dtype, device=args.device, stream=args.stream)
+
+
+# ----------------------------------------------------------------------------------------------- lens
+def add_lens(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "lens",
+        help="run the logit lens: what each layer predicts next, as a table and a heatmap",
+        description=(
+            "Project the residual stream after every layer through the final norm and the unembedding, print "
+            "the top tokens of each read-out at one position (the last by default) and, with --out, save the "
+            "layer × position heatmap."
+        ),
+        epilog=f'example: {PROG} lens "The Eiffel Tower is located in the city of" --target " Paris" --out lens.png',
+    )
+    _add_checkpoint_and_prompt(parser)
+    parser.add_argument("--target", help='a token to follow across layers, with its leading space (" Paris")')
+    parser.add_argument("--out", help="save the heatmap here (.png, .pdf, .svg)")
+    parser.add_argument("--readout", default="resid_post", choices=["resid_pre", "resid_mid", "resid_post"],
+                        help="which residual stream to read out in each layer (default: resid_post)")
+    parser.add_argument("--metric", default=None, choices=["prob", "target_prob", "rank", "entropy", "kl"],
+                        help="heatmap colour (default: rank with --target, else prob)")
+    parser.add_argument("--position", type=int, default=-1, help="position the table shows (default: -1, the last)")
+    parser.add_argument("--top-k", type=int, default=3, help="top tokens per read-out in the table (default: 3)")
+    parser.set_defaults(run=run_lens)
+
+
+def run_lens(args: argparse.Namespace) -> int:
+    import llama_lens as ll
+
+    model = _load_model(args)
+    lens = ll.logit_lens(model, args.prompt, target=args.target, readout=args.readout, top_k=args.top_k)
+    print(format_lens_table(lens, args.position))
+    if args.out:
+        metric = args.metric or ("rank" if args.target is not None else "prob")
+        figure = lens.plot(metric=metric)
+        figure.savefig(args.out, dpi=150, bbox_inches="tight")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def format_lens_table(lens, position: int = -1) -> str:
+    """One line per read-out at one position of the first prompt: top tokens with probabilities and, with a
+    target, its probability and rank."""
+    n_tokens = lens.tokens.shape[1]
+    pos = position + n_tokens if position < 0 else position
+    if pos not in lens.positions:
+        raise ValueError(f"position {position} is outside the prompt ({n_tokens} tokens)")
+    column = lens.positions.index(pos)
+    token = lens.str_tokens[0][pos]
+    lines = [f"logit lens at position {pos} ({token!r}): what each read-out predicts next"]
+    header = f"{'read-out':<9}  {'top tokens':<48}"
+    if lens.target_ids is not None:
+        header += f"  {lens.target_strs[0][0]!r} prob   rank"
+    lines.append(header)
+    for r, label in enumerate(lens.labels):
+        tops = "  ".join(
+            f"{text!r} {prob:.2f}"
+            for text, prob in zip(lens.top_strs[0][r][column], lens.top_probs[0, r, column].tolist())
+        )
+        line = f"{label:<9}  {tops:<48}"
+        if lens.target_ids is not None:
+            prob, rank = float(lens.target_probs[0, r, column, 0]), int(lens.target_ranks[0, r, column, 0])
+            line += f"  {prob:>{len(repr(lens.target_strs[0][0])) + 5}.4f}  {rank:>5}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- inspect
+def add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarize a checkpoint without loading its weights: shape, parameters per module, files",
+        description=(
+            "Read the config and the tensor headers of a checkpoint (nothing else) and print its shape, the "
+            "parameters per module and the totals."
+        ),
+    )
+    parser.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder; default: the embedded model")
+    parser.add_argument("--depth", type=int, default=1, choices=[1, 2],
+                        help="1: embed, each block, final norm, unembed; 2: also each block's norms, attn and mlp")
+    parser.add_argument("--tensors", action="store_true", help="also list every stored tensor")
+    parser.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+
+    import llama_lens as ll
+    from .model import HookedLlama
+    from .summary import module_summary
+
+    ckpt = ll.Checkpoint(args.path if args.path is not None else ll.demo_model_path())
+    cfg, table = ckpt.config, ckpt.tensors()
+    # The summary is the loaded model's own (model.summary()), computed on the meta device: no weights read.
+    with torch.device("meta"):
+        skeleton = HookedLlama(cfg)
+    stored_dtype = table["dtype"].mode().iloc[0]
+    summary = module_summary(skeleton.to(getattr(torch, stored_dtype)), depth=args.depth)
+    summary["share"] = (100 * summary["share"]).map("{:.2f}%".format)
+    summary["bytes"] = summary["bytes"].map(_human_bytes)
+
+    print(ckpt)
+    print(
+        f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), d_head {cfg.d_head}, "
+        f"d_mlp {cfg.d_mlp}, d_vocab {cfg.d_vocab}, rope theta {cfg.rope_theta:g}"
+        f"{'' if cfg.rope_scaling is None else ' (' + cfg.rope_scaling.kind + ' scaling)'}, "
+        f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings"
+    )
+    with pd.option_context("display.max_rows", None, "display.width", 120):
+        print(summary.to_string(index=False))
+        if args.tensors:
+            print(table.drop(columns=["param"]).to_string(index=False))
+    stored = int(table["bytes"].sum())
+    print(
+        f"total: {ckpt.num_params:,} parameters; {_human_bytes(stored)} stored ({stored_dtype}) in "
+        f"{len(ckpt.files)} file(s); {_human_bytes(4 * ckpt.num_params)} as float32, "
+        f"{_human_bytes(2 * ckpt.num_params)} as bfloat16"
+    )
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------- generate
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a prompt (KV cache; greedy with --temperature 0)",
+        description="Continue a prompt with the checkpoint's model and print the prompt and the continuation.",
+        epilog=f'example: {PROG} generate "The capital of France is" --temperature 0 --max-new-tokens 16',
+    )
+    _add_checkpoint_and_prompt(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add at most (default: 32)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding (default: 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
+    parser.add_argument("--seed", type=int, default=None, help="seed the sampler for a reproducible draw")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    out = model.generate(
+        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(args.prompt + out.text)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- the parser
-# One entry per subcommand; `inspect`, `lens` and `generate` each add their own `add_<name>` here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo_model]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_lens, add_inspect, add_generate, add_demo_model]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except BrokenPipeError:  # e.g. `llama-lens inspect PATH | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except (ValueError, KeyError, OSError, DemoModelError) as err:
         # KeyError's str() is the repr of its argument; the message itself reads better.
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

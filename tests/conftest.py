@@ -26,7 +26,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,3 +41,12 @@ def demo_path() -> Path:
     from llama_lens.demo import demo_model_path
 
     return demo_model_path()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

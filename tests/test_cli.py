@@ -1,0 +1,78 @@
+"""The `llama-lens` command: lens, inspect and generate on real checkpoints, and their errors."""
+
+import pytest
+import torch
+
+from llama_lens.checkpoint import Checkpoint
+from llama_lens.cli import main
+from llama_lens.testing import random_state_dict, write_meta_checkpoint
+
+from conftest import tiny_config
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def test_lens_on_the_embedded_model_prints_the_table_and_writes_the_plot(demo_path, tmp_path, capsys):
+    out_file = tmp_path / "lens.png"
+    assert main(["lens", PROMPT, "--target", " Paris", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "logit lens at position 10 (' of'): what each read-out predicts next"
+    rows = [line for line in out if line.split(" ", 1)[0].endswith("_post")]
+    assert [row.split()[0] for row in rows] == [f"{i}_post" for i in range(30)]
+    last = rows[-1].split()
+    assert last[1] == "'" and last[2] == "Paris'"  # the top token of the last layer is ' Paris'
+    assert int(last[-1]) == 0  # and its rank there is 0
+    assert int(rows[0].split()[-1]) > 1000  # while the first layer ranks it far down
+    assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out[-1] == f"wrote {out_file}"
+
+
+def test_lens_with_an_explicit_path_and_readout(demo_path, capsys):
+    assert main(["lens", str(demo_path), "Hello", "--readout", "resid_mid", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    labels = [line.split()[0] for line in out[2:]]
+    assert labels == [f"{i}_mid" for i in range(30)]
+    assert "prob   rank" not in out[1]  # no target, no target columns
+
+
+def test_generate_greedy_says_paris(demo_path, capsys):
+    assert main(["generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
+
+
+def test_inspect_prints_the_summary_and_totals_without_reading_weights(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(n_layers=3)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2, dtype=torch.bfloat16)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("inspect read a weight")
+
+    monkeypatch.setattr(Checkpoint, "_read", no_reads)
+    assert main(["inspect", str(folder), "--depth", "2"]) == 0
+    out = capsys.readouterr().out
+    params = Checkpoint(folder).num_params
+    assert f"total: {params:,} parameters" in out
+    assert "in 2 file(s)" in out and "(bfloat16)" in out
+    for module in ("embed", "blocks.0.attn", "blocks.2.mlp", "ln_final", "unembed"):
+        assert f"\n{module.rjust(13)} " in out or f"\n{module} " in out, module
+
+
+def test_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and err.startswith("llama-lens: error:")
+
+    cfg = tiny_config()
+    folder = write_meta_checkpoint(tmp_path / "no_tokenizer", cfg, random_state_dict(cfg))
+    assert main(["lens", str(folder), "hello"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer.json or tokenizer.model" in err
+
+
+@pytest.mark.parametrize("command", ["lens", "inspect", "generate", "demo-model"])
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: llama-lens {command}") and len(out.splitlines()) > 8
