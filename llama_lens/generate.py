@@ -86,7 +86,7 @@ def generate(
     logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         last = logits[:, -1].float()  # [batch, d_vocab]
         if temperature == 0:
             next_token = last.argmax(dim=-1)
@@ -97,6 +97,8 @@ def generate(
             finished |= torch.isin(next_token, eos)
             if bool(finished.all()):
                 break
+        if step == max_new_tokens - 1:
+            break  # the last token is chosen: no forward pass for a token that will not be sampled
         step_mask = torch.ones(batch, 1, dtype=torch.long, device=device)
         if kv_cache is not None:
             logits = model(next_token[:, None], attention_mask=step_mask, kv_cache=kv_cache)

@@ -43,10 +43,11 @@ class HookPoint(nn.Module):
                     raise TypeError(
                         f"hook on {self.name!r} returned {type(replaced).__name__}; return a tensor or None"
                     )
-                if replaced.shape != tensor.shape:
+                if (replaced.shape, replaced.dtype, replaced.device) != (tensor.shape, tensor.dtype, tensor.device):
+                    # Caught here, where the hook can be named, rather than later deep inside a matmul.
                     raise ValueError(
-                        f"hook on {self.name!r} returned shape {tuple(replaced.shape)}, expected "
-                        f"{tuple(tensor.shape)}"
+                        f"hook on {self.name!r} returned {_describe(replaced)}, expected {_describe(tensor)}; "
+                        "return a tensor like the one the hook received (e.g. `new.to(tensor)`)"
                     )
                 tensor = replaced
         return tensor
@@ -107,24 +108,38 @@ class ActivationCache:
         return torch.stack([self[f"blocks.{i}.{hook}"] for i in layers])
 
     def accumulated_resid(
-        self, layer: int | None = None, *, incl_mid: bool = False, return_labels: bool = False
+        self,
+        layer: int | None = None,
+        *,
+        incl_mid: bool = False,
+        mlp_input: bool = False,
+        return_labels: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """The residual stream as it grows: resid_pre of each layer (and resid_mid if asked), then the last
-        layer's resid_post. Stops before `layer` if given (TransformerLens semantics).
+        """The residual stream as it grows, with TransformerLens' semantics: resid_pre of every loaded layer up
+        to and including `layer` (and resid_mid of the layers before `layer` with `incl_mid`), then the last
+        layer's resid_post ("final_post") when `layer` is None or past the last loaded layer.
+
+        Args:
+            layer: the last layer whose resid_pre is included; None for the whole model.
+            incl_mid: add each layer's resid_mid after its resid_pre (layers before `layer`).
+            mlp_input: add `layer`'s own resid_mid (the input of its MLP) at the end.
 
         Returns:
             [n_components, batch, pos, d_model], and labels such as "3_pre", "3_mid", "final_post".
         """
-        layers = [i for i in self.layer_indices if layer is None or i < layer]
+        last = self.layer_indices[-1]
+        end = last + 1 if layer is None else layer
         tensors, labels = [], []
-        for i in layers:
+        for i in (i for i in self.layer_indices if i <= end):
+            if i == end and end > last:
+                break
             tensors.append(self[f"blocks.{i}.hook_resid_pre"])
             labels.append(f"{i}_pre")
-            if incl_mid:
+            if (incl_mid and i < end) or (mlp_input and i == end):
                 tensors.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
-        if layer is None:
-            tensors.append(self[f"blocks.{self.layer_indices[-1]}.hook_resid_post"])
+        if end > last:
+            tensors.append(self[f"blocks.{last}.hook_resid_post"])
             labels.append("final_post")
         stacked = torch.stack(tensors)
         return (stacked, labels) if return_labels else stacked
@@ -240,6 +255,10 @@ class HookedModule(nn.Module):
         # Forward order, not the order the filter listed them in.
         ordered = {name: activations[name] for name in self.hook_dict if name in activations}
         return output, ActivationCache(ordered, getattr(self, "layer_indices", []))
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"shape {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} on {tensor.device}"
 
 
 def _unknown_name_message(name: str, valid: Iterable[str], *, what: str) -> str:

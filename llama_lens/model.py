@@ -242,7 +242,7 @@ class HookedLlama(HookedModule):
 
     def forward(
         self,
-        tokens: torch.Tensor | str | list[str] | None = None,
+        tokens: torch.Tensor | str | list[str] | list[int] | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
         start_layer: int | None = None,
@@ -253,29 +253,37 @@ class HookedLlama(HookedModule):
         """Runs the loaded layers.
 
         Args:
-            tokens: [batch, pos] token ids (or text, tokenized with `to_tokens`). Optional when `resid` is given.
-            attention_mask: [batch, pos], 1 for real tokens and 0 for left padding; inferred from leading pad
-                tokens when omitted.
+            tokens: token ids [batch, pos] or [pos] (a tensor or a list), or a text or list of texts
+                (tokenized with BOS and left-padded, as `to_tokens` does). Optional when `resid` is given.
+            attention_mask: [batch, pos], 1 for real tokens and 0 for left padding. When omitted: exact for
+                texts; for ids, inferred from leading pad tokens (pass it when a prompt may start with the pad id).
             start_layer: resume at this layer with `resid` as its resid_pre (e.g. from a cache).
-            resid: [batch, pos, d_model] residual stream entering `start_layer`.
+            resid: [batch, pos, d_model] residual stream entering `start_layer`, in the weights' dtype.
             stop_at_layer: return the residual stream entering this layer instead of logits.
             kv_cache: keys/values of earlier positions; filled in place (see `generate`).
 
         Returns:
             logits [batch, pos, d_vocab], or resid [batch, pos, d_model] when `stop_at_layer` is given.
         """
-        if isinstance(tokens, (str, list)):
-            tokens = self.to_tokens(tokens)
+        if tokens is not None:
+            tokens, text_mask = self._as_token_ids(tokens)
+            if attention_mask is None:
+                # Texts come with their exact padding mask; bare ids get one inferred from leading pad tokens.
+                attention_mask = text_mask if text_mask is not None else self.infer_attention_mask(tokens)
         layers = self._layers_to_run(start_layer, stop_at_layer, resid is not None)
+        weight = self.embed.weight
         if resid is None:
             if tokens is None:
                 raise ValueError("forward needs tokens, or resid= with start_layer=")
             resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
-        elif resid.shape[-1] != self.cfg.d_model or resid.dim() != 3:
-            raise ValueError(f"resid must be [batch, pos, d_model={self.cfg.d_model}], got {tuple(resid.shape)}")
+        elif resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model or resid.dtype != weight.dtype:
+            raise ValueError(
+                f"resid must be [batch, pos, d_model={self.cfg.d_model}] {str(weight.dtype).removeprefix('torch.')}"
+                f" like the model's weights, got {tuple(resid.shape)} {str(resid.dtype).removeprefix('torch.')}"
+            )
+        else:
+            resid = resid.to(weight.device)
         batch, pos, _ = resid.shape
-        if attention_mask is None and tokens is not None:
-            attention_mask = self.infer_attention_mask(tokens)
         positions, mask = self._positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
         cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
 
@@ -290,6 +298,23 @@ class HookedLlama(HookedModule):
         return self.blocks[str(layer)](resid, cos, sin, mask, kv_cache)
 
     # ---------------------------------------------------------------- helpers of forward
+    def _as_token_ids(self, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids [batch, pos] on the model's device, and the padding mask when `tokens` was text."""
+        device = self.embed.weight.device
+        if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and isinstance(tokens[0], str)):
+            texts = [tokens] if isinstance(tokens, str) else tokens
+            ids, mask = self._need_tokenizer().batch_encode(texts, bos=True)
+            return ids.to(device), mask.to(device)
+        if isinstance(tokens, (list, tuple)):
+            tokens = torch.tensor(tokens)  # [pos] or [batch, pos] of ids
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"tokens must be text or integer ids [pos] / [batch, pos], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        return tokens.to(device), None
+
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
         loaded = self.layer_indices
         if has_resid:

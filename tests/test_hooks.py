@@ -110,12 +110,23 @@ def test_hook_returning_a_wrong_shape_names_the_hook(model):
         model.run_with_hooks(torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: t[:, :1])])
 
 
+def test_hook_returning_another_dtype_or_device_names_the_hook(model):
+    with pytest.raises(ValueError, match=r"hook on 'blocks.0.attn.hook_z' returned shape .* float64 on cpu, expected .* float32"):
+        model.run_with_hooks(
+            torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: t.double())]
+        )
+
+
 def test_cache_helpers(model):
     tokens = torch.randint(0, 128, (2, 5))
     logits, cache = model.run_with_cache(tokens)
     resid, labels = cache.accumulated_resid(return_labels=True)
     assert labels == ["0_pre", "1_pre", "final_post"] and resid.shape == (3, 2, 5, 64)
-    assert cache.accumulated_resid(layer=1, incl_mid=True).shape[0] == 2
+    # TransformerLens' semantics: up to and including `layer`'s resid_pre; final_post once past the last layer.
+    assert cache.accumulated_resid(layer=1, incl_mid=True, return_labels=True)[1] == ["0_pre", "0_mid", "1_pre"]
+    assert cache.accumulated_resid(layer=1, mlp_input=True, return_labels=True)[1] == ["0_pre", "1_pre", "1_mid"]
+    assert cache.accumulated_resid(layer=2, return_labels=True)[1] == labels
+    assert torch.equal(cache.accumulated_resid(layer=0)[0], cache["blocks.0.hook_resid_pre"])
     parts, labels = cache.decompose_resid(return_labels=True)
     assert labels[0] == "embed" and len(labels) == 5
     torch.testing.assert_close(parts.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=0)

@@ -21,10 +21,11 @@ SHAPES = {
         max_position_embeddings=8,
         rope_scaling=RopeScaling(kind="dynamic", factor=2.0, original_max_position_embeddings=8),
     ),
-    # original context 16: wavelengths fall in all three bands (kept, smoothed, slowed) at d_head 16.
+    # original context 32: wavelengths fall in all three bands (kept, smoothed, slowed) at d_head 16, as
+    # test_llama3_rope_covers_its_three_bands checks.
     "rope_llama3": dict(
         rope_scaling=RopeScaling(
-            kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+            kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
         )
     ),
 }
@@ -61,6 +62,26 @@ def test_dynamic_rope_changes_with_length():
     short, long = rope_inv_freq(cfg, 8, torch.device("cpu")), rope_inv_freq(cfg, 13, torch.device("cpu"))
     assert torch.equal(short, rope_inv_freq(tiny_config(), 8, torch.device("cpu")))
     assert not torch.allclose(short[1:], long[1:])
+
+
+def test_llama3_rope_covers_its_three_bands():
+    """Guards the llama3 parity test: some frequencies are kept, some slowed by `factor`, some smoothed."""
+    import math
+
+    from llama_lens.model import rope_inv_freq
+
+    cfg = tiny_config(**SHAPES["rope_llama3"])
+    plain = rope_inv_freq(tiny_config(), 13, torch.device("cpu"))
+    scaled = rope_inv_freq(cfg, 13, torch.device("cpu"))
+    scaling = cfg.rope_scaling
+    wavelen = 2 * math.pi / plain
+    kept = wavelen < scaling.original_max_position_embeddings / scaling.high_freq_factor
+    slowed = wavelen > scaling.original_max_position_embeddings / scaling.low_freq_factor
+    smoothed = ~kept & ~slowed
+    assert kept.any() and slowed.any() and smoothed.any()
+    assert torch.equal(scaled[kept], plain[kept])
+    torch.testing.assert_close(scaled[slowed], plain[slowed] / scaling.factor)
+    assert ((scaled[smoothed] < plain[smoothed]) & (scaled[smoothed] > plain[smoothed] / scaling.factor)).all()
 
 
 def test_fused_and_written_out_attention_agree(tiny_cfg):
@@ -211,3 +232,53 @@ def test_sampling_is_seeded_and_top_p_restricts(tiny_cfg):
     first = model.generate(prompt, max_new_tokens=5, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
     again = model.generate(prompt, max_new_tokens=5, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
     assert first.tokens == again.tokens
+
+
+def test_generation_runs_one_forward_per_new_token(tiny_cfg):
+    _, model = reference_pair(tiny_config(eos_token_ids=()))
+    calls = []
+    with model.hooks([("hook_embed", lambda t, hook: calls.append(t.shape[1]))]):
+        out = model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=4, temperature=0)
+    assert len(out.tokens[0]) == 4
+    assert calls == [5, 1, 1, 1]  # the prompt, then one position per step; none after the last token
+
+
+def test_forward_takes_ids_as_lists_and_rejects_a_mismatched_resid(tiny_cfg):
+    _, model = reference_pair(tiny_cfg)
+    ids = [5, 9, 17, 3]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))
+        assert torch.equal(model(ids), expected)
+        assert torch.equal(model([ids]), expected)
+        with pytest.raises(ValueError, match=r"resid must be \[batch, pos, d_model=64\] float32 .* got \(1, 4, 64\) bfloat16"):
+            model(resid=torch.zeros(1, 4, 64, dtype=torch.bfloat16), start_layer=0)
+    with pytest.raises(ValueError, match="integer ids"):
+        model(torch.rand(1, 4))
+
+
+# ------------------------------------------------------------------------------------- the real SmolLM2
+@pytest.fixture(scope="module")
+def smollm2_pair(demo_path):
+    from transformers import LlamaForCausalLM
+
+    import llama_lens as ll
+
+    hf = LlamaForCausalLM.from_pretrained(demo_path, dtype=torch.float32).eval()
+    return hf, ll.load(demo_path, dtype=torch.float32, progress=False)
+
+
+def test_smollm2_logits_match_transformers(smollm2_pair):
+    hf, ours = smollm2_pair
+    prompts = ["The capital of France is", "Attention heads in layer 3 of a small language model often"]
+    tokens, mask = ours.tokenizer.batch_encode(prompts, bos=True)  # left-padded
+    with torch.no_grad():
+        expected = hf(tokens, attention_mask=mask).logits
+        logits = ours(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert (logits[real] - expected[real]).abs().max().item() <= 1e-4
+
+
+def test_smollm2_greedy_continuation_says_paris(smollm2_pair):
+    _, ours = smollm2_pair
+    out = ours.generate("The capital of France is", max_new_tokens=6, temperature=0)
+    assert out.text.startswith(" Paris")
