@@ -85,8 +85,9 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_and_prompt(parser)
     parser.add_argument("--target", help='a token to follow across layers, with its leading space (" Paris")')
     parser.add_argument("--out", help="save the heatmap here (.png, .pdf, .svg)")
-    parser.add_argument("--readout", default="resid_post", choices=["resid_pre", "resid_mid", "resid_post"],
-                        help="which residual stream to read out in each layer (default: resid_post)")
+    parser.add_argument("--readout", default=None, choices=["resid_pre", "resid_mid", "resid_post"],
+                        help="which residual stream to read out in each layer (default: the embedding, then "
+                             "each layer's resid_post)")
     parser.add_argument("--metric", default=None, choices=["prob", "target_prob", "rank", "entropy", "kl"],
                         help="heatmap colour (default: rank with --target, else prob)")
     parser.add_argument("--position", type=int, default=-1, help="position the table shows (default: -1, the last)")
@@ -98,7 +99,8 @@ def run_lens(args: argparse.Namespace) -> int:
     import llama_lens as ll
 
     model = _load_model(args)
-    lens = ll.logit_lens(model, args.prompt, target=args.target, readout=args.readout, top_k=args.top_k)
+    readout = {} if args.readout is None else {"readout": args.readout}
+    lens = ll.logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, **readout)
     print(format_lens_table(lens, args.position))
     if args.out:
         metric = args.metric or ("rank" if args.target is not None else "prob")

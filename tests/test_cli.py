@@ -17,12 +17,12 @@ def test_lens_on_the_embedded_model_prints_the_table_and_writes_the_plot(demo_pa
     assert main(["lens", PROMPT, "--target", " Paris", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "logit lens at position 10 (' of'): what each read-out predicts next"
-    rows = [line for line in out if line.split(" ", 1)[0].endswith("_post")]
-    assert [row.split()[0] for row in rows] == [f"{i}_post" for i in range(30)]
+    rows = out[2:-1]
+    assert [row.split()[0] for row in rows] == ["embed"] + [f"{i}_post" for i in range(30)]
     last = rows[-1].split()
     assert last[1] == "'" and last[2] == "Paris'"  # the top token of the last layer is ' Paris'
     assert int(last[-1]) == 0  # and its rank there is 0
-    assert int(rows[0].split()[-1]) > 1000  # while the first layer ranks it far down
+    assert int(rows[1].split()[-1]) > 1000  # while the first layer ranks it far down
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out[-1] == f"wrote {out_file}"
 
