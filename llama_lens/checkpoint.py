@@ -18,17 +18,21 @@ at once with its name in the message. The header index is cached on disk (see `C
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
+import functools
 import hashlib
 import json
 import math
+import mmap
 import operator
 import os
 import pickle
 import re
 import struct
+import traceback
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -359,6 +363,53 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def dropped_on_error(*partial: dict) -> Iterator[None]:
+    """On an exception: empties the dicts `partial` and the locals of the frames the exception came through,
+    then lets it go on.
+
+    A caller that keeps the error (a notebook keeps the last one) keeps its traceback, whose frames would
+    otherwise keep every tensor read so far alive: up to a whole layer, or a whole model.
+    """
+    try:
+        yield
+    except BaseException as err:
+        for tensors in partial:
+            tensors.clear()
+        # Frames still running (the caller's, among them) cannot be cleared; `partial` holds what they read.
+        traceback.clear_frames(err.__traceback__)
+        raise
+
+
+@functools.cache
+def _madvise() -> Callable[..., int] | None:
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
+def _release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drops the pages lying wholly under `tensor` from the process; they stay in the page cache.
+
+    Only for tensors memory-mapped from a file (`load_pth`) and never written: the next access reads the pages
+    back from the file, whereas written pages of a private map, or anonymous memory, would be lost. Pages
+    shared with a neighbouring tensor are kept, so a neighbour handed out elsewhere is never affected.
+    """
+    madvise = _madvise()
+    if madvise is None or not tensor.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    first = -(-tensor.data_ptr() // page) * page
+    last = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if last > first:
+        madvise(first, last - first, mmap.MADV_DONTNEED)  # advice only: a failure costs memory, not data
+
+
 def read_safetensors_tensor(
     file: BinaryIO,
     offsets: tuple[int, int],
@@ -485,15 +536,23 @@ class Checkpoint:
         self.index_cache_path = self._cache_path(index_cache)
         self._stats = self._fingerprint()  # reads check that no file changed since
         raw = self._cached_index()
-        from_cache = raw is not None
+        if raw is not None:
+            try:
+                self._use_index(raw)
+            except (ValueError, LookupError, TypeError):
+                # A cache that is well-formed but wrong (edited, or from another llama_lens) is rebuilt: the files
+                # decide. Where they are at fault, the rebuild raises the same error again.
+                raw = None
         if raw is None:
             raw = self._build_index()
+            self._use_index(raw)
+            self._write_cache(raw)
+        self.tokenizer_path = self._find_tokenizer()
+
+    def _use_index(self, raw: dict[str, list[dict[str, Any]]]) -> None:
         self.config = self._read_config(raw)
         self._stored = self._join_pieces(raw)
         self._source = self._match_names()  # canonical name -> stored name
-        if not from_cache:
-            self._write_cache(raw)
-        self.tokenizer_path = self._find_tokenizer()
 
     # --------------------------------------------------------------------------------- layout and config
     def _find_files(self) -> tuple[str, list[Path], list[Path]]:
@@ -609,8 +668,32 @@ class Checkpoint:
             and cached.get("format") == self.format
             and cached.get("files") == self._stats
             and isinstance(cached.get("tensors"), dict)
+            and all(self._valid_cached_pieces(pieces) for pieces in cached["tensors"].values())
         )
         return cached["tensors"] if valid else None
+
+    def _valid_cached_pieces(self, pieces: Any) -> bool:
+        """Whether a cache entry has the form `_build_index` writes (a damaged cache can still be valid JSON)."""
+        if not isinstance(pieces, list) or not pieces:
+            return False
+        for piece in pieces:
+            if not isinstance(piece, dict) or set(piece) != {"file", "dtype", "shape", "offsets"}:
+                return False
+            shape, offsets = piece["shape"], piece["offsets"]
+            if not (
+                piece["file"] in self._stats
+                and isinstance(piece["dtype"], str)
+                and isinstance(getattr(torch, piece["dtype"], None), torch.dtype)
+                and isinstance(shape, list)
+                and all(type(n) is int and n >= 0 for n in shape)
+            ):
+                return False
+            if self.format == "meta":
+                if offsets is not None:
+                    return False
+            elif not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+                return False
+        return True
 
     def _write_cache(self, raw: dict[str, list[dict[str, Any]]]) -> None:
         if self.index_cache_path is None:
@@ -769,6 +852,15 @@ class Checkpoint:
         return sum(self._stored[name].numel for name in set(self._source.values()))
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most of the model's parameters are stored in (`load(..., dtype=None)` keeps each as stored)."""
+        numel: dict[str, int] = {}
+        for name in set(self._source.values()):
+            stored = self._stored[name]
+            numel[stored.dtype] = numel.get(stored.dtype, 0) + stored.numel
+        return getattr(torch, max(numel, key=numel.get))
+
+    @property
     def param_names(self) -> list[str]:
         """Canonical names of all the model's parameters, in forward order."""
         return list(param_shapes(self.config))
@@ -894,12 +986,14 @@ class Checkpoint:
         from tqdm.auto import tqdm
 
         outside = groups.get(None, [])
-        with tqdm(total=len(layer_keys), desc=f"loading {self.path.name}", unit="layer", disable=not progress) as bar:
-            read_group([n for n in outside if n == "embed.weight"])
-            for layer in layer_keys:
-                read_group(groups[layer])
-                bar.update(1)
-            read_group([n for n in outside if n != "embed.weight"])
+        with dropped_on_error(result, read):
+            bar = tqdm(total=len(layer_keys), desc=f"loading {self.path.name}", unit="layer", disable=not progress)
+            with bar:
+                read_group([n for n in outside if n == "embed.weight"])
+                for layer in layer_keys:
+                    read_group(groups[layer])
+                    bar.update(1)
+                read_group([n for n in outside if n != "embed.weight"])
         return {name: result[name] for name in names}
 
     def layer_state_dict(
@@ -924,10 +1018,7 @@ class Checkpoint:
         with contextlib.ExitStack() as stack:
 
             def open_checked(file_name: str) -> Any:
-                path = self.path / file_name
-                stat = path.stat() if path.exists() else None
-                if stat is None or [stat.st_size, stat.st_mtime_ns] != self._stats.get(file_name):
-                    raise CheckpointError(f"{path} changed since the checkpoint was opened; open it again")
+                path = self._check_unchanged(file_name)
                 if self.format == "meta":
                     return load_pth(path)
                 return stack.enter_context(open(path, "rb", buffering=0))
@@ -937,6 +1028,19 @@ class Checkpoint:
                 yield handles
             finally:
                 handles.clear()
+
+    def _check_unchanged(self, file_name: str) -> Path:
+        path = self.path / file_name
+        stat = path.stat() if path.exists() else None
+        if stat is None or [stat.st_size, stat.st_mtime_ns] != self._stats.get(file_name):
+            raise CheckpointError(f"{path} changed since the checkpoint was opened; open it again")
+        return path
+
+    def open_pth_shards(self) -> MappedShards:
+        """Meta layout: the shards memory-mapped once (no tensor data is read), for many `read_into`s."""
+        if self.format != "meta":
+            raise ValueError(f"{self.path} is a {self.format!r} checkpoint; open_pth_shards reads Meta .pth shards")
+        return MappedShards(self)
 
     def _read(
         self, stored: _Stored, handles: dict[str, Any], dtype: torch.dtype | None, device: torch.device
@@ -960,6 +1064,72 @@ class Checkpoint:
             if heads_attr is not None:
                 tensor = permute_qk_to_rotate_half(tensor, getattr(self.config, heads_attr))
         return tensor
+
+
+class MappedShards:
+    """The .pth shards of a Meta checkpoint, memory-mapped once and kept for many reads (`read_into`).
+
+    Opening a shard unpickles its whole table of tensors, which costs more than copying a small tensor out of
+    it: a reader that goes through the layers one by one opens the shards once, not once per tensor.
+
+    Args:
+        ckpt: an open Meta `Checkpoint` (see `Checkpoint.open_pth_shards`).
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        # file name -> stored name -> tensor mapped from the file. Never written and never handed out, which is
+        # what lets `read_into` drop their pages.
+        self._tensors = {file.name: load_pth(ckpt._check_unchanged(file.name)) for file in ckpt.files}
+
+    def read_into(self, targets: dict[str, torch.Tensor]) -> int:
+        """Copies parameters into tensors allocated by the caller.
+
+        Each model-parallel piece is copied (and cast) straight into its place in the target, q/k rows permuted
+        to the rotate-half layout on the way, so nothing else is allocated. The pages of each piece are then
+        dropped from the process (they stay in the page cache): without this, every page read would count
+        towards the process's memory for as long as the shards stay open.
+
+        Args:
+            targets: canonical name -> contiguous CPU tensor of the parameter's shape, in any float dtype.
+
+        Returns:
+            bytes read, as stored.
+
+        Raises:
+            CheckpointError: a shard changed on disk since the checkpoint was opened.
+        """
+        ckpt = self.ckpt
+        for file_name in self._tensors:
+            # Reading a mapped page past the end of a file truncated since would kill the process (SIGBUS).
+            ckpt._check_unchanged(file_name)
+        read_bytes = 0
+        for name, target in targets.items():
+            stored = ckpt._stored[ckpt._source[name]]
+            used = stored.pieces[:1] if stored.split_dim is None else stored.pieces  # replicated: any one will do
+            pieces = [self._tensors[piece.file][stored.name] for piece in used]
+            heads_attr = META_PERMUTED.get(_template(stored.name)[0])
+            if heads_attr is not None:
+                n_heads, half = getattr(ckpt.config, heads_attr), ckpt.config.d_head // 2
+                # Joined first (a copy as stored, for model-parallel shards only): a split may fall inside a head,
+                # e.g. one KV head shared by two ranks.
+                source = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=stored.split_dim)
+                # The rotate-half target seen in Meta's interleaved row order: [n_heads, d_head / 2, 2, d_model]
+                destination = target.view(n_heads, 2, half, -1).transpose(1, 2)
+                destination.copy_(source.view(n_heads, half, 2, -1))
+                del source
+            elif len(pieces) == 1:
+                target.copy_(pieces[0])
+            else:
+                start = 0
+                for piece in pieces:
+                    size = piece.shape[stored.split_dim]
+                    target.narrow(stored.split_dim, start, size).copy_(piece)
+                    start += size
+            for piece in pieces:
+                read_bytes += piece.nbytes
+                _release_mapped_pages(piece)
+        return read_bytes
 
 
 class _LazyDict(dict):

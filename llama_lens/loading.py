@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, check_layers, resolve_device, resolve_dtype
 
 def load(
     path: str | os.PathLike | Checkpoint,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     device: torch.device | str = "cpu",
     layers: Iterable[int] | None = None,
     stream: bool = False,
@@ -31,7 +31,7 @@ def load(
 
     Args:
         path: a checkpoint folder (Hugging Face or Meta layout, see `Checkpoint`) or an open Checkpoint.
-        dtype: torch dtype or "float32", "bfloat16", "float16".
+        dtype: torch dtype or "float32", "bfloat16", "float16"; None keeps each tensor's stored dtype.
         device: where the weights go ("cpu", "cuda", "cuda:1", ...).
         layers: decoder layers to load (e.g. `range(0, 3)`); default all. The embedding, final norm and
             unembedding are always loaded, so a partial model still gives logits.

@@ -1,11 +1,12 @@
 """`plan`: how much memory (and disk time) a load and a forward pass will take, before running them.
 
-    ll.plan("Llama-3.1-70B", tokens=128, stream=True, dtype=torch.bfloat16)
+    ll.plan("~/models/Llama-3.1-70B-Instruct", tokens=128, stream=True, dtype=torch.bfloat16)
 
-Everything is counted from the config, nothing is read: the weights held (all layers, or with `stream=True`
-only the embedding, final norm and unembedding), the layers in flight, one layer's working activations,
-the activations a cache keeps and the attention patterns if asked for. `ll.load` uses the weights part
-to refuse, with this estimate in the message, a load that cannot fit, rather than be killed by the OS.
+for a checkpoint folder (or an open Checkpoint, or a LlamaConfig). Everything is counted from the config and
+the tensor index, nothing is read: the weights held (all layers, or with `stream=True` only the embedding,
+final norm and unembedding), the layers in flight, one layer's working activations, the activations a cache
+keeps and the attention patterns if asked for. `ll.load` uses the weights part to refuse, with this estimate
+in the message, a load that cannot fit, rather than be killed by the OS.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ DEFAULT_READ_BANDWIDTH = 1e9
 
 CACHE_KINDS = ("resid", "all", None)
 GIB = 2**30
+
+# Where `available_memory` looks on Linux, read at each call (tests point them at fake files).
+MEMINFO = Path("/proc/meminfo")
+CGROUP_V2 = Path("/sys/fs/cgroup")  # memory.max, memory.current, memory.stat
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")  # memory.limit_in_bytes, memory.usage_in_bytes, memory.stat
 
 
 class NotEnoughMemoryError(MemoryError, ValueError):
@@ -124,7 +130,7 @@ def plan(
     batch: int = 1,
     *,
     stream: bool = False,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     layers: Iterable[int] | None = None,
     cache: str | None = "resid",
     patterns: bool = False,
@@ -138,7 +144,7 @@ def plan(
         tokens: positions per prompt (pos).
         batch: prompts per forward pass.
         stream: as `ll.load(..., stream=True)`: hold only the embedding, final norm and unembedding.
-        dtype: dtype of the weights and activations.
+        dtype: dtype of the weights and activations (None: as stored, see `weights_dtype`).
         layers: decoder layers loaded (default: all).
         cache: activations kept: "resid" (the residual stream at every layer, as the logit lens keeps it),
             "all" (`run_with_cache()` with no filter) or None.
@@ -158,13 +164,12 @@ def plan(
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
     if tokens < 0 or batch < 1:
         raise ValueError(f"need tokens >= 0 and batch >= 1, got tokens={tokens}, batch={batch}")
-    cfg = _config_of(path)
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
-    if dtype is None:  # as stored
-        dtype = getattr(torch, cfg.checkpoint_dtype or "float32", torch.float32)
+    source = _open_source(path)
+    cfg = _config_of(source)
+    dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
     n_layers = len(check_layers(layers, cfg.n_layers))
     weight_size = dtype.itemsize
-    stored_size = _stored_itemsize(cfg, dtype)
+    stored_size = (_stored_dtype(source) or dtype).itemsize
     act = weight_size  # activations take the weights' dtype (the embedding's output)
     rows = batch * tokens
 
@@ -174,8 +179,9 @@ def plan(
     resident = (embed_params + head_params) * weight_size
     if stream:
         weights_resident = resident
-        # The layer computing, the layer being read, and the stored bytes of the tensor being copied (mapped
-        # from the file until the copy is done; see stream.read_layer).
+        # The layer computing, the layer being read, and the stored bytes of the tensor being copied: the pages
+        # of a Meta shard it is copied from, or its model-parallel pieces joined, until the copy is done (a
+        # safetensors cast buffer is smaller). See CheckpointLayerReader.
         in_flight = layer_params * 2 * weight_size + largest_layer_tensor(cfg) * stored_size
     else:
         weights_resident = resident + n_layers * layer_params * weight_size
@@ -241,18 +247,28 @@ def _cached_width(cfg: LlamaConfig) -> int:
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
-    """Bytes that can be allocated on `device` now: MemAvailable from /proc/meminfo (or psutil) for the CPU,
-    free memory for CUDA; None when unknown."""
+    """Bytes that can be allocated on `device` now; None when unknown.
+
+    CUDA: the device's free memory. CPU: the least of MemAvailable in /proc/meminfo (psutil where there is no
+    /proc) and, in a container whose cgroup has a memory limit, the room left under it (see `_cgroup_available`).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+    known = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        lines = MEMINFO.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
     try:
         import psutil
     except ImportError:
@@ -260,20 +276,65 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
     return int(psutil.virtual_memory().available)
 
 
+def _cgroup_available() -> int | None:
+    """Limit less usage of the cgroup mounted at the cgroup root (v2 or v1); None without a limit.
+
+    A container sees its own cgroup there. A process in a nested cgroup of a host (a systemd slice) is not
+    looked up through /proc/self/cgroup: its limit goes unseen.
+
+    Usage counts the page cache, which the kernel reclaims before it refuses memory; its inactive part
+    (`inactive_file` in memory.stat, what `docker stats` subtracts too) is counted as free. Without that,
+    reading a checkpoint once would make the next load look as if it did not fit.
+    """
+    room = []
+    for folder, limit_file, usage_file, inactive_key in (
+        (CGROUP_V2, "memory.max", "memory.current", "inactive_file"),
+        (CGROUP_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ):
+        try:
+            limit = int((folder / limit_file).read_text())  # v2 writes "max" for no limit: skipped
+            usage = int((folder / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        room.append(max(limit - max(usage - inactive, 0), 0))
+    return min(room, default=None)
+
+
+def weights_dtype(source: Any, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a load with `dtype` gives the weights: `dtype` itself, or for None the dtype they are stored
+    in (a Checkpoint's tensors; a config's `checkpoint_dtype`, float32 when it names none)."""
+    return dtype or _stored_dtype(source) or torch.float32
+
+
 def check_fits(
-    ckpt: Any, *, layers: Iterable[int] | None, dtype: torch.dtype, device: torch.device | str, stream: bool
+    ckpt: Any, *, layers: Iterable[int] | None, dtype: torch.dtype | None, device: torch.device | str, stream: bool
 ) -> Plan:
     """Raises NotEnoughMemoryError, with the estimate and what to try, when the weights alone of this load
     cannot fit in the memory available now (activations are not counted: the load does not know them).
 
+    `dtype` None means as stored (see `weights_dtype`).
+
     Returns:
         the Plan (tokens=0).
     """
+    ckpt = _open_source(ckpt)
+    dtype = weights_dtype(ckpt, dtype)
     estimate = plan(ckpt, tokens=0, stream=stream, dtype=dtype, layers=layers, cache=None, device=device)
     if estimate.fits:
         return estimate
     where = getattr(ckpt, "path", "this checkpoint")
-    source = "MemAvailable in /proc/meminfo" if torch.device(device).type == "cpu" else f"free on {device}"
+    if torch.device(device).type == "cpu":
+        source = "MemAvailable in /proc/meminfo, or the cgroup's memory limit less its usage where lower"
+    else:
+        source = f"free on {device}"
     message = (
         f"loading {where} in {_dtype_name(dtype)}{' streamed' if stream else ''} needs about "
         f"{_gib(estimate.peak_bytes)} (weights {_gib(estimate.weights_resident_bytes)} + layers in flight "
@@ -297,21 +358,26 @@ def check_fits(
     raise NotEnoughMemoryError(message + "; ".join(options) + ".")
 
 
-def _config_of(source: Any) -> LlamaConfig:
-    if isinstance(source, LlamaConfig):
-        return source
-    config = getattr(source, "config", None)
-    if isinstance(config, LlamaConfig):
-        return config
+def _open_source(path: Any) -> Any:
+    """A LlamaConfig or an open Checkpoint as given; a folder opened as a Checkpoint."""
+    if isinstance(path, LlamaConfig) or isinstance(getattr(path, "config", None), LlamaConfig):
+        return path
     from .checkpoint import Checkpoint
 
-    return Checkpoint(source).config
+    return Checkpoint(path)
 
 
-def _stored_itemsize(cfg: LlamaConfig, dtype: torch.dtype) -> int:
-    """Bytes per stored value: the checkpoint's dtype if the config names it, else the load dtype."""
-    stored = getattr(torch, cfg.checkpoint_dtype or "", None)
-    return stored.itemsize if isinstance(stored, torch.dtype) else dtype.itemsize
+def _config_of(source: Any) -> LlamaConfig:
+    return source if isinstance(source, LlamaConfig) else _open_source(source).config
+
+
+def _stored_dtype(source: Any) -> torch.dtype | None:
+    """The dtype the weights are stored in: a Checkpoint's tensors tell, a config may say (`checkpoint_dtype`)."""
+    stored = getattr(source, "stored_dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    named = getattr(torch, _config_of(source).checkpoint_dtype or "", None)
+    return named if isinstance(named, torch.dtype) else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import dropped_on_error
 from .config import LlamaConfig
 from .model import HookedLlama, KVCache
 
@@ -45,9 +46,15 @@ READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when they are cast o
 class CheckpointLayerReader:
     """Reads decoder layers of a Checkpoint into fresh tensors: the `reader` of a StreamedLlama.
 
-    Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
-    memory map), found by the byte offsets in their headers; Meta .pth tensors are memory-mapped by the
-    Checkpoint and copied in one at a time, so at most one tensor's pages are mapped at once.
+    Each layer goes into one new block of memory (see `_empty_cpu_tensors`), cast on the way in:
+    - Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
+      memory map), found by the byte offsets in their headers, and opened for each layer (an open is cheap).
+    - Meta .pth shards are opened once, here, and stay memory-mapped for the reader's lifetime: opening one
+      unpickles its whole table of tensors, which would cost more than the reads themselves if done per layer.
+      Each tensor is copied out of the map (`MappedShards.read_into`) and its pages dropped from the process
+      right after, so the process holds no more of the files than the tensor being copied.
+
+    A read that fails drops the layer it was reading before the error goes on (see `dropped_on_error`).
 
     Args:
         ckpt: an open `Checkpoint`.
@@ -62,14 +69,17 @@ class CheckpointLayerReader:
         frame = ckpt.tensors()
         frame = frame[frame["layer"].notna() & frame["param"].notna()]
         self.stored_dtypes = {param: getattr(torch, name) for param, name in zip(frame["param"], frame["dtype"])}
-        # canonical name -> (file, [start, end) bytes); None for Meta, which the Checkpoint reads.
+        # canonical name -> (file, [start, end) bytes); None for Meta, read from `self.shards`.
         self.locations: dict[str, tuple[Path, tuple[int, int]]] | None = None
+        self.shards = None
         if ckpt.format == "hf":
             headers = {file: read_safetensors_header(ckpt.path / file) for file in frame["file"].unique()}
             self.locations = {
                 param: (ckpt.path / file, tuple(headers[file][name]["offsets"]))
                 for param, name, file in zip(frame["param"], frame["name"], frame["file"])
             }
+        else:
+            self.shards = ckpt.open_pth_shards()
 
     def specs(self, layer: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """Block-relative name -> (shape, dtype after the cast) of the layer's parameters."""
@@ -85,20 +95,17 @@ class CheckpointLayerReader:
         """Reads layer `layer`; returns block-relative name -> tensor, and the bytes read as stored."""
         specs = self.specs(layer)
         targets = dict(zip(specs, _empty_cpu_tensors(list(specs.values()))))
-        names = {relative: f"blocks.{layer}.{relative}" for relative in targets}
-        if self.locations is None:
-            read_bytes = 0
-            for relative, target in targets.items():
-                # One tensor at a time: only its pages are mapped, and only until it is copied (and cast).
-                source = self.ckpt.state_dict([names[relative]])[names[relative]]
-                read_bytes += source.nbytes
-                target.copy_(source)
-                del source
-        else:
-            read_bytes = self._read_safetensors({names[relative]: target for relative, target in targets.items()})
-        if self.device.type != "cpu":
-            # Read into host memory first, so that the disk read never waits inside a device copy.
-            targets = {name: tensor.to(self.device) for name, tensor in targets.items()}
+        by_name = {f"blocks.{layer}.{relative}": target for relative, target in targets.items()}
+        # Only these two dicts hold the layer in this frame: on an error they are emptied, the frames below cleared.
+        with dropped_on_error(targets, by_name):
+            if self.shards is not None:
+                read_bytes = self.shards.read_into(by_name)
+            else:
+                read_bytes = self._read_safetensors(by_name)
+            if self.device.type != "cpu":
+                # Read into host memory first, so that the disk read never waits inside a device copy.
+                for relative in targets:
+                    targets[relative] = targets[relative].to(self.device)
         return targets, read_bytes
 
     def _read_safetensors(self, targets: dict[str, torch.Tensor]) -> int:

@@ -1,9 +1,11 @@
 """Checkpoint reading: every layout gives the same tensors, reads are lazy, bad input is named."""
 
+import gc
 import json
 import os
 import pathlib
 import struct
+import types
 
 import pandas as pd
 import pytest
@@ -72,6 +74,22 @@ def test_every_layout_reads_back_the_same_tensors(tmp_path, layout, shape):
     assert_same(loaded, state)
     if cfg.tie_embeddings:
         assert loaded["unembed.weight"] is loaded["embed.weight"]
+
+
+@pytest.mark.parametrize("shape", ["gqa", "mqa"])  # mqa: the one KV head is split inside the head over 2 ranks
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name.startswith("meta")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mapped_shards_read_what_state_dict_reads(tmp_path, layout, shape, dtype):
+    cfg = tiny_config(**SHAPES[shape])
+    LAYOUTS[layout](tmp_path / "ckpt", cfg, random_state_dict(cfg, seed=1))
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    expected = ckpt.state_dict(ckpt.params_for([1]), dtype=dtype)
+    targets = {name: torch.full(shape, float("nan"), dtype=dtype) for name, shape in param_shapes(cfg).items()}
+    targets = {name: targets[name] for name in expected if name.startswith("blocks.")}
+    read_bytes = ckpt.open_pth_shards().read_into(targets)
+    assert read_bytes == sum(t.numel() * 4 for t in targets.values())  # written as float32
+    for name, tensor in targets.items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_biases_and_head_dim_read_back(tmp_path):
@@ -276,6 +294,70 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     cache_files(tmp_path)[0].write_text("{not json")
     Checkpoint(folder)
     assert len(calls) == 6  # a damaged cache is rebuilt, not trusted
+
+
+def _damage(record: dict, damage: str) -> None:
+    tensors = record["tensors"]
+    if damage == "no_shapes":
+        for pieces in tensors.values():
+            del pieces[0]["shape"]
+    elif damage == "shape_not_a_list":
+        tensors["model.norm.weight"][0]["shape"] = 64
+    elif damage == "piece_not_a_dict":
+        tensors["model.norm.weight"] = ["model-00002-of-00002.safetensors"]
+    elif damage == "no_pieces":
+        tensors["model.norm.weight"] = []
+    elif damage == "unknown_file":
+        tensors["model.norm.weight"][0]["file"] = "model-00009-of-00009.safetensors"
+    elif damage == "unknown_dtype":
+        tensors["model.norm.weight"][0]["dtype"] = "float99"
+    elif damage == "offsets_not_a_pair":
+        tensors["model.norm.weight"][0]["offsets"] = 12
+    elif damage == "shape_disagreeing_with_config":  # well-formed, but not what config.json implies
+        tensors["model.norm.weight"][0]["shape"] = [65]
+    elif damage == "tensors_missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no_shapes", "shape_not_a_list", "piece_not_a_dict", "no_pieces", "unknown_file", "unknown_dtype",
+        "offsets_not_a_pair", "shape_disagreeing_with_config", "tensors_missing",
+    ],
+)
+def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypatch, damage):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state, shards=2)
+    Checkpoint(folder)
+    (cache,) = cache_files(tmp_path)
+    good = json.loads(cache.read_text())
+    damaged = json.loads(cache.read_text())
+    _damage(damaged, damage)
+    cache.write_text(json.dumps(damaged))
+    calls = []
+    parse = checkpoint_module.read_safetensors_header
+    monkeypatch.setattr(checkpoint_module, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
+
+    ckpt = Checkpoint(folder)
+    assert len(calls) == 2  # both headers read again
+    assert_same(ckpt.state_dict(), state)
+    assert json.loads(cache.read_text()) == good  # and the cache written afresh
+
+
+def test_a_damaged_meta_index_cache_is_rebuilt(tmp_path):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
+    Checkpoint(folder)
+    (cache,) = cache_files(tmp_path)
+    record = json.loads(cache.read_text())
+    record["tensors"]["tok_embeddings.weight"][0]["offsets"] = [0, 10]  # .pth pieces have none
+    for pieces in record["tensors"].values():
+        del pieces[-1]["shape"]
+    cache.write_text(json.dumps(record))
+    assert_same(Checkpoint(folder).state_dict(), state)
 
 
 def test_index_cache_file_of_the_users_choice_and_none(tmp_path, monkeypatch):
@@ -540,6 +622,67 @@ def test_meta_shard_gaps_and_mismatches_are_named(tmp_path):
     (folder / "consolidated.00.pth").rename(folder / "consolidated.02.pth")
     with pytest.raises(CheckpointError, match="consolidated.00.pth is missing"):
         Checkpoint(folder)
+
+
+def tensors_kept_by(error: BaseException) -> list[torch.Tensor]:
+    """Tensors reachable from the locals of the frames `error` (and the errors it arose during) went through:
+    what a caller that keeps the error keeps alive. Modules, classes and functions' globals are not followed."""
+    todo, seen, found = [], set(), []
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            todo.extend(tb.tb_frame.f_locals.values())
+            tb = tb.tb_next
+        error = error.__context__
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FrameType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        else:
+            todo.extend(gc.get_referents(obj))
+    return found
+
+
+def error_of(call) -> BaseException:
+    try:
+        call()
+    except Exception as err:
+        return err
+    raise AssertionError("no error raised")
+
+
+@pytest.mark.parametrize("when", ["before_the_read", "during_the_read"])
+def test_a_read_that_fails_midway_keeps_nothing_it_read(tmp_path, monkeypatch, when):
+    cfg = tiny_config(n_layers=3)
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
+    ckpt = Checkpoint(folder, index_cache=False)
+    last = folder / "model-00002-of-00002.safetensors"
+    (start, _) = checkpoint_module.read_safetensors_header(last)["model.layers.2.mlp.gate_proj.weight"]["offsets"]
+    if when == "before_the_read":  # truncated after the checkpoint was opened: caught when the shard is opened
+        os.truncate(last, start + 100)
+    else:  # truncated while it is open: caught by the read that comes up short, inside layer 2
+        read = checkpoint_module.read_safetensors_tensor
+
+        def truncating(file, offsets, *args, **kwargs):
+            if offsets[0] == start:
+                os.truncate(last, start + 100)
+            return read(file, offsets, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint_module, "read_safetensors_tensor", truncating)
+
+    error = error_of(lambda: ckpt.state_dict(dtype=torch.bfloat16))
+    assert isinstance(error, CheckpointError) and last.name in str(error)
+    assert ("changed since" if when == "before_the_read" else "truncated") in str(error)
+    assert [tuple(t.shape) for t in tensors_kept_by(error)] == []  # the embedding and layers read so far are let go
 
 
 def test_a_failed_load_leaves_no_model_and_no_cache(tmp_path, hf_folder):

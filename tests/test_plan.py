@@ -1,12 +1,14 @@
 """plan(): memory and disk estimates, checked by hand and against real runs; load's refusal to overcommit."""
 
+import json
+
 import pytest
 import torch
 
 import llama_lens as ll
 import llama_lens.plan as plan_module
 from llama_lens.model import HookedLlama
-from llama_lens.plan import NotEnoughMemoryError, plan
+from llama_lens.plan import GIB, NotEnoughMemoryError, plan
 from llama_lens.stream import StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
 
@@ -103,9 +105,104 @@ def test_bad_arguments(tiny_cfg):
         plan(tiny_cfg, layers=[5])
 
 
+@pytest.mark.skipif(not plan_module.MEMINFO.is_file(), reason="reads Linux's /proc/meminfo")
 def test_available_memory_reads_the_machine():
+    fields = dict(line.split(":", 1) for line in plan_module.MEMINFO.read_text().splitlines())
+    total = int(fields["MemTotal"].split()[0]) * 1024
     available = plan_module.available_memory("cpu")
-    assert available is None or available > 0
+    assert isinstance(available, int) and 0 < available <= total
+    cgroup = plan_module._cgroup_available()
+    if "MemAvailable" in fields and (cgroup is None or cgroup > total):
+        # No cgroup limit below the machine's memory: MemAvailable itself, give or take what other processes
+        # did in between the two reads.
+        assert abs(available - int(fields["MemAvailable"].split()[0]) * 1024) < total // 10
+
+
+@pytest.fixture
+def fake_memory_files(tmp_path, monkeypatch):
+    """Points available_memory at fake /proc/meminfo and cgroup files; returns a function writing them."""
+    paths = {"meminfo": tmp_path / "meminfo", "v2": tmp_path / "cgroup", "v1": tmp_path / "cgroup" / "memory"}
+    paths["v1"].mkdir(parents=True)
+    monkeypatch.setattr(plan_module, "MEMINFO", paths["meminfo"])
+    monkeypatch.setattr(plan_module, "CGROUP_V2", paths["v2"])
+    monkeypatch.setattr(plan_module, "CGROUP_V1", paths["v1"])
+
+    def write(meminfo_kib=None, v2=None, v1=None):
+        if meminfo_kib is not None:
+            paths["meminfo"].write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {meminfo_kib} kB\n")
+        for version, files in (("v2", v2), ("v1", v1)):
+            for name, text in (files or {}).items():
+                (paths[version] / name).write_text(text)
+
+    return write
+
+
+def test_available_memory_is_meminfo_without_a_cgroup_limit(fake_memory_files):
+    fake_memory_files(meminfo_kib=4_000_000)
+    assert plan_module.available_memory("cpu") == 4_000_000 * 1024
+    fake_memory_files(v2={"memory.max": "max\n", "memory.current": "123456789\n"})  # v2, no limit
+    assert plan_module.available_memory("cpu") == 4_000_000 * 1024
+
+
+def test_available_memory_respects_a_cgroup_v2_limit(fake_memory_files):
+    fake_memory_files(
+        meminfo_kib=64 * 2**20,  # the host has 64 GiB free
+        v2={
+            "memory.max": f"{8 * GIB}\n",
+            "memory.current": f"{3 * GIB}\n",
+            "memory.stat": f"anon 1\ninactive_file {GIB}\n",
+        },
+    )
+    # The container has 8 GiB, uses 3 GiB of which 1 GiB is inactive page cache the kernel takes back first.
+    assert plan_module.available_memory("cpu") == 6 * GIB
+    fake_memory_files(meminfo_kib=2 * 2**20)  # the host is tighter than the container
+    assert plan_module.available_memory("cpu") == 2 * GIB
+    fake_memory_files(meminfo_kib=64 * 2**20, v2={"memory.current": f"{9 * GIB}\n", "memory.stat": ""})
+    assert plan_module.available_memory("cpu") == 0  # over its limit: nothing left
+
+
+def test_available_memory_respects_a_cgroup_v1_limit(fake_memory_files):
+    fake_memory_files(
+        meminfo_kib=64 * 2**20,
+        v1={
+            "memory.limit_in_bytes": f"{4 * GIB}\n",
+            "memory.usage_in_bytes": f"{2 * GIB}\n",
+            "memory.stat": f"inactive_file 5\ntotal_inactive_file {GIB // 2}\n",
+        },
+    )
+    assert plan_module.available_memory("cpu") == 2 * GIB + GIB // 2
+    fake_memory_files(v1={"memory.limit_in_bytes": "9223372036854771712\n"})  # v1 writes this for no limit
+    assert plan_module.available_memory("cpu") == 64 * GIB
+
+
+def test_a_cgroup_limit_refuses_a_load(tmp_path, fake_memory_files):
+    cfg = tiny_config(n_layers=6)
+    path = write_hf_checkpoint(tmp_path / "hf", cfg, random_state_dict(cfg))
+    fake_memory_files(meminfo_kib=64 * 2**20, v2={"memory.max": "100000\n", "memory.current": "50000\n"})
+    with pytest.raises(NotEnoughMemoryError, match="cgroup"):
+        ll.load(path, index_cache=False, progress=False)
+
+
+def test_dtype_none_plans_with_the_stored_dtype(tmp_path, monkeypatch):
+    cfg = tiny_config(n_layers=6)
+    path = write_hf_checkpoint(tmp_path / "hf", cfg, random_state_dict(cfg), dtype=torch.bfloat16)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["torch_dtype"]  # so the dtype must come from the tensors, not from a hint in the config
+    config_file.write_text(json.dumps(config))
+    ckpt = ll.Checkpoint(path, index_cache=False)
+    assert ckpt.stored_dtype == torch.bfloat16
+    assert plan(ckpt, dtype=None).dtype == torch.bfloat16
+    assert plan(ckpt, dtype=None).peak_bytes == plan(ckpt, dtype=torch.bfloat16).peak_bytes
+
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 1000)
+    with pytest.raises(NotEnoughMemoryError, match="in bfloat16 needs about") as info:
+        ll.load(path, dtype=None, index_cache=False, progress=False)
+    assert "dtype=torch.bfloat16 (about" not in str(info.value)  # already as small as it gets
+    with pytest.raises(NotEnoughMemoryError, match="in bfloat16 streamed needs about"):
+        ll.load(path, dtype=None, stream=True, index_cache=False, progress=False)
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 10**12)
+    assert ll.load(path, dtype=None, index_cache=False, progress=False).embed.weight.dtype == torch.bfloat16
 
 
 def test_load_refuses_what_cannot_fit(tmp_path, monkeypatch):

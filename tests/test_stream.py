@@ -1,12 +1,19 @@
 """Streaming: a StreamedLlama must compute exactly what a loaded model computes, and hold no layer after."""
 
+import collections
+import gc
+import mmap
 import os
 import threading
+import weakref
 
 import pytest
 import torch
 
 import llama_lens as ll
+import llama_lens.stream as stream_module
+from llama_lens.checkpoint import read_safetensors_header
+from llama_lens.plan import layer_param_count
 from llama_lens.stream import LayerStream, StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
@@ -302,14 +309,15 @@ def test_forward_inside_a_hook_is_refused(ckpt_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
-def test_no_checkpoint_file_stays_mapped_after_a_layer(ckpt_path):
+def test_no_file_mapping_is_added_per_layer(ckpt_path):
     _, streamed = load_pair(ckpt_path)
 
     def mapped_files():
         lines = open("/proc/self/maps").read().splitlines()
         return sorted(line.split()[-1] for line in lines if str(ckpt_path) in line)
 
-    before = mapped_files()  # a Meta shard may stay mapped for the resident embedding, nothing else
+    # Meta shards stay mapped from the load on (by the layer reader, and for resident weights used as stored).
+    before = mapped_files()
     during = []
     streamed.run_with_hooks(
         tokens_for(), fwd_hooks=[("blocks.2.hook_resid_post", lambda t, *, hook: during.append(mapped_files()))]
@@ -328,4 +336,107 @@ def test_a_shard_truncated_after_loading_is_named(tmp_path):
         handle.truncate(header_bytes + 16)  # the header survives, the weights of its layers do not
     with pytest.raises(ValueError, match=last_shard.name):
         streamed(tokens_for())
+    assert_no_layer_resident(streamed)
+
+
+def count_torch_loads(monkeypatch) -> collections.Counter:
+    """file name -> torch.load calls from now on."""
+    opened = collections.Counter()
+    load = torch.load
+
+    def counting(path, *args, **kwargs):
+        opened[os.path.basename(path)] += 1
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    return opened
+
+
+def test_meta_shards_are_opened_at_load_not_per_tensor(tmp_path, monkeypatch):
+    path = write_checkpoint(tmp_path / "meta", "meta", tiny_config(n_layers=3))  # 2 model-parallel shards
+    opened = count_torch_loads(monkeypatch)
+    streamed = ll.load(path, stream=True, index_cache=False, progress=False)
+    at_load = dict(opened)
+    # At most: the index, the resident weights (two reads), and the reader that keeps the shards open.
+    assert set(at_load) == {"consolidated.00.pth", "consolidated.01.pth"} and max(at_load.values()) <= 4
+    streamed(tokens_for())
+    streamed.run_with_cache(tokens_for(), names_filter=lambda name: name.endswith("resid_post"))
+    assert dict(opened) == at_load  # forward passes read from the shards already open
+
+
+@pytest.mark.parametrize(
+    ("mp", "changes", "dtype"),
+    [(1, {}, torch.float32), (2, dict(n_kv_heads=1), torch.float32), (2, {}, torch.bfloat16)],
+    ids=["one_shard", "kv_head_split_over_shards", "bfloat16"],
+)
+def test_meta_layouts_stream_identically(tmp_path, mp, changes, dtype):
+    cfg = tiny_config(n_layers=3, **changes)
+    path = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg, seed=3), mp=mp)
+    loaded, streamed = load_pair(path, dtype=dtype)
+    tokens = tokens_for()
+    assert torch.equal(streamed(tokens), loaded(tokens))
+    assert_no_layer_resident(streamed)
+
+
+def shard_pages_in_memory(folder) -> int:
+    """Bytes of the files in `folder` mapped into this process and present in its memory (Rss in smaps)."""
+    total, counting = 0, False
+    for line in open("/proc/self/smaps").read().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address perms offset dev inode [path]
+            counting = len(fields) >= 6 and fields[5].startswith(str(folder))
+        elif counting and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_meta_shards_kept_open_do_not_fill_memory(tmp_path):
+    # Large enough that most of a tensor's pages lie wholly under it (only those can be released).
+    cfg = tiny_config(d_model=256, n_heads=4, d_head=64, d_mlp=1024)
+    path = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)
+    streamed = ll.load(path, stream=True, index_cache=False, progress=False, dtype=torch.bfloat16)
+    before = shard_pages_in_memory(path)
+    streamed(tokens_for())
+    layer_bytes = layer_param_count(cfg) * 4  # as stored, float32
+    # Without releasing the pages each copy touched, both layers would stay in memory: 2 * layer_bytes.
+    assert shard_pages_in_memory(path) - before < layer_bytes // 8
+
+
+def test_a_meta_shard_changed_after_loading_is_named(tmp_path):
+    path = write_checkpoint(tmp_path / "meta", "meta", tiny_config(n_layers=3))
+    streamed = ll.load(path, stream=True, index_cache=False, progress=False)
+    shard = path / "consolidated.01.pth"
+    with open(shard, "ab") as handle:  # grown, not truncated: the pages already mapped stay readable
+        handle.write(b"\0" * 10)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth changed since the checkpoint was opened"):
+        streamed(tokens_for())
+    assert_no_layer_resident(streamed)
+
+
+def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
+    cfg = tiny_config(n_layers=3)
+    path = write_checkpoint(tmp_path / "hf", "hf", cfg)
+    streamed = ll.load(path, stream=True, index_cache=False, progress=False)
+    last_shard = sorted(path.glob("*.safetensors"))[-1]
+    (start, _) = read_safetensors_header(last_shard)["model.layers.2.mlp.gate_proj.weight"]["offsets"]
+    os.truncate(last_shard, start + 100)  # layer 2's attention reads, its MLP does not
+
+    layer_maps = []  # each layer is read into a memory map of its own (see _empty_cpu_tensors)
+
+    class RecordingMmap:
+        def __getattr__(self, name):
+            return getattr(mmap, name)
+
+        def mmap(self, *args, **kwargs):
+            layer_map = mmap.mmap(*args, **kwargs)
+            layer_maps.append(weakref.ref(layer_map))
+            return layer_map
+
+    monkeypatch.setattr(stream_module, "mmap", RecordingMmap())
+    with pytest.raises(ValueError, match=last_shard.name) as info:
+        streamed(tokens_for())
+    assert info.value.__traceback__ is not None  # the error, traceback and all, is still held here
+    gc.collect()
+    assert len(layer_maps) >= 3 and [ref for ref in layer_maps if ref() is not None] == []
     assert_no_layer_resident(streamed)
