@@ -253,6 +253,9 @@ def test_widgets_render_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     driver.execute_script("arguments[0].click()", checkbox)
     _wait("the redrawn attention scores", lambda: first.get_attribute("src") != before, timeout=60)
     _assert_varied_heatmap(driver, first, "the attention scores")
+    # The loop above left the last widget in view; an element screenshot of one out of view catches whatever
+    # is on screen at its place.
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", widget)
     time.sleep(0.3)
     shot = tmp_path / "widget_0_scores.png"
     widget.screenshot(str(shot))
