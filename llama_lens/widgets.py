@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+# Bytes of attention patterns AttentionExplorer keeps for every layer at once. Patterns grow with the square
+# of the prompt: SmolLM2-135M's 30 layers x 9 heads take 1,080 MiB at 1,024 tokens in float32, 4,320 MiB at 2,048.
+ATTENTION_CACHE_BUDGET = 256 * 2**20
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
@@ -48,6 +51,10 @@ def _is_model(obj: Any) -> bool:
 
 class _Explorer(widgets.VBox):
     """Shared plumbing: the figure image, the status line, batched updates and the static fallback."""
+
+    # Least seconds between two progress updates of the status line during a forward pass. Each update is a
+    # message to the front end; a prompt that computes faster than this shows none.
+    PROGRESS_INTERVAL = 0.25
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -140,6 +147,28 @@ class _Explorer(widgets.VBox):
         self._png = figure_png(fig)
         self._image.value = self._png
 
+    @contextmanager
+    def _progress(self, model: Any, layers: Sequence[int], text: str, after: str | None = None) -> Iterator[None]:
+        """While the block runs `model` forward, the status line says "{text}: layer i / n" as each of `layers`
+        finishes, then `after` (the work left once the last layer is done), at most once per PROGRESS_INTERVAL."""
+        self._set_status(f"{text}…")
+        names = [f"blocks.{i}.hook_resid_post" for i in layers]
+        done = 0
+        last = time.perf_counter()
+
+        def report(tensor: torch.Tensor, *, hook: Any) -> None:
+            nonlocal done, last
+            done += 1
+            now = time.perf_counter()
+            if now - last < self.PROGRESS_INTERVAL:
+                return
+            last = now
+            step = after if after is not None and done == len(names) else f"layer {done} / {len(names)}"
+            self._set_status(f"{text}: {step}…")
+
+        with model.hooks([(names, report)]):
+            yield
+
     def _set_status(self, text: str, *, error: bool = False, remember: bool = True) -> None:
         if remember:
             self._last_status = text
@@ -167,6 +196,10 @@ class AttentionExplorer(_Explorer):
     (pre-softmax), and query / key position sliders; the read-out under the figure names the query and key
     tokens and the weight between them, and the table lists the keys the query attends to most.
 
+    Cells are picked with the query and key sliders, not the mouse: the figure is a PNG in an
+    `ipywidgets.Image`, which sends no mouse events back to Python, so hovering over or clicking the heatmap
+    does nothing.
+
     Args:
         model_or_cache: a HookedLlama (with a tokenizer, to type prompts), or an ActivationCache / dict /
             (logits, cache) pair holding `blocks.{i}.attn.hook_pattern`.
@@ -177,6 +210,9 @@ class AttentionExplorer(_Explorer):
         head: the head to start on; None starts with all heads.
         prompt_index: which prompt of a cached batch to show.
         max_positions: show only the last `max_positions` positions (long prompts).
+        cache_budget: bytes of attention patterns to keep (model only). While every layer's patterns fit,
+            all are kept and moving the layer slider only redraws; past it only the shown layer's are
+            computed (the forward stops after that layer) and moving the layer slider reruns the model.
     """
 
     def __init__(
@@ -189,10 +225,12 @@ class AttentionExplorer(_Explorer):
         head: int | None = 0,
         prompt_index: int = 0,
         max_positions: int | None = None,
+        cache_budget: int = ATTENTION_CACHE_BUDGET,
     ) -> None:
         super().__init__()
         self._model = model_or_cache if _is_model(model_or_cache) else None
         self._max_positions = max_positions
+        self._cache_budget = cache_budget
         self._prompt_index = prompt_index
         self._past = 0  # cached keys before the first query (a KV-cache step); 0 for a whole prompt
         self._shown_tokens: list[str] | None = None  # the tokens the position sliders were set up for
@@ -235,11 +273,13 @@ class AttentionExplorer(_Explorer):
         self._readout = widgets.HTML()
         self._table_html = widgets.HTML()
 
+        # One observer per control, so that each change redraws once (see _on_head and _on_query).
         self._prompt.observe(lambda _: self._request("compute"), names="value")
-        self._scores.observe(self._on_scores, names="value")
-        for control in (self._layer, self._head, self._all_heads, self._key):
+        for control in (self._layer, self._scores):
+            control.observe(lambda _: self._request("compute" if self._needs_forward() else "draw"), names="value")
+        for control in (self._all_heads, self._key):
             control.observe(lambda _: self._request("draw"), names="value")
-        self._head.observe(lambda _: setattr(self._all_heads, "value", False), names="value")
+        self._head.observe(self._on_head, names="value")
         self._query.observe(self._on_query, names="value")
 
         self.children = [
@@ -350,35 +390,42 @@ class AttentionExplorer(_Explorer):
         slider.value = value
 
     # ------------------------------------------------------------------ updates
-    def _on_scores(self, change: dict) -> None:
-        if change["new"] and self._model is not None and not plot_attention.attention_layers(self._cache, scores=True):
-            self._request("compute")  # scores are cached only once someone asks for them
-        else:
+    def _needs_forward(self) -> bool:
+        """Whether the cache lacks the shown layer's pattern, or its scores when they are shown: scores are
+        cached only once someone asks for them, and past the cache budget only one layer is cached."""
+        if self._model is None:
+            return False
+        return any(f"blocks.{self._layer.value}.{hook}" not in self._cache for hook in self._hooks_shown())
+
+    def _hooks_shown(self) -> tuple[str, ...]:
+        if self._scores.value:
+            return (plot_attention.PATTERN_HOOK, plot_attention.SCORES_HOOK)
+        return (plot_attention.PATTERN_HOOK,)
+
+    def _on_head(self, change: dict) -> None:
+        # Held, so that leaving "all heads" (whose observer asks for a draw too) and showing the head draw once.
+        with self.hold():
+            self._all_heads.value = False
             self._request("draw")
 
     def _on_query(self, change: dict) -> None:
-        # Keys after the query are masked; keep the key slider to what the query can see.
-        self._key.max = change["new"] + self._past
-        self._request("draw")
+        # Keys after the query are masked; keep the key slider to what the query can see. Held, because that
+        # can clamp the key, whose observer asks for a draw too.
+        with self.hold():
+            self._key.max = change["new"] + self._past
+            self._request("draw")
 
     def _compute(self) -> None:
         if self._model is not None:
-            text = self._prompt.value
-            self._set_status(f"running the model on {text[:40]!r}…")
-            started = time.perf_counter()
-            tokens = self._model.to_tokens(text)
-            hooks = ("hook_pattern", "hook_attn_scores") if self._scores.value else ("hook_pattern",)
-            with torch.no_grad():
-                self._cache = self._model.run_with_cache(tokens, names_filter=lambda name: name.endswith(hooks))[1]
-            self._tokens = self._model.to_str_tokens(tokens[0])
-            self._prompt_index = 0
-            seconds = time.perf_counter() - started
-            self._set_status(f"{tokens.shape[1]} tokens, {len(self._model.layer_indices)} layers in {seconds:.2f} s")
+            self._run_model()
         else:
             self._set_status("")
         pattern = plot_attention.attention_pattern(self._cache, self._layer.value)
         batch, _, q_pos, k_pos = pattern.shape
-        plot_attention._check_index("prompt_index", self._prompt_index, batch, "prompts in the cached batch")
+        if not 0 <= self._prompt_index < batch:
+            raise ValueError(
+                f"prompt_index={self._prompt_index} is out of range: the cache holds {batch} prompts (0..{batch - 1})"
+            )
         if self._tokens is not None and len(self._tokens) != k_pos:
             raise ValueError(f"tokens= has {len(self._tokens)} entries but the cache covers {k_pos} positions")
         self._past = k_pos - q_pos
@@ -394,6 +441,36 @@ class AttentionExplorer(_Explorer):
         self._key.max = self._query.value + self._past
         self._key.min = 0
         self._shown_tokens = self._tokens
+
+    def _run_model(self) -> None:
+        """Caches the prompt's attention patterns (and scores, when shown): every layer's while they fit in the
+        cache budget, else the shown layer's only."""
+        tokens = self._model.to_tokens(self._prompt.value)  # [1, pos]
+        n_tokens = tokens.shape[1]
+        hooks = self._hooks_shown()
+        loaded = list(self._model.layer_indices)
+        # Patterns and scores have the activations' dtype: [1, n_heads, pos, pos] per hook and layer.
+        layer_bytes = len(hooks) * self._model.cfg.n_heads * n_tokens**2 * self._model.embed.weight.element_size()
+        every_layer = layer_bytes * len(loaded) <= self._cache_budget
+        layer = self._layer.value
+        kept = loaded if every_layer else [layer]
+        run = loaded if every_layer else [i for i in loaded if i <= layer]
+        names = [f"blocks.{i}.{hook}" for i in kept for hook in hooks]
+        started = time.perf_counter()
+        with torch.no_grad(), self._progress(self._model, run, f"running the model on {n_tokens} tokens"):
+            # Past the budget, the layers after the shown one are not needed: stop the forward there.
+            stop = None if every_layer else layer + 1
+            self._cache = self._model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)[1]
+        self._tokens = self._model.to_str_tokens(tokens[0])
+        self._prompt_index = 0
+        seconds = time.perf_counter() - started
+        if every_layer:
+            self._set_status(f"{n_tokens} tokens, {len(loaded)} layers in {seconds:.2f} s")
+        else:
+            self._set_status(
+                f"{n_tokens} tokens, layer {layer} in {seconds:.2f} s (one layer at a time: all {len(loaded)} "
+                f"would take {_mib(layer_bytes * len(loaded))}, over the cache budget of {_mib(self._cache_budget)})"
+            )
 
     def _draw(self) -> None:
         import pandas as pd
@@ -622,19 +699,21 @@ class LogitLensExplorer(_Explorer):
     def _compute(self) -> None:
         from .lens import logit_lens
 
-        text = self._prompt.value
-        n_tokens = len(self._model.to_tokens(text)[0])
+        tokens = self._model.to_tokens(self._prompt.value)  # [1, pos]
+        n_tokens = tokens.shape[1]
         positions = None
         if self._max_positions is not None and n_tokens > self._max_positions:
             positions = list(range(n_tokens - self._max_positions, n_tokens))
         first, last = self._layers.value
-        n_layers = sum(first <= i <= last for i in self._model.layer_indices)
-        self._set_status(f"computing the lens: {n_tokens} tokens × {n_layers} layers…")
+        layers = [i for i in self._model.layer_indices if first <= i <= last]
         started = time.perf_counter()
-        result = logit_lens(
-            self._model, text, self.target, readout=self._readout.value, positions=positions,
-            top_k=self._top_k, layers=[i for i in self._model.layer_indices if first <= i <= last],
-        )
+        # The forward pass runs every loaded layer whatever the range read out; reading out comes after it.
+        text = f"computing the lens of {n_tokens} tokens"
+        with self._progress(self._model, self._model.layer_indices, text, after="reading out"):
+            result = logit_lens(
+                self._model, tokens, self.target, readout=self._readout.value, positions=positions,
+                top_k=self._top_k, layers=layers,
+            )
         seconds = time.perf_counter() - started
         self._result = result
         shown = "" if positions is None else f" (the last {len(positions)} positions)"
@@ -642,14 +721,14 @@ class LogitLensExplorer(_Explorer):
         self._set_status(f"{n_tokens} tokens{shown}, {result.n_readouts} read-out{plural} in {seconds:.2f} s")
 
         # A new prompt starts on its last position (where the next token is predicted); otherwise keep the place.
-        tokens = result.str_tokens[0]
-        same_prompt = tokens == self._shown_tokens
+        str_tokens = result.str_tokens[0]
+        same_prompt = str_tokens == self._shown_tokens
         keep = self._position.value if same_prompt else result.positions[-1]
         if keep not in result.positions:
             keep = result.positions[-1]
-        self._position.options = [(f"{p}: {tokens[p]!r}", p) for p in result.positions]
+        self._position.options = [(f"{p}: {str_tokens[p]!r}", p) for p in result.positions]
         self._position.value = keep
-        self._shown_tokens = tokens
+        self._shown_tokens = str_tokens
 
     def _draw(self) -> None:
         metric = self._metric.value
@@ -696,6 +775,10 @@ class LogitLensExplorer(_Explorer):
 
 
 # ================================================================================================ helpers
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB"
+
+
 def _strip_tags(text: str) -> str:
     import re
 

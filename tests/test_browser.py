@@ -141,6 +141,51 @@ def _ink(png: Path) -> tuple[float, int]:
     return inked, len(np.unique(pixels, axis=0))
 
 
+def _shown_png(driver, image) -> bytes:
+    """The PNG bytes an <img> shows, read back from its src (ipywidgets gives the Image a blob: URL)."""
+    import base64
+
+    data_url = driver.execute_async_script(
+        "const [img, done] = arguments;"
+        "fetch(img.src).then(r => r.blob()).then(blob => {"
+        "  const reader = new FileReader(); reader.onload = () => done(reader.result); reader.readAsDataURL(blob);"
+        "}).catch(error => done('error: ' + error));",
+        image,
+    )
+    assert data_url.startswith("data:image/png;base64,"), data_url[:200]
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def _cell_colours(png: bytes, size: int = 6, min_chroma: int = 16) -> int:
+    """Distinct colours, greys left out, that fill a size x size block of identical pixels: the heatmap cells.
+
+    Text, antialiased edges and the colour bar (a pixel or two per shade) make no such block, so a heatmap
+    drawn in one flat colour counts 1 however much else the picture holds.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int64)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    height, width = packed.shape
+    corner = packed[: height - size + 1, : width - size + 1]
+    solid = np.ones(corner.shape, dtype=bool)
+    for dy in range(size):
+        for dx in range(size):
+            solid &= packed[dy : dy + corner.shape[0], dx : dx + corner.shape[1]] == corner
+    colours = np.unique(corner[solid])
+    channels = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], axis=-1)
+    return int((channels.max(axis=-1) - channels.min(axis=-1) > min_chroma).sum())
+
+
+def _assert_varied_heatmap(driver, image, what: str) -> None:
+    png = _shown_png(driver, image)
+    cells = _cell_colours(png)
+    assert cells >= 8, f"{what}: the heatmap has {cells} cell colour(s); a flat heatmap has 1"
+
+
 def _changed(first: Path, second: Path) -> float:
     """Share of pixels that differ between two screenshots of the same size."""
     import numpy as np
@@ -197,6 +242,7 @@ def test_widgets_render_in_jupyterlab(jupyter_lab, chromium, tmp_path):
         # A heatmap fills much of the picture with many shades; a blank or broken image does not.
         assert inked > 0.15, f"{shot.name}: only {inked:.0%} of pixels are not white"
         assert colours > 50, f"{shot.name}: only {colours} distinct colours"
+        _assert_varied_heatmap(driver, image, f"widget image {index}")
     # A change made in the browser reaches the kernel and comes back as a new picture: tick "scores".
     first = images[0]
     widget = first.find_element(By.XPATH, "./ancestor::div[contains(@class, 'widget-vbox')][1]")
@@ -206,6 +252,10 @@ def test_widgets_render_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     )
     driver.execute_script("arguments[0].click()", checkbox)
     _wait("the redrawn attention scores", lambda: first.get_attribute("src") != before, timeout=60)
+    _assert_varied_heatmap(driver, first, "the attention scores")
+    # The loop above left the last widget in view; an element screenshot of one out of view catches whatever
+    # is on screen at its place.
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", widget)
     time.sleep(0.3)
     shot = tmp_path / "widget_0_scores.png"
     widget.screenshot(str(shot))
@@ -226,6 +276,7 @@ def test_widgets_render_in_jupyterlab(jupyter_lab, chromium, tmp_path):
         _wait("the recomputed lens", lambda: lens_image.get_attribute("src") != before, timeout=60)
         status = lens_widget.find_element(By.XPATH, ".//*[contains(text(), 'tokens,')]").text
         assert status.startswith("4 tokens"), status
+        _assert_varied_heatmap(driver, lens_image, "the recomputed lens")
 
     page = tmp_path / "jupyterlab.png"
     driver.save_screenshot(str(page))

@@ -95,6 +95,8 @@ def test_attention_explorer_from_a_cache(model):
         explorer.layer = 7
     with pytest.raises(ValueError, match="query=9 is out of range"):
         explorer.query = 9
+    with pytest.raises(ValueError, match=r"prompt_index=2 is out of range: the cache holds 2 prompts \(0..1\)"):
+        ll_widgets.AttentionExplorer(cache, prompt_index=2)
 
 
 def test_attention_explorer_reports_a_bad_prompt_and_keeps_the_figure(model):
@@ -120,6 +122,123 @@ def test_hold_redraws_once(model, monkeypatch):
         explorer.query = 3
     assert len(calls) == 1
     assert _title(explorer) == "layer 1, head 2: attention pattern"
+
+
+def _count_draws(monkeypatch, explorer, state):
+    """A list that gets `state()` each time the explorer draws."""
+    draws = []
+    draw = explorer._draw
+    monkeypatch.setattr(explorer, "_draw", lambda: draws.append(state()) or draw())
+    return draws
+
+
+def test_attention_explorer_redraws_once_per_control_change(model, monkeypatch):
+    explorer = ll_widgets.AttentionExplorer(model, "hello world", head=None)
+    draws = _count_draws(monkeypatch, explorer, lambda: (explorer.head, explorer.query, explorer.key))
+    # As the front end changes them: one control's value at a time.
+    changes = [
+        ("head", 2),  # also leaves "all heads"
+        ("all_heads", True), ("all_heads", False), ("key", 9),
+        ("query", 3),  # also clamps the key to 3
+        ("layer", 1), ("scores", True), ("scores", False), ("query", 11), ("key", 0), ("prompt", "abc"),
+    ]
+    for name, value in changes:
+        draws.clear()
+        explorer.controls[name].value = value
+        assert len(draws) == 1, f"setting {name} to {value!r} drew {len(draws)} times: {draws}"
+        if (name, value) == ("head", 2):
+            assert draws == [(2, 11, 0)] and _title(explorer) == "layer 0, head 2: attention pattern"
+        if (name, value) == ("query", 3):
+            assert draws == [(2, 3, 3)] and explorer.key == 3
+    assert explorer.query == 3  # the new prompt's last query
+
+
+def test_lens_explorer_redraws_once_per_control_change(model, monkeypatch):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
+    draws = _count_draws(monkeypatch, explorer, lambda: explorer.position)
+    changes = [("metric", "rank"), ("position", 4), ("readout", "resid_mid"), ("layers", (1, 1)), ("target", "l"),
+               ("prompt", "abc")]  # fmt: skip
+    for name, value in changes:
+        draws.clear()
+        explorer.controls[name].value = value
+        assert len(draws) == 1, f"setting {name} to {value!r} drew {len(draws)} times"
+
+
+def test_attention_explorer_keeps_one_layer_over_the_cache_budget(model):
+    _, full = run_patterns(model, "hello world")
+    forwards = []
+    count = ("hook_embed", lambda tensor, *, hook: forwards.append(1))
+    # "hello world" is 12 positions; each layer's pattern is [1, 4 heads, 12, 12] float32: 2304 bytes.
+    with model.hooks([count]):
+        explorer = ll_widgets.AttentionExplorer(model, "hello world", head=3, cache_budget=2 * 2304)
+        assert sorted(explorer.cache.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+        explorer.layer = 1
+        assert len(forwards) == 1  # under the budget a layer change only redraws
+
+        forwards.clear()
+        explorer = ll_widgets.AttentionExplorer(model, "hello world", head=3, cache_budget=2 * 2304 - 1)
+        assert list(explorer.cache.keys()) == ["blocks.0.attn.hook_pattern"]
+        assert "over the cache budget" in explorer.status
+        np.testing.assert_allclose(_image(explorer.figure), full["blocks.0.attn.hook_pattern"][0, 3].numpy(), rtol=1e-5)
+        explorer.controls["layer"].value = 1
+        assert list(explorer.cache.keys()) == ["blocks.1.attn.hook_pattern"]
+        assert _title(explorer) == "layer 1, head 3: attention pattern"
+        np.testing.assert_allclose(_image(explorer.figure), full["blocks.1.attn.hook_pattern"][0, 3].numpy(), rtol=1e-5)
+        explorer.controls["head"].value = 1  # the head is in the cached layer: no forward
+        np.testing.assert_allclose(_image(explorer.figure), full["blocks.1.attn.hook_pattern"][0, 1].numpy(), rtol=1e-5)
+        assert len(forwards) == 2
+
+        explorer.query = 4
+        explorer.scores = True  # scores of the shown layer only; the place is kept
+        assert sorted(explorer.cache.keys()) == ["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"]
+        assert explorer.query == 4
+        assert "(score " in explorer.readout
+        explorer.controls["layer"].value = 0
+        assert sorted(explorer.cache.keys()) == ["blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern"]
+        scores = "blocks.0.attn.hook_attn_scores"
+        np.testing.assert_allclose(explorer.cache[scores], full[scores])  # -inf where masked, in both
+        assert len(forwards) == 4
+
+
+def _record_status(explorer):
+    seen = []
+    explorer._status.observe(lambda _: seen.append(explorer.status), names="value")
+    return seen
+
+
+def test_status_line_counts_layers_while_the_model_runs(monkeypatch):
+    model = char_model(n_layers=4)
+    lens = ll_widgets.LogitLensExplorer(model, "hi")
+    seen = _record_status(lens)
+    monkeypatch.setattr(ll_widgets._Explorer, "PROGRESS_INTERVAL", 0.0)  # report every layer
+    lens.prompt = "hello world"
+    start = "computing the lens of 12 tokens"
+    steps = [f"layer {i} / 4" for i in (1, 2, 3)] + ["reading out"]  # after the last layer: the read-out
+    assert seen[:-1] == [f"{start}…"] + [f"{start}: {step}…" for step in steps]
+    assert seen[-1].startswith("12 tokens, 4 read-outs in")
+
+    attention = ll_widgets.AttentionExplorer(model, "hi", cache_budget=0)  # one layer at a time
+    seen = _record_status(attention)
+    attention.layer = 2  # the forward stops after the shown layer
+    start = "running the model on 3 tokens"
+    assert seen[:-1] == [f"{start}…"] + [f"{start}: layer {i} / 3…" for i in (1, 2, 3)]
+    assert seen[-1].startswith("3 tokens, layer 2 in")
+
+    # Throttled: a prompt computed within the interval shows no per-layer step.
+    monkeypatch.setattr(ll_widgets._Explorer, "PROGRESS_INTERVAL", 60.0)
+    seen = _record_status(lens)
+    lens.prompt = "abc"
+    assert len(seen) == 2 and seen[0] == "computing the lens of 4 tokens…"
+
+
+def test_lens_explorer_tokenizes_each_prompt_once(monkeypatch):
+    model = char_model()
+    lens = ll_widgets.LogitLensExplorer(model, "hi")
+    calls = []
+    encode = model.tokenizer.batch_encode
+    monkeypatch.setattr(model.tokenizer, "batch_encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    lens.prompt = "hello"
+    assert len(calls) == 1
 
 
 def test_attention_explorer_long_prompt_window(model):
