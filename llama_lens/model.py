@@ -230,7 +230,12 @@ class HookedLlama(HookedModule):
         self.cfg = cfg
         self.layer_indices = sorted(range(cfg.n_layers) if layers is None else layers)
         self.tokenizer = None  # set by the loader
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        embed_weight = torch.empty(cfg.d_vocab, cfg.d_model)
+        if not embed_weight.is_meta:
+            # nn.Embedding's own init. Skipped on the meta device (the loader's), where normal_ imports sympy:
+            # about 2 s of every first load.
+            nn.init.normal_(embed_weight)
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model, _weight=embed_weight)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_indices})
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
