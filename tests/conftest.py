@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def pytest_configure(config):
-    # The embedded default model is converted once per checkout and reused by later runs (and by notebooks
-    # the suite executes, which inherit the environment); LLAMA_LENS_HOME set by the caller wins.
-    os.environ.setdefault("LLAMA_LENS_HOME", str(REPO_ROOT / ".cache" / "llama_lens"))
-
-
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
-    """The embedded default checkpoint (SmolLM2-135M-Instruct, HF layout), built on first use."""
+    """The embedded default checkpoint (SmolLM2-135M-Instruct, HF layout), built on first use in the same
+    cache as the README's first command ($LLAMA_LENS_HOME, else the user cache directory), so a newcomer's
+    test run reuses the conversion that command made."""
     from llama_lens.demo import demo_model_path
 
     return demo_model_path()
