@@ -118,7 +118,7 @@ SAFETENSORS_DTYPES = {
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-READ_CHUNK_BYTES = 8 * 2**20  # stored bytes converted at a time when the dtype or device changes
+READ_CHUNK_BYTES = 8 * 2**20  # stored bytes converted (safetensors) or copied out of a mapped shard (Meta) at a time
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
 INDEX_CACHE_VERSION = 1
@@ -408,6 +408,11 @@ def _release_mapped_pages(tensor: torch.Tensor) -> None:
     last = (tensor.data_ptr() + tensor.nbytes) // page * page
     if last > first:
         madvise(first, last - first, mmap.MADV_DONTNEED)  # advice only: a failure costs memory, not data
+
+
+def can_release_mapped_pages() -> bool:
+    """Whether `_release_mapped_pages` works here (it needs madvise: Linux, macOS; not Windows)."""
+    return _madvise() is not None
 
 
 def read_safetensors_tensor(
@@ -944,8 +949,10 @@ class Checkpoint:
     ) -> dict[str, torch.Tensor]:
         """Reads parameters under our names: renamed, merged, permuted, cast and moved; nothing else is read.
 
-        Each tensor is read into its final dtype and device a few MiB at a time, so the peak memory is the
-        result plus one read buffer (Meta .pth shards: plus the layer being read, as stored).
+        Each tensor is read into fresh memory of its final dtype and device, so the peak memory is the result
+        plus the tensor being read, as stored: a safetensors read passes through one buffer of a few MiB; a
+        Meta tensor is copied out of its memory-mapped shards, whose pages are dropped again after each copy.
+        The files are opened once for the whole read.
 
         Args:
             params: canonical names (default: all, see `param_names`; `params_for(layers)` for some layers).
@@ -959,6 +966,7 @@ class Checkpoint:
 
         Raises:
             KeyError: for a name that is not a parameter of this model.
+            CheckpointError: a file is truncated or changed since the checkpoint was opened (nothing read is kept).
         """
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         names = self.param_names if params is None else list(params)
@@ -972,28 +980,33 @@ class Checkpoint:
         for name in names:
             groups.setdefault(_template(name)[1], []).append(name)
         layer_keys = sorted(key for key in groups if key is not None)
+        outside = groups.get(None, [])
         result: dict[str, torch.Tensor] = {}
         read: dict[str, torch.Tensor] = {}  # stored name -> tensor, so a tied embedding is read once
+        # Where the pages of a mapped shard cannot be dropped after a copy (no madvise), they count towards the
+        # process until the shard is unmapped: the shards are then mapped again for each layer, which costs an
+        # unpickling of every shard per layer but holds at most one layer's pages.
+        remap_per_layer = self.format == "meta" and not can_release_mapped_pages()
 
-        def read_group(group: list[str]) -> None:
-            with self._open_files() as handles:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(layer_keys), desc=f"loading {self.path.name}", unit="layer", disable=not progress)
+        with dropped_on_error(result, read), bar, self._open_files() as handles:
+
+            def read_group(group: list[str]) -> None:
                 for name in group:
                     stored_name = self._source[name]
                     if stored_name not in read:
                         read[stored_name] = self._read_param(stored_name, handles, dtype, device)
                     result[name] = read[stored_name]
+                if remap_per_layer:
+                    handles.close()  # mapped again by the next read
 
-        from tqdm.auto import tqdm
-
-        outside = groups.get(None, [])
-        with dropped_on_error(result, read):
-            bar = tqdm(total=len(layer_keys), desc=f"loading {self.path.name}", unit="layer", disable=not progress)
-            with bar:
-                read_group([n for n in outside if n == "embed.weight"])
-                for layer in layer_keys:
-                    read_group(groups[layer])
-                    bar.update(1)
-                read_group([n for n in outside if n != "embed.weight"])
+            read_group([n for n in outside if n == "embed.weight"])
+            for layer in layer_keys:
+                read_group(groups[layer])
+                bar.update(1)
+            read_group([n for n in outside if n != "embed.weight"])
         return {name: result[name] for name in names}
 
     def layer_state_dict(
@@ -1008,22 +1021,22 @@ class Checkpoint:
         return self.state_dict(block_param_shapes(self.config, layer), dtype=dtype, device=device)
 
     @contextlib.contextmanager
-    def _open_files(self) -> Iterator[dict[str, Any]]:
-        """File name -> open handle (a binary file, or a Meta shard's dict of memory-mapped tensors), opened on
-        first use and closed on exit.
+    def _open_files(self) -> Iterator[dict[str, Any] | MappedShards]:
+        """The weight files, each opened on first use and closed on exit: file name -> binary file (safetensors),
+        or the Meta shards as `MappedShards`.
 
-        Closing matters for memory: pages of a memory-mapped file that were read count towards the process's
-        memory until the mapping goes away.
+        Closing matters for memory: pages of a memory-mapped file that were read and not dropped count towards
+        the process's memory until the mapping goes away.
         """
+        if self.format == "meta":
+            shards = MappedShards(self, lazy=True)
+            try:
+                yield shards
+            finally:
+                shards.close()
+            return
         with contextlib.ExitStack() as stack:
-
-            def open_checked(file_name: str) -> Any:
-                path = self._check_unchanged(file_name)
-                if self.format == "meta":
-                    return load_pth(path)
-                return stack.enter_context(open(path, "rb", buffering=0))
-
-            handles = _LazyDict(open_checked)
+            handles = _LazyDict(lambda name: stack.enter_context(open(self._check_unchanged(name), "rb", buffering=0)))
             try:
                 yield handles
             finally:
@@ -1043,93 +1056,156 @@ class Checkpoint:
         return MappedShards(self)
 
     def _read(
-        self, stored: _Stored, handles: dict[str, Any], dtype: torch.dtype | None, device: torch.device
+        self,
+        stored: _Stored,
+        handles: dict[str, Any] | MappedShards,
+        dtype: torch.dtype | None,
+        device: torch.device,
+        rotate_half: bool = False,
     ) -> torch.Tensor:
-        """A stored tensor in its stored layout (model-parallel pieces joined), cast to `dtype`, on `device`."""
+        """A stored tensor (model-parallel pieces joined) in fresh memory, cast to `dtype`, on `device`.
+
+        With `rotate_half`, Meta q/k rows are permuted to the rotate-half layout on the way; otherwise the
+        tensor keeps its stored layout.
+        """
         if self.format == "hf":
             piece = stored.pieces[0]
             return read_safetensors_tensor(handles[piece.file], piece.offsets, piece.shape, stored.dtype, dtype, device)
-        used = stored.pieces[:1] if stored.split_dim is None else stored.pieces  # replicated: any one will do
-        pieces = [handles[piece.file][stored.name] for piece in used]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=stored.split_dim)
-        # Move first, then cast: a GPU casts faster, and only the stored bytes cross the bus.
-        return tensor.to(device).to(dtype or tensor.dtype)
+        target = torch.empty(stored.shape, dtype=dtype or getattr(torch, stored.dtype), device=device)
+        handles.read_stored(stored.name, target, rotate_half=rotate_half)
+        return target
 
     def _read_param(
-        self, stored_name: str, handles: dict[str, Any], dtype: torch.dtype | None, device: torch.device
+        self,
+        stored_name: str,
+        handles: dict[str, Any] | MappedShards,
+        dtype: torch.dtype | None,
+        device: torch.device,
     ) -> torch.Tensor:
-        tensor = self._read(self._stored[stored_name], handles, dtype, device)
-        if self.format == "meta":
-            heads_attr = META_PERMUTED.get(_template(stored_name)[0])
-            if heads_attr is not None:
-                tensor = permute_qk_to_rotate_half(tensor, getattr(self.config, heads_attr))
-        return tensor
+        # Positional, not keyword: tests and scripts/bench_load.py wrap `_read` to record what is read.
+        return self._read(self._stored[stored_name], handles, dtype, device, True)
 
 
 class MappedShards:
-    """The .pth shards of a Meta checkpoint, memory-mapped once and kept for many reads (`read_into`).
+    """The .pth shards of a Meta checkpoint, memory-mapped and kept open for many reads.
 
     Opening a shard unpickles its whole table of tensors, which costs more than copying a small tensor out of
-    it: a reader that goes through the layers one by one opens the shards once, not once per tensor.
+    it (a 70B release: 8 shards of 80 layers): a reader that goes through the layers one by one opens the
+    shards once, not once per layer or tensor. `Checkpoint.state_dict` (full loads) and the streaming reader
+    (`read_into`) both read through here.
+
+    Each model-parallel piece is copied (and cast) straight into its place in the caller's tensor, q/k rows
+    permuted to the rotate-half layout on the way, so nothing else is allocated. The pages of each piece are
+    then dropped from the process (they stay in the page cache): without this, every page read would count
+    towards the process's memory for as long as the shards stay mapped, a second copy of the checkpoint.
 
     Args:
         ckpt: an open Meta `Checkpoint` (see `Checkpoint.open_pth_shards`).
+        lazy: map each shard when a read first needs it (a replicated tensor needs only the first shard),
+            instead of all of them now.
     """
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    def __init__(self, ckpt: Checkpoint, *, lazy: bool = False) -> None:
         self.ckpt = ckpt
         # file name -> stored name -> tensor mapped from the file. Never written and never handed out, which is
-        # what lets `read_into` drop their pages.
-        self._tensors = {file.name: load_pth(ckpt._check_unchanged(file.name)) for file in ckpt.files}
+        # what lets a read drop their pages.
+        self._tensors: dict[str, dict[str, torch.Tensor]] = _LazyDict(
+            lambda file_name: load_pth(ckpt._check_unchanged(file_name))
+        )
+        if not lazy:
+            for file in ckpt.files:
+                self._tensors[file.name]
+
+    def close(self) -> None:
+        """Unmaps the shards (a later read maps them again)."""
+        self._tensors.clear()
 
     def read_into(self, targets: dict[str, torch.Tensor]) -> int:
         """Copies parameters into tensors allocated by the caller.
 
-        Each model-parallel piece is copied (and cast) straight into its place in the target, q/k rows permuted
-        to the rotate-half layout on the way, so nothing else is allocated. The pages of each piece are then
-        dropped from the process (they stay in the page cache): without this, every page read would count
-        towards the process's memory for as long as the shards stay open.
-
         Args:
-            targets: canonical name -> contiguous CPU tensor of the parameter's shape, in any float dtype.
+            targets: canonical name -> contiguous tensor of the parameter's shape, in any float dtype, on any
+                device (pieces are moved there as stored, then cast).
 
         Returns:
             bytes read, as stored.
 
         Raises:
-            CheckpointError: a shard changed on disk since the checkpoint was opened.
+            CheckpointError: a shard changed on disk since the checkpoint was opened (checked before anything
+                is copied).
         """
         ckpt = self.ckpt
-        for file_name in self._tensors:
-            # Reading a mapped page past the end of a file truncated since would kill the process (SIGBUS).
-            ckpt._check_unchanged(file_name)
-        read_bytes = 0
-        for name, target in targets.items():
-            stored = ckpt._stored[ckpt._source[name]]
-            used = stored.pieces[:1] if stored.split_dim is None else stored.pieces  # replicated: any one will do
-            pieces = [self._tensors[piece.file][stored.name] for piece in used]
-            heads_attr = META_PERMUTED.get(_template(stored.name)[0])
-            if heads_attr is not None:
-                n_heads, half = getattr(ckpt.config, heads_attr), ckpt.config.d_head // 2
-                # Joined first (a copy as stored, for model-parallel shards only): a split may fall inside a head,
-                # e.g. one KV head shared by two ranks.
-                source = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=stored.split_dim)
-                # The rotate-half target seen in Meta's interleaved row order: [n_heads, d_head / 2, 2, d_model]
-                destination = target.view(n_heads, 2, half, -1).transpose(1, 2)
-                destination.copy_(source.view(n_heads, half, 2, -1))
-                del source
-            elif len(pieces) == 1:
-                target.copy_(pieces[0])
-            else:
-                start = 0
-                for piece in pieces:
+        stored = {name: ckpt._stored[ckpt._source[name]] for name in targets}
+        self._check_unchanged([piece.file for tensor in stored.values() for piece in _used_pieces(tensor)])
+        return sum(self._copy(stored[name], target, rotate_half=True) for name, target in targets.items())
+
+    def read_stored(self, stored_name: str, target: torch.Tensor, *, rotate_half: bool) -> int:
+        """Copies one stored tensor, model-parallel pieces joined, into `target` (see `read_into`).
+
+        Args:
+            stored_name: the name in the shards ("layers.3.attention.wq.weight").
+            target: contiguous tensor of the stored tensor's (joined) shape, any float dtype, any device.
+            rotate_half: permute q/k rows to the rotate-half layout (False: keep Meta's layout).
+
+        Returns:
+            bytes read, as stored.
+        """
+        stored = self.ckpt._stored[stored_name]
+        self._check_unchanged([piece.file for piece in _used_pieces(stored)])
+        return self._copy(stored, target, rotate_half=rotate_half)
+
+    def _check_unchanged(self, file_names: list[str]) -> None:
+        # Reading a mapped page past the end of a file truncated since would kill the process (SIGBUS).
+        for file_name in dict.fromkeys(file_names):
+            self.ckpt._check_unchanged(file_name)
+
+    def _copy(self, stored: _Stored, target: torch.Tensor, *, rotate_half: bool) -> int:
+        mapped = [self._tensors[piece.file][stored.name] for piece in _used_pieces(stored)]
+        heads_attr = META_PERMUTED.get(_template(stored.name)[0]) if rotate_half else None
+        if heads_attr is not None:
+            n_heads, half = getattr(self.ckpt.config, heads_attr), self.ckpt.config.d_head // 2
+            # Moved first, then cast: a GPU casts faster, and only the stored bytes cross the bus (CPU: no-op).
+            pieces = [piece.to(target.device) for piece in mapped]
+            # Joined first (a copy as stored, for model-parallel shards only): a split may fall inside a head,
+            # e.g. one KV head shared by two ranks.
+            source = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=stored.split_dim)
+            # The rotate-half target seen in Meta's interleaved row order: [n_heads, d_head / 2, 2, d_model]
+            destination = target.view(n_heads, 2, half, -1).transpose(1, 2)
+            destination.copy_(source.view(n_heads, half, 2, -1))
+            del pieces, source
+        else:
+            start = 0
+            for piece in mapped:
+                if len(mapped) == 1:
+                    _copy_dropping_pages(piece, target)
+                else:
                     size = piece.shape[stored.split_dim]
-                    target.narrow(stored.split_dim, start, size).copy_(piece)
+                    _copy_dropping_pages(piece, target.narrow(stored.split_dim, start, size))
                     start += size
-            for piece in pieces:
-                read_bytes += piece.nbytes
-                _release_mapped_pages(piece)
-        return read_bytes
+        for piece in mapped:
+            _release_mapped_pages(piece)  # all of it, pages that straddled two parts included
+        return sum(piece.nbytes for piece in mapped)
+
+
+def _copy_dropping_pages(source: torch.Tensor, destination: torch.Tensor) -> None:
+    """`destination.copy_(source)` a few MiB of rows at a time, dropping the pages of each part of `source` (a
+    mapped tensor, see `_release_mapped_pages`) once it is copied: a large tensor (the embedding) then adds only
+    a few MiB of its stored pages to the process at any time, not all of them."""
+    if source.dim() == 0:
+        destination.copy_(source)
+        return
+    rows = source.shape[0]
+    step = max(1, READ_CHUNK_BYTES * rows // max(source.nbytes, 1))
+    for first in range(0, rows, step):
+        part = source[first : first + step]
+        # Moved first, then cast: a GPU casts faster, and only the stored bytes cross the bus (CPU: no-op).
+        destination[first : first + step].copy_(part.to(destination.device))
+        _release_mapped_pages(part)
+
+
+def _used_pieces(stored: _Stored) -> tuple[_Piece, ...]:
+    """The pieces a read needs: all of a split tensor, any one of a replicated one (the first)."""
+    return stored.pieces[:1] if stored.split_dim is None else stored.pieces
 
 
 class _LazyDict(dict):

@@ -51,8 +51,9 @@ class CheckpointLayerReader:
       memory map), found by the byte offsets in their headers, and opened for each layer (an open is cheap).
     - Meta .pth shards are opened once, here, and stay memory-mapped for the reader's lifetime: opening one
       unpickles its whole table of tensors, which would cost more than the reads themselves if done per layer.
-      Each tensor is copied out of the map (`MappedShards.read_into`) and its pages dropped from the process
-      right after, so the process holds no more of the files than the tensor being copied.
+      Each tensor is copied out of the map (`MappedShards.read_into`, the same code as a full load's) and its
+      pages dropped from the process as the copy goes, so the process holds no more of the files than the
+      tensor being copied.
 
     A read that fails drops the layer it was reading before the error goes on (see `dropped_on_error`).
 

@@ -7,6 +7,9 @@ bytes of the weights asked for, in float32.
 
     python scripts/bench_load.py                        # synthetic bf16 checkpoint of SmolLM2-135M's shape
     python scripts/bench_load.py --path CHECKPOINT_DIR  # e.g. the folder from llama_lens.demo_model_path()
+    python scripts/bench_load.py --path CHECKPOINT_DIR --layout meta --mp 2
+                                                        # a bf16 Meta copy of it (consolidated.0k.pth), written
+                                                        # to a temporary folder first; transformers is skipped
 """
 
 from __future__ import annotations
@@ -36,6 +39,18 @@ def smollm2_shaped_checkpoint(folder: str) -> str:
         bos_token_id=0, eos_token_ids=(0,),
     )
     write_hf_checkpoint(folder, cfg, random_state_dict(cfg, dtype=torch.bfloat16), shards=3)
+    return folder
+
+
+def meta_copy(source: str, folder: str, mp: int) -> str:
+    """Writes the weights of the checkpoint at `source`, in bfloat16, as a Meta release with `mp` shards."""
+    import torch
+
+    import llama_lens as ll
+    from llama_lens.testing import write_meta_checkpoint
+
+    model = ll.load(source, dtype=torch.bfloat16, progress=False)
+    write_meta_checkpoint(folder, model.cfg, model.state_dict(), mp=mp)
     return folder
 
 
@@ -136,6 +151,11 @@ def main() -> None:
     parser.add_argument("--path", type=Path, help="checkpoint folder (default: a synthetic SmolLM2-shaped one)")
     parser.add_argument("--layers", default="0:3", help="layer range for the partial load, as start:stop")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--layout", choices=["as-is", "meta"], default="as-is",
+        help="meta: measure a bf16 Meta copy of the checkpoint (written first; transformers cannot read it)",
+    )
+    parser.add_argument("--mp", type=int, default=1, help="model-parallel shards of the Meta copy")
     args = parser.parse_args()
     layers = [int(n) for n in args.layers.split(":")]
 
@@ -146,7 +166,12 @@ def main() -> None:
             path = Path(tmp) / "smollm2-shaped"
             run_child("smollm2_shaped_checkpoint", str(path))
             print(f"synthetic checkpoint: {path}")
-        kinds = ["full", "layers"] + ([] if args.skip_transformers else ["transformers"])
+        if args.layout == "meta":
+            source, path = path, Path(tmp) / "meta"
+            run_child("meta_copy", str(source), str(path), args.mp)
+            print(f"Meta copy (mp={args.mp}) of {source}: {path}")
+        skip_transformers = args.skip_transformers or args.layout == "meta"
+        kinds = ["full", "layers"] + ([] if skip_transformers else ["transformers"])
         results = {kind: run_child("measure", kind, str(path), layers) for kind in kinds}
 
     mib = 2**20

@@ -1,5 +1,6 @@
 """Checkpoint reading: every layout gives the same tensors, reads are lazy, bad input is named."""
 
+import collections
 import gc
 import json
 import os
@@ -90,6 +91,17 @@ def test_mapped_shards_read_what_state_dict_reads(tmp_path, layout, shape, dtype
     assert read_bytes == sum(t.numel() * 4 for t in targets.values())  # written as float32
     for name, tensor in targets.items():
         assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name.startswith("meta")])
+def test_meta_tensors_copied_a_few_rows_at_a_time_are_the_same(tmp_path, monkeypatch, layout):
+    cfg = tiny_config(**SHAPES["tied"])
+    state = random_state_dict(cfg, seed=1)
+    LAYOUTS[layout](tmp_path / "ckpt", cfg, state)
+    monkeypatch.setattr(checkpoint_module, "READ_CHUNK_BYTES", 1000)  # parts of a few rows, not page-aligned
+    assert_same(Checkpoint(tmp_path / "ckpt").state_dict(), state)
+    loaded = Checkpoint(tmp_path / "ckpt").state_dict(dtype=torch.bfloat16)
+    assert_same(loaded, {name: tensor.bfloat16() for name, tensor in state.items()})
 
 
 def test_biases_and_head_dim_read_back(tmp_path):
@@ -208,6 +220,90 @@ def test_a_layer_range_reads_only_its_tensors(tmp_path, monkeypatch, layout):
     assert sorted(read) == sorted(rename(name, table) for name in wanted)
     assert model.layer_indices == [1, 2] and list(model.blocks) == ["1", "2"]
     assert torch.equal(model.blocks["2"].mlp.up_proj.weight, state["blocks.2.mlp.up_proj.weight"])
+
+
+def count_torch_loads(monkeypatch) -> collections.Counter:
+    """file name -> torch.load calls from now on (each unpickles a whole .pth shard)."""
+    opened = collections.Counter()
+    torch_load = torch.load
+
+    def counting(path, *args, **kwargs):
+        opened[os.path.basename(path)] += 1
+        return torch_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    return opened
+
+
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_a_meta_load_opens_each_shard_once_whatever_the_number_of_layers(tmp_path, monkeypatch, n_layers):
+    cfg = tiny_config(n_layers=n_layers)
+    state = random_state_dict(cfg)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
+    shards = ["consolidated.00.pth", "consolidated.01.pth"]
+    opened = count_torch_loads(monkeypatch)
+
+    load(folder, progress=False)  # first open: the shard index is built from the shards too
+    assert opened == dict.fromkeys(shards, 2)
+    opened.clear()
+    model = load(folder, progress=False)  # the index is cached
+    assert opened == dict.fromkeys(shards, 1)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, state[name]), name
+    opened.clear()
+    load(folder, layers=range(1, 2), progress=False)
+    assert opened == dict.fromkeys(shards, 1)
+    opened.clear()
+    Checkpoint(folder).load_tensor("norm.weight")  # replicated: read from the first shard only
+    assert opened == {"consolidated.00.pth": 1}
+
+
+def test_without_madvise_meta_shards_are_mapped_again_for_each_layer(tmp_path, monkeypatch):
+    # Where copied pages cannot be dropped (Windows), a shard mapped for the whole load would end up wholly in
+    # the process's memory beside the loaded weights.
+    cfg = tiny_config(n_layers=3)
+    state = random_state_dict(cfg)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
+    ckpt = Checkpoint(folder)
+    monkeypatch.setattr(checkpoint_module, "_madvise", lambda: None)
+    opened = count_torch_loads(monkeypatch)
+    assert_same(ckpt.state_dict(), state)
+    # the embedding, each layer, then the final norm and unembedding
+    assert opened == {"consolidated.00.pth": 1 + 3 + 1, "consolidated.01.pth": 1 + 3 + 1}
+
+
+def shard_pages_in_memory(folder) -> int:
+    """Bytes of the files in `folder` mapped into this process and present in its memory (Rss in smaps)."""
+    total, counting = 0, False
+    for line in open("/proc/self/smaps").read().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address perms offset dev inode [path]
+            counting = len(fields) >= 6 and fields[5].startswith(str(folder))
+        elif counting and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_meta_load_lets_go_of_the_shard_pages_it_copied(tmp_path, monkeypatch):
+    # Large enough that most of a tensor's pages lie wholly under it (only those can be let go of).
+    cfg = tiny_config(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)
+    ckpt = Checkpoint(folder)
+    in_memory = []  # after each tensor read, while the shards are still mapped
+    read = Checkpoint._read
+
+    def sampling(self, *args):
+        tensor = read(self, *args)
+        in_memory.append(shard_pages_in_memory(folder))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "_read", sampling)
+    ckpt.state_dict(dtype=torch.bfloat16)
+    stored_bytes = int(ckpt.tensors()["bytes"].sum())
+    assert len(in_memory) == len(ckpt.param_names)
+    # Keeping the pages it read, the load would end holding all of the shards: stored_bytes.
+    assert max(in_memory) < stored_bytes // 16
 
 
 def test_layer_state_dict_and_params_for(tmp_path):
@@ -683,6 +779,35 @@ def test_a_read_that_fails_midway_keeps_nothing_it_read(tmp_path, monkeypatch, w
     assert isinstance(error, CheckpointError) and last.name in str(error)
     assert ("changed since" if when == "before_the_read" else "truncated") in str(error)
     assert [tuple(t.shape) for t in tensors_kept_by(error)] == []  # the embedding and layers read so far are let go
+
+
+@pytest.mark.parametrize("when", ["before_the_read", "during_the_read"])
+def test_a_meta_read_that_fails_midway_keeps_nothing_it_read(tmp_path, monkeypatch, when):
+    cfg = tiny_config(n_layers=3)
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)
+    ckpt = Checkpoint(folder, index_cache=False)
+    shard = folder / "consolidated.01.pth"
+
+    def grow():  # grown, not truncated: pages already mapped stay readable
+        with open(shard, "ab") as handle:
+            handle.write(b"\0" * 10)
+
+    if when == "before_the_read":  # changed after the checkpoint was opened: caught when the shard is mapped
+        grow()
+    else:  # changed while it is mapped: caught before the next copy from it, inside layer 2
+        read = checkpoint_module.MappedShards.read_stored
+
+        def growing(self, stored_name, *args, **kwargs):
+            if stored_name == "layers.2.feed_forward.w1.weight":
+                grow()
+            return read(self, stored_name, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint_module.MappedShards, "read_stored", growing)
+
+    error = error_of(lambda: ckpt.state_dict(dtype=torch.bfloat16))
+    assert isinstance(error, CheckpointError)
+    assert f"{shard} changed since the checkpoint was opened" in str(error)
+    assert [tuple(t.shape) for t in tensors_kept_by(error)] == []  # what was read, and the shards' maps, let go
 
 
 def test_a_failed_load_leaves_no_model_and_no_cache(tmp_path, hf_folder):

@@ -244,7 +244,9 @@ def test_generate_matches_loaded(ckpt_path):
     calls = counting_reader(streamed)
     got = streamed.generate(prompt, max_new_tokens=4, temperature=0, stop_at_eos=False)
     assert got.tokens == expected.tokens
-    assert calls == [0, 1, 2] * 5  # the prompt, then each new token: every step re-reads every layer
+    # The prompt, then each new token but the last (no pass for a token that will not be sampled): every
+    # step re-reads every layer.
+    assert calls == [0, 1, 2] * 4
     assert_no_layer_resident(streamed)
 
 
@@ -357,8 +359,8 @@ def test_meta_shards_are_opened_at_load_not_per_tensor(tmp_path, monkeypatch):
     opened = count_torch_loads(monkeypatch)
     streamed = ll.load(path, stream=True, index_cache=False, progress=False)
     at_load = dict(opened)
-    # At most: the index, the resident weights (two reads), and the reader that keeps the shards open.
-    assert set(at_load) == {"consolidated.00.pth", "consolidated.01.pth"} and max(at_load.values()) <= 4
+    # Once each: the index, the resident weights, and the reader that keeps the shards open.
+    assert at_load == {"consolidated.00.pth": 3, "consolidated.01.pth": 3}
     streamed(tokens_for())
     streamed.run_with_cache(tokens_for(), names_filter=lambda name: name.endswith("resid_post"))
     assert dict(opened) == at_load  # forward passes read from the shards already open
