@@ -17,7 +17,7 @@ from typing import Any
 # Generic PretrainedConfig attributes, generation defaults and bookkeeping.
 HF_IGNORED_KEYS = frozenset(
     {
-        "architectures", "model_type", "transformers_version", "_name_or_path", "_attn_implementation",
+        "architectures", "transformers_version", "_name_or_path", "_attn_implementation",
         "_attn_implementation_autoset", "initializer_range", "use_cache", "attention_dropout",
         "is_llama_config", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
         "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_encoder_decoder", "is_decoder",
@@ -32,13 +32,54 @@ HF_IGNORED_KEYS = frozenset(
         # Splits the projections into slices in transformers 4.x only to mimic the pretraining layout; the
         # result is the same matmul up to float rounding.
         "pretraining_tp",
-        # Weight-loading hints that do not change the arithmetic.
-        "torch_dtype", "dtype", "rope_interleaved", "max_position_embeddings",
     }
 )
 
 # Keys of a Meta params.json that we ignore: they size the reference code's caches, not the model.
 META_IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
+
+_REQUIRED = object()
+
+
+class _Values:
+    """Typed reads of a config dict, each error naming the file and the key."""
+
+    def __init__(self, values: dict[str, Any], source: str) -> None:
+        self.values, self.source = values, source
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.values.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: required key {key!r} is missing")
+            return default
+        return value
+
+    def _wrong(self, key: str, what: str) -> ValueError:
+        return ValueError(f"{self.source}: {key} must be {what}, got {self.values[key]!r}")
+
+    def int(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            if value is default:
+                return value
+            raise self._wrong(key, "an integer")
+        return int(value)
+
+    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if value is default:
+                return value
+            raise self._wrong(key, "a number")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):  # "false" as a string would read as True
+            raise self._wrong(key, "true or false")
+        return value
+
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -133,33 +174,29 @@ class LlamaConfig:
         if hf.get("rope_interleaved"):
             raise ValueError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
 
-        def need(key: str) -> Any:
-            if key not in hf:
-                raise ValueError(f"{source}: required key {key!r} is missing")
-            return hf[key]
-
-        d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        read = _Values(hf, source)
+        d_model, n_heads = read.int("hidden_size"), read.int("num_attention_heads")
         rope_theta, rope_scaling = _hf_rope(hf, source)
         eos = hf.get("eos_token_id")
         dtype = hf.get("dtype", hf.get("torch_dtype"))
         return cls(
             d_model=d_model,
-            n_layers=int(need("num_hidden_layers")),
+            n_layers=read.int("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            d_head=int(hf.get("head_dim") or d_model // n_heads),
-            d_mlp=int(need("intermediate_size")),
-            d_vocab=int(need("vocab_size")),
+            n_kv_heads=read.int("num_key_value_heads", n_heads),
+            d_head=read.int("head_dim", d_model // n_heads),
+            d_mlp=read.int("intermediate_size"),
+            d_vocab=read.int("vocab_size"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
-            pad_token_id=hf.get("pad_token_id"),
+            norm_eps=read.float("rms_norm_eps", 1e-6),
+            tie_embeddings=read.bool("tie_word_embeddings", False),
+            attention_bias=read.bool("attention_bias", False),
+            mlp_bias=read.bool("mlp_bias", False),
+            max_position_embeddings=read.int("max_position_embeddings", 2048),
+            bos_token_id=read.int("bos_token_id", None),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (read.int("eos_token_id"),)),
+            pad_token_id=read.int("pad_token_id", None),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
         )
 
@@ -225,41 +262,37 @@ class LlamaConfig:
                 f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only"
             )
 
-        def need(key: str) -> Any:
-            if key not in params:
-                raise ValueError(f"{source}: required key {key!r} is missing")
-            return params[key]
-
-        d_model, n_heads = int(need("dim")), int(need("n_heads"))
-        vocab = int(params.get("vocab_size", -1))
+        read = _Values(params, source)
+        d_model, n_heads = read.int("dim"), read.int("n_heads")
+        vocab = read.int("vocab_size", -1)
         if vocab <= 0:
             if d_vocab is None:
                 raise ValueError(f"{source}: vocab_size is {vocab}; pass d_vocab (the embedding's rows)")
             vocab = d_vocab
         rope_scaling = None
-        if params.get("use_scaled_rope"):
+        if read.bool("use_scaled_rope", False):
             # Meta's llama3 reference code: apply_scaling(freqs, scale_factor=8, high_freq_factor=4) with
             # low_freq_factor 1 and an original context of 8192; newer params.json files may override.
             rope_scaling = RopeScaling(
                 kind="llama3",
-                factor=float(params.get("rope_scaling_factor", 8.0)),
+                factor=read.float("rope_scaling_factor", 8.0),
                 low_freq_factor=1.0,
-                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+                high_freq_factor=read.float("rope_high_freq_factor", 4.0),
                 original_max_position_embeddings=8192,
             )
         return cls(
             d_model=d_model,
-            n_layers=int(need("n_layers")),
+            n_layers=read.int("n_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-            d_head=int(params.get("head_dim") or d_model // n_heads),
-            d_mlp=meta_d_mlp(d_model, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+            n_kv_heads=read.int("n_kv_heads", n_heads),
+            d_head=read.int("head_dim", d_model // n_heads),
+            d_mlp=meta_d_mlp(d_model, read.int("multiple_of", 256), read.float("ffn_dim_multiplier", None)),
             d_vocab=vocab,
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_theta=read.float("rope_theta", 10000.0),
             rope_scaling=rope_scaling,
-            norm_eps=float(params.get("norm_eps", 1e-5)),
+            norm_eps=read.float("norm_eps", 1e-5),
             tie_embeddings=False,
-            max_position_embeddings=int(params.get("max_seq_len", 8192 if rope_scaling else 4096)),
+            max_position_embeddings=read.int("max_seq_len", 8192 if rope_scaling else 4096),
         )
 
     @classmethod
@@ -270,6 +303,8 @@ class LlamaConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
         if path.name == "params.json":
             return cls.from_meta(data, d_vocab=d_vocab, source=str(path))
         return cls.from_hf(data, source=str(path))
@@ -296,6 +331,19 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         raise ValueError(
             f"{source}: {key}.rope_type {kind!r} is not supported; llama_lens implements {list(ROPE_TYPES)}"
         )
+    # Keys each rope type reads (rope_type/type name it; rope_theta sits here in 5.x configs). A key outside
+    # these would change the frequencies in a way we do not implement (e.g. yarn's beta_fast,
+    # partial_rotary_factor), so it is rejected rather than dropped.
+    known = {"rope_type", "type", "rope_theta"} | {
+        "default": set(),
+        # transformers' linear and dynamic types do not read original_max_position_embeddings; configs carry it.
+        "linear": {"factor", "original_max_position_embeddings"},
+        "dynamic": {"factor", "original_max_position_embeddings"},
+        "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    }[kind]
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{source}: {key} of type {kind!r} has unsupported key(s) {unknown}")
     if kind == "default":
         return theta, None
     if "factor" not in params:

@@ -111,6 +111,13 @@ def test_config_written_by_transformers_5x_reads_back(shape):
         ({"model_type": "mistral"}, "model_type is 'mistral'"),
         ({"rope_interleaved": True}, "rope_interleaved"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a 'factor'"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+            r"rope_scaling of type 'linear' has unsupported key\(s\) \['partial_rotary_factor'\]",
+        ),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+        ({"hidden_size": "4096"}, "hidden_size must be an integer, got '4096'"),
+        ({"rms_norm_eps": [1e-5]}, r"rms_norm_eps must be a number, got \[1e-05\]"),
     ],
 )
 def test_unsupported_hf_keys_are_named(change, message):
@@ -128,6 +135,16 @@ def test_bad_json_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         LlamaConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object of config keys, got list"):
+        LlamaConfig.from_file(tmp_path / "config.json")
+
+
+def test_rope_keys_transformers_writes_are_accepted():
+    # transformers 5.x keeps rope_theta inside rope_parameters; linear configs often carry the original length.
+    cfg = LlamaConfig.from_hf(LLAMA_2_7B_HF | {"rope_scaling": None, "rope_parameters": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 4096}})
+    assert cfg.rope_scaling.kind == "linear" and cfg.rope_scaling.factor == 2.0
 
 
 # ------------------------------------------------------------------------------------- Meta params.json
@@ -180,6 +197,13 @@ def test_unknown_meta_key_is_named():
         LlamaConfig.from_meta(LLAMA_3_8B_META | {"moe_args": {}})
     with pytest.raises(ValueError, match="required key 'dim' is missing"):
         LlamaConfig.from_meta({k: v for k, v in LLAMA_3_8B_META.items() if k != "dim"})
+
+
+def test_meta_values_of_the_wrong_type_are_named():
+    with pytest.raises(ValueError, match="params.json: use_scaled_rope must be true or false, got 'yes'"):
+        LlamaConfig.from_meta(LLAMA_3_8B_META | {"use_scaled_rope": "yes"})
+    with pytest.raises(ValueError, match="params.json: n_layers must be an integer, got 32.5"):
+        LlamaConfig.from_meta(LLAMA_3_8B_META | {"n_layers": 32.5})
 
 
 def test_invalid_numbers_are_refused():
