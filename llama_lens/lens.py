@@ -752,9 +752,12 @@ def direct_logit_attribution(
     layers = model.layer_indices
     device = model.unembed.weight.device
     index = torch.tensor(pos_index, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        # [batch, n_targets, d_model]: the target's unembedding row times the final norm's weight, in float32.
-        directions = (model.unembed.weight[target_ids.to(device)] * model.ln_final.weight).float()
+    # no_grad rather than inference_mode: the results are handed to users, who may scale or patch them in
+    # place, which inference tensors refuse outside inference_mode.
+    with torch.no_grad():
+        # [batch, n_targets, d_model]: the target's unembedding row times the final norm's weight, multiplied in
+        # float32 (a bfloat16 product would round every element to 8 bits before the sum).
+        directions = model.unembed.weight[target_ids.to(device)].float() * model.ln_final.weight.float()
     projected: dict[str, torch.Tensor] = {}
 
     def project(tensor: torch.Tensor, *, hook) -> None:
@@ -770,7 +773,7 @@ def direct_logit_attribution(
     names = ["hook_embed"] + [f"blocks.{i}.hook_{part}_out" for i in layers for part in ("attn", "mlp")]
     if heads:
         names += [f"blocks.{i}.attn.hook_result" for i in layers]
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = model.run_with_hooks(
             tokens,
             attention_mask=attention_mask,

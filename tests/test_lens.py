@@ -315,6 +315,34 @@ def test_attribution_frames_and_last_position(text_model):
         ll.direct_logit_attribution(text_model, "The capital", None)
 
 
+def test_results_are_ordinary_tensors():
+    # Users scale, zero or patch results in place; tensors made under inference_mode would refuse.
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (1, 5))
+    attribution = ll.direct_logit_attribution(model, tokens, target=3)
+    attribution.components[0] *= 2
+    attribution.heads.zero_()
+    attribution.final_logits.add_(1)
+    attribution.scale.mul_(2)
+    lens = ll.logit_lens(model, tokens, target=3, keep_logits=True)
+    for value in (lens.top_probs, lens.entropy, lens.kl_to_final, lens.target_ranks, lens.logits):
+        value.mul_(2)
+
+
+def test_bfloat16_attribution_directions_are_multiplied_in_float32():
+    model = tiny_model(tiny_config(attention_bias=True)).to(torch.bfloat16)
+    tokens = torch.randint(0, 128, (2, 7))
+    target = torch.tensor([[3, 9], [11, 0]])
+    result = ll.direct_logit_attribution(model, tokens, target=target, positions=None, heads=False)
+    hooks = ["hook_embed"] + [f"blocks.{i}.hook_{part}_out" for i in range(2) for part in ("attn", "mlp")]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hooks + ["ln_final.hook_scale"])
+        directions = model.unembed.weight[target].float() * model.ln_final.weight.float()  # [batch, n_targets, d_model]
+    scale = cache["ln_final.hook_scale"]  # [batch, pos, 1], float32
+    expected = torch.stack([torch.einsum("bpd,btd->bpt", cache[h].float(), directions) / scale for h in hooks], 1)
+    torch.testing.assert_close(result.components, expected, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- plots
 def test_visible_token():
     assert visible_token(" Paris\n") == "·Paris↵"
@@ -404,3 +432,4 @@ def test_paris_rises_to_the_top_in_smollm2(demo_path):
     assert ranks[:20].min() > 100 and (ranks[-4:] < 30).all()  # absent early, rising through the last layers
     attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", " Paris")
     assert float(attribution.components.sum()) == pytest.approx(float(attribution.final_logits), abs=1e-3)
+
