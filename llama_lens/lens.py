@@ -521,7 +521,8 @@ def _chunks(n_readouts: int, n_rows: int, chunk_size: int) -> list[tuple[int, in
     prompt's chunk mixes read-outs, as one read-out of 29 rows makes a poor matmul), else slices of one row's
     read-outs; either way one contiguous range of position-major vectors."""
     if n_readouts <= chunk_size:
-        per_chunk = chunk_size // n_readouts
+        n_chunks = -(-n_rows // (chunk_size // n_readouts))
+        per_chunk = -(-n_rows // n_chunks)  # evened out: no small last chunk making a poor matmul
         return [(j, min(j + per_chunk, n_rows), 0, n_readouts) for j in range(0, n_rows, per_chunk)]
     return [
         (j, j + 1, k, min(k + chunk_size, n_readouts)) for j in range(n_rows) for k in range(0, n_readouts, chunk_size)
