@@ -7,7 +7,8 @@ Logit lens (nostalgebraist 2020): a residual stream vector x is read out as the 
 for the embedding and for every loaded layer's resid_pre / resid_mid / resid_post. The last loaded layer's
 resid_post read-out is the model's own output, so it is taken from the forward pass itself and equals the
 model's logits bit for bit. (transformers' `hidden_states[-1]` is already normed: reading it out through the
-norm again is the classic logit-lens bug; we never hold a normed stream.)
+norm again is the classic logit-lens bug. Every other read-out here starts from a residual stream taken before
+any norm, hook_embed or hook_resid_*, and goes through ln_final once.)
 
 The read-outs are never kept as one [read-outs × pos × d_vocab] tensor unless asked (`keep_logits=True`).
 Rows (one residual vector each) are taken a chunk at a time, and each chunk sweeps the vocabulary in blocks:
@@ -15,8 +16,9 @@ one matmul makes a block of logits small enough to stay in cache, and every metr
 the next block replaces it — top-k, the target's logit and rank, and the block's logsumexp and mean logit,
 merged across blocks as an online softmax does (Milakov & Gimelshein 2018, arXiv:1805.02867). No metric
 needs a second pass, so the work beyond the forward pass is about the unembedding matmul itself. KL to the
-final distribution p comes from the same blocks: p is computed first (from the model's own logits) and
-kept, and each read-out q adds up sum_v p(v) logits_q(v) block by block, so that
+final distribution p comes from the same blocks: p's metrics come first, from the model's own logits, and
+each read-out q adds up sum_v p(v) logits_q(v) block by block, with p(v) = exp(logits_p(v) - logsumexp(logits_p))
+made for the block at hand only, so that
 
     KL(p || q) = sum_v p log p - sum_v p(v) logits_q(v) + logsumexp(logits_q).
 
@@ -31,12 +33,11 @@ and each attention output splits further into its heads (`hook_result`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +51,11 @@ DEFAULT_READOUT = ("embed", "resid_post")
 # chunk holds [DEFAULT_CHUNK_SIZE, VOCAB_BLOCK] logits (8 MB in float32) and the matmul packs each block of
 # W_U once per 1024 rows. Measured with scripts/bench_lens.py.
 DEFAULT_CHUNK_SIZE = 1024
+# Vocabulary ids per block of the sweep: a block of logits, its probabilities and the rows of W_U that make
+# it stay in the last-level cache while every metric reads them.
+VOCAB_BLOCK = 2048
+# Ids per block in top_k_largest's first cut, which keeps one maximum per block.
+TOP_K_BLOCK = 64
 
 Prompt = Union[str, Sequence[str], torch.Tensor]
 Target = Union[str, int, Sequence[Union[str, int]], Sequence[Sequence[Union[str, int]]], None]
@@ -313,12 +319,14 @@ def logit_lens(
             or a list of them. "embed" is the token embedding (layer 0's resid_pre; left out when
             "resid_pre" is also asked for, as "0_pre" is the same vector).
         positions: token positions to read out (indices into the pos axis; negative counts from the end);
-            default all.
+            default all. Only these positions of the residual streams and of the model's logits are kept.
         top_k: how many most likely tokens to keep per read-out.
         keep_logits: also keep every read-out's logits, [batch, n_readouts, n_pos, d_vocab] (large).
         chunk_size: residual vectors per chunk (default `DEFAULT_CHUNK_SIZE`); each chunk sweeps the
-            vocabulary in blocks of `VOCAB_BLOCK` ids, so memory beyond the cache is about
-            [chunk_size, VOCAB_BLOCK] logits, whatever the prompt length.
+            vocabulary in blocks of `VOCAB_BLOCK` ids. Memory: the model's logits at the asked-for positions
+            [batch * n_pos, d_vocab] and the read-out residual vectors [batch * n_pos * n_readouts, d_model]
+            (with their normed copy), plus a few [chunk_size, VOCAB_BLOCK] blocks whatever the prompt length
+            (one more for each further vocabulary block that holds a target).
         layers: which loaded layers to read out (default all loaded layers).
 
     Returns:
@@ -339,38 +347,45 @@ def logit_lens(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
-    # The final read-out is the model's output itself; the hook point it would come from is not cached.
+    # The final read-out is the model's output itself; the hook point it would come from is not captured.
     final_hook = f"blocks.{model.layer_indices[-1]}.hook_resid_post" if model.layer_indices else "hook_embed"
     names = sorted({hook for _, _, _, hook in points if hook != final_hook})
+    n_pos = len(pos_index)
+    every_position = pos_index == list(range(n_tokens))
+    resid: dict[str, torch.Tensor] = {}  # hook name -> [batch * n_pos, d_model]
+    previous: list[torch.Tensor] = []  # the last tensor captured, and what was kept of it
+
+    def capture(tensor: torch.Tensor, *, hook) -> None:
+        # Only the asked-for positions are kept, as the forward goes. Layer i's resid_post is layer i + 1's
+        # resid_pre (and hook_embed is 0_pre): the same tensor object under two names, so it is kept once and
+        # `_read_out` reads it out once.
+        if not previous or tensor is not previous[0]:
+            kept = tensor if every_position else tensor[:, pos_index]
+            previous[:] = [tensor, kept.flatten(0, 1)]
+        resid[hook.name] = previous[1]
+
     with torch.inference_mode():
-        final_logits, cache = model.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names)
-        n_pos = len(pos_index)
-        row_targets = None if target_ids is None else target_ids.to(final_logits.device).repeat_interleave(n_pos, 0)
-        if pos_index == list(range(n_tokens)):
-            final_rows = final_logits.flatten(0, 1)  # a view: no copy of the largest tensor around
-        else:
-            final_rows = final_logits[:, pos_index].flatten(0, 1)
-        # [batch * n_pos, d_model] per hook. Layer i's resid_post is layer i + 1's resid_pre (and "embed" is
-        # 0_pre): one tensor under two names, sliced once so that `_read_out` sees it is the same and reads
-        # it out once.
-        sliced: dict[tuple, torch.Tensor] = {}
-        resid = {}
-        for hook in names:
-            tensor = cache[hook]
-            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
-            resid[hook] = sliced.setdefault(key, tensor[:, pos_index].flatten(0, 1))
+        final_logits = model.run_with_hooks(
+            tokens, attention_mask=attention_mask, fwd_hooks=[(names, capture)] if names else []
+        )
+        previous.clear()
+        # [batch * n_pos, d_vocab]: a view when every position is asked for, else a copy, and the model's full
+        # logits are let go.
+        final_rows = final_logits.flatten(0, 1) if every_position else final_logits[:, pos_index].flatten(0, 1)
+        del final_logits
+        row_targets = None if target_ids is None else target_ids.to(final_rows.device).repeat_interleave(n_pos, 0)
         metrics = _read_out(model, final_rows, resid, final_hook, row_targets, top_k, keep_logits, chunk_size)
 
     order = [metrics[hook] for _, _, _, hook in points]
 
     def stacked(field: str) -> torch.Tensor | None:
-        # n_readouts x [batch * n_pos, ...] -> [batch, n_readouts, n_pos, ...]
+        # n_readouts x [batch * n_pos, ...] -> [batch, n_readouts, n_pos, ...]; made outside inference_mode,
+        # so these are ordinary tensors that users may change in place.
         parts = [getattr(m, field) for m in order]
         if parts[0] is None:
             return None
-        value = torch.stack(parts)  # [n_readouts, batch * n_pos, ...]
-        value = value.reshape(len(order), batch, n_pos, *value.shape[2:])
-        return value.transpose(0, 1).cpu()
+        value = torch.stack(parts, dim=1)  # [batch * n_pos, n_readouts, ...]
+        return value.unflatten(0, (batch, n_pos)).transpose(1, 2).cpu()
 
     top_ids = stacked("top_ids")
     texts = _token_texts(model, top_ids.unique().tolist() + tokens.unique().tolist())
@@ -419,122 +434,149 @@ def _read_out(
             same tensor object are read out once).
         final_hook: the hook whose read-out `final_rows` is.
         row_targets: [n_rows, n_targets] or None.
-        chunk_size: rows per chunk (each chunk sweeps the vocabulary in blocks of `VOCAB_BLOCK`).
+        chunk_size: residual vectors per chunk (each chunk sweeps the vocabulary in blocks of `VOCAB_BLOCK`).
     """
     n_rows, d_vocab = final_rows.shape
     device = final_rows.device
     weight = model.unembed.weight  # [d_vocab, d_model]
-    blocks = [(v0, min(v0 + VOCAB_BLOCK, d_vocab)) for v0 in range(0, d_vocab, VOCAB_BLOCK)]
     n_targets = 0 if row_targets is None else row_targets.shape[1]
-    scratch = _Scratch(min(chunk_size, n_rows * (len(resid) + 1)) * min(VOCAB_BLOCK, d_vocab), weight.dtype, device)
-
-    # The final distribution first, over whole rows: they are few (one read-out) and already in memory. Its
-    # probabilities are kept for every other read-out's KL.
-    keep = (d_vocab, final_rows.dtype) if keep_logits else None
-    final = _Metrics.empty(n_rows, top_k, n_targets, device, logits=keep)
-    final_probs = torch.empty(n_rows, d_vocab, device=device)
-    for start in range(0, n_rows, chunk_size):
-        rows = slice(start, start + chunk_size)
-        targets = None if row_targets is None else row_targets[rows]
-        _whole_rows_into(final, rows, final_rows[rows].float(), targets, top_k, final_probs[rows])
-        if final.logits is not None:
-            final.logits[rows] = final_rows[rows]
-    final.kl.zero_()  # KL(p || p): the same logits, not merely close ones
-    results = {final_hook: final}
-
     same_as: dict[str, str] = {}
     first_with: dict[int, str] = {}
     for hook, tensor in resid.items():
         same_as[hook] = first_with.setdefault(id(tensor), hook)
     computed = list(first_with.values())
-    if computed:
-        # [n_computed, n_rows, d_model]; normed as a stack so that hooks on ln_final see [batch, pos, d_model]
-        normed = model.ln_final(torch.stack([resid[hook] for hook in computed]))
-        keep = (d_vocab, weight.dtype) if keep_logits else None
-        metrics = _Metrics.empty(len(computed) * n_rows, top_k, n_targets, device, logits=keep)
-        for k0, k1, j0, j1 in _chunks(len(computed), n_rows, chunk_size):
-            # Read-outs k0..k1 at positions j0..j1: rows k * n_rows + j, a contiguous range.
-            rows = slice(k0 * n_rows + j0, (k1 - 1) * n_rows + j1)
-            x = normed[k0:k1, j0:j1].reshape(-1, normed.shape[-1])  # [chunk, d_model], a view
-            targets = target_ref = None
-            if row_targets is not None:
-                targets = row_targets[j0:j1].repeat(k1 - k0, 1)
-                # Reference logits to rank against, before the blocks that hold the targets come by.
-                target_ref = torch.einsum("rd,rtd->rt", x.float(), weight[targets].float())
-            state = _Online(len(x), top_k, targets, target_ref, device)
-            cross = torch.zeros(k1 - k0, j1 - j0, device=device)  # sum_v p_final(v) logits(v)
-            for v0, v1 in blocks:
-                logits = scratch.logits_for(len(x), v1 - v0)
-                torch.mm(x, weight[v0:v1].t(), out=logits)  # [chunk, block], the unembedding
-                state.update(logits, v0, scratch)
-                spent = scratch.probs_for(len(x), v1 - v0).view(k1 - k0, j1 - j0, v1 - v0)
-                logits_3d = logits.view(k1 - k0, j1 - j0, v1 - v0)
-                cross += torch.mul(logits_3d.float(), final_probs[j0:j1, v0:v1], out=spent).sum(dim=-1)
-                if metrics.logits is not None:
-                    metrics.logits[rows, v0:v1] = logits
-            state.finish_into(metrics, rows)
-            # KL(final || read-out) = sum_v p log p - sum_v p(v) logits(v) + logsumexp(read-out logits)
-            kl = final.neg_entropy_term[j0:j1] - cross + metrics.lse[rows].view(k1 - k0, j1 - j0)
-            metrics.kl[rows] = kl.clamp_(min=0).flatten()
-        for k, hook in enumerate(computed):
-            results[hook] = metrics.slice(k * n_rows, (k + 1) * n_rows)
+    n_readouts = len(computed)
+    scratch = _Scratch(min(chunk_size, n_rows * max(n_readouts, 1)) * min(VOCAB_BLOCK, d_vocab), device)
+
+    # The final distribution first: every read-out's KL needs its logsumexp and entropy. Its blocks are views
+    # of the model's logits, with nothing to compute but the metrics, so they are as wide as the scratch
+    # allows (whole rows for a short prompt): fewer, larger torch calls.
+    final_chunk = min(chunk_size, n_rows)
+    width = max(VOCAB_BLOCK, scratch.size // final_chunk // VOCAB_BLOCK * VOCAB_BLOCK)
+    blocks = _blocks(d_vocab, width)
+    keep = (d_vocab, final_rows.dtype) if keep_logits else None
+    final = _Metrics.empty(n_rows, top_k, n_targets, device, logits=keep)
+    for start in range(0, n_rows, final_chunk):
+        rows = slice(start, min(start + final_chunk, n_rows))
+        logits = final_rows[rows]
+        state = _Online(len(logits), top_k, None if row_targets is None else row_targets[rows], width, device)
+        _sweep(state, blocks, lambda v0, v1, slot: logits[:, v0:v1], scratch)
+        state.finish_into(final, rows)
+        if final.logits is not None:
+            final.logits[rows] = logits
+    final.kl.zero_()  # KL(p || p): the same logits, not merely close ones
+    results = {final_hook: final}
+    if not computed:
+        return results
+
+    # [n_rows * n_readouts, d_model], position-major (row j, read-out k at j * n_readouts + k), so that a chunk
+    # of whole positions is one range. Normed through the model's own ln_final, as the final read-out was: hooks
+    # on ln_final fire here too, once, on [n_rows, n_readouts, d_model].
+    normed = model.ln_final(torch.stack([resid[hook] for hook in computed], dim=1)).flatten(0, 1)
+    blocks = _blocks(d_vocab, VOCAB_BLOCK)
+    keep = (d_vocab, weight.dtype) if keep_logits else None
+    metrics = _Metrics.empty(n_rows * n_readouts, top_k, n_targets, device, logits=keep)
+    for j0, j1, k0, k1 in _chunks(n_readouts, n_rows, chunk_size):
+        # Read-outs k0..k1 at rows j0..j1: rows j * n_readouts + k of `normed`, a contiguous range.
+        rows = slice(j0 * n_readouts + k0, (j1 - 1) * n_readouts + k1)
+        x = normed[rows]  # [chunk, d_model], a view
+        n_j, n_k = j1 - j0, k1 - k0
+        targets = None if row_targets is None else row_targets[j0:j1].repeat_interleave(n_k, 0)
+        state = _Online(len(x), top_k, targets, VOCAB_BLOCK, device)
+        cross = torch.zeros(n_j, n_k, device=device)  # sum_v p_final(v) logits(v)
+
+        def unembed(v0: int, v1: int, slot: int) -> torch.Tensor:
+            return torch.mm(x, weight[v0:v1].t(), out=scratch.get(f"logits{slot}", len(x), v1 - v0, weight.dtype))
+
+        def take(logits: torch.Tensor, block: torch.Tensor, v0: int, v1: int) -> None:
+            # p_final for this block from the final logits and their logsumexp: one [n_j, width] block, shared
+            # by the chunk's read-outs, instead of a [n_rows, d_vocab] array of probabilities kept throughout.
+            final_probs = scratch.get("final_probs", n_j, v1 - v0)
+            torch.sub(final_rows[j0:j1, v0:v1], final.lse[j0:j1, None], out=final_probs).exp_()
+            spent = scratch.get("probs", len(block), v1 - v0).view(n_j, n_k, v1 - v0)
+            torch.mul(block.view(n_j, n_k, v1 - v0), final_probs[:, None], out=spent)
+            cross.add_(spent.sum(dim=-1))
+            if metrics.logits is not None:
+                metrics.logits[rows, v0:v1] = logits
+
+        _sweep(state, blocks, unembed, scratch, take)
+        state.finish_into(metrics, rows)
+        # KL(final || read-out) = sum_v p log p - sum_v p(v) logits(v) + logsumexp(read-out logits)
+        kl = metrics.lse[rows].view(n_j, n_k) - cross - final.entropy[j0:j1, None]
+        metrics.kl[rows] = kl.clamp_(min=0).flatten()
+    for k, hook in enumerate(computed):
+        results[hook] = metrics.column(k, n_readouts)
     for hook, canonical in same_as.items():
         results[hook] = results[canonical]
     return results
 
 
+def _blocks(d_vocab: int, width: int) -> list[tuple[int, int]]:
+    return [(v0, min(v0 + width, d_vocab)) for v0 in range(0, d_vocab, width)]
+
+
 def _chunks(n_readouts: int, n_rows: int, chunk_size: int) -> list[tuple[int, int, int, int]]:
-    """(k0, k1, j0, j1): read-outs k0..k1 × rows j0..j1, about `chunk_size` rows each. Whole read-outs when
-    they fit (short prompts: a chunk mixes read-outs, as one read-out of 29 rows makes a poor matmul), else
-    slices of one read-out; either way the final distribution's rows for a chunk are one slice."""
-    if n_rows <= chunk_size:
-        per_chunk = chunk_size // n_rows
-        return [(k, min(k + per_chunk, n_readouts), 0, n_rows) for k in range(0, n_readouts, per_chunk)]
-    return [(k, k + 1, j, min(j + chunk_size, n_rows)) for k in range(n_readouts) for j in range(0, n_rows, chunk_size)]
+    """(j0, j1, k0, k1): rows j0..j1 × read-outs k0..k1, about `chunk_size` vectors each. Every read-out of
+    whole rows when they fit (so each block of the final distribution serves all the read-outs, and a short
+    prompt's chunk mixes read-outs, as one read-out of 29 rows makes a poor matmul), else slices of one row's
+    read-outs; either way one contiguous range of position-major vectors."""
+    if n_readouts <= chunk_size:
+        n_chunks = -(-n_rows // (chunk_size // n_readouts))
+        per_chunk = -(-n_rows // n_chunks)  # evened out: no small last chunk making a poor matmul
+        return [(j, min(j + per_chunk, n_rows), 0, n_readouts) for j in range(0, n_rows, per_chunk)]
+    return [
+        (j, j + 1, k, min(k + chunk_size, n_readouts)) for j in range(n_rows) for k in range(0, n_readouts, chunk_size)
+    ]
 
 
-def _whole_rows_into(
-    metrics: _Metrics, rows: slice, logits: torch.Tensor, targets: torch.Tensor | None, top_k: int,
-    probs_out: torch.Tensor,
-) -> None:  # fmt: skip
-    """Every metric of logits [rows, d_vocab] already in memory (the model's own), in whole rows."""
-    values, ids = top_k_largest(logits, top_k)
-    probs = torch.softmax(logits, dim=-1, out=probs_out)
-    # The logsumexp from the top token: its probability is >= 1 / d_vocab, a well-conditioned log.
-    lse = values[:, 0] - probs.gather(1, ids[:, :1])[:, 0].log()
-    expected = torch.linalg.vecdot(probs, logits)  # sum_v p(v) logits(v)
-    metrics.lse[rows], metrics.top_ids[rows], metrics.top_logits[rows] = lse, ids, values
-    metrics.top_probs[rows] = (values - lse[:, None]).exp()
-    metrics.entropy[rows] = (lse - expected).clamp(min=0)
-    metrics.neg_entropy_term[rows] = expected - lse  # sum_v p log p, used by every read-out's KL
-    if targets is not None:
-        target_logits = logits.gather(1, targets)
-        metrics.target_logits[rows] = target_logits
-        metrics.target_probs[rows] = probs.gather(1, targets)
-        above = torch.empty_like(logits)  # 0.0 / 1.0: faster to write and sum than bools (see _Online.update)
-        metrics.target_ranks[rows] = torch.stack(
-            [torch.gt(logits, target_logits[:, t : t + 1], out=above).sum(dim=1) for t in range(targets.shape[1])],
-            dim=1,
-        ).long()
+def _sweep(
+    state: _Online,
+    blocks: list[tuple[int, int]],
+    logits_of: Callable[[int, int, int], torch.Tensor],
+    scratch: _Scratch,
+    take: Callable[[torch.Tensor, torch.Tensor, int, int], None] | None = None,
+) -> None:
+    """Feeds `state` the logits of every vocabulary block, `logits_of(v0, v1, slot)`; `take(logits, float32
+    logits, v0, v1)` sees each block too.
 
-
-# Vocabulary ids per block of the sweep: a block of logits, its probabilities and the rows of W_U that make
-# it stay in the last-level cache while every metric reads them.
-VOCAB_BLOCK = 2048
+    A rank counts the tokens whose logit is strictly above the target's, and the target's logit must be the
+    one its own block computes (a float32 dot product differs from a bfloat16 block's rounded logit, and ties
+    are common in bfloat16). So the blocks that hold a target come first; all but the last of them stay in
+    their own slots (1, 2, ...) until every target's logit is in, then they are counted, and so is every
+    block after them as it comes (slot 0).
+    """
+    first = state.target_blocks
+    n_held = max(len(first) - 1, 0)
+    order = first + [b for b in range(len(blocks)) if b not in set(first)]
+    held = []
+    for i, b in enumerate(order):
+        v0, v1 = blocks[b]
+        logits = logits_of(v0, v1, i + 1 if i < n_held else 0)
+        block = state.update(logits, v0, scratch)
+        if take is not None:
+            take(logits, block, v0, v1)
+        if i < n_held:
+            held.append(logits)
+            continue
+        for earlier in held:
+            state.count_above(earlier, scratch)
+        held.clear()
+        state.count_above(block, scratch)
 
 
 class _Scratch:
-    """Buffers every block reuses: fresh [chunk, block] tensors would be fresh pages to fault in each time."""
+    """Buffers every block reuses, by name: fresh [chunk, block] tensors would be fresh pages to fault in each
+    time. Each holds `size` elements; only what is used is ever touched."""
 
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.logits = torch.empty(size, dtype=dtype, device=device)
-        self.probs = torch.empty(size, dtype=torch.float32, device=device)
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+        self.buffers: dict[str, torch.Tensor] = {}
 
-    def logits_for(self, rows: int, width: int) -> torch.Tensor:
-        return self.logits[: rows * width].view(rows, width)
-
-    def probs_for(self, rows: int, width: int) -> torch.Tensor:
-        return self.probs[: rows * width].view(rows, width)
+    def get(self, name: str, rows: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(self.size, dtype=dtype, device=self.device)
+        return buffer[: rows * width].view(rows, width)
 
 
 class _Online:
@@ -544,52 +586,64 @@ class _Online:
     torch calls, as each call's fixed cost adds up over rows × blocks."""
 
     def __init__(
-        self, n_rows: int, top_k: int, targets: torch.Tensor | None, target_ref: torch.Tensor | None,
-        device: torch.device,
+        self, n_rows: int, top_k: int, targets: torch.Tensor | None, width: int, device: torch.device
     ) -> None:  # fmt: skip
+        """`width`: ids per block (the last block may be shorter)."""
         self.top_k = top_k
         self.row_base = torch.arange(n_rows, device=device)[:, None]  # for top_k_largest
-        self.top_values: torch.Tensor | None = None  # [rows, top_k], largest first
+        self.top_values: torch.Tensor | None = None  # [rows, <= top_k], largest first
         self.top_ids: torch.Tensor | None = None
         self.block_lse: list[torch.Tensor] = []  # [rows] per block
         self.block_expected: list[torch.Tensor] = []  # [rows] per block: sum_v p_block(v) logits(v)
-        self.targets, self.target_ref = targets, target_ref
+        self.targets, self.width = targets, width
+        self.target_blocks: list[int] = []  # the vocabulary blocks that hold a target, ascending
         if targets is not None:
-            self.target_block = targets // VOCAB_BLOCK  # which block holds each target, and where
-            self.target_offset = targets % VOCAB_BLOCK
+            self.target_block = targets // width  # which block holds each target, and where
+            self.target_offset = targets % width
+            self.target_blocks = sorted(set(self.target_block.flatten().tolist()))
             self.target_logits = torch.zeros(targets.shape, device=device)
             self.above = torch.zeros(targets.shape, device=device)  # tokens with a higher logit, so far
 
-    def update(self, block: torch.Tensor, v0: int, scratch: _Scratch) -> None:
-        """Takes in logits [rows, width] of ids v0 .. v0 + width (blocks of VOCAB_BLOCK ids, in order)."""
-        rows, width = block.shape
-        block = block.float()  # metrics in float32 whatever the model's dtype (a no-op for float32)
+    def update(self, logits: torch.Tensor, v0: int, scratch: _Scratch) -> torch.Tensor:
+        """Takes in logits [rows, width] of ids v0 .. v0 + width (blocks come in any order); returns them in
+        float32. Ranks are counted apart, by `count_above`."""
+        rows, width = logits.shape
+        # Metrics in float32 whatever the model's dtype (into a reused buffer: a fresh one would be fresh pages).
+        block = logits if logits.dtype == torch.float32 else scratch.get("float_logits", rows, width).copy_(logits)
         block_max = self._update_top_k(block, v0)
-        spent = scratch.probs_for(rows, width)
+        spent = scratch.get("probs", rows, width)
         probs = torch.softmax(block, dim=-1, out=spent)
         # The block's logsumexp: its largest probability is exp(max - max) / sum = 1 / sum, so no second exp
         # pass is needed, and that probability is >= 1 / width, a well-conditioned log.
         self.block_lse.append(block_max - probs.amax(dim=1).log())
         self.block_expected.append(torch.mul(probs, block, out=spent).sum(dim=1))  # probs are spent now
-        if self.targets is not None:
+        if v0 // self.width in self.target_blocks:
             found = block.gather(1, self.target_offset.clamp(max=width - 1))
-            self.target_logits = torch.where(self.target_block == v0 // VOCAB_BLOCK, found, self.target_logits)
-            # Comparisons written as 0.0 / 1.0 into the spent scratch: several times faster to write and to
-            # sum than bools, and float32 counts exactly up to 2**24.
-            for t in range(self.targets.shape[1]):
-                self.above[:, t] += torch.gt(block, self.target_ref[:, t : t + 1], out=spent).sum(dim=1)
+            self.target_logits = torch.where(self.target_block == v0 // self.width, found, self.target_logits)
+        return block
+
+    def count_above(self, block: torch.Tensor, scratch: _Scratch) -> None:
+        """Counts the tokens of a block [rows, width] (any float dtype) whose logit is strictly above each
+        target's; every target's logit must be in by then (see `_sweep`)."""
+        if self.targets is None:
+            return
+        # Comparisons written as 0.0 / 1.0 into the spent scratch: several times faster to write and to sum
+        # than bools, and float32 counts exactly up to 2**24.
+        spent = scratch.get("probs", *block.shape)
+        for t in range(self.targets.shape[1]):
+            self.above[:, t] += torch.gt(block, self.target_logits[:, t : t + 1], out=spent).sum(dim=1)
 
     def _update_top_k(self, block: torch.Tensor, v0: int) -> torch.Tensor:
         """Merges the block into the running top-k; returns the block's maximum [rows]."""
         rows, width = block.shape
         k = min(self.top_k, width)
-        if self.top_values is None:
+        # Until top_k tokens have come by (the first block may be a short last one), every row merges.
+        if self.top_values is None or self.top_values.shape[1] < self.top_k:
             values, ids = top_k_largest(block, k, self.row_base)
             self._merge(values, ids + v0, None)
             return values[:, 0]
         # A block changes a row's top-k only where its maximum beats the row's k-th best so far. After the
-        # first blocks that is rare (and the vocabulary's frequent tokens come first), so only those rows are
-        # searched.
+        # first blocks that is rare, so only those rows are searched.
         block_max = block.amax(dim=1)
         hit = (block_max > self.top_values[:, -1]).nonzero()[:, 0]
         if len(hit) == rows:
@@ -606,7 +660,8 @@ class _Online:
             return
         old_values = self.top_values if rows is None else self.top_values[rows]
         old_ids = self.top_ids if rows is None else self.top_ids[rows]
-        merged, best = torch.cat([old_values, values], dim=1).topk(self.top_k, dim=1)
+        both = torch.cat([old_values, values], dim=1)
+        merged, best = both.topk(min(self.top_k, both.shape[1]), dim=1)
         merged_ids = torch.cat([old_ids, ids], dim=1).gather(1, best)
         if rows is None:
             self.top_values, self.top_ids = merged, merged_ids
@@ -624,14 +679,10 @@ class _Online:
         metrics.top_logits[rows] = self.top_values
         metrics.top_probs[rows] = (self.top_values - lse[:, None]).exp()
         metrics.entropy[rows] = (lse - expected).clamp(min=0)
-        # For the final distribution: sum_v p log p = expected - lse, used by every read-out's KL.
-        metrics.neg_entropy_term[rows] = expected - lse
         if self.targets is not None:
             metrics.target_logits[rows] = self.target_logits
             metrics.target_probs[rows] = (self.target_logits - lse[:, None]).exp()
-            # The reference may differ from the block's own logit of the target by rounding: never count the
-            # target as above itself.
-            metrics.target_ranks[rows] = (self.above - (self.target_logits > self.target_ref).float()).long()
+            metrics.target_ranks[rows] = self.above.long()
 
 
 class _Metrics:
@@ -656,7 +707,6 @@ class _Metrics:
             top_logits=new(top_k),
             lse=new(),
             entropy=new(),
-            neg_entropy_term=new(),
             kl=new(),
             target_probs=new(n_targets) if n_targets else None,
             target_logits=new(n_targets) if n_targets else None,
@@ -664,11 +714,11 @@ class _Metrics:
             logits=new(logits[0], dtype=logits[1]) if logits is not None else None,
         )
 
-    def slice(self, start: int, stop: int) -> _Metrics:
-        return _Metrics(**{k: None if v is None else v[start:stop] for k, v in self.__dict__.items()})
-
-
-TOP_K_BLOCK = 64
+    def column(self, k: int, n_readouts: int) -> _Metrics:
+        """Read-out k's rows of position-major metrics (row j at j * n_readouts + k), as strided views."""
+        return _Metrics(**{
+            name: None if v is None else v.unflatten(0, (-1, n_readouts))[:, k] for name, v in self.__dict__.items()
+        })  # fmt: skip
 
 
 def top_k_largest(
@@ -752,9 +802,12 @@ def direct_logit_attribution(
     layers = model.layer_indices
     device = model.unembed.weight.device
     index = torch.tensor(pos_index, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        # [batch, n_targets, d_model]: the target's unembedding row times the final norm's weight, in float32.
-        directions = (model.unembed.weight[target_ids.to(device)] * model.ln_final.weight).float()
+    # no_grad rather than inference_mode: the results are handed to users, who may scale or patch them in
+    # place, which inference tensors refuse outside inference_mode.
+    with torch.no_grad():
+        # [batch, n_targets, d_model]: the target's unembedding row times the final norm's weight, multiplied in
+        # float32 (a bfloat16 product would round every element to 8 bits before the sum).
+        directions = model.unembed.weight[target_ids.to(device)].float() * model.ln_final.weight.float()
     projected: dict[str, torch.Tensor] = {}
 
     def project(tensor: torch.Tensor, *, hook) -> None:
@@ -770,7 +823,7 @@ def direct_logit_attribution(
     names = ["hook_embed"] + [f"blocks.{i}.hook_{part}_out" for i in layers for part in ("attn", "mlp")]
     if heads:
         names += [f"blocks.{i}.attn.hook_result" for i in layers]
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = model.run_with_hooks(
             tokens,
             attention_mask=attention_mask,

@@ -1,14 +1,17 @@
 """The logit lens and direct logit attribution, checked against independent computations on tiny random
 models, plus the real SmolLM2 end to end."""
 
+import gc
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
 from conftest import tiny_config
+from llama_lens import lens as lens_module
 from llama_lens.model import HookedLlama
 from llama_lens.plot_lens import visible_token
 from llama_lens.testing import random_state_dict
@@ -59,9 +62,11 @@ def text_model(tokenizer):
 
 
 def reference_readouts(model, tokens, hooks):
-    """Every read-out's logits [n_readouts, batch, pos, d_vocab] the plain way: full cache, norm, unembed."""
+    """Every read-out's logits [n_readouts, batch, pos, d_vocab] the plain way: cache, norm, unembed."""
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens)
+        # Only the read-out hooks: caching everything would hook attn.hook_result too, which computes the
+        # attention output head by head, a slightly different sum.
+        logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         return logits, torch.stack([model.unembed(model.ln_final(cache[h])) for h in hooks])
 
 
@@ -71,20 +76,32 @@ def test_last_readout_is_the_models_own_logits():
     tokens = torch.randint(0, 128, (2, 9))
     result = ll.logit_lens(model, tokens, keep_logits=True)
     assert result.labels == ["embed", "0_post", "1_post"]
-    with torch.no_grad():
-        logits = model(tokens)
-    assert torch.equal(result.logits[:, -1], logits)  # exactly: no second norm, no recomputation
-    assert torch.equal(result.kl_to_final[:, -1], torch.zeros(2, 9))
+    # The last read-out by its definition, ln_final then unembed of the last resid_post, is the model's output
+    # exactly: the lens takes that output as it is, with no second norm.
+    hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    logits, ref = reference_readouts(model, tokens, hooks)
+    assert torch.equal(ref[-1], logits) and torch.equal(result.logits[:, -1], ref[-1])
     # The other read-outs go through ln_final once, like the model's last one.
-    _, ref = reference_readouts(model, tokens, ["hook_embed", "blocks.0.hook_resid_post"])
-    torch.testing.assert_close(result.logits[:, :2], ref.transpose(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.logits[:, :2], ref[:2].transpose(0, 1), atol=1e-5, rtol=0)
+    # The lens's own read-out path gives the model's logits too, where it reads out a layer that is a smaller
+    # model's last: layer 0's resid_post here, the output of the model loaded with layer 0 only.
+    first_layer = tiny_model(layers=[0])
+    with torch.no_grad():
+        first_logits = first_layer(tokens)
+    torch.testing.assert_close(result.logits[:, 1], first_logits, atol=1e-5, rtol=1e-6)
+    # KL to the final distribution from the kept logits, for every read-out.
+    final = logits.log_softmax(-1)[:, None]
+    kl = (final.exp() * (final - result.logits.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(result.kl_to_final, kl, atol=2e-5, rtol=0)
+    assert kl[:, :-1].min() > 1e-3
 
 
 @pytest.mark.parametrize(
-    "d_vocab, vocab_block, chunk_size",
-    [(128, None, None), (128, None, 5), (9000, None, 7), (3000, 1000, 16)],  # several blocks, with a tail
+    "d_vocab, vocab_block, chunk_size, top_k",
+    # several blocks, with a tail; last, a tail narrower than top_k that holds a target, so it is swept first
+    [(128, None, None, 4), (128, None, 5, 4), (9000, None, 7, 4), (3000, 1000, 16, 4), (2300, 1000, 16, 400)],
 )
-def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_size, monkeypatch):
+def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_size, top_k, monkeypatch):
     if vocab_block is not None:
         monkeypatch.setattr(ll.lens, "VOCAB_BLOCK", vocab_block)
     model = tiny_model(tiny_config(d_vocab=d_vocab))
@@ -92,7 +109,8 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
     with torch.no_grad():
         top = model(tokens)[:, -1].argmax(-1).tolist()  # rank 0 at the last read-out
     target = [[top[0], d_vocab - 1], [d_vocab // 2, top[1]]]  # two per prompt, in different blocks
-    result = ll.logit_lens(model, tokens, target, readout=list(ll.lens.READOUTS), top_k=4, chunk_size=chunk_size)
+    readout = list(lens_module.READOUTS)
+    result = ll.logit_lens(model, tokens, target, readout=readout, top_k=top_k, chunk_size=chunk_size)
     hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
              "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]  # fmt: skip
     assert result.labels == ["0_pre", "0_mid", "0_post", "1_pre", "1_mid", "1_post"]
@@ -104,9 +122,9 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
     probs = log_probs.exp()
     final_log_probs = final.log_softmax(-1)[:, None]
 
-    top = probs.topk(4, dim=-1)
+    top = logits.topk(top_k, dim=-1)  # by logit: float32 probabilities can round distinct logits to a tie
     assert torch.equal(result.top_ids, top.indices)
-    torch.testing.assert_close(result.top_probs, top.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.top_probs, probs.gather(-1, top.indices), atol=1e-6, rtol=0)
     torch.testing.assert_close(result.entropy, -(probs * log_probs).sum(-1), atol=2e-5, rtol=0)
     kl = (final_log_probs.exp() * (final_log_probs - log_probs)).sum(-1)
     torch.testing.assert_close(result.kl_to_final, kl, atol=2e-5, rtol=0)
@@ -121,6 +139,23 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
     assert torch.equal(result.target_ranks, ranks)
     assert result.target_ranks.min() == 0 and result.target_ranks.max() > 5
 
+
+def test_top_k_when_a_short_last_block_is_swept_first(monkeypatch):
+    # The block that holds the target is swept first. Here that is a last block of one id, and that id is the
+    # top token of a read-out: the running top-k starts with fewer than top_k tokens, and must still take in
+    # the next blocks although none beats the best so far.
+    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 127)  # blocks [0, 127) and [127, 128)
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (1, 5))
+    _, ref = reference_readouts(model, tokens, ["hook_embed"])
+    best = int(ref[0, 0, 0].argmax())
+    with torch.no_grad():  # make the embedding read-out's top token at position 0 the last id
+        model.unembed.weight[[best, 127]] = model.unembed.weight[[127, best]]
+    _, ref = reference_readouts(model, tokens, ["hook_embed"])
+    assert ref[0, 0, 0].argmax() == 127
+    result = ll.logit_lens(model, tokens, target=127, readout="embed", top_k=3)
+    assert torch.equal(result.top_ids[0, 0], ref[0, 0].topk(3, dim=-1).indices)
+    assert (result.target_ranks[0, 0, 0] == 0).all()
 
 def test_chunking_and_positions_select_the_same_numbers():
     model = tiny_model()
@@ -138,6 +173,75 @@ def test_chunking_and_positions_select_the_same_numbers():
     last = ll.logit_lens(model, tokens[0], positions=-1)  # one prompt as [pos]
     assert last.top_ids.shape == (1, 3, 1, 5) and last.positions == [9]
 
+
+class LargestNewStorage(TorchFunctionMode):
+    """Records the largest storage a torch call makes anew: not a view of its arguments, nor an out= one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {t.untyped_storage().data_ptr() for t in _tensors([*args, *kwargs.values()])}
+        for t in _tensors([out]):
+            if t.untyped_storage().data_ptr() not in given:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors(value)
+    return found
+
+
+def test_read_out_holds_blocks_not_vocabulary_rows(monkeypatch):
+    # Beside the model's own logits, no [rows, d_vocab] array: the largest tensor the read-out makes is a
+    # [chunk_size, VOCAB_BLOCK] block of float32, however many rows there are.
+    model = tiny_model(tiny_config(d_vocab=9000))
+    tokens = torch.randint(0, 9000, (2, 100))
+    mode = LargestNewStorage()
+    read_out = lens_module._read_out
+
+    def watched(*args):
+        with mode:
+            return read_out(*args)
+
+    monkeypatch.setattr(lens_module, "_read_out", watched)
+    ll.logit_lens(model, tokens, target=[[5, 8999], [3000, 7]], chunk_size=64)
+    block_bytes = 64 * lens_module.VOCAB_BLOCK * 4
+    assert 0 < mode.largest <= block_bytes < 2 * 100 * 9000 * 4 / 10
+
+
+def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
+    # With positions=-1 the read-out needs one position: the model's logits and the residual streams at every
+    # position are let go before it starts. Tensors are found by the size of the memory they hold, as a view
+    # or a detached alias keeps the whole of it.
+    model = tiny_model(tiny_config(d_vocab=9000))
+    tokens = torch.randint(0, 9000, (3, 97))
+    every_position = {3 * 97 * 9000 * 4: "logits", 3 * 97 * 64 * 4: "residual stream"}  # bytes, float32
+    kept = []
+    read_out = lens_module._read_out
+
+    def watched(*args):
+        gc.collect()
+        sizes = {t.untyped_storage().nbytes() for t in gc.get_objects()
+                 if type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"}  # fmt: skip
+        kept.append(sorted(every_position[n] for n in sizes & every_position.keys()))
+        return read_out(*args)
+
+    monkeypatch.setattr(lens_module, "_read_out", watched)
+    last = ll.logit_lens(model, tokens, target=5, positions=-1)
+    every = ll.logit_lens(model, tokens, target=5)
+    assert kept == [[], ["logits", "residual stream"]]  # the second: the check sees them when they are needed
+    assert torch.equal(last.top_ids, every.top_ids[:, :, -1:])
+    assert torch.equal(last.target_ranks, every.target_ranks[:, :, -1:])
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
@@ -175,11 +279,16 @@ def test_partial_model_reads_out_its_loaded_layers():
     tokens = torch.randint(0, 128, (2, 8))
     result = ll.logit_lens(partial, tokens, keep_logits=True)
     assert result.labels == ["embed", "0_post", "1_post"]
-    with torch.no_grad():
-        assert torch.equal(result.logits[:, -1], partial(tokens))  # its final distribution is its own output
-    assert torch.equal(result.kl_to_final[:, -1], torch.zeros(2, 8))
-    whole = ll.logit_lens(full, tokens)
+    whole = ll.logit_lens(full, tokens, keep_logits=True)
+    # The partial model's last read-out is its own output; the whole model reads out the same resid_post
+    # through the general path, and gets the same logits.
+    torch.testing.assert_close(result.logits, whole.logits[:, :3], atol=1e-5, rtol=1e-6)
     assert torch.equal(result.top_ids, whole.top_ids[:, :3])
+    # KL is to the partial model's own output, for every read-out.
+    with torch.no_grad():
+        final = partial(tokens).log_softmax(-1)[:, None]
+    kl = (final.exp() * (final - result.logits.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(result.kl_to_final, kl, atol=2e-5, rtol=0)
     assert not torch.allclose(result.kl_to_final, whole.kl_to_final[:, :3])  # KL is to the partial's output
     only = ll.logit_lens(full, tokens, layers=[1])
     assert only.labels == ["embed", "1_post"]
@@ -194,8 +303,9 @@ def test_bfloat16_model_reads_out_in_its_own_dtype():
     full = ll.logit_lens(model, tokens, target=7)
     half = ll.logit_lens(model.to(torch.bfloat16), tokens, target=7, keep_logits=True)
     assert half.logits.dtype == torch.bfloat16
-    with torch.no_grad():
-        assert torch.equal(half.logits[:, -1], model(tokens))
+    hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    _, ref = reference_readouts(model, tokens, hooks)  # in bfloat16: the read-outs as the model would make them
+    torch.testing.assert_close(half.logits, ref.transpose(0, 1), atol=0, rtol=2**-7)
     # The metrics are computed in float32 from bfloat16 logits: close to the float32 model's.
     torch.testing.assert_close(half.entropy, full.entropy, atol=0.05, rtol=0.02)
     assert (half.top_ids[..., 0] == full.top_ids[..., 0]).float().mean() > 0.9
@@ -315,6 +425,34 @@ def test_attribution_frames_and_last_position(text_model):
         ll.direct_logit_attribution(text_model, "The capital", None)
 
 
+def test_results_are_ordinary_tensors():
+    # Users scale, zero or patch results in place; tensors made under inference_mode would refuse.
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (1, 5))
+    attribution = ll.direct_logit_attribution(model, tokens, target=3)
+    attribution.components[0] *= 2
+    attribution.heads.zero_()
+    attribution.final_logits.add_(1)
+    attribution.scale.mul_(2)
+    lens = ll.logit_lens(model, tokens, target=3, keep_logits=True)
+    for value in (lens.top_probs, lens.entropy, lens.kl_to_final, lens.target_ranks, lens.logits):
+        value.mul_(2)
+
+
+def test_bfloat16_attribution_directions_are_multiplied_in_float32():
+    model = tiny_model(tiny_config(attention_bias=True)).to(torch.bfloat16)
+    tokens = torch.randint(0, 128, (2, 7))
+    target = torch.tensor([[3, 9], [11, 0]])
+    result = ll.direct_logit_attribution(model, tokens, target=target, positions=None, heads=False)
+    hooks = ["hook_embed"] + [f"blocks.{i}.hook_{part}_out" for i in range(2) for part in ("attn", "mlp")]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hooks + ["ln_final.hook_scale"])
+        directions = model.unembed.weight[target].float() * model.ln_final.weight.float()  # [batch, n_targets, d_model]
+    scale = cache["ln_final.hook_scale"]  # [batch, pos, 1], float32
+    expected = torch.stack([torch.einsum("bpd,btd->bpt", cache[h].float(), directions) / scale for h in hooks], 1)
+    torch.testing.assert_close(result.components, expected, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- plots
 def test_visible_token():
     assert visible_token(" Paris\n") == "·Paris↵"
@@ -404,3 +542,26 @@ def test_paris_rises_to_the_top_in_smollm2(demo_path):
     assert ranks[:20].min() > 100 and (ranks[-4:] < 30).all()  # absent early, rising through the last layers
     attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", " Paris")
     assert float(attribution.components.sum()) == pytest.approx(float(attribution.final_logits), abs=1e-3)
+
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_bfloat16_ranks_count_only_strictly_higher_logits(chunk_size):
+    # bfloat16 keeps 8 bits of mantissa, so many tokens share the target's logit exactly: a tie is not "higher".
+    model = tiny_model(tiny_config(d_vocab=5000)).to(torch.bfloat16)
+    tokens = torch.randint(0, 5000, (2, 6))
+    target = [[7, 4000], [2100, 4999]]  # in three different vocabulary blocks, one of them the short last one
+    result = ll.logit_lens(model, tokens, target, keep_logits=True, chunk_size=chunk_size)
+    hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    _, logits = reference_readouts(model, tokens, hooks)
+    logits = logits.transpose(0, 1)  # [batch, n_readouts, pos, d_vocab], in bfloat16
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(result.logits, logits)  # the same read-outs, rounded the same way
+    ids = torch.tensor(target)[:, None, None, :].expand(-1, 3, 6, -1)
+    target_logits = logits.gather(-1, ids)  # [batch, 3, pos, n_targets]
+    ranks = (logits[..., None, :] > target_logits[..., None]).sum(-1)
+    ties = (logits[..., None, :] == target_logits[..., None]).sum(-1) - 1
+    assert ties.sum() > 20  # the case at stake: tokens tied with the target
+    assert torch.equal(result.target_logits, target_logits.float())
+    assert torch.equal(result.target_ranks, ranks)
+    assert ranks.max() > 100
