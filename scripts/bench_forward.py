@@ -5,7 +5,9 @@ Prints, for prompts of 32 and 512 tokens:
   cache ratio     = our run_with_cache(all hooks) time / transformers' forward with
                     output_hidden_states=True, output_attentions=True (eager attention)  (aim <= 1.3)
 
-Usage: python scripts/bench_forward.py [PATH] [--lengths 32 512] [--repeats 5] [--device cuda] [--dtype bfloat16]
+The four candidates run in turns and each figure is a median over the turns.
+
+Usage: python scripts/bench_forward.py [PATH] [--lengths 32 512] [--repeats 7] [--device cuda] [--dtype bfloat16]
 PATH defaults to the embedded SmolLM2-135M (ll.demo_model_path()). On CUDA, TF32 stays off (torch's default)
 and every timing waits for the GPU to finish.
 """
@@ -21,23 +23,31 @@ import torch
 import llama_lens as ll
 
 
-def median_time(fn, repeats: int, device: torch.device) -> float:
-    def timed() -> float:
+def interleaved_medians(candidates: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each candidate, run in turns (a, b, c, a, b, c, ...) so that other load on the machine
+    and its clock and cache states fall on all of them alike."""
+
+    def timed(fn) -> float:
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them before reading the clock
         return time.perf_counter() - start
 
-    timed()  # warm-up: allocator, kernels, lazy init
-    return statistics.median(timed() for _ in range(repeats))
+    for fn in candidates.values():
+        timed(fn)  # warm-up: allocator, kernels, lazy init
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?", help="checkpoint folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 512])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
@@ -54,15 +64,15 @@ def main() -> None:
     print(f"{'tokens':>7} {'ours fwd':>10} {'hf fwd':>10} {'ratio':>6} {'ours cache':>11} {'hf h+attn':>10} {'ratio':>6}")
     for length in args.lengths:
         tokens = torch.randint(100, ours.cfg.d_vocab, (1, length)).to(device)
+        candidates = {
+            "ours": lambda: ours(tokens),
+            "hf": lambda: hf_sdpa(tokens, use_cache=False),
+            "ours cache": lambda: ours.run_with_cache(tokens),
+            "hf all": lambda: hf_eager(tokens, use_cache=False, output_hidden_states=True, output_attentions=True),
+        }
         with torch.inference_mode():
-            t_ours = median_time(lambda: ours(tokens), args.repeats, device)
-            t_hf = median_time(lambda: hf_sdpa(tokens, use_cache=False), args.repeats, device)
-            t_cache = median_time(lambda: ours.run_with_cache(tokens), args.repeats, device)
-            t_hf_all = median_time(
-                lambda: hf_eager(tokens, use_cache=False, output_hidden_states=True, output_attentions=True),
-                args.repeats,
-                device,
-            )
+            t = interleaved_medians(candidates, args.repeats, device)
+        t_ours, t_hf, t_cache, t_hf_all = t["ours"], t["hf"], t["ours cache"], t["hf all"]
         print(
             f"{length:>7} {t_ours * 1e3:>8.1f}ms {t_hf * 1e3:>8.1f}ms {t_ours / t_hf:>6.2f} "
             f"{t_cache * 1e3:>9.1f}ms {t_hf_all * 1e3:>8.1f}ms {t_cache / t_hf_all:>6.2f}"
