@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .config import LlamaConfig
+from .config import LlamaConfig, read_json_object
 
 # --------------------------------------------------------------------------------------------- rename tables
 # `{i}` is the layer index. Each table maps a stored name to the parameter name of HookedLlama.
@@ -611,16 +611,13 @@ class Checkpoint:
         params_file = self.path / "params.json"
         if not params_file.is_file():
             raise FileNotFoundError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
-        try:
-            params = json.loads(params_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{params_file}: not valid JSON ({err})") from None
+        params = read_json_object(params_file)
         if "tok_embeddings.weight" not in raw:
             raise CheckpointError(f"missing tensor 'tok_embeddings.weight' in {self._files_text()}")
         # The embedding gives the vocabulary when params.json says -1 (Llama 2): its vocab rows are the ones
         # not split across shards (Llama 2 splits d_model), or the sum of them (Llama 3 splits the vocab).
         pieces = raw["tok_embeddings.weight"]
-        d_model = int(params.get("dim", 0))
+        d_model = params.get("dim")  # checked by from_meta below
         if len(pieces) > 1 and pieces[0]["shape"][1] != d_model:
             d_vocab = pieces[0]["shape"][0]
         else:

@@ -100,7 +100,9 @@ def run_lens(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     readout = {} if args.readout is None else {"readout": args.readout}
-    lens = ll.logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, **readout)
+    # The table shows one position; only the heatmap needs them all.
+    positions = None if args.out else [args.position]
+    lens = ll.logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, positions=positions, **readout)
     print(format_lens_table(lens, args.position))
     if args.out:
         metric = args.metric or ("rank" if args.target is not None else "prob")
@@ -167,7 +169,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     # The summary is the loaded model's own (model.summary()), computed on the meta device: no weights read.
     with torch.device("meta"):
         skeleton = HookedLlama(cfg)
-    stored_dtype = table["dtype"].mode().iloc[0]
+    stored_dtype = str(ckpt.stored_dtype).removeprefix("torch.")
     summary = module_summary(skeleton.to(getattr(torch, stored_dtype)), depth=args.depth)
     summary["share"] = (100 * summary["share"]).map("{:.2f}%".format)
     summary["bytes"] = summary["bytes"].map(_human_bytes)
@@ -192,12 +194,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} GiB"
 
 
 # ------------------------------------------------------------------------------------------- generate

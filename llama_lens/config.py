@@ -299,15 +299,21 @@ class LlamaConfig:
     def from_file(cls, path: str | Path, *, d_vocab: int | None = None) -> LlamaConfig:
         """Reads config.json (HF) or params.json (Meta), chosen by file name."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+        data = read_json_object(path)
         if path.name == "params.json":
             return cls.from_meta(data, d_vocab=d_vocab, source=str(path))
         return cls.from_hf(data, source=str(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+    return data
 
 
 def meta_d_mlp(d_model: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -324,8 +330,11 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     key = "rope_parameters"
     if params is None:
         params, key = hf.get("rope_scaling"), "rope_scaling"
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"{source}: {key} must be an object such as {{\"rope_type\": \"linear\", \"factor\": 2.0}}, got {params!r}")
     params = dict(params or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    read = _Values(params, f"{source}: {key}")
+    theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(
@@ -348,7 +357,7 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         return theta, None
     if "factor" not in params:
         raise ValueError(f"{source}: {key} of type {kind!r} needs a 'factor'")
-    original = params.get("original_max_position_embeddings")
+    original = read.int("original_max_position_embeddings", None)
     if kind == "dynamic":
         # transformers grows the base past max_position_embeddings, whatever the original length says.
         original = hf.get("max_position_embeddings", 2048)
@@ -358,8 +367,8 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
                 raise ValueError(f"{source}: {key} of type 'llama3' needs {needed!r}")
     return theta, RopeScaling(
         kind=kind,
-        factor=float(params["factor"]),
-        low_freq_factor=params.get("low_freq_factor"),
-        high_freq_factor=params.get("high_freq_factor"),
+        factor=read.float("factor"),
+        low_freq_factor=read.float("low_freq_factor", None),
+        high_freq_factor=read.float("high_freq_factor", None),
         original_max_position_embeddings=int(original) if original is not None else None,
     )

@@ -44,7 +44,7 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 @torch.no_grad()
 def generate(
     model: HookedLlama,
-    prompts: str | Sequence[str] | torch.Tensor,
+    prompts: str | Sequence[str] | torch.Tensor | Sequence[int],
     *,
     max_new_tokens: int = 32,
     temperature: float = 0.6,
@@ -57,7 +57,7 @@ def generate(
     """Continues each prompt; hooks added with `model.hooks(...)` fire at every step.
 
     Args:
-        prompts: text, a list of texts (left-padded into one batch) or token ids [batch, pos].
+        prompts: text, a list of texts (left-padded into one batch) or token ids [pos] / [batch, pos].
         max_new_tokens: how many tokens to add at most.
         temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling threshold (ignored when greedy).
@@ -68,15 +68,9 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     device = model.embed.weight.device
-    if isinstance(prompts, torch.Tensor):
-        tokens = prompts.to(device)
-        mask = model.infer_attention_mask(tokens)
-        if mask is None:
-            mask = torch.ones_like(tokens)
-    else:
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens, mask = model._need_tokenizer().batch_encode(texts, bos=prepend_bos)
-        tokens, mask = tokens.to(device), mask.to(device)
+    tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)
+    if mask is None:
+        mask = torch.ones_like(tokens)
     eos_ids = sorted(set(model.cfg.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ()))
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -131,8 +131,6 @@ class ActivationCache:
         end = last + 1 if layer is None else layer
         tensors, labels = [], []
         for i in (i for i in self.layer_indices if i <= end):
-            if i == end and end > last:
-                break
             tensors.append(self[f"blocks.{i}.hook_resid_pre"])
             labels.append(f"{i}_pre")
             if (incl_mid and i < end) or (mlp_input and i == end):

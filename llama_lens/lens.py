@@ -57,7 +57,7 @@ VOCAB_BLOCK = 2048
 # Ids per block in top_k_largest's first cut, which keeps one maximum per block.
 TOP_K_BLOCK = 64
 
-Prompt = Union[str, Sequence[str], torch.Tensor]
+Prompt = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 Target = Union[str, int, Sequence[Union[str, int]], Sequence[Sequence[Union[str, int]]], None]
 
 
@@ -870,29 +870,8 @@ def direct_logit_attribution(
 # --------------------------------------------------------------------------------------------- arguments
 def _tokenize(model: HookedLlama, prompt_or_tokens: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [batch, pos] on the model's device and attention_mask [batch, pos] (1 = real token)."""
-    device = model.embed.weight.device
-    if isinstance(prompt_or_tokens, torch.Tensor):
-        tokens = prompt_or_tokens
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64) or tokens.shape[1] == 0:
-            raise ValueError(
-                f"token ids must be an integer tensor [pos] or [batch, pos] with pos >= 1, got "
-                f"{tokens.dtype} {tuple(prompt_or_tokens.shape)}"
-            )
-        tokens = tokens.long().to(device)
-        if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
-            raise ValueError(f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got {int(tokens.min())}"
-                             f"..{int(tokens.max())}")  # fmt: skip
-        mask = model.infer_attention_mask(tokens)
-        return tokens, (torch.ones_like(tokens) if mask is None else mask.long())
-    texts = [prompt_or_tokens] if isinstance(prompt_or_tokens, str) else list(prompt_or_tokens)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("pass a text, a list of texts, or a tensor of token ids")
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer; pass token ids, or load it with tokenizer=")
-    tokens, mask = model.tokenizer.batch_encode(texts, bos=True)
-    return tokens.to(device), mask.to(device)
+    tokens, mask = model.prepare_tokens(prompt_or_tokens)
+    return tokens, (torch.ones_like(tokens) if mask is None else mask.long())
 
 
 def _readout_points(

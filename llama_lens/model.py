@@ -271,7 +271,7 @@ class HookedLlama(HookedModule):
             logits [batch, pos, d_vocab], or resid [batch, pos, d_model] when `stop_at_layer` is given.
         """
         if tokens is not None:
-            tokens, text_mask = self._as_token_ids(tokens)
+            tokens, text_mask = self.prepare_tokens(tokens)
             if attention_mask is None:
                 # Texts come with their exact padding mask; bare ids get one inferred from leading pad tokens.
                 attention_mask = text_mask if text_mask is not None else self.infer_attention_mask(tokens)
@@ -303,22 +303,40 @@ class HookedLlama(HookedModule):
         return self.blocks[str(layer)](resid, cos, sin, mask, kv_cache)
 
     # ---------------------------------------------------------------- helpers of forward
-    def _as_token_ids(self, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids [batch, pos] on the model's device, and the padding mask when `tokens` was text."""
+    def prepare_tokens(
+        self, prompts: torch.Tensor | str | Sequence[str] | Sequence[int], *, prepend_bos: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids and padding mask for any prompt form `forward`, `generate` and the lens take.
+
+        Args:
+            prompts: a text or list of texts (tokenized, BOS first unless `prepend_bos=False`, left-padded), or
+                token ids [pos] / [batch, pos] as a tensor or (nested) list.
+
+        Returns:
+            ids [batch, pos] on the model's device, and the mask [batch, pos] (1 = real token): exact for texts;
+            for ids inferred from leading pad tokens, None when nothing is padded.
+
+        Raises:
+            ValueError: for ids that are not integers, an empty prompt, or an id outside [0, d_vocab).
+        """
         device = self.embed.weight.device
-        if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and isinstance(tokens[0], str)):
-            texts = [tokens] if isinstance(tokens, str) else tokens
-            ids, mask = self._need_tokenizer().batch_encode(texts, bos=True)
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            ids, mask = self._need_tokenizer().batch_encode(texts, bos=prepend_bos)
             return ids.to(device), mask.to(device)
-        if isinstance(tokens, (list, tuple)):
-            tokens = torch.tensor(tokens)  # [pos] or [batch, pos] of ids
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        ids = torch.tensor(prompts) if isinstance(prompts, (list, tuple)) else prompts
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"pass a text, a list of texts or token ids, got {type(prompts).__name__}")
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.shape[1] == 0:
             raise ValueError(
-                f"tokens must be text or integer ids [pos] / [batch, pos], got {tokens.dtype} {tuple(tokens.shape)}"
+                f"token ids must be integers [pos] or [batch, pos] with pos >= 1, got {ids.dtype} {tuple(ids.shape)}"
             )
-        return tokens.to(device), None
+        ids = ids.long().to(device)
+        low, high = int(ids.min()), int(ids.max())  # checked here: past d_vocab, the embedding fails obscurely
+        if low < 0 or high >= self.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, d_vocab={self.cfg.d_vocab}), got {low}..{high}")
+        return ids, self.infer_attention_mask(ids)
 
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
         loaded = self.layer_indices
@@ -370,6 +388,10 @@ class HookedLlama(HookedModule):
         past = 0 if kv_cache is None else kv_cache.length
         if attention_mask is None:
             attention_mask = torch.ones(batch, pos, dtype=torch.long, device=device)
+        elif tuple(attention_mask.shape) != (batch, pos):
+            raise ValueError(
+                f"attention_mask must be [batch, pos] = {(batch, pos)} like the tokens, got {tuple(attention_mask.shape)}"
+            )
         attention_mask = attention_mask.to(device)
         if kv_cache is not None:
             if kv_cache.attention_mask is not None:

@@ -1,6 +1,6 @@
 """Peak memory of loading a checkpoint: llama_lens (full and a layer range) against transformers.
 
-Each measurement runs in a fresh Python process: after the imports (and a first module built on the meta
+Each measurement runs in a fresh Python process: after the imports (and an embedding built on the meta
 device, which imports sympy once) it records the peak resident set size (VmHWM, or `ru_maxrss` of
 `resource.getrusage` without /proc), loads, and reports how much the peak grew. Growth is compared with the
 bytes of the weights asked for, in float32.
@@ -93,8 +93,8 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
     from llama_lens.checkpoint import Checkpoint
 
     ckpt = Checkpoint(path)  # warms the index cache so no variant pays for header parsing
-    # Both loaders build the model on the meta device; the first random init there imports sympy (about
-    # 70 MiB, once per process, whatever the model's size), so it is paid before the baseline.
+    # A random init on the meta device (transformers' loader does one) imports sympy: about 70 MiB, once per
+    # process, whatever the model's size. Paid before the baseline by every variant, so none is charged for it.
     with torch.device("meta"):
         torch.nn.Embedding(2, 2)
     read: list[str] = []

@@ -565,6 +565,9 @@ def test_missing_folder_config_and_weights(tmp_path, hf_folder):
     with pytest.raises(FileNotFoundError, match=r"no weight files in .*empty.*pytorch_model\.bin"):
         Checkpoint(empty)
     meta = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)
+    (meta / "params.json").write_text("[4096, 32]")
+    with pytest.raises(ValueError, match="params.json: expected a JSON object of config keys, got list"):
+        Checkpoint(meta, index_cache=False)
     (meta / "params.json").unlink()
     with pytest.raises(FileNotFoundError, match="params.json is missing"):
         Checkpoint(meta)

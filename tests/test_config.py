@@ -118,6 +118,8 @@ def test_config_written_by_transformers_5x_reads_back(shape):
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
         ({"hidden_size": "4096"}, "hidden_size must be an integer, got '4096'"),
         ({"rms_norm_eps": [1e-5]}, r"rms_norm_eps must be a number, got \[1e-05\]"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "8"}}, "rope_scaling: factor must be a number, got '8'"),
+        ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
     ],
 )
 def test_unsupported_hf_keys_are_named(change, message):

@@ -252,7 +252,7 @@ def test_forward_takes_ids_as_lists_and_rejects_a_mismatched_resid(tiny_cfg):
         assert torch.equal(model([ids]), expected)
         with pytest.raises(ValueError, match=r"resid must be \[batch, pos, d_model=64\] float32 .* got \(1, 4, 64\) bfloat16"):
             model(resid=torch.zeros(1, 4, 64, dtype=torch.bfloat16), start_layer=0)
-    with pytest.raises(ValueError, match="integer ids"):
+    with pytest.raises(ValueError, match=r"token ids must be integers \[pos\] or \[batch, pos\]"):
         model(torch.rand(1, 4))
 
 
@@ -282,3 +282,28 @@ def test_smollm2_greedy_continuation_says_paris(smollm2_pair):
     _, ours = smollm2_pair
     out = ours.generate("The capital of France is", max_new_tokens=6, temperature=0)
     assert out.text.startswith(" Paris")
+
+
+def test_bad_token_ids_and_masks_are_named_before_the_embedding(tiny_cfg):
+    _, model = reference_pair(tiny_cfg)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, d_vocab=128\), got 3\.\.128"):
+        model(torch.tensor([[3, 128]]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, d_vocab=128\)"):
+        model.generate([5, -1], max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match="pos >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, pos\] = \(2, 4\) like the tokens, got \(2, 3\)"):
+        model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_every_entry_point_takes_the_same_prompt_forms(tiny_cfg):
+    from llama_lens.lens import logit_lens
+
+    _, model = reference_pair(tiny_config(eos_token_ids=()))
+    ids = [5, 9, 17, 3]
+    as_list = model.generate(ids, max_new_tokens=3, temperature=0).tokens
+    as_tensor = model.generate(torch.tensor([ids]), max_new_tokens=3, temperature=0).tokens
+    as_1d = model.generate(torch.tensor(ids), max_new_tokens=3, temperature=0).tokens
+    assert as_list == as_tensor == as_1d and len(as_list) == 1
+    lens = logit_lens(model, ids)
+    assert lens.tokens.tolist() == [ids]
