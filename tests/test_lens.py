@@ -206,6 +206,7 @@ def test_read_out_holds_blocks_not_vocabulary_rows(monkeypatch):
     # [chunk_size, VOCAB_BLOCK] block of float32, however many rows there are.
     model = tiny_model(tiny_config(d_vocab=9000))
     tokens = torch.randint(0, 9000, (2, 100))
+    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 1024)  # several blocks across this small vocabulary
     mode = LargestNewStorage()
     read_out = lens_module._read_out
 
