@@ -439,28 +439,34 @@ def read_safetensors_tensor(
     """
     stored = getattr(torch, stored_dtype)
     result = torch.empty(shape, dtype=dtype or stored, device=device)
-    flat = result.view(-1)
     file.seek(offsets[0])
-    if result.dtype == stored and result.device.type == "cpu":
-        _read_into(file, flat)  # straight into the result, no buffer
-        return result
+    read_stored_into(file, result.view(-1), stored)
+    return result
+
+
+def read_stored_into(file: BinaryIO, flat: torch.Tensor, stored: torch.dtype, what: str = "a tensor") -> None:
+    """Fills `flat` (a contiguous tensor [numel]) from the next bytes of `file`, which hold `stored` values:
+    straight in when the dtype agrees and `flat` is in host memory, else through one buffer of at most
+    READ_CHUNK_BYTES, cast (and moved) into `flat` as they arrive."""
+    if flat.dtype == stored and flat.device.type == "cpu":
+        _read_into(file, flat, what)
+        return
     chunk = max(1, READ_CHUNK_BYTES // stored.itemsize)
     buffer = torch.empty(min(chunk, flat.numel()), dtype=stored)
     for first in range(0, flat.numel(), chunk):
         part = buffer[: min(chunk, flat.numel() - first)]
-        _read_into(file, part)
+        _read_into(file, part, what)
         flat[first : first + len(part)].copy_(part)
-    return result
 
 
-def _read_into(file: BinaryIO, tensor: torch.Tensor) -> None:
-    """Fills a contiguous CPU tensor with the next bytes of `file`."""
+def _read_into(file: BinaryIO, tensor: torch.Tensor, what: str) -> None:
+    """Fills a contiguous CPU tensor with the next bytes of `file` (readinto releases the GIL)."""
     view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
     done = 0
     while done < len(view):
         count = file.readinto(view[done:])
         if not count:
-            raise CheckpointError(f"{file.name}: ended early while reading a tensor; the file is truncated")
+            raise CheckpointError(f"{file.name}: ended early while reading {what}; the file is truncated")
         done += count
 
 

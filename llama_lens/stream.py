@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import dropped_on_error
+from .checkpoint import dropped_on_error, read_stored_into
 from .config import LlamaConfig
 from .model import HookedLlama, KVCache
 
@@ -40,7 +40,6 @@ from .model import HookedLlama, KVCache
 LayerReader = Callable[[int], tuple[dict[str, torch.Tensor], int]]
 
 RESIDENT_PARAMS = ("embed.weight", "ln_final.weight", "unembed.weight")
-READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when they are cast on the way in
 
 
 class CheckpointLayerReader:
@@ -119,32 +118,9 @@ class CheckpointLayerReader:
                     handles[path] = stack.enter_context(open(path, "rb", buffering=0))
                 handle = handles[path]
                 handle.seek(start)
-                stored = self.stored_dtypes[name]
-                flat = target.view(-1)
-                if stored == target.dtype:
-                    _read_exactly(handle, flat, name)
-                else:  # through a small buffer, cast as it arrives
-                    chunk = max(1, READ_CHUNK_BYTES // stored.itemsize)
-                    (buffer,) = _empty_cpu_tensors([(torch.Size([min(chunk, flat.numel())]), stored)])
-                    for first in range(0, flat.numel(), chunk):
-                        part = buffer[: min(chunk, flat.numel() - first)]
-                        _read_exactly(handle, part, name)
-                        flat[first : first + len(part)].copy_(part)
+                read_stored_into(handle, target.view(-1), self.stored_dtypes[name], name)
                 read_bytes += end - start
         return read_bytes
-
-
-def _read_exactly(handle: Any, tensor: torch.Tensor, name: str) -> None:
-    """Fills a contiguous CPU tensor with the next bytes of an open file (readinto releases the GIL)."""
-    view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        count = handle.readinto(view[done:])
-        if not count:
-            from .checkpoint import CheckpointError
-
-            raise CheckpointError(f"{handle.name}: ended early while reading {name}; the file is truncated")
-        done += count
 
 
 def _empty_cpu_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:

@@ -1,6 +1,5 @@
 """Checkpoint reading: every layout gives the same tensors, reads are lazy, bad input is named."""
 
-import collections
 import gc
 import json
 import os
@@ -14,6 +13,7 @@ import torch
 
 import llama_lens.checkpoint as checkpoint_module
 from conftest import tiny_config
+from loader_watch import count_torch_loads, shard_pages_in_memory
 from llama_lens.checkpoint import (
     HF_TO_CANONICAL,
     META_TO_CANONICAL,
@@ -222,18 +222,6 @@ def test_a_layer_range_reads_only_its_tensors(tmp_path, monkeypatch, layout):
     assert torch.equal(model.blocks["2"].mlp.up_proj.weight, state["blocks.2.mlp.up_proj.weight"])
 
 
-def count_torch_loads(monkeypatch) -> collections.Counter:
-    """file name -> torch.load calls from now on (each unpickles a whole .pth shard)."""
-    opened = collections.Counter()
-    torch_load = torch.load
-
-    def counting(path, *args, **kwargs):
-        opened[os.path.basename(path)] += 1
-        return torch_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", counting)
-    return opened
-
 
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_a_meta_load_opens_each_shard_once_whatever_the_number_of_layers(tmp_path, monkeypatch, n_layers):
@@ -271,17 +259,6 @@ def test_without_madvise_meta_shards_are_mapped_again_for_each_layer(tmp_path, m
     # the embedding, each layer, then the final norm and unembedding
     assert opened == {"consolidated.00.pth": 1 + 3 + 1, "consolidated.01.pth": 1 + 3 + 1}
 
-
-def shard_pages_in_memory(folder) -> int:
-    """Bytes of the files in `folder` mapped into this process and present in its memory (Rss in smaps)."""
-    total, counting = 0, False
-    for line in open("/proc/self/smaps").read().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address perms offset dev inode [path]
-            counting = len(fields) >= 6 and fields[5].startswith(str(folder))
-        elif counting and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")

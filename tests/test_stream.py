@@ -1,6 +1,5 @@
 """Streaming: a StreamedLlama must compute exactly what a loaded model computes, and hold no layer after."""
 
-import collections
 import gc
 import mmap
 import os
@@ -18,6 +17,7 @@ from llama_lens.stream import LayerStream, StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 from conftest import tiny_config
+from loader_watch import count_torch_loads, shard_pages_in_memory
 
 
 def write_checkpoint(folder, layout, cfg):
@@ -341,18 +341,6 @@ def test_a_shard_truncated_after_loading_is_named(tmp_path):
     assert_no_layer_resident(streamed)
 
 
-def count_torch_loads(monkeypatch) -> collections.Counter:
-    """file name -> torch.load calls from now on."""
-    opened = collections.Counter()
-    load = torch.load
-
-    def counting(path, *args, **kwargs):
-        opened[os.path.basename(path)] += 1
-        return load(path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", counting)
-    return opened
-
 
 def test_meta_shards_are_opened_at_load_not_per_tensor(tmp_path, monkeypatch):
     path = write_checkpoint(tmp_path / "meta", "meta", tiny_config(n_layers=3))  # 2 model-parallel shards
@@ -379,17 +367,6 @@ def test_meta_layouts_stream_identically(tmp_path, mp, changes, dtype):
     assert torch.equal(streamed(tokens), loaded(tokens))
     assert_no_layer_resident(streamed)
 
-
-def shard_pages_in_memory(folder) -> int:
-    """Bytes of the files in `folder` mapped into this process and present in its memory (Rss in smaps)."""
-    total, counting = 0, False
-    for line in open("/proc/self/smaps").read().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address perms offset dev inode [path]
-            counting = len(fields) >= 6 and fields[5].startswith(str(folder))
-        elif counting and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")

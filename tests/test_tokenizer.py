@@ -14,7 +14,6 @@ from llama_lens.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
-    Tokenizer,
     TransformersTokenizer,
     as_tokenizer,
     llama3_special_tokens,
