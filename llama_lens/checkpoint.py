@@ -1000,7 +1000,7 @@ class Checkpoint:
                 for name in group:
                     stored_name = self._source[name]
                     if stored_name not in read:
-                        read[stored_name] = self._read_param(stored_name, handles, dtype, device)
+                        read[stored_name] = self._read(self._stored[stored_name], handles, dtype, device, rotate_half=True)
                     result[name] = read[stored_name]
                 if remap_per_layer:
                     handles.close()  # mapped again by the next read
@@ -1077,16 +1077,6 @@ class Checkpoint:
         target = torch.empty(stored.shape, dtype=dtype or getattr(torch, stored.dtype), device=device)
         handles.read_stored(stored.name, target, rotate_half=rotate_half)
         return target
-
-    def _read_param(
-        self,
-        stored_name: str,
-        handles: dict[str, Any] | MappedShards,
-        dtype: torch.dtype | None,
-        device: torch.device,
-    ) -> torch.Tensor:
-        # Positional, not keyword: tests and scripts/bench_load.py wrap `_read` to record what is read.
-        return self._read(self._stored[stored_name], handles, dtype, device, True)
 
 
 class MappedShards:

@@ -107,9 +107,9 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
     else:
         original = Checkpoint._read
 
-        def spy(self, stored, *args):
+        def spy(self, stored, *args, **kwargs):
             read.append(stored.name)
-            return original(self, stored, *args)
+            return original(self, stored, *args, **kwargs)
 
         Checkpoint._read = spy
         import llama_lens.model  # noqa: F401  (imported before the baseline, like transformers above)

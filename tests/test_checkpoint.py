@@ -207,9 +207,9 @@ def test_a_layer_range_reads_only_its_tensors(tmp_path, monkeypatch, layout):
     read = []
     original = Checkpoint._read
 
-    def spy(self, stored, *args):
+    def spy(self, stored, *args, **kwargs):
         read.append(stored.name)
-        return original(self, stored, *args)
+        return original(self, stored, *args, **kwargs)
 
     monkeypatch.setattr(Checkpoint, "_read", spy)
     model = load(ckpt, layers=range(1, 3))
@@ -270,8 +270,8 @@ def test_a_meta_load_lets_go_of_the_shard_pages_it_copied(tmp_path, monkeypatch)
     in_memory = []  # after each tensor read, while the shards are still mapped
     read = Checkpoint._read
 
-    def sampling(self, *args):
-        tensor = read(self, *args)
+    def sampling(self, *args, **kwargs):
+        tensor = read(self, *args, **kwargs)
         in_memory.append(shard_pages_in_memory(folder))
         return tensor
 
