@@ -115,11 +115,10 @@ def run_lens(args: argparse.Namespace) -> int:
 def format_lens_table(lens, position: int = -1) -> str:
     """One line per read-out at one position of the first prompt: top tokens with probabilities and, with a
     target, its probability and rank."""
-    n_tokens = lens.tokens.shape[1]
-    pos = position + n_tokens if position < 0 else position
-    if pos not in lens.positions:
-        raise ValueError(f"position {position} is outside the prompt ({n_tokens} tokens)")
-    column = lens.positions.index(pos)
+    from .plot_lens import _resolve_position
+
+    column = _resolve_position(lens, position)
+    pos = lens.positions[column]
     token = lens.str_tokens[0][pos]
     lines = [f"logit lens at position {pos} ({token!r}): what each read-out predicts next"]
     header = f"{'read-out':<9}  {'top tokens':<48}"
