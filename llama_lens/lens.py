@@ -15,7 +15,8 @@ Rows (one residual vector each) are taken a chunk at a time, and each chunk swee
 one matmul makes a block of logits small enough to stay in cache, and every metric reads it there before
 the next block replaces it — top-k, the target's logit and rank, and the block's logsumexp and mean logit,
 merged across blocks as an online softmax does (Milakov & Gimelshein 2018, arXiv:1805.02867). No metric
-needs a second pass, so the work beyond the forward pass is about the unembedding matmul itself. KL to the
+needs a second sweep, so the work beyond the forward pass is the unembedding matmul and about a fifth more on
+CPU, the metrics' passes over each block (docs/logit_lens.md, scripts/bench_lens.py). KL to the
 final distribution p comes from the same blocks: p's metrics come first, from the model's own logits, and
 each read-out q adds up sum_v p(v) logits_q(v) block by block, with p(v) = exp(logits_p(v) - logsumexp(logits_p))
 made for the block at hand only, so that
@@ -48,15 +49,22 @@ if TYPE_CHECKING:
 READOUTS = ("embed", "resid_pre", "resid_mid", "resid_post")
 DEFAULT_READOUT = ("embed", "resid_post")
 # Rows (residual vectors) per chunk. Each chunk sweeps the vocabulary in blocks of VOCAB_BLOCK ids, so a
-# chunk holds [DEFAULT_CHUNK_SIZE, VOCAB_BLOCK] logits (16 MB in float32) and the matmul packs each block of
+# chunk holds [DEFAULT_CHUNK_SIZE, VOCAB_BLOCK] logits (4 MB in float32) and the matmul packs each block of
 # W_U once per 1024 rows. Measured with scripts/bench_lens.py.
 DEFAULT_CHUNK_SIZE = 1024
-# Vocabulary ids per block of the sweep. A block of logits and its probabilities (32 MB together) about fill a
-# 32 MB last-level cache while every metric reads them; 4096 beat 2048 by 5-10% in scripts/bench_lens.py on
-# SmolLM2 (fewer, larger matmuls and fewer per-block calls), at 29 and at 512 tokens.
-VOCAB_BLOCK = 4096
+# Vocabulary ids per block of the sweep on CPU. Each metric is a pass over the block (the exponentials, sums,
+# comparisons), and passes over a 4 MB block and its 4 MB of powers stay in cache: with 1024 ids the lens's
+# time beyond its forward pass was 5-10% of the matmul's time lower than with 2048 or 4096 on SmolLM2 (2 CPU
+# threads, 29 and 512 tokens), the more per-block torch calls notwithstanding.
+VOCAB_BLOCK = 1024
+# On a GPU each per-block call is a kernel launch, and a block this size is far from filling the device: wider
+# blocks there (not tuned).
+ACCELERATOR_VOCAB_BLOCK = 4096
 # Ids per block in top_k_largest's first cut, which keeps one maximum per block.
 TOP_K_BLOCK = 64
+# exp(x) = 2 ** (x * LOG2_E): exp2 costs about half of exp on CPU.
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
 
 Prompt = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 Target = Union[str, int, Sequence[Union[str, int]], Sequence[Sequence[Union[str, int]]], None]
@@ -324,10 +332,10 @@ def logit_lens(
         top_k: how many most likely tokens to keep per read-out.
         keep_logits: also keep every read-out's logits, [batch, n_readouts, n_pos, d_vocab] (large).
         chunk_size: residual vectors per chunk (default `DEFAULT_CHUNK_SIZE`); each chunk sweeps the
-            vocabulary in blocks of `VOCAB_BLOCK` ids. Memory: the model's logits at the asked-for positions
-            [batch * n_pos, d_vocab] and the read-out residual vectors [batch * n_pos * n_readouts, d_model]
-            (with their normed copy), plus a few [chunk_size, VOCAB_BLOCK] blocks whatever the prompt length
-            (one more for each further vocabulary block that holds a target).
+            vocabulary in blocks of `VOCAB_BLOCK` ids (`ACCELERATOR_VOCAB_BLOCK` on a GPU). Memory: the model's
+            logits at the asked-for positions [batch * n_pos, d_vocab] and the read-out residual vectors
+            [batch * n_pos * n_readouts, d_model] (with their normed copy), plus a few [chunk_size, VOCAB_BLOCK]
+            blocks whatever the prompt length (one more for each further vocabulary block that holds a target).
         layers: which loaded layers to read out (default all loaded layers).
 
     Returns:
@@ -435,7 +443,8 @@ def _read_out(
             same tensor object are read out once).
         final_hook: the hook whose read-out `final_rows` is.
         row_targets: [n_rows, n_targets] or None.
-        chunk_size: residual vectors per chunk (each chunk sweeps the vocabulary in blocks of `VOCAB_BLOCK`).
+        chunk_size: residual vectors per chunk (each chunk sweeps the vocabulary in blocks of `VOCAB_BLOCK`
+            ids on CPU, `ACCELERATOR_VOCAB_BLOCK` elsewhere).
     """
     n_rows, d_vocab = final_rows.shape
     device = final_rows.device
@@ -447,13 +456,14 @@ def _read_out(
         same_as[hook] = first_with.setdefault(id(tensor), hook)
     computed = list(first_with.values())
     n_readouts = len(computed)
-    scratch = _Scratch(min(chunk_size, n_rows * max(n_readouts, 1)) * min(VOCAB_BLOCK, d_vocab), device)
+    vocab_block = VOCAB_BLOCK if device.type == "cpu" else ACCELERATOR_VOCAB_BLOCK
+    scratch = _Scratch(min(chunk_size, n_rows * max(n_readouts, 1)) * min(vocab_block, d_vocab), device)
 
     # The final distribution first: every read-out's KL needs its logsumexp and entropy. Its blocks are views
     # of the model's logits, with nothing to compute but the metrics, so they are as wide as the scratch
     # allows (whole rows for a short prompt): fewer, larger torch calls.
     final_chunk = min(chunk_size, n_rows)
-    width = max(VOCAB_BLOCK, scratch.size // final_chunk // VOCAB_BLOCK * VOCAB_BLOCK)
+    width = max(vocab_block, scratch.size // final_chunk // vocab_block * vocab_block)
     blocks = _blocks(d_vocab, width)
     keep = (d_vocab, final_rows.dtype) if keep_logits else None
     final = _Metrics.empty(n_rows, top_k, n_targets, device, logits=keep)
@@ -474,7 +484,7 @@ def _read_out(
     # of whole positions is one range. Normed through the model's own ln_final, as the final read-out was: hooks
     # on ln_final fire here too, once, on [n_rows, n_readouts, d_model].
     normed = model.ln_final(torch.stack([resid[hook] for hook in computed], dim=1)).flatten(0, 1)
-    blocks = _blocks(d_vocab, VOCAB_BLOCK)
+    blocks = _blocks(d_vocab, vocab_block)
     keep = (d_vocab, weight.dtype) if keep_logits else None
     metrics = _Metrics.empty(n_rows * n_readouts, top_k, n_targets, device, logits=keep)
     for j0, j1, k0, k1 in _chunks(n_readouts, n_rows, chunk_size):
@@ -483,8 +493,9 @@ def _read_out(
         x = normed[rows]  # [chunk, d_model], a view
         n_j, n_k = j1 - j0, k1 - k0
         targets = None if row_targets is None else row_targets[j0:j1].repeat_interleave(n_k, 0)
-        state = _Online(len(x), top_k, targets, VOCAB_BLOCK, device)
+        state = _Online(len(x), top_k, targets, vocab_block, device)
         cross = torch.zeros(n_j, n_k, device=device)  # sum_v p_final(v) logits(v)
+        final_mass = torch.zeros(n_j, device=device)  # sum_v p_final(v): 1 but for rounding
 
         def unembed(v0: int, v1: int, slot: int) -> torch.Tensor:
             return torch.mm(x, weight[v0:v1].t(), out=scratch.get(f"logits{slot}", len(x), v1 - v0, weight.dtype))
@@ -494,6 +505,7 @@ def _read_out(
             # by the chunk's read-outs, instead of a [n_rows, d_vocab] array of probabilities kept throughout.
             final_probs = scratch.get("final_probs", n_j, v1 - v0)
             torch.sub(final_rows[j0:j1, v0:v1], final.lse[j0:j1, None], out=final_probs).exp_()
+            final_mass.add_(final_probs.sum(dim=1))
             spent = scratch.get("probs", len(block), v1 - v0).view(n_j, n_k, v1 - v0)
             torch.mul(block.view(n_j, n_k, v1 - v0), final_probs[:, None], out=spent)
             cross.add_(spent.sum(dim=-1))
@@ -502,7 +514,9 @@ def _read_out(
 
         _sweep(state, blocks, unembed, scratch, take)
         state.finish_into(metrics, rows)
-        # KL(final || read-out) = sum_v p log p - sum_v p(v) logits(v) + logsumexp(read-out logits)
+        # KL(final || read-out) = sum_v p log p - sum_v p(v) logits(v) + logsumexp(read-out logits). p sums to
+        # 1 but for the rounding of its logsumexp, which, times logits of 200, would be 3e-3 of KL's nats.
+        cross /= final_mass[:, None]
         kl = metrics.lse[rows].view(n_j, n_k) - cross - final.entropy[j0:j1, None]
         metrics.kl[rows] = kl.clamp_(min=0).flatten()
     for k, hook in enumerate(computed):
@@ -612,12 +626,14 @@ class _Online:
         # Metrics in float32 whatever the model's dtype (into a reused buffer: a fresh one would be fresh pages).
         block = logits if logits.dtype == torch.float32 else scratch.get("float_logits", rows, width).copy_(logits)
         block_max = self._update_top_k(block, v0)
-        spent = scratch.get("probs", rows, width)
-        probs = torch.softmax(block, dim=-1, out=spent)
-        # The block's logsumexp: its largest probability is exp(max - max) / sum = 1 / sum, so no second exp
-        # pass is needed, and that probability is >= 1 / width, a well-conditioned log.
-        self.block_lse.append(block_max - probs.amax(dim=1).log())
-        self.block_expected.append(torch.mul(probs, block, out=spent).sum(dim=1))  # probs are spent now
+        # exp(logits - max) = 2 ** powers, with powers = logits * log2(e) - shift and the shift the maximum in
+        # log2 units (one fused multiply-add pass); no softmax, whose division by the sum is one more pass.
+        shift = block_max * LOG2_E
+        weights = scratch.get("probs", rows, width)
+        torch.add(-shift[:, None], block, alpha=LOG2_E, out=weights).exp2_()  # largest 1, so the sum is >= 1
+        total = weights.sum(dim=1)
+        self.block_lse.append((shift + total.log2()) * LN_2)
+        self.block_expected.append(torch.mul(weights, block, out=weights).sum(dim=1) / total)  # spent now
         if v0 // self.width in self.target_blocks:
             found = block.gather(1, self.target_offset.clamp(max=width - 1))
             self.target_logits = torch.where(self.target_block == v0 // self.width, found, self.target_logits)
@@ -674,7 +690,9 @@ class _Online:
         block_lse = torch.stack(self.block_lse, dim=1)  # [rows, n_blocks]
         lse = block_lse.logsumexp(dim=1)
         shares = (block_lse - lse[:, None]).exp()
-        expected = (shares * torch.stack(self.block_expected, dim=1)).sum(dim=1)  # sum_v p(v) logits(v)
+        # sum_v p(v) logits(v). Divided by the shares' sum, which is 1 but for lse's rounding: at logits of 200
+        # that rounding (1.5e-5) times the logits would be 3e-3 of the entropy's nats.
+        expected = (shares * torch.stack(self.block_expected, dim=1)).sum(dim=1) / shares.sum(dim=1)
         metrics.lse[rows] = lse
         metrics.top_ids[rows] = self.top_ids
         metrics.top_logits[rows] = self.top_values

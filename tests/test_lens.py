@@ -566,3 +566,21 @@ def test_bfloat16_ranks_count_only_strictly_higher_logits(chunk_size):
     assert torch.equal(result.target_logits, target_logits.float())
     assert torch.equal(result.target_ranks, ranks)
     assert ranks.max() > 100
+
+
+def test_entropy_and_kl_stay_accurate_at_large_logits():
+    # Logits of about 200, as the embedding read-out of real models reaches: lse and the mean logit are both
+    # near 200, and the entropy is their small difference, so float32 rounding of either shows up in it.
+    model = tiny_model(tiny_config(d_vocab=9000))
+    with torch.no_grad():
+        model.unembed.weight.mul_(40 / model.unembed.weight.abs().max())
+    tokens = torch.randint(0, 9000, (2, 11))
+    result = ll.logit_lens(model, tokens, keep_logits=True)
+    logits = result.logits.double()
+    assert logits.abs().amax() > 150
+    log_probs = logits.log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    kl = (log_probs[:, -1:].exp() * (log_probs[:, -1:] - log_probs)).sum(-1)
+    assert entropy.min() < 0.1  # peaked rows: lse and the mean logit nearly cancel
+    torch.testing.assert_close(result.entropy.double(), entropy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.kl_to_final.double(), kl, atol=1e-4, rtol=0)
