@@ -8,15 +8,18 @@ prompt length this prints
 
 Read-outs: the embedding and every layer's resid_post (31 for SmolLM2, as many as transformers' hidden_states).
 The bare matmul is F.linear over all those rows (normed), timed as one call, in the lens's own blocks
-([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 4096; the fastest counts. The transformers
+([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 2048 and 1024 × 4096; the fastest counts. The transformers
 recipe is the usual one: `output_hidden_states=True`, then for each hidden state model.model.norm (except the
 last entry, which transformers has already normed) -> lm_head -> softmax -> top-k. Our lens computes more on
 the same read-outs (entropy, KL to the final distribution, the target's probability / logit / rank).
 
 The candidates run in turns (forward, lens, matmuls, recipe, forward, ...) so that other load on the machine
-falls on all of them alike; the table shows the median over the turns (and the minimum, for a loaded machine).
+falls on all of them alike. The times are medians over the turns; the two ratios are medians of each turn's
+own ratio (its lens against its forward pass, its matmuls and its recipe, all run within seconds of each
+other), which a slow stretch of a shared machine moves less than a ratio of medians.
 
-Usage: python scripts/bench_lens.py [PATH] [--lengths 29 512] [--repeats 5] [--chunk-size N] [--threads N]
+Usage: python scripts/bench_lens.py [PATH] [--lengths 29 512] [--repeats 5] [--chunk-size N] [--vocab-block N]
+                                     [--threads N]
 PATH defaults to the embedded SmolLM2-135M (ll.demo_model_path()). Threads: torch's default unless given.
 """
 
@@ -45,6 +48,10 @@ def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def cell_width(name: str) -> int:
+    return max(7, len(name) - 2)
+
+
 def transformers_recipe(hf, tokens: torch.Tensor, top_k: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = hf(tokens, output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states  # embeddings, then each layer's output; the last entry is already normed
@@ -62,6 +69,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[29, 512])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the lens's)")
+    parser.add_argument("--vocab-block", type=int, default=None, help="ids per block (default: the lens's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -70,6 +78,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     chunk = args.chunk_size or lens_module.DEFAULT_CHUNK_SIZE
+    if args.vocab_block:
+        lens_module.VOCAB_BLOCK = args.vocab_block
     block = lens_module.VOCAB_BLOCK
     path = args.path or str(ll.demo_model_path())
     model = ll.load(path, dtype=torch.float32)
@@ -78,8 +88,9 @@ def main() -> None:
     n_readouts = cfg.n_layers + 1  # the embedding and every layer's resid_post, as hidden_states has
     print(f"model: {path}  threads: {torch.get_num_threads()}  chunk: {chunk} rows x {block} ids  "
           f"repeats: {args.repeats} (interleaved)")  # fmt: skip
-    print(f"{'tokens':>6} {'GFLOP':>6} {'stat':>6} {'forward':>9} {'lens':>9} {'mm 1call':>9} {'mm blocks':>9} "
-          f"{'mm 1024x4096':>12} {'hf recipe':>9} {'beyond/mm':>9} {'lens/hf':>7}")  # fmt: skip
+    names = ["forward", "lens", "mm 1call", "mm blocks", "mm 1024x2048", "mm 1024x4096", "hf recipe"]
+    header = " ".join(f"{name:>{cell_width(name) + 2}}" for name in names)
+    print(f"{'tokens':>6} {'GFLOP':>6} {header} {'beyond/mm':>9} {'lens/hf':>7}")
     generator = torch.Generator().manual_seed(0)
     weight = model.unembed.weight
     for length in args.lengths:
@@ -112,17 +123,24 @@ def main() -> None:
             "mm 1call": inference(lambda: F.linear(rows, weight)),
             # The lens's own blocks and a larger shape: the faster of all the bare matmuls is the floor.
             "mm blocks": inference(blocked_matmul(chunk, block)),
+            "mm 1024x2048": inference(blocked_matmul(1024, 2048)),
             "mm 1024x4096": inference(blocked_matmul(1024, 4096)),
             "hf recipe": inference(lambda: transformers_recipe(hf, tokens)),
         }
         times = interleaved_times(candidates, args.repeats)
         gflop = n_readouts * length * cfg.d_model * cfg.d_vocab * 2 / 1e9
-        for stat_name, stat in (("median", statistics.median), ("min", min)):
-            t = {name: stat(values) for name, values in times.items()}
-            matmul = min(t[name] for name in candidates if name.startswith("mm"))
-            cells = " ".join(f"{t[name] * 1e3:>{max(7, len(name) - 2)}.0f}ms" for name in candidates)
-            print(f"{length:>6} {gflop:>6.0f} {stat_name:>6} {cells} "
-                  f"{(t['lens'] - t['forward']) / matmul:>9.3f} {t['lens'] / t['hf recipe']:>7.3f}")  # fmt: skip
+        matmuls = [name for name in candidates if name.startswith("mm")]
+        beyond, versus_hf = [], []
+        for turn in range(args.repeats):
+            t = {name: values[turn] for name, values in times.items()}
+            beyond.append((t["lens"] - t["forward"]) / min(t[name] for name in matmuls))
+            versus_hf.append(t["lens"] / t["hf recipe"])
+        median = {name: statistics.median(values) for name, values in times.items()}
+        assert list(candidates) == names
+        cells = " ".join(f"{median[name] * 1e3:>{cell_width(name)}.0f}ms" for name in names)
+        spread = f"(turns: beyond/mm {min(beyond):.3f}-{max(beyond):.3f})"
+        print(f"{length:>6} {gflop:>6.0f} {cells} {statistics.median(beyond):>9.3f} "
+              f"{statistics.median(versus_hf):>7.3f}   {spread}")  # fmt: skip
 
 
 if __name__ == "__main__":
