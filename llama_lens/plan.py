@@ -33,6 +33,7 @@ GIB = 2**30
 MEMINFO = Path("/proc/meminfo")
 CGROUP_V2 = Path("/sys/fs/cgroup")  # memory.max, memory.current, memory.stat
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")  # memory.limit_in_bytes, memory.usage_in_bytes, memory.stat
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")  # which cgroup this process is in, under those roots
 
 
 class NotEnoughMemoryError(MemoryError, ValueError):
@@ -277,35 +278,62 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_available() -> int | None:
-    """Limit less usage of the cgroup mounted at the cgroup root (v2 or v1); None without a limit.
+    """The least room (limit less usage) of this process's cgroup and every cgroup above it, v2 or v1; None
+    where none of them has a limit.
 
-    A container sees its own cgroup there. A process in a nested cgroup of a host (a systemd slice) is not
-    looked up through /proc/self/cgroup: its limit goes unseen.
+    A container sees its own cgroup at the root. A process in a nested cgroup (a systemd slice or scope, a job
+    scheduler's cgroup) is found through /proc/self/cgroup, and every cgroup on the way up counts: a parent's
+    limit covers its children's usage too.
 
     Usage counts the page cache, which the kernel reclaims before it refuses memory; its inactive part
     (`inactive_file` in memory.stat, what `docker stats` subtracts too) is counted as free. Without that,
     reading a checkpoint once would make the next load look as if it did not fit.
     """
     room = []
-    for folder, limit_file, usage_file, inactive_key in (
+    for root, limit_file, usage_file, inactive_key in (
         (CGROUP_V2, "memory.max", "memory.current", "inactive_file"),
         (CGROUP_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
     ):
-        try:
-            limit = int((folder / limit_file).read_text())  # v2 writes "max" for no limit: skipped
-            usage = int((folder / usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        inactive = 0
-        try:
-            for line in (folder / "memory.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == inactive_key:
-                    inactive = int(value)
-        except (OSError, ValueError):
-            pass
-        room.append(max(limit - max(usage - inactive, 0), 0))
+        for folder in _cgroup_folders(root, v2=root == CGROUP_V2):
+            try:
+                limit = int((folder / limit_file).read_text())  # v2 writes "max" for no limit: skipped
+                usage = int((folder / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            inactive = 0
+            try:
+                for line in (folder / "memory.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == inactive_key:
+                        inactive = int(value)
+            except (OSError, ValueError):
+                pass
+            room.append(max(limit - max(usage - inactive, 0), 0))
     return min(room, default=None)
+
+
+def _cgroup_folders(root: Path, *, v2: bool) -> list[Path]:
+    """This process's cgroup folder under `root` and every folder above it up to `root` itself.
+
+    /proc/self/cgroup has one line per hierarchy, `id:controllers:path`: v2's is `0::/path`, v1's memory
+    hierarchy names `memory` among its controllers. A path that is not under `root` here (a container that
+    sees its host's path for a cgroup mounted as its own root) leaves the root alone, as before.
+    """
+    try:
+        lines = PROC_SELF_CGROUP.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = root
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if (v2 and hierarchy == "0" and controllers == "") or (not v2 and "memory" in controllers.split(",")):
+            own = root / path.strip().lstrip("/")
+            break
+    folders = [own]
+    while folders[-1] != root and root in folders[-1].parents:
+        folders.append(folders[-1].parent)
+    return [folder for folder in folders if folder.is_dir()] or [root]
 
 
 def weights_dtype(source: Any, dtype: torch.dtype | None) -> torch.dtype:

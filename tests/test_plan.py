@@ -126,6 +126,7 @@ def fake_memory_files(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_module, "MEMINFO", paths["meminfo"])
     monkeypatch.setattr(plan_module, "CGROUP_V2", paths["v2"])
     monkeypatch.setattr(plan_module, "CGROUP_V1", paths["v1"])
+    monkeypatch.setattr(plan_module, "PROC_SELF_CGROUP", tmp_path / "self_cgroup")  # absent: the roots only
 
     def write(meminfo_kib=None, v2=None, v1=None):
         if meminfo_kib is not None:
@@ -173,6 +174,36 @@ def test_available_memory_respects_a_cgroup_v1_limit(fake_memory_files):
     assert plan_module.available_memory("cpu") == 2 * GIB + GIB // 2
     fake_memory_files(v1={"memory.limit_in_bytes": "9223372036854771712\n"})  # v1 writes this for no limit
     assert plan_module.available_memory("cpu") == 64 * GIB
+
+
+def test_available_memory_finds_a_nested_cgroup_and_its_parents(tmp_path, fake_memory_files):
+    # A process in a systemd scope under a slice with a limit: v2 lists its cgroup as "0::/path".
+    (tmp_path / "self_cgroup").write_text("0::/user.slice/user-1000.slice/session-3.scope\n")
+    scope = tmp_path / "cgroup" / "user.slice" / "user-1000.slice" / "session-3.scope"
+    scope.mkdir(parents=True)
+    slice_ = scope.parent
+    fake_memory_files(meminfo_kib=64 * 2**20)
+    (scope / "memory.max").write_text("max\n")
+    (scope / "memory.current").write_text(f"{GIB}\n")
+    (slice_ / "memory.max").write_text(f"{10 * GIB}\n")
+    (slice_ / "memory.current").write_text(f"{4 * GIB}\n")  # the slice's other processes count too
+    (slice_ / "memory.stat").write_text(f"inactive_file {GIB}\n")
+    assert plan_module.available_memory("cpu") == 7 * GIB
+    (scope / "memory.max").write_text(f"{3 * GIB}\n")  # a tighter limit on the scope itself
+    assert plan_module.available_memory("cpu") == 2 * GIB
+
+    # v1: the memory hierarchy's line names its path under /sys/fs/cgroup/memory.
+    (tmp_path / "self_cgroup").write_text("12:cpu,cpuacct:/jobs/42\n7:memory:/jobs/42\n")
+    job = tmp_path / "cgroup" / "memory" / "jobs" / "42"
+    job.mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(f"{GIB}\n")
+    (job / "memory.usage_in_bytes").write_text(f"{GIB // 4}\n")
+    assert plan_module.available_memory("cpu") == GIB - GIB // 4
+
+    # A path that is not there (a container shown its host's path): the roots are read, as before.
+    (tmp_path / "self_cgroup").write_text("0::/docker/0123abcd\n")
+    fake_memory_files(v2={"memory.max": f"{5 * GIB}\n", "memory.current": f"{GIB}\n"})
+    assert plan_module.available_memory("cpu") == 4 * GIB
 
 
 def test_a_cgroup_limit_refuses_a_load(tmp_path, fake_memory_files):
