@@ -626,8 +626,9 @@ class _Online:
         # Metrics in float32 whatever the model's dtype (into a reused buffer: a fresh one would be fresh pages).
         block = logits if logits.dtype == torch.float32 else scratch.get("float_logits", rows, width).copy_(logits)
         block_max = self._update_top_k(block, v0)
-        # exp(logits - max) = 2 ** powers, with powers = logits * log2(e) - shift and the shift the maximum in
-        # log2 units (one fused multiply-add pass); no softmax, whose division by the sum is one more pass.
+        # exp(logits - max) = 2 ** (logits * log2(e) - shift), the shift being the maximum in log2 units: one
+        # fused multiply-add pass makes the exponents and exp2_ takes them in place. No softmax, whose division
+        # by the sum would be one more pass over the block.
         shift = block_max * LOG2_E
         weights = scratch.get("probs", rows, width)
         torch.add(-shift[:, None], block, alpha=LOG2_E, out=weights).exp2_()  # largest 1, so the sum is >= 1

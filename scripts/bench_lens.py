@@ -8,9 +8,9 @@ prompt length this prints
 
 Read-outs: the embedding and every layer's resid_post (31 for SmolLM2, as many as transformers' hidden_states).
 The bare matmul is F.linear over all those rows (normed), timed as one call, in the lens's own blocks
-([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 2048 and 1024 × 4096; the fastest counts. The transformers
-recipe is the usual one: `output_hidden_states=True`, then for each hidden state model.model.norm (except the
-last entry, which transformers has already normed) -> lm_head -> softmax -> top-k. Our lens computes more on
+([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 2048 and 1024 × 4096; the fastest counts. The
+transformers recipe is the usual one: `output_hidden_states=True`, then for each hidden state model.model.norm
+(except the last entry, which transformers has already normed) -> lm_head -> softmax -> top-k. Our lens computes more on
 the same read-outs (entropy, KL to the final distribution, the target's probability / logit / rank).
 
 The candidates run in turns (forward, lens, matmuls, recipe, forward, ...) so that other load on the machine
@@ -121,7 +121,7 @@ def main() -> None:
             "forward": inference(lambda: model(tokens)),
             "lens": lambda: ll.logit_lens(model, tokens, target=target, chunk_size=chunk),
             "mm 1call": inference(lambda: F.linear(rows, weight)),
-            # The lens's own blocks and a larger shape: the faster of all the bare matmuls is the floor.
+            # The lens's own blocks and two other shapes: the fastest of all the bare matmuls is the floor.
             "mm blocks": inference(blocked_matmul(chunk, block)),
             "mm 1024x2048": inference(blocked_matmul(1024, 2048)),
             "mm 1024x4096": inference(blocked_matmul(1024, 4096)),
