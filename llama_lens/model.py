@@ -271,10 +271,10 @@ class HookedLlama(HookedModule):
             logits [batch, pos, d_vocab], or resid [batch, pos, d_model] when `stop_at_layer` is given.
         """
         if tokens is not None:
-            tokens, text_mask = self.prepare_tokens(tokens)
+            tokens, prepared_mask = self.prepare_tokens(tokens)
             if attention_mask is None:
-                # Texts come with their exact padding mask; bare ids get one inferred from leading pad tokens.
-                attention_mask = text_mask if text_mask is not None else self.infer_attention_mask(tokens)
+                # Texts come with their exact padding mask; bare ids with one inferred from leading pad tokens.
+                attention_mask = prepared_mask
         layers = self._layers_to_run(start_layer, stop_at_layer, resid is not None)
         weight = self.embed.weight
         if resid is None:
