@@ -1166,15 +1166,14 @@ class MappedShards:
             destination = target.view(n_heads, 2, half, -1).transpose(1, 2)
             destination.copy_(source.view(n_heads, half, 2, -1))
             del pieces, source
-        else:
+        elif len(mapped) == 1:  # whole in one shard, or replicated
+            _copy_dropping_pages(mapped[0], target)
+        else:  # each model-parallel piece into its slice of the target
             start = 0
             for piece in mapped:
-                if len(mapped) == 1:
-                    _copy_dropping_pages(piece, target)
-                else:
-                    size = piece.shape[stored.split_dim]
-                    _copy_dropping_pages(piece, target.narrow(stored.split_dim, start, size))
-                    start += size
+                size = piece.shape[stored.split_dim]
+                _copy_dropping_pages(piece, target.narrow(stored.split_dim, start, size))
+                start += size
         for piece in mapped:
             _release_mapped_pages(piece)  # all of it, pages that straddled two parts included
         return sum(piece.nbytes for piece in mapped)
