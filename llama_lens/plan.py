@@ -289,12 +289,13 @@ def _cgroup_available() -> int | None:
     (`inactive_file` in memory.stat, what `docker stats` subtracts too) is counted as free. Without that,
     reading a checkpoint once would make the next load look as if it did not fit.
     """
+    own = _own_cgroups()
     room = []
-    for root, limit_file, usage_file, inactive_key in (
-        (CGROUP_V2, "memory.max", "memory.current", "inactive_file"),
-        (CGROUP_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    for version, root, limit_file, usage_file, inactive_key in (
+        ("v2", CGROUP_V2, "memory.max", "memory.current", "inactive_file"),
+        ("v1", CGROUP_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
     ):
-        for folder in _cgroup_folders(root, v2=root == CGROUP_V2):
+        for folder in _folders_up_to(root, own.get(version, "")):
             try:
                 limit = int((folder / limit_file).read_text())  # v2 writes "max" for no limit: skipped
                 usage = int((folder / usage_file).read_text())
@@ -312,25 +313,29 @@ def _cgroup_available() -> int | None:
     return min(room, default=None)
 
 
-def _cgroup_folders(root: Path, *, v2: bool) -> list[Path]:
-    """This process's cgroup folder under `root` and every folder above it up to `root` itself.
-
-    /proc/self/cgroup has one line per hierarchy, `id:controllers:path`: v2's is `0::/path`, v1's memory
-    hierarchy names `memory` among its controllers. A path that is not under `root` here (a container that
-    sees its host's path for a cgroup mounted as its own root) leaves the root alone, as before.
-    """
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per hierarchy, from /proc/self/cgroup (one line each, `id:controllers:path`):
+    "v2" from the `0::/path` line, "v1" from the line whose controllers include memory."""
     try:
         lines = PROC_SELF_CGROUP.read_text().splitlines()
     except OSError:
-        lines = []
-    own = root
+        return {}
+    own = {}
     for line in lines:
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if (v2 and hierarchy == "0" and controllers == "") or (not v2 and "memory" in controllers.split(",")):
-            own = root / path.strip().lstrip("/")
-            break
-    folders = [own]
+        if hierarchy == "0" and controllers == "":
+            own["v2"] = path.strip()
+        elif "memory" in controllers.split(","):
+            own["v1"] = path.strip()
+    return own
+
+
+def _folders_up_to(root: Path, path: str) -> list[Path]:
+    """The folder of cgroup `path` under `root` and every folder above it up to `root` itself, those that exist.
+    A path not there (a container that sees its host's path for a cgroup mounted as its own root) leaves the
+    root alone, as before."""
+    folders = [root / path.lstrip("/")]
     while folders[-1] != root and root in folders[-1].parents:
         folders.append(folders[-1].parent)
     return [folder for folder in folders if folder.is_dir()] or [root]
