@@ -1000,7 +1000,8 @@ class Checkpoint:
                 for name in group:
                     stored_name = self._source[name]
                     if stored_name not in read:
-                        read[stored_name] = self._read(self._stored[stored_name], handles, dtype, device, rotate_half=True)
+                        stored = self._stored[stored_name]
+                        read[stored_name] = self._read(stored, handles, dtype, device, rotate_half=True)
                     result[name] = read[stored_name]
                 if remap_per_layer:
                     handles.close()  # mapped again by the next read

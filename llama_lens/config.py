@@ -331,7 +331,8 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     if params is None:
         params, key = hf.get("rope_scaling"), "rope_scaling"
     if params is not None and not isinstance(params, dict):
-        raise ValueError(f"{source}: {key} must be an object such as {{\"rope_type\": \"linear\", \"factor\": 2.0}}, got {params!r}")
+        example = '{"rope_type": "linear", "factor": 2.0}'
+        raise ValueError(f"{source}: {key} must be an object such as {example}, got {params!r}")
     params = dict(params or {})
     read = _Values(params, f"{source}: {key}")
     theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0))

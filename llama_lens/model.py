@@ -390,7 +390,8 @@ class HookedLlama(HookedModule):
             attention_mask = torch.ones(batch, pos, dtype=torch.long, device=device)
         elif tuple(attention_mask.shape) != (batch, pos):
             raise ValueError(
-                f"attention_mask must be [batch, pos] = {(batch, pos)} like the tokens, got {tuple(attention_mask.shape)}"
+                f"attention_mask must be [batch, pos] = {(batch, pos)} like the tokens, "
+                f"got {tuple(attention_mask.shape)}"
             )
         attention_mask = attention_mask.to(device)
         if kv_cache is not None:

@@ -292,7 +292,8 @@ def test_bad_token_ids_and_masks_are_named_before_the_embedding(tiny_cfg):
         model.generate([5, -1], max_new_tokens=2, temperature=0)
     with pytest.raises(ValueError, match="pos >= 1"):
         model(torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, pos\] = \(2, 4\) like the tokens, got \(2, 3\)"):
+    expected = r"attention_mask must be \[batch, pos\] = \(2, 4\) like the tokens, got \(2, 3\)"
+    with pytest.raises(ValueError, match=expected):
         model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
 
 
