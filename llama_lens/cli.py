@@ -175,8 +175,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     print(ckpt)
     print(
-        f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), d_head {cfg.d_head}, "
-        f"d_mlp {cfg.d_mlp}, d_vocab {cfg.d_vocab}, rope theta {cfg.rope_theta:g}"
+        f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
+        f"d_head {cfg.d_head}, d_mlp {cfg.d_mlp}, d_vocab {cfg.d_vocab}, rope theta {cfg.rope_theta:g}"
         f"{'' if cfg.rope_scaling is None else ' (' + cfg.rope_scaling.kind + ' scaling)'}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings"
     )

@@ -150,7 +150,8 @@ class ActivationCache:
             [n_components, batch, pos, d_model]; the parts sum to the last resid_post.
         """
         first = self.layer_indices[0]
-        tensors = [self["hook_embed"] if "hook_embed" in self and first == 0 else self[f"blocks.{first}.hook_resid_pre"]]
+        embed = "hook_embed" in self and first == 0
+        tensors = [self["hook_embed"] if embed else self[f"blocks.{first}.hook_resid_pre"]]
         labels = ["embed" if first == 0 else f"{first}_pre"]
         for i in self.layer_indices:
             tensors += [self[f"blocks.{i}.hook_attn_out"], self[f"blocks.{i}.hook_mlp_out"]]

@@ -454,7 +454,8 @@ class HookedLlama(HookedModule):
 
     def extra_repr(self) -> str:
         cfg = self.cfg
+        layers = f"{self.layer_indices[0]}..{self.layer_indices[-1]}" if self.layer_indices else "-..-"
         return (
-            f"layers={self.layer_indices[0] if self.layer_indices else '-'}..{self.layer_indices[-1] if self.layer_indices else '-'}"
+            f"layers={layers}"
             f" of {cfg.n_layers}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}"
         )

@@ -61,7 +61,8 @@ def main() -> None:
     hf_eager = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").to(device).eval()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model: {path}  {args.dtype} on {where}")
-    print(f"{'tokens':>7} {'ours fwd':>10} {'hf fwd':>10} {'ratio':>6} {'ours cache':>11} {'hf h+attn':>10} {'ratio':>6}")
+    columns = f"{'ours fwd':>10} {'hf fwd':>10} {'ratio':>6} {'ours cache':>11} {'hf h+attn':>10} {'ratio':>6}"
+    print(f"{'tokens':>7} {columns}")
     for length in args.lengths:
         tokens = torch.randint(100, ours.cfg.d_vocab, (1, length)).to(device)
         candidates = {

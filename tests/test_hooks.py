@@ -54,9 +54,8 @@ def test_noop_hooks_leave_logits_bit_identical(model):
     with torch.no_grad():
         plain = model(tokens)
         # Avoid the points that switch attention to the written-out path (covered in test_model).
-        hooked = model.run_with_hooks(
-            tokens, fwd_hooks=[(lambda n: "pattern" not in n and "scores" not in n and "result" not in n, lambda t, hook: None)]
-        )
+        fused_only = lambda n: "pattern" not in n and "scores" not in n and "result" not in n  # noqa: E731
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[(fused_only, lambda t, hook: None)])
     assert torch.equal(plain, hooked)
 
 
@@ -77,7 +76,8 @@ def test_patching_a_layer_changes_only_later_activations(model):
 def test_head_results_sum_to_attention_output_and_can_be_ablated(model):
     tokens = torch.randint(0, 128, (1, 6))
     _, cache = model.run_with_cache(tokens)
-    torch.testing.assert_close(cache["blocks.0.attn.hook_result"].sum(2), cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=0)
+    per_head = cache["blocks.0.attn.hook_result"]
+    torch.testing.assert_close(per_head.sum(2), cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=0)
 
     def zero_head_2(result, *, hook):
         result[:, :, 2] = 0
@@ -107,11 +107,14 @@ def test_misspelt_hook_name_suggests_the_closest(model):
 
 def test_hook_returning_a_wrong_shape_names_the_hook(model):
     with pytest.raises(ValueError, match="blocks.0.hook_resid_mid"):
-        model.run_with_hooks(torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: t[:, :1])])
+        model.run_with_hooks(
+            torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: t[:, :1])]
+        )
 
 
 def test_hook_returning_another_dtype_or_device_names_the_hook(model):
-    with pytest.raises(ValueError, match=r"hook on 'blocks.0.attn.hook_z' returned shape .* float64 on cpu, expected .* float32"):
+    expected = r"hook on 'blocks.0.attn.hook_z' returned shape .* float64 on cpu, expected .* float32"
+    with pytest.raises(ValueError, match=expected):
         model.run_with_hooks(
             torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: t.double())]
         )

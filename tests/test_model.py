@@ -89,7 +89,8 @@ def test_fused_and_written_out_attention_agree(tiny_cfg):
     tokens = torch.randint(0, tiny_cfg.d_vocab, (3, 17))
     with torch.no_grad():
         fused = model(tokens)
-        written_out = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, hook: None)])
+        pattern_hooks = [(lambda n: n.endswith("hook_pattern"), lambda t, hook: None)]
+        written_out = model.run_with_hooks(tokens, fwd_hooks=pattern_hooks)
     torch.testing.assert_close(fused, written_out, atol=1e-5, rtol=0)
 
 
@@ -250,7 +251,8 @@ def test_forward_takes_ids_as_lists_and_rejects_a_mismatched_resid(tiny_cfg):
         expected = model(torch.tensor([ids]))
         assert torch.equal(model(ids), expected)
         assert torch.equal(model([ids]), expected)
-        with pytest.raises(ValueError, match=r"resid must be \[batch, pos, d_model=64\] float32 .* got \(1, 4, 64\) bfloat16"):
+        expected = r"resid must be \[batch, pos, d_model=64\] float32 .* got \(1, 4, 64\) bfloat16"
+        with pytest.raises(ValueError, match=expected):
             model(resid=torch.zeros(1, 4, 64, dtype=torch.bfloat16), start_layer=0)
     with pytest.raises(ValueError, match=r"token ids must be integers \[pos\] or \[batch, pos\]"):
         model(torch.rand(1, 4))
