@@ -116,7 +116,11 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes a model can be loaded in: every op of the forward pass has CPU and CUDA kernels for these (float8
+# and other floating types do not).
+DTYPE_NAMES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
 
 READ_CHUNK_BYTES = 8 * 2**20  # stored bytes converted (safetensors) or copied out of a mapped shard (Meta) at a time
 HF_INDEX_FILE = "model.safetensors.index.json"
@@ -245,12 +249,12 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A floating torch dtype, or one named "float32", "bfloat16", "float16" (None stays None).
+    """float32, bfloat16, float16 or float64, as a torch dtype or its name (None stays None).
 
     Raises:
         ValueError: for anything else, listing the accepted names.
     """
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    if dtype is None or dtype in DTYPE_NAMES.values():
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
         return DTYPE_NAMES[dtype.removeprefix("torch.")]
@@ -571,9 +575,9 @@ class Checkpoint:
         index_file = folder / HF_INDEX_FILE
         if index_file.exists():
             try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
                 names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
                 raise CheckpointError(
                     f"{index_file}: not a valid shard index (expected JSON with a 'weight_map'): {err}"
                 ) from None
@@ -861,7 +865,7 @@ class Checkpoint:
 
     @property
     def stored_dtype(self) -> torch.dtype:
-        """The dtype most of the model's parameters are stored in (`load(..., dtype=None)` keeps each as stored)."""
+        """The dtype most of the model's parameters are stored in (what `load(..., dtype=None)` casts all to)."""
         numel: dict[str, int] = {}
         for name in set(self._source.values()):
             stored = self._stored[name]

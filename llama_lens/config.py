@@ -58,20 +58,27 @@ class _Values:
     def _wrong(self, key: str, what: str) -> ValueError:
         return ValueError(f"{self.source}: {key} must be {what}, got {self.values[key]!r}")
 
-    def int(self, key: str, default: Any = _REQUIRED) -> Any:
+    def int(self, key: str, default: Any = _REQUIRED, *, positive: bool = False) -> Any:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
             if value is default:
                 return value
             raise self._wrong(key, "an integer")
+        if positive and value <= 0:
+            raise self._wrong(key, "a positive integer")
         return int(value)
 
-    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = False, minimum: float | None = None) -> Any:
+        """A number; `positive`: above 0; `minimum`: at least that."""
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
             if value is default:
                 return value
             raise self._wrong(key, "a number")
+        if positive and not value > 0:
+            raise self._wrong(key, "a positive number")
+        if minimum is not None and value < minimum:
+            raise self._wrong(key, f"at least {minimum:g}")
         return float(value)
 
     def bool(self, key: str, default: bool) -> bool:
@@ -130,6 +137,21 @@ class LlamaConfig:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        # Values that would otherwise load and then give NaN logits or divide by zero in the first forward.
+        if not self.rope_theta > 0 or not self.norm_eps >= 0 or self.max_position_embeddings <= 0:
+            raise ValueError(
+                f"config: need rope_theta > 0, norm_eps >= 0 and max_position_embeddings > 0, got {self.rope_theta}, "
+                f"{self.norm_eps} and {self.max_position_embeddings}"
+            )
+        scaling = self.rope_scaling
+        if scaling is not None:
+            if not scaling.factor > 0:
+                raise ValueError(f"config: the rope scaling factor must be positive, got {scaling.factor}")
+            if scaling.kind == "llama3" and not 0 < (scaling.low_freq_factor or 0) < (scaling.high_freq_factor or 0):
+                raise ValueError(
+                    "config: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                    f"{scaling.low_freq_factor} and {scaling.high_freq_factor}"
+                )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -175,11 +197,13 @@ class LlamaConfig:
             raise ValueError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
 
         read = _Values(hf, source)
-        d_model, n_heads = read.int("hidden_size"), read.int("num_attention_heads")
+        d_model, n_heads = read.int("hidden_size", positive=True), read.int("num_attention_heads", positive=True)
         rope_theta, rope_scaling = _hf_rope(hf, source)
         eos = hf.get("eos_token_id")
         dtype = hf.get("dtype", hf.get("torch_dtype"))
-        return cls(
+        return _built(
+            cls,
+            source,
             d_model=d_model,
             n_layers=read.int("num_hidden_layers"),
             n_heads=n_heads,
@@ -189,13 +213,13 @@ class LlamaConfig:
             d_vocab=read.int("vocab_size"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            norm_eps=read.float("rms_norm_eps", 1e-6),
+            norm_eps=read.float("rms_norm_eps", 1e-6, minimum=0.0),
             tie_embeddings=read.bool("tie_word_embeddings", False),
             attention_bias=read.bool("attention_bias", False),
             mlp_bias=read.bool("mlp_bias", False),
-            max_position_embeddings=read.int("max_position_embeddings", 2048),
+            max_position_embeddings=read.int("max_position_embeddings", 2048, positive=True),
             bos_token_id=read.int("bos_token_id", None),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (read.int("eos_token_id"),)),
+            eos_token_ids=_token_ids(eos if isinstance(eos, list) else [] if eos is None else [eos], source),
             pad_token_id=read.int("pad_token_id", None),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
         )
@@ -263,7 +287,8 @@ class LlamaConfig:
             )
 
         read = _Values(params, source)
-        d_model, n_heads = read.int("dim"), read.int("n_heads")
+        d_model, n_heads = read.int("dim", positive=True), read.int("n_heads", positive=True)
+        multiple_of = read.int("multiple_of", 256, positive=True)
         vocab = read.int("vocab_size", -1)
         if vocab <= 0:
             if d_vocab is None:
@@ -275,22 +300,24 @@ class LlamaConfig:
             # low_freq_factor 1 and an original context of 8192; newer params.json files may override.
             rope_scaling = RopeScaling(
                 kind="llama3",
-                factor=read.float("rope_scaling_factor", 8.0),
+                factor=read.float("rope_scaling_factor", 8.0, positive=True),
                 low_freq_factor=1.0,
-                high_freq_factor=read.float("rope_high_freq_factor", 4.0),
+                high_freq_factor=read.float("rope_high_freq_factor", 4.0, positive=True),
                 original_max_position_embeddings=8192,
             )
-        return cls(
+        return _built(
+            cls,
+            source,
             d_model=d_model,
             n_layers=read.int("n_layers"),
             n_heads=n_heads,
             n_kv_heads=read.int("n_kv_heads", n_heads),
             d_head=read.int("head_dim", d_model // n_heads),
-            d_mlp=meta_d_mlp(d_model, read.int("multiple_of", 256), read.float("ffn_dim_multiplier", None)),
+            d_mlp=meta_d_mlp(d_model, multiple_of, read.float("ffn_dim_multiplier", None, positive=True)),
             d_vocab=vocab,
-            rope_theta=read.float("rope_theta", 10000.0),
+            rope_theta=read.float("rope_theta", 10000.0, positive=True),
             rope_scaling=rope_scaling,
-            norm_eps=read.float("norm_eps", 1e-5),
+            norm_eps=read.float("norm_eps", 1e-5, minimum=0.0),
             tie_embeddings=False,
             max_position_embeddings=read.int("max_seq_len", 8192 if rope_scaling else 4096),
         )
@@ -305,11 +332,25 @@ class LlamaConfig:
         return cls.from_hf(data, source=str(path))
 
 
+def _built(cls: type[LlamaConfig], source: str, **fields: Any) -> LlamaConfig:
+    """`cls(**fields)`, its checks' errors naming the file they came from."""
+    try:
+        return cls(**fields)
+    except ValueError as err:
+        raise ValueError(f"{source}: {str(err).removeprefix('config: ')}") from None
+
+
+def _token_ids(values: list, source: str) -> tuple[int, ...]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, got {values!r}")
+    return tuple(values)
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A config file's JSON object; ValueError naming the file when it is not valid JSON or not an object."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
@@ -335,7 +376,7 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         raise ValueError(f"{source}: {key} must be an object such as {example}, got {params!r}")
     params = dict(params or {})
     read = _Values(params, f"{source}: {key}")
-    theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0))
+    theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0, positive=True), positive=True)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(
@@ -358,18 +399,21 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         return theta, None
     if "factor" not in params:
         raise ValueError(f"{source}: {key} of type {kind!r} needs a 'factor'")
-    original = read.int("original_max_position_embeddings", None)
+    original = read.int("original_max_position_embeddings", None, positive=True)
     if kind == "dynamic":
         # transformers grows the base past max_position_embeddings, whatever the original length says.
-        original = hf.get("max_position_embeddings", 2048)
+        original = _Values(hf, source).int("max_position_embeddings", 2048, positive=True)
+    low, high = read.float("low_freq_factor", None, positive=True), read.float("high_freq_factor", None, positive=True)
     if kind == "llama3":
         for needed in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if needed not in params:
                 raise ValueError(f"{source}: {key} of type 'llama3' needs {needed!r}")
+        if not low < high:  # the smoothing between them divides by high - low
+            raise ValueError(f"{source}: {key} needs low_freq_factor < high_freq_factor, got {low:g} and {high:g}")
     return theta, RopeScaling(
         kind=kind,
-        factor=read.float("factor"),
-        low_freq_factor=read.float("low_freq_factor", None),
-        high_freq_factor=read.float("high_freq_factor", None),
-        original_max_position_embeddings=int(original) if original is not None else None,
+        factor=read.float("factor", positive=True),
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=original,
     )

@@ -31,7 +31,9 @@ def load(
 
     Args:
         path: a checkpoint folder (Hugging Face or Meta layout, see `Checkpoint`) or an open Checkpoint.
-        dtype: torch dtype or "float32", "bfloat16", "float16"; None keeps each tensor's stored dtype.
+        dtype: torch dtype or "float32", "bfloat16", "float16", "float64"; None: the dtype most of the
+            checkpoint's tensors are stored in (`Checkpoint.stored_dtype`), every tensor cast to it, as the
+            forward pass needs one dtype (some checkpoints store the norms in float32 beside bfloat16 matrices).
         device: where the weights go ("cpu", "cuda", "cuda:1", ...).
         layers: decoder layers to load (e.g. `range(0, 3)`); default all. The embedding, final norm and
             unembedding are always loaded, so a partial model still gives logits.
@@ -58,6 +60,7 @@ def load(
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, index_cache=index_cache)
     layer_indices = check_layers(layers, ckpt.config.n_layers)
+    dtype = dtype or ckpt.stored_dtype
     # The tokenizer first: a bad tokenizer path should fail before minutes of reading weights.
     tokenizer = _resolve_tokenizer(tokenizer, ckpt)
     if check_memory:

@@ -600,8 +600,8 @@ def _config_token(value: Any) -> str | None:
 def _apply_tokenizer_config(tokenizer: Tokenizer, config_path: Path) -> None:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     eos = config.get("eos_token")
     eos_tokens = [_config_token(t) for t in eos] if isinstance(eos, list) else [_config_token(eos)]
     tokenizer._set_specials(

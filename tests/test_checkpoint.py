@@ -24,6 +24,7 @@ from llama_lens.checkpoint import (
     permute_qk_to_interleaved,
     permute_qk_to_rotate_half,
     rename,
+    resolve_dtype,
 )
 from llama_lens.loading import load
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
@@ -796,3 +797,23 @@ def test_a_failed_load_leaves_no_model_and_no_cache(tmp_path, hf_folder):
     with pytest.raises(CheckpointError):
         load(folder)
     assert cache_files(tmp_path) == []
+
+
+def test_dtype_must_be_one_the_forward_pass_runs_in():
+    assert resolve_dtype("float64") is torch.float64 and resolve_dtype(torch.bfloat16) is torch.bfloat16
+    # float8 has no kernels for the forward's ops: refused here, not by a NotImplementedError in RoPE.
+    with pytest.raises(ValueError, match=r"dtype torch.float8_e4m3fn is not supported; use one of \['float32'"):
+        resolve_dtype(torch.float8_e4m3fn)
+
+
+def test_mixed_dtype_checkpoint_loads_in_its_main_dtype(tmp_path, tiny_cfg):
+    # Norms in bfloat16 beside float32 matrices: dtype=None casts all to the dtype most weights are stored
+    # in, so the forward pass runs (each tensor kept as stored failed in the first matmul).
+    state = random_state_dict(tiny_cfg)
+    state = {name: t.to(torch.bfloat16) if ".ln" in f".{name}" else t for name, t in state.items()}
+    write_hf_checkpoint(tmp_path / "mixed", tiny_cfg, state)
+    model = load(tmp_path / "mixed", dtype=None, index_cache=False, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    tokens = torch.tensor([[3, 5, 7, 9]])
+    expected = load(tmp_path / "mixed", dtype=torch.float32, index_cache=False, progress=False)(tokens)
+    assert torch.equal(model(tokens), expected)

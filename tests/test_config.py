@@ -133,7 +133,58 @@ def test_missing_hf_key_is_named():
         LlamaConfig.from_hf(config)
 
 
+LLAMA3_ROPE = LLAMA_3_2_1B_HF["rope_scaling"]
+
+
+# Values of the right type that would load and then give NaN logits, or divide by zero, in the first forward.
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 0}, "config.json: num_attention_heads must be a positive integer, got 0"),
+        ({"hidden_size": -8}, "config.json: hidden_size must be a positive integer, got -8"),
+        ({"rope_theta": 0}, "config.json: rope_theta must be a positive number, got 0"),
+        ({"rms_norm_eps": -1}, "config.json: rms_norm_eps must be at least 0, got -1"),
+        ({"rms_norm_eps": float("nan")}, "config.json: rms_norm_eps must be a number, got nan"),
+        ({"max_position_embeddings": 0}, "config.json: max_position_embeddings must be a positive integer, got 0"),
+        ({"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling: factor must be a positive number, got 0"),
+        (
+            {"rope_scaling": LLAMA3_ROPE | {"low_freq_factor": 0}},
+            "rope_scaling: low_freq_factor must be a positive number, got 0",
+        ),
+        (
+            {"rope_scaling": LLAMA3_ROPE | {"low_freq_factor": 4.0}},
+            "rope_scaling needs low_freq_factor < high_freq_factor, got 4 and 4",
+        ),
+        ({"eos_token_id": ["a"]}, r"eos_token_id must be a token id or a list of them, got \['a'\]"),
+        ({"eos_token_id": "2"}, r"eos_token_id must be a token id or a list of them, got \['2'\]"),
+    ],
+)
+def test_values_that_would_break_the_forward_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig.from_hf(LLAMA_2_7B_HF | change, source="config.json")
+
+
+def test_dynamic_rope_without_max_position_embeddings_takes_the_default():
+    config = LLAMA_2_7B_HF | {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": None}
+    assert LlamaConfig.from_hf(config).rope_scaling.original_max_position_embeddings == 2048
+
+
+def test_meta_values_that_would_break_the_forward_are_named():
+    for change, message in [
+        ({"n_heads": 0}, "params.json: n_heads must be a positive integer, got 0"),
+        ({"multiple_of": 0}, "params.json: multiple_of must be a positive integer, got 0"),
+        ({"rope_theta": -1.0}, "params.json: rope_theta must be a positive number, got -1"),
+        ({"norm_eps": -1e-5}, "params.json: norm_eps must be at least 0, got -1e-05"),
+        ({"use_scaled_rope": True, "rope_high_freq_factor": 1.0}, "params.json: llama3 rope scaling needs 0 <"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LlamaConfig.from_meta(LLAMA_3_8B_META | change)
+
+
 def test_bad_json_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"hidden_size": "\xff"}')
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        LlamaConfig.from_file(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         LlamaConfig.from_file(tmp_path / "config.json")
