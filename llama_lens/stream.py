@@ -26,7 +26,6 @@ import mmap
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,13 +68,14 @@ class CheckpointLayerReader:
         frame = ckpt.tensors()
         frame = frame[frame["layer"].notna() & frame["param"].notna()]
         self.stored_dtypes = {param: getattr(torch, name) for param, name in zip(frame["param"], frame["dtype"])}
-        # canonical name -> (file, [start, end) bytes); None for Meta, read from `self.shards`.
-        self.locations: dict[str, tuple[Path, tuple[int, int]]] | None = None
+        # canonical name -> (file name in the checkpoint folder, [start, end) bytes); None for Meta, read from
+        # `self.shards`.
+        self.locations: dict[str, tuple[str, tuple[int, int]]] | None = None
         self.shards = None
         if ckpt.format == "hf":
             headers = {file: read_safetensors_header(ckpt.path / file) for file in frame["file"].unique()}
             self.locations = {
-                param: (ckpt.path / file, tuple(headers[file][name]["offsets"]))
+                param: (file, tuple(headers[file][name]["offsets"]))
                 for param, name, file in zip(frame["param"], frame["name"], frame["file"])
             }
         else:
@@ -111,12 +111,13 @@ class CheckpointLayerReader:
     def _read_safetensors(self, targets: dict[str, torch.Tensor]) -> int:
         read_bytes = 0
         with contextlib.ExitStack() as stack:
-            handles: dict[Path, Any] = {}
+            handles: dict[str, Any] = {}
             for name, target in targets.items():
-                path, (start, end) = self.locations[name]
-                if path not in handles:
-                    handles[path] = stack.enter_context(open(path, "rb", buffering=0))
-                handle = handles[path]
+                file, (start, end) = self.locations[name]
+                if file not in handles:
+                    # A shard replaced since the checkpoint was opened would give other weights at these offsets.
+                    handles[file] = stack.enter_context(open(self.ckpt._check_unchanged(file), "rb", buffering=0))
+                handle = handles[file]
                 handle.seek(start)
                 read_stored_into(handle, target.view(-1), self.stored_dtypes[name], name)
                 read_bytes += end - start

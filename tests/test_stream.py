@@ -3,6 +3,7 @@
 import gc
 import mmap
 import os
+import shutil
 import threading
 import weakref
 
@@ -393,6 +394,19 @@ def test_a_meta_shard_changed_after_loading_is_named(tmp_path):
     assert_no_layer_resident(streamed)
 
 
+def test_a_safetensors_shard_replaced_after_loading_is_named(tmp_path):
+    cfg = tiny_config(n_layers=3)
+    path = write_checkpoint(tmp_path / "hf", "hf", cfg)
+    streamed = ll.load(path, stream=True, index_cache=False, progress=False)
+    other = write_hf_checkpoint(tmp_path / "other", cfg, random_state_dict(cfg, seed=2), shards=2)
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    shutil.copyfile(other / shard.name, shard)  # the same size and offsets, other weights
+    assert shard.stat().st_size == (other / shard.name).stat().st_size
+    with pytest.raises(ValueError, match=rf"{shard.name} changed since the checkpoint was opened"):
+        streamed(tokens_for())
+    assert_no_layer_resident(streamed)
+
+
 def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
     cfg = tiny_config(n_layers=3)
     path = write_checkpoint(tmp_path / "hf", "hf", cfg)
@@ -400,6 +414,10 @@ def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
     last_shard = sorted(path.glob("*.safetensors"))[-1]
     (start, _) = read_safetensors_header(last_shard)["model.layers.2.mlp.gate_proj.weight"]["offsets"]
     os.truncate(last_shard, start + 100)  # layer 2's attention reads, its MLP does not
+    # Recorded as it now is, so that the read fails midway through layer 2 (as a disk error would) rather
+    # than when the changed shard is opened.
+    ckpt = streamed.reader.ckpt
+    ckpt._stats[last_shard.name] = [last_shard.stat().st_size, last_shard.stat().st_mtime_ns]
 
     layer_maps = []  # each layer is read into a memory map of its own (see _empty_cpu_tensors)
 
