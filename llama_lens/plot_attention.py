@@ -14,11 +14,14 @@ and figures do not pile up in pyplot's registry. matplotlib is imported inside t
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .plot_lens import visible_token
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,11 +90,9 @@ def attention_pattern(cache_or_output: Any, layer: int, *, scores: bool = False)
 
 # ----------------------------------------------------------------------------------------------- labels
 def token_label(token: str, width: int = 14) -> str:
-    """A tick label for a token: escapes that keep it on one line, no matplotlib mathtext, at most `width`."""
-    text = token.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    if len(text) > width:
-        text = text[: width - 1] + "…"
-    return text.replace("$", r"\$")  # a pair of "$" would otherwise switch matplotlib into math mode
+    """A tick label for a token, as the lens plots write it: whitespace made visible ("·" for a space, "↵"
+    for a newline; a token of spaces alone would be a blank label), at most `width` characters, no mathtext."""
+    return visible_token(token, width)
 
 
 def _tick_labels(positions: list[int], tokens: Sequence[str] | None, max_labels: int) -> tuple[list[int], list[str]]:
@@ -164,9 +165,9 @@ def attention(
     """
     values = attention_pattern(cache_or_output, layer, scores=scores)  # [batch, n_heads, q_pos, k_pos]
     batch, n_heads, q_pos, k_pos = values.shape
-    _check_index("prompt", prompt, batch, "prompts in the batch")
+    prompt = _check_index("prompt", prompt, batch, "prompts in the batch")
     if head is not None:
-        _check_index("head", head, n_heads, "heads")
+        head = _check_index("head", head, n_heads, "heads")
     if tokens is not None:
         tokens = _checked_tokens(tokens, k_pos)
     for name, value in (("max_positions", max_positions), ("top_k", top_k)):
@@ -180,14 +181,14 @@ def attention(
     shown = values[:, queries][:, :, keys]  # [n_heads, n_queries, n_keys]
     row = col = None
     if query is not None:
-        _check_index("query", query, q_pos, "query positions")
+        query = _check_index("query", query, q_pos, "query positions")
         if query not in queries:
             raise ValueError(
                 f"query {query} is not drawn (queries {queries[0]}..{queries[-1]} are); widen max_positions"
             )
         row = queries.index(query)
         if key is not None:
-            _check_index("key", key, k_pos, "key positions")
+            key = _check_index("key", key, k_pos, "key positions")
             col = keys.index(key) if key in keys else None
 
     import numpy as np
@@ -333,7 +334,7 @@ def head_statistics(
         pattern = attention_pattern(cache, layer).detach().float().cpu()  # [batch, n_heads, q_pos, k_pos]
         mask = None if attention_mask is None else _checked_mask(attention_mask, pattern)
         if prompt is not None:
-            _check_index("prompt", prompt, pattern.shape[0], "prompts in the batch")
+            prompt = _check_index("prompt", prompt, pattern.shape[0], "prompts in the batch")
             pattern = pattern[prompt : prompt + 1]
             mask = None if mask is None else mask[prompt : prompt + 1]
         rows.append(_layer_statistic(pattern, stat, period, mask))
@@ -465,9 +466,16 @@ def attention_summary(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _check_index(name: str, value: int, size: int, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
+def _check_index(name: str, value: Any, size: int, what: str) -> int:
+    """`value` as an index in 0..size - 1: any integer type (a numpy int from a DataFrame too), negative
+    counting from the end."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not -size <= index < size:
         raise ValueError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
+    return index % size
 
 
 def _checked_tokens(tokens: Sequence[str], k_pos: int) -> list[str]:

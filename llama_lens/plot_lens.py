@@ -49,14 +49,19 @@ def _thinned(n: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
     return list(range(0, n, step))
 
 
-def _resolve_position(result, position: int) -> int:
-    """Index into `result.positions` of a token position (negative counts from the prompt's end)."""
+def _resolve_position(result, position: int | None, prompt: int | None = None) -> int:
+    """Index into `result.positions` of a token position (negative counts from the prompt's end; None: the
+    last position read out). With `prompt`, a padding position of that prompt is refused."""
     n_tokens = result.tokens.shape[1]
+    if position is None:
+        position = max(result.positions)
     if not -n_tokens <= position < n_tokens:
         raise ValueError(f"position {position} is out of range for a prompt of {n_tokens} tokens")
     position %= n_tokens
     if position not in result.positions:
         raise ValueError(f"position {position} was not read out; this result holds positions {result.positions}")
+    if prompt is not None and not result.attention_mask[prompt, position]:
+        raise ValueError(f"position {position} of prompt {prompt} is padding (the batch is left-padded)")
     return result.positions.index(position)
 
 
@@ -77,6 +82,7 @@ def lens_heatmap(
     max_chars: int = 7,
     cmap: str | None = None,
     figsize: tuple[float, float] | None = None,
+    max_figsize: tuple[float, float] = (40.0, 30.0),
 ) -> Figure:
     """The classic logit-lens picture: read-outs (rows, embedding at the bottom) × positions (columns), each
     cell showing the read-out's top token and coloured by `metric`.
@@ -93,8 +99,8 @@ def lens_heatmap(
         annotate: write the top token in each cell.
         max_chars: clip token text to this many characters.
         cmap: a matplotlib colour map name (default per metric).
-        figsize: (width, height) in inches; by default it grows with the number of positions and read-outs,
-            and font sizes follow the cell size either way.
+        figsize: (width, height) in inches; by default it grows with the number of positions and read-outs
+            up to `max_figsize`, and font sizes follow the cell size either way.
 
     Returns:
         The Figure; its first axes holds the image (`axes[0].images[0]`, data [n_readouts, n_pos]).
@@ -134,13 +140,26 @@ def lens_heatmap(
     else:
         norm = Normalize(0.0, max(float(values.max()), 1e-6))
 
+    str_tokens = result.str_tokens[prompt]
+    shown_cols = _thinned(n_cols)
+    input_labels = [visible_token(str_tokens[positions[c]], max_chars + 3) for c in shown_cols]
+    next_tokens = [str_tokens[p + 1] if p + 1 < len(str_tokens) else "" for p in positions]
+    next_labels = [visible_token(next_tokens[c], max_chars + 3) for c in shown_cols]
     if figsize is None:
-        figsize = (min(2.5 + 0.62 * n_cols, 40.0), min(1.6 + 0.27 * n_rows, 30.0))
+        # The cells, plus the rotated token labels below and above them (about 0.6 em per character at the
+        # largest tick font, 9 pt), the title and the two axis labels: with a few read-outs only, a height
+        # from the rows alone left the cells no room.
+        labels_height = 0.6 * 9 / 72 * (max(map(len, input_labels)) + max(map(len, next_labels), default=0))
+        width, height = 2.5 + 0.62 * n_cols, 1.2 + labels_height + max(0.27 * n_rows, 1.0)
+        figsize = (min(width, max_figsize[0]), min(height, max_figsize[1]))
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(values.numpy(), aspect="auto", origin="lower", cmap=cmap or default_cmap, norm=norm,
                       interpolation="nearest")  # fmt: skip
-    fig.colorbar(image, ax=ax, label=label.format(target=target_text), fraction=0.04, pad=0.01)
+    # A colour bar 4% of the width, as long as the cells are high: matplotlib's default length (20 times its
+    # width) is a stub beside a narrow, tall heatmap.
+    fig.colorbar(image, ax=ax, label=label.format(target=target_text), fraction=0.04, pad=0.01,
+                 aspect=max(20.0, 40.0 * figsize[1] / figsize[0]))  # fmt: skip
 
     # Font size from the cell size: about 80% of the plot area is cells.
     cell_w_pt = 0.8 * figsize[0] * 72 / n_cols
@@ -150,19 +169,14 @@ def lens_heatmap(
     if annotate and cell_font >= 3.5:
         _annotate_cells(ax, result, prompt, columns, values, norm, image.cmap, cell_font, max_chars)
 
-    str_tokens = result.str_tokens[prompt]
-    shown_cols = _thinned(n_cols)
-    ax.set_xticks(shown_cols, [visible_token(str_tokens[positions[c]], max_chars + 3) for c in shown_cols],
-                  rotation=90, fontsize=tick_font)  # fmt: skip
+    ax.set_xticks(shown_cols, input_labels, rotation=90, fontsize=tick_font)
     shown_rows = _thinned(n_rows)
     ax.set_yticks(shown_rows, [result.labels[r] for r in shown_rows], fontsize=tick_font)
     ax.set_xlabel("input token")
     ax.set_ylabel("read-out (layer)")
     # The true next token above each column: what a perfect read-out would put first.
     top = ax.secondary_xaxis("top")
-    next_tokens = [str_tokens[p + 1] if p + 1 < len(str_tokens) else "" for p in positions]
-    top.set_xticks(shown_cols, [visible_token(next_tokens[c], max_chars + 3) for c in shown_cols],
-                   rotation=90, fontsize=tick_font)  # fmt: skip
+    top.set_xticks(shown_cols, next_labels, rotation=90, fontsize=tick_font)
     top.set_xlabel("next token", fontsize=tick_font + 1)
     title = "logit lens: " + label.format(target=target_text)
     ax.set_title(title, fontsize=10)
@@ -185,7 +199,7 @@ def lens_trajectory(
     result: LensResult,
     *,
     prompt: int = 0,
-    position: int = -1,
+    position: int | None = None,
     metric: str = "both",
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
@@ -194,8 +208,9 @@ def lens_trajectory(
     Args:
         result: a LensResult computed with a target.
         prompt: which prompt of the batch.
-        position: the token position (negative counts from the end; default the last, where the next token
-            is predicted); it must be among the positions read out.
+        position: the token position, among those read out (negative counts from the end; default the last
+            read out: the prompt's last token, where the next token is predicted, unless `positions=` left it
+            out); not a padding position.
         metric: "prob", "rank" (log scale, top at the top) or "both" (two panels sharing the x axis).
         figsize: (width, height) in inches.
 
@@ -209,7 +224,7 @@ def lens_trajectory(
     if metric not in ("prob", "rank", "both"):
         raise ValueError(f"metric must be 'prob', 'rank' or 'both', got {metric!r}")
     prompt = _check_index("prompt", prompt, result.batch)
-    column = _resolve_position(result, position)
+    column = _resolve_position(result, position, prompt)
     panels = ["prob", "rank"] if metric == "both" else [metric]
     n = result.n_readouts
     if figsize is None:
@@ -248,7 +263,7 @@ def logit_attribution(
     result: AttributionResult,
     *,
     prompt: int = 0,
-    position: int = -1,
+    position: int | None = None,
     target: int = 0,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
@@ -258,7 +273,7 @@ def logit_attribution(
     Args:
         result: an AttributionResult from `direct_logit_attribution`.
         prompt: which prompt of the batch.
-        position: the token position (must be among those attributed; default the last).
+        position: the token position (must be among those attributed; default the last of them).
         target: which target (an index into the prompt's targets).
         figsize: (width, height) in inches.
 
@@ -270,7 +285,7 @@ def logit_attribution(
 
     prompt = _check_index("prompt", prompt, result.tokens.shape[0])
     target = _check_index("target", target, result.target_ids.shape[1])
-    column = _resolve_position(result, position)
+    column = _resolve_position(result, position, prompt)
     values = result.components[prompt, :, column, target]  # [n_components]
     has_heads = result.heads is not None and len(result.head_layers) > 0
     n_layers = len(result.head_layers) if has_heads else sum(k == "attn" for k in result.kinds)

@@ -734,11 +734,8 @@ class LogitLensExplorer(_Explorer):
         metric = self._metric.value
         if metric in _TARGET_METRICS and self._result.target_ids is None:
             raise ValueError(f"the metric {metric!r} needs a target: type one into the target box")
-        result = self._result
-        n_rows, n_cols = result.n_readouts, len(result.positions)
         # The figure grows with the prompt; in a notebook cell it should stay about a screen wide.
-        figsize = (min(2.5 + 0.62 * n_cols, 16.0), min(1.6 + 0.27 * n_rows, 12.0))
-        fig = result.plot(metric=metric, figsize=figsize)
+        fig = self._result.plot(metric=metric, max_figsize=(16.0, 12.0))
         self._outline_position(fig)
         self._show(fig)
         self._table = self._position_table(self._position.value)

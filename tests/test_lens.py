@@ -504,6 +504,37 @@ def test_heatmap_fonts_shrink_for_big_prompts():
     assert len(big.axes[0].get_yticklabels()) == 33
 
 
+def test_heatmap_of_one_readout_leaves_room_for_cells_and_a_full_colour_bar(demo_path):
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # One read-out, with SmolLM2's word tokens as labels: the rotated labels below and above used to squeeze
+    # the cells to nothing ("constrained_layout not applied"), and the colour bar was a stub beside a narrow
+    # figure. Layer 0 alone is enough to draw it.
+    model = ll.load(demo_path, dtype=torch.float32, layers=range(0, 1), progress=False)
+    result = ll.logit_lens(model, "The Eiffel Tower is located in the city of", readout="resid_post")
+    assert result.n_readouts == 1
+    for fig in (result.plot(), ll.logit_lens(model, "Hi", target=" Paris").plot("rank")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a collapsed layout only warns
+            FigureCanvasAgg(fig).draw()
+        heatmap, colour_bar = fig.axes[0].get_position(), fig.axes[1].get_position()
+        assert heatmap.height * fig.get_figheight() > 0.4  # inches of cells
+        assert colour_bar.height == pytest.approx(heatmap.height, rel=0.05)
+
+
+def test_plots_default_to_the_last_position_read_out_and_refuse_padding(text_model):
+    result = ll.logit_lens(text_model, "The Eiffel Tower is located in the city of", target=" Paris", positions=[3, 7])
+    line = result.plot_trajectory(metric="prob").axes[0].lines[0]
+    assert line.get_ydata().tolist() == pytest.approx(result.target_probs[0, :, 1, 0].tolist())  # position 7
+    padded = ll.logit_lens(text_model, ["Paris", "The Eiffel Tower is in"], target=" Paris")
+    assert padded.attention_mask[0, 0] == 0
+    with pytest.raises(ValueError, match="position 0 of prompt 0 is padding"):
+        padded.plot_trajectory(prompt=0, position=0)
+    padded.plot_trajectory(prompt=1, position=0)  # a real token there
+
+
 def test_trajectory_and_attribution_plots(text_model):
     result = ll.logit_lens(text_model, "The Eiffel Tower is located in the city of", target=[[" Paris", " of"]])
     fig = result.plot_trajectory()

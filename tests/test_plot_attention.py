@@ -145,6 +145,20 @@ def test_query_row_and_key_cell_are_outlined(output):
         pa.attention(cache, 0, 0, query=2, max_positions=4)
 
 
+def test_indices_take_numpy_ints_and_count_from_the_end(output):
+    # What top_heads' DataFrame hands back: numpy integers.
+    _, cache = output
+    fig = pa.attention(cache, 0, np.int64(3), query=np.int64(-1), key=-12)
+    expected = pa.attention(cache, 0, 3, query=11, key=0)
+    assert fig.axes[0].get_title() == expected.axes[0].get_title()
+    assert [(p.get_xy(), p.get_width()) for p in fig.axes[0].patches] == [
+        (p.get_xy(), p.get_width()) for p in expected.axes[0].patches
+    ]
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), expected.axes[0].images[0].get_array())
+    with pytest.raises(ValueError, match="head must be an integer, got 1.5"):
+        pa.attention(cache, 0, 1.5)
+
+
 def test_user_mistakes_name_the_problem(output, tokens):
     logits, cache = output
     with pytest.raises(KeyError, match=r"layers \[0, 1\]"):
@@ -164,8 +178,9 @@ def test_user_mistakes_name_the_problem(output, tokens):
         pa.attention(logits, 0)
 
 
-def test_token_labels_are_one_line_and_not_mathtext():
-    assert pa.token_label("a\nb\tc") == "a\\nb\\tc"
+def test_token_labels_are_one_line_visible_and_not_mathtext():
+    assert pa.token_label("a\nb\tc") == "a↵b⇥c"
+    assert pa.token_label("   ") == "···" and pa.token_label(" the") == "·the"  # as the lens plots write them
     assert pa.token_label("$x$") == r"\$x\$"
     assert pa.token_label("x" * 30, width=10) == "x" * 9 + "…"
 
