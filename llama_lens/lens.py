@@ -34,6 +34,7 @@ and each attention output splits further into its heads (`hook_result`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -230,7 +231,9 @@ class AttributionResult:
         heads: [batch, n_layers, n_heads, n_pos, n_targets] each head's share of its layer's "attn" component
             (the heads sum to it, plus the o_proj bias term for models with `attention_bias`), or None.
         head_layers: [n_layers] the layers of `heads`.
-        final_logits: [batch, n_pos, n_targets] the model's own logits for the targets.
+        final_logits: [batch, n_pos, n_targets] the model's logits for the targets, from the run the components
+            come from. With `heads=True` attention sums its heads' outputs one by one, which in bfloat16 can
+            round a logit one step away from a plain forward's.
         scale: [batch, n_pos] the final norm's scale sqrt(mean(x²) + eps) of the full residual stream, which
             every component is divided by.
     """
@@ -345,13 +348,15 @@ def logit_lens(
         ValueError: for an unknown read-out, a position out of range, a layer that is not loaded, or a target
             that is not a single token.
     """
+    _check_runs_from_tokens(model, "logit_lens")
     tokens, attention_mask = _tokenize(model, prompt_or_tokens)
     batch, n_tokens = tokens.shape
     points = _readout_points(model, readout, layers)
     pos_index = _positions(positions, n_tokens)
     target_ids = _targets(model, target, batch)
-    if not 1 <= top_k <= model.cfg.d_vocab:
-        raise ValueError(f"top_k must be between 1 and d_vocab ({model.cfg.d_vocab}), got {top_k}")
+    if _integer(top_k) is None or not 1 <= top_k <= model.cfg.d_vocab:
+        raise ValueError(f"top_k must be an integer between 1 and d_vocab ({model.cfg.d_vocab}), got {top_k!r}")
+    top_k = _integer(top_k)
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -813,6 +818,7 @@ def direct_logit_attribution(
     Returns:
         An AttributionResult.
     """
+    _check_runs_from_tokens(model, "direct_logit_attribution")
     tokens, attention_mask = _tokenize(model, prompt_or_tokens)
     batch, n_tokens = tokens.shape
     pos_index = _positions(positions, n_tokens)
@@ -888,6 +894,17 @@ def direct_logit_attribution(
 
 
 # --------------------------------------------------------------------------------------------- arguments
+def _check_runs_from_tokens(model: HookedLlama, what: str) -> None:
+    # A model loaded from a later layer on runs only from a residual stream (forward's resid=), which the
+    # lens does not take: say so here rather than in forward's advice about arguments the lens has not got.
+    loaded = model.layer_indices
+    if loaded and loaded[0] != 0:
+        raise ValueError(
+            f"this model holds layers {loaded[0]}..{loaded[-1]} only; {what} runs the model from the tokens, which "
+            f"needs every layer from 0: load it with layers=range(0, {loaded[-1] + 1})"
+        )
+
+
 def _tokenize(model: HookedLlama, prompt_or_tokens: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [batch, pos] on the model's device and attention_mask [batch, pos] (1 = real token)."""
     tokens, mask = model.prepare_tokens(prompt_or_tokens)
@@ -912,8 +929,6 @@ def _readout_points(
             raise ValueError(f"layers {missing} are not loaded; this model holds layers {loaded}")
     points = []
     if "embed" in kinds and not ("resid_pre" in kinds and 0 in layers):
-        if loaded and loaded[0] != 0:
-            raise ValueError(f"this model starts at layer {loaded[0]}: it has no embedding read-out")
         points.append(("embed", 0, "embed", "hook_embed"))
     for i in layers:
         for kind, suffix in (("resid_pre", "pre"), ("resid_mid", "mid"), ("resid_post", "post")):
@@ -924,17 +939,33 @@ def _readout_points(
     return points
 
 
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is one: a Python int, a numpy integer, a 0-d integer tensor (not a bool)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positions(positions: int | Sequence[int] | None, n_tokens: int) -> list[int]:
     """Non-negative indices into the pos axis."""
     if positions is None:
         return list(range(n_tokens))
-    items = [positions] if isinstance(positions, int) else list(positions)
+    if _integer(positions) is not None:
+        items = [positions]
+    elif isinstance(positions, torch.Tensor):
+        items = positions.flatten().tolist()
+    else:
+        items = list(positions)
     if not items:
         raise ValueError("positions is empty; pass None for all positions")
     out = []
-    for p in items:
-        if not isinstance(p, int) or isinstance(p, bool):
-            raise ValueError(f"positions must be ints, got {p!r}")
+    for item in items:
+        p = _integer(item)
+        if p is None:
+            raise ValueError(f"positions must be ints, got {item!r}")
         if not -n_tokens <= p < n_tokens:
             raise ValueError(f"position {p} is out of range for a prompt of {n_tokens} tokens")
         out.append(p % n_tokens)
@@ -945,7 +976,7 @@ def _targets(model: HookedLlama, target: Target, batch: int) -> torch.Tensor | N
     """target ids [batch, n_targets] (a shared target repeated for every prompt), or None."""
     if target is None:
         return None
-    if isinstance(target, (str, int, torch.Tensor)) and not (isinstance(target, torch.Tensor) and target.dim() > 0):
+    if _single(target):  # one target shared by every prompt
         rows = [[target]] * batch
     else:
         items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
@@ -954,23 +985,27 @@ def _targets(model: HookedLlama, target: Target, batch: int) -> torch.Tensor | N
                 f"got {len(items)} targets for {batch} prompt(s): pass one target shared by all prompts, one per "
                 f"prompt, or one list of targets per prompt (e.g. [[' Paris', ' London']])"
             )
-        rows = [list(item) if isinstance(item, (list, tuple)) else [item] for item in items]
+        rows = [[item] if _single(item) else list(item) for item in items]
         if len({len(row) for row in rows}) != 1 or not rows[0]:
             raise ValueError("every prompt needs the same (non-zero) number of targets")
     return torch.tensor([[_target_id(model, t) for t in row] for row in rows], dtype=torch.long)
 
 
+def _single(target: Any) -> bool:
+    """One target, not a list of them: text, a number (refused later unless an id) or a 0-d tensor."""
+    return isinstance(target, str) or not hasattr(target, "__len__") or (torch.is_tensor(target) and target.dim() == 0)
+
+
 def _target_id(model: HookedLlama, target: Any) -> int:
-    if isinstance(target, torch.Tensor):
-        target = target.item()
     if isinstance(target, str):
         if model.tokenizer is None:
             raise ValueError(f"target {target!r} is text but this model has no tokenizer; pass a token id")
         return int(model.tokenizer.id_of(target))
-    if isinstance(target, int) and not isinstance(target, bool):
-        if not 0 <= target < model.cfg.d_vocab:
-            raise ValueError(f"target id {target} is out of range [0, d_vocab={model.cfg.d_vocab})")
-        return target
+    token_id = _integer(target)
+    if token_id is not None:
+        if not 0 <= token_id < model.cfg.d_vocab:
+            raise ValueError(f"target id {token_id} is out of range [0, d_vocab={model.cfg.d_vocab})")
+        return token_id
     raise ValueError(f"a target is a token's text or id, got {type(target).__name__} {target!r}")
 
 

@@ -329,6 +329,33 @@ def test_bad_arguments_are_named():
         ll.logit_lens(model, "some text")
     with pytest.raises(ValueError, match="top_k"):
         ll.logit_lens(model, tokens, top_k=0)
+    with pytest.raises(ValueError, match="top_k must be an integer between 1 and d_vocab .*, got 5.0"):
+        ll.logit_lens(model, tokens, top_k=5.0)
+    with pytest.raises(ValueError, match="a target is a token's text or id, got float 5.0"):
+        ll.logit_lens(model, tokens, target=5.0)
+    with pytest.raises(ValueError, match="positions must be ints, got 1.5"):
+        ll.logit_lens(model, tokens, positions=[0, 1.5])
+    later = tiny_model(tiny_config(n_layers=3), layers=[1, 2])
+    for lens in (ll.logit_lens, ll.direct_logit_attribution):
+        with pytest.raises(ValueError, match=r"holds layers 1..2 only; .* load it with layers=range\(0, 3\)"):
+            lens(later, tokens, target=3)
+
+
+def test_numpy_and_tensor_integers_are_taken_as_ids_and_positions():
+    import numpy as np
+
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 5))
+    expected = ll.logit_lens(model, tokens, target=[[7], [9]], positions=[-1], top_k=3)
+    for target, positions, top_k in [
+        (torch.tensor([[7], [9]]), np.int64(-1), np.int64(3)),
+        ([np.int64(7), torch.tensor(9)], torch.tensor(-1), 3),
+        ([torch.tensor([7]), torch.tensor([9])], torch.tensor([4]), 3),  # one row of ids per prompt
+    ]:
+        result = ll.logit_lens(model, tokens, target=target, positions=positions, top_k=top_k)
+        assert result.positions == [4] and result.target_ids.tolist() == [[7], [9]]
+        assert torch.equal(result.target_ranks, expected.target_ranks)
+        assert torch.equal(result.top_ids, expected.top_ids)
 
 
 # ----------------------------------------------------------------------------------------------- texts, frames
