@@ -502,8 +502,10 @@ class AttentionExplorer(_Explorer):
             if self._scores.value:
                 scores = plot_attention.attention_pattern(self._cache, self._layer.value, scores=True)
                 line += f" (score {float(scores[self._prompt_index, head, query, key]):.3f})"
-        # The keys this query attends to most (on average over the heads shown).
-        order = row[list(heads)].mean(dim=0).argsort(descending=True)[:8].tolist()
+        # The keys this query attends to most (on average over the heads shown), among those it can see: not
+        # later keys, nor padding (both masked, so of weight exactly 0).
+        mean = row[list(heads)].mean(dim=0)[: query + self._past + 1]
+        order = [k for k in mean.argsort(descending=True)[:8].tolist() if mean[k] > 0]
         columns = {"key": order, "token": [self._raw_token(k) for k in order]}
         for h in heads:
             columns["weight" if head is not None else f"head {h}"] = [float(row[h, k]) for k in order]

@@ -75,6 +75,9 @@ def test_attention_explorer_readout_and_table_name_query_and_key(model):
     assert table["key"].iloc[0] == best
     assert table["token"].iloc[0] == explorer.tokens[best]
     assert explorer.controls["key"].max == 5  # keys after the query are masked
+    explorer.query = 1
+    assert explorer.table["key"].tolist() == [int(k) for k in pattern[1, :2].argsort(descending=True)]  # 0, 1 only
+    explorer.query = 5
 
     explorer.scores = True
     assert explorer.query == 5  # adding scores keeps the place
