@@ -336,6 +336,14 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
                 f"need {math.prod(shape) * itemsize}; the file is corrupt"
             )
         index[name] = {"dtype": dtype, "shape": shape, "offsets": [data_start + start, data_start + end]}
+    # Two tensors sharing bytes would load one's weights as the other's; the safetensors library refuses that.
+    by_start = sorted(index.items(), key=lambda item: item[1]["offsets"])
+    for (before, first), (after, second) in zip(by_start, by_start[1:]):
+        if second["offsets"][0] < first["offsets"][1]:
+            raise CheckpointError(
+                f"{path}: tensors {before!r} and {after!r} overlap in the file (bytes {first['offsets']} and "
+                f"{second['offsets']}); the file is corrupt; re-download it"
+            )
     return index
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 PROG = "llama-lens"
 
@@ -98,6 +99,8 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
 def run_lens(args: argparse.Namespace) -> int:
     import llama_lens as ll
 
+    if args.out:
+        _check_figure_path(Path(args.out))  # before the model runs, not after
     model = _load_model(args)
     readout = {} if args.readout is None else {"readout": args.readout}
     # The table shows one position; only the heatmap needs them all.
@@ -110,6 +113,17 @@ def run_lens(args: argparse.Namespace) -> int:
         figure.savefig(args.out, dpi=150, bbox_inches="tight")
         print(f"wrote {args.out}")
     return 0
+
+
+def _check_figure_path(path: Path) -> None:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--out {path}: matplotlib cannot write {path.suffix or 'a file without a suffix'}; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")  # fmt: skip
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {path}: the folder {path.parent} does not exist")
 
 
 def format_lens_table(lens, position: int = -1) -> str:

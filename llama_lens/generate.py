@@ -65,7 +65,7 @@ def generate(
         use_kv_cache: reuse keys/values of earlier positions (the default) instead of re-running the prefix.
         seed: seeds the sampler for reproducible draws.
     """
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not temperature >= 0 or not 0 < top_p <= 1:  # written so that NaN fails too
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     device = model.embed.weight.device
     tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)

@@ -584,6 +584,7 @@ def _write_header(path, header: dict, data: bytes = b"") -> None:
         ("bad_json", "not valid JSON"),
         ("tiny", "truncated"),
         ("wrong_byte_count", "holds 8 bytes but its shape"),
+        ("overlap", "tensors 'a' and 'b' overlap in the file"),
     ],
 )
 def test_corrupt_safetensors_are_named(tmp_path, hf_folder, damage, message):
@@ -599,6 +600,9 @@ def test_corrupt_safetensors_are_named(tmp_path, hf_folder, damage, message):
         shard.write_bytes(content[:8] + b"!" * length + content[8 + length :])
     elif damage == "tiny":
         shard.write_bytes(content[:5])
+    elif damage == "overlap":  # b's bytes are a's last half and 8 more: one would load the other's weights
+        f32 = {"dtype": "F32", "shape": [4]}
+        _write_header(shard, {"a": f32 | {"data_offsets": [0, 16]}, "b": f32 | {"data_offsets": [8, 24]}}, b"\0" * 24)
     else:
         _write_header(shard, {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 8]}}, b"\0" * 8)
     with pytest.raises(CheckpointError, match=message) as err:

@@ -27,6 +27,20 @@ def test_lens_on_the_embedded_model_prints_the_table_and_writes_the_plot(demo_pa
     assert out[-1] == f"wrote {out_file}"
 
 
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [("missing-folder/lens.png", "the folder .*missing-folder does not exist"), ("lens.foo", "cannot write .foo")],
+)
+def test_lens_refuses_an_unwritable_out_before_running_the_model(tmp_path, monkeypatch, capsys, out, message):
+    import llama_lens.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main(["lens", PROMPT, "--out", str(tmp_path / out)]) == 1
+    assert capsys.readouterr().err.startswith("llama-lens: error: --out ")
+    with pytest.raises(ValueError, match=message):
+        cli._check_figure_path(tmp_path / out)
+
+
 def test_lens_with_an_explicit_path_and_readout(demo_path, capsys):
     assert main(["lens", str(demo_path), "Hello", "--readout", "resid_mid", "--top-k", "2"]) == 0
     out = capsys.readouterr().out.splitlines()

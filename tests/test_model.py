@@ -244,6 +244,13 @@ def test_generation_runs_one_forward_per_new_token(tiny_cfg):
     assert calls == [5, 1, 1, 1]  # the prompt, then one position per step; none after the last token
 
 
+@pytest.mark.parametrize(("temperature", "top_p"), [(-1.0, 0.9), (float("nan"), 0.9), (1.0, 0.0), (1.0, float("nan"))])
+def test_generation_refuses_bad_sampling_settings(tiny_cfg, temperature, top_p):
+    _, model = reference_pair(tiny_cfg)
+    with pytest.raises(ValueError, match="need temperature >= 0 and 0 < top_p <= 1"):
+        model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=2, temperature=temperature, top_p=top_p)
+
+
 def test_forward_takes_ids_as_lists_and_rejects_a_mismatched_resid(tiny_cfg):
     _, model = reference_pair(tiny_cfg)
     ids = [5, 9, 17, 3]
