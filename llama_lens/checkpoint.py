@@ -802,6 +802,20 @@ class Checkpoint:
                 )
         return split_dim
 
+    def _split_fraction(self, name: str, shape: torch.Size, expected: torch.Size) -> int | None:
+        """k when a Meta weight holds 1/k of its split axis and all of the other (k > 1), else None."""
+        template = _template(name)[0]
+        if self.format != "meta" or len(shape) != 2:
+            return None
+        # The embedding's axis depends on the Llama generation (see META_SPLIT_DIM): either may be split.
+        axes = (0, 1) if template == "tok_embeddings.weight" else (META_SPLIT_DIM.get(template),)
+        for split_dim in axes:
+            if split_dim is not None and shape[1 - split_dim] == expected[1 - split_dim]:
+                parts, rest = divmod(expected[split_dim], shape[split_dim])
+                if parts > 1 and not rest:
+                    return parts
+        return None
+
     def _table(self) -> tuple[dict[str, str], frozenset[str]]:
         return (HF_TO_CANONICAL, HF_IGNORED) if self.format == "hf" else (META_TO_CANONICAL, META_IGNORED)
 
@@ -809,7 +823,7 @@ class Checkpoint:
         cfg, config_name = self.config, self._config_name()
         table, ignored = self._table()
         expected = param_shapes(cfg)
-        source, unexpected, misshapen = {}, [], []
+        source, unexpected, misshapen, fractions = {}, [], [], set()
         for name, stored in self._stored.items():
             if _template(name)[0] in ignored:
                 continue
@@ -824,6 +838,7 @@ class Checkpoint:
                     f"tensor {name!r} in {self._where(stored)} has shape {list(stored.shape)}, but {config_name} "
                     f"implies {list(expected[canonical])}"
                 )
+                fractions.add(self._split_fraction(name, stored.shape, expected[canonical]))
             if stored.dtype not in WEIGHT_DTYPES:
                 raise CheckpointError(
                     f"tensor {name!r} in {self._where(stored)} has dtype {stored.dtype}; llama_lens reads float "
@@ -833,6 +848,15 @@ class Checkpoint:
         if unexpected:
             why = f"not a weight of the model {config_name} describes"
             raise CheckpointError(_listing("unexpected tensor", unexpected, why))
+        if misshapen and len(fractions) == 1 and None not in fractions:
+            # Every model-parallel weight is the same fraction of its size: shards are missing at the end.
+            (parts,) = fractions
+            n_found = len(self.files)
+            raise CheckpointError(
+                f"{self.path}: every model-parallel weight is 1/{parts} of the size {config_name} implies, so "
+                f"{n_found * parts} shards are expected but only {n_found} found; consolidated.{n_found:02d}.pth "
+                f"to consolidated.{n_found * parts - 1:02d}.pth are missing: download them again"
+            )
         if misshapen:
             raise CheckpointError(_listing("wrong shape", misshapen, "the weights do not match the config"))
         if cfg.tie_embeddings and "embed.weight" in source:

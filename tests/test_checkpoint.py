@@ -821,3 +821,15 @@ def test_mixed_dtype_checkpoint_loads_in_its_main_dtype(tmp_path, tiny_cfg):
     tokens = torch.tensor([[3, 5, 7, 9]])
     expected = load(tmp_path / "mixed", dtype=torch.float32, index_cache=False, progress=False)(tokens)
     assert torch.equal(model(tokens), expected)
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_missing_last_meta_shards_are_named(tmp_path, tiny_cfg, mp):
+    # Without them every split weight is 1/mp of what params.json implies (params.json does not say mp).
+    folder = write_meta_checkpoint(tmp_path / "meta", tiny_cfg, random_state_dict(tiny_cfg), mp=mp)
+    for rank in range(mp // 2, mp):
+        (folder / f"consolidated.{rank:02d}.pth").unlink()
+    found = mp // 2
+    with pytest.raises(CheckpointError, match=rf"so {mp} shards are expected but only {found} found; "
+                                              rf"consolidated\.{found:02d}\.pth to consolidated\.{mp - 1:02d}\.pth"):  # fmt: skip
+        Checkpoint(folder, index_cache=False)
