@@ -994,7 +994,8 @@ class Checkpoint:
         The files are opened once for the whole read.
 
         Args:
-            params: canonical names (default: all, see `param_names`; `params_for(layers)` for some layers).
+            params: canonical names, or one name (default: all, see `param_names`; `params_for(layers)` for some
+                layers).
             dtype: dtype of the result (default: as stored).
             device: device of the result.
             progress: show a tqdm bar over the layers.
@@ -1008,6 +1009,8 @@ class Checkpoint:
             CheckpointError: a file is truncated or changed since the checkpoint was opened (nothing read is kept).
         """
         dtype, device = resolve_dtype(dtype), resolve_device(device)
+        if isinstance(params, str):  # one name would be iterated letter by letter
+            params = [params]
         names = self.param_names if params is None else list(params)
         known = set(self.param_names)
         for name in names:

@@ -294,6 +294,7 @@ def test_layer_state_dict_and_params_for(tmp_path):
     names = ckpt.params_for([2, 0])
     assert names[0] == "embed.weight" and names[-2:] == ["ln_final.weight", "unembed.weight"]
     assert {n.split(".")[1] for n in names[1:-2]} == {"0", "2"}
+    assert_same(ckpt.state_dict("ln_final.weight"), {"ln_final.weight": state["ln_final.weight"]})  # one name
 
 
 # --------------------------------------------------------------------------------------- dtype and device
