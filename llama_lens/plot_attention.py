@@ -122,6 +122,7 @@ def attention(
     *,
     tokens: Sequence[str] | None = None,
     prompt: int = 0,
+    attention_mask: torch.Tensor | None = None,
     scores: bool = False,
     max_positions: int | None = None,
     top_k: int | None = None,
@@ -144,6 +145,8 @@ def attention(
         tokens: the text of each position (`model.to_str_tokens(tokens)`) for the axis labels; positions
             are numbered when omitted.
         prompt: which prompt of the batch to draw.
+        attention_mask: [batch, pos] 1 for real tokens and 0 for padding (as `model.prepare_tokens` returns it
+            for a batch of texts): the prompt's padding rows and columns are left out.
         scores: draw the pre-softmax scores instead of the pattern; masked cells are left blank.
         max_positions: draw only the last `max_positions` queries and, unless `top_k` picks the keys, the
             last `max_positions` keys (attention to earlier keys, such as BOS, is then not shown).
@@ -174,14 +177,20 @@ def attention(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
+    real = None
+    if attention_mask is not None:
+        real = _checked_mask(attention_mask, values)[prompt]  # [k_pos]
     values = values[prompt].detach().float().cpu()  # [n_heads, q_pos, k_pos]
-    queries, keys = _shown_positions(values, scores, max_positions, top_k, heads=None if head is None else [head])
+    heads = None if head is None else [head]
+    queries, keys = _shown_positions(values, scores, max_positions, top_k, heads, real)
     # With a KV cache, query i sits at key position i + past.
     past = k_pos - q_pos
     shown = values[:, queries][:, :, keys]  # [n_heads, n_queries, n_keys]
     row = col = None
     if query is not None:
         query = _check_index("query", query, q_pos, "query positions")
+        if real is not None and not real[query + past]:
+            raise ValueError(f"query {query} is padding in prompt {prompt}")
         if query not in queries:
             raise ValueError(
                 f"query {query} is not drawn (queries {queries[0]}..{queries[-1]} are); widen max_positions"
@@ -256,22 +265,32 @@ def attention(
 
 
 def _shown_positions(
-    values: torch.Tensor, scores: bool, max_positions: int | None, top_k: int | None, heads: list[int] | None
+    values: torch.Tensor,
+    scores: bool,
+    max_positions: int | None,
+    top_k: int | None,
+    heads: list[int] | None,
+    real: torch.Tensor | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Query and key positions to draw for values [n_heads, q_pos, k_pos]."""
+    """Query and key positions to draw for values [n_heads, q_pos, k_pos]; `real` [k_pos] (bool) leaves out
+    padding."""
     _, q_pos, k_pos = values.shape
-    queries = list(range(q_pos))
-    keys = list(range(k_pos))
+    past = k_pos - q_pos  # query i sits at key position i + past
+    queries = [q for q in range(q_pos) if real is None or real[q + past]]
+    keys = [k for k in range(k_pos) if real is None or real[k]]
+    if not queries:
+        raise ValueError("this prompt is all padding: attention_mask has no real token for it")
     if max_positions is not None:
         queries = queries[-max_positions:]
-        keys = keys[-max_positions:]
+        if top_k is None:  # else top_k picks among all the keys
+            keys = keys[-max_positions:]
     if top_k is not None:
         picked = values[heads] if heads is not None else values
         picked = picked[:, queries]
         # Scores rank keys by the pattern they produce (softmax of the masked scores is the pattern itself).
         weights = picked.softmax(dim=-1) if scores else picked
-        mass = weights.nan_to_num(0.0).sum(dim=(0, 1))  # [k_pos]
-        keys = sorted(mass.topk(min(top_k, k_pos)).indices.tolist())
+        mass = weights.nan_to_num(0.0).sum(dim=(0, 1))[keys]  # [n_keys]
+        keys = sorted(keys[i] for i in mass.topk(min(top_k, len(keys))).indices.tolist())
     return queries, keys
 
 

@@ -278,3 +278,22 @@ def test_summary_of_a_model_cache(output):
     fig = pa.attention_summary(output, "entropy")
     assert _image(fig).shape == (2, 4)
     assert (_image(fig) > 0).all()
+
+
+def test_padding_is_left_out_with_the_attention_mask(model):
+    tokens, mask = model.prepare_tokens(["hi", TEXT])  # "hi" is left-padded to 12 positions
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    n_real = int(mask[0].sum())
+    assert n_real == 3 and tokens.shape[1] == 12
+    fig = pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, tokens=model.to_str_tokens(tokens[0]))
+    image = _image(fig)
+    assert image.shape == (n_real, n_real)  # no padding rows or columns
+    np.testing.assert_allclose(image.sum(axis=1), 1.0, rtol=1e-5)  # each real query's weights, all of them
+    assert _tick_texts(fig.axes[0], "x")[0].endswith("<s>")
+    assert _image(pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, top_k=2)).shape == (n_real, 2)
+    assert _image(pa.attention(cache, 0, 1, prompt=1, attention_mask=mask)).shape == (12, 12)
+    with pytest.raises(ValueError, match="query 0 is padding in prompt 0"):
+        pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, query=0)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch=2, pos=12\]"):
+        pa.attention(cache, 0, 1, attention_mask=mask[:, 1:])
