@@ -6,7 +6,9 @@ from torch import nn
 
 
 def module_summary(model: nn.Module, *, depth: int = 2):
-    """One row per module down to `depth` (1: embed, blocks.i, ln_final, unembed; 2: also ln1/attn/ln2/mlp).
+    """One row per module down to `depth` (1: embed, blocks.i, ln_final, unembed; 2: ln1/attn/ln2/mlp in place
+    of blocks.i; 3: the projections in place of attn and mlp). A module with no submodules stays in at any
+    depth below its own (ln1 at depth 3), so the rows always add up to the whole model.
 
     Tied weights are counted once, at the first module that holds them.
 
@@ -17,6 +19,8 @@ def module_summary(model: nn.Module, *, depth: int = 2):
 
     from .hooks import HookPoint
 
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
     seen: set[int] = set()
     rows = []
     for name, module in model.named_modules():
@@ -25,7 +29,9 @@ def module_summary(model: nn.Module, *, depth: int = 2):
         in_blocks = parts[0] == "blocks"
         if not name or isinstance(module, HookPoint) or name == "blocks":
             continue
-        if (in_blocks and len(parts) - 1 != depth) or (not in_blocks and len(parts) != 1):
+        level = len(parts) - 1 if in_blocks else 1
+        is_leaf = not any(not isinstance(child, HookPoint) for child in module.children())
+        if level > depth or (level < depth and not is_leaf) or (not in_blocks and len(parts) != 1):
             continue
         params = [p for p in module.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)

@@ -27,6 +27,7 @@ from llama_lens.checkpoint import (
     resolve_dtype,
 )
 from llama_lens.loading import load
+from llama_lens.summary import module_summary
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 
@@ -490,7 +491,10 @@ def test_tied_checkpoint_counts_the_embedding_once(tmp_path):
     assert len(ckpt.tensors()) == len(state) - 1
     model = load(ckpt)
     assert model.unembed.weight is model.embed.weight
-    assert model.summary()["parameters"].sum() == ckpt.num_params
+    for depth in (1, 2, 3):  # depth 3 keeps the norms, which have no submodules, so the rows add up
+        summary = module_summary(model, depth=depth)
+        assert summary["parameters"].sum() == ckpt.num_params and summary["share"].sum() == pytest.approx(1.0)
+    assert "blocks.0.ln1" in set(module_summary(model, depth=3).module)
 
 
 def test_load_tensor_is_as_stored_and_names_unknown_tensors(tmp_path):
