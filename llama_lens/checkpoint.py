@@ -851,11 +851,13 @@ class Checkpoint:
         if misshapen and len(fractions) == 1 and None not in fractions:
             # Every model-parallel weight is the same fraction of its size: shards are missing at the end.
             (parts,) = fractions
-            n_found = len(self.files)
+            n_found, n_expected = len(self.files), len(self.files) * parts
+            missing = f"consolidated.{n_found:02d}.pth" + (
+                f" to consolidated.{n_expected - 1:02d}.pth are" if n_expected - n_found > 1 else " is"
+            )
             raise CheckpointError(
                 f"{self.path}: every model-parallel weight is 1/{parts} of the size {config_name} implies, so "
-                f"{n_found * parts} shards are expected but only {n_found} found; consolidated.{n_found:02d}.pth "
-                f"to consolidated.{n_found * parts - 1:02d}.pth are missing: download them again"
+                f"{n_expected} shards are expected but only {n_found} found; {missing} missing: download again"
             )
         if misshapen:
             raise CheckpointError(_listing("wrong shape", misshapen, "the weights do not match the config"))
