@@ -209,6 +209,8 @@ class AttentionExplorer(_Explorer):
         layer: the layer to start on (default: the first held).
         head: the head to start on; None starts with all heads.
         prompt_index: which prompt of a cached batch to show.
+        attention_mask: [batch, pos] 1 for real tokens, 0 for padding, for a cache of a padded batch (as
+            `model.prepare_tokens` returns it): the prompt's padding is not drawn, nor offered by the sliders.
         max_positions: show only the last `max_positions` positions (long prompts).
         cache_budget: bytes of attention patterns to keep (model only). While every layer's patterns fit,
             all are kept and moving the layer slider only redraws; past it only the shown layer's are
@@ -224,11 +226,15 @@ class AttentionExplorer(_Explorer):
         layer: int | None = None,
         head: int | None = 0,
         prompt_index: int = 0,
+        attention_mask: torch.Tensor | None = None,
         max_positions: int | None = None,
         cache_budget: int = ATTENTION_CACHE_BUDGET,
     ) -> None:
         super().__init__()
         self._model = model_or_cache if _is_model(model_or_cache) else None
+        if self._model is not None and attention_mask is not None:
+            raise ValueError("attention_mask= is for a cache of a padded batch; a typed prompt has no padding")
+        self._attention_mask = attention_mask
         self._max_positions = max_positions
         self._cache_budget = cache_budget
         self._prompt_index = prompt_index
@@ -430,6 +436,13 @@ class AttentionExplorer(_Explorer):
             raise ValueError(f"tokens= has {len(self._tokens)} entries but the cache covers {k_pos} positions")
         self._past = k_pos - q_pos
         first = 0 if self._max_positions is None else max(0, q_pos - self._max_positions)
+        first_key = 0
+        if self._attention_mask is not None:  # a left-padded prompt: its real tokens are the last ones
+            real = plot_attention._checked_mask(self._attention_mask, pattern)[self._prompt_index]
+            if not real.any():
+                raise ValueError(f"prompt {self._prompt_index} is all padding in attention_mask")
+            first_key = int(real.int().argmax())
+            first = max(first, first_key - self._past)
         # A new prompt starts on its last query; recomputing the same prompt (to add scores) keeps the place.
         same_prompt = self._shown_tokens == self._tokens and self._tokens is not None
         query = self._query.value if same_prompt else q_pos - 1
@@ -439,7 +452,8 @@ class AttentionExplorer(_Explorer):
         self._query.max = q_pos - 1
         self._query.value = min(max(query, first), q_pos - 1)
         self._key.max = self._query.value + self._past
-        self._key.min = 0
+        self._key.min = first_key
+        self._key.value = max(self._key.value, first_key)
         self._shown_tokens = self._tokens
 
     def _run_model(self) -> None:
@@ -482,6 +496,7 @@ class AttentionExplorer(_Explorer):
             head,
             tokens=self._tokens,
             prompt=self._prompt_index,
+            attention_mask=self._attention_mask,
             scores=self._scores.value,
             max_positions=self._max_positions,
             query=self._query.value,

@@ -102,6 +102,21 @@ def test_attention_explorer_from_a_cache(model):
         ll_widgets.AttentionExplorer(cache, prompt_index=2)
 
 
+def test_attention_explorer_leaves_out_the_padding_of_a_batch_cache(model):
+    tokens, mask = model.prepare_tokens(["ab", "xyz"])  # "ab" is left-padded: <pad> <s> a b
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    names = model.to_str_tokens(tokens[0])
+    explorer = ll_widgets.AttentionExplorer(cache, tokens=names, prompt_index=0, attention_mask=mask, head=1)
+    np.testing.assert_allclose(_image(explorer.figure), cache["blocks.0.attn.hook_pattern"][0, 1, 1:, 1:].numpy())
+    assert (explorer.controls["query"].min, explorer.controls["key"].min) == (1, 1)
+    assert 0 not in explorer.table["key"].tolist()
+    with pytest.raises(ValueError, match="query=0 is out of range 1..3"):
+        explorer.query = 0
+    with pytest.raises(ValueError, match="attention_mask= is for a cache of a padded batch"):
+        ll_widgets.AttentionExplorer(model, "ab", attention_mask=mask)
+
+
 def test_attention_explorer_reports_a_bad_prompt_and_keeps_the_figure(model):
     explorer = ll_widgets.AttentionExplorer(model, "fine")
     figure = explorer.figure
