@@ -143,6 +143,8 @@ def lens_heatmap(
     str_tokens = result.str_tokens[prompt]
     shown_cols = _thinned(n_cols)
     input_labels = [visible_token(str_tokens[positions[c]], max_chars + 3) for c in shown_cols]
+    if len(shown_cols) < n_cols:  # thinned: the position too, so the unlabelled columns can be counted
+        input_labels = [f"{positions[c]} {label}" for c, label in zip(shown_cols, input_labels)]
     next_tokens = [str_tokens[p + 1] if p + 1 < len(str_tokens) else "" for p in positions]
     next_labels = [visible_token(next_tokens[c], max_chars + 3) for c in shown_cols]
     if figsize is None:

@@ -531,6 +531,14 @@ def test_heatmap_fonts_shrink_for_big_prompts():
     assert len(big.axes[0].get_yticklabels()) == 33
 
 
+def test_thinned_position_labels_carry_the_position():
+    model = tiny_model(tiny_config(n_layers=1))
+    result = ll.logit_lens(model, torch.randint(0, 128, (1, 130)))
+    labels = [t.get_text() for t in result.plot(figsize=(20, 6)).axes[0].get_xticklabels()]
+    # 130 columns, at most 60 labels: every third column is labelled, and its label starts with its position.
+    assert [label.split(" ", 1)[0] for label in labels] == [str(p) for p in range(0, 130, 3)]
+
+
 def test_heatmap_of_one_readout_leaves_room_for_cells_and_a_full_colour_bar(demo_path):
     import warnings
 
