@@ -12,13 +12,13 @@ any norm, hook_embed or hook_resid_*, and goes through ln_final once.)
 
 The read-outs are never kept as one [read-outs × pos × d_vocab] tensor unless asked (`keep_logits=True`).
 Rows (one residual vector each) are taken a chunk at a time, and each chunk sweeps the vocabulary in blocks:
-one matmul makes a block of logits small enough to stay in cache, and every metric reads it there before
-the next block replaces it — top-k, the target's logit and rank, and the block's logsumexp and mean logit,
-merged across blocks as an online softmax does (Milakov & Gimelshein 2018, arXiv:1805.02867). No metric
-needs a second sweep, so the work beyond the forward pass is the unembedding matmul and about a fifth more on
-CPU, the metrics' passes over each block (docs/logit_lens.md, scripts/bench_lens.py). KL to the
-final distribution p comes from the same blocks: p's metrics come first, from the model's own logits, and
-each read-out q adds up sum_v p(v) logits_q(v) block by block, with p(v) = exp(logits_p(v) - logsumexp(logits_p))
+one matmul makes a block of logits, and every metric reads it before the next block replaces it — top-k, the
+target's logit and rank, and the block's logsumexp and mean logit, merged across blocks as an online softmax
+does (Milakov & Gimelshein 2018, arXiv:1805.02867). No metric needs a second sweep, so the work beyond the
+forward pass is the unembedding matmul and about a fifth more on CPU, the metrics' passes over each block
+(docs/logit_lens.md, scripts/bench_lens.py).
+KL to the final distribution p comes from the same blocks: p's metrics come first, from the model's own logits,
+and each read-out q adds up sum_v p(v) logits_q(v) block by block, with p(v) = exp(logits_p(v) - logsumexp(logits_p))
 made for the block at hand only, so that
 
     KL(p || q) = sum_v p log p - sum_v p(v) logits_q(v) + logsumexp(logits_q).
@@ -54,9 +54,9 @@ DEFAULT_READOUT = ("embed", "resid_post")
 # W_U once per 1024 rows. Measured with scripts/bench_lens.py.
 DEFAULT_CHUNK_SIZE = 1024
 # Vocabulary ids per block of the sweep on CPU. Each metric is a pass over the block (the exponentials, sums,
-# comparisons), and passes over a 4 MB block and its 4 MB of exponentials stay in cache: in scripts/bench_lens.py
-# on SmolLM2 at 512 tokens (2 CPU threads), (lens - forward) / matmul was 1.19 with 1024 ids, 1.26 with 2048
-# and 1.31 with 4096, the more per-block torch calls notwithstanding.
+# comparisons); in scripts/bench_lens.py on SmolLM2 at 512 tokens (2 CPU threads), (lens - forward) / matmul
+# was 1.19 with 1024 ids, 1.26 with 2048 and 1.31 with 4096, the more per-block torch calls notwithstanding.
+# Those passes run at about memory speed right after the matmul (docs/logit_lens.md, "Memory and speed").
 VOCAB_BLOCK = 1024
 # On a GPU each per-block call is a kernel launch, and a block this size is far from filling the device: wider
 # blocks there (not tuned).
@@ -354,9 +354,10 @@ def logit_lens(
     points = _readout_points(model, readout, layers)
     pos_index = _positions(positions, n_tokens)
     target_ids = _targets(model, target, batch)
-    if _integer(top_k) is None or not 1 <= top_k <= model.cfg.d_vocab:
+    k = _integer(top_k)
+    if k is None or not 1 <= k <= model.cfg.d_vocab:
         raise ValueError(f"top_k must be an integer between 1 and d_vocab ({model.cfg.d_vocab}), got {top_k!r}")
-    top_k = _integer(top_k)
+    top_k = k
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")

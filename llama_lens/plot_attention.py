@@ -14,14 +14,13 @@ and figures do not pile up in pyplot's registry. matplotlib is imported inside t
 from __future__ import annotations
 
 import math
-import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .plot_lens import visible_token
+from .plot_lens import _check_index, visible_token
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -485,18 +484,6 @@ def attention_summary(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _check_index(name: str, value: Any, size: int, what: str) -> int:
-    """`value` as an index in 0..size - 1: any integer type (a numpy int from a DataFrame too), negative
-    counting from the end."""
-    try:
-        index = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or not -size <= index < size:
-        raise ValueError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
-    return index % size
-
-
 def _checked_tokens(tokens: Sequence[str], k_pos: int) -> list[str]:
     if isinstance(tokens, (str, torch.Tensor)):
         raise ValueError(

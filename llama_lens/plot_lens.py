@@ -13,7 +13,8 @@ with its whitespace made visible ("·" for a space, "↵" for a newline, "⇥" f
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import operator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -65,10 +66,16 @@ def _resolve_position(result, position: int | None, prompt: int | None = None) -
     return result.positions.index(position)
 
 
-def _check_index(name: str, value: int, size: int) -> int:
-    if not -size <= value < size:
-        raise ValueError(f"{name}={value} is out of range: there are {size}")
-    return value % size
+def _check_index(name: str, value: Any, size: int, what: str) -> int:
+    """`value` as an index in 0..size - 1 (the lens and attention plots' prompt, target, head, query and key):
+    any integer type (a numpy int from a DataFrame too), negative counting from the end."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not -size <= index < size:
+        raise ValueError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
+    return index % size
 
 
 # ----------------------------------------------------------------------------------------------- heatmap
@@ -111,7 +118,7 @@ def lens_heatmap(
     metric = _METRIC_ALIASES.get(metric, metric)
     if metric not in LENS_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {list(LENS_METRICS)}")
-    prompt = _check_index("prompt", prompt, result.batch)
+    prompt = _check_index("prompt", prompt, result.batch, "prompts in the batch")
     columns = [j for j, p in enumerate(result.positions) if result.attention_mask[prompt, p]]
     if not columns:
         raise ValueError(f"prompt {prompt} has no real tokens at the positions read out")
@@ -120,7 +127,7 @@ def lens_heatmap(
     if metric in ("target_prob", "rank"):
         if result.target_ids is None:
             raise ValueError(f"metric {metric!r} needs a target: run logit_lens(..., target=' Paris')")
-        target = _check_index("target", target, result.n_targets)
+        target = _check_index("target", target, result.n_targets, "targets")
         target_text = repr(result.target_strs[prompt][target])
     values = {
         "prob": lambda: result.top_probs[prompt, :, :, 0],
@@ -225,7 +232,7 @@ def lens_trajectory(
         raise ValueError("a trajectory needs a target: run logit_lens(..., target=' Paris')")
     if metric not in ("prob", "rank", "both"):
         raise ValueError(f"metric must be 'prob', 'rank' or 'both', got {metric!r}")
-    prompt = _check_index("prompt", prompt, result.batch)
+    prompt = _check_index("prompt", prompt, result.batch, "prompts in the batch")
     column = _resolve_position(result, position, prompt)
     panels = ["prob", "rank"] if metric == "both" else [metric]
     n = result.n_readouts
@@ -285,8 +292,8 @@ def logit_attribution(
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    prompt = _check_index("prompt", prompt, result.tokens.shape[0])
-    target = _check_index("target", target, result.target_ids.shape[1])
+    prompt = _check_index("prompt", prompt, result.tokens.shape[0], "prompts in the batch")
+    target = _check_index("target", target, result.target_ids.shape[1], "targets")
     column = _resolve_position(result, position, prompt)
     values = result.components[prompt, :, column, target]  # [n_components]
     has_heads = result.heads is not None and len(result.head_layers) > 0

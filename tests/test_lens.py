@@ -5,6 +5,7 @@ import gc
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -342,8 +343,6 @@ def test_bad_arguments_are_named():
 
 
 def test_numpy_and_tensor_integers_are_taken_as_ids_and_positions():
-    import numpy as np
-
     model = tiny_model()
     tokens = torch.randint(0, 128, (2, 5))
     expected = ll.logit_lens(model, tokens, target=[[7], [9]], positions=[-1], top_k=3)
@@ -516,6 +515,9 @@ def test_heatmap_axes_labels_and_cells(text_model):
         assert result.plot(metric, prompt=1).axes[0].images[0].get_array().shape == (3, n_tokens)
     with pytest.raises(ValueError, match="unknown metric"):
         result.plot("loss")
+    with pytest.raises(ValueError, match=r"prompt=2 is out of range: there are 2 prompts in the batch \(0..1\)"):
+        result.plot(prompt=2)
+    assert result.plot(prompt=np.int64(-1)).axes[0].images[0].get_array().shape == (3, n_tokens)  # prompt 1
     with pytest.raises(ValueError, match="needs a target"):
         ll.logit_lens(text_model, prompts).plot("rank")
 
