@@ -110,16 +110,30 @@ META_PERMUTED = {
 # safetensors dtype codes: torch dtype name and bytes per element. Only float dtypes hold Llama weights;
 # the others are listed so that a file holding them still gets its offsets checked and a clear error.
 SAFETENSORS_DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "U64": ("uint64", 8), "I32": ("int32", 4), "U32": ("uint32", 4),
-    "I16": ("int16", 2), "U16": ("uint16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # The dtypes a model can be loaded in: every op of the forward pass has CPU and CUDA kernels for these (float8
 # and other floating types do not).
 DTYPE_NAMES = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
 }
 
 READ_CHUNK_BYTES = 8 * 2**20  # stored bytes converted (safetensors) or copied out of a mapped shard (Meta) at a time
@@ -196,7 +210,9 @@ def block_param_shapes(cfg: LlamaConfig, layer: int) -> dict[str, tuple[int, ...
     }
     if cfg.attention_bias:
         shapes |= {
-            "attn.q_proj.bias": (d_q,), "attn.k_proj.bias": (d_kv,), "attn.v_proj.bias": (d_kv,),
+            "attn.q_proj.bias": (d_q,),
+            "attn.k_proj.bias": (d_kv,),
+            "attn.v_proj.bias": (d_kv,),
             "attn.o_proj.bias": (d_model,),
         }
     shapes |= {
@@ -229,7 +245,7 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     """
     if layers is None:
         return list(range(n_layers))
-    if isinstance(layers, int) or isinstance(layers, str):
+    if isinstance(layers, (int, str)):
         raise ValueError(f"layers must be a range or a list of ints, got {layers!r}; e.g. layers=range(0, 3)")
     checked = []
     for layer in layers:
@@ -606,7 +622,7 @@ class Checkpoint:
         pths = sorted(folder.glob("consolidated.*.pth"), key=lambda p: p.name)
         if pths:
             numbers = [p.name.split(".")[1] for p in pths]
-            for expected, (number, file) in enumerate(zip(numbers, pths, strict=True)):
+            for expected, number in enumerate(numbers):
                 if not number.isdigit() or int(number) != expected:
                     raise CheckpointError(
                         f"{folder}: model-parallel shard consolidated.{expected:02d}.pth is missing "
@@ -719,8 +735,11 @@ class Checkpoint:
         if self.index_cache_path is None:
             return
         record = {
-            "version": INDEX_CACHE_VERSION, "path": str(self.path), "format": self.format,
-            "files": self._stats, "tensors": raw,
+            "version": INDEX_CACHE_VERSION,
+            "path": str(self.path),
+            "format": self.format,
+            "files": self._stats,
+            "tensors": raw,
         }
         target = self.index_cache_path
         try:
@@ -945,8 +964,13 @@ class Checkpoint:
             layer = _template(param)[1] if param else None
             rows.append(
                 {
-                    "name": name, "param": param, "layer": layer, "component": _component(param),
-                    "shape": stored.shape, "dtype": stored.dtype, "numel": stored.numel,
+                    "name": name,
+                    "param": param,
+                    "layer": layer,
+                    "component": _component(param),
+                    "shape": stored.shape,
+                    "dtype": stored.dtype,
+                    "numel": stored.numel,
                     "bytes": stored.numel * getattr(torch, stored.dtype).itemsize,
                     "file": ",".join(dict.fromkeys(piece.file for piece in stored.pieces)),
                 }
@@ -1267,7 +1291,7 @@ def _component(param: str | None) -> str | None:
 
 
 def _listing(what: str, items: list[str], why: str) -> str:
-    """"2 unexpected tensors: 'a' in f, 'b' in f (why)", listing at most five."""
+    """ "2 unexpected tensors: 'a' in f, 'b' in f (why)", listing at most five."""
     shown = "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
     plural = f"{len(items)} {what}s" if len(items) > 1 else what
     return f"{plural}: {shown} ({why})"

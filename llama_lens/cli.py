@@ -46,18 +46,29 @@ def run_demo_model(args: argparse.Namespace) -> int:
 def _add_checkpoint_and_prompt(parser: argparse.ArgumentParser) -> None:
     # argparse fills an optional positional before a required one only when both are given, which is what
     # "[PATH] PROMPT" means: one argument is the prompt, two are the checkpoint and the prompt.
-    parser.add_argument("path", nargs="?", metavar="PATH",
-                        help="checkpoint folder (HF or Meta layout); default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="checkpoint folder (HF or Meta layout); default: the embedded SmolLM2-135M-Instruct",
+    )
     parser.add_argument("prompt", metavar="PROMPT", help="the text to run")
     _add_load_options(parser)
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the loaded weights (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the loaded weights (default: float32)",
+    )
     parser.add_argument("--device", default="cpu", help='where the weights go: "cpu", "cuda", "cuda:1", ...')
-    parser.add_argument("--stream", action="store_true",
-                        help="read each layer from disk when the forward pass reaches it (models bigger than memory)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="read each layer from disk when the forward pass reaches it (models bigger than memory)",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -86,11 +97,18 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_and_prompt(parser)
     parser.add_argument("--target", help='a token to follow across layers, with its leading space (" Paris")')
     parser.add_argument("--out", help="save the heatmap here (.png, .pdf, .svg)")
-    parser.add_argument("--readout", default=None, choices=["resid_pre", "resid_mid", "resid_post"],
-                        help="which residual stream to read out in each layer (default: the embedding, then "
-                             "each layer's resid_post)")
-    parser.add_argument("--metric", default=None, choices=["prob", "target_prob", "rank", "entropy", "kl"],
-                        help="heatmap colour (default: rank with --target, else prob)")
+    parser.add_argument(
+        "--readout",
+        default=None,
+        choices=["resid_pre", "resid_mid", "resid_post"],
+        help="which residual stream to read out in each layer (default: the embedding, then each layer's resid_post)",
+    )
+    parser.add_argument(
+        "--metric",
+        default=None,
+        choices=["prob", "target_prob", "rank", "entropy", "kl"],
+        help="heatmap colour (default: rank with --target, else prob)",
+    )
     parser.add_argument("--position", type=int, default=-1, help="position the table shows (default: -1, the last)")
     parser.add_argument("--top-k", type=int, default=3, help="top tokens per read-out in the table (default: 3)")
     parser.set_defaults(run=run_lens)
@@ -163,8 +181,13 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder; default: the embedded model")
-    parser.add_argument("--depth", type=int, default=1, choices=[1, 2],
-                        help="1: embed, each block, final norm, unembed; 2: also each block's norms, attn and mlp")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="1: embed, each block, final norm, unembed; 2: also each block's norms, attn and mlp",
+    )
     parser.add_argument("--tensors", action="store_true", help="also list every stored tensor")
     parser.set_defaults(run=run_inspect)
 
@@ -174,6 +197,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
     import llama_lens as ll
+
     from .model import HookedLlama
     from .summary import module_summary
 
@@ -234,7 +258,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     model = _load_model(args)
     out = model.generate(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
         seed=args.seed,
     )
     print(args.prompt + out.text)

@@ -17,18 +17,63 @@ from typing import Any
 # Generic PretrainedConfig attributes, generation defaults and bookkeeping.
 HF_IGNORED_KEYS = frozenset(
     {
-        "architectures", "transformers_version", "_name_or_path", "_attn_implementation",
-        "_attn_implementation_autoset", "initializer_range", "use_cache", "attention_dropout",
-        "is_llama_config", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
-        "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_encoder_decoder", "is_decoder",
-        "is_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size", "chunk_size_feed_forward",
-        "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
-        "finetuning_task", "decoder_start_token_id", "sep_token_id", "max_length", "min_length", "do_sample",
-        "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
-        "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-        "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-        "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "initializer_range",
+        "use_cache",
+        "attention_dropout",
+        "is_llama_config",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "tie_encoder_decoder",
+        "is_decoder",
+        "is_encoder_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "chunk_size_feed_forward",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "finetuning_task",
+        "decoder_start_token_id",
+        "sep_token_id",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "output_router_logits",
         # Splits the projections into slices in transformers 4.x only to mimic the pretraining layout; the
         # result is the same matmul up to float rounding.
         "pretraining_tp",
@@ -153,9 +198,7 @@ class LlamaConfig:
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}"
                 )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
     @property
     def n_rep(self) -> int:
@@ -175,11 +218,29 @@ class LlamaConfig:
                 implement, for unknown keys, and for missing required keys.
         """
         handled = {
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
-            "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id",
-            "eos_token_id", "pad_token_id", "max_position_embeddings", "torch_dtype", "dtype",
-            "rope_interleaved", "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "max_position_embeddings",
+            "torch_dtype",
+            "dtype",
+            "rope_interleaved",
+            "model_type",
         }
         unknown = sorted(set(hf) - handled - HF_IGNORED_KEYS)
         if unknown:
@@ -276,15 +337,23 @@ class LlamaConfig:
                 read from the embedding's shape by the checkpoint reader.
         """
         handled = {
-            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-            "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "multiple_of",
+            "ffn_dim_multiplier",
+            "norm_eps",
+            "rope_theta",
+            "use_scaled_rope",
+            "rope_scaling_factor",
+            "rope_high_freq_factor",
             "head_dim",
         }
         unknown = sorted(set(params) - handled - META_IGNORED_KEYS)
         if unknown:
-            raise ValueError(
-                f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only"
-            )
+            raise ValueError(f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only")
 
         read = _Values(params, source)
         d_model, n_heads = read.int("dim", positive=True), read.int("n_heads", positive=True)

@@ -271,9 +271,7 @@ def _check_sha256(found: str, source: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- conversion
-def write_checkpoint(
-    gguf_path: Path, out_dir: Path, *, license_text: str | None = None, progress: bool = True
-) -> None:
+def write_checkpoint(gguf_path: Path, out_dir: Path, *, license_text: str | None = None, progress: bool = True) -> None:
     """Dequantizes a Llama GGUF and writes it as a Hugging Face checkpoint (bf16 safetensors shards).
 
     Writes `model-0000k-of-0000N.safetensors`, `model.safetensors.index.json`, `config.json`,
@@ -458,8 +456,14 @@ def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(tokens.index(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                   "single_word": False, "special": True}  # fmt: skip
+            str(tokens.index(t)): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }  # fmt: skip
             for t in control
         },
         "additional_special_tokens": [t for t in (token("bos_token_id"), token("eos_token_id")) if t],

@@ -10,13 +10,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Union
 
 import torch
 from torch import nn
 
-HookFn = Callable[..., Union[torch.Tensor, None]]
-NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
+HookFn = Callable[..., torch.Tensor | None]
+NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class HookPoint(nn.Module):

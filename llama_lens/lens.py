@@ -37,7 +37,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -67,8 +67,8 @@ TOP_K_BLOCK = 64
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 
-Prompt = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
-Target = Union[str, int, Sequence[Union[str, int]], Sequence[Sequence[Union[str, int]]], None]
+Prompt = str | Sequence[str] | torch.Tensor | Sequence[int]
+Target = str | int | Sequence[str | int] | Sequence[Sequence[str | int]] | None
 
 
 # ----------------------------------------------------------------------------------------------- results

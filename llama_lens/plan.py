@@ -208,10 +208,23 @@ def plan(
     bandwidth = float(read_bandwidth or DEFAULT_READ_BANDWIDTH)
     available = available_memory(device)
     return Plan(
-        stream=stream, dtype=dtype, n_layers=n_layers, tokens=tokens, batch=batch, cache=cache, patterns=patterns,
-        weights_resident_bytes=weights_resident, layer_in_flight_bytes=in_flight, activations_bytes=activations,
-        cache_bytes=cache_bytes, pattern_bytes=pattern_bytes, peak_bytes=peak, available_bytes=available,
-        read_bytes=read_bytes, read_bandwidth=bandwidth, est_read_seconds=read_bytes / bandwidth,
+        stream=stream,
+        dtype=dtype,
+        n_layers=n_layers,
+        tokens=tokens,
+        batch=batch,
+        cache=cache,
+        patterns=patterns,
+        weights_resident_bytes=weights_resident,
+        layer_in_flight_bytes=in_flight,
+        activations_bytes=activations,
+        cache_bytes=cache_bytes,
+        pattern_bytes=pattern_bytes,
+        peak_bytes=peak,
+        available_bytes=available,
+        read_bytes=read_bytes,
+        read_bandwidth=bandwidth,
+        est_read_seconds=read_bytes / bandwidth,
         fits=available is None or peak <= available,
     )
 

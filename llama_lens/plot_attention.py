@@ -60,7 +60,7 @@ def as_cache(cache_or_output: Any) -> Any:
 def attention_layers(cache_or_output: Any, *, scores: bool = False) -> list[int]:
     """The layers whose attention pattern (or pre-softmax scores) the cache holds, in increasing order."""
     hook = SCORES_HOOK if scores else PATTERN_HOOK
-    found = (_HOOK_KEY.match(name) for name in as_cache(cache_or_output).keys())
+    found = (_HOOK_KEY.match(name) for name in as_cache(cache_or_output))
     return sorted(int(match.group(1)) for match in found if match and match.group(2) == hook)
 
 
@@ -477,8 +477,15 @@ def attention_summary(
             for h in range(n_heads):
                 value = float(values[layer_row, h])
                 dark = (value - low) / max(high - low, 1e-12) < 0.5  # light text on the dark end of viridis
-                ax.text(h, layer_row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if dark else "black")
+                ax.text(
+                    h,
+                    layer_row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if dark else "black",
+                )
     fig.colorbar(image, ax=ax, label=stat if isinstance(stat, str) else label)
     return fig
 
@@ -487,8 +494,7 @@ def attention_summary(
 def _checked_tokens(tokens: Sequence[str], k_pos: int) -> list[str]:
     if isinstance(tokens, (str, torch.Tensor)):
         raise ValueError(
-            "tokens= takes the text of each position, e.g. model.to_str_tokens(tokens), not a "
-            f"{type(tokens).__name__}"
+            f"tokens= takes the text of each position, e.g. model.to_str_tokens(tokens), not a {type(tokens).__name__}"
         )
     tokens = [str(token) for token in tokens]
     if len(tokens) != k_pos:

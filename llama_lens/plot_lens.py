@@ -304,18 +304,18 @@ def logit_attribution(
     axes = fig.subplots(1, 2 if has_heads else 1, squeeze=False)[0]
 
     bars = axes[0]
-    layer_list = sorted({l for l, k in zip(result.layers, result.kinds) if k != "embed"})
+    layer_list = sorted({layer for layer, k in zip(result.layers, result.kinds) if k != "embed"})
     x_of = {layer: i for i, layer in enumerate(layer_list)}
     width = 0.4
     for kind, offset, colour in (("attn", -width / 2, "tab:blue"), ("mlp", width / 2, "tab:orange")):
-        xs = [x_of[l] + offset for l, k in zip(result.layers, result.kinds) if k == kind]
+        xs = [x_of[layer] + offset for layer, k in zip(result.layers, result.kinds) if k == kind]
         ys = [float(v) for v, k in zip(values, result.kinds) if k == kind]
         bars.bar(xs, ys, width=width, color=colour, label=kind)
     if "embed" in result.kinds:
         bars.bar([-1], [float(values[result.kinds.index("embed")])], width=width, color="tab:gray", label="embed")
     bars.axhline(0, color="black", linewidth=0.6)
     ticks = [-1] + list(range(len(layer_list))) if "embed" in result.kinds else list(range(len(layer_list)))
-    tick_labels = (["embed"] if "embed" in result.kinds else []) + [str(l) for l in layer_list]
+    tick_labels = (["embed"] if "embed" in result.kinds else []) + [str(layer) for layer in layer_list]
     shown = _thinned(len(ticks), 40)
     bars.set_xticks([ticks[i] for i in shown], [tick_labels[i] for i in shown], fontsize=8)
     bars.set_xlabel("layer")

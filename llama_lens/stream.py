@@ -146,8 +146,7 @@ def _empty_cpu_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torc
     # frombuffer keeps `buffer` alive for as long as any tensor viewing it.
     slab = torch.frombuffer(buffer, dtype=torch.uint8)
     return [
-        slab[start : start + size].view(dtype).view(shape)
-        for (shape, dtype), start, size in zip(specs, offsets, sizes)
+        slab[start : start + size].view(dtype).view(shape) for (shape, dtype), start, size in zip(specs, offsets, sizes)
     ]
 
 

@@ -1,9 +1,9 @@
 """Random Llama weights written in every checkpoint layout, for tests and benchmarks.
 
-    cfg = LlamaConfig(d_model=64, n_layers=2, ...)
-    state = random_state_dict(cfg)                        # our parameter names
-    write_hf_checkpoint(tmp / "hf", cfg, state, shards=3)  # model-0000k-of-00003.safetensors + index + config
-    write_meta_checkpoint(tmp / "meta", cfg, state, mp=2)  # consolidated.0k.pth + params.json
+cfg = LlamaConfig(d_model=64, n_layers=2, ...)
+state = random_state_dict(cfg)                        # our parameter names
+write_hf_checkpoint(tmp / "hf", cfg, state, shards=3)  # model-0000k-of-00003.safetensors + index + config
+write_meta_checkpoint(tmp / "meta", cfg, state, mp=2)  # consolidated.0k.pth + params.json
 """
 
 from __future__ import annotations
@@ -177,9 +177,14 @@ def meta_params(cfg: LlamaConfig, *, vocab_size_in_params: bool = True) -> dict:
     if cfg.attention_bias or cfg.mlp_bias:
         raise ValueError("Meta checkpoints have no biases; use write_hf_checkpoint for attention_bias/mlp_bias")
     params = {
-        "dim": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-        "vocab_size": cfg.d_vocab if vocab_size_in_params else -1, "norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_position_embeddings,
+        "dim": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.d_vocab if vocab_size_in_params else -1,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_seq_len": cfg.max_position_embeddings,
     }
     if cfg.d_head != cfg.d_model // cfg.n_heads:
         params["head_dim"] = cfg.d_head

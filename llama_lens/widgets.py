@@ -371,8 +371,13 @@ class AttentionExplorer(_Explorer):
     def controls(self) -> dict[str, widgets.Widget]:
         """The input widgets by name, to drive them as a user would (e.g. `controls["layer"].value = 2`)."""
         return {
-            "prompt": self._prompt, "layer": self._layer, "head": self._head, "all_heads": self._all_heads,
-            "scores": self._scores, "query": self._query, "key": self._key,
+            "prompt": self._prompt,
+            "layer": self._layer,
+            "head": self._head,
+            "all_heads": self._all_heads,
+            "scores": self._scores,
+            "query": self._query,
+            "key": self._key,
         }
 
     @property
@@ -601,13 +606,18 @@ class LogitLensExplorer(_Explorer):
             raise ValueError(f"layers={layers} must be (first, last) of the loaded layers {loaded[0]}..{loaded[-1]}")
 
         self._prompt = widgets.Text(
-            value=prompt, description="prompt", continuous_update=False, layout=widgets.Layout(width="95%"),
+            value=prompt,
+            description="prompt",
+            continuous_update=False,
+            layout=widgets.Layout(width="95%"),
             placeholder="type a prompt and press Enter",
         )
         if target is not None and not isinstance(target, str):
             raise ValueError(f"target= takes the text of a token (e.g. ' Paris'), got {type(target).__name__}")
         self._target = widgets.Text(
-            value=target or "", description="target", continuous_update=False,
+            value=target or "",
+            description="target",
+            continuous_update=False,
             placeholder="e.g. ' Paris' (one token, with its leading space)",
         )
         self._metric = widgets.Dropdown(options=LENS_METRICS, value=metric, description="metric")
@@ -708,8 +718,12 @@ class LogitLensExplorer(_Explorer):
     def controls(self) -> dict[str, widgets.Widget]:
         """The input widgets by name, to drive them as a user would (e.g. `controls["metric"].value = "kl"`)."""
         return {
-            "prompt": self._prompt, "target": self._target, "metric": self._metric, "readout": self._readout,
-            "layers": self._layers, "position": self._position,
+            "prompt": self._prompt,
+            "target": self._target,
+            "metric": self._metric,
+            "readout": self._readout,
+            "layers": self._layers,
+            "position": self._position,
         }
 
     # ------------------------------------------------------------------ updates
@@ -728,8 +742,13 @@ class LogitLensExplorer(_Explorer):
         text = f"computing the lens of {n_tokens} tokens"
         with self._progress(self._model, self._model.layer_indices, text, after="reading out"):
             result = logit_lens(
-                self._model, tokens, self.target, readout=self._readout.value, positions=positions,
-                top_k=self._top_k, layers=layers,
+                self._model,
+                tokens,
+                self.target,
+                readout=self._readout.value,
+                positions=positions,
+                top_k=self._top_k,
+                layers=layers,
             )
         seconds = time.perf_counter() - started
         self._result = result

@@ -34,9 +34,19 @@ def smollm2_shaped_checkpoint(folder: str) -> str:
     from llama_lens.testing import random_state_dict, write_hf_checkpoint
 
     cfg = LlamaConfig(
-        d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_mlp=1536, d_vocab=49152,
-        rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
-        bos_token_id=0, eos_token_ids=(0,),
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_head=64,
+        d_mlp=1536,
+        d_vocab=49152,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=0,
+        eos_token_ids=(0,),
     )
     write_hf_checkpoint(folder, cfg, random_state_dict(cfg, dtype=torch.bfloat16), shards=3)
     return folder
@@ -152,7 +162,9 @@ def main() -> None:
     parser.add_argument("--layers", default="0:3", help="layer range for the partial load, as start:stop")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
-        "--layout", choices=["as-is", "meta"], default="as-is",
+        "--layout",
+        choices=["as-is", "meta"],
+        default="as-is",
         help="meta: measure a bf16 Meta copy of the checkpoint (written first; transformers cannot read it)",
     )
     parser.add_argument("--mp", type=int, default=1, help="model-parallel shards of the Meta copy")

@@ -46,9 +46,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     d_model = args.d_model
     cfg = LlamaConfig(
-        d_model=d_model, n_layers=args.layers, n_heads=d_model // 64, n_kv_heads=max(1, d_model // 128),
-        d_head=64, d_mlp=3 * d_model, d_vocab=1024, rope_theta=10000.0, norm_eps=1e-5,
-        max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,),
+        d_model=d_model,
+        n_layers=args.layers,
+        n_heads=d_model // 64,
+        n_kv_heads=max(1, d_model // 128),
+        d_head=64,
+        d_mlp=3 * d_model,
+        d_vocab=1024,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_ids=(2,),
     )
     opened: collections.Counter = collections.Counter()
     torch_load = torch.load

@@ -177,8 +177,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="checkpoint folder (scripts/make_synthetic_checkpoint.py writes one)")
     parser.add_argument("--tokens", type=int, default=128, help="prompt length (pos)")
-    parser.add_argument("--dtype", default="bfloat16", help="dtype of every run (bfloat16: a float32 full load of "
-                        "a 3B model would not leave room for the rest on a 24 GiB machine)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="dtype of every run (bfloat16: a float32 full load of "
+        "a 3B model would not leave room for the rest on a 24 GiB machine)",
+    )
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,13 +195,17 @@ def main() -> None:
         return
 
     checkpoint_bytes = sum(f.stat().st_size for f in weight_files(args.path))
-    print(f"checkpoint {args.path}: {checkpoint_bytes / 1e9:.2f} GB in {len(weight_files(args.path))} files; "
-          f"lens over {args.tokens} tokens in {args.dtype}; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"checkpoint {args.path}: {checkpoint_bytes / 1e9:.2f} GB in {len(weight_files(args.path))} files; "
+        f"lens over {args.tokens} tokens in {args.dtype}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     disk = run_child("disk", args)
     bandwidth = disk["bytes"] / disk["seconds"]
-    print(f"disk read (page cache evicted by posix_fadvise DONTNEED; {_gb(disk['cached_before'])} still cached): "
-          f"{disk['bytes'] / 1e9:.2f} GB in {disk['seconds']:.1f} s = {bandwidth / 1e9:.2f} GB/s")
+    print(
+        f"disk read (page cache evicted by posix_fadvise DONTNEED; {_gb(disk['cached_before'])} still cached): "
+        f"{disk['bytes'] / 1e9:.2f} GB in {disk['seconds']:.1f} s = {bandwidth / 1e9:.2f} GB/s"
+    )
 
     results = {kind: run_child(kind, args) for kind in ("streamed", "loaded")}
     if not args.no_transformers:
@@ -206,8 +214,10 @@ def main() -> None:
     print("\npeak RSS (whole process, fresh subprocess each)")
     for kind, result in results.items():
         share = result["peak_rss"] / checkpoint_bytes
-        print(f"  {kind:<13}{result['peak_rss'] / 1e9:6.2f} GB  = {share:6.1%} of the checkpoint   "
-              f"(load {result['load_seconds']:.1f} s, lens {_seconds(result['passes'])} s)")
+        print(
+            f"  {kind:<13}{result['peak_rss'] / 1e9:6.2f} GB  = {share:6.1%} of the checkpoint   "
+            f"(load {result['load_seconds']:.1f} s, lens {_seconds(result['passes'])} s)"
+        )
 
     streamed, loaded = results["streamed"], results["loaded"]
     layer_bytes = streamed["layer_bytes"]
@@ -215,10 +225,14 @@ def main() -> None:
     compute_floor = min(p["seconds"] for p in loaded["passes"])
     floor = max(io_floor, compute_floor)
     stream_seconds = min(p["seconds"] for p in streamed["passes"])
-    print(f"\nstreamed lens pass (cold page cache; {_gb(streamed['passes'][-1]['cached_before'])} cached before): "
-          f"{stream_seconds:.1f} s, reading {layer_bytes / 1e9:.2f} GB of layers")
-    print(f"floor = max(read {io_floor:.1f} s at {bandwidth / 1e9:.2f} GB/s, "
-          f"lens on the loaded model {compute_floor:.1f} s) = {floor:.1f} s")
+    print(
+        f"\nstreamed lens pass (cold page cache; {_gb(streamed['passes'][-1]['cached_before'])} cached before): "
+        f"{stream_seconds:.1f} s, reading {layer_bytes / 1e9:.2f} GB of layers"
+    )
+    print(
+        f"floor = max(read {io_floor:.1f} s at {bandwidth / 1e9:.2f} GB/s, "
+        f"lens on the loaded model {compute_floor:.1f} s) = {floor:.1f} s"
+    )
     print(f"streamed / floor = {stream_seconds / floor:.2f}   (target <= 1.3)")
     print(f"streamed peak RSS = {streamed['peak_rss'] / checkpoint_bytes:.1%} of the checkpoint   (target <= 30%)")
 

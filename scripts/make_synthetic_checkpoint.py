@@ -41,13 +41,27 @@ DTYPE = torch.bfloat16
 def llama_3_2_3b_config(n_layers: int = 28) -> LlamaConfig:
     """Llama-3.2-3B's shape (Meta's published config.json), optionally with fewer layers."""
     return LlamaConfig(
-        d_model=3072, n_layers=n_layers, n_heads=24, n_kv_heads=8, d_head=128, d_mlp=8192, d_vocab=128256,
-        rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072,
+        d_model=3072,
+        n_layers=n_layers,
+        n_heads=24,
+        n_kv_heads=8,
+        d_head=128,
+        d_mlp=8192,
+        d_vocab=128256,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=131072,
         rope_scaling=RopeScaling(
-            kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            kind="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
             original_max_position_embeddings=8192,
         ),
-        bos_token_id=128000, eos_token_ids=(128001,), checkpoint_dtype="bfloat16",
+        bos_token_id=128000,
+        eos_token_ids=(128001,),
+        checkpoint_dtype="bfloat16",
     )
 
 

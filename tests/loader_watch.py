@@ -2,6 +2,7 @@
 
 import collections
 import os
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ def count_torch_loads(monkeypatch) -> collections.Counter:
 def shard_pages_in_memory(folder) -> int:
     """Bytes of the files in `folder` mapped into this process and present in its memory (Rss in smaps)."""
     total, counting = 0, False
-    for line in open("/proc/self/smaps").read().splitlines():
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address perms offset dev inode [path]
             counting = len(fields) >= 6 and fields[5].startswith(str(folder))

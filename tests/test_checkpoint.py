@@ -1,5 +1,6 @@
 """Checkpoint reading: every layout gives the same tensors, reads are lazy, bad input is named."""
 
+import contextlib
 import gc
 import json
 import os
@@ -10,10 +11,10 @@ import types
 import pandas as pd
 import pytest
 import torch
-
-import llama_lens.checkpoint as checkpoint_module
 from conftest import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
+
+import llama_lens.checkpoint as checkpoint_module
 from llama_lens.checkpoint import (
     HF_TO_CANONICAL,
     META_TO_CANONICAL,
@@ -224,7 +225,6 @@ def test_a_layer_range_reads_only_its_tensors(tmp_path, monkeypatch, layout):
     assert torch.equal(model.blocks["2"].mlp.up_proj.weight, state["blocks.2.mlp.up_proj.weight"])
 
 
-
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_a_meta_load_opens_each_shard_once_whatever_the_number_of_layers(tmp_path, monkeypatch, n_layers):
     cfg = tiny_config(n_layers=n_layers)
@@ -260,7 +260,6 @@ def test_without_madvise_meta_shards_are_mapped_again_for_each_layer(tmp_path, m
     assert_same(ckpt.state_dict(), state)
     # the embedding, each layer, then the final norm and unembedding
     assert opened == {"consolidated.00.pth": 1 + 3 + 1, "consolidated.01.pth": 1 + 3 + 1}
-
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
@@ -398,8 +397,15 @@ def _damage(record: dict, damage: str) -> None:
 @pytest.mark.parametrize(
     "damage",
     [
-        "no_shapes", "shape_not_a_list", "piece_not_a_dict", "no_pieces", "unknown_file", "unknown_dtype",
-        "offsets_not_a_pair", "shape_disagreeing_with_config", "tensors_missing",
+        "no_shapes",
+        "shape_not_a_list",
+        "piece_not_a_dict",
+        "no_pieces",
+        "unknown_file",
+        "unknown_dtype",
+        "offsets_not_a_pair",
+        "shape_disagreeing_with_config",
+        "tensors_missing",
     ],
 )
 def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypatch, damage):
@@ -729,10 +735,8 @@ def tensors_kept_by(error: BaseException) -> list[torch.Tensor]:
             found.append(obj)
         elif isinstance(obj, types.FunctionType):
             for cell in obj.__closure__ or ():
-                try:
+                with contextlib.suppress(ValueError):  # an empty cell
                     todo.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
         else:
             todo.extend(gc.get_referents(obj))
     return found

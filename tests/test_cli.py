@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from llama_lens.checkpoint import Checkpoint
 from llama_lens.cli import main
 from llama_lens.testing import random_state_dict, write_meta_checkpoint
-
-from conftest import tiny_config
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

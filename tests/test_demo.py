@@ -40,7 +40,7 @@ def test_index_matches_shards(demo_path):
     total = 0
     for shard in sorted(set(weight_map.values())):
         with safe_open(demo_path / shard, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 found[name] = shard
                 tensor = handle.get_tensor(name)
                 assert tensor.dtype == torch.bfloat16, name
@@ -114,8 +114,10 @@ def test_transformers_greedy_decode_says_paris(demo_path):
 def test_unpermute_qk_inverts_llama_cpp_permutation():
     # llama.cpp's convert_hf_to_gguf.py permutes HF's q/k rows like this; unpermute_qk must undo it.
     def llama_cpp_permute(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
-        return weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-            weights.shape
+        return (
+            weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape)
         )
 
     for n_heads in (9, 3):

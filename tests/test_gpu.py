@@ -6,12 +6,11 @@ checkpoints written to tmp_path, so they need no download.
 
 import pytest
 import torch
+from conftest import tiny_config
+from reference import reference_pair
 
 import llama_lens as ll
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
-
-from conftest import tiny_config
-from reference import reference_pair
 
 pytestmark = pytest.mark.gpu
 
@@ -45,9 +44,16 @@ def test_parity_with_transformers_on_cuda(shape):
         "gqa": {},
         "mqa": {"n_kv_heads": 1},
         "tied_bias_llama3": {
-            "tie_embeddings": True, "attention_bias": True, "mlp_bias": True,
-            "rope_scaling": ll.RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=64),
+            "tie_embeddings": True,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "rope_scaling": ll.RopeScaling(
+                kind="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
         },
     }[shape]
     hf, ours = reference_pair(tiny_config(**changes))
@@ -97,8 +103,9 @@ def test_lens_on_cuda_reads_out_the_models_own_logits_last(ckpt_path):
     assert lens.labels[-1] == f"{model.cfg.n_layers - 1}_post"
     with torch.no_grad():
         probs = model(tokens).float().softmax(-1)  # [batch, pos, d_vocab]
-    torch.testing.assert_close(lens.target_probs[0, -1, :, 0].cpu(), probs[0, lens.positions, target].cpu(),
-                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        lens.target_probs[0, -1, :, 0].cpu(), probs[0, lens.positions, target].cpu(), atol=1e-6, rtol=1e-4
+    )
     torch.testing.assert_close(lens.top_ids[0, -1, :, 0].cpu(), probs[0, lens.positions].argmax(-1).cpu())
     assert lens.kl_to_final[0, -1].abs().max().item() < 1e-5
 

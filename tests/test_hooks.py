@@ -2,17 +2,31 @@
 
 import pytest
 import torch
-
 from reference import reference_pair
 
 GLOBAL_HOOKS = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "hook_logits"]
 BLOCK_HOOKS = [
-    "ln1.hook_scale", "ln1.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
-    "ln2.hook_scale", "ln2.hook_normalized",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
-    "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "attn.hook_result",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
 ]
 
 
@@ -62,9 +76,7 @@ def test_noop_hooks_leave_logits_bit_identical(model):
 def test_patching_a_layer_changes_only_later_activations(model):
     tokens = torch.randint(0, 128, (1, 6))
     _, clean = model.run_with_cache(tokens)
-    _, patched = model.run_with_cache(
-        tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, hook: t + 1.0)]
-    )
+    _, patched = model.run_with_cache(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, hook: t + 1.0)])
     names = model.hook_names
     cut = names.index("blocks.1.hook_resid_pre")
     for name in names[:cut]:
@@ -92,16 +104,15 @@ def test_hooks_come_off_when_the_block_raises(model):
     def boom(t, *, hook):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with model.hooks([("blocks.0.hook_resid_post", boom)]):
-            model(torch.randint(0, 128, (1, 3)))
+    with pytest.raises(RuntimeError, match="boom"), model.hooks([("blocks.0.hook_resid_post", boom)]):
+        model(torch.randint(0, 128, (1, 3)))
     assert not any(point.has_hooks for point in model.hook_dict.values())
 
 
 def test_misspelt_hook_name_suggests_the_closest(model):
-    with pytest.raises(KeyError, match="did you mean 'blocks.1.attn.hook_pattern'") as err:
-        with model.hooks([("blocks.1.attn.hook_patern", lambda t, hook: None)]):
-            pass
+    hooks = model.hooks([("blocks.1.attn.hook_patern", lambda t, hook: None)])
+    with pytest.raises(KeyError, match="did you mean 'blocks.1.attn.hook_pattern'") as err, hooks:
+        pass
     assert "hook_resid_pre" not in str(err.value)  # never the whole list
 
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
-from conftest import tiny_config
 from llama_lens import lens as lens_module
 from llama_lens.model import HookedLlama
 from llama_lens.plot_lens import visible_token
@@ -158,6 +158,7 @@ def test_top_k_when_a_short_last_block_is_swept_first(monkeypatch):
     assert torch.equal(result.top_ids[0, 0], ref[0, 0].topk(3, dim=-1).indices)
     assert (result.target_ranks[0, 0, 0] == 0).all()
 
+
 def test_chunking_and_positions_select_the_same_numbers():
     model = tiny_model()
     tokens = torch.randint(0, 128, (3, 10))
@@ -244,6 +245,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
     assert kept == [[], ["logits", "residual stream"]]  # the second: the check sees them when they are needed
     assert torch.equal(last.top_ids, every.top_ids[:, :, -1:])
     assert torch.equal(last.target_ranks, every.target_ranks[:, :, -1:])
+
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
@@ -611,7 +613,6 @@ def test_paris_rises_to_the_top_in_smollm2(demo_path):
     assert ranks[:20].min() > 100 and (ranks[-4:] < 30).all()  # absent early, rising through the last layers
     attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", " Paris")
     assert float(attribution.components.sum()) == pytest.approx(float(attribution.final_logits), abs=1e-3)
-
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+from reference import reference_pair
+
 from llama_lens.config import RopeScaling
 from llama_lens.model import HookedLlama
-from reference import reference_pair
 
 SHAPES = {
     "gqa": {},

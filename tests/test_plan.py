@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import llama_lens as ll
 import llama_lens.plan as plan_module
@@ -11,8 +12,6 @@ from llama_lens.model import HookedLlama
 from llama_lens.plan import GIB, NotEnoughMemoryError, plan
 from llama_lens.stream import StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
-
-from conftest import tiny_config
 
 # The tiny config (d_model 64, 2 layers, 4 heads of 16, 2 KV heads, d_mlp 128, vocab 128, untied), by hand:
 #   one layer: ln1 64 + q 64*64 + k 32*64 + v 32*64 + o 64*64 + ln2 64 + gate, up, down 3 * 128*64 = 36_992
@@ -43,8 +42,11 @@ def test_activations_cache_and_patterns_by_hand(tiny_cfg):
     assert estimate.cache_bytes == (2 + 1) * rows * 64 * 4 == 15_360  # resid_pre of each layer + final resid_post
     assert estimate.pattern_bytes == 2 * 2 * 4 * 100 * 4 == 6_400  # hook_pattern of each layer
     parts = (
-        estimate.weights_resident_bytes + estimate.layer_in_flight_bytes + estimate.activations_bytes
-        + estimate.cache_bytes + estimate.pattern_bytes
+        estimate.weights_resident_bytes
+        + estimate.layer_in_flight_bytes
+        + estimate.activations_bytes
+        + estimate.cache_bytes
+        + estimate.pattern_bytes
     )
     assert estimate.peak_bytes == parts
 
@@ -89,7 +91,13 @@ def test_fits_and_report(tiny_cfg, monkeypatch):
     frame = estimate.to_frame()
     assert frame.loc["peak", "bytes"] == estimate.peak_bytes
     assert list(frame.index) == [
-        "weights resident", "layers in flight", "activations", "cache", "patterns", "peak", "available",
+        "weights resident",
+        "layers in flight",
+        "activations",
+        "cache",
+        "patterns",
+        "peak",
+        "available",
         "read from disk",
     ]
     monkeypatch.setattr(plan_module, "available_memory", lambda device: 10**12)

@@ -6,9 +6,12 @@ import os
 import shutil
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
+from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens as ll
 import llama_lens.stream as stream_module
@@ -16,9 +19,6 @@ from llama_lens.checkpoint import read_safetensors_header
 from llama_lens.plan import layer_param_count
 from llama_lens.stream import LayerStream, StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
-
-from conftest import tiny_config
-from loader_watch import count_torch_loads, shard_pages_in_memory
 
 
 def write_checkpoint(folder, layout, cfg):
@@ -93,7 +93,7 @@ def test_run_with_cache_identical(ckpt_path):
         logits_s, cache_s = streamed.run_with_cache(tokens, names_filter=names_filter)
         assert torch.equal(logits_s, logits_l)
         assert list(cache_s.keys()) == list(cache_l.keys())
-        for name in cache_l.keys():
+        for name in cache_l:
             assert torch.equal(cache_s[name], cache_l[name]), name
     assert_no_layer_resident(streamed)
 
@@ -316,7 +316,7 @@ def test_no_file_mapping_is_added_per_layer(ckpt_path):
     _, streamed = load_pair(ckpt_path)
 
     def mapped_files():
-        lines = open("/proc/self/maps").read().splitlines()
+        lines = Path("/proc/self/maps").read_text().splitlines()
         return sorted(line.split()[-1] for line in lines if str(ckpt_path) in line)
 
     # Meta shards stay mapped from the load on (by the layer reader, and for resident weights used as stored).
@@ -340,7 +340,6 @@ def test_a_shard_truncated_after_loading_is_named(tmp_path):
     with pytest.raises(ValueError, match=last_shard.name):
         streamed(tokens_for())
     assert_no_layer_resident(streamed)
-
 
 
 def test_meta_shards_are_opened_at_load_not_per_tensor(tmp_path, monkeypatch):
@@ -367,7 +366,6 @@ def test_meta_layouts_stream_identically(tmp_path, mp, changes, dtype):
     tokens = tokens_for()
     assert torch.equal(streamed(tokens), loaded(tokens))
     assert_no_layer_resident(streamed)
-
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")

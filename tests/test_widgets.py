@@ -4,8 +4,8 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-
 from char_model import char_model, run_patterns
+
 from llama_lens import plot_attention
 from llama_lens import widgets as ll_widgets
 
@@ -156,9 +156,16 @@ def test_attention_explorer_redraws_once_per_control_change(model, monkeypatch):
     # As the front end changes them: one control's value at a time.
     changes = [
         ("head", 2),  # also leaves "all heads"
-        ("all_heads", True), ("all_heads", False), ("key", 9),
+        ("all_heads", True),
+        ("all_heads", False),
+        ("key", 9),
         ("query", 3),  # also clamps the key to 3
-        ("layer", 1), ("scores", True), ("scores", False), ("query", 11), ("key", 0), ("prompt", "abc"),
+        ("layer", 1),
+        ("scores", True),
+        ("scores", False),
+        ("query", 11),
+        ("key", 0),
+        ("prompt", "abc"),
     ]
     for name, value in changes:
         draws.clear()
