@@ -25,6 +25,12 @@ _LAZY = {
     "LensResult": "lens",
     "AttributionResult": "lens",
     "plan": "plan",
+    "LlamaLensError": "errors",
+    "ConfigError": "errors",
+    "CheckpointError": "errors",
+    "NotEnoughMemoryError": "errors",
+    "DemoModelError": "errors",
+    "UnknownNameError": "errors",
 }
 _SUBMODULES = {"plot", "widgets", "testing"}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import difflib
 import functools
 import hashlib
 import json
@@ -40,6 +39,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .config import LlamaConfig, read_json_object
+from .errors import CheckpointError, UnknownNameError, did_you_mean
 
 # --------------------------------------------------------------------------------------------- rename tables
 # `{i}` is the layer index. Each table maps a stored name to the parameter name of HookedLlama.
@@ -140,10 +140,6 @@ READ_CHUNK_BYTES = 8 * 2**20  # stored bytes converted (safetensors) or copied o
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
 INDEX_CACHE_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is corrupt, incomplete, or does not match its config."""
 
 
 # ------------------------------------------------------------------------------------------------ renaming
@@ -998,9 +994,8 @@ class Checkpoint:
             if name in self._source:
                 hint = f"; it is stored as {self._source[name]!r} (state_dict([{name!r}]) reads it by our name)"
             else:
-                close = difflib.get_close_matches(name, self._stored, n=3)
-                hint = f"; did you mean {close}?" if close else ""
-            raise KeyError(f"no tensor {name!r} in {self._files_text()}{hint}")
+                hint = did_you_mean(name, self._stored)
+            raise UnknownNameError(f"no tensor {name!r} in {self._files_text()}{hint}")
         with self._open_files() as handles:
             return self._read(self._stored[name], handles, None, torch.device("cpu"))
 
@@ -1041,9 +1036,7 @@ class Checkpoint:
         known = set(self.param_names)
         for name in names:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=3)
-                hint = f"; did you mean {close}?" if close else ""
-                raise KeyError(f"{name!r} is not a parameter of this model{hint}")
+                raise UnknownNameError(f"{name!r} is not a parameter of this model{did_you_mean(name, known)}")
         groups: dict[int | None, list[str]] = {}
         for name in names:
             groups.setdefault(_template(name)[1], []).append(name)

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `llama-lens` with `argv` (default: the process arguments) and returns the exit status."""
-    from .demo import DemoModelError
+    from .errors import LlamaLensError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -302,10 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `llama-lens inspect PATH | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except (ValueError, KeyError, OSError, DemoModelError) as err:
-        # KeyError's str() is the repr of its argument; the message itself reads better.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    except (LlamaLensError, ValueError, OSError) as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

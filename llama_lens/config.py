@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------------------
 # Keys of a Hugging Face config.json that do not change the forward pass of a Llama, so we ignore them.
 # Generic PretrainedConfig attributes, generation defaults and bookkeeping.
@@ -96,7 +98,7 @@ class _Values:
         value = self.values.get(key)
         if value is None:
             if default is _REQUIRED:
-                raise ValueError(f"{self.source}: required key {key!r} is missing")
+                raise ConfigError(f"{self.source}: required key {key!r} is missing")
             return default
         return value
 
@@ -181,24 +183,24 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"config: {name} must be positive, got {getattr(self, name)}")
         # Values that would otherwise load and then give NaN logits or divide by zero in the first forward.
         if not self.rope_theta > 0 or not self.norm_eps >= 0 or self.max_position_embeddings <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"config: need rope_theta > 0, norm_eps >= 0 and max_position_embeddings > 0, got {self.rope_theta}, "
                 f"{self.norm_eps} and {self.max_position_embeddings}"
             )
         scaling = self.rope_scaling
         if scaling is not None:
             if not scaling.factor > 0:
-                raise ValueError(f"config: the rope scaling factor must be positive, got {scaling.factor}")
+                raise ConfigError(f"config: the rope scaling factor must be positive, got {scaling.factor}")
             if scaling.kind == "llama3" and not 0 < (scaling.low_freq_factor or 0) < (scaling.high_freq_factor or 0):
-                raise ValueError(
+                raise ConfigError(
                     "config: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}"
                 )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
     @property
     def n_rep(self) -> int:
@@ -244,18 +246,18 @@ class LlamaConfig:
         }
         unknown = sorted(set(hf) - handled - HF_IGNORED_KEYS)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unsupported key(s) {unknown}. They may change the forward pass of this model, "
                 "which llama_lens implements for LlamaForCausalLM only; remove them from the file if they "
                 "do not."
             )
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"{source}: model_type is {model_type!r}; llama_lens reads 'llama' models only")
+            raise ConfigError(f"{source}: model_type is {model_type!r}; llama_lens reads 'llama' models only")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses 'silu')")
+            raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses 'silu')")
         if hf.get("rope_interleaved"):
-            raise ValueError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
+            raise ConfigError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
 
         read = _Values(hf, source)
         d_model, n_heads = read.int("hidden_size", positive=True), read.int("num_attention_heads", positive=True)
@@ -353,7 +355,9 @@ class LlamaConfig:
         }
         unknown = sorted(set(params) - handled - META_IGNORED_KEYS)
         if unknown:
-            raise ValueError(f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only")
+            raise ConfigError(
+                f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only"
+            )
 
         read = _Values(params, source)
         d_model, n_heads = read.int("dim", positive=True), read.int("n_heads", positive=True)
@@ -361,7 +365,7 @@ class LlamaConfig:
         vocab = read.int("vocab_size", -1)
         if vocab <= 0:
             if d_vocab is None:
-                raise ValueError(f"{source}: vocab_size is {vocab}; pass d_vocab (the embedding's rows)")
+                raise ConfigError(f"{source}: vocab_size is {vocab}; pass d_vocab (the embedding's rows)")
             vocab = d_vocab
         rope_scaling = None
         if read.bool("use_scaled_rope", False):
@@ -406,12 +410,12 @@ def _built(cls: type[LlamaConfig], source: str, **fields: Any) -> LlamaConfig:
     try:
         return cls(**fields)
     except ValueError as err:
-        raise ValueError(f"{source}: {str(err).removeprefix('config: ')}") from None
+        raise ConfigError(f"{source}: {str(err).removeprefix('config: ')}") from None
 
 
 def _token_ids(values: list, source: str) -> tuple[int, ...]:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, got {values!r}")
+        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, got {values!r}")
     return tuple(values)
 
 
@@ -420,9 +424,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
     return data
 
 
@@ -442,13 +446,13 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         params, key = hf.get("rope_scaling"), "rope_scaling"
     if params is not None and not isinstance(params, dict):
         example = '{"rope_type": "linear", "factor": 2.0}'
-        raise ValueError(f"{source}: {key} must be an object such as {example}, got {params!r}")
+        raise ConfigError(f"{source}: {key} must be an object such as {example}, got {params!r}")
     params = dict(params or {})
     read = _Values(params, f"{source}: {key}")
     theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0, positive=True), positive=True)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: {key}.rope_type {kind!r} is not supported; llama_lens implements {list(ROPE_TYPES)}"
         )
     # Keys each rope type reads (rope_type/type name it; rope_theta sits here in 5.x configs). A key outside
@@ -463,11 +467,11 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     }[kind]
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"{source}: {key} of type {kind!r} has unsupported key(s) {unknown}")
+        raise ConfigError(f"{source}: {key} of type {kind!r} has unsupported key(s) {unknown}")
     if kind == "default":
         return theta, None
     if "factor" not in params:
-        raise ValueError(f"{source}: {key} of type {kind!r} needs a 'factor'")
+        raise ConfigError(f"{source}: {key} of type {kind!r} needs a 'factor'")
     original = read.int("original_max_position_embeddings", None, positive=True)
     if kind == "dynamic":
         # transformers grows the base past max_position_embeddings, whatever the original length says.
@@ -476,9 +480,9 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     if kind == "llama3":
         for needed in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if needed not in params:
-                raise ValueError(f"{source}: {key} of type 'llama3' needs {needed!r}")
+                raise ConfigError(f"{source}: {key} of type 'llama3' needs {needed!r}")
         if not low < high:  # the smoothing between them divides by high - low
-            raise ValueError(f"{source}: {key} needs low_freq_factor < high_freq_factor, got {low:g} and {high:g}")
+            raise ConfigError(f"{source}: {key} needs low_freq_factor < high_freq_factor, got {low:g} and {high:g}")
     return theta, RopeScaling(
         kind=kind,
         factor=read.float("factor", positive=True),

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import DemoModelError
+
 if TYPE_CHECKING:
     import torch
 
@@ -67,10 +69,6 @@ GGUF_TO_HF = {
 # llama.cpp's "smollm" pre-tokenizer: every digit on its own, then GPT-2's split; it matches the
 # `Digits` + `ByteLevel` pre-tokenizer of SmolLM2's own tokenizer.json.
 _SMOLLM_PRE_TOKENIZER = "smollm"
-
-
-class DemoModelError(RuntimeError):
-    """The embedded default model could not be fetched or built; the message says what to do."""
 
 
 def cache_dir() -> Path:

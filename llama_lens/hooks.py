@@ -7,12 +7,13 @@ tensor replaces the activation, returning None leaves it as it was. Names and sh
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .errors import UnknownNameError, did_you_mean
 
 HookFn = Callable[..., torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -70,7 +71,7 @@ class ActivationCache:
         try:
             return self._acts[name]
         except KeyError:
-            raise KeyError(_unknown_name_message(name, self._acts, what="activation in this cache")) from None
+            raise UnknownNameError(_unknown_name_message(name, self._acts, what="activation in this cache")) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._acts
@@ -188,7 +189,7 @@ class HookedModule(nn.Module):
             names = [names]
         for name in names:
             if name not in self.hook_dict:
-                raise KeyError(_unknown_name_message(name, self.hook_dict, what="hook"))
+                raise UnknownNameError(_unknown_name_message(name, self.hook_dict, what="hook"))
         return list(names)
 
     @contextmanager
@@ -260,6 +261,4 @@ def _describe(tensor: torch.Tensor) -> str:
 
 
 def _unknown_name_message(name: str, valid: Iterable[str], *, what: str) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see model.hook_names"
-    return f"no {what} {name!r}{hint}"
+    return f"no {what} {name!r}{did_you_mean(name, valid, hint='see model.hook_names')}"

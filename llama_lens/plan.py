@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
+from .errors import NotEnoughMemoryError
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
 # (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
@@ -34,10 +35,6 @@ MEMINFO = Path("/proc/meminfo")
 CGROUP_V2 = Path("/sys/fs/cgroup")  # memory.max, memory.current, memory.stat
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")  # memory.limit_in_bytes, memory.usage_in_bytes, memory.stat
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")  # which cgroup this process is in, under those roots
-
-
-class NotEnoughMemoryError(MemoryError, ValueError):
-    """A load would need more memory than is available; the message holds the estimate and what to try."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import ipywidgets as widgets
 import torch
 
 from . import plot_attention
+from .errors import LlamaLensError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,12 +125,12 @@ class _Explorer(widgets.VBox):
                 # The figure is back; an earlier bad prompt's error (stage "compute") still stands.
                 self._error_stage = self.error = None
                 self._set_status(self._last_status)
-        except (ValueError, KeyError) as error:
+        except (LlamaLensError, ValueError) as error:
             if raise_errors:
                 raise
             # A bad prompt or target typed into a box: say so on the status line, keep the last figure.
-            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-            self.error, self._error_stage = str(message), stage
+            message = str(error)
+            self.error, self._error_stage = message, stage
             self._set_status(f"error: {message}", error=True, remember=False)
         finally:
             self._held -= 1

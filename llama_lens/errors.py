@@ -1,0 +1,57 @@
+"""The errors llama_lens raises, under one base class: `except ll.LlamaLensError` catches every one of them.
+
+Each also derives from the builtin a caller would expect (ValueError for bad input, KeyError for an unknown
+name, MemoryError for a load that cannot fit), so code written against the builtins keeps working.
+
+    LlamaLensError
+    ├── ConfigError            (ValueError)   config.json / params.json / arguments describing the model
+    ├── CheckpointError        (ValueError)   a weight file is corrupt, incomplete or does not match its config
+    ├── NotEnoughMemoryError   (MemoryError, ValueError)   a load or cache that would not fit
+    ├── DemoModelError         (RuntimeError) the embedded default model cannot be fetched or built
+    └── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LlamaLensError(Exception):
+    """Base class of every error llama_lens raises on purpose; `str(err)` is the whole message."""
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(LlamaLensError, ValueError):
+    """A config file or config value that llama_lens cannot run (the file and key are named)."""
+
+
+class CheckpointError(LlamaLensError, ValueError):
+    """A checkpoint file is corrupt, incomplete, or does not match its config."""
+
+
+class NotEnoughMemoryError(LlamaLensError, MemoryError, ValueError):
+    """The weights (or activations) asked for would not fit in the memory available."""
+
+
+class DemoModelError(LlamaLensError, RuntimeError):
+    """The embedded default model could not be fetched or built."""
+
+
+class UnknownNameError(LlamaLensError, KeyError):
+    """A name (hook, activation, tensor, parameter) that does not exist, with the closest valid names."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument (quotes and escapes); the message reads better as is.
+        return str(self.args[0]) if self.args else ""
+
+
+def did_you_mean(name: str, valid: Iterable[str], *, hint: str = "") -> str:
+    """ "; did you mean 'a', 'b'?" with the closest valid names (difflib), else `hint` (never the whole list)."""
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {', '.join(repr(c) for c in close)}?"
+    return f"; {hint}" if hint else ""
