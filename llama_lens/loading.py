@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, check_layers, resolve_device, resolve_dtype
+from .checkpoint import Checkpoint
+from .validate import check_layers, resolve_device, resolve_dtype
 
 
 def load(

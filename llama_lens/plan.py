@@ -156,7 +156,7 @@ def plan(
     Raises:
         ValueError: for a bad cache kind, dtype, token count or layer range.
     """
-    from .checkpoint import check_layers, resolve_device, resolve_dtype
+    from .validate import check_layers, resolve_device, resolve_dtype
 
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")

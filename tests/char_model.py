@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from llama_lens.model import HookedLlama
 from llama_lens.testing import random_state_dict

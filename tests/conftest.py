@@ -2,27 +2,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from llama_lens.config import LlamaConfig
-
-
-def tiny_config(**changes) -> LlamaConfig:
-    """The unit-test model: 2 layers, d_model 64, 4 heads, 2 KV heads, vocab 128."""
-    base = dict(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_head=16,
-        d_mlp=128,
-        d_vocab=128,
-        rope_theta=10000.0,
-        norm_eps=1e-5,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_ids=(2,),
-    )
-    return LlamaConfig(**(base | changes))
 
 
 @pytest.fixture

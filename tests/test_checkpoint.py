@@ -11,7 +11,7 @@ import types
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens.checkpoint as checkpoint_module
@@ -25,11 +25,11 @@ from llama_lens.checkpoint import (
     permute_qk_to_interleaved,
     permute_qk_to_rotate_half,
     rename,
-    resolve_dtype,
 )
 from llama_lens.loading import load
 from llama_lens.summary import module_summary
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
+from llama_lens.validate import resolve_dtype
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from llama_lens.config import LlamaConfig, RopeScaling, meta_d_mlp
 

@@ -6,7 +6,7 @@ checkpoints written to tmp_path, so they need no download.
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import assert_same_top_k, tiny_config
 from reference import reference_pair
 
 import llama_lens as ll
@@ -102,11 +102,15 @@ def test_lens_on_cuda_reads_out_the_models_own_logits_last(ckpt_path):
     lens = ll.logit_lens(model, tokens, target=target)
     assert lens.labels[-1] == f"{model.cfg.n_layers - 1}_post"
     with torch.no_grad():
-        probs = model(tokens).float().softmax(-1)  # [batch, pos, d_vocab]
+        logits = model(tokens).float()  # [batch, pos, d_vocab]
+    probs = logits.softmax(-1)
     torch.testing.assert_close(
         lens.target_probs[0, -1, :, 0].cpu(), probs[0, lens.positions, target].cpu(), atol=1e-6, rtol=1e-4
     )
-    torch.testing.assert_close(lens.top_ids[0, -1, :, 0].cpu(), probs[0, lens.positions].argmax(-1).cpu())
+    scores = logits[0, lens.positions].cpu()  # [n_pos, d_vocab]
+    top = scores.topk(1, dim=-1)
+    found = lens.top_ids[0, -1, :, :1].cpu(), lens.top_logits[0, -1, :, :1].cpu()
+    assert_same_top_k(*found, top.values, scores=scores, expected_ids=top.indices, atol=1e-4)
     assert lens.kl_to_final[0, -1].abs().max().item() < 1e-5
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import assert_same_top_k, tiny_config
 from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
@@ -124,7 +124,7 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
     final_log_probs = final.log_softmax(-1)[:, None]
 
     top = logits.topk(top_k, dim=-1)  # by logit: float32 probabilities can round distinct logits to a tie
-    assert torch.equal(result.top_ids, top.indices)
+    assert_same_top_k(result.top_ids, result.top_logits, top.values, scores=logits, expected_ids=top.indices, atol=1e-5)
     torch.testing.assert_close(result.top_probs, probs.gather(-1, top.indices), atol=1e-6, rtol=0)
     torch.testing.assert_close(result.entropy, -(probs * log_probs).sum(-1), atol=2e-5, rtol=0)
     kl = (final_log_probs.exp() * (final_log_probs - log_probs)).sum(-1)
@@ -134,9 +134,8 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
     ids = torch.tensor(target)[:, None, None, :].expand(-1, 6, 11, -1)
     torch.testing.assert_close(result.target_probs, probs.gather(-1, ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(result.target_logits, logits.gather(-1, ids), atol=1e-5, rtol=0)
-    # rank = position in the descending sort (no ties among random float logits)
-    order = logits.argsort(dim=-1, descending=True)
-    ranks = (order[..., None, :] == ids[..., None]).float().argmax(-1)
+    # rank = how many tokens have a strictly higher logit (so tied logits share a rank)
+    ranks = (logits[..., None, :] > logits.gather(-1, ids)[..., None]).sum(-1)
     assert torch.equal(result.target_ranks, ranks)
     assert result.target_ranks.min() == 0 and result.target_ranks.max() > 5
 
@@ -155,7 +154,11 @@ def test_top_k_when_a_short_last_block_is_swept_first(monkeypatch):
     _, ref = reference_readouts(model, tokens, ["hook_embed"])
     assert ref[0, 0, 0].argmax() == 127
     result = ll.logit_lens(model, tokens, target=127, readout="embed", top_k=3)
-    assert torch.equal(result.top_ids[0, 0], ref[0, 0].topk(3, dim=-1).indices)
+    top = ref[0, 0].topk(3, dim=-1)
+    assert_same_top_k(
+        result.top_ids[0, 0], result.top_logits[0, 0], top.values, scores=ref[0, 0], expected_ids=top.indices, atol=1e-5
+    )
+    assert (result.top_ids[0, 0, 0, 0] == 127).all()
     assert (result.target_ranks[0, 0, 0] == 0).all()
 
 
@@ -165,11 +168,12 @@ def test_chunking_and_positions_select_the_same_numbers():
     full = ll.logit_lens(model, tokens, target=5)
     for chunk_size in (1, 7, 1000):
         other = ll.logit_lens(model, tokens, target=5, chunk_size=chunk_size)
-        assert torch.equal(other.top_ids, full.top_ids)
+        assert_same_top_k(other.top_ids, other.top_logits, full.top_logits, expected_ids=full.top_ids, atol=1e-5)
         torch.testing.assert_close(other.kl_to_final, full.kl_to_final, atol=1e-5, rtol=0)
     some = ll.logit_lens(model, tokens, target=5, positions=[0, -1, 4])
     assert some.positions == [0, 9, 4]
-    assert torch.equal(some.top_ids, full.top_ids[:, :, [0, 9, 4]])
+    picked = full.top_ids[:, :, [0, 9, 4]]
+    assert_same_top_k(some.top_ids, some.top_logits, full.top_logits[:, :, [0, 9, 4]], expected_ids=picked, atol=1e-5)
     assert torch.equal(some.target_ranks, full.target_ranks[:, :, [0, 9, 4]])
     torch.testing.assert_close(some.entropy, full.entropy[:, :, [0, 9, 4]], atol=1e-6, rtol=0)
     last = ll.logit_lens(model, tokens[0], positions=-1)  # one prompt as [pos]
@@ -243,7 +247,9 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
     last = ll.logit_lens(model, tokens, target=5, positions=-1)
     every = ll.logit_lens(model, tokens, target=5)
     assert kept == [[], ["logits", "residual stream"]]  # the second: the check sees them when they are needed
-    assert torch.equal(last.top_ids, every.top_ids[:, :, -1:])
+    assert_same_top_k(
+        last.top_ids, last.top_logits, every.top_logits[:, :, -1:], expected_ids=every.top_ids[:, :, -1:], atol=1e-5
+    )
     assert torch.equal(last.target_ranks, every.target_ranks[:, :, -1:])
 
 
@@ -274,7 +280,13 @@ def test_shared_residual_vectors_give_identical_rows():
     assert torch.equal(result.top_probs[:, 1], result.top_probs[:, 2])
     embed = ll.logit_lens(model, tokens, readout="embed")
     assert embed.labels == ["embed"] and embed.readouts == ["embed"]
-    assert torch.equal(embed.top_ids[:, 0], result.top_ids[:, 0])
+    assert_same_top_k(
+        embed.top_ids[:, 0],
+        embed.top_logits[:, 0],
+        result.top_logits[:, 0],
+        expected_ids=result.top_ids[:, 0],
+        atol=1e-5,
+    )
 
 
 def test_partial_model_reads_out_its_loaded_layers():
@@ -287,7 +299,9 @@ def test_partial_model_reads_out_its_loaded_layers():
     # The partial model's last read-out is its own output; the whole model reads out the same resid_post
     # through the general path, and gets the same logits.
     torch.testing.assert_close(result.logits, whole.logits[:, :3], atol=1e-5, rtol=1e-6)
-    assert torch.equal(result.top_ids, whole.top_ids[:, :3])
+    assert_same_top_k(
+        result.top_ids, result.top_logits, whole.top_logits[:, :3], expected_ids=whole.top_ids[:, :3], atol=1e-5
+    )
     # KL is to the partial model's own output, for every read-out.
     with torch.no_grad():
         final = partial(tokens).log_softmax(-1)[:, None]
@@ -296,7 +310,9 @@ def test_partial_model_reads_out_its_loaded_layers():
     assert not torch.allclose(result.kl_to_final, whole.kl_to_final[:, :3])  # KL is to the partial's output
     only = ll.logit_lens(full, tokens, layers=[1])
     assert only.labels == ["embed", "1_post"]
-    assert torch.equal(only.top_ids[:, 1], whole.top_ids[:, 2])
+    assert_same_top_k(
+        only.top_ids[:, 1], only.top_logits[:, 1], whole.top_logits[:, 2], expected_ids=whole.top_ids[:, 2], atol=1e-5
+    )
     with pytest.raises(ValueError, match=r"layers \[2\] are not loaded"):
         ll.logit_lens(partial, tokens, layers=[2])
 
@@ -356,7 +372,9 @@ def test_numpy_and_tensor_integers_are_taken_as_ids_and_positions():
         result = ll.logit_lens(model, tokens, target=target, positions=positions, top_k=top_k)
         assert result.positions == [4] and result.target_ids.tolist() == [[7], [9]]
         assert torch.equal(result.target_ranks, expected.target_ranks)
-        assert torch.equal(result.top_ids, expected.top_ids)
+        assert_same_top_k(
+            result.top_ids, result.top_logits, expected.top_logits, expected_ids=expected.top_ids, atol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------------------------- texts, frames

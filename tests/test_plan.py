@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 import llama_lens as ll
 import llama_lens.plan as plan_module

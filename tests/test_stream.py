@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens as ll
