@@ -1,3 +1,16 @@
+"""Fixtures and the options and markers of the suite; helpers live in helpers.py.
+
+Markers (registered in pyproject.toml):
+- `demo`: needs the embedded default model, built from the package registry on first use. Added here to every
+  test that uses the `demo_path` fixture, directly or through another fixture.
+- `slow`: takes more than a few seconds on a laptop CPU.
+- `browser`: needs Chromium and ChromeDriver; `gpu`: needs a CUDA device (skipped without one).
+- `device`: takes the `device` fixture, so it runs on the device `--device` names. Added here.
+
+`python -m pytest -m "not demo and not slow"` is the quick offline run; `python -m pytest --device cuda` runs
+the `device` tests on the GPU.
+"""
+
 from pathlib import Path
 
 import pytest
@@ -5,6 +18,31 @@ import torch
 from helpers import tiny_config
 
 from llama_lens.config import LlamaConfig
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the tests that take the `device` fixture run (default: cpu)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device named by `--device`; tests taking it are skipped at collection when it is not available."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type != "cuda":
+        yield device
+        return
+    # TF32 would trade float32 precision for speed; parity is checked at full float32 precision on every device.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield device
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.fixture
@@ -27,10 +65,20 @@ def demo_path() -> Path:
     return demo_model_path()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    cuda = torch.cuda.is_available()
+    wants_cuda = config.getoption("--device") == "cuda"
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+    no_device = pytest.mark.skip(reason="--device cuda, but torch.cuda.is_available() is False")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        # fixturenames holds the fixtures a test uses through other fixtures too, so this finds them all.
+        names = getattr(item, "fixturenames", ())
+        if "demo_path" in names:
+            item.add_marker(pytest.mark.demo)
+        if "device" in names:
+            item.add_marker(pytest.mark.device)
+            if wants_cuda and not cuda:
+                item.add_marker(no_device)
+        if item.get_closest_marker("gpu") and not cuda:
+            item.add_marker(no_gpu)

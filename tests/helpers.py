@@ -1,13 +1,23 @@
-"""Helpers shared by the tests: the tiny config, and comparisons that hold on every CPU.
+"""Helpers shared by the tests: the tiny config and model, and comparisons that hold on every CPU.
 
 Imported as `from helpers import ...` (pytest puts tests/ on sys.path); conftest.py holds fixtures only.
+
+    cfg = tiny_config(n_layers=3)                      # 2 layers, d_model 64, 4 heads, 2 KV heads, vocab 128
+    model = tiny_model(cfg, seed=1, scale=4.0)         # random weights, eval mode, on the CPU
+    model = tiny_model(layers=[1], tokenizer=CharTokenizer())
+    model = char_model()                               # peaked attention and a character tokenizer
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from llama_lens.config import LlamaConfig
+from llama_lens.model import HookedLlama
+from llama_lens.testing import random_state_dict
+from llama_lens.tokenizer import Tokenizer
 
 
 def tiny_config(**changes) -> LlamaConfig:
@@ -27,6 +37,96 @@ def tiny_config(**changes) -> LlamaConfig:
         eos_token_ids=(2,),
     )
     return LlamaConfig(**(base | changes))
+
+
+def tiny_model(
+    cfg: LlamaConfig | None = None,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    embed_scale: float | None = None,
+    qk_scale: float | None = None,
+    layers: Iterable[int] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> HookedLlama:
+    """The one builder of random test models: `random_state_dict`'s weights in a HookedLlama, in eval mode.
+
+    Matrices and biases start with std 0.02 and norm weights near 1 (see `random_state_dict`); `scale`
+    multiplies every matrix and bias; `embed_scale` replaces it for the embedding (peaked read-outs, for the
+    lens) and `qk_scale` for q_proj/k_proj (peaked attention patterns, for the plots). A tied unembedding is
+    the embedding, scaled once.
+
+    Args:
+        cfg: the config; `tiny_config()` if None.
+        seed: seeds the weights.
+        layers: the blocks to load (a partial model, as `ll.load(layers=...)` makes), every block if None.
+        tokenizer: set as `model.tokenizer` (e.g. `CharTokenizer()`), none if None.
+    """
+    cfg = cfg or tiny_config()
+    state = random_state_dict(cfg, seed=seed)
+    for name, value in state.items():
+        if ".ln" in f".{name}" or (name == "unembed.weight" and cfg.tie_embeddings):
+            continue  # norm weights stay near 1; a tied unembedding is scaled with the embedding
+        factor = scale
+        if name == "embed.weight" and embed_scale is not None:
+            factor = embed_scale
+        elif (".attn.q_proj." in name or ".attn.k_proj." in name) and qk_scale is not None:
+            factor = qk_scale
+        if factor != 1.0:
+            value.mul_(factor)  # in place: a tied unembed.weight is the same tensor
+    if layers is not None:
+        layers = list(layers)
+        keep = tuple(f"blocks.{i}." for i in layers)
+        state = {k: v for k, v in state.items() if not k.startswith("blocks.") or k.startswith(keep)}
+    model = HookedLlama(cfg, layers=layers)
+    model.load_state_dict(state, strict=True)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+class CharTokenizer(Tokenizer):
+    """One token per ASCII character (id = code point); ids 0, 1, 2 are pad, BOS and EOS."""
+
+    bos_id = 1
+    eos_id = 2
+    eos_ids = frozenset({2})
+    pad_id = 0
+    vocab_size = 128
+    source = "characters"
+    specials = {0: "<pad>", 1: "<s>", 2: "</s>"}
+
+    def _encode(self, text: str) -> list[int]:
+        ids = [ord(c) for c in text]
+        if any(not 3 <= i < 128 for i in ids):
+            raise ValueError(f"CharTokenizer handles printable ASCII only, got {text!r}")
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return "".join(self.specials.get(i, chr(i)) for i in ids)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.specials.get(token_id, chr(token_id))
+
+    def _raw_to_id(self, raw: str) -> int | None:
+        inverse = {text: i for i, text in self.specials.items()}
+        if raw in inverse:
+            return inverse[raw]
+        return ord(raw) if len(raw) == 1 and 3 <= ord(raw) < 128 else None
+
+
+def char_model(seed: int = 0, scale: float = 10.0, **cfg_changes) -> HookedLlama:
+    """The tiny model for tests that type prompts (widgets, attention plots): a CharTokenizer, room for 1024
+    positions, and q/k weights `scale` times the others, so attention patterns are peaked, not near uniform."""
+    cfg = tiny_config(**({"max_position_embeddings": 1024} | cfg_changes))
+    return tiny_model(cfg, seed=seed, qk_scale=scale, tokenizer=CharTokenizer())
+
+
+def run_patterns(model: HookedLlama, text: str | list[str]):
+    """(logits, cache) with every layer's attention pattern and pre-softmax scores."""
+    with torch.no_grad():
+        return model.run_with_cache(
+            model.to_tokens(text), names_filter=lambda name: name.endswith(("hook_pattern", "hook_attn_scores"))
+        )
 
 
 def assert_same_top_k(

@@ -3,9 +3,9 @@
 import re
 
 import torch
+from helpers import tiny_model
 
 from llama_lens.config import LlamaConfig
-from llama_lens.model import HookedLlama
 
 _HF_TO_OURS = [
     (r"^model\.embed_tokens\.", "embed."),
@@ -26,21 +26,20 @@ def hf_name_to_ours(name: str) -> str:
     raise KeyError(name)
 
 
-def reference_pair(cfg: LlamaConfig, *, seed: int = 0, attn: str = "eager"):
-    """(transformers model, our model) holding identical random float32 weights."""
+def reference_pair(cfg: LlamaConfig, *, seed: int = 0, attn: str = "eager", device: str | torch.device = "cpu"):
+    """(transformers model, our model) holding identical random float32 weights, on `device`.
+
+    Our model is `tiny_model(cfg, seed=seed, scale=4.0)` (matrices with std 0.08, so attention is not near
+    uniform); transformers' gets a copy of each tensor under its own name, renamed by the table above, which is
+    independent of the loader's.
+    """
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
+    ours = tiny_model(cfg, seed=seed, scale=4.0)
     hf_cfg = HFConfig(**cfg.to_hf())
     hf_cfg._attn_implementation = attn
-    torch.manual_seed(seed)
     hf = LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.08)
-    ours = HookedLlama(cfg)
-    ours.load_state_dict({hf_name_to_ours(k): v.clone() for k, v in hf.state_dict().items()}, strict=True)
-    return hf, ours.eval()
+    state = ours.state_dict()
+    hf.load_state_dict({name: state[hf_name_to_ours(name)].clone() for name in hf.state_dict()}, strict=True)
+    return hf.to(device), ours.to(device)

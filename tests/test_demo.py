@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -150,7 +149,6 @@ def fake_conversion(tmp_path, monkeypatch):
 
     def write(gguf_path, out_dir, *, license_text=None, progress=True):
         runs.append(out_dir)
-        time.sleep(0.2)  # long enough for a second thread to reach the lock
         (out_dir / "config.json").write_text('{"fresh": true}')
 
     monkeypatch.setattr(demo, "_fetch_gguf", fetch)
@@ -193,15 +191,50 @@ def test_failed_conversion_leaves_nothing_behind(fake_conversion, monkeypatch):
     assert leftovers == []
 
 
-def test_two_threads_convert_once(fake_conversion):
-    paths = []
-    threads = [threading.Thread(target=lambda: paths.append(demo_model_path(progress=False))) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+def test_second_thread_waits_for_the_first_conversion(fake_conversion, monkeypatch):
+    """The second caller asks for the lock while the first is converting (events, not timing, make it so),
+    then returns the first one's model without converting again."""
+    fcntl = pytest.importorskip("fcntl")
+    converting, release, second_at_lock = threading.Event(), threading.Event(), threading.Event()
+    events = []
+    fake_write = demo.write_checkpoint
+
+    def write_when_released(gguf_path, out_dir, **kwargs):
+        converting.set()
+        if not release.wait(timeout=60):
+            events.append("never released")
+        fake_write(gguf_path, out_dir, **kwargs)
+        events.append("converted")
+
+    flock = fcntl.flock
+
+    def watched_flock(fd, operation):
+        if operation == fcntl.LOCK_EX and threading.current_thread().name == "second":
+            second_at_lock.set()
+        return flock(fd, operation)
+
+    monkeypatch.setattr(demo, "write_checkpoint", write_when_released)
+    monkeypatch.setattr(fcntl, "flock", watched_flock)
+    paths = {}
+
+    def call(name):
+        paths[name] = demo_model_path(progress=False)
+        events.append(f"{name} returned")
+
+    first = threading.Thread(target=call, args=("first",), name="first", daemon=True)
+    second = threading.Thread(target=call, args=("second",), name="second", daemon=True)
+    first.start()
+    assert converting.wait(timeout=60), "the first thread never started converting"
+    second.start()
+    assert second_at_lock.wait(timeout=60), "the second thread never asked for the lock"
+    assert events == []  # both are still inside demo_model_path: the first converting, the second at the lock
+    release.set()
+    for thread in (first, second):
+        thread.join(timeout=60)
+        assert not thread.is_alive(), f"the {thread.name} thread is stuck"
+    assert events[0] == "converted" and sorted(events[1:]) == ["first returned", "second returned"]
     assert len(fake_conversion) == 1
-    assert paths == [_models_dir() / demo.MODEL_NAME] * 2
+    assert paths == {"first": _models_dir() / demo.MODEL_NAME, "second": _models_dir() / demo.MODEL_NAME}
 
 
 # ----------------------------------------------------------------------------------------- fetching

@@ -1,10 +1,12 @@
 """The logit lens and direct logit attribution, checked against independent computations on tiny random
 models, plus the real SmolLM2 end to end."""
 
+import functools
 import gc
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
 from llama_lens import lens as lens_module
-from llama_lens.model import HookedLlama
 from llama_lens.plot_lens import visible_token
-from llama_lens.testing import random_state_dict
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -24,20 +24,8 @@ CORPUS = [
 ] * 5
 
 
-def tiny_model(cfg=None, *, layers=None, tokenizer=None) -> HookedLlama:
-    """A random model whose read-outs are peaked enough for top-k and ranks to mean something."""
-    cfg = cfg or tiny_config()
-    state = random_state_dict(cfg, seed=1)
-    for name, value in state.items():
-        if not name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
-            value.mul_(25 if name == "embed.weight" else 4)  # in place: a tied unembed.weight follows
-    if layers is not None:
-        keep = {f"blocks.{i}." for i in layers}
-        state = {k: v for k, v in state.items() if not k.startswith("blocks.") or k[: k.index(".", 7) + 1] in keep}
-    model = HookedLlama(cfg, layers=layers)
-    model.load_state_dict(state, strict=True)
-    model.tokenizer = tokenizer
-    return model.eval()
+# Read-outs peaked enough for top-k and ranks to mean something.
+tiny_model = functools.partial(helpers.tiny_model, seed=1, scale=4.0, embed_scale=25.0)
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +60,23 @@ def reference_readouts(model, tokens, hooks):
 
 
 # ----------------------------------------------------------------------------------------------- read-outs
-def test_last_readout_is_the_models_own_logits():
-    model = tiny_model()
-    tokens = torch.randint(0, 128, (2, 9))
+def test_last_readout_is_the_models_own_logits(device):
+    model = tiny_model().to(device)
+    tokens = torch.randint(0, 128, (2, 9)).to(device)
     result = ll.logit_lens(model, tokens, keep_logits=True)
     assert result.labels == ["embed", "0_post", "1_post"]
     # The last read-out by its definition, ln_final then unembed of the last resid_post, is the model's output
     # exactly: the lens takes that output as it is, with no second norm.
     hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    logits, ref = reference_readouts(model, tokens, hooks)
+    logits, ref = (t.cpu() for t in reference_readouts(model, tokens, hooks))  # the lens returns CPU tensors
     assert torch.equal(ref[-1], logits) and torch.equal(result.logits[:, -1], ref[-1])
     # The other read-outs go through ln_final once, like the model's last one.
     torch.testing.assert_close(result.logits[:, :2], ref[:2].transpose(0, 1), atol=1e-5, rtol=0)
     # The lens's own read-out path gives the model's logits too, where it reads out a layer that is a smaller
     # model's last: layer 0's resid_post here, the output of the model loaded with layer 0 only.
-    first_layer = tiny_model(layers=[0])
+    first_layer = tiny_model(layers=[0]).to(device)
     with torch.no_grad():
-        first_logits = first_layer(tokens)
+        first_logits = first_layer(tokens).cpu()
     torch.testing.assert_close(result.logits[:, 1], first_logits, atol=1e-5, rtol=1e-6)
     # KL to the final distribution from the kept logits, for every read-out.
     final = logits.log_softmax(-1)[:, None]

@@ -32,10 +32,10 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_transformers(shape):
+def test_matches_transformers(shape, device):
     cfg = tiny_config(**SHAPES[shape])
-    hf, ours = reference_pair(cfg)
-    tokens = torch.randint(0, cfg.d_vocab, (2, 13))
+    hf, ours = reference_pair(cfg, device=device)
+    tokens = torch.randint(0, cfg.d_vocab, (2, 13)).to(device)
     with torch.no_grad():
         ref = hf(tokens, output_hidden_states=True, output_attentions=True)
         logits, cache = ours.run_with_cache(tokens)
@@ -84,8 +84,8 @@ def test_llama3_rope_covers_its_three_bands():
     assert ((scaled[smoothed] < plain[smoothed]) & (scaled[smoothed] > plain[smoothed] / scaling.factor)).all()
 
 
-def test_fused_and_written_out_attention_agree(tiny_cfg):
-    _, model = reference_pair(tiny_cfg)
+def test_fused_and_written_out_attention_agree(tiny_cfg, device):
+    _, model = reference_pair(tiny_cfg, device=device)
     tokens = torch.randint(0, tiny_cfg.d_vocab, (3, 17))
     with torch.no_grad():
         fused = model(tokens)
@@ -94,18 +94,18 @@ def test_fused_and_written_out_attention_agree(tiny_cfg):
     torch.testing.assert_close(fused, written_out, atol=1e-5, rtol=0)
 
 
-def test_scores_are_masked_and_pattern_sums_to_one(tiny_cfg):
-    _, model = reference_pair(tiny_cfg)
+def test_scores_are_masked_and_pattern_sums_to_one(tiny_cfg, device):
+    _, model = reference_pair(tiny_cfg, device=device)
     _, cache = model.run_with_cache(torch.randint(0, 128, (2, 9)))
     scores, pattern = cache["blocks.1.attn.hook_attn_scores"], cache["blocks.1.attn.hook_pattern"]
     assert scores.shape == pattern.shape == (2, tiny_cfg.n_heads, 9, 9)
-    future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    future = torch.ones(9, 9, dtype=torch.bool, device=device).triu(1)
     assert torch.isneginf(scores[..., future]).all() and torch.isfinite(scores[..., ~future]).all()
-    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, tiny_cfg.n_heads, 9))
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, tiny_cfg.n_heads, 9, device=device))
 
 
-def test_left_padded_prompts_match_prompts_run_alone(tiny_cfg):
-    _, model = reference_pair(tiny_cfg)
+def test_left_padded_prompts_match_prompts_run_alone(tiny_cfg, device):
+    _, model = reference_pair(tiny_cfg, device=device)
     short, long = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 11))
     tokens = torch.zeros(2, 11, dtype=torch.long)
     tokens[0, 6:], tokens[1] = short[0], long[0]
@@ -136,8 +136,8 @@ def test_padding_is_inferred_from_leading_pad_tokens(tiny_cfg):
     assert model.infer_attention_mask(torch.tensor([[1, 1, 1, 7], [1, 5, 6, 7]])).tolist() == [[0, 0, 1, 1], [1] * 4]
 
 
-def test_resume_from_cached_residual(tiny_cfg):
-    _, model = reference_pair(tiny_cfg)
+def test_resume_from_cached_residual(tiny_cfg, device):
+    _, model = reference_pair(tiny_cfg, device=device)
     tokens = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
@@ -167,8 +167,8 @@ def test_partial_model_reads_out_its_last_layer():
         torch.testing.assert_close(upper(resid=cache["blocks.2.hook_resid_pre"]), full(tokens), atol=1e-5, rtol=0)
 
 
-def test_gradients_flow(tiny_cfg):
-    _, model = reference_pair(tiny_cfg)
+def test_gradients_flow(tiny_cfg, device):
+    _, model = reference_pair(tiny_cfg, device=device)
     tokens = torch.randint(0, 128, (1, 6))
     logits, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post", detach=False)
     logits[0, -1, 5].backward()
@@ -176,10 +176,10 @@ def test_gradients_flow(tiny_cfg):
     assert cache["blocks.0.hook_resid_post"].requires_grad
 
 
-def test_greedy_generation_with_and_without_kv_cache_matches_transformers():
+def test_greedy_generation_with_and_without_kv_cache_matches_transformers(device):
     cfg = tiny_config(eos_token_ids=())
-    hf, model = reference_pair(cfg)
-    prompt = torch.randint(3, 128, (1, 6))
+    hf, model = reference_pair(cfg, device=device)
+    prompt = torch.randint(3, 128, (1, 6)).to(device)
     cached = model.generate(prompt, max_new_tokens=10, temperature=0)
     uncached = model.generate(prompt, max_new_tokens=10, temperature=0, use_kv_cache=False)
     with torch.no_grad():
@@ -188,9 +188,9 @@ def test_greedy_generation_with_and_without_kv_cache_matches_transformers():
     assert len(cached.tokens[0]) == 10
 
 
-def test_batched_generation_equals_one_prompt_at_a_time():
+def test_batched_generation_equals_one_prompt_at_a_time(device):
     cfg = tiny_config(eos_token_ids=())
-    _, model = reference_pair(cfg)
+    _, model = reference_pair(cfg, device=device)
     short, long = torch.randint(3, 128, (1, 4)), torch.randint(3, 128, (1, 9))
 
     class PadOnly:
@@ -207,9 +207,9 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     assert together.tokens == alone
 
 
-def test_generation_stops_at_eos_and_hooks_fire():
+def test_generation_stops_at_eos_and_hooks_fire(device):
     cfg = tiny_config(eos_token_ids=())
-    _, model = reference_pair(cfg)
+    _, model = reference_pair(cfg, device=device)
     prompt = torch.randint(3, 128, (1, 5))
     free = model.generate(prompt, max_new_tokens=8, temperature=0).tokens[0]
     # The first step that brings a token not seen before becomes the end of sequence.
@@ -222,13 +222,13 @@ def test_generation_stops_at_eos_and_hooks_fire():
     assert calls[0] == 5 and set(calls[1:]) == {1}  # the prompt, then one new position per step
 
 
-def test_sampling_is_seeded_and_top_p_restricts(tiny_cfg):
+def test_sampling_is_seeded_and_top_p_restricts(tiny_cfg, device):
     from llama_lens.generate import sample_top_p
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     draws = {sample_top_p(probs.clone(), 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert draws == {0, 1}
-    _, model = reference_pair(tiny_cfg)
+    _, model = reference_pair(tiny_cfg, device=device)
     prompt = torch.randint(3, 128, (1, 4))
     first = model.generate(prompt, max_new_tokens=5, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
     again = model.generate(prompt, max_new_tokens=5, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)

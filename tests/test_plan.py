@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, tiny_model
 
 import llama_lens as ll
 import llama_lens.plan as plan_module
-from llama_lens.model import HookedLlama
 from llama_lens.plan import GIB, NotEnoughMemoryError, plan
 from llama_lens.stream import StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
@@ -53,8 +52,7 @@ def test_activations_cache_and_patterns_by_hand(tiny_cfg):
 
 def test_cache_estimates_equal_real_caches():
     cfg = tiny_config(n_layers=3)
-    model = HookedLlama(cfg)
-    model.load_state_dict(random_state_dict(cfg), assign=True)
+    model = tiny_model(cfg)
     tokens = torch.randint(0, 128, (2, 10))
 
     _, cache = model.run_with_cache(tokens)

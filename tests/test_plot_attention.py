@@ -4,7 +4,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from char_model import char_model, run_patterns
+from helpers import char_model, run_patterns
 
 from llama_lens import plot_attention as pa
 from llama_lens.hooks import ActivationCache

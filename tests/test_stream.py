@@ -59,8 +59,8 @@ def test_streamed_model_holds_only_embedding_norm_and_unembedding(ckpt_path):
     assert_no_layer_resident(streamed)
 
 
-def test_logits_identical(ckpt_path):
-    loaded, streamed = load_pair(ckpt_path)
+def test_logits_identical(ckpt_path, device):
+    loaded, streamed = load_pair(ckpt_path, device=device)
     tokens = tokens_for()
     assert torch.equal(streamed(tokens), loaded(tokens))
     assert_no_layer_resident(streamed)
@@ -238,8 +238,8 @@ def test_read_error_reaches_the_caller(ckpt_path):
     assert_no_layer_resident(streamed)
 
 
-def test_generate_matches_loaded(ckpt_path):
-    loaded, streamed = load_pair(ckpt_path)
+def test_generate_matches_loaded(ckpt_path, device):
+    loaded, streamed = load_pair(ckpt_path, device=device)
     prompt = tokens_for(batch=1, pos=4)
     expected = loaded.generate(prompt, max_new_tokens=4, temperature=0, stop_at_eos=False)
     calls = counting_reader(streamed)
