@@ -150,6 +150,7 @@ def _count_draws(monkeypatch, explorer, state):
     return draws
 
 
+@pytest.mark.slow
 def test_attention_explorer_redraws_once_per_control_change(model, monkeypatch):
     explorer = ll_widgets.AttentionExplorer(model, "hello world", head=None)
     draws = _count_draws(monkeypatch, explorer, lambda: (explorer.head, explorer.query, explorer.key))
@@ -178,6 +179,7 @@ def test_attention_explorer_redraws_once_per_control_change(model, monkeypatch):
     assert explorer.query == 3  # the new prompt's last query
 
 
+@pytest.mark.slow
 def test_lens_explorer_redraws_once_per_control_change(model, monkeypatch):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
     draws = _count_draws(monkeypatch, explorer, lambda: explorer.position)
@@ -189,6 +191,7 @@ def test_lens_explorer_redraws_once_per_control_change(model, monkeypatch):
         assert len(draws) == 1, f"setting {name} to {value!r} drew {len(draws)} times"
 
 
+@pytest.mark.slow
 def test_attention_explorer_keeps_one_layer_over_the_cache_budget(model):
     _, full = run_patterns(model, "hello world")
     forwards = []
@@ -404,6 +407,7 @@ def test_lens_explorer_rejects_bad_arguments(model):
         ll_widgets.LogitLensExplorer({}, "hi")
 
 
+@pytest.mark.slow
 def test_nbconvert_html_without_widget_state_shows_the_picture(model):
     """A notebook saved without widget state (JupyterLab's default) exports to HTML with the PNG visible."""
     nbconvert = pytest.importorskip("nbconvert", reason="nbconvert comes with jupyterlab (the notebooks extra)")
