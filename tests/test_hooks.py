@@ -31,8 +31,9 @@ BLOCK_HOOKS = [
 
 
 @pytest.fixture
-def model(tiny_cfg):
-    return reference_pair(tiny_cfg)[1]
+def model(tiny_cfg, device):
+    """The tiny model on `--device`: every test here runs on the GPU too."""
+    return reference_pair(tiny_cfg, device=device)[1]
 
 
 def test_hook_names_are_the_transformerlens_set(model):
@@ -123,8 +124,8 @@ def test_hook_returning_a_wrong_shape_names_the_hook(model):
         )
 
 
-def test_hook_returning_another_dtype_or_device_names_the_hook(model):
-    expected = r"hook on 'blocks.0.attn.hook_z' returned shape .* float64 on cpu, expected .* float32"
+def test_hook_returning_another_dtype_or_device_names_the_hook(model, device):
+    expected = rf"hook on 'blocks.0.attn.hook_z' returned shape .* float64 on {device.type}.*, expected .* float32"
     with pytest.raises(ValueError, match=expected):
         model.run_with_hooks(
             torch.randint(0, 128, (1, 3)), fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: t.double())]
