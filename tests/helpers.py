@@ -2,7 +2,7 @@
 
 Imported as `from helpers import ...` (pytest puts tests/ on sys.path); conftest.py holds fixtures only.
 
-    cfg = tiny_config(n_layers=3)                      # 2 layers, d_model 64, 4 heads, 2 KV heads, vocab 128
+    cfg = tiny_config(n_layers=3)                      # d_model 64, 4 heads, 2 KV heads, vocab 128; 3 layers
     model = tiny_model(cfg, seed=1, scale=4.0)         # random weights, eval mode, on the CPU
     model = tiny_model(layers=[1], tokenizer=CharTokenizer())
     model = char_model()                               # peaked attention and a character tokenizer
