@@ -223,9 +223,10 @@ class LogitLensExplorer(Explorer):
         for panel, run in enumerate(self.runs):
             frame = run.result.to_frame()
             frame.insert(0, "panel", panel)
-            if self.target_data.get("panels"):
-                values = self.target_data["panels"][panel]
-                frame["target"] = self.target_data["text"]
+            target_data = self._filled("target", ranks=True)
+            if target_data.get("panels"):
+                values = target_data["panels"][panel]
+                frame["target"] = target_data["text"]
                 frame["target_prob"] = values["probs"]
                 frame["target_rank"] = values["ranks"]
             frames.append(frame)
@@ -254,20 +255,28 @@ class LogitLensExplorer(Explorer):
     def _result_with_token(self, panel: int) -> Any:
         """The panel's LensResult with the target (or the colouring token) filled in as its target."""
         run = self.runs[panel]
-        box = self.token if self.metric.startswith("token") else self.target
-        token_id = parse_target(self.model, box) if box else None
-        if token_id is None:
+        which = "token" if self.metric.startswith("token") else "target"
+        data = self._filled(which, ranks=self.metric.endswith("rank"))
+        if not data.get("panels"):
             return run.result
-        model = self._panel_model(panel)
-        probs, ranks = token_values(model, run, token_id)
+        n_readouts, n_pos = run.logsumexp.shape
+        probs = torch.tensor(data["panels"][panel]["probs"]).reshape(n_readouts, n_pos)
+        ranks = data["panels"][panel]["ranks"]
+        ranks = torch.zeros_like(probs, dtype=torch.long) if ranks is None else torch.tensor(ranks).reshape(probs.shape)
         return dataclasses.replace(
             run.result,
-            target_ids=torch.tensor([[token_id]]),
-            target_strs=[[self._token_text(token_id)]],
+            target_ids=torch.tensor([[data["id"]]]),
+            target_strs=[[data["text"]]],
             target_probs=probs[None, :, :, None],
             target_logits=(probs.log() + run.logsumexp)[None, :, :, None],
             target_ranks=ranks[None, :, :, None],
         )
+
+    def _filled(self, which: str, *, ranks: bool) -> dict[str, Any]:
+        """target_data or token_data, with the ranks computed first when asked for and missing."""
+        if ranks:
+            self._fill_ranks(which, lambda: None)
+        return self.target_data if which == "target" else self.token_data
 
     # ------------------------------------------------------------------ computing
     def _panel_model(self, panel: int) -> Any:
@@ -312,17 +321,46 @@ class LogitLensExplorer(Explorer):
         text = prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)
         return f"{name}: {text[:80]}"
 
+    def _react(self, kinds: set[str], names: list[str]) -> None:
+        super()._react(kinds, names)
+        # Ranks cost a sweep over the vocabulary at every cell, so they are computed when a rank colouring
+        # first asks for them.
+        which = self.metric.split("_")[0]
+        if "metric" in names and self.metric.endswith("rank") and _missing_ranks(self._data(which)):
+            self._submit(lambda check: self._fill_ranks(which, check))
+
+    def _data(self, which: str) -> dict[str, Any]:
+        return self.target_data if which == "target" else self.token_data
+
     def _update(self, names: list[str], check: Callable[[], None]) -> None:
         if not self.runs:
             return
         if "target" in names:
-            self.target_data = self._token_data(self.target, check, hint=True)
+            ranks = self.metric == "target_rank"
+            self.target_data = self._token_data(self.target, check, hint=True, ranks=ranks)
         if "token" in names:
-            self.token_data = self._token_data(self.token, check, hint=False)
+            self.token_data = self._token_data(self.token, check, hint=False, ranks=self.metric == "token_rank")
         if "target" in names or "token" in names or "pins" in names:
             self.traces = [self._trace(group) for group in self.pins]
 
-    def _token_data(self, box: str, check: Callable[[], None], *, hint: bool) -> dict[str, Any]:
+    def _fill_ranks(self, which: str, check: Callable[[], None]) -> None:
+        data = self._data(which)
+        if not _missing_ranks(data):
+            return
+        self.status = f"ranking the {which} at every cell…"
+        panels = []
+        for panel, (run, values) in enumerate(zip(self.runs, data["panels"])):
+            check()
+            ranks = token_values(self._panel_model(panel), run, data["id"])[1]
+            panels.append({**values, "ranks": ranks.reshape(-1).tolist()})
+        filled = {**data, "panels": panels}
+        if which == "target":
+            self.target_data = filled
+        else:
+            self.token_data = filled
+        self.status = f"ranked the {which} ({data['text']!r})"
+
+    def _token_data(self, box: str, check: Callable[[], None], *, hint: bool, ranks: bool) -> dict[str, Any]:
         token_id = parse_target(self.model, box) if box else None
         suggestion = None
         if hint and box and self.model.tokenizer is not None:
@@ -332,8 +370,9 @@ class LogitLensExplorer(Explorer):
         panels = []
         for panel, run in enumerate(self.runs):
             check()
-            probs, ranks = token_values(self._panel_model(panel), run, token_id)
-            panels.append({"probs": _round(probs.reshape(-1)), "ranks": ranks.reshape(-1).tolist()})
+            probs, rank_values = token_values(self._panel_model(panel), run, token_id, ranks=ranks)
+            rank_list = None if rank_values is None else rank_values.reshape(-1).tolist()
+            panels.append({"probs": _round(probs.reshape(-1)), "ranks": rank_list})
         return {"id": token_id, "text": self._token_text(token_id), "panels": panels, "hint": suggestion}
 
     def _trace(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -353,6 +392,10 @@ class LogitLensExplorer(Explorer):
         state = super().page_state()
         state.pop("busy", None)
         return state
+
+
+def _missing_ranks(data: dict[str, Any]) -> bool:
+    return bool(data.get("panels")) and any(values["ranks"] is None for values in data["panels"])
 
 
 def _round(values: torch.Tensor, digits: int = 5) -> list[float]:
