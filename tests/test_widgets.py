@@ -58,7 +58,8 @@ def test_lens_payload_holds_the_lens_compactly(model):
     np.testing.assert_array_equal(ids, result.top_ids[0].numpy())
     texts = np.array(data["vocab"], dtype=object)[data["top"]].reshape(3, 12, 4)
     assert texts.tolist() == result.top_strs[0]
-    np.testing.assert_allclose(np.reshape(data["probs"], (3, 12, 4)), result.top_probs[0].numpy(), atol=6e-5)
+    probs = np.reshape(data["probs"], (3, 12, 4)) / data["prob_scale"]
+    np.testing.assert_allclose(probs, result.top_probs[0].numpy(), atol=6e-5)
     np.testing.assert_allclose(np.reshape(data["entropy"], (3, 12)), result.entropy[0].numpy(), atol=6e-5)
     np.testing.assert_allclose(np.reshape(data["kl"], (3, 12)), result.kl_to_final[0].numpy(), atol=6e-5)
     assert explorer.result.labels == result.labels

@@ -40,6 +40,21 @@ function ramp(stops, t) {
   return stops[i].map((c, j) => Math.round(c + (stops[i + 1][j] - c) * f));
 }
 
+// 256 steps of a colour map as CSS strings, with the text colour that reads on each: drawing thousands of
+// cells then costs a table look-up per cell, not a string built per cell.
+function palette(stops) {
+  const out = [];
+  for (let i = 0; i < 256; i++) {
+    const c = ramp(stops, i / 255);
+    out.push({ css: rgb(c), ink: inkOn(c), rgb: c });
+  }
+  return out;
+}
+
+function shade(table, t) {
+  return table[Math.round(Math.min(1, Math.max(0, Number.isFinite(t) ? t : 0)) * 255)];
+}
+
 function rgb(c) {
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }

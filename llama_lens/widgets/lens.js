@@ -9,6 +9,9 @@ const METRIC_NAMES = {
   token_prob: "token probability", token_rank: "token rank", entropy: "entropy (nats)", kl: "KL to final (nats)",
 };
 
+const SEQUENTIAL = palette(VIRIDIS);
+const DIVERGENT = palette(DIVERGING);
+
 function render({ model, el }) {
   const offline = model.get("offline") === true;
   const root = h("div", { class: "ll-root ll-lens" });
@@ -93,7 +96,7 @@ function render({ model, el }) {
     const d = panels()[p];
     const P = d.positions.length;
     const i = r * P + c;
-    if (which === "prob") return d.probs[i * d.k];
+    if (which === "prob") return d.probs[i * d.k] / d.prob_scale;
     if (which === "entropy") return d.entropy[i];
     if (which === "kl") return d.kl[i];
     const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
@@ -129,6 +132,7 @@ function render({ model, el }) {
     return c2 >= 0 && c2 < ps[q].positions.length ? [q, c2] : null;
   }
 
+  // The cell's colour as a palette entry {css, ink, rgb}, or null where the metric has no value.
   function colourOf(p, r, c, sc) {
     const v = value(p, r, c);
     if (v === null || v === undefined) return null;
@@ -140,9 +144,9 @@ function render({ model, el }) {
       if (w === null || w === undefined) return null;
       const a = p === 0 ? sc.f(v) : sc.f(w);
       const b = p === 0 ? sc.f(w) : sc.f(v);
-      return ramp(DIVERGING, 0.5 + (a - b) / 2);
+      return shade(DIVERGENT, 0.5 + (a - b) / 2);
     }
-    return ramp(VIRIDIS, sc.f(v));
+    return shade(SEQUENTIAL, sc.f(v));
   }
 
   // ---------------------------------------------------------------- drawing
@@ -162,7 +166,8 @@ function render({ model, el }) {
       const height = (rows.length + 2) * ROW_H; // + next-token strip on top, input tokens below
       const canvas = h("canvas", { class: "ll-cells", "data-panel": p });
       const labels = h("canvas", { class: "ll-rowlabels" });
-      const scroll = h("div", { class: "ll-scroll" }, [canvas]);
+      const marks = h("div", { class: "ll-marks" });
+      const scroll = h("div", { class: "ll-scroll" }, [h("div", { class: "ll-cellwrap" }, [canvas, marks])]);
       const box = h("div", { class: "ll-panel" }, [
         h("div", { class: "ll-title", text: titles[p] || "" }),
         h("div", { class: "ll-panelbody" }, [labels, scroll]),
@@ -172,47 +177,34 @@ function render({ model, el }) {
       ctx.font = `${Math.min(12, Math.max(8, cellW / 3.2))}px ${theme.font}`;
       ctx.textAlign = "center";
       ctx.textBaseline = "middle";
-      const selection = model.get("selection") || {};
-      const pinned = new Set(model.get("pinned_positions") || []);
       // Next token (what the model should predict at each position) on top.
       ctx.fillStyle = theme.muted;
       for (let c = 0; c < P; c++) {
         const next = d.tokens[d.positions[c] + 1];
         if (next !== undefined && cellW >= 14) ctx.fillText(clipText(ctx, visible(next), cellW - 2), (c + 0.5) * cellW, ROW_H / 2);
       }
+      const clipped = new Map(); // vocab index -> its text clipped to the cell
       rows.forEach((r, y) => {
         for (let c = 0; c < P; c++) {
           const colour = colourOf(p, r, c, sc);
           const x = c * cellW, top = (y + 1) * ROW_H;
-          ctx.fillStyle = colour ? rgb(colour) : theme.bg || "#eee";
+          ctx.fillStyle = colour ? colour.css : theme.bg || "#eee";
           ctx.fillRect(x, top, cellW - (cellW > 8 ? 1 : 0), ROW_H - 1);
           if (cellW >= 20 && colour) {
-            ctx.fillStyle = inkOn(colour);
-            const text = d.vocab[d.top[(r * P + c) * d.k]];
-            ctx.fillText(clipText(ctx, visible(text), cellW - 3), x + cellW / 2, top + ROW_H / 2);
+            const v = d.top[(r * P + c) * d.k];
+            if (!clipped.has(v)) clipped.set(v, clipText(ctx, visible(d.vocab[v]), cellW - 3));
+            ctx.fillStyle = colour.ink;
+            ctx.fillText(clipped.get(v), x + cellW / 2, top + ROW_H / 2);
           }
         }
       });
       // Input tokens at the bottom (click to pin a position).
       const bottom = (rows.length + 1) * ROW_H;
-      for (let c = 0; c < P; c++) {
-        const x = c * cellW;
-        if (pinned.has(d.positions[c])) {
-          ctx.fillStyle = theme.accent;
-          ctx.fillRect(x, bottom, cellW - 1, ROW_H - 1);
+      ctx.fillStyle = theme.fg;
+      if (cellW >= 12) {
+        for (let c = 0; c < P; c++) {
+          ctx.fillText(clipText(ctx, visible(d.tokens[d.positions[c]]), cellW - 2), c * cellW + cellW / 2, bottom + ROW_H / 2);
         }
-        ctx.fillStyle = pinned.has(d.positions[c]) ? "#fff" : theme.fg;
-        if (cellW >= 12) ctx.fillText(clipText(ctx, visible(d.tokens[d.positions[c]]), cellW - 2), x + cellW / 2, bottom + ROW_H / 2);
-      }
-      ctx.lineWidth = 2;
-      ctx.strokeStyle = theme.accent;
-      for (const c of d.positions.map((pos, c) => (pinned.has(pos) ? c : -1)).filter((c) => c >= 0)) {
-        ctx.strokeRect(c * cellW + 1, ROW_H, cellW - 2, rows.length * ROW_H);
-      }
-      if (selection.panel === p && rows.includes(selection.row)) {
-        const c = d.positions.indexOf(selection.position);
-        ctx.strokeStyle = theme.fg;
-        ctx.strokeRect(c * cellW + 1, (rows.indexOf(selection.row) + 1) * ROW_H + 1, cellW - 3, ROW_H - 3);
       }
       // Row labels, fixed at the left while the cells scroll.
       const lctx = canvasFor(labels, LABEL_W, height);
@@ -224,15 +216,37 @@ function render({ model, el }) {
       lctx.fillStyle = theme.muted;
       lctx.fillText("next", LABEL_W - 4, ROW_H / 2);
       lctx.fillText("input", LABEL_W - 4, bottom + ROW_H / 2);
-      views.push({ canvas, scroll, rows, cellW, d, p });
+      views.push({ canvas, scroll, marks, rows, cellW, d, p });
       canvas.addEventListener("mousemove", (e) => hover(e, p));
       canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
       canvas.addEventListener("click", (e) => click(e, p));
     });
     drawLegend(sc);
+    drawMarks();
     drawPopup();
     drawChart();
     timing("draw", performance.now() - started);
+  }
+
+  // The clicked cell and the pinned positions, as outlines over the canvas: moving them redraws no cell.
+  function drawMarks() {
+    const selection = model.get("selection") || {};
+    const pinned = new Set(model.get("pinned_positions") || []);
+    for (const view of views) {
+      const { d, rows, cellW, p } = view;
+      const boxes = [];
+      d.positions.forEach((pos, c) => {
+        if (!pinned.has(pos)) return;
+        boxes.push(h("div", { class: "ll-mark ll-mark-pinned", style:
+          `left:${c * cellW}px;top:${ROW_H}px;width:${cellW - 1}px;height:${(rows.length + 1) * ROW_H - 1}px` }));
+      });
+      if (selection.panel === p && rows.includes(selection.row)) {
+        const c = d.positions.indexOf(selection.position);
+        boxes.push(h("div", { class: "ll-mark ll-mark-selected", style:
+          `left:${c * cellW}px;top:${(rows.indexOf(selection.row) + 1) * ROW_H}px;width:${cellW - 1}px;height:${ROW_H - 1}px` }));
+      }
+      view.marks.replaceChildren(...boxes);
+    }
   }
 
   function drawLegend(sc) {
@@ -266,7 +280,7 @@ function render({ model, el }) {
     const out = [];
     for (let j = 0; j < Math.min(n, d.k); j++) {
       const v = d.top[base + j];
-      out.push({ text: d.vocab[v], id: d.vocab_ids[v], prob: d.probs[base + j] });
+      out.push({ text: d.vocab[v], id: d.vocab_ids[v], prob: d.probs[base + j] / d.prob_scale });
     }
     return out;
   }
@@ -320,10 +334,12 @@ function render({ model, el }) {
         addPin(p, pos, top.id, false);
       }
       model.save_changes();
+      drawChart();
     } else {
       put(model, "selection", { panel: p, row: cell.r, position: pos });
+      drawPopup();
     }
-    draw();
+    drawMarks();
     timing("click", performance.now() - started);
   }
 
@@ -470,12 +486,12 @@ function render({ model, el }) {
     rows.forEach((r, y) => {
       parts.push(`<text x="${LABEL_W - 4}" y="${(y + 0.7) * ROW_H}" text-anchor="end" font-size="11">${esc(d.labels[r])}</text>`);
       for (let c = 0; c < P; c++) {
-        const colour = colourOf(0, r, c, sc) || [238, 238, 238];
+        const colour = colourOf(0, r, c, sc) || { css: "#eee", ink: "#000" };
         const x = LABEL_W + c * cellW;
-        parts.push(`<rect x="${x}" y="${y * ROW_H}" width="${cellW - 1}" height="${ROW_H - 1}" fill="${rgb(colour)}"/>`);
+        parts.push(`<rect x="${x}" y="${y * ROW_H}" width="${cellW - 1}" height="${ROW_H - 1}" fill="${colour.css}"/>`);
         if (cellW >= 20) {
           const text = visible(d.vocab[d.top[(r * P + c) * d.k]]).slice(0, Math.floor(cellW / 7));
-          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${inkOn(colour)}">${esc(text)}</text>`);
+          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${colour.ink}">${esc(text)}</text>`);
         }
       }
     });
@@ -492,7 +508,7 @@ function render({ model, el }) {
       for (let r = 0; r < d.labels.length; r++) for (let c = 0; c < P; c++) {
         const i = r * P + c;
         const t = target.panels ? target.panels[p] : null;
-        lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k],
+        lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k] / d.prob_scale,
           d.entropy[i], d.kl[i], t ? t.probs[i] : "", t ? t.ranks[i] : ""].map(csvCell).join(","));
       }
     });
@@ -546,9 +562,10 @@ function render({ model, el }) {
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   };
-  const names = ["panels", "target_data", "token_data", "metric", "stride", "zoom", "diff", "selection",
-    "pinned_positions", "titles"];
+  const names = ["panels", "target_data", "token_data", "metric", "stride", "zoom", "diff", "titles"];
   for (const name of names) model.on("change:" + name, name === "panels" ? firstDraw : redraw);
+  model.on("change:selection", () => { drawMarks(); drawPopup(); });
+  model.on("change:pinned_positions", drawMarks);
   model.on("change:traces", drawChart);
   model.on("change:pins", drawChart);
   model.on("change:trajectory", () => { syncControls(); drawChart(); });

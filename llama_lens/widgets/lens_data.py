@@ -178,7 +178,8 @@ def payload(run: LensRun, *, digits: int = 4) -> dict[str, Any]:
     """The page's data for one run: compact JSON (a string table for the top tokens, rounded numbers).
 
     Keys: tokens [pos] (input text), positions [P], labels [R], layers [R], k, vocab (texts), vocab_ids,
-    top (indices into vocab, [R * P * k] row-major), probs ([R * P * k]), entropy and kl ([R * P]), seconds.
+    top (indices into vocab, [R * P * k] row-major), probs ([R * P * k], integers: divide by prob_scale),
+    entropy and kl ([R * P]), seconds.
     """
     result = run.result
     top_ids = result.top_ids[0]  # [R, P, k]
@@ -196,7 +197,9 @@ def payload(run: LensRun, *, digits: int = 4) -> dict[str, Any]:
         "vocab": [first[i] for i in range(len(unique))],
         "vocab_ids": unique.tolist(),
         "top": inverse.tolist(),
-        "probs": _rounded(result.top_probs[0].reshape(-1), digits),
+        # Probabilities as integers in units of 10**-digits: a third shorter in JSON than decimals.
+        "prob_scale": 10**digits,
+        "probs": (result.top_probs[0].reshape(-1).float() * 10**digits).round().int().tolist(),
         "entropy": _rounded(result.entropy[0].reshape(-1), digits),
         "kl": _rounded(result.kl_to_final[0].reshape(-1), digits),
         "seconds": round(run.seconds, 3),

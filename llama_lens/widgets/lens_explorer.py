@@ -116,6 +116,7 @@ class LogitLensExplorer(Explorer):
         compare: a second prompt shown beside the first (None: one panel).
         compare_model: a second model for the second panel (default `model`; the prompt is `compare` or
             `prompt`).
+        state: a saved `.state` (or part of one) to start from; its keys win over the arguments above.
         threaded: run browser-driven work in a worker thread (default: when a kernel runs).
     """
 
@@ -170,6 +171,7 @@ class LogitLensExplorer(Explorer):
         top_k: int = 10,
         compare: str | Sequence[dict[str, str]] | None = None,
         compare_model: Any = None,
+        state: dict[str, Any] | None = None,
         threaded: bool | None = None,
     ) -> None:
         if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg")):
@@ -198,6 +200,8 @@ class LogitLensExplorer(Explorer):
         }
         if not self.runs:  # the state above equalled the defaults: nothing triggered the first run
             self._submit(self._recompute)
+        if state:
+            self.state = state
 
     # ------------------------------------------------------------------ results
     @property
