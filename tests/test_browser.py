@@ -354,10 +354,16 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
         return sum(values) < 200
 
     _wait("the dark theme on the lens", dark, timeout=20)
-    time.sleep(0.5)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    _hover(driver, canvas, 2.5 * cell_width, 18 * 1.5)  # a redraw in the new colours
-    _shoot(driver, lens, "widgets_lens_dark.png", tmp_path)
+    time.sleep(1.0)  # the view redraws its canvases when JupyterLab marks the new theme on <body>
+    shot = _shoot(driver, lens, "widgets_lens_dark.png", tmp_path)
+    labels = lens.find_element(By.CSS_SELECTOR, "canvas.ll-rowlabels")
+    label_png = tmp_path / "dark_labels.png"
+    labels.screenshot(str(label_png))
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(label_png).convert("L"))
+    assert (pixels > 160).mean() > 0.005, "the read-out labels are not drawn in the dark theme's light text"
 
 
 def test_default_nbconvert_html_shows_every_widget_offline(chromium, tmp_path):

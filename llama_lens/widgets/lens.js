@@ -573,7 +573,16 @@ function render({ model, el }) {
     model.on("change:" + name, syncControls);
   }
   firstDraw();
+  // Redraw the canvases in the front-end's colours when its theme changes (JupyterLab marks <body>).
+  const themeWatch = new MutationObserver(() => redraw());
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+  if (scheme) scheme.addEventListener("change", redraw);
   root.dataset.ready = "1";
+  return () => {
+    themeWatch.disconnect();
+    if (scheme) scheme.removeEventListener("change", redraw);
+  };
 }
 
 function esc(text) {
