@@ -302,6 +302,5 @@ class AttentionExplorer(Explorer):
 
     def page_state(self) -> dict[str, Any]:
         state = super().page_state()
-        state.pop("busy", None)
         state["patterns"] = base64.b64encode(self.patterns).decode("ascii")  # the page decodes it
         return state

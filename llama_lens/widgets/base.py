@@ -239,7 +239,7 @@ class Explorer(anywidget.AnyWidget):
     def page_state(self) -> dict[str, Any]:
         """The synced traits a standalone page starts from."""
         names = [name for name in self.trait_names(sync=True) if not name.startswith("_")]
-        skip = {"layout", "tabbable", "tooltip", "comm", "keys", "log"}
+        skip = {"layout", "tabbable", "tooltip", "comm", "keys", "log", "busy"}
         values = {name: getattr(self, name) for name in names if name not in skip}
         return {name: _plain(value) for name, value in values.items() if not isinstance(value, bytes)}
 

@@ -247,10 +247,10 @@ class LogitLensExplorer(Explorer):
         from ..plot_lens import lens_heatmap
 
         result = self._result_with_token(panel)
-        metric = {"target_prob": "target_prob", "target_rank": "rank", "token_prob": "target_prob"}.get(
+        # The target's or the colouring token's values are filled in as the LensResult's target.
+        metric = {"token_prob": "target_prob", "target_rank": "rank", "token_rank": "rank"}.get(
             self.metric, self.metric
         )
-        metric = "rank" if self.metric == "token_rank" else metric
         if metric in ("target_prob", "rank") and result.target_ids is None:
             metric = "prob"  # no token chosen yet: the top token's probability
         n_cells = result.n_readouts * len(result.positions)
@@ -391,11 +391,6 @@ class LogitLensExplorer(Explorer):
             best = ranks[:, 0] if best is None else torch.minimum(best, ranks[:, 0])
         texts = [self._token_text(i) for i in group["ids"]]
         return {**group, "texts": texts, "probs": _round(total.clamp(max=1.0)), "ranks": best.tolist()}
-
-    def page_state(self) -> dict[str, Any]:
-        state = super().page_state()
-        state.pop("busy", None)
-        return state
 
 
 def _missing_ranks(data: dict[str, Any]) -> bool:
