@@ -1,17 +1,19 @@
-import base64
+"""The explorers' Python side on a tiny model: the data the page gets, each control's cost (which changes run
+the model), state, the static picture and the standalone page. tests/test_browser.py drives the page itself."""
 
-import matplotlib
+import json
+import re
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
-from helpers import char_model, run_patterns
+from helpers import CharTokenizer, char_model, run_patterns
 
-from llama_lens import plot_attention
+import llama_lens as ll
 from llama_lens import widgets as ll_widgets
-
-matplotlib.use("Agg")
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from llama_lens.widgets.lens_data import prompt_tokens
 
 
 @pytest.fixture(scope="module")
@@ -19,405 +21,356 @@ def model():
     return char_model()
 
 
-def _image(fig, index=0):
-    return fig.axes[index].images[0].get_array()
+def _forwards(model):
+    """A hook that counts model runs (one hook_embed call per forward), and the list it appends to."""
+    runs = []
+    return ("hook_embed", lambda tensor, *, hook: runs.append(1)), runs
 
 
-def _title(explorer):
-    return explorer.figure.axes[0].get_title()
+def _reference(model, text, token_id):
+    """Every read-out's full logits by hand: resid streams from run_with_cache, ln_final, unembed."""
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        streams = [cache["hook_embed"][0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in model.layer_indices]
+        logits = torch.stack([model.unembed(model.ln_final(s)) for s in streams]).double()  # [R, pos, d_vocab]
+    probs = logits.softmax(-1)
+    return logits, probs[..., token_id]
 
 
-# ------------------------------------------------------------------------------------------ AttentionExplorer
-def test_attention_explorer_follows_prompt_and_sliders(model):
-    explorer = ll_widgets.AttentionExplorer(model, "hello")
-    assert explorer.prompt == "hello"
-    assert (explorer.layer, explorer.head, explorer.query) == (0, 0, 5)  # starts on the last query
-    assert _title(explorer) == "layer 0, head 0: attention pattern"
-    assert _image(explorer.figure).shape == (6, 6)
-    assert [t.get_text() for t in explorer.figure.axes[0].get_xticklabels()] == ["<s>", "h", "e", "l", "l", "o"]
+def _assert_ranks(ranks, logits, token_id, slack=1e-4):
+    """Ranks (tokens with a strictly higher logit) within what float rounding allows."""
+    target = logits[..., token_id : token_id + 1]
+    low = (logits > target + slack).sum(-1)
+    high = (logits > target - slack).sum(-1) - 1  # the target itself is within the slack
+    ranks = torch.as_tensor(ranks).reshape(low.shape)
+    assert bool(((low <= ranks) & (ranks <= high)).all()), (ranks, low, high)
 
-    explorer.prompt = "hello world"
-    assert _image(explorer.figure).shape == (12, 12)
-    assert explorer.query == 11
-    assert explorer.status.startswith("12 tokens, 2 layers in")
 
-    # Moving the sliders as a user would.
-    explorer.controls["layer"].value = 1
-    explorer.controls["head"].value = 3
-    assert (explorer.layer, explorer.head) == (1, 3)
-    assert _title(explorer) == "layer 1, head 3: attention pattern"
+# ------------------------------------------------------------------------------------------ the lens's data
+def test_lens_payload_holds_the_lens_compactly(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", top_k=4)
+    (data,) = explorer.panels
+    result = ll.logit_lens(model, "hello world", readout=("embed", "resid_post"), top_k=4)
+    assert data["labels"] == result.labels == ["embed", "0_post", "1_post"]
+    assert data["tokens"] == result.str_tokens[0] and data["k"] == 4
+    ids = np.array(data["vocab_ids"])[data["top"]].reshape(3, 12, 4)
+    np.testing.assert_array_equal(ids, result.top_ids[0].numpy())
+    texts = np.array(data["vocab"], dtype=object)[data["top"]].reshape(3, 12, 4)
+    assert texts.tolist() == result.top_strs[0]
+    probs = np.reshape(data["probs"], (3, 12, 4)) / data["prob_scale"]
+    np.testing.assert_allclose(probs, result.top_probs[0].numpy(), atol=6e-5)
+    np.testing.assert_allclose(np.reshape(data["entropy"], (3, 12)), result.entropy[0].numpy(), atol=6e-5)
+    np.testing.assert_allclose(np.reshape(data["kl"], (3, 12)), result.kl_to_final[0].numpy(), atol=6e-5)
+    assert explorer.result.labels == result.labels
+
+
+def test_target_values_match_a_hand_written_read_out(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
+    logits, probs = _reference(model, "hello world", ord("o"))
+    values = explorer.target_data["panels"][0]
+    assert explorer.target_data["id"] == ord("o") and explorer.target_data["text"] == "o"
+    np.testing.assert_allclose(np.reshape(values["probs"], probs.shape), probs.numpy(), atol=2e-5)
+    assert values["ranks"] is None  # a sweep over the vocabulary per cell: computed when a colouring needs it
+    explorer.metric = "target_rank"
+    _assert_ranks(explorer.target_data["panels"][0]["ranks"], logits, ord("o"))
+    frame = explorer.to_frame()
+    assert {"target_prob", "target_rank"} <= set(frame.columns) and len(frame) == 3 * 12
+
+
+def test_ids_by_explicit_syntax_and_targets_that_are_not_one_token(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="#104")
+    assert explorer.target_data["id"] == 104 and explorer.target_data["text"] == "h"
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target=104)  # an int means an id
+    assert explorer.target == "#104"
+    with pytest.raises(ValueError, match="ids run from 0 to 127"):
+        explorer.target = "#999"
+    assert explorer.target == "#104"  # the last good value stays
+    with pytest.raises(ValueError, match="not a single token"):
+        explorer.target = "ab"
+    # Typed in the page: the error shows on the status line instead of raising.
+    explorer.set_state({"target": "ab"})
+    assert "not a single token" in explorer.error and explorer.target == "#104"
+
+
+class SpacedTokenizer(CharTokenizer):
+    """CharTokenizer plus one spaced token: " o" is id 5 (as " Paris" is one token in real vocabularies)."""
+
+    def _token_text(self, token_id):
+        return " o" if token_id == 5 else super()._token_text(token_id)
+
+    def _raw_to_id(self, raw):
+        return 5 if raw == " o" else super()._raw_to_id(raw)
+
+
+def test_target_box_suggests_the_spaced_token_when_it_ranks_higher():
+    model = char_model()
+    model.tokenizer = SpacedTokenizer()
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o")
+    logits, _ = _reference(model, "hello", 5)
+    last = logits[-1, -1]
+    spaced_rank, typed_rank = int((last > last[5]).sum()), int((last > last[ord("o")]).sum())
+    hint = explorer.target_data["hint"]
+    if spaced_rank < typed_rank:
+        assert hint == {"text": " o", "id": 5, "rank": spaced_rank, "rank_typed": typed_rank}
+    else:
+        assert hint is None
+    # Make " o" the model's top prediction at the last position: the hint must then appear.
+    with torch.no_grad():
+        model.unembed.weight[5] = model.unembed.weight[int(last.argmax())] * 3
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o")
+    assert explorer.target_data["hint"]["text"] == " o" and explorer.target_data["hint"]["rank"] == 0
+
+
+# ------------------------------------------------------------------------------------------ what each change costs
+def test_only_prompt_and_readout_changes_run_the_model(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o", compare="hello there")
+    counter, runs = _forwards(model)
+    with model.hooks([counter]):
+        changes = [
+            ("target", "l"),
+            ("token", "#101"),
+            ("metric", "token_rank"),
+            ("zoom", 12),
+            ("stride", 2),
+            ("diff", True),
+            ("trajectory", "rank"),
+            ("selection", {"panel": 1, "row": 2, "position": 3}),
+            ("pins", [{"panel": 0, "position": 4, "ids": [111, 108]}]),
+            ("pinned_positions", [2]),
+        ]
+        for name, value in changes:
+            setattr(explorer, name, value)
+            assert runs == [], f"changing {name} ran the model"
+        explorer.readout = "resid_mid"
+        assert len(runs) == 2  # two panels, one run each
+        assert explorer.result.labels == ["embed", "0_mid", "1_mid"]
+        explorer.prompt = "abc"
+        assert len(runs) == 4
+    assert explorer.panels[0]["tokens"] == ["<s>", "a", "b", "c"]
+    assert explorer.pins == [] and explorer.selection == {}  # places of the old prompt are gone
+
+
+def test_pins_are_summed_trajectories(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world")
+    explorer.pins = [{"position": 4, "ids": [111, 108]}, {"position": 11, "ids": [100]}]
+    logits, p_o = _reference(model, "hello world", 111)
+    _, p_l = _reference(model, "hello world", 108)
+    first, second = explorer.traces
+    assert first["texts"] == ["o", "l"] and first["panel"] == 0
+    np.testing.assert_allclose(first["probs"], (p_o + p_l)[:, 4].numpy(), atol=2e-5)
+    best = torch.minimum((logits[:, 4] > logits[:, 4, 111:112]).sum(-1), (logits[:, 4] > logits[:, 4, 108:109]).sum(-1))
+    assert np.abs(np.array(first["ranks"]) - best.numpy()).max() <= 1
+    _, p_d = _reference(model, "hello world", 100)
+    np.testing.assert_allclose(second["probs"], p_d[:, 11].numpy(), atol=2e-5)
+    with pytest.raises(ValueError, match="pin position 40 is not read out"):
+        explorer.pins = [{"position": 40, "ids": [1]}]
+
+
+def test_a_newer_request_cancels_an_older_one():
+    model = char_model(n_layers=4)
+    explorer = ll_widgets.LogitLensExplorer(model, "hi", threaded=True)
+    finished = []
+    explorer.observe(lambda change: finished.append(change["new"][0]["tokens"]), names="panels")
+    slow = ("blocks.0.hook_resid_post", lambda tensor, *, hook: time.sleep(0.4))
+    with model.hooks([slow]):
+        explorer.set_state({"prompt": "first"})  # as the page sends it: runs in a worker thread
+        time.sleep(0.1)
+        assert explorer.busy  # the page dims the picture meanwhile
+        explorer.set_state({"prompt": "second"})
+        deadline = time.monotonic() + 20
+        while (explorer.busy or threading.active_count() > 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert finished == [["<s>", "s", "e", "c", "o", "n", "d"]]  # the first run was cancelled, not shown
+    assert not explorer.busy and explorer.error == ""
+
+
+# ------------------------------------------------------------------------------------------ state
+def test_state_is_json_and_settable(model):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o", metric="target_rank")
+    explorer.pins = [{"position": 3, "ids": [104]}]
+    explorer.stride = 2
+    state = json.loads(json.dumps(explorer.state))
+    assert state["metric"] == "target_rank" and state["pins"] == [{"panel": 0, "position": 3, "ids": [104]}]
+
+    other = ll_widgets.LogitLensExplorer(model, "abc")
+    other.state = state
+    assert other.state == state
+    timeless = lambda panels: [{k: v for k, v in panel.items() if k != "seconds"} for panel in panels]
+    assert timeless(other.panels) == timeless(explorer.panels) and other.traces[0]["texts"] == ["h"]
+    with pytest.raises(ValueError, match=r"unknown state key\(s\) \['colour'\]"):
+        other.state = {"colour": "red"}
+    with pytest.raises(ValueError, match="metric='pink' is not one of"):
+        other.metric = "pink"
+    assert other.metric == "target_rank"
+    with pytest.raises(ValueError, match="stride must be an integer"):
+        other.state = {"stride": 0, "metric": "kl"}
+    assert other.metric == "target_rank"  # a bad state changes nothing
+
+
+def test_chat_messages_go_through_the_chat_template(model, monkeypatch):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="has no apply_chat_template"):
+        ll_widgets.LogitLensExplorer(model, messages)
+    calls = []
+
+    def template(messages, add_generation_prompt, tokenize):
+        calls.append((messages, add_generation_prompt, tokenize))
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    monkeypatch.setattr(model.tokenizer, "apply_chat_template", template, raising=False)
+    explorer = ll_widgets.LogitLensExplorer(model, messages)
+    assert calls == [(messages, True, False)]
+    assert "".join(explorer.panels[0]["tokens"]) == "user: hi\nassistant:"
+    assert prompt_tokens(model, messages).shape[1] == len("user: hi\nassistant:")
+    with pytest.raises(ValueError, match='every chat message needs "role" and "content"'):
+        explorer.prompt = [{"text": "hi"}]
+
+
+def test_comparison_panels_share_the_vocabulary(model):
+    other = char_model(seed=1)
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", compare_model=other, target="l")
+    assert len(explorer.panels) == 2 and explorer.compare_prompt == "hello"
+    second = ll.logit_lens(other, "hello", readout=("embed", "resid_post"))
+    np.testing.assert_array_equal(
+        np.array(explorer.panels[1]["vocab_ids"])[explorer.panels[1]["top"]].reshape(3, 6, 10)[..., 0],
+        second.top_ids[0, :, :, 0].numpy(),
+    )
+    _, probs = _reference(other, "hello", ord("l"))
+    np.testing.assert_allclose(np.reshape(explorer.target_data["panels"][1]["probs"], (3, 6)), probs, atol=2e-5)
+    explorer.compare_prompt = None
+    assert len(explorer.panels) == 1 and set(explorer.to_frame()["panel"]) == {0}
+
+
+# ------------------------------------------------------------------------------------------ pictures and pages
+def test_static_picture_is_a_separate_output_the_view_hides(model, monkeypatch):
+    import IPython.display
+
+    explorer = ll_widgets.LogitLensExplorer(model, "hello")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append((a, k)) or _Handle())
+    explorer._ipython_display_()
+    (view, view_options), (static, options) = shown
+    assert "application/vnd.jupyter.widget-view+json" in view[0] and view_options["raw"]
+    assert options == {"raw": True, "display_id": True}
+    page = static[0]["text/html"]
+    assert f"llama-lens-static-{explorer.static_id}" in page
+    assert re.search(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)
+    assert static[0]["image/png"] in page
+    assert "llama-lens-static-${id}" in ll_widgets.LogitLensExplorer._esm
+
+
+class _Handle:
+    def update(self, *args, **kwargs):
+        pass
+
+
+def test_save_html_is_standalone(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello </script> world", target="o")
+    path = explorer.save_html(tmp_path / "lens.html")
+    page = path.read_text()
+    assert "<script src" not in page and "https://" not in page and "import(" not in page
+    assert page.count("</script>") == 1  # the prompt's "</script>" is escaped inside the data
+    state = json.loads(re.search(r"const state = (.*);\n", page).group(1))
+    assert state["panels"] == json.loads(json.dumps(explorer.panels))
+    assert state["target_data"]["id"] == ord("o")
+    with pytest.raises(ValueError, match="does not exist"):
+        explorer.save_html(tmp_path / "missing" / "lens.html")
+
+
+def test_exports_from_python(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o", metric="target_prob")
+    fig = explorer.to_figure()
+    image = fig.axes[0].images[0].get_array()  # its orientation is plot_lens's business; its values are ours
+    values = np.sort(np.asarray(image).ravel())
+    np.testing.assert_allclose(values, np.sort(np.array(explorer.target_data["panels"][0]["probs"])), atol=2e-5)
+    import pandas as pd
+
+    table = pd.read_csv(explorer.save_csv(tmp_path / "lens.csv"), keep_default_na=False)
+    assert list(table.columns[:3]) == ["panel", "prompt", "label"] and len(table) == 3 * 6
+    np.testing.assert_allclose(table["target_prob"], explorer.target_data["panels"][0]["probs"])
+    assert ll_widgets.figure_png(fig).startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------ attention
+def _unpack(explorer, layer, head):
+    """The open layer/head's pattern from the bytes the page gets (lower triangle, uint16)."""
+    n = len(explorer.tokens)
+    tri = n * (n + 1) // 2
+    index = explorer.layers.index(layer) * explorer.n_heads + head
+    words = np.frombuffer(explorer.patterns, dtype="<u2")[index * tri : (index + 1) * tri] / 65535
+    pattern = np.zeros((n, n))
+    pattern[np.tril_indices(n)] = words
+    return pattern
+
+
+def test_attention_ships_the_patterns_of_the_shown_layers(model):
+    explorer = ll_widgets.AttentionExplorer(model, "hello world", layers=[0, 1], head=2)
     _, cache = run_patterns(model, "hello world")
-    np.testing.assert_allclose(_image(explorer.figure), cache["blocks.1.attn.hook_pattern"][0, 3].numpy(), rtol=1e-5)
-
-    explorer.head = None
-    panels = [ax for ax in explorer.figure.axes if ax.images and ax.get_title().startswith("head")]
-    assert len(panels) == 4
-    explorer.controls["head"].value = 1  # moving the head slider leaves "all heads"
-    assert explorer.head == 1
-    assert _title(explorer) == "layer 1, head 1: attention pattern"
-
-
-def test_attention_explorer_readout_and_table_name_query_and_key(model):
-    explorer = ll_widgets.AttentionExplorer(model, "hello world", layer=1, head=2)
-    pattern = run_patterns(model, "hello world")[1]["blocks.1.attn.hook_pattern"][0, 2]
-    explorer.query = 5  # "o"
-    explorer.key = 2  # "e"
-    weight = float(pattern[5, 2])
-    assert explorer.readout == f"query 5 'o' → key 2 'e': weight {weight:.3f}"
-    # The query row is outlined in red, the key cell in orange.
-    outlines = {(p.get_xy(), p.get_width()) for p in explorer.figure.axes[0].patches}
-    assert ((-0.5, 4.5), 12) in outlines and ((1.5, 4.5), 1) in outlines
-
-    table = explorer.table
-    assert list(table.columns) == ["key", "token", "weight"]
-    assert table["weight"].tolist() == sorted(table["weight"].tolist(), reverse=True)
-    best = int(pattern[5].argmax())
-    assert table["key"].iloc[0] == best
-    assert table["token"].iloc[0] == explorer.tokens[best]
-    assert explorer.controls["key"].max == 5  # keys after the query are masked
-    explorer.query = 1
-    assert explorer.table["key"].tolist() == [int(k) for k in pattern[1, :2].argsort(descending=True)]  # 0, 1 only
-    explorer.query = 5
-
-    explorer.scores = True
-    assert explorer.query == 5  # adding scores keeps the place
-    assert _title(explorer) == "layer 1, head 2: attention scores (pre-softmax)"
-    assert "(score " in explorer.readout
+    assert explorer.meta == {"tokens": model.to_str_tokens("hello world"), "layers": [0, 1], "n_heads": 4}
+    for layer in (0, 1):
+        for head in range(4):
+            expected = cache[f"blocks.{layer}.attn.hook_pattern"][0, head].numpy()
+            np.testing.assert_allclose(_unpack(explorer, layer, head), expected, atol=1 / 65535)
+    assert explorer.query == 11 and explorer.head == {"layer": 0, "head": 2}
+    frame = explorer.to_frame()
+    assert len(frame) == 12 * 13 // 2
+    row = frame[(frame["query"] == 5) & (frame["key"] == 2)].iloc[0]
+    assert (row["query_token"], row["key_token"]) == ("o", "e")
+    assert row["weight"] == pytest.approx(float(cache["blocks.0.attn.hook_pattern"][0, 2, 5, 2]), abs=1e-6)
+    fig = explorer.to_figure()
+    np.testing.assert_allclose(
+        fig.axes[0].images[0].get_array(), cache["blocks.0.attn.hook_pattern"][0, 2].numpy(), rtol=1e-5
+    )
 
 
-def test_attention_explorer_from_a_cache(model):
-    logits, cache = run_patterns(model, ["ab", "xyz"])
-    with pytest.raises(ValueError, match="tokens= has 5 entries but the cache covers 4 positions"):
-        ll_widgets.AttentionExplorer(cache, tokens=["<pad>", "<s>", "x", "y", "z"])
-    explorer = ll_widgets.AttentionExplorer((logits, cache), tokens=["<s>", "x", "y", "z"], prompt_index=1)
-    assert explorer.controls["prompt"].disabled
-    np.testing.assert_allclose(_image(explorer.figure), cache["blocks.0.attn.hook_pattern"][1, 0].numpy(), rtol=1e-6)
-    with pytest.raises(ValueError, match="fixed cache"):
-        explorer.prompt = "other"
-    with pytest.raises(ValueError, match=r"layer=7 is not held; choose one of \[0, 1\]"):
-        explorer.layer = 7
+def test_attention_changes_and_their_cost(model):
+    counter, runs = _forwards(model)
+    explorer = ll_widgets.AttentionExplorer(model, "hello world")
+    with model.hooks([counter]):
+        explorer.head = {"layer": 0, "head": 3}
+        explorer.query = 4
+        explorer.zoom = 8
+        explorer.layers = [0, 1]  # held under the budget: no run
+        assert runs == []
+        explorer.prompt = "abc"
+        assert len(runs) == 1 and explorer.query == 3
     with pytest.raises(ValueError, match="query=9 is out of range"):
         explorer.query = 9
-    with pytest.raises(ValueError, match=r"prompt_index=2 is out of range: the cache holds 2 prompts \(0..1\)"):
-        ll_widgets.AttentionExplorer(cache, prompt_index=2)
+    with pytest.raises(ValueError, match=r"layers \[5\] are not held"):
+        explorer.layers = [5]
+    with pytest.raises(ValueError, match="head layer 1 is not shown"):
+        ll_widgets.AttentionExplorer(model, "hi").head = {"layer": 1, "head": 0}
+
+    small = ll_widgets.AttentionExplorer(model, "hello world", cache_budget=0)
+    with model.hooks([counter]):
+        runs.clear()
+        small.layers = [1]  # over the budget: only the shown layers are kept, so this runs the model
+        assert len(runs) == 1 and small.head["layer"] == 1
 
 
-def test_attention_explorer_leaves_out_the_padding_of_a_batch_cache(model):
+def test_attention_from_a_padded_cache(model):
     tokens, mask = model.prepare_tokens(["ab", "xyz"])  # "ab" is left-padded: <pad> <s> a b
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask)
     names = model.to_str_tokens(tokens[0])
     explorer = ll_widgets.AttentionExplorer(cache, tokens=names, prompt_index=0, attention_mask=mask, head=1)
-    np.testing.assert_allclose(_image(explorer.figure), cache["blocks.0.attn.hook_pattern"][0, 1, 1:, 1:].numpy())
-    assert (explorer.controls["query"].min, explorer.controls["key"].min) == (1, 1)
-    assert 0 not in explorer.table["key"].tolist()
-    with pytest.raises(ValueError, match="query=0 is out of range 1..3"):
-        explorer.query = 0
+    assert explorer.tokens == ["<s>", "a", "b"]
+    np.testing.assert_allclose(_unpack(explorer, 0, 1), cache["blocks.0.attn.hook_pattern"][0, 1, 1:, 1:].numpy(),
+                               atol=1 / 65535)  # fmt: skip
+    with pytest.raises(ValueError, match="fixed cache"):
+        explorer.prompt = "other"
+    with pytest.raises(ValueError, match=r"prompt_index=2 is out of range: the cache holds 2 prompts"):
+        ll_widgets.AttentionExplorer(cache, prompt_index=2)
     with pytest.raises(ValueError, match="attention_mask= is for a cache of a padded batch"):
         ll_widgets.AttentionExplorer(model, "ab", attention_mask=mask)
 
 
-def test_attention_explorer_reports_a_bad_prompt_and_keeps_the_figure(model):
-    explorer = ll_widgets.AttentionExplorer(model, "fine")
-    figure = explorer.figure
-    explorer.prompt = "caf\u00e9"  # the character tokenizer knows ASCII only
-    assert explorer.error is not None and "ASCII" in explorer.error
-    assert explorer.status.startswith("error:")
-    assert explorer.figure is figure
-    explorer.prompt = "fine again"
-    assert explorer.error is None
-    assert _image(explorer.figure).shape == (11, 11)
+def test_attention_save_html_carries_the_patterns(model, tmp_path):
+    import base64
 
-
-def test_hold_redraws_once(model, monkeypatch):
-    explorer = ll_widgets.AttentionExplorer(model, "hello")
-    calls = []
-    draw = plot_attention.attention
-    monkeypatch.setattr(plot_attention, "attention", lambda *a, **k: calls.append(a) or draw(*a, **k))
-    with explorer.hold():
-        explorer.layer = 1
-        explorer.head = 2
-        explorer.query = 3
-    assert len(calls) == 1
-    assert _title(explorer) == "layer 1, head 2: attention pattern"
-
-
-def _count_draws(monkeypatch, explorer, state):
-    """A list that gets `state()` each time the explorer draws."""
-    draws = []
-    draw = explorer._draw
-    monkeypatch.setattr(explorer, "_draw", lambda: draws.append(state()) or draw())
-    return draws
-
-
-@pytest.mark.slow
-def test_attention_explorer_redraws_once_per_control_change(model, monkeypatch):
-    explorer = ll_widgets.AttentionExplorer(model, "hello world", head=None)
-    draws = _count_draws(monkeypatch, explorer, lambda: (explorer.head, explorer.query, explorer.key))
-    # As the front end changes them: one control's value at a time.
-    changes = [
-        ("head", 2),  # also leaves "all heads"
-        ("all_heads", True),
-        ("all_heads", False),
-        ("key", 9),
-        ("query", 3),  # also clamps the key to 3
-        ("layer", 1),
-        ("scores", True),
-        ("scores", False),
-        ("query", 11),
-        ("key", 0),
-        ("prompt", "abc"),
-    ]
-    for name, value in changes:
-        draws.clear()
-        explorer.controls[name].value = value
-        assert len(draws) == 1, f"setting {name} to {value!r} drew {len(draws)} times: {draws}"
-        if (name, value) == ("head", 2):
-            assert draws == [(2, 11, 0)] and _title(explorer) == "layer 0, head 2: attention pattern"
-        if (name, value) == ("query", 3):
-            assert draws == [(2, 3, 3)] and explorer.key == 3
-    assert explorer.query == 3  # the new prompt's last query
-
-
-@pytest.mark.slow
-def test_lens_explorer_redraws_once_per_control_change(model, monkeypatch):
-    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
-    draws = _count_draws(monkeypatch, explorer, lambda: explorer.position)
-    changes = [("metric", "rank"), ("position", 4), ("readout", "resid_mid"), ("layers", (1, 1)), ("target", "l"),
-               ("prompt", "abc")]  # fmt: skip
-    for name, value in changes:
-        draws.clear()
-        explorer.controls[name].value = value
-        assert len(draws) == 1, f"setting {name} to {value!r} drew {len(draws)} times"
-
-
-@pytest.mark.slow
-def test_attention_explorer_keeps_one_layer_over_the_cache_budget(model):
-    _, full = run_patterns(model, "hello world")
-    forwards = []
-    count = ("hook_embed", lambda tensor, *, hook: forwards.append(1))
-    # "hello world" is 12 positions; each layer's pattern is [1, 4 heads, 12, 12] float32: 2304 bytes.
-    with model.hooks([count]):
-        explorer = ll_widgets.AttentionExplorer(model, "hello world", head=3, cache_budget=2 * 2304)
-        assert sorted(explorer.cache.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
-        explorer.layer = 1
-        assert len(forwards) == 1  # under the budget a layer change only redraws
-
-        forwards.clear()
-        explorer = ll_widgets.AttentionExplorer(model, "hello world", head=3, cache_budget=2 * 2304 - 1)
-        assert list(explorer.cache.keys()) == ["blocks.0.attn.hook_pattern"]
-        assert "over the cache budget" in explorer.status
-        np.testing.assert_allclose(_image(explorer.figure), full["blocks.0.attn.hook_pattern"][0, 3].numpy(), rtol=1e-5)
-        explorer.controls["layer"].value = 1
-        assert list(explorer.cache.keys()) == ["blocks.1.attn.hook_pattern"]
-        assert _title(explorer) == "layer 1, head 3: attention pattern"
-        np.testing.assert_allclose(_image(explorer.figure), full["blocks.1.attn.hook_pattern"][0, 3].numpy(), rtol=1e-5)
-        explorer.controls["head"].value = 1  # the head is in the cached layer: no forward
-        np.testing.assert_allclose(_image(explorer.figure), full["blocks.1.attn.hook_pattern"][0, 1].numpy(), rtol=1e-5)
-        assert len(forwards) == 2
-
-        explorer.query = 4
-        explorer.scores = True  # scores of the shown layer only; the place is kept
-        assert sorted(explorer.cache.keys()) == ["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"]
-        assert explorer.query == 4
-        assert "(score " in explorer.readout
-        explorer.controls["layer"].value = 0
-        assert sorted(explorer.cache.keys()) == ["blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern"]
-        scores = "blocks.0.attn.hook_attn_scores"
-        np.testing.assert_allclose(explorer.cache[scores], full[scores])  # -inf where masked, in both
-        assert len(forwards) == 4
-
-
-def _record_status(explorer):
-    seen = []
-    explorer._status.observe(lambda _: seen.append(explorer.status), names="value")
-    return seen
-
-
-def test_status_line_counts_layers_while_the_model_runs(monkeypatch):
-    model = char_model(n_layers=4)
-    lens = ll_widgets.LogitLensExplorer(model, "hi")
-    seen = _record_status(lens)
-    monkeypatch.setattr(ll_widgets._Explorer, "PROGRESS_INTERVAL", 0.0)  # report every layer
-    lens.prompt = "hello world"
-    start = "computing the lens of 12 tokens"
-    steps = [f"layer {i} / 4" for i in (1, 2, 3)] + ["reading out"]  # after the last layer: the read-out
-    assert seen[:-1] == [f"{start}…"] + [f"{start}: {step}…" for step in steps]
-    assert seen[-1].startswith("12 tokens, 4 read-outs in")
-
-    attention = ll_widgets.AttentionExplorer(model, "hi", cache_budget=0)  # one layer at a time
-    seen = _record_status(attention)
-    attention.layer = 2  # the forward stops after the shown layer
-    start = "running the model on 3 tokens"
-    assert seen[:-1] == [f"{start}…"] + [f"{start}: layer {i} / 3…" for i in (1, 2, 3)]
-    assert seen[-1].startswith("3 tokens, layer 2 in")
-
-    # Throttled: a prompt computed within the interval shows no per-layer step.
-    monkeypatch.setattr(ll_widgets._Explorer, "PROGRESS_INTERVAL", 60.0)
-    seen = _record_status(lens)
-    lens.prompt = "abc"
-    assert len(seen) == 2 and seen[0] == "computing the lens of 4 tokens…"
-
-
-def test_lens_explorer_tokenizes_each_prompt_once(monkeypatch):
-    model = char_model()
-    lens = ll_widgets.LogitLensExplorer(model, "hi")
-    calls = []
-    encode = model.tokenizer.batch_encode
-    monkeypatch.setattr(model.tokenizer, "batch_encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
-    lens.prompt = "hello"
-    assert len(calls) == 1
-
-
-def test_attention_explorer_long_prompt_window(model):
-    text = "abcdefghij" * 15  # 151 positions with BOS
-    explorer = ll_widgets.AttentionExplorer(model, text, max_positions=40)
-    assert _image(explorer.figure).shape == (40, 40)
-    assert explorer.controls["query"].min == 151 - 40
-    explorer.query = 151 - 40
-    assert explorer.figure.axes[0].patches[0].get_xy() == (-0.5, -0.5)
-
-
-# ------------------------------------------------------------------------------------------ static fallback
-def test_mimebundle_carries_a_png_of_the_current_figure(model):
-    explorer = ll_widgets.AttentionExplorer(model, "hi")
-    bundle = explorer._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert bundle["text/plain"]
-    png = base64.b64decode(bundle["image/png"])
-    assert png.startswith(PNG_MAGIC)
-    assert png == explorer.png == explorer._repr_png_()
-    assert explorer.controls is not None and explorer.children  # the widget view itself is intact
-
-    explorer.layer = 1
-    assert base64.b64decode(explorer._repr_mimebundle_()["image/png"]) != png  # follows the figure
-    assert explorer._image.value == explorer.png
-
-
-def test_ipython_display_formatter_offers_the_png(model):
-    from IPython.core.formatters import DisplayFormatter
-
-    explorer = ll_widgets.AttentionExplorer(model, "hi")
-    data, _ = DisplayFormatter().format(explorer)
-    assert "image/png" in data
-    assert "application/vnd.jupyter.widget-view+json" in data
-
-
-def test_figure_png_renders_without_pyplot():
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2, 1))
-    fig.add_subplot().imshow(torch.rand(3, 3).numpy())
-    png = ll_widgets.figure_png(fig, dpi=50)
-    assert png.startswith(PNG_MAGIC)
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert (width, height) == (100, 50)
-
-
-# ------------------------------------------------------------------------------------------ LogitLensExplorer
-def _lens_image(explorer):
-    return explorer.figure.axes[0].images[0].get_array()
-
-
-def test_lens_explorer_follows_prompt_target_metric_readout_and_layers(model):
-    from llama_lens.lens import logit_lens
-
-    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="d")
-    state = (explorer.prompt, explorer.target, explorer.metric, explorer.readout)
-    assert state == ("hello world", "d", "prob", "resid_post")
-    assert explorer.layers == (0, 1)
-    assert _lens_image(explorer).shape == (2, 12)  # 2 read-outs × 12 positions
-    assert explorer.position == 11  # the last position, where the next token is predicted
-    assert explorer.status.startswith("12 tokens, 2 read-outs in")
-    expected = logit_lens(model, "hello world", target="d", readout="resid_post")
-    np.testing.assert_allclose(_lens_image(explorer), expected.top_probs[0, :, :, 0].numpy(), rtol=1e-5)
-
-    explorer.metric = "rank"
-    assert "rank of 'd'" in _title(explorer)
-    np.testing.assert_allclose(_lens_image(explorer), expected.target_ranks[0, :, :, 0].numpy() + 1)
-
-    explorer.controls["readout"].value = "resid_mid"
-    assert [t.get_text() for t in explorer.figure.axes[0].get_yticklabels()] == ["0_mid", "1_mid"]
-    explorer.controls["layers"].value = (1, 1)
-    assert explorer.result.labels == ["1_mid"]
-    assert _lens_image(explorer).shape == (1, 12)
-
-    explorer.prompt = "abc"
-    assert _lens_image(explorer).shape == (1, 4)
-    assert explorer.position == 3
-
-
-def test_lens_explorer_table_is_the_selected_position(model):
-    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
-    explorer.position = 4  # the first "l"
-    result = explorer.result
-    table = explorer.table
-    assert list(table.columns) == ["read-out", "top tokens", "entropy", "kl_to_final", "target_prob", "target_rank"]
-    assert table["read-out"].tolist() == result.labels
-    np.testing.assert_allclose(table["entropy"], result.entropy[0, :, 4].numpy(), rtol=1e-6)
-    assert table["target_rank"].tolist() == result.target_ranks[0, :, 4, 0].tolist()
-    assert table["top tokens"][0].startswith(repr(result.top_strs[0][0][4][0]))
-    # The selected column is outlined in the heatmap.
-    (outline,) = explorer.figure.axes[0].patches
-    assert outline.get_xy() == (3.5, -0.5)
-    explorer.target = None
-    assert "target_prob" not in explorer.table.columns
-
-
-def test_lens_explorer_errors_go_to_the_status_line(model):
-    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o")
-    figure = explorer.figure
-    explorer.target = None
-    explorer.metric = "rank"
-    assert explorer.error == "the metric 'rank' needs a target: type one into the target box"
-    assert explorer.status.startswith("error:")
-    explorer.metric = "entropy"  # a drawable metric clears a drawing error
-    assert explorer.error is None and explorer.status.startswith("6 tokens")
-    assert explorer.figure is not figure
-    explorer.target = "ab"  # two tokens
-    assert "not a single token" in explorer.error
-    with pytest.raises(ValueError, match="unknown metric"):
-        explorer.metric = "probability"
-    with pytest.raises(ValueError, match="is not read out"):
-        explorer.position = 40
-
-
-def test_lens_explorer_long_prompt_reads_out_the_last_positions(model):
-    explorer = ll_widgets.LogitLensExplorer(model, "abcdefghij" * 10, max_positions=16)
-    assert _lens_image(explorer).shape == (2, 16)
-    assert "the last 16 positions" in explorer.status
-    assert [p for _, p in explorer.controls["position"].options] == list(range(85, 101))
-    assert explorer.figure.get_size_inches()[0] <= 16
-
-
-def test_lens_explorer_mimebundle_has_the_png(model):
-    explorer = ll_widgets.LogitLensExplorer(model, "hi")
-    bundle = explorer._repr_mimebundle_()
-    assert base64.b64decode(bundle["image/png"]) == explorer.png
-    assert explorer.png.startswith(PNG_MAGIC)
-    assert "application/vnd.jupyter.widget-view+json" in bundle
-
-
-def test_lens_explorer_rejects_bad_arguments(model):
-    with pytest.raises(ValueError, match="unknown read-out"):
-        ll_widgets.LogitLensExplorer(model, "hi", readout="resid_post_ln")
-    with pytest.raises(ValueError, match=r"layers=\(0, 5\)"):
-        ll_widgets.LogitLensExplorer(model, "hi", layers=(0, 5))
-    with pytest.raises(ValueError, match="needs a HookedLlama"):
-        ll_widgets.LogitLensExplorer({}, "hi")
-
-
-@pytest.mark.slow
-def test_nbconvert_html_without_widget_state_shows_the_picture(model):
-    """A notebook saved without widget state (JupyterLab's default) exports to HTML with the PNG visible."""
-    nbconvert = pytest.importorskip("nbconvert", reason="nbconvert comes with jupyterlab (the notebooks extra)")
-    import nbformat
-
-    explorer = ll_widgets.AttentionExplorer(model, "hi")
-    bundle = explorer._repr_mimebundle_()
-    notebook = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell("ll.widgets.AttentionExplorer(model, 'hi')")
-    cell.outputs = [nbformat.v4.new_output("execute_result", data=bundle, execution_count=1)]
-    notebook.cells = [cell]
-    html, _ = nbconvert.HTMLExporter().from_notebook_node(notebook)
-    assert f'src="data:image/png;base64,{bundle["image/png"]}"' in html
+    explorer = ll_widgets.AttentionExplorer(model, "hello", layers=[1])
+    page = explorer.save_html(tmp_path / "attention.html").read_text()
+    state = json.loads(re.search(r"const state = (.*);\n", page).group(1))
+    assert base64.b64decode(state["patterns"]) == explorer.patterns
+    assert "https://" not in page

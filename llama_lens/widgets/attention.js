@@ -1,0 +1,269 @@
+// AttentionExplorer's view: head grid (thumbnails open a head), the open head's heatmap (queries down, keys
+// across) with a hover tooltip, and the prompt as text coloured by one query's attention.
+
+function render({ model, el }) {
+  const offline = model.get("offline") === true;
+  const root = h("div", { class: "ll-root ll-attention" });
+  el.append(root);
+  hideStatic(model.get("static_id"));
+
+  const promptBox = h("input", { class: "ll-prompt", type: "text", placeholder: "prompt (Enter runs the model)" });
+  const layersBox = h("input", { class: "ll-layers", type: "text", title: "layers to show, e.g. 0, 3, 5" });
+  const zoom = h("input", { class: "ll-zoom", type: "range", min: 1, max: 64, title: "cell size" });
+  const status = h("div", { class: "ll-status" });
+  const grid = h("div", { class: "ll-grid" });
+  const heatmap = h("canvas", { class: "ll-att-canvas" });
+  const scroll = h("div", { class: "ll-scroll" }, [heatmap]);
+  const title = h("div", { class: "ll-title" });
+  const text = h("div", { class: "ll-text" });
+  const textTitle = h("div", { class: "ll-title" });
+  const tooltip = h("div", { class: "ll-tooltip" });
+  root.append(
+    h("div", { class: "ll-bar" }, [promptBox]),
+    h("div", { class: "ll-bar" }, [
+      h("label", {}, ["layers ", layersBox]), h("label", {}, ["zoom ", zoom]),
+      h("span", { class: "ll-export" }, [
+        h("button", { text: "PNG", onclick: () => heatmap.toBlob((b) => download("attention.png", b)) }),
+        h("button", { text: "SVG", onclick: () => exportSvg() }),
+        h("button", { text: "CSV", onclick: () => exportCsv() }),
+      ]),
+    ]),
+    status, grid,
+    h("div", { class: "ll-att-main" }, [h("div", { class: "ll-panel" }, [title, scroll]), h("div", {}, [textTitle, text])]),
+    tooltip,
+  );
+  if (offline) promptBox.disabled = layersBox.disabled = true;
+  promptBox.addEventListener("keydown", (e) => { if (e.key === "Enter") put(model, "prompt", promptBox.value); });
+  layersBox.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter") return;
+    const layers = layersBox.value.split(/[ ,]+/).filter(Boolean).map(Number);
+    put(model, "layers", layers);
+  });
+  zoom.addEventListener("input", () => put(model, "zoom", Number(zoom.value)));
+
+  // ---------------------------------------------------------------- data
+  let words = null; // Uint16Array of every shown layer's heads' lower triangles
+  function decode() {
+    const raw = model.get("patterns");
+    if (typeof raw === "string") {
+      const bytes = Uint8Array.from(atob(raw), (c) => c.charCodeAt(0));
+      words = new Uint16Array(bytes.buffer);
+    } else if (raw && raw.buffer) {
+      words = new Uint16Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    } else {
+      words = new Uint16Array(0);
+    }
+  }
+  const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0 };
+  const n = () => meta().tokens.length;
+  const tri = () => (n() * (n() + 1)) / 2;
+  function weight(layer, head, q, k) {
+    if (k > q) return 0;
+    const li = meta().layers.indexOf(layer);
+    return words[(li * meta().n_heads + head) * tri() + (q * (q + 1)) / 2 + k] / 65535;
+  }
+  const cellSize = () => model.get("zoom") || Math.max(1, Math.min(24, Math.floor(560 / Math.max(1, n()))));
+
+  function image(layer, head, colour) {
+    const N = n();
+    const img = new ImageData(Math.max(1, N), Math.max(1, N));
+    for (let q = 0; q < N; q++) for (let k = 0; k < N; k++) {
+      // sqrt, so small weights stay visible (as the matplotlib figure's gamma 0.5).
+      const c = k > q ? colour.masked : ramp(VIRIDIS, Math.sqrt(weight(layer, head, q, k)));
+      const o = (q * N + k) * 4;
+      img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
+    }
+    return img;
+  }
+
+  function masked() {
+    const bg = getComputedStyle(root).backgroundColor.match(/\d+/g) || [255, 255, 255];
+    return bg.slice(0, 3).map(Number);
+  }
+
+  // ---------------------------------------------------------------- drawing
+  function drawGrid() {
+    const started = performance.now();
+    grid.replaceChildren();
+    const open = model.get("head");
+    const colour = { masked: masked() };
+    for (const layer of meta().layers) {
+      for (let head = 0; head < meta().n_heads; head++) {
+        const canvas = h("canvas");
+        const size = 64;
+        const ctx = canvasFor(canvas, size, size);
+        const small = document.createElement("canvas");
+        small.width = small.height = Math.max(1, n());
+        small.getContext("2d").putImageData(image(layer, head, colour), 0, 0);
+        ctx.imageSmoothingEnabled = n() > size;
+        ctx.drawImage(small, 0, 0, size, size);
+        const isOpen = open.layer === layer && open.head === head;
+        grid.append(h("div", { class: "ll-thumb" + (isOpen ? " ll-open" : ""), "data-layer": layer, "data-head": head,
+          title: `layer ${layer}, head ${head}: click to open`,
+          onclick: () => { put(model, "head", { layer, head }); } }, [canvas, `L${layer} H${head}`]));
+      }
+    }
+    timing("grid", performance.now() - started);
+  }
+
+  function drawHeatmap() {
+    const { layer, head } = model.get("head");
+    const N = n(), s = cellSize(), theme = themeOf(root);
+    const labels = s >= 10 ? 70 : 0;
+    const ctx = canvasFor(heatmap, labels + N * s, labels + N * s);
+    const small = document.createElement("canvas");
+    small.width = small.height = Math.max(1, N);
+    small.getContext("2d").putImageData(image(layer, head, { masked: masked() }), 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(small, labels, labels, N * s, N * s);
+    if (labels) {
+      ctx.fillStyle = theme.fg;
+      ctx.font = `${Math.min(12, s - 1)}px ${theme.font}`;
+      ctx.textAlign = "right";
+      ctx.textBaseline = "middle";
+      meta().tokens.forEach((t, i) => ctx.fillText(clipText(ctx, visible(t), labels - 4), labels - 3, labels + (i + 0.5) * s));
+      ctx.save();
+      ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = "left";
+      meta().tokens.forEach((t, i) => ctx.fillText(clipText(ctx, visible(t), labels - 4), -labels + 3, labels + (i + 0.5) * s));
+      ctx.restore();
+    }
+    const q = model.get("query");
+    if (q >= 0) {
+      ctx.strokeStyle = theme.accent;
+      ctx.lineWidth = 2;
+      ctx.strokeRect(labels, labels + q * s, N * s, s);
+    }
+    heatmap.dataset.labels = labels;
+    title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)`;
+  }
+
+  function drawText(query) {
+    const { layer, head } = model.get("head");
+    const tokens = meta().tokens;
+    text.replaceChildren();
+    let max = 1e-9;
+    if (query >= 0) for (let k = 0; k <= query; k++) max = Math.max(max, weight(layer, head, query, k));
+    tokens.forEach((t, k) => {
+      const w = query >= 0 && k <= query ? weight(layer, head, query, k) : 0;
+      const c = ramp(VIRIDIS, w / max);
+      const span = h("span", { "data-pos": k, text: t.replace(/\n/g, "\u21b5\n") ,
+        title: query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "" });
+      if (query >= 0 && k <= query && w > 0) { span.style.background = rgb(c); span.style.color = inkOn(c); }
+      if (k === query) span.classList.add("ll-query");
+      text.append(span);
+    });
+    textTitle.textContent = query >= 0
+      ? `attention from query ${query} ${visible(tokens[query])} (hover a token to preview, click to fix)`
+      : "hover or click a token";
+  }
+
+  // ---------------------------------------------------------------- events
+  heatmap.addEventListener("mousemove", (e) => {
+    const started = performance.now();
+    const rect = heatmap.getBoundingClientRect();
+    const labels = Number(heatmap.dataset.labels || 0), s = cellSize();
+    const k = Math.floor((e.clientX - rect.left - labels) / s), q = Math.floor((e.clientY - rect.top - labels) / s);
+    if (q < 0 || k < 0 || q >= n() || k >= n()) { tooltip.style.display = "none"; return; }
+    const { layer, head } = model.get("head");
+    const tokens = meta().tokens;
+    tooltip.innerHTML = `query ${q} <span class="ll-tok">${escapeHtml(visible(tokens[q]))}</span> → key ${k} ` +
+      `<span class="ll-tok">${escapeHtml(visible(tokens[k]))}</span><br>weight <b>${k > q ? "masked" : fmt(weight(layer, head, q, k), 4)}</b>`;
+    tooltip.style.display = "block";
+    const box = root.getBoundingClientRect();
+    tooltip.style.left = e.clientX - box.left + 14 + "px";
+    tooltip.style.top = e.clientY - box.top + 14 + "px";
+    timing("hover", performance.now() - started);
+  });
+  heatmap.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
+  heatmap.addEventListener("click", (e) => {
+    const started = performance.now();
+    const rect = heatmap.getBoundingClientRect();
+    const labels = Number(heatmap.dataset.labels || 0);
+    const q = Math.floor((e.clientY - rect.top - labels) / cellSize());
+    if (q >= 0 && q < n()) { model.set("query", q); model.save_changes(); drawHeatmap(); drawText(q); }
+    timing("click", performance.now() - started);
+  });
+  text.addEventListener("mouseover", (e) => {
+    const pos = e.target.dataset && e.target.dataset.pos;
+    if (pos === undefined) return;
+    const started = performance.now();
+    drawText(Number(pos));
+    timing("hover", performance.now() - started);
+  });
+  text.addEventListener("mouseleave", () => drawText(model.get("query")));
+  text.addEventListener("click", (e) => {
+    const pos = e.target.dataset && e.target.dataset.pos;
+    if (pos === undefined) return;
+    put(model, "query", Number(pos));
+  });
+
+  function exportCsv() {
+    const { layer, head } = model.get("head");
+    const tokens = meta().tokens;
+    const lines = ["layer,head,query,query_token,key,key_token,weight"];
+    for (let q = 0; q < n(); q++) for (let k = 0; k <= q; k++) {
+      lines.push([layer, head, q, tokens[q], k, tokens[k], weight(layer, head, q, k)].map(csvCell).join(","));
+    }
+    download(`attention_L${layer}H${head}.csv`, lines.join("\n"), "text/csv");
+  }
+
+  function exportSvg() {
+    const { layer, head } = model.get("head");
+    const N = n(), s = Math.max(4, cellSize());
+    const parts = [];
+    for (let q = 0; q < N; q++) for (let k = 0; k <= q; k++) {
+      parts.push(`<rect x="${k * s}" y="${q * s}" width="${s}" height="${s}" fill="${rgb(ramp(VIRIDIS, Math.sqrt(weight(layer, head, q, k))))}"/>`);
+    }
+    download(`attention_L${layer}H${head}.svg`,
+      `<svg xmlns="http://www.w3.org/2000/svg" width="${N * s}" height="${N * s}">${parts.join("")}</svg>`, "image/svg+xml");
+  }
+
+  function sync() {
+    const prompt = model.get("prompt");
+    promptBox.value = Array.isArray(prompt) ? prompt.map((m) => `${m.role}: ${m.content}`).join(" | ") : prompt || "";
+    promptBox.disabled = offline || Array.isArray(prompt) || prompt === "";
+    layersBox.value = meta().layers.join(", ");
+    zoom.value = cellSize();
+    root.classList.toggle("ll-busy", !!model.get("busy"));
+    const error = model.get("error");
+    status.textContent = error ? "error: " + error : model.get("status");
+    status.classList.toggle("ll-error", !!error);
+  }
+
+  function full() {
+    const started = performance.now();
+    decode();
+    sync();
+    drawGrid();
+    drawHeatmap();
+    drawText(model.get("query"));
+    timing("draw", performance.now() - started);
+  }
+  model.on("change:patterns", () => {
+    full();
+    const since = model.get("data_time");
+    if (since) timing("render", Date.now() - since * 1000);
+  });
+  model.on("change:head", () => { sync(); drawGrid(); drawHeatmap(); drawText(model.get("query")); });
+  model.on("change:query", () => { drawHeatmap(); drawText(model.get("query")); });
+  model.on("change:zoom", () => { sync(); drawHeatmap(); });
+  for (const name of ["busy", "status", "error", "prompt"]) model.on("change:" + name, sync);
+  full();
+  // Redraw the canvases in the front-end's colours when its theme changes (JupyterLab marks <body>).
+  const themeWatch = new MutationObserver(() => full());
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+  if (scheme) scheme.addEventListener("change", full);
+  root.dataset.ready = "1";
+  return () => {
+    themeWatch.disconnect();
+    if (scheme) scheme.removeEventListener("change", full);
+  };
+}
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+}
+
+export default { render };

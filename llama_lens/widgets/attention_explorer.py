@@ -1,0 +1,306 @@
+"""AttentionExplorer: attention patterns as an instrument in the browser.
+
+The model runs once per prompt; the page gets the patterns of the chosen layers (every head, the causal
+triangle only, as 16-bit fixed point: weights to 1.5e-5) and draws the head grid, the open head's heatmap and
+the prompt as text coloured by the attention from a hovered or clicked query (as circuitsvis does).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import traitlets
+
+from .. import plot_attention
+from .base import Control, Explorer, asset, number
+from .lens_data import prompt_tokens
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+# Bytes of attention patterns kept for every layer at once (the rest of the layers then cost a model run when
+# shipped). SmolLM2-135M's 30 layers x 9 heads take 1,080 MiB at 1,024 tokens in float32.
+ATTENTION_CACHE_BUDGET = 256 * 2**20
+
+
+def _check_prompt(explorer: Any, value: Any) -> Any:
+    if explorer.model is None:
+        raise ValueError("this explorer shows a fixed cache; build it from a model to change the prompt")
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                         for m in value):  # fmt: skip
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise ValueError(f'prompt must be a non-empty text or a list of {{"role", "content"}} messages, got {value!r}')
+
+
+def _check_layers(explorer: Any, value: Any) -> list[int]:
+    held = explorer.available_layers
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"layers must be a non-empty list of layer indices, got {value!r}")
+    bad = [v for v in value if v not in held]
+    if bad:
+        raise ValueError(f"layers {bad} are not held; choose among {held}")
+    return sorted(set(value))
+
+
+def _check_head(explorer: Any, value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or set(value) != {"layer", "head"}:
+        raise ValueError(f'head is {{"layer": l, "head": h}}, got {value!r}')
+    if value["layer"] not in explorer.layers:
+        raise ValueError(f"head layer {value['layer']} is not shown; shown layers are {explorer.layers}")
+    if not isinstance(value["head"], int) or not 0 <= value["head"] < explorer.n_heads:
+        raise ValueError(f"head {value['head']!r} is out of range: there are {explorer.n_heads} heads")
+    return {"layer": value["layer"], "head": value["head"]}
+
+
+def _check_query(explorer: Any, value: Any) -> int:
+    n = len(explorer.meta.get("tokens", [])) if explorer.meta else 0
+    if value == -1:
+        return -1
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        raise ValueError(f"query={value!r} is out of range: the prompt has {n} positions (0..{n - 1}), -1 for none")
+    return value
+
+
+class AttentionExplorer(Explorer):
+    """Attention patterns in the browser: a head grid, the open head's heatmap, and the prompt as text.
+
+    Hover a cell for query, key and weight; hover or click a token of the text to colour the prompt by that
+    query's attention; click a thumbnail to open its head. Several layers' heads show together (`layers=`).
+
+    Args:
+        model_or_cache: a HookedLlama (with a tokenizer, to type prompts), or an ActivationCache / dict /
+            (logits, cache) pair holding `blocks.{i}.attn.hook_pattern`.
+        prompt: text or chat messages (model only; default: a sentence with a name to copy).
+        tokens: text of each position, for a cache (`model.to_str_tokens(tokens)`); numbered when omitted.
+        layers: the layers whose heads are shown (default: the first held); `layer=` picks one.
+        head: the head opened first.
+        prompt_index: which prompt of a cached batch to show.
+        attention_mask: [batch, pos] 1 for real tokens, 0 for padding, for a cache of a padded batch.
+        cache_budget: bytes of patterns kept for all layers at once (model only); past it only the shown
+            layers' patterns are kept and showing another layer reruns the model.
+        threaded: run browser-driven work in a worker thread (default: when a kernel runs).
+    """
+
+    _esm = asset("common.js") + asset("attention.js")
+    _css = asset("widgets.css")
+
+    CONTROLS = {
+        "prompt": Control("recompute", _check_prompt, "the prompt (model only)"),
+        "layers": Control("update", _check_layers, "layers whose heads are shown"),
+        "head": Control("redraw", _check_head, "the open head {layer, head}"),
+        "query": Control("redraw", _check_query, "the query whose attention colours the text (-1: none)"),
+        "zoom": Control("redraw", number("zoom", 1, 64), "heatmap cell size in pixels"),
+    }
+
+    prompt = traitlets.Any("").tag(sync=True)
+    layers = traitlets.List([]).tag(sync=True)
+    head = traitlets.Dict({"layer": 0, "head": 0}).tag(sync=True)
+    query = traitlets.Int(-1).tag(sync=True)
+    zoom = traitlets.Float(0.0).tag(sync=True)  # 0: fit about 560 px
+
+    meta = traitlets.Dict({}).tag(sync=True)
+    patterns = traitlets.Bytes(b"").tag(sync=True)
+
+    def __init__(
+        self,
+        model_or_cache: Any,
+        prompt: str | Sequence[dict[str, str]] | None = None,
+        *,
+        tokens: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        layer: int | None = None,
+        head: int = 0,
+        prompt_index: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        cache_budget: int = ATTENTION_CACHE_BUDGET,
+        threaded: bool | None = None,
+    ) -> None:
+        is_model = hasattr(model_or_cache, "run_with_cache") and hasattr(model_or_cache, "cfg")
+        self.model = model_or_cache if is_model else None
+        self.cache_budget = cache_budget
+        self.prompt_index = prompt_index
+        self._attention_mask = attention_mask
+        self._cache: Any = None
+        self._kept: list[int] = []
+        self._str_tokens: list[str] = []
+        if self.model is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask= is for a cache of a padded batch; a typed prompt has no padding")
+            self.available_layers = list(self.model.layer_indices)
+            self.n_heads = self.model.cfg.n_heads
+        else:
+            if prompt is not None:
+                raise ValueError("prompt= needs a model; for a cache, pass tokens= (the text of each position)")
+            self._cache = plot_attention.as_cache(model_or_cache)
+            self.available_layers = plot_attention.attention_layers(self._cache)
+            if not self.available_layers:
+                plot_attention.attention_pattern(self._cache, 0)  # raises: says how to cache patterns
+            pattern = plot_attention.attention_pattern(self._cache, self.available_layers[0])
+            batch, self.n_heads, _, k_pos = pattern.shape
+            if not 0 <= prompt_index < batch:
+                raise ValueError(
+                    f"prompt_index={prompt_index} is out of range: the cache holds {batch} prompts (0..{batch - 1})"
+                )
+            keep = self._real_positions(k_pos)
+            if tokens is not None:
+                tokens = list(tokens)
+                if len(tokens) != k_pos:
+                    raise ValueError(f"tokens= has {len(tokens)} entries but the cache covers {k_pos} positions")
+                self._str_tokens = [tokens[p] for p in keep]
+            else:
+                self._str_tokens = [str(p) for p in keep]
+        super().__init__(threaded=threaded)
+        if layers is None:
+            layers = [self.available_layers[0] if layer is None else layer]
+        elif layer is not None:
+            raise ValueError("pass layers= (several) or layer= (one), not both")
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"head={head} is out of range: there are {self.n_heads} heads (0..{self.n_heads - 1})")
+        self._quiet = True  # nothing to compute until the prompt is set
+        try:
+            self.layers = _check_layers(self, layers)
+            self.head = {"layer": self.layers[0], "head": head}
+        finally:
+            self._quiet = False
+        if self.model is not None:
+            self.prompt = prompt if prompt is not None else DEFAULT_PROMPT  # runs the model
+        else:
+            self._submit(lambda check: self._ship(check))
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def tokens(self) -> list[str]:
+        """The text of each position shown."""
+        return list(self._str_tokens)
+
+    def pattern(self, layer: int | None = None) -> torch.Tensor:
+        """The pattern of a shown layer, [n_heads, q_pos, k_pos] (padding left out); default the open head's."""
+        layer = self.head["layer"] if layer is None else layer
+        pattern = plot_attention.attention_pattern(self._cache, layer)[self.prompt_index]
+        keep = self._real_positions(pattern.shape[-1])
+        return pattern[:, keep][:, :, keep].detach().float().cpu()
+
+    def to_frame(self) -> pd.DataFrame:
+        """The open head's pattern as a table: query, query_token, key, key_token, weight (keys each query
+        can see)."""
+        import pandas as pd
+
+        pattern = self.pattern()[self.head["head"]]
+        n = pattern.shape[0]
+        query, key = torch.tril_indices(n, n)
+        return pd.DataFrame({
+            "layer": self.head["layer"],
+            "head": self.head["head"],
+            "query": query.tolist(),
+            "query_token": [self._str_tokens[q] for q in query.tolist()],
+            "key": key.tolist(),
+            "key_token": [self._str_tokens[k] for k in key.tolist()],
+            "weight": pattern[query, key].tolist(),
+        })  # fmt: skip
+
+    def save_csv(self, path: str | Path) -> Path:
+        """Writes `to_frame()` as CSV; returns the path."""
+        path = Path(path)
+        self.to_frame().to_csv(path, index=False)
+        return path
+
+    def to_figure(self) -> Figure:
+        """The open head's matplotlib heatmap (`ll.plot.attention`), the query row outlined when one is chosen."""
+        kwargs = {} if self.query < 0 else {"query": self._padded(self.query)}
+        return plot_attention.attention(
+            self._cache,
+            self.head["layer"],
+            self.head["head"],
+            tokens=self._all_tokens(),
+            prompt=self.prompt_index,
+            attention_mask=self._attention_mask,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ computing
+    def _real_positions(self, k_pos: int) -> list[int]:
+        if self._attention_mask is None:
+            return list(range(k_pos))
+        return [p for p in range(k_pos) if bool(self._attention_mask[self.prompt_index, p])]
+
+    def _padded(self, position: int) -> int:
+        """A shown position as an index into the cache's pos axis (past the padding)."""
+        k_pos = plot_attention.attention_pattern(self._cache, self.head["layer"]).shape[-1]
+        return self._real_positions(k_pos)[position]
+
+    def _all_tokens(self) -> list[str] | None:
+        if self._attention_mask is None:
+            return self._str_tokens
+        k_pos = plot_attention.attention_pattern(self._cache, self.head["layer"]).shape[-1]
+        names = ["<pad>"] * k_pos
+        for shown, p in enumerate(self._real_positions(k_pos)):
+            names[p] = self._str_tokens[shown]
+        return names
+
+    def _recompute(self, check: Callable[[], None]) -> None:
+        model = self.model
+        tokens = prompt_tokens(model, self.prompt)
+        n = tokens.shape[1]
+        layer_bytes = model.cfg.n_heads * n * n * 4
+        every = layer_bytes * len(self.available_layers) <= self.cache_budget
+        keep = self.available_layers if every else self.layers
+        wanted = {f"blocks.{i}.attn.hook_pattern" for i in keep}
+        self.status = f"running the model on {n} tokens…"
+
+        def cancel_point(tensor: torch.Tensor, *, hook: Any) -> None:
+            check()
+
+        names = [f"blocks.{i}.hook_resid_post" for i in self.available_layers]
+        with torch.no_grad(), model.hooks([(names, cancel_point)]):
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+        check()
+        self._cache, self._kept = cache, keep
+        self._str_tokens = model.to_str_tokens(tokens[0])
+        self.prompt_index = 0
+        self._ship(check)
+
+    def _update(self, names: list[str], check: Callable[[], None]) -> None:
+        if self.model is not None and not set(self.layers) <= set(self._kept):
+            self._recompute(check)  # over the budget: the newly shown layers need a model run
+        else:
+            self._ship(check)
+
+    def _ship(self, check: Callable[[], None]) -> None:
+        """Sends the shown layers' patterns: [layer][head] lower triangles, uint16 (weight x 65535)."""
+        parts = []
+        for layer in self.layers:
+            pattern = self.pattern(layer)  # [n_heads, n, n]
+            n = pattern.shape[-1]
+            query, key = torch.tril_indices(n, n)
+            values = (pattern[:, query, key].clamp(0, 1) * 65535).round().to(torch.int32)
+            parts.append(values.numpy().astype("<u2").tobytes())
+        check()
+        with self.hold_sync():
+            if self.head["layer"] not in self.layers:
+                self._quiet = True
+                self.head = {"layer": self.layers[0], "head": self.head["head"]}
+                self._quiet = False
+            if not 0 <= self.query < len(self._str_tokens):
+                self._quiet = True
+                self.query = len(self._str_tokens) - 1
+                self._quiet = False
+            self.meta = {"tokens": self._str_tokens, "layers": self.layers, "n_heads": self.n_heads}
+            self.patterns = b"".join(parts)
+            n = len(self._str_tokens)
+            self.status = f"{n} tokens, layer{'s' if len(self.layers) > 1 else ''} {self.layers}"
+        self._data_changed()
+
+    def page_state(self) -> dict[str, Any]:
+        state = super().page_state()
+        state["patterns"] = base64.b64encode(self.patterns).decode("ascii")  # the page decodes it
+        return state

@@ -1,0 +1,126 @@
+// Shared by the explorers: element helpers, colour maps, theme, downloads and timings.
+// Plain JavaScript, no dependencies: this file is concatenated in front of each explorer's script.
+
+function h(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value);
+  }
+  for (const child of [].concat(children)) if (child) node.append(child);
+  return node;
+}
+
+// Token text made visible: spaces as a middle dot, newlines and tabs as escapes.
+function visible(text) {
+  return String(text).replace(/ /g, "\u00b7").replace(/\n/g, "\\n").replace(/\t/g, "\\t");
+}
+
+function fmt(value, digits = 3) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "–";
+  if (Math.abs(value) > 0 && Math.abs(value) < 10 ** -digits) return value.toExponential(1);
+  return Number(value).toFixed(digits);
+}
+
+// Viridis, sampled at 9 stops (from matplotlib's table), interpolated linearly.
+const VIRIDIS = [
+  [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+  [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
+];
+const DIVERGING = [[33, 102, 172], [103, 169, 207], [209, 229, 240], [247, 247, 247], [253, 219, 199],
+  [239, 138, 98], [178, 24, 43]];
+
+function ramp(stops, t) {
+  t = Math.min(1, Math.max(0, Number.isFinite(t) ? t : 0));
+  const x = t * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(x));
+  const f = x - i;
+  return stops[i].map((c, j) => Math.round(c + (stops[i + 1][j] - c) * f));
+}
+
+// 256 steps of a colour map as CSS strings, with the text colour that reads on each: drawing thousands of
+// cells then costs a table look-up per cell, not a string built per cell.
+function palette(stops) {
+  const out = [];
+  for (let i = 0; i < 256; i++) {
+    const c = ramp(stops, i / 255);
+    out.push({ css: rgb(c), ink: inkOn(c), rgb: c });
+  }
+  return out;
+}
+
+function shade(table, t) {
+  return table[Math.round(Math.min(1, Math.max(0, Number.isFinite(t) ? t : 0)) * 255)];
+}
+
+function rgb(c) {
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+// Black or white text, whichever reads better on the colour c.
+function inkOn(c) {
+  return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 150 ? "#000" : "#fff";
+}
+
+// The front-end's colours (JupyterLab's CSS variables, VS Code's, or the page's), read off the root element.
+function themeOf(root) {
+  const style = getComputedStyle(root);
+  return { fg: style.color || "#222", bg: style.backgroundColor, muted: style.getPropertyValue("--ll-muted") || "#888",
+    accent: style.getPropertyValue("--ll-accent") || "#e8590c", font: style.fontFamily || "sans-serif" };
+}
+
+function download(name, data, type) {
+  const blob = data instanceof Blob ? data : new Blob([data], { type });
+  const url = URL.createObjectURL(blob);
+  const link = h("a", { href: url, download: name });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+function csvCell(value) {
+  const text = String(value ?? "");
+  return /[",\n]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
+}
+
+// Handling times, read by tests and by anyone curious: window.llamaLensTimings.hover etc. (milliseconds).
+function timing(kind, ms) {
+  const all = (window.llamaLensTimings = window.llamaLensTimings || {});
+  (all[kind] = all[kind] || []).push(ms);
+}
+
+// Hides this explorer's static picture (shown where no widget front-end runs) with a rule in the page's head,
+// so that a picture added to the page after the view rendered is hidden too.
+function hideStatic(id) {
+  if (!id || document.getElementById("llama-lens-hide-" + id)) return;
+  const rule = `.llama-lens-static-${id} { display: none !important; }`;
+  document.head.append(h("style", { id: "llama-lens-hide-" + id, text: rule }));
+}
+
+// Sets a synced value and sends it to the kernel.
+function put(model, name, value) {
+  model.set(name, value);
+  model.save_changes();
+}
+
+function canvasFor(canvas, width, height) {
+  // Sharp on high-density screens, within the browsers' canvas size limit.
+  const dpr = Math.max(1, Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, height, 1)));
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  canvas.style.width = width + "px";
+  canvas.style.height = height + "px";
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  return ctx;
+}
+
+function clipText(ctx, text, width) {
+  if (ctx.measureText(text).width <= width) return text;
+  let n = text.length;
+  while (n > 1 && ctx.measureText(text.slice(0, n) + "…").width > width) n--;
+  return n > 1 ? text.slice(0, n) + "…" : "";
+}

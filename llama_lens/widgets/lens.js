@@ -1,0 +1,592 @@
+// LogitLensExplorer's view: a heatmap per panel (read-outs up, positions across) on a canvas, hover tooltip,
+// a top-k list for the clicked cell, a chart of pinned tokens across read-outs. The data comes once per model
+// run (the `panels` trait); everything here runs in the browser.
+
+const ROW_H = 18;
+const LABEL_W = 64;
+const METRIC_NAMES = {
+  prob: "top-1 probability", target_prob: "target probability", target_rank: "target rank",
+  token_prob: "token probability", token_rank: "token rank", entropy: "entropy (nats)", kl: "KL to final (nats)",
+};
+
+const SEQUENTIAL = palette(VIRIDIS);
+const DIVERGENT = palette(DIVERGING);
+
+function render({ model, el }) {
+  const offline = model.get("offline") === true;
+  const root = h("div", { class: "ll-root ll-lens" });
+  el.append(root);
+  hideStatic(model.get("static_id"));
+
+  // ---------------------------------------------------------------- controls
+  const promptBox = h("input", { class: "ll-prompt", type: "text", placeholder: "prompt (Enter runs the model)" });
+  const compareBox = h("input", { class: "ll-prompt ll-compare", type: "text", placeholder: "second prompt" });
+  const readout = h("select", { class: "ll-readout" },
+    ["resid_post", "resid_pre", "resid_mid"].map((r) => h("option", { value: r, text: r })));
+  const targetBox = h("input", { class: "ll-target", type: "text", placeholder: "target, e.g. ' Paris' or #1712" });
+  const tokenBox = h("input", { class: "ll-token", type: "text", placeholder: "colour token" });
+  const metric = h("select", { class: "ll-metric" },
+    Object.entries(METRIC_NAMES).map(([v, t]) => h("option", { value: v, text: t })));
+  const stride = h("input", { class: "ll-stride", type: "number", min: 1, max: 64, title: "show every n-th read-out" });
+  const zoom = h("input", { class: "ll-zoom", type: "range", min: 6, max: 160, title: "cell width" });
+  const diff = h("input", { class: "ll-diff", type: "checkbox" });
+  const trajectory = h("select", { class: "ll-trajectory" },
+    ["prob", "rank"].map((v) => h("option", { value: v, text: "chart: " + v })));
+  const hint = h("span", { class: "ll-hint" });
+  const status = h("div", { class: "ll-status" });
+  const buttons = h("span", { class: "ll-export" }, [
+    h("button", { text: "PNG", title: "save the heatmap as PNG", onclick: () => exportPng() }),
+    h("button", { text: "SVG", title: "save the heatmap as SVG", onclick: () => exportSvg() }),
+    h("button", { text: "CSV", title: "save the table as CSV", onclick: () => exportCsv() }),
+    h("button", { text: "fit", title: "fit all positions in the width", onclick: () => fit() }),
+  ]);
+  const diffLabel = h("label", { class: "ll-difflabel" }, [diff, " difference"]);
+  root.append(
+    h("div", { class: "ll-bar" }, [promptBox, compareBox]),
+    h("div", { class: "ll-bar" }, [
+      h("label", {}, ["read-out ", readout]), h("label", {}, ["target ", targetBox]), hint,
+      h("label", {}, ["colour ", metric]), h("label", {}, ["token ", tokenBox]),
+    ]),
+    h("div", { class: "ll-bar" }, [
+      h("label", {}, ["stride ", stride]), h("label", {}, ["zoom ", zoom]), diffLabel, trajectory, buttons,
+    ]),
+    status,
+  );
+  const panelsBox = h("div", { class: "ll-panels" });
+  const legend = h("canvas", { class: "ll-legend" });
+  const legendText = h("span", { class: "ll-legend-text" });
+  const popup = h("div", { class: "ll-popup" }, [h("em", { text: "click a cell for its top tokens" })]);
+  const chart = h("div", { class: "ll-chart" });
+  const tooltip = h("div", { class: "ll-tooltip" });
+  root.append(panelsBox, h("div", { class: "ll-legendbar" }, [legend, legendText]),
+    h("div", { class: "ll-bottom" }, [popup, chart]), tooltip);
+  if (offline) {
+    for (const box of [promptBox, compareBox, readout, targetBox, tokenBox]) box.disabled = true;
+    promptBox.title = "a saved page has no kernel to run the model";
+  }
+
+  const send = (name, value) => put(model, name, value);
+  promptBox.addEventListener("keydown", (e) => { if (e.key === "Enter") send("prompt", promptBox.value); });
+  compareBox.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") send("compare_prompt", compareBox.value || null);
+  });
+  readout.addEventListener("change", () => send("readout", readout.value));
+  targetBox.addEventListener("keydown", (e) => { if (e.key === "Enter") send("target", targetBox.value); });
+  tokenBox.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { send("token", tokenBox.value); send("metric", "token_prob"); }
+  });
+  metric.addEventListener("change", () => send("metric", metric.value));
+  stride.addEventListener("change", () => send("stride", Math.max(1, Math.min(64, parseInt(stride.value) || 1))));
+  zoom.addEventListener("input", () => send("zoom", Number(zoom.value)));
+  diff.addEventListener("change", () => send("diff", diff.checked));
+  trajectory.addEventListener("change", () => send("trajectory", trajectory.value));
+
+  // ---------------------------------------------------------------- data access
+  let views = []; // per panel: {canvas, labels, scroll, rows, colX}
+  const panels = () => model.get("panels") || [];
+  const rowsShown = (R) => {
+    const s = model.get("stride") || 1;
+    const rows = [];
+    for (let r = 0; r < R; r++) if (r % s === 0 || r === R - 1) rows.push(r);
+    return rows.reverse(); // the last read-out at the top
+  };
+
+  // The current metric's raw value at (panel, row, column), or null where it is not available.
+  function value(p, r, c, which = model.get("metric")) {
+    const d = panels()[p];
+    const P = d.positions.length;
+    const i = r * P + c;
+    if (which === "prob") return d.probs[i * d.k] / d.prob_scale;
+    if (which === "entropy") return d.entropy[i];
+    if (which === "kl") return d.kl[i];
+    const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
+    if (!source || !source.panels || !source.panels[p]) return null;
+    return which.endsWith("rank") ? source.panels[p].ranks[i] : source.panels[p].probs[i];
+  }
+
+  // Scale shared by the panels: value -> t in [0, 1] (or [-1, 1] for a difference).
+  function scale() {
+    const which = model.get("metric");
+    const ps = panels();
+    if (which === "entropy" || which === "kl") {
+      let max = 1e-9;
+      for (const d of ps) for (const v of which === "kl" ? d.kl : d.entropy) if (v > max) max = v;
+      return { max, f: (v) => v / max, label: [0, max] };
+    }
+    if (which.endsWith("rank")) {
+      const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
+      let max = 1;
+      for (const s of (source && source.panels) || []) for (const v of s.ranks) if (v > max) max = v;
+      const lmax = Math.log1p(max);
+      return { max, f: (v) => 1 - Math.log1p(v) / lmax, label: [max, 0], rank: true };
+    }
+    return { max: 1, f: (v) => v, label: [0, 1] };
+  }
+
+  // Columns of panel p paired with panel 1 - p for the difference: positions aligned at the end.
+  function partner(p, c) {
+    const ps = panels();
+    if (ps.length < 2) return null;
+    const q = 1 - p;
+    const c2 = c - (ps[p].positions.length - ps[q].positions.length);
+    return c2 >= 0 && c2 < ps[q].positions.length ? [q, c2] : null;
+  }
+
+  // The cell's colour as a palette entry {css, ink, rgb}, or null where the metric has no value.
+  function colourOf(p, r, c, sc) {
+    const v = value(p, r, c);
+    if (v === null || v === undefined) return null;
+    const ps = panels();
+    if (model.get("diff") && ps.length === 2) {
+      const other = partner(p, c);
+      if (!other || r >= ps[other[0]].labels.length) return null;
+      const w = value(other[0], r, other[1]);
+      if (w === null || w === undefined) return null;
+      const a = p === 0 ? sc.f(v) : sc.f(w);
+      const b = p === 0 ? sc.f(w) : sc.f(v);
+      return shade(DIVERGENT, 0.5 + (a - b) / 2);
+    }
+    return shade(SEQUENTIAL, sc.f(v));
+  }
+
+  // ---------------------------------------------------------------- drawing
+  function draw() {
+    const started = performance.now();
+    const ps = panels();
+    const theme = themeOf(root);
+    panelsBox.replaceChildren();
+    views = [];
+    const titles = model.get("titles") || [];
+    const sc = scale();
+    const cellW = model.get("zoom") || 36;
+    ps.forEach((d, p) => {
+      const R = d.labels.length, P = d.positions.length;
+      const rows = rowsShown(R);
+      const width = P * cellW;
+      const height = (rows.length + 2) * ROW_H; // + next-token strip on top, input tokens below
+      const canvas = h("canvas", { class: "ll-cells", "data-panel": p });
+      const labels = h("canvas", { class: "ll-rowlabels" });
+      const marks = h("div", { class: "ll-marks" });
+      const scroll = h("div", { class: "ll-scroll" }, [h("div", { class: "ll-cellwrap" }, [canvas, marks])]);
+      const box = h("div", { class: "ll-panel" }, [
+        h("div", { class: "ll-title", text: titles[p] || "" }),
+        h("div", { class: "ll-panelbody" }, [labels, scroll]),
+      ]);
+      panelsBox.append(box);
+      const ctx = canvasFor(canvas, width, height);
+      ctx.font = `${Math.min(12, Math.max(8, cellW / 3.2))}px ${theme.font}`;
+      ctx.textAlign = "center";
+      ctx.textBaseline = "middle";
+      // Next token (what the model should predict at each position) on top.
+      ctx.fillStyle = theme.muted;
+      for (let c = 0; c < P; c++) {
+        const next = d.tokens[d.positions[c] + 1];
+        if (next !== undefined && cellW >= 14) ctx.fillText(clipText(ctx, visible(next), cellW - 2), (c + 0.5) * cellW, ROW_H / 2);
+      }
+      const clipped = new Map(); // vocab index -> its text clipped to the cell
+      rows.forEach((r, y) => {
+        for (let c = 0; c < P; c++) {
+          const colour = colourOf(p, r, c, sc);
+          const x = c * cellW, top = (y + 1) * ROW_H;
+          ctx.fillStyle = colour ? colour.css : theme.bg || "#eee";
+          ctx.fillRect(x, top, cellW - (cellW > 8 ? 1 : 0), ROW_H - 1);
+          if (cellW >= 20 && colour) {
+            const v = d.top[(r * P + c) * d.k];
+            if (!clipped.has(v)) clipped.set(v, clipText(ctx, visible(d.vocab[v]), cellW - 3));
+            ctx.fillStyle = colour.ink;
+            ctx.fillText(clipped.get(v), x + cellW / 2, top + ROW_H / 2);
+          }
+        }
+      });
+      // Input tokens at the bottom (click to pin a position).
+      const bottom = (rows.length + 1) * ROW_H;
+      ctx.fillStyle = theme.fg;
+      if (cellW >= 12) {
+        for (let c = 0; c < P; c++) {
+          ctx.fillText(clipText(ctx, visible(d.tokens[d.positions[c]]), cellW - 2), c * cellW + cellW / 2, bottom + ROW_H / 2);
+        }
+      }
+      // Row labels, fixed at the left while the cells scroll.
+      const lctx = canvasFor(labels, LABEL_W, height);
+      lctx.font = `11px ${theme.font}`;
+      lctx.textAlign = "right";
+      lctx.textBaseline = "middle";
+      lctx.fillStyle = theme.fg;
+      rows.forEach((r, y) => lctx.fillText(d.labels[r], LABEL_W - 4, (y + 1.5) * ROW_H));
+      lctx.fillStyle = theme.muted;
+      lctx.fillText("next", LABEL_W - 4, ROW_H / 2);
+      lctx.fillText("input", LABEL_W - 4, bottom + ROW_H / 2);
+      views.push({ canvas, scroll, marks, rows, cellW, d, p });
+      canvas.addEventListener("mousemove", (e) => hover(e, p));
+      canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
+      canvas.addEventListener("click", (e) => click(e, p));
+    });
+    drawLegend(sc);
+    drawMarks();
+    drawPopup();
+    drawChart();
+    timing("draw", performance.now() - started);
+  }
+
+  // The clicked cell and the pinned positions, as outlines over the canvas: moving them redraws no cell.
+  function drawMarks() {
+    const selection = model.get("selection") || {};
+    const pinned = new Set(model.get("pinned_positions") || []);
+    for (const view of views) {
+      const { d, rows, cellW, p } = view;
+      const boxes = [];
+      d.positions.forEach((pos, c) => {
+        if (!pinned.has(pos)) return;
+        boxes.push(h("div", { class: "ll-mark ll-mark-pinned", style:
+          `left:${c * cellW}px;top:${ROW_H}px;width:${cellW - 1}px;height:${(rows.length + 1) * ROW_H - 1}px` }));
+      });
+      if (selection.panel === p && rows.includes(selection.row)) {
+        const c = d.positions.indexOf(selection.position);
+        boxes.push(h("div", { class: "ll-mark ll-mark-selected", style:
+          `left:${c * cellW}px;top:${(rows.indexOf(selection.row) + 1) * ROW_H}px;width:${cellW - 1}px;height:${ROW_H - 1}px` }));
+      }
+      view.marks.replaceChildren(...boxes);
+    }
+  }
+
+  function drawLegend(sc) {
+    const ctx = canvasFor(legend, 240, 12);
+    const divergent = model.get("diff") && panels().length === 2;
+    for (let x = 0; x < 240; x++) {
+      ctx.fillStyle = rgb(divergent ? ramp(DIVERGING, x / 239) : ramp(VIRIDIS, x / 239));
+      ctx.fillRect(x, 0, 1, 12);
+    }
+    const name = METRIC_NAMES[model.get("metric")];
+    legendText.textContent = divergent
+      ? ` ${name}: panel 2 higher ← → panel 1 higher (shared scale)`
+      : ` ${name}: ${sc.rank ? "rank " + sc.label[0] : fmt(sc.label[0], 2)} … ${sc.rank ? "rank 0" : fmt(sc.label[1], 2)}`;
+  }
+
+  function cellAt(e, p) {
+    const view = views[p];
+    const rect = view.canvas.getBoundingClientRect();
+    const x = e.clientX - rect.left, y = e.clientY - rect.top;
+    const c = Math.floor(x / view.cellW);
+    const yRow = Math.floor(y / ROW_H) - 1;
+    if (c < 0 || c >= view.d.positions.length) return null;
+    if (yRow === view.rows.length) return { c, input: true };
+    if (yRow < 0 || yRow >= view.rows.length) return null;
+    return { c, r: view.rows[yRow] };
+  }
+
+  function topList(d, r, c, n) {
+    const P = d.positions.length;
+    const base = (r * P + c) * d.k;
+    const out = [];
+    for (let j = 0; j < Math.min(n, d.k); j++) {
+      const v = d.top[base + j];
+      out.push({ text: d.vocab[v], id: d.vocab_ids[v], prob: d.probs[base + j] / d.prob_scale });
+    }
+    return out;
+  }
+
+  function hover(e, p) {
+    const started = performance.now();
+    const cell = cellAt(e, p);
+    if (!cell) { tooltip.style.display = "none"; return; }
+    const d = views[p].d;
+    const pos = d.positions[cell.c];
+    let html;
+    if (cell.input) {
+      html = `<b>position ${pos}</b> input ${esc(visible(d.tokens[pos]))}<br><i>click to pin this position</i>`;
+    } else {
+      const which = model.get("metric");
+      const v = value(p, cell.r, cell.c);
+      let line = `${METRIC_NAMES[which]}: <b>${which.endsWith("rank") ? v : fmt(v, 4)}</b>`;
+      const other = model.get("diff") ? partner(p, cell.c) : null;
+      if (other) {
+        const w = value(other[0], cell.r, other[1]);
+        line += ` (other panel ${which.endsWith("rank") ? w : fmt(w, 4)})`;
+      }
+      const rows = topList(d, cell.r, cell.c, d.k).map((t, j) =>
+        `<tr><td>${j + 1}</td><td class="ll-tok">${esc(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`);
+      html = `<b>${esc(d.labels[cell.r])}</b> · position ${pos} ${esc(visible(d.tokens[pos]))}<br>` +
+        `top ${esc(visible(d.vocab[d.top[(cell.r * d.positions.length + cell.c) * d.k]]))} · ${line}` +
+        `<table>${rows.join("")}</table>`;
+    }
+    tooltip.innerHTML = html;
+    tooltip.style.display = "block";
+    const box = root.getBoundingClientRect();
+    tooltip.style.left = Math.min(e.clientX - box.left + 14, box.width - 260) + "px";
+    tooltip.style.top = e.clientY - box.top + 14 + "px";
+    timing("hover", performance.now() - started);
+  }
+
+  function click(e, p) {
+    const started = performance.now();
+    const cell = cellAt(e, p);
+    if (!cell) return;
+    const d = views[p].d;
+    const pos = d.positions[cell.c];
+    if (cell.input) {
+      const pinned = new Set(model.get("pinned_positions") || []);
+      const adding = !pinned.has(pos);
+      adding ? pinned.add(pos) : pinned.delete(pos);
+      model.set("pinned_positions", [...pinned].sort((a, b) => a - b));
+      if (adding) {
+        // The token the last read-out predicts there, followed across read-outs.
+        const top = topList(d, d.labels.length - 1, cell.c, 1)[0];
+        addPin(p, pos, top.id, false);
+      }
+      model.save_changes();
+      drawChart();
+    } else {
+      put(model, "selection", { panel: p, row: cell.r, position: pos });
+      drawPopup();
+    }
+    drawMarks();
+    timing("click", performance.now() - started);
+  }
+
+  function addPin(p, pos, id, extend) {
+    const pins = (model.get("pins") || []).map((g) => ({ ...g, ids: [...g.ids] }));
+    const last = pins[pins.length - 1];
+    if (extend && last && last.panel === p && last.position === pos) {
+      if (!last.ids.includes(id)) last.ids.push(id);
+    } else {
+      pins.push({ panel: p, position: pos, ids: [id] });
+    }
+    model.set("pins", pins.slice(-24));
+  }
+
+  function drawPopup() {
+    const s = model.get("selection") || {};
+    const d = panels()[s.panel];
+    if (!d || s.row === undefined) return;
+    const c = d.positions.indexOf(s.position);
+    if (c < 0 || s.row >= d.labels.length) return;
+    const list = h("ol", { class: "ll-topk" });
+    for (const t of topList(d, s.row, c, d.k)) {
+      const item = h("li", {}, [
+        h("button", { class: "ll-pin", "data-id": t.id, title: "pin (shift: add to the last pin)",
+          text: visible(t.text), onclick: (e) => {
+            const started = performance.now();
+            addPin(s.panel, s.position, t.id, e.shiftKey);
+            model.save_changes();
+            drawChart();
+            timing("pin", performance.now() - started);
+          } }),
+        h("span", { class: "ll-bar-prob", style: `width:${Math.round(t.prob * 80)}px` }),
+        h("span", { text: " " + fmt(t.prob, 3) + " " }),
+        h("a", { href: "#", text: "colour", title: "colour the cells by this token", onclick: (e) => {
+          e.preventDefault();
+          tokenBox.value = "#" + t.id;
+          send("token", "#" + t.id);
+          send("metric", "token_prob");
+        } }),
+      ]);
+      list.append(item);
+    }
+    popup.replaceChildren(
+      h("div", { class: "ll-popup-title", text: `${d.labels[s.row]} · position ${s.position} ${visible(d.tokens[s.position])}` }),
+      list);
+  }
+
+  // A pin's line: exact values from the kernel (traces) when they have arrived, else from the top-k lists
+  // (gaps where the token is not among a read-out's top k; dashed).
+  function pinLine(g) {
+    const traces = model.get("traces") || [];
+    const exact = traces.find((t) => t.panel === g.panel && t.position === g.position &&
+      t.ids.length === g.ids.length && t.ids.every((id, j) => id === g.ids[j]));
+    const d = panels()[g.panel];
+    if (exact) return { probs: exact.probs, ranks: exact.ranks, texts: exact.texts, exact: true };
+    if (!d) return null;
+    const c = d.positions.indexOf(g.position);
+    const probs = [], ranks = [], texts = [];
+    for (let r = 0; r < d.labels.length; r++) {
+      const list = topList(d, r, c, d.k);
+      let sum = 0, best = null;
+      for (const id of g.ids) {
+        const j = list.findIndex((t) => t.id === id);
+        if (j >= 0) { sum += list[j].prob; best = best === null ? j : Math.min(best, j); }
+      }
+      probs.push(best === null ? null : sum);
+      ranks.push(best);
+    }
+    for (const id of g.ids) {
+      const v = d.vocab_ids.indexOf(id);
+      texts.push(v >= 0 ? d.vocab[v] : "#" + id);
+    }
+    return { probs, ranks, texts, exact: false };
+  }
+
+  function drawChart() {
+    const pins = model.get("pins") || [];
+    if (!pins.length) {
+      chart.replaceChildren(h("em", { text: "click a token in the list to pin its trajectory (shift-click sums)" }));
+      return;
+    }
+    const d = panels()[0];
+    const R = Math.max(...panels().map((x) => x.labels.length));
+    const W = 520, H = 220, L = 44, B = 40, T = 10;
+    const byRank = model.get("trajectory") === "rank";
+    let maxRank = 1;
+    const lines = pins.map(pinLine);
+    for (const line of lines) for (const v of (line && line.ranks) || []) if (v !== null && v > maxRank) maxRank = v;
+    const x = (r) => L + (r / Math.max(1, R - 1)) * (W - L - 10);
+    const y = (v) => byRank ? T + (Math.log1p(v) / Math.log1p(maxRank)) * (H - T - B) : T + (1 - v) * (H - T - B);
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("width", W);
+    svg.setAttribute("height", H);
+    svg.setAttribute("class", "ll-chart-svg");
+    const add = (tag, attrs, text) => {
+      const node = document.createElementNS(ns, tag);
+      for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+      if (text !== undefined) node.textContent = text;
+      svg.append(node);
+      return node;
+    };
+    add("line", { x1: L, y1: H - B, x2: W - 10, y2: H - B, class: "ll-axis" });
+    add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "ll-axis" });
+    add("text", { x: L - 4, y: T + 8, "text-anchor": "end", class: "ll-axis-text" }, byRank ? "0" : "1");
+    add("text", { x: L - 4, y: H - B, "text-anchor": "end", class: "ll-axis-text" }, byRank ? String(maxRank) : "0");
+    add("text", { x: (W + L) / 2, y: H - 6, "text-anchor": "middle", class: "ll-axis-text" },
+      `read-out (${d.labels[0]} … ${d.labels[d.labels.length - 1]}); y: ${byRank ? "best rank (log)" : "summed probability"}`);
+    const colours = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131", "#5c940d"];
+    lines.forEach((line, i) => {
+      if (!line) return;
+      const values = byRank ? line.ranks : line.probs;
+      let path = "", pen = false;
+      values.forEach((v, r) => {
+        if (v === null || v === undefined) { pen = false; return; }
+        path += `${pen ? "L" : "M"}${x(r).toFixed(1)},${y(v).toFixed(1)}`;
+        pen = true;
+      });
+      const label = line.texts.map(visible).join(" + ") + ` @${pins[i].position}` + (panels().length > 1 ? ` (panel ${pins[i].panel + 1})` : "");
+      add("path", { d: path, fill: "none", stroke: colours[i % colours.length], "stroke-width": 2,
+        "stroke-dasharray": line.exact ? "" : "4 3", class: "ll-pin-line", "data-label": label });
+      add("text", { x: W - 12, y: T + 12 + i * 13, "text-anchor": "end", fill: colours[i % colours.length],
+        class: "ll-pin-label" }, label);
+    });
+    chart.replaceChildren(svg, h("button", { text: "clear pins", onclick: () => {
+      model.set("pins", []); model.set("pinned_positions", []); model.save_changes(); draw();
+    } }));
+  }
+
+  // ---------------------------------------------------------------- export
+  function exportPng() {
+    const view = views[0];
+    if (!view) return;
+    view.canvas.toBlob((blob) => download("logit_lens.png", blob));
+  }
+
+  function exportSvg() {
+    const ps = panels();
+    if (!ps.length) return;
+    const d = ps[0], sc = scale(), cellW = model.get("zoom") || 36;
+    const rows = rowsShown(d.labels.length), P = d.positions.length;
+    const parts = [];
+    rows.forEach((r, y) => {
+      parts.push(`<text x="${LABEL_W - 4}" y="${(y + 0.7) * ROW_H}" text-anchor="end" font-size="11">${esc(d.labels[r])}</text>`);
+      for (let c = 0; c < P; c++) {
+        const colour = colourOf(0, r, c, sc) || { css: "#eee", ink: "#000" };
+        const x = LABEL_W + c * cellW;
+        parts.push(`<rect x="${x}" y="${y * ROW_H}" width="${cellW - 1}" height="${ROW_H - 1}" fill="${colour.css}"/>`);
+        if (cellW >= 20) {
+          const text = visible(d.vocab[d.top[(r * P + c) * d.k]]).slice(0, Math.floor(cellW / 7));
+          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${colour.ink}">${esc(text)}</text>`);
+        }
+      }
+    });
+    d.positions.forEach((pos, c) => parts.push(`<text x="${LABEL_W + (c + 0.5) * cellW}" y="${(rows.length + 0.7) * ROW_H}" text-anchor="middle" font-size="10">${esc(visible(d.tokens[pos]).slice(0, 8))}</text>`));
+    const W = LABEL_W + P * cellW, H = (rows.length + 1) * ROW_H;
+    download("logit_lens.svg", `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">${parts.join("")}</svg>`, "image/svg+xml");
+  }
+
+  function exportCsv() {
+    const lines = [["panel", "readout", "position", "token", "top_token", "top_prob", "entropy", "kl_to_final", "target_prob", "target_rank"].join(",")];
+    const target = model.get("target_data") || {};
+    panels().forEach((d, p) => {
+      const P = d.positions.length;
+      for (let r = 0; r < d.labels.length; r++) for (let c = 0; c < P; c++) {
+        const i = r * P + c;
+        const t = target.panels ? target.panels[p] : null;
+        lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k] / d.prob_scale,
+          d.entropy[i], d.kl[i], t ? t.probs[i] : "", t ? t.ranks[i] : ""].map(csvCell).join(","));
+      }
+    });
+    download("logit_lens.csv", lines.join("\n"), "text/csv");
+  }
+
+  function fit() {
+    const d = panels()[0];
+    if (!d) return;
+    const width = Math.max(200, root.clientWidth - LABEL_W - 24) / (panels().length > 1 ? 2 : 1);
+    const w = Math.max(6, Math.min(160, Math.floor(width / d.positions.length)));
+    send("zoom", w);
+  }
+
+  // ---------------------------------------------------------------- syncing
+  function syncControls() {
+    const prompt = model.get("prompt");
+    const chat = Array.isArray(prompt);
+    promptBox.value = chat ? prompt.map((m) => `${m.role}: ${m.content}`).join(" | ") : prompt;
+    promptBox.disabled = offline || chat;
+    const compare = model.get("compare_prompt");
+    compareBox.style.display = compare === null || compare === undefined ? "none" : "";
+    compareBox.value = compare === null || compare === undefined ? "" : Array.isArray(compare) ? "(chat)" : compare;
+    diffLabel.style.display = panels().length === 2 ? "" : "none";
+    readout.value = model.get("readout");
+    targetBox.value = model.get("target");
+    tokenBox.value = model.get("token");
+    metric.value = model.get("metric");
+    stride.value = model.get("stride");
+    zoom.value = model.get("zoom");
+    diff.checked = model.get("diff");
+    trajectory.value = model.get("trajectory");
+    root.classList.toggle("ll-busy", !!model.get("busy"));
+    const error = model.get("error");
+    status.textContent = error ? "error: " + error : model.get("status");
+    status.classList.toggle("ll-error", !!error);
+    const th = model.get("target_data") || {};
+    hint.replaceChildren();
+    if (th.hint) {
+      const typed = th.hint.rank_typed === null ? "is not one token" : `ranks ${th.hint.rank_typed}`;
+      hint.append(`'${model.get("target")}' ${typed}; did you mean `,
+        h("a", { href: "#", text: `'${th.hint.text}'`, onclick: (e) => {
+          e.preventDefault(); send("target", th.hint.text);
+        } }), ` (rank ${th.hint.rank})?`);
+    }
+  }
+
+  const redraw = () => { syncControls(); draw(); };
+  const firstDraw = () => {
+    redraw();
+    const since = model.get("data_time");
+    if (since) timing("render", Date.now() - since * 1000);
+  };
+  const names = ["panels", "target_data", "token_data", "metric", "stride", "zoom", "diff", "titles"];
+  for (const name of names) model.on("change:" + name, name === "panels" ? firstDraw : redraw);
+  model.on("change:selection", () => { drawMarks(); drawPopup(); });
+  model.on("change:pinned_positions", drawMarks);
+  model.on("change:traces", drawChart);
+  model.on("change:pins", drawChart);
+  model.on("change:trajectory", () => { syncControls(); drawChart(); });
+  for (const name of ["busy", "status", "error", "prompt", "compare_prompt", "readout", "target", "token"]) {
+    model.on("change:" + name, syncControls);
+  }
+  firstDraw();
+  // Redraw the canvases in the front-end's colours when its theme changes (JupyterLab marks <body>).
+  const themeWatch = new MutationObserver(() => redraw());
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+  if (scheme) scheme.addEventListener("change", redraw);
+  root.dataset.ready = "1";
+  return () => {
+    themeWatch.disconnect();
+    if (scheme) scheme.removeEventListener("change", redraw);
+  };
+}
+
+function esc(text) {
+  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+}
+
+export default { render };

@@ -1,0 +1,211 @@
+"""The logit-lens explorer's computing side: one model run per prompt, the page's data, and the values of any
+token (target, pins, colouring) read from the residual streams that run kept, without running the model again.
+
+Shapes: R read-outs (rows, forward order), P positions, k top tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..lens import LensResult, logit_lens
+
+# Read-out label ("embed", "3_pre", ...) -> the hook point holding that residual stream.
+SUFFIX_HOOK = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post"}
+# Rows of read-outs whose full logits are computed at once when ranking a token (memory: rows x d_vocab).
+RANK_CHUNK = 256
+
+
+def hook_of(label: str) -> str:
+    """The hook name of a read-out label: "embed" -> "hook_embed", "3_mid" -> "blocks.3.hook_resid_mid"."""
+    if label == "embed":
+        return "hook_embed"
+    layer, suffix = label.split("_")
+    return f"blocks.{layer}.{SUFFIX_HOOK[suffix]}"
+
+
+def prompt_tokens(model: Any, prompt: str | Sequence[dict[str, str]]) -> torch.Tensor:
+    """Token ids [1, pos] of a text, or of chat messages through the tokenizer's chat template.
+
+    Raises:
+        ValueError: for messages without "role"/"content", or a tokenizer without a chat template.
+    """
+    if isinstance(prompt, str):
+        return model.to_tokens(prompt)
+    messages = list(prompt)
+    if not messages or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+        raise ValueError('prompt must be a text or a list of {"role": ..., "content": ...} chat messages')
+    template = getattr(model.tokenizer, "apply_chat_template", None)
+    if template is None:
+        raise ValueError(
+            "prompt is a list of chat messages but this model's tokenizer has no apply_chat_template; "
+            "pass the formatted text instead"
+        )
+    text = template(messages, add_generation_prompt=True, tokenize=False)
+    return model.to_tokens(text, prepend_bos=False)  # the template writes any BOS itself
+
+
+@dataclass
+class LensRun:
+    """One prompt's lens and what it kept to read out further tokens.
+
+    Attributes:
+        result: the LensResult (top tokens, entropy, KL) of the run.
+        resid: [R, P, d_model] the residual stream of every read-out at every position.
+        logsumexp: [R, P] the log normaliser of every read-out's distribution.
+        seconds: how long the run took.
+    """
+
+    result: LensResult
+    resid: torch.Tensor
+    logsumexp: torch.Tensor
+    seconds: float
+
+
+def run_lens(
+    model: Any,
+    tokens: torch.Tensor,
+    readout: str,
+    top_k: int,
+    check: Callable[[], None] = lambda: None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> LensRun:
+    """The lens of one prompt (`ll.logit_lens`) and its residual streams, captured by hooks on the same run.
+
+    `check()` is called after every layer (it raises to cancel the run); `progress(done, total)` likewise.
+    """
+    started = time.perf_counter()
+    captured: dict[str, torch.Tensor] = {}
+    layers = list(model.layer_indices)
+    names = ["hook_embed"] + [f"blocks.{i}.{hook}" for i in layers for hook in SUFFIX_HOOK.values()]
+
+    def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+        captured[hook.name] = tensor[0].detach()
+        if hook.name.endswith("hook_resid_post"):
+            progress(layers.index(int(hook.name.split(".")[1])) + 1, len(layers))
+            check()
+
+    # Every read-out with the embedding as its first row ("resid_pre" starts with layer 0's input, the same vector).
+    readouts = readout if readout == "resid_pre" else ("embed", readout)
+    with model.hooks([(names, capture)]), torch.no_grad():
+        result = logit_lens(model, tokens, readout=readouts, top_k=top_k)
+    check()
+    resid = torch.stack([captured[hook_of(label)][result.positions] for label in result.labels])
+    # The normaliser from the top token: log p = logit - logsumexp, so logsumexp = logit - log p.
+    logsumexp = result.top_logits[0, :, :, 0].float() - result.top_probs[0, :, :, 0].float().log()
+    return LensRun(result, resid, logsumexp, time.perf_counter() - started)
+
+
+def token_values(
+    model: Any, run: LensRun, token_id: int, positions: Sequence[int] | None = None, *, ranks: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The probability and rank of one token at every read-out, from the kept residual streams.
+
+    Args:
+        positions: column indices into the run's positions (default all).
+        ranks: also count the tokens with a strictly higher logit (a sweep over the vocabulary).
+
+    Returns:
+        probs [R, P'] and ranks [R, P'] (int64; None without `ranks`).
+    """
+    columns = list(range(run.resid.shape[1])) if positions is None else list(positions)
+    with torch.no_grad():
+        normed = model.ln_final(run.resid[:, columns])  # [R, P', d_model]
+        weight = model.unembed.weight
+        bias = model.unembed.bias
+        logit = normed @ weight[token_id] + (0 if bias is None else bias[token_id])  # [R, P']
+        probs = (logit.float() - run.logsumexp[:, columns]).exp().clamp(max=1.0)
+        if not ranks:
+            return probs, None
+        rows = normed.reshape(-1, normed.shape[-1])
+        counts = []
+        for start in range(0, rows.shape[0], RANK_CHUNK):
+            logits = model.unembed(rows[start : start + RANK_CHUNK])  # [chunk, d_vocab]
+            # The target's logit from the same product: one computed apart may differ in the last bit.
+            counts.append((logits > logits[:, token_id : token_id + 1]).sum(dim=-1))
+        return probs, torch.cat(counts).reshape(logit.shape)
+
+
+def parse_target(model: Any, text: str) -> int | None:
+    """The id a target box names: "" -> None, "#1712" -> id 1712, otherwise the token whose text it is.
+
+    Raises:
+        ValueError: for an id out of range or a text that is not one token (naming its pieces).
+    """
+    if text == "":
+        return None
+    if text.startswith("#") and text[1:].isdigit():
+        token_id = int(text[1:])
+        if not 0 <= token_id < model.cfg.d_vocab:
+            raise ValueError(f"target {text}: ids run from 0 to {model.cfg.d_vocab - 1}")
+        return token_id
+    if model.tokenizer is None:
+        raise ValueError(f"target {text!r} is text but the model has no tokenizer; give an id as #1712")
+    return int(model.tokenizer.id_of(text))
+
+
+def spaced_hint(model: Any, run: LensRun, text: str, token_id: int | None) -> dict[str, Any] | None:
+    """A suggestion to use " text" when that token ranks better than `text` at the last read-out and position.
+
+    Returns None when no suggestion applies, else {"text", "id", "rank", "rank_typed"} (rank_typed is None
+    when the typed text is not one token).
+    """
+    if not text or text[0].isspace() or text.startswith("#") or model.tokenizer is None:
+        return None
+    try:
+        spaced_id = int(model.tokenizer.id_of(" " + text))
+    except ValueError:
+        return None
+    last = [run.resid.shape[1] - 1]
+    spaced_rank = int(token_values(model, _last_row(run), spaced_id, last)[1][0, 0])
+    typed_rank = None if token_id is None else int(token_values(model, _last_row(run), token_id, last)[1][0, 0])
+    if typed_rank is not None and typed_rank <= spaced_rank:
+        return None
+    return {"text": " " + text, "id": spaced_id, "rank": spaced_rank, "rank_typed": typed_rank}
+
+
+def _last_row(run: LensRun) -> LensRun:
+    return LensRun(run.result, run.resid[-1:], run.logsumexp[-1:], run.seconds)
+
+
+def payload(run: LensRun, *, digits: int = 4) -> dict[str, Any]:
+    """The page's data for one run: compact JSON (a string table for the top tokens, rounded numbers).
+
+    Keys: tokens [pos] (input text), positions [P], labels [R], layers [R], k, vocab (texts), vocab_ids,
+    top (indices into vocab, [R * P * k] row-major), probs ([R * P * k], integers: divide by prob_scale),
+    entropy and kl ([R * P]), seconds.
+    """
+    result = run.result
+    top_ids = result.top_ids[0]  # [R, P, k]
+    unique, inverse = torch.unique(top_ids.reshape(-1), return_inverse=True)
+    first = {}
+    flat_strs = [s for row in result.top_strs[0] for column in row for s in column]
+    for index, vocab_index in enumerate(inverse.tolist()):
+        first.setdefault(vocab_index, flat_strs[index])
+    return {
+        "tokens": result.str_tokens[0],
+        "positions": result.positions,
+        "labels": result.labels,
+        "layers": result.layers,
+        "k": top_ids.shape[-1],
+        "vocab": [first[i] for i in range(len(unique))],
+        "vocab_ids": unique.tolist(),
+        "top": inverse.tolist(),
+        # Probabilities as integers in units of 10**-digits: a third shorter in JSON than decimals.
+        "prob_scale": 10**digits,
+        "probs": (result.top_probs[0].reshape(-1).float() * 10**digits).round().int().tolist(),
+        "entropy": _rounded(result.entropy[0].reshape(-1), digits),
+        "kl": _rounded(result.kl_to_final[0].reshape(-1), digits),
+        "seconds": round(run.seconds, 3),
+    }
+
+
+def _rounded(values: torch.Tensor, digits: int) -> list[float]:
+    scale = 10**digits
+    return [math.floor(v * scale + 0.5) / scale for v in values.float().tolist()]

@@ -1,0 +1,401 @@
+"""LogitLensExplorer: the logit lens as an instrument in the browser.
+
+The model runs once per prompt and read-out; the page gets every read-out's top-k tokens, probabilities,
+entropy and KL at every position (a compact JSON, about 1 MB for 30 layers x 300 positions x top-10) and
+answers hover, click, zoom, stride and colouring by itself. The target, a colouring token and pinned tokens are
+read from the residual streams that run kept (no new forward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import traitlets
+
+from .base import Control, Explorer, asset, boolean, number, one_of
+from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+READOUTS = ("resid_post", "resid_pre", "resid_mid")
+METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+TRAJECTORY = ("prob", "rank")
+MAX_PINS = 24
+
+
+def _check_prompt(explorer: Any, value: Any) -> Any:
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("prompt is empty; type a prompt")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        if not all({"role", "content"} <= set(m) for m in value):
+            raise ValueError('prompt: every chat message needs "role" and "content"')
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise ValueError(f'prompt must be a text or a list of {{"role", "content"}} messages, got {value!r}')
+
+
+def _check_compare(explorer: Any, value: Any) -> Any:
+    return None if value is None or value == "" else _check_prompt(explorer, value)
+
+
+def _check_token_box(name: str) -> Callable[[Any, Any], str]:
+    def check(explorer: Any, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} takes a token's text (' Paris') or an id as '#1712', got {value!r}")
+        parse_target(explorer.model, value)  # raises for a text that is not one token
+        return value
+
+    return check
+
+
+def _check_pins(explorer: Any, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_PINS:
+        raise ValueError(f"pins must be a list of at most {MAX_PINS} groups")
+    checked = []
+    for group in value:
+        if not isinstance(group, dict) or not isinstance(group.get("ids"), (list, tuple)) or not group["ids"]:
+            raise ValueError(f'a pin is {{"position": p, "ids": [token ids], "panel": 0}}, got {group!r}')
+        panel = group.get("panel", 0)
+        if panel not in range(len(explorer.runs)):
+            raise ValueError(f"pin panel {panel!r}: there are {len(explorer.runs)} panel(s)")
+        positions = explorer.runs[panel].result.positions
+        position = group.get("position", positions[-1])
+        if position not in positions:
+            raise ValueError(f"pin position {position!r} is not read out (0..{positions[-1]})")
+        ids = [int(i) for i in group["ids"]]
+        if not all(0 <= i < explorer.model.cfg.d_vocab for i in ids):
+            raise ValueError(f"pin ids {ids} must lie in 0..{explorer.model.cfg.d_vocab - 1}")
+        checked.append({"panel": panel, "position": position, "ids": ids})
+    return checked
+
+
+def _check_positions(explorer: Any, value: Any) -> list[int]:
+    n = len(explorer.runs[0].result.str_tokens[0]) if explorer.runs else 0
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, int) and 0 <= p < n for p in value):
+        raise ValueError(f"pinned_positions must be a list of positions in 0..{n - 1}, got {value!r}")
+    return sorted(set(value))
+
+
+def _check_selection(explorer: Any, value: Any) -> dict[str, int]:
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict) or set(value) - {"panel", "row", "position"}:
+        raise ValueError(f'selection is {{"panel", "row", "position"}} or {{}}, got {value!r}')
+    panel = value.get("panel", 0)
+    if panel not in range(len(explorer.runs)):
+        raise ValueError(f"selection panel {panel!r}: there are {len(explorer.runs)} panel(s)")
+    result = explorer.runs[panel].result
+    if value.get("row") not in range(result.n_readouts) or value.get("position") not in result.positions:
+        raise ValueError(f"selection {value} is outside the lens ({result.n_readouts} read-outs x positions)")
+    return {"panel": panel, "row": value["row"], "position": value["position"]}
+
+
+class LogitLensExplorer(Explorer):
+    """The logit lens of a prompt in the browser: hover, click, pin, colour, zoom, compare.
+
+    Hover a cell for its read-out, position, token, the current metric and its top-k; click a cell for its
+    top-k list; click a token there to pin its trajectory across read-outs (shift-click adds it to the last
+    pin, whose line is the sum); click an input token to pin its position. `compare=` puts a second prompt
+    (or `compare_model=` a second model) beside the first, on one colour scale, with a difference mode.
+
+    Args:
+        model: a HookedLlama with a tokenizer.
+        prompt: a text, or chat messages [{"role", "content"}, ...] (through the tokenizer's chat template).
+        target: the target token: its text (" Paris", with its leading space) or an id as "#1712".
+        metric: the colouring, one of METRICS ("prob" of the top token, the target's or a chosen token's
+            probability or rank, entropy, KL to the final read-out).
+        readout: "resid_post", "resid_pre" or "resid_mid" (each with the embedding).
+        top_k: top tokens kept per cell.
+        compare: a second prompt shown beside the first (None: one panel).
+        compare_model: a second model for the second panel (default `model`; the prompt is `compare` or
+            `prompt`).
+        state: a saved `.state` (or part of one) to start from; its keys win over the arguments above.
+        threaded: run browser-driven work in a worker thread (default: when a kernel runs).
+    """
+
+    _esm = asset("common.js") + asset("lens.js")
+    _css = asset("widgets.css")
+
+    CONTROLS = {
+        "prompt": Control("recompute", _check_prompt, "the prompt (text or chat messages)"),
+        "compare_prompt": Control("recompute", _check_compare, "the second panel's prompt, or None"),
+        "readout": Control("recompute", one_of("readout", READOUTS), "which residual streams are read out"),
+        "target": Control("update", _check_token_box("target"), "the target token (text or #id), '' for none"),
+        "token": Control("update", _check_token_box("token"), "a token to colour by (text or #id)"),
+        "pins": Control("update", _check_pins, "pinned token groups, one chart line each"),
+        "metric": Control("redraw", one_of("metric", METRICS), "what colours the cells"),
+        "trajectory": Control("redraw", one_of("trajectory", TRAJECTORY), "the chart's y axis"),
+        "pinned_positions": Control("redraw", _check_positions, "input positions pinned"),
+        "selection": Control("redraw", _check_selection, "the clicked cell"),
+        "stride": Control("redraw", number("stride", 1, 64, integer=True), "show every stride-th read-out"),
+        "zoom": Control("redraw", number("zoom", 6, 160), "cell width in pixels"),
+        "diff": Control("redraw", boolean("diff"), "colour by the first panel minus the second"),
+    }
+
+    prompt = traitlets.Any("").tag(sync=True)
+    compare_prompt = traitlets.Any(None, allow_none=True).tag(sync=True)
+    readout = traitlets.Unicode("resid_post").tag(sync=True)
+    target = traitlets.Unicode("").tag(sync=True)
+    token = traitlets.Unicode("").tag(sync=True)
+    pins = traitlets.List([]).tag(sync=True)
+    metric = traitlets.Unicode("prob").tag(sync=True)
+    trajectory = traitlets.Unicode("prob").tag(sync=True)
+    pinned_positions = traitlets.List([]).tag(sync=True)
+    selection = traitlets.Dict({}).tag(sync=True)
+    stride = traitlets.Int(1).tag(sync=True)
+    zoom = traitlets.Float(36.0).tag(sync=True)
+    diff = traitlets.Bool(False).tag(sync=True)
+
+    # Data, computed in Python: panels per model run, the target's and token's values, the pins' lines.
+    panels = traitlets.List([]).tag(sync=True)
+    target_data = traitlets.Dict({}).tag(sync=True)
+    token_data = traitlets.Dict({}).tag(sync=True)
+    traces = traitlets.List([]).tag(sync=True)
+    titles = traitlets.List([]).tag(sync=True)
+
+    def __init__(
+        self,
+        model: Any,
+        prompt: str | Sequence[dict[str, str]] = "The Eiffel Tower is in the city of",
+        target: str | int | None = None,
+        *,
+        metric: str = "prob",
+        readout: str = "resid_post",
+        top_k: int = 10,
+        compare: str | Sequence[dict[str, str]] | None = None,
+        compare_model: Any = None,
+        state: dict[str, Any] | None = None,
+        threaded: bool | None = None,
+    ) -> None:
+        if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg")):
+            raise ValueError(f"LogitLensExplorer needs a HookedLlama, got {type(model).__name__}")
+        if not list(model.layer_indices):
+            raise ValueError("this model holds no layers; load at least one to use the lens")
+        if compare_model is not None and compare_model.cfg.d_vocab != model.cfg.d_vocab:
+            raise ValueError("compare_model= must share the vocabulary of model= (same d_vocab and tokenizer)")
+        self.model = model
+        self.compare_model = compare_model
+        self.top_k = int(top_k)
+        self.runs: list[LensRun] = []
+        super().__init__(threaded=threaded)
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = f"#{target}"
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f"target= takes a token's text (' Paris') or an id, got {type(target).__name__}")
+        if compare is None and compare_model is not None:
+            compare = prompt
+        self.state = {
+            "prompt": prompt,
+            "compare_prompt": compare,
+            "readout": readout,
+            "target": target or "",
+            "metric": metric,
+        }
+        if not self.runs:  # the state above equalled the defaults: nothing triggered the first run
+            self._submit(self._recompute)
+        if state:
+            self.state = state
+
+    # ------------------------------------------------------------------ results
+    @property
+    def result(self) -> Any:
+        """The LensResult of the first panel."""
+        return self.runs[0].result
+
+    @property
+    def results(self) -> list[Any]:
+        """The LensResult of every panel."""
+        return [run.result for run in self.runs]
+
+    @property
+    def target_id(self) -> int | None:
+        return parse_target(self.model, self.target)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per panel x read-out x position: top token and probability, entropy, KL, and the target's
+        probability and rank when there is a target (the table the CSV button saves)."""
+        import pandas as pd
+
+        frames = []
+        for panel, run in enumerate(self.runs):
+            frame = run.result.to_frame()
+            frame.insert(0, "panel", panel)
+            target_data = self._filled("target", ranks=True)
+            if target_data.get("panels"):
+                values = target_data["panels"][panel]
+                frame["target"] = target_data["text"]
+                frame["target_prob"] = values["probs"]
+                frame["target_rank"] = values["ranks"]
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def save_csv(self, path: str | Path) -> Path:
+        """Writes `to_frame()` as CSV; returns the path."""
+        path = Path(path)
+        self.to_frame().to_csv(path, index=False)
+        return path
+
+    def to_figure(self, panel: int = 0) -> Figure:
+        """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""
+        from ..plot_lens import lens_heatmap
+
+        result = self._result_with_token(panel)
+        # The target's or the colouring token's values are filled in as the LensResult's target.
+        metric = {"token_prob": "target_prob", "target_rank": "rank", "token_rank": "rank"}.get(
+            self.metric, self.metric
+        )
+        if metric in ("target_prob", "rank") and result.target_ids is None:
+            metric = "prob"  # no token chosen yet: the top token's probability
+        n_cells = result.n_readouts * len(result.positions)
+        return lens_heatmap(result, metric, annotate=n_cells <= 1500, max_figsize=(16.0, 12.0))
+
+    def _result_with_token(self, panel: int) -> Any:
+        """The panel's LensResult with the target (or the colouring token) filled in as its target."""
+        run = self.runs[panel]
+        which = "token" if self.metric.startswith("token") else "target"
+        data = self._filled(which, ranks=self.metric.endswith("rank"))
+        if not data.get("panels"):
+            return run.result
+        n_readouts, n_pos = run.logsumexp.shape
+        probs = torch.tensor(data["panels"][panel]["probs"]).reshape(n_readouts, n_pos)
+        ranks = data["panels"][panel]["ranks"]
+        ranks = torch.zeros_like(probs, dtype=torch.long) if ranks is None else torch.tensor(ranks).reshape(probs.shape)
+        return dataclasses.replace(
+            run.result,
+            target_ids=torch.tensor([[data["id"]]]),
+            target_strs=[[data["text"]]],
+            target_probs=probs[None, :, :, None],
+            target_logits=(probs.log() + run.logsumexp)[None, :, :, None],
+            target_ranks=ranks[None, :, :, None],
+        )
+
+    def _filled(self, which: str, *, ranks: bool) -> dict[str, Any]:
+        """target_data or token_data, with the ranks computed first when asked for and missing."""
+        if ranks:
+            self._fill_ranks(which, lambda: None)
+        return self.target_data if which == "target" else self.token_data
+
+    # ------------------------------------------------------------------ computing
+    def _panel_model(self, panel: int) -> Any:
+        return self.compare_model if panel == 1 and self.compare_model is not None else self.model
+
+    def _token_text(self, token_id: int) -> str:
+        tokenizer = self.model.tokenizer
+        return tokenizer.token_strs([token_id])[0] if tokenizer is not None else f"#{token_id}"
+
+    def _recompute(self, check: Callable[[], None]) -> None:
+        prompts = [self.prompt] if self.compare_prompt is None else [self.prompt, self.compare_prompt]
+        runs = []
+        for panel, prompt in enumerate(prompts):
+            model = self._panel_model(panel)
+            tokens = prompt_tokens(model, prompt)
+            what = f"panel {panel + 1}: " if len(prompts) > 1 else ""
+
+            def progress(done: int, total: int) -> None:
+                self.status = f"{what}running {tokens.shape[1]} tokens: layer {done} / {total}…"
+
+            runs.append(run_lens(model, tokens, self.readout, self.top_k, check, progress))
+        check()
+        self.runs = runs
+        with self.hold_sync():
+            self.panels = [payload(run) for run in runs]
+            self.titles = [self._title(panel, prompt) for panel, prompt in enumerate(prompts)]
+            self._quiet = True
+            try:  # places that the new prompt may not have
+                self.selection, self.pins, self.pinned_positions = {}, [], []
+            finally:
+                self._quiet = False
+            self.traces = []
+            self._update(["target", "token"], check)
+            seconds = sum(run.seconds for run in runs)
+            n = [len(run.result.positions) for run in runs]
+            self.status = f"{' + '.join(map(str, n))} tokens, {runs[0].result.n_readouts} read-outs in {seconds:.2f} s"
+        self._data_changed()
+
+    def _title(self, panel: int, prompt: Any) -> str:
+        model = self._panel_model(panel)
+        name = getattr(model.cfg, "name", None) or ("model 2" if model is self.compare_model else "model")
+        text = prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)
+        return f"{name}: {text[:80]}"
+
+    def _react(self, kinds: set[str], names: list[str]) -> None:
+        super()._react(kinds, names)
+        # Ranks cost a sweep over the vocabulary at every cell, so they are computed when a rank colouring
+        # first asks for them.
+        which = self.metric.split("_")[0]
+        if "metric" in names and self.metric.endswith("rank") and _missing_ranks(self._data(which)):
+            self._submit(lambda check: self._fill_ranks(which, check))
+
+    def _data(self, which: str) -> dict[str, Any]:
+        return self.target_data if which == "target" else self.token_data
+
+    def _update(self, names: list[str], check: Callable[[], None]) -> None:
+        if not self.runs:
+            return
+        if "target" in names:
+            ranks = self.metric == "target_rank"
+            self.target_data = self._token_data(self.target, check, hint=True, ranks=ranks)
+        if "token" in names:
+            self.token_data = self._token_data(self.token, check, hint=False, ranks=self.metric == "token_rank")
+        if "target" in names or "token" in names or "pins" in names:
+            self.traces = [self._trace(group) for group in self.pins]
+
+    def _fill_ranks(self, which: str, check: Callable[[], None]) -> None:
+        data = self._data(which)
+        if not _missing_ranks(data):
+            return
+        self.status = f"ranking the {which} at every cell…"
+        panels = []
+        for panel, (run, values) in enumerate(zip(self.runs, data["panels"])):
+            check()
+            ranks = token_values(self._panel_model(panel), run, data["id"])[1]
+            panels.append({**values, "ranks": ranks.reshape(-1).tolist()})
+        filled = {**data, "panels": panels}
+        if which == "target":
+            self.target_data = filled
+        else:
+            self.token_data = filled
+        self.status = f"ranked the {which} ({data['text']!r})"
+
+    def _token_data(self, box: str, check: Callable[[], None], *, hint: bool, ranks: bool) -> dict[str, Any]:
+        token_id = parse_target(self.model, box) if box else None
+        suggestion = None
+        if hint and box and self.model.tokenizer is not None:
+            suggestion = spaced_hint(self.model, self.runs[0], box, token_id)
+        if token_id is None:
+            return {"hint": suggestion} if suggestion else {}
+        panels = []
+        for panel, run in enumerate(self.runs):
+            check()
+            probs, rank_values = token_values(self._panel_model(panel), run, token_id, ranks=ranks)
+            rank_list = None if rank_values is None else rank_values.reshape(-1).tolist()
+            panels.append({"probs": _round(probs.reshape(-1)), "ranks": rank_list})
+        return {"id": token_id, "text": self._token_text(token_id), "panels": panels, "hint": suggestion}
+
+    def _trace(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A pin's line: the summed probability of its tokens, and their best rank, at every read-out."""
+        panel = group["panel"]
+        run = self.runs[panel]
+        column = run.result.positions.index(group["position"])
+        total, best = None, None
+        for token_id in group["ids"]:
+            probs, ranks = token_values(self._panel_model(panel), run, token_id, [column])
+            total = probs[:, 0] if total is None else total + probs[:, 0]
+            best = ranks[:, 0] if best is None else torch.minimum(best, ranks[:, 0])
+        texts = [self._token_text(i) for i in group["ids"]]
+        return {**group, "texts": texts, "probs": _round(total.clamp(max=1.0)), "ranks": best.tolist()}
+
+
+def _missing_ranks(data: dict[str, Any]) -> bool:
+    return bool(data.get("panels")) and any(values["ranks"] is None for values in data["panels"])
+
+
+def _round(values: torch.Tensor, digits: int = 5) -> list[float]:
+    return [round(v, digits) for v in values.float().tolist()]
