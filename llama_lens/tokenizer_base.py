@@ -101,6 +101,8 @@ class Tokenizer:
     chat_format: str | None = None
     special_tokens_map: dict[str, Any] = {}  # replaced per instance, never mutated
     source: str = ""
+    # True when `_decode` raises (KeyError, IndexError, OverflowError, ...) on an id outside [0, vocab_size)
+    backend_checks_ids: bool = False
 
     @property
     def padding_id(self) -> int:
@@ -138,7 +140,16 @@ class Tokenizer:
             skip_special: drop special tokens (BOS, EOS, "<|eot_id|>", ...) instead of writing their text; None
                 does what the checkpoint's tokenizer does (`skip_special`).
         """
-        return self._decode(self._checked(ids), self.skip_special if skip_special is None else bool(skip_special))
+        skip_special = self.skip_special if skip_special is None else bool(skip_special)
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids if type(ids) is list else list(ids)
+        if not self.backend_checks_ids:
+            return self._decode(self._checked(ids), skip_special)
+        # The backend refuses bad ids itself (no per-id Python on the way); only then are they looked for.
+        try:
+            return self._decode(ids, skip_special)
+        except (KeyError, IndexError, OverflowError, TypeError, ValueError):
+            self._checked(ids)
+            raise
 
     def token_strs(self, ids: Sequence[int]) -> list[str]:
         """The text each id stands for, e.g. " Paris" (not "ĠParis" or "▁Paris"); labels for tables and plots."""
@@ -146,9 +157,9 @@ class Tokenizer:
 
     def _checked(self, ids: Sequence[int]) -> list[int]:
         # Backends skip, garble or raise without the id on out-of-range ids; say which id and why instead.
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
+        ids = list(map(int, ids))
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: C loops, no per-id Python
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
             raise ValueError(
                 f"token ids {bad[:5]} are out of range for this tokenizer (vocab_size {self.vocab_size}, "
                 f"{self.source}); a model's d_vocab may hold unused rows past the tokenizer's vocabulary"

@@ -105,6 +105,7 @@ class HFTokenizer(Tokenizer):
 
     parse_special = True  # tokenizers and transformers match added tokens in the text
     skip_special = False  # transformers' decode keeps special tokens
+    backend_checks_ids = True
 
     def __init__(self, path: str | os.PathLike | None = None, *, backend: Any = None):
         if backend is None:
@@ -144,6 +145,8 @@ class HFTokenizer(Tokenizer):
         return self._as_text_backend
 
     def _decode(self, ids: list[int], skip_special: bool) -> str:
+        if ids and max(ids) >= self.vocab_size:  # tokenizers drops such ids silently (negative ones raise)
+            raise IndexError("token id out of range")
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     def _token_text(self, token_id: int) -> str:

@@ -30,6 +30,7 @@ class SentencePieceTokenizer(Tokenizer):
     parse_special = False
     skip_special = True  # sentencepiece's decode drops control tokens
     chat_format = "llama2"
+    backend_checks_ids = True
 
     def __init__(self, path: str | os.PathLike | None = None, *, model_proto: bytes | None = None):
         import sentencepiece

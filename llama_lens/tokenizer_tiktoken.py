@@ -192,6 +192,7 @@ class TiktokenTokenizer(Tokenizer):
     add_bos = True
     parse_special = False  # Meta's encode: disallowed_special=(), allowed_special=set()
     skip_special = False  # tiktoken's decode writes special tokens as their text
+    backend_checks_ids = True
 
     def __init__(self, path: str | os.PathLike, *, layout: str | None = None):
         import tiktoken

@@ -1,9 +1,11 @@
 """Meta's reference tokenizer code and tokenizer.model files (Llama 3 and 4) from the `llama-models` wheel on the
-package registry: downloaded and unpacked (never installed) under $LLAMA_LENS_HOME on first use."""
+package registry: downloaded and unpacked (never installed) under $LLAMA_LENS_HOME on first use; and a stand-in
+for Llama 2's sentencepiece tokenizer.model, trained with its settings (the real one is not on the registry)."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import subprocess
 import sys
 import types
@@ -60,3 +62,35 @@ def import_meta_tokenizer(folder: Path, version: str):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def train_llama2_style(sentences: list[str], vocab_size: int = 2_000) -> bytes:
+    """A sentencepiece BPE with the trainer settings of Llama 2's tokenizer.model (its normalizer spec and
+    trainer spec): byte fallback, digits split, whitespace-only pieces allowed, no normalization, dummy prefix."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.99995,
+        byte_fallback=True,
+        split_digits=True,
+        split_by_unicode_script=True,
+        split_by_whitespace=True,
+        split_by_number=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()

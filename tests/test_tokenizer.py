@@ -346,12 +346,18 @@ def test_batch_encode_pads_on_the_left(tiktoken_tokenizer):
         tokenizer.batch_encode([])
 
 
-def test_out_of_range_ids_are_named(tmp_path, sentencepiece_proto):
-    tokenizer = SentencePieceTokenizer(model_proto=sentencepiece_proto)
-    with pytest.raises(ValueError, match=r"\[330\].*vocab_size 330"):
-        tokenizer.decode([5, 330])
-    with pytest.raises(ValueError, match=r"\[-1\]"):
-        tokenizer.token_strs([-1])
+def test_out_of_range_ids_are_named(tmp_path, sentencepiece_proto, tiktoken_tokenizer):
+    hf = load_tokenizer(save(byte_level_tokenizer(), tmp_path))
+    for tokenizer in (SentencePieceTokenizer(model_proto=sentencepiece_proto), tiktoken_tokenizer, hf):
+        n = tokenizer.vocab_size
+        for skip_special in (False, True):
+            with pytest.raises(ValueError, match=rf"\[{n}\].*vocab_size {n}"):
+                tokenizer.decode([5, n], skip_special=skip_special)
+            with pytest.raises(ValueError, match=r"\[-1\]"):
+                tokenizer.decode(torch.tensor([-1, 5]), skip_special=skip_special)
+        with pytest.raises(ValueError, match=r"\[-1\]"):
+            tokenizer.token_strs([-1])
+        assert tokenizer.decode(torch.tensor([5, 6])) == tokenizer.decode([5, 6])
 
 
 # ---------------------------------------------------------------------------------------------- overrides

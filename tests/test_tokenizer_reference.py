@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-import io
 import types
 from pathlib import Path
 
 import pytest
-from meta_reference import import_meta_tokenizer, meta_reference_folder
+from meta_reference import import_meta_tokenizer, meta_reference_folder, train_llama2_style
 from tokenizer_corpus import SPECIAL_TEXT, corpus, random_id_lists
 
 from llama_lens.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -168,38 +167,6 @@ def test_default_bos_is_not_doubled_before_a_parsed_bos(meta):
 
 
 # ---------------------------------------------------------------------------------------------- sentencepiece
-def train_llama2_style(sentences: list[str], vocab_size: int = 2_000) -> bytes:
-    """A sentencepiece BPE with the trainer settings of Llama 2's tokenizer.model (its normalizer spec and
-    trainer spec): byte fallback, digits split, whitespace-only pieces allowed, no normalization, dummy prefix."""
-    import sentencepiece
-
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=0.99995,
-        byte_fallback=True,
-        split_digits=True,
-        split_by_unicode_script=True,
-        split_by_whitespace=True,
-        split_by_number=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        max_sentencepiece_length=16,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
 @pytest.fixture(scope="module")
 def llama2_style():
     import sentencepiece
