@@ -147,6 +147,20 @@ def test_no_template_is_a_clear_error(tmp_path):
         tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
+def test_template_sources_in_a_folder(tmp_path):
+    from test_tokenizer import byte_level_tokenizer, save
+
+    message = [{"role": "user", "content": "Hi"}]
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ bos_token }}default"}]
+    folder = save(byte_level_tokenizer(), tmp_path / "named", {"chat_template": named, "bos_token": "<|im_start|>"})
+    assert load_tokenizer(folder).apply_chat_template(message, tokenize=False) == "<|im_start|>default"
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")  # transformers >= 4.43 saves this
+    assert load_tokenizer(folder).apply_chat_template(message, tokenize=False) == "Hi!"
+    config = {"split_special_tokens": True}
+    as_text = load_tokenizer(save(byte_level_tokenizer(), tmp_path / "split", config))
+    assert not as_text.parse_special and len(as_text.encode("<|im_end|>")) > 1
+
+
 # ---------------------------------------------------------------------------------------------- Meta formats
 @pytest.fixture(scope="module")
 def llama2_sp():
