@@ -53,6 +53,7 @@ def compile_chat_template(template: str) -> Any:
     """The compiled Jinja template, in the sandbox transformers uses (`chat_template_utils.py`)."""
     import jinja2
     import jinja2.ext
+    import jinja2.nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -65,8 +66,22 @@ def compile_chat_template(template: str) -> Any:
     def strftime_now(format_string: str) -> str:
         return datetime.now().strftime(format_string)
 
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's text for transformers' assistant mask;
+        rendering keeps the text as it is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("render_body"), [], [], body).set_lineno(lineno)
+
+        def render_body(self, caller):
+            return caller()
+
     environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception

@@ -31,6 +31,8 @@ LLAMA3_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# namespace, loop controls, raise_exception, tojson, strftime_now, transformers' {% generation %} tag, and
+# trim_blocks / lstrip_blocks at work on indented blocks
 FEATURE_TEMPLATE = """{%- set ns = namespace(n_user=0) -%}
 {%- for message in messages %}
     {%- if message.role not in ['system', 'user', 'assistant'] %}
@@ -47,6 +49,7 @@ users: {{ ns.n_user }} year: {{ strftime_now('%Y') }}
 {%- if add_generation_prompt %}
 <|im_start|>assistant
 {% endif -%}
+{% if messages[-1].role == 'assistant' %}{% generation %}[{{ messages[-1].content }}]{% endgeneration %}{% endif %}
 """
 
 CONTENTS = [
