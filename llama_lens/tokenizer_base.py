@@ -101,7 +101,7 @@ class Tokenizer:
     chat_format: str | None = None
     special_tokens_map: dict[str, Any] = {}  # replaced per instance, never mutated
     source: str = ""
-    # True when `_decode` raises (KeyError, IndexError, OverflowError, ...) on an id outside [0, vocab_size)
+    # True when `_decode_ids` raises (KeyError, IndexError, OverflowError, ...) on an id outside [0, vocab_size)
     backend_checks_ids: bool = False
 
     @property
@@ -121,7 +121,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._encode(text, self.parse_special if parse_special is None else bool(parse_special))
+        ids = self._encode_text(text, self.parse_special if parse_special is None else bool(parse_special))
         return self.with_bos(ids, bos)
 
     def with_bos(self, ids: list[int], bos: bool | None = None) -> list[int]:
@@ -143,10 +143,10 @@ class Tokenizer:
         skip_special = self.skip_special if skip_special is None else bool(skip_special)
         ids = ids.tolist() if hasattr(ids, "tolist") else ids if type(ids) is list else list(ids)
         if not self.backend_checks_ids:
-            return self._decode(self._checked(ids), skip_special)
+            return self._decode_ids(self._checked(ids), skip_special)
         # The backend refuses bad ids itself (no per-id Python on the way); only then are they looked for.
         try:
-            return self._decode(ids, skip_special)
+            return self._decode_ids(ids, skip_special)
         except (KeyError, IndexError, OverflowError, TypeError, ValueError):
             self._checked(ids)
             raise
@@ -271,11 +271,18 @@ class Tokenizer:
             f"eos_ids={sorted(self.eos_ids)}, pad_id={self.pad_id}, source={self.source!r})"
         )
 
-    # Each backend supplies these.
-    def _encode(self, text: str, parse_special: bool) -> list[int]:
+    # Each backend supplies these. A backend that knows special tokens overrides `_encode_text` / `_decode_ids`;
+    # a minimal one (e.g. a character-level tokenizer in a test) only `_encode(text)` / `_decode(ids)`.
+    def _encode_text(self, text: str, parse_special: bool) -> list[int]:
+        return self._encode(text)
+
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
+        return self._decode(ids)
+
+    def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def _decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
     def _token_text(self, token_id: int) -> str:

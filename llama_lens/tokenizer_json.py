@@ -130,7 +130,7 @@ class HFTokenizer(Tokenizer):
         self.special_tokens_map = {}
         self.guess_specials()
 
-    def _encode(self, text: str, parse_special: bool) -> list[int]:
+    def _encode_text(self, text: str, parse_special: bool) -> list[int]:
         backend = self.backend if parse_special else self._special_as_text()
         return backend.encode(text, add_special_tokens=False).ids
 
@@ -144,7 +144,7 @@ class HFTokenizer(Tokenizer):
             self._as_text_backend.encode_special_tokens = True
         return self._as_text_backend
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         if ids and max(ids) >= self.vocab_size:  # tokenizers drops such ids silently (negative ones raise)
             raise IndexError("token id out of range")
         return self.backend.decode(ids, skip_special_tokens=skip_special)
@@ -195,10 +195,10 @@ class TransformersTokenizer(Tokenizer):
         self._text = HFTokenText(backend) if backend is not None else None
         self.guess_specials()
 
-    def _encode(self, text: str, parse_special: bool) -> list[int]:
+    def _encode_text(self, text: str, parse_special: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not parse_special))
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         # No clean-up: the text should say exactly what the tokens say (" ." stays " .").
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 

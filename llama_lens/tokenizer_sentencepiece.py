@@ -60,7 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
         }
         self.guess_specials()
 
-    def _encode(self, text: str, parse_special: bool) -> list[int]:
+    def _encode_text(self, text: str, parse_special: bool) -> list[int]:
         if not parse_special or self._control_pattern is None:
             return self.sp.encode(text)
         ids: list[int] = []
@@ -74,7 +74,7 @@ class SentencePieceTokenizer(Tokenizer):
             ids += self.sp.encode(text[start:])
         return ids
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
             return self.sp.decode(ids)
         parts, run = [], []

@@ -222,7 +222,7 @@ class TiktokenTokenizer(Tokenizer):
         self.pad_id = self.special_tokens[self.layout.pad]
         self.special_tokens_map = {"bos_token": self.layout.bos, "eos_token": self.layout.eos}
 
-    def _encode(self, text: str, parse_special: bool) -> list[int]:
+    def _encode_text(self, text: str, parse_special: bool) -> list[int]:
         encode = self.encoding.encode if parse_special else self.encoding.encode_ordinary
         kwargs = {"allowed_special": "all"} if parse_special else {}
         pieces = meta_chunks(text)
@@ -230,7 +230,7 @@ class TiktokenTokenizer(Tokenizer):
             return encode(text, **kwargs)
         return [i for piece in pieces for i in encode(piece, **kwargs)]
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self.encoding.decode(ids, errors="replace")

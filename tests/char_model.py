@@ -22,13 +22,13 @@ class CharTokenizer(Tokenizer):
     vocab_size = 128
     source = "characters"
 
-    def _encode(self, text: str, parse_special: bool = False) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         ids = [ord(c) for c in text]
         if any(not 3 <= i < 128 for i in ids):
             raise ValueError(f"CharTokenizer handles printable ASCII only, got {text!r}")
         return ids
 
-    def _decode(self, ids: list[int], skip_special: bool = False) -> str:
+    def _decode(self, ids: list[int]) -> str:
         return "".join(SPECIALS.get(i, chr(i)) for i in ids)
 
     def _token_text(self, token_id: int) -> str:

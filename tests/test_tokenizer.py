@@ -411,3 +411,16 @@ def test_backends_are_imported_lazily():
     code = f"import sys, llama_lens.tokenizer, llama_lens.chat\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_minimal_subclass_still_works():
+    """A Tokenizer subclass that implements only _encode(text) / _decode(ids) (as users and tests/char_model.py
+    write them) keeps working: BOS by default, ids checked before its _decode sees them."""
+    from char_model import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    assert tokenizer.encode("Hi") == [1, ord("H"), ord("i")]
+    assert tokenizer.encode("Hi", bos=False, parse_special=True) == [ord("H"), ord("i")]
+    assert tokenizer.decode([1, ord("H")]) == "<s>H"
+    with pytest.raises(ValueError, match=r"\[128\].*vocab_size 128"):
+        tokenizer.decode([5, 128])
