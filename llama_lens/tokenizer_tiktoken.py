@@ -25,7 +25,10 @@ from .tokenizer_base import Tokenizer, bytes_to_text
 MAX_ENCODE_CHARS = 400_000
 # ... and is quadratic in long runs of one character class (Meta's MAX_NO_WHITESPACES_CHARS, tiktoken issue 195).
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+# Runs longer than MAX_RUN_CHARS. Each match is tried only from a run's first character (the lookbehind), so the
+# scan is linear; the leading character class lets the regex engine skip the other class quickly.
+_LONG_SPACE_RUN = re.compile(rf"\s(?<!\s\s)\s{{{MAX_RUN_CHARS},}}")
+_LONG_WORD_RUN = re.compile(rf"\S(?<!\S\S)\S{{{MAX_RUN_CHARS},}}")
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -172,9 +175,13 @@ def meta_chunks(text: str) -> list[str]:
     pieces = []
     for chunk_start in range(0, len(text), MAX_ENCODE_CHARS):
         chunk = text[chunk_start : chunk_start + MAX_ENCODE_CHARS]
+        runs = [match.span() for match in _LONG_SPACE_RUN.finditer(chunk)]
+        # str.split() splits where str.isspace() (Meta's test) is true: its longest piece is the longest word run
+        if max(map(len, chunk.split()), default=0) > MAX_RUN_CHARS:
+            runs += [match.span() for match in _LONG_WORD_RUN.finditer(chunk)]
         cuts = [0]
-        for run in _LONG_RUN.finditer(chunk):
-            cuts += range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS)
+        for start, end in sorted(runs):
+            cuts += range(start + MAX_RUN_CHARS, end, MAX_RUN_CHARS)
         cuts.append(len(chunk))
         pieces += [chunk[a:b] for a, b in zip(cuts, cuts[1:])]
     return pieces

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from meta_reference import import_meta_tokenizer, meta_reference_folder, train_llama2_style
-from tokenizer_corpus import SPECIAL_TEXT, corpus, random_id_lists
+from tokenizer_corpus import SPECIAL_TEXT, corpus, long_runs, random_id_lists
 
 from llama_lens.tokenizer import SentencePieceTokenizer, load_tokenizer
 
@@ -236,3 +236,21 @@ def test_sentencepiece_decode_matches_sentencepiece(llama2_style):
     # the two switches undo each other on Meta-style chat text
     chat = "<s>[INST] Hi [/INST] Hello </s><s>[INST] More [/INST]"
     assert ours.decode(ours.encode(chat, bos=False, parse_special=True), skip_special=False) == chat
+
+
+@pytest.mark.demo
+def test_long_texts_are_cut_where_metas_code_cuts_them(meta_reference):
+    """Meta's 400k-character chunks and 25k-character run cuts, on runs just under, at and over the limit,
+    whitespace classes Python counts as space (\\x1c-\\x1f), and many near-limit runs (a linear scan matters)."""
+    import random
+
+    from llama_lens.tokenizer_tiktoken import meta_chunks
+
+    split = import_meta_tokenizer(meta_reference, "llama3").Tokenizer._split_whitespaces_or_nonwhitespaces
+    rng = random.Random(0)
+    texts = [*long_runs(), ("x" * 24_999 + " ") * 17, " " * 25_001, "\x1c" * 30_000 + "a" * 30_000, "é" * 800_001]
+    for _ in range(30):
+        texts.append("".join(rng.choice("ab \n\x1fé") * rng.randint(1, 30_000) for _ in range(rng.randint(1, 40))))
+    for text in texts:
+        chunks = [text[i : i + 400_000] for i in range(0, len(text), 400_000)]
+        assert meta_chunks(text) == [piece for chunk in chunks for piece in split(chunk, 25_000)], len(text)
