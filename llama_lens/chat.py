@@ -188,6 +188,7 @@ def apply_chat_template(
         return tokenizer.encode(text, bos=False, parse_special=True) if tokenize else text
     chat_format = tokenizer.chat_format
     if chat_format == "llama2":
+        # The answer's place is the end of "[INST] ... [/INST]" itself: add_generation_prompt adds nothing.
         segments = llama2_segments(messages)
         bos_text = tokenizer.decode([tokenizer.bos_id], skip_special=False) if tokenizer.bos_id is not None else ""
         eos_text = tokenizer.decode([tokenizer.eos_id], skip_special=False) if tokenizer.eos_id is not None else ""

@@ -230,12 +230,13 @@ class TiktokenTokenizer(Tokenizer):
         self.special_tokens_map = {"bos_token": self.layout.bos, "eos_token": self.layout.eos}
 
     def _encode_text(self, text: str, parse_special: bool) -> list[int]:
-        encode = self.encoding.encode if parse_special else self.encoding.encode_ordinary
-        kwargs = {"allowed_special": "all"} if parse_special else {}
+        # Meta's call; in tiktoken 0.14 it is also faster than encode_ordinary on long texts.
+        allowed = "all" if parse_special else set()
+        encode = self.encoding.encode
         pieces = meta_chunks(text)
         if len(pieces) == 1:
-            return encode(text, **kwargs)
-        return [i for piece in pieces for i in encode(piece, **kwargs)]
+            return encode(text, allowed_special=allowed, disallowed_special=())
+        return [i for piece in pieces for i in encode(piece, allowed_special=allowed, disallowed_special=())]
 
     def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
