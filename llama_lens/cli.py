@@ -243,28 +243,58 @@ def _human_bytes(n: float) -> str:
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="continue a prompt (KV cache; greedy with --temperature 0)",
-        description="Continue a prompt with the checkpoint's model and print the prompt and the continuation.",
-        epilog=f'example: {PROG} generate "The capital of France is" --temperature 0 --max-new-tokens 16',
+        help="continue a prompt, or answer it as a chat message (KV cache; greedy with --temperature 0)",
+        description=(
+            "Continue a prompt with the checkpoint's model and print the prompt and the continuation. With --chat, "
+            "the prompt is a user message formatted by the checkpoint's chat template, and the reply is printed."
+        ),
+        epilog=(
+            f'examples: {PROG} generate "The capital of France is" --temperature 0 --max-new-tokens 16\n'
+            f'          {PROG} generate --chat "What is the capital of France?" --system "Answer in one word."'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_checkpoint_and_prompt(parser)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add at most (default: 32)")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding (default: 0.6)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
     parser.add_argument("--seed", type=int, default=None, help="seed the sampler for a reproducible draw")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the checkpoint's chat template and print the reply",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="with --chat: a system message first (default: none, or the one the template inserts)",
+    )
     parser.set_defaults(run=run_generate)
 
 
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The messages `generate --chat` sends: an optional system message, then `prompt` as the user's."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat: a system message only exists in a chat")
     model = _load_model(args)
-    out = model.generate(
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if not args.chat:
+        out = model.generate(args.prompt, **options)
+        print(args.prompt + out.text)
+        return 0
+    # The template's ids already hold BOS where the format has one; generation stops at its end-of-turn token,
+    # which is among the tokenizer's eos_ids.
+    ids = model.tokenizer.apply_chat_template(
+        chat_messages(args.prompt, args.system), add_generation_prompt=True, tokenize=True
     )
-    print(args.prompt + out.text)
+    out = model.generate(ids, **options)
+    print(out.text)
     return 0
 
 

@@ -53,6 +53,42 @@ def test_generate_greedy_says_paris(demo_path, capsys):
     assert capsys.readouterr().out.startswith("The capital of France is Paris")
 
 
+def test_generate_chat_sends_the_template_ids_and_stops_at_the_end_of_turn(demo_path, capsys, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from llama_lens.model import HookedLlama
+
+    prompts = []
+    original = HookedLlama.generate
+
+    def recording(self, prompt, **kwargs):
+        prompts.append(prompt)
+        out = original(self, prompt, **kwargs)
+        prompts.append(out.tokens[0])
+        return out
+
+    monkeypatch.setattr(HookedLlama, "generate", recording)
+    question, system = "What is the capital of France?", "Answer in one sentence."
+    argv = ["generate", "--chat", question, "--system", system, "--temperature", "0", "--max-new-tokens", "40"]
+    assert main(argv) == 0
+    reference = PreTrainedTokenizerFast.from_pretrained(demo_path)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompts[0] == expected
+    reply = capsys.readouterr().out
+    assert "Paris" in reply
+    assert len(prompts[1]) < 40  # stopped at <|im_end|>, which is not printed
+    assert reply == reference.decode(prompts[1]) + "\n" and "<|im_end|>" not in reply
+
+
+def test_generate_system_needs_chat(capsys, monkeypatch):
+    from llama_lens import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main(["generate", "Hi", "--system", "Be brief."]) == 1
+    assert "--system needs --chat" in capsys.readouterr().err
+
+
 def test_inspect_prints_the_summary_and_totals_without_reading_weights(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(n_layers=3)
     folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2, dtype=torch.bfloat16)

@@ -30,9 +30,10 @@ tiny_model = functools.partial(helpers.tiny_model, seed=1, scale=4.0, embed_scal
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE (like SmolLM2's) over 300 ids, with <s> as BOS and </s> as EOS and padding."""
+    """A byte-level BPE (like SmolLM2's) over 300 ids, with <s> as BOS (added by its post-processor, as Llama's
+    tokenizer.json adds it) and </s> as EOS and padding."""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     from llama_lens.tokenizer import HFTokenizer
 
@@ -42,6 +43,7 @@ def tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     backend.train_from_iterator(CORPUS, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return HFTokenizer(backend=backend)
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from llama_lens.errors import CheckpointError
 from llama_lens.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -124,10 +125,16 @@ TIKTOKEN_MERGES = [b" P", b"ar", b"is", b" Par", b" Paris", b"12", b"34", b"123"
 
 @pytest.fixture(scope="module")
 def tiktoken_path(tmp_path_factory):
+    """A tiny ranks file: too small for any known layout, so it is opened with layout="llama3"."""
     path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
     tokens = [bytes([b]) for b in range(256)] + TIKTOKEN_MERGES
     path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
     return path
+
+
+@pytest.fixture
+def tiktoken_tokenizer(tiktoken_path):
+    return TiktokenTokenizer(tiktoken_path, layout="llama3")
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +167,8 @@ def test_byte_level_json_matches_tokenizers_and_names_tokens(tmp_path):
 def test_bos_eos_pad_come_from_tokenizer_config(tmp_path):
     backend = byte_level_tokenizer()  # no post-processor, no usual BOS name: nothing to guess from
     bare = load_tokenizer(save(backend, tmp_path / "bare") / "tokenizer.json")
-    assert bare.bos_id is None
-    assert bare.encode(TEXT) == bare.encode(TEXT, bos=False)
+    assert bare.bos_id is None and not bare.add_bos
+    assert bare.encode(TEXT) == bare.encode(TEXT, bos=True) == backend.encode(TEXT).ids
 
     config = {
         "bos_token": {"content": "<|im_start|>", "__type": "AddedToken"},
@@ -171,10 +178,13 @@ def test_bos_eos_pad_come_from_tokenizer_config(tmp_path):
     }
     tokenizer = load_tokenizer(save(backend, tmp_path / "configured", config))
     im_start, im_end, endoftext = (backend.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
-    assert (tokenizer.bos_id, tokenizer.eos_ids, tokenizer.pad_id) == (im_start, {im_end}, endoftext)
+    # eos_ids: the configured EOS and every end-of-turn token of the vocabulary (<|endoftext|> here)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (im_start, im_end, endoftext)
+    assert tokenizer.eos_ids == {im_end, endoftext}
     assert tokenizer.add_bos is False
-    assert tokenizer.encode(TEXT) == [im_start] + backend.encode(TEXT).ids
-    assert tokenizer.token_strs(tokenizer.encode("Paris"))[0] == "<|im_start|>"
+    assert tokenizer.encode(TEXT) == backend.encode(TEXT).ids  # add_bos_token false: no BOS, as transformers
+    assert tokenizer.encode(TEXT, bos=True) == [im_start] + backend.encode(TEXT).ids
+    assert tokenizer.token_strs(tokenizer.encode("Paris", bos=True))[0] == "<|im_start|>"
 
 
 def test_unknown_token_in_tokenizer_config_is_named(tmp_path):
@@ -192,8 +202,13 @@ def test_post_processor_bos_is_added_once(tmp_path):
     assert backend.encode(TEXT).ids[0] == bos
     assert tokenizer.encode(TEXT) == backend.encode(TEXT).ids
     assert tokenizer.encode(TEXT, bos=False) == backend.encode(TEXT, add_special_tokens=False).ids
-    # No tokenizer_config.json: EOS falls back on the Llama 3 names present in the vocabulary.
-    assert tokenizer.eos_ids == {backend.token_to_id("<|eot_id|>")}
+    # A text that already starts with BOS (a rendered chat template) does not get a second one by default.
+    assert tokenizer.encode("<|begin_of_text|>" + TEXT) == backend.encode(TEXT).ids
+    assert tokenizer.encode("<|begin_of_text|>" + TEXT, bos=True)[:2] == [bos, bos]
+    # No tokenizer_config.json: EOS falls back on the Llama 3 names present in the vocabulary, and every
+    # end-of-turn token there stops a generation.
+    assert tokenizer.eos_id == backend.token_to_id("<|eot_id|>")
+    assert tokenizer.eos_ids == {backend.token_to_id(t) for t in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")}
 
 
 def test_metaspace_json_like_llama2(tmp_path):
@@ -230,7 +245,11 @@ def test_sentencepiece_model_matches_sentencepiece(tmp_path, sentencepiece_proto
     assert ids == sp.encode(text)
     assert tokenizer.encode(text) == [1] + ids
     assert tokenizer.decode(ids) == sp.decode(ids) == text
-    assert tokenizer.decode([1] + ids + [2]) == "<s>" + text + "</s>"  # control tokens stay visible
+    assert tokenizer.decode([1] + ids + [2]) == sp.decode([1] + ids + [2]) == text  # sentencepiece drops them
+    assert tokenizer.decode([1] + ids + [2], skip_special=False) == "<s>" + text + "</s>"
+    # "</s>" in the text stays text by default (Meta's encode), is the control token with parse_special
+    assert tokenizer.encode("a</s>", bos=False) == sp.encode("a</s>")
+    assert tokenizer.encode("a</s>", bos=False, parse_special=True) == sp.encode("a") + [2]
     strs = tokenizer.token_strs(ids)
     assert " Paris" in strs and "\n" in strs and "<0xE2>" in strs
     assert strs[0] == sp.id_to_piece(ids[0]).replace("▁", " ")
@@ -243,31 +262,42 @@ def test_llama3_special_tokens_follow_meta():
     specials = llama3_special_tokens()
     assert len(specials) == len(set(specials)) == 256
     assert specials[:2] == ["<|begin_of_text|>", "<|end_of_text|>"]
-    assert specials[9:12] == ["<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_2|>"]
-    assert specials[-1] == "<|reserved_special_token_246|>"  # ids run to base + 255
+    assert specials[9:13] == ["<|eot_id|>", "<|python_tag|>", "<|image|>", "<|reserved_special_token_2|>"]
+    assert specials[-1] == "<|reserved_special_token_245|>"  # ids run to base + 255
 
 
-def test_tiktoken_ranks_file(tiktoken_path):
-    tokenizer = load_tokenizer(tiktoken_path)
-    assert isinstance(tokenizer, TiktokenTokenizer)
+def test_tiktoken_ranks_file(tiktoken_path, tiktoken_tokenizer):
+    tokenizer = tiktoken_tokenizer
     n_base = 256 + len(TIKTOKEN_MERGES)
     special = {t: n_base + i for i, t in enumerate(llama3_special_tokens())}
     assert tokenizer.vocab_size == n_base + 256
-    assert tokenizer.bos_id == special["<|begin_of_text|>"]
+    assert tokenizer.bos_id == special["<|begin_of_text|>"] and tokenizer.add_bos
     assert tokenizer.eos_ids == {special[t] for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")}
 
     rank = {t: 256 + i for i, t in enumerate(TIKTOKEN_MERGES)}
     assert tokenizer.encode("The Paris", bos=False) == [rank[b"The"], rank[b" Paris"]]
     assert tokenizer.encode("1234", bos=False) == [rank[b"123"], ord("4")]  # digits split in threes
-    paris_eot = [special["<|begin_of_text|>"], ord("P"), rank[b"ar"], rank[b"is"], special["<|eot_id|>"]]
-    assert tokenizer.encode("Paris<|eot_id|>") == paris_eot  # special-token text is the special token
+    paris = [special["<|begin_of_text|>"], ord("P"), rank[b"ar"], rank[b"is"]]
+    # Meta's encode keeps special-token text as text; parse_special=True reads it as the special token
+    assert tokenizer.encode("Paris<|eot_id|>") == paris + [ord(c) for c in "<|"] + tokenizer.encode(
+        "eot_id|>", bos=False
+    )
+    assert tokenizer.encode("Paris<|eot_id|>", parse_special=True) == paris + [special["<|eot_id|>"]]
     text = TEXT + "\n" + UNSEEN
     assert tokenizer.decode(tokenizer.encode(text, bos=False)) == text
     assert tokenizer.decode(tokenizer.encode(text)) == "<|begin_of_text|>" + text
+    assert tokenizer.decode(tokenizer.encode(text), skip_special=True) == text
     euro = tokenizer.token_strs(tokenizer.encode(" Paris €", bos=False))
     assert euro == [" Paris", " ", "<0xE2>", "<0x82>", "<0xAC>"]
     assert tokenizer.id_of(" Paris") == rank[b" Paris"]
     assert tokenizer.id_of("<|eot_id|>") == special["<|eot_id|>"]
+
+
+def test_tiktoken_file_of_unknown_size_is_refused(tiktoken_path):
+    with pytest.raises(CheckpointError, match=r"tiktoken ranks file with 266 tokens.*Llama 3 \(128,000\)"):
+        load_tokenizer(tiktoken_path)
+    with pytest.raises(ValueError, match=r"layout must be one of \['llama3', 'llama4'\]"):
+        TiktokenTokenizer(tiktoken_path, layout="llama5")
 
 
 def test_bad_tiktoken_line_is_named(tmp_path):
@@ -278,8 +308,8 @@ def test_bad_tiktoken_line_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- id_of, batches
-def test_id_of_names_the_pieces_of_a_multi_token_string(tiktoken_path):
-    tokenizer = load_tokenizer(tiktoken_path)
+def test_id_of_names_the_pieces_of_a_multi_token_string(tiktoken_tokenizer):
+    tokenizer = tiktoken_tokenizer
     with pytest.raises(ValueError, match=r"'Paris' is not a single token.*'P'.*'ar'.*'is'.*first piece \('P'\)"):
         tokenizer.id_of("Paris")
 
@@ -295,8 +325,8 @@ def test_id_of_does_not_swap_in_a_different_token(sentencepiece_proto):
     assert tokenizer.id_of("is") != tokenizer.id_of(" is")
 
 
-def test_batch_encode_pads_on_the_left(tiktoken_path):
-    tokenizer = load_tokenizer(tiktoken_path)
+def test_batch_encode_pads_on_the_left(tiktoken_tokenizer):
+    tokenizer = tiktoken_tokenizer
     short, long = tokenizer.encode("Paris"), tokenizer.encode("The capital of France is Paris")
     tokens, mask = tokenizer.batch_encode(["Paris", "The capital of France is Paris"])
     assert tokens.dtype == mask.dtype == torch.long
@@ -316,12 +346,18 @@ def test_batch_encode_pads_on_the_left(tiktoken_path):
         tokenizer.batch_encode([])
 
 
-def test_out_of_range_ids_are_named(tmp_path, sentencepiece_proto):
-    tokenizer = SentencePieceTokenizer(model_proto=sentencepiece_proto)
-    with pytest.raises(ValueError, match=r"\[330\].*vocab_size 330"):
-        tokenizer.decode([5, 330])
-    with pytest.raises(ValueError, match=r"\[-1\]"):
-        tokenizer.token_strs([-1])
+def test_out_of_range_ids_are_named(tmp_path, sentencepiece_proto, tiktoken_tokenizer):
+    hf = load_tokenizer(save(byte_level_tokenizer(), tmp_path))
+    for tokenizer in (SentencePieceTokenizer(model_proto=sentencepiece_proto), tiktoken_tokenizer, hf):
+        n = tokenizer.vocab_size
+        for skip_special in (False, True):
+            with pytest.raises(ValueError, match=rf"\[{n}\].*vocab_size {n}"):
+                tokenizer.decode([5, n], skip_special=skip_special)
+            with pytest.raises(ValueError, match=r"\[-1\]"):
+                tokenizer.decode(torch.tensor([-1, 5]), skip_special=skip_special)
+        with pytest.raises(ValueError, match=r"\[-1\]"):
+            tokenizer.token_strs([-1])
+        assert tokenizer.decode(torch.tensor([5, 6])) == tokenizer.decode([5, 6])
 
 
 # ---------------------------------------------------------------------------------------------- overrides
@@ -332,21 +368,24 @@ def test_transformers_tokenizer_is_wrapped():
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>")
     tokenizer = as_tokenizer(fast)
     assert isinstance(tokenizer, TransformersTokenizer)
-    assert (tokenizer.bos_id, tokenizer.eos_ids) == (fast.bos_token_id, {fast.eos_token_id})
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (fast.bos_token_id, fast.eos_token_id)
+    assert tokenizer.eos_ids == {fast.eos_token_id, fast.convert_tokens_to_ids("<|endoftext|>")}
     assert tokenizer.vocab_size == len(fast)
 
     text = TEXT + " " + UNSEEN
-    ids = tokenizer.encode(text)
+    assert tokenizer.encode(text) == fast.encode(text)  # BOS as the wrapped tokenizer adds it (here: none)
+    ids = tokenizer.encode(text, bos=True)
     assert ids == [fast.bos_token_id] + fast.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == fast.decode(ids) == "<|im_start|>" + text
     assert tokenizer.token_strs(ids) == HFTokenizer(backend=fast.backend_tokenizer).token_strs(ids)
     assert tokenizer.id_of(" Paris") == fast.convert_tokens_to_ids("ĠParis")
 
 
-def test_as_tokenizer_accepts_paths_backends_and_our_own(tmp_path, tiktoken_path):
-    ours = load_tokenizer(tiktoken_path)
+def test_as_tokenizer_accepts_paths_backends_and_our_own(tmp_path, tiktoken_tokenizer, sentencepiece_proto):
+    ours = tiktoken_tokenizer
     assert as_tokenizer(ours) is ours
-    assert isinstance(as_tokenizer(str(tiktoken_path)), TiktokenTokenizer)
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_proto)
+    assert isinstance(as_tokenizer(str(tmp_path / "tokenizer.model")), SentencePieceTokenizer)
     backend = byte_level_tokenizer(bos_template="<|begin_of_text|>")
     wrapped = as_tokenizer(backend)
     assert isinstance(wrapped, HFTokenizer) and wrapped.bos_id == backend.token_to_id("<|begin_of_text|>")
@@ -368,7 +407,20 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
 
 
 def test_backends_are_imported_lazily():
-    heavy = ("tokenizers", "sentencepiece", "tiktoken", "transformers", "torch")
-    code = f"import sys, llama_lens.tokenizer\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    heavy = ("tokenizers", "sentencepiece", "tiktoken", "transformers", "torch", "jinja2")
+    code = f"import sys, llama_lens.tokenizer, llama_lens.chat\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_minimal_subclass_still_works():
+    """A Tokenizer subclass that implements only _encode(text) / _decode(ids) (as users and tests/char_model.py
+    write them) keeps working: BOS by default, ids checked before its _decode sees them."""
+    from helpers import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    assert tokenizer.encode("Hi") == [1, ord("H"), ord("i")]
+    assert tokenizer.encode("Hi", bos=False, parse_special=True) == [ord("H"), ord("i")]
+    assert tokenizer.decode([1, ord("H")]) == "<s>H"
+    with pytest.raises(ValueError, match=r"\[128\].*vocab_size 128"):
+        tokenizer.decode([5, 128])

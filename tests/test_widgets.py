@@ -210,7 +210,7 @@ def test_state_is_json_and_settable(model):
 
 def test_chat_messages_go_through_the_chat_template(model, monkeypatch):
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(ValueError, match="has no apply_chat_template"):
+    with pytest.raises(ValueError, match="no chat template"):
         ll_widgets.LogitLensExplorer(model, messages)
     calls = []
 
