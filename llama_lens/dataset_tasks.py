@@ -279,8 +279,10 @@ def _table(columns: dict[str, list], list_columns: Sequence[str]) -> pa.Table:
     for name, parts in columns.items():
         if name in list_columns:
             arrays[name] = _fixed_lists(np.concatenate(parts))
-        elif isinstance(parts[0], list):
-            arrays[name] = pa.array([cell for part in parts for cell in part])
+        elif isinstance(parts[0], list):  # cells that are lists of text, or of floats (stored as float32) or None
+            cells = [cell for part in parts for cell in part]
+            strings = any(isinstance(c, list) and c and isinstance(c[0], str) for c in cells)
+            arrays[name] = pa.array(cells, type=pa.list_(pa.string() if strings else pa.float32()))
         else:
             arrays[name] = pa.array(np.concatenate(parts))
     return pa.table(arrays)
