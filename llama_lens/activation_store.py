@@ -35,6 +35,12 @@ INDEX_FILE = "index.json"
 NOT_PER_TOKEN = ("hook_attn_scores", "hook_pattern")
 
 
+def temporary_name(path: Path) -> Path:
+    """Where a file is written before it is renamed into place: hidden (a leading dot), so that readers of the
+    folder (pyarrow, `pd.read_parquet(folder)`) skip a killed run's leftovers."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def shard_file(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -124,7 +130,7 @@ def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> P
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / shard_file(index)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata={"format": "pt"})
     os.replace(temporary, path)
     return path
@@ -154,7 +160,7 @@ def write_index(folder: Path, n_shards: int, *, hook_names: Sequence[str], posit
         "n_prompts": sum(s["n_prompts"] for s in shards),
         "shards": shards,
     }
-    temporary = folder / f"{INDEX_FILE}.tmp-{os.getpid()}"
+    temporary = temporary_name(folder / INDEX_FILE)
     temporary.write_text(json.dumps(index, indent=2))
     os.replace(temporary, folder / INDEX_FILE)
     return index

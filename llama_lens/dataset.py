@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .activation_store import STORE_FOLDER, ActivationDataset, check_hook_names, write_index
+from .activation_store import STORE_FOLDER, ActivationDataset, check_hook_names, temporary_name, write_index
 from .dataset_tasks import (
     SHARD_FOLDER,
     AttributionTask,
@@ -244,7 +244,7 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_name(path)
     temporary.write_text(json.dumps(manifest, indent=2))
     os.replace(temporary, path)
 
@@ -268,7 +268,7 @@ def _remove_partial_files(out: Path) -> None:
     # Temporary files of a killed run (never read: only renamed files count).
     for folder in (out / SHARD_FOLDER, out / STORE_FOLDER):
         if folder.is_dir():
-            for path in folder.glob("*.tmp-*"):
+            for path in folder.glob(".*.tmp-*"):
                 path.unlink(missing_ok=True)
 
 
@@ -336,7 +336,7 @@ def write_summary(out: Path, task: Any, n_shards: int) -> None:
         [pq.read_table(shard_path(out, k), columns=columns).to_pandas() for k in range(n_shards)], ignore_index=True
     )
     summary = task.summarize(frame)
-    temporary = out / f"{SUMMARY_FILE}.tmp-{os.getpid()}"
+    temporary = temporary_name(out / SUMMARY_FILE)
     summary.to_parquet(temporary, index=False)
     os.replace(temporary, out / SUMMARY_FILE)
 

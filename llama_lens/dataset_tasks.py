@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .activation_store import STORE_FOLDER, ActivationCapture, write_shard
+from .activation_store import STORE_FOLDER, ActivationCapture, temporary_name, write_shard
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -390,7 +390,7 @@ def process_shard(
 
         path = shard_path(job.out, shard.index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        temporary = temporary_name(path)
         pq.write_table(pa.concat_tables(tables), temporary)
         os.replace(temporary, path)  # a file under its final name is whole: resume trusts it
     return {

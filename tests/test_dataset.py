@@ -297,7 +297,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_files(model, checkpoint, t
 
     resumed = ll.lens_dataset(model, prompts, out=out, target=targets, **kwargs)
     assert resumed.n_skipped == finished and len(resumed.stats) == n_shards - finished
-    assert not list(shards.glob("*.tmp-*"))
+    assert not list(shards.glob(".*.tmp-*"))
+    assert len(pd.read_parquet(shards)) == len(resumed.frame())  # the folder reads as one table
     whole = ll.lens_dataset(model, prompts, out=tmp_path / "whole", target=targets, **kwargs)
     assert sorted(p.name for p in shards.iterdir()) == sorted(p.name for p in (tmp_path / "whole/shards").iterdir())
     assert_same_rows(resumed.frame(), whole.frame())
