@@ -542,7 +542,11 @@ def run_dataset(
 
     model, spec = None, None
     if isinstance(path_or_model, (str, os.PathLike)):
-        spec = ModelSpec(str(Path(path_or_model).resolve()), dict(load_kwargs or {}))
+        load_kwargs = dict(load_kwargs or {})
+        if isinstance(load_kwargs.get("tokenizer"), (str, os.PathLike)):
+            # Workers run elsewhere (another folder, another node): paths travel absolute.
+            load_kwargs["tokenizer"] = str(Path(load_kwargs["tokenizer"]).resolve())
+        spec = ModelSpec(str(Path(path_or_model).resolve()), load_kwargs)
         cfg, tokenizer, hook_names = _describe_checkpoint(spec)
         model_info = {"path": spec.path, "config": dataclasses.asdict(cfg), "load": _load_info(spec.load_kwargs)}
     else:

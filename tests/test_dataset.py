@@ -23,6 +23,8 @@ from helpers import assert_same_top_k
 
 import llama_lens as ll
 from llama_lens.dataset import ManifestMismatchError, make_records, plan_shards, read_prompts
+from llama_lens.dataset_tasks import LensTask, ShardJob
+from llama_lens.executors import ModelSpec, ShardWorker
 from llama_lens.testing import write_hf_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -376,3 +378,18 @@ def test_ray_writes_the_local_rows(ray_cluster, checkpoint, tmp_path):
         torch.testing.assert_close(stored[i]["blocks.1.hook_resid_post"], expected[i]["blocks.1.hook_resid_post"])
     # A folder finished by Ray resumes (skips everything) locally: the executor is not a parameter of the run.
     assert ll.lens_dataset(checkpoint, PROMPTS, out=tmp_path / "ray", **kwargs).n_skipped == distributed.n_shards
+
+
+def test_shard_worker_loads_the_model_from_its_path_and_writes_the_local_shard(checkpoint, model, tmp_path):
+    # What each Ray actor runs, here in this process: the model loaded from the path, one shard processed.
+    local = ll.lens_dataset(model, PROMPTS, out=tmp_path / "local", target=TARGETS, shard_size=6, progress=False)
+    records = make_records(PROMPTS, TARGETS)
+    shard = plan_shards(records, [len(p) + 1 for p in PROMPTS], 6)[1]
+    job = ShardJob(out=str(tmp_path / "worker"), task=LensTask(("embed", "resid_post")), batch_size=16)
+    worker = ShardWorker(ModelSpec(str(checkpoint), {"tokenizer": CharTokenizer()}), job, num_threads=1)
+    stats = worker.run(shard)
+    assert (stats["shard"], stats["n_prompts"], stats["worker"]) == (1, 6, os.getpid())
+    written = pd.read_parquet(tmp_path / "worker/shards/shard-00001.parquet")
+    assert_same_rows(written, pd.read_parquet(tmp_path / "local/shards/shard-00001.parquet"))
+    assert sorted(written["prompt"].unique()) == sorted(r.index for r in shard.records)
+    assert local.n_shards == 3
