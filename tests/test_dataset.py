@@ -330,34 +330,34 @@ def assert_same_rows(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ ray
+SKIP_RFC3987_SYNTAX = (
+    "raise ImportError('left out of the Ray processes of tests/test_dataset.py: it builds a parser on import')\n"
+)
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     import ray
 
+    # Every Ray process imports jsonschema, whose optional rfc3987-syntax (installed with jupyter's extras)
+    # builds an Earley parser on import: 10 s per process, past the 15 s the raylet gives its agents to start
+    # (ray-project/ray#65983). A module of that name that raises ImportError makes jsonschema go without it.
+    shim = tmp_path_factory.mktemp("shim")
+    (shim / "rfc3987_syntax.py").write_text(SKIP_RFC3987_SYNTAX)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    # The workers unpickle CharTokenizer from tests/char_model.py; the Ray processes inherit this environment.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(shim), str(TESTS), str(ROOT), saved["PYTHONPATH"] or ""])
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: no usage statistics
-    python_path = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    for attempt in range(3):
-        try:
-            ray.init(
-                address="local",
-                num_cpus=2,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                # The workers unpickle CharTokenizer from tests/char_model.py.
-                runtime_env={"env_vars": {"PYTHONPATH": python_path}},
-                log_to_driver=False,
-            )
-            break
-        except Exception:
-            # Ray's raylet gives its agents 15 s to start (ray-project/ray#65983), which a busy machine can miss;
-            # a second start usually makes it.
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def test_ray_writes_the_local_rows(ray_cluster, checkpoint, tmp_path):
