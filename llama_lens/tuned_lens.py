@@ -270,6 +270,7 @@ class TunedLens:
         chunk_size: int = 256,
         column: str = "text",
         seed: int = 0,
+        shuffle: bool = True,
         lens: TunedLens | None = None,
         progress: bool = True,
     ) -> TunedLens:
@@ -292,6 +293,7 @@ class TunedLens:
             chunk_size=chunk_size,
             column=column,
             seed=seed,
+            shuffle=shuffle,
             lens=lens,
             progress=progress,
         )

@@ -167,6 +167,7 @@ def train_lens(
     chunk_size: int = 256,
     column: str = "text",
     seed: int = 0,
+    shuffle: bool = True,
     lens: TunedLens | None = None,
     progress: bool = True,
 ) -> TunedLens:
@@ -174,7 +175,8 @@ def train_lens(
 
     Args:
         model: a HookedLlama holding every layer (streamed or not); it is not changed.
-        texts: a list of strings, a text file (paragraphs) or a Parquet file (its `column`); see `read_texts`.
+        texts: a list of strings, a text file (paragraphs) or a Parquet file (its `column`), see `read_texts`;
+            or token ids [n_rows, seq_len] (a LongTensor, e.g. from `token_rows`), used as they are.
         max_steps: optimiser steps; the learning rate decays linearly to zero at the last.
         readout: which residual streams get translators ("embed", "resid_post" by default; add "resid_mid").
         tokens_per_step: tokens per optimiser step (rounded to whole rows of `seq_len`). The package uses 2**18
@@ -189,6 +191,7 @@ def train_lens(
         chunk_size: positions read out at once in the loss ([chunk_size, d_vocab] blocks).
         column: the Parquet column when `texts` is a Parquet file.
         seed: seed of the order in which rows are drawn (the texts are cycled through again if they run out).
+        shuffle: draw rows in a random order (False: in the order of the texts).
         lens: a lens to go on training (default: a new identity lens for `readout`).
         progress: show a tqdm bar with the running loss (mean KL per translator and token, in nats).
 
@@ -207,7 +210,7 @@ def train_lens(
             f"holds layers {model.layer_indices[:1]}..{model.layer_indices[-1:]} of {cfg.n_layers}: load it whole "
             "(stream=True keeps memory low)"
         )
-    if model.tokenizer is None:
+    if model.tokenizer is None and not isinstance(texts, torch.Tensor):
         raise ValueError("this model has no tokenizer, which training needs to tokenize the texts")
     for name, value in (("max_steps", max_steps), ("tokens_per_step", tokens_per_step), ("batch_tokens", batch_tokens)):
         _positive(name, value)
@@ -230,13 +233,22 @@ def train_lens(
 
     rows_per_step = max(1, round(tokens_per_step / seq_len))
     rows_per_batch = max(1, min(rows_per_step, batch_tokens // seq_len))
-    rows = token_rows(model.tokenizer, read_texts(texts, column=column), seq_len, max_rows=rows_per_step * max_steps)
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 2 or texts.dtype != torch.long or texts.shape[1] != seq_len:
+            raise ValueError(
+                f"token rows must be a LongTensor [n_rows, seq_len={seq_len}], got {texts.dtype} {tuple(texts.shape)}"
+            )
+        rows = texts
+    else:
+        rows = token_rows(
+            model.tokenizer, read_texts(texts, column=column), seq_len, max_rows=rows_per_step * max_steps
+        )
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
 
     def next_rows(n: int) -> torch.Tensor:
         while len(order) < n:  # cycle through the rows again, in a new order, when they run out
-            order.extend(torch.randperm(len(rows), generator=generator).tolist())
+            order.extend(torch.randperm(len(rows), generator=generator).tolist() if shuffle else range(len(rows)))
         picked = order[:n]
         del order[:n]
         return rows[picked]
@@ -292,14 +304,18 @@ def train_lens(
 def mean_kl(
     lens: TunedLens, model: Any, texts: Any, *, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
 ) -> dict[str, float]:
-    """Mean KL(final || translated read-out) per token, per translator, over held-out texts (no training).
+    """Mean KL(final || translated read-out) per token, per translator, over held-out texts or token rows
+    [n_rows, pos] (no training).
 
     An identity lens (`TunedLens.for_model(model)`) gives the logit lens's KL, so the two compare directly.
 
     Returns:
         label -> mean KL in nats.
     """
-    rows = token_rows(model.tokenizer, read_texts(texts), seq_len, max_rows=max_rows)
+    if isinstance(texts, torch.Tensor):
+        rows = texts[:max_rows]  # token rows [n_rows, pos]
+    else:
+        rows = token_rows(model.tokenizer, read_texts(texts), seq_len, max_rows=max_rows)
     totals = dict.fromkeys(lens.labels, 0.0)
     device = model.embed.weight.device
     for row in rows:
