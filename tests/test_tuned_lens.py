@@ -279,3 +279,15 @@ def test_token_rows_start_with_bos():
     rows = token_rows(tokenizer, ["abcdef", "ghij"], 4)
     # stream: <s> a b c d e f <s> g h i j -> [<s> a b c] [<s> d e f] [<s> g h i]; "j" is left over
     assert rows.tolist() == [[1, 97, 98, 99], [1, 100, 101, 102], [1, 103, 104, 105]]
+
+
+def test_token_rows_train_as_the_texts_they_come_from(model):
+    texts = generated_texts(6, seed=4)
+    rows = token_rows(model.tokenizer, texts, 32, max_rows=4)
+    settings = TRAIN | dict(shuffle=False)
+    from_texts = TunedLens.train(model, texts, max_steps=2, **settings)
+    from_rows = TunedLens.train(model, rows, max_steps=2, **settings)
+    for name, tensor in from_texts.state_dict().items():
+        assert torch.equal(from_rows.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"LongTensor \[n_rows, seq_len=32\]"):
+        TunedLens.train(model, rows[:, :16], max_steps=1, **settings)
