@@ -38,6 +38,11 @@ _LAZY = {
     "NotEnoughMemoryError": "errors",
     "DemoModelError": "errors",
     "UnknownNameError": "errors",
+    "LensFileError": "errors",
+    "TunedLens": "tuned_lens",
+    "tuned_lens_readout": "tuned_lens_readout",
+    "read_texts": "text_sources",
+    "generated_texts": "text_sources",
 }
 _SUBMODULES = {"plot", "widgets", "testing"}
 
