@@ -544,7 +544,7 @@ class Checkpoint:
         for file_name in dict.fromkeys(name for stored, _ in reads for name in stored.files):
             self.file_stamps.check(file_name)
         if self.format == "hf":
-            with SafetensorsFiles(self.file_stamps.check) as handles:
+            with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
                 read_bytes = 0
                 for stored, target in reads:
                     piece = stored.pieces[0]

@@ -89,7 +89,10 @@ class FileStamps:
             CheckpointError: the file changed (or vanished) since the checkpoint was opened.
         """
         path = self.folder / file_name
-        stat = path.stat() if path.exists() else None
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
         if stat is None or [stat.st_size, stat.st_mtime_ns] != self.stamps.get(file_name):
             raise CheckpointError(f"{path} changed since the checkpoint was opened; open it again")
         return path
