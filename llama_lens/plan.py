@@ -228,14 +228,14 @@ def plan(
 
 def layer_param_count(cfg: LlamaConfig) -> int:
     """Parameters of one decoder layer."""
-    from .checkpoint import block_param_shapes
+    from .names import block_param_shapes
 
     return sum(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
 
 
 def largest_layer_tensor(cfg: LlamaConfig) -> int:
     """Values in the largest parameter of a decoder layer."""
-    from .checkpoint import block_param_shapes
+    from .names import block_param_shapes
 
     return max(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
 

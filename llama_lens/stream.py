@@ -20,7 +20,6 @@ still work; they just cost the memory of the weights the graph saves.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import time
@@ -31,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import dropped_on_error, read_stored_into
+from .checkpoint import Checkpoint, dropped_on_error
 from .config import LlamaConfig
 from .model import HookedLlama, KVCache
+from .names import block_param_shapes
 
 # layer -> (its parameters under block-relative names such as "attn.q_proj.weight", bytes read from disk)
 LayerReader = Callable[[int], tuple[dict[str, torch.Tensor], int]]
@@ -44,14 +44,14 @@ RESIDENT_PARAMS = ("embed.weight", "ln_final.weight", "unembed.weight")
 class CheckpointLayerReader:
     """Reads decoder layers of a Checkpoint into fresh tensors: the `reader` of a StreamedLlama.
 
-    Each layer goes into one new block of memory (see `_empty_cpu_tensors`), cast on the way in:
+    Each layer goes into one new block of memory (see `_empty_cpu_tensors`) and is filled by
+    `Checkpoint.read_into`, the same read as a full load's, cast on the way in:
     - Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
-      memory map), found by the byte offsets in their headers, and opened for each layer (an open is cheap).
-    - Meta .pth shards are opened once, here, and stay memory-mapped for the reader's lifetime: opening one
-      unpickles its whole table of tensors, which would cost more than the reads themselves if done per layer.
-      Each tensor is copied out of the map (`MappedShards.read_into`, the same code as a full load's) and its
-      pages dropped from the process as the copy goes, so the process holds no more of the files than the
-      tensor being copied.
+      memory map), and opened for each layer (an open is cheap).
+    - Meta .pth shards are mapped once, here, and stay mapped for the reader's lifetime (`Checkpoint.open_files`):
+      mapping one unpickles its whole table of tensors, which would cost more than the reads themselves if done
+      per layer. Each tensor's pages are dropped from the process as it is copied, so the process holds no more
+      of the files than the tensor being copied.
 
     A read that fails drops the layer it was reading before the error goes on (see `dropped_on_error`).
 
@@ -61,33 +61,15 @@ class CheckpointLayerReader:
         device: where the result goes.
     """
 
-    def __init__(self, ckpt: Any, dtype: torch.dtype | None, device: torch.device) -> None:
-        from .checkpoint import read_safetensors_header
-
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device) -> None:
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
-        frame = ckpt.tensors()
-        frame = frame[frame["layer"].notna() & frame["param"].notna()]
-        self.stored_dtypes = {param: getattr(torch, name) for param, name in zip(frame["param"], frame["dtype"])}
-        # canonical name -> (file name in the checkpoint folder, [start, end) bytes); None for Meta, read from
-        # `self.shards`.
-        self.locations: dict[str, tuple[str, tuple[int, int]]] | None = None
-        self.shards = None
-        if ckpt.format == "hf":
-            headers = {file: read_safetensors_header(ckpt.path / file) for file in frame["file"].unique()}
-            self.locations = {
-                param: (file, tuple(headers[file][name]["offsets"]))
-                for param, name, file in zip(frame["param"], frame["name"], frame["file"])
-            }
-        else:
-            self.shards = ckpt.open_pth_shards()
+        self.files = ckpt.open_files(lazy=False)
 
     def specs(self, layer: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """Block-relative name -> (shape, dtype after the cast) of the layer's parameters."""
-        from .checkpoint import block_param_shapes
-
         prefix = f"blocks.{layer}."
         return {
-            name.removeprefix(prefix): (torch.Size(shape), self.dtype or self.stored_dtypes[name])
+            name.removeprefix(prefix): (torch.Size(shape), self.dtype or self.ckpt.param_dtype(name))
             for name, shape in block_param_shapes(self.ckpt.config, layer).items()
         }
 
@@ -98,30 +80,12 @@ class CheckpointLayerReader:
         by_name = {f"blocks.{layer}.{relative}": target for relative, target in targets.items()}
         # Only these two dicts hold the layer in this frame: on an error they are emptied, the frames below cleared.
         with dropped_on_error(targets, by_name):
-            if self.shards is not None:
-                read_bytes = self.shards.read_into(by_name)
-            else:
-                read_bytes = self._read_safetensors(by_name)
+            read_bytes = self.ckpt.read_into(by_name, files=self.files)
             if self.device.type != "cpu":
                 # Read into host memory first, so that the disk read never waits inside a device copy.
                 for relative in targets:
                     targets[relative] = targets[relative].to(self.device)
         return targets, read_bytes
-
-    def _read_safetensors(self, targets: dict[str, torch.Tensor]) -> int:
-        read_bytes = 0
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, Any] = {}
-            for name, target in targets.items():
-                file, (start, end) = self.locations[name]
-                if file not in handles:
-                    # A shard replaced since the checkpoint was opened would give other weights at these offsets.
-                    handles[file] = stack.enter_context(open(self.ckpt._check_unchanged(file), "rb", buffering=0))
-                handle = handles[file]
-                handle.seek(start)
-                read_stored_into(handle, target.view(-1), self.stored_dtypes[name], name)
-                read_bytes += end - start
-        return read_bytes
 
 
 def _empty_cpu_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
@@ -286,7 +250,7 @@ def _to_meta(block: nn.Module) -> None:
 
 
 def load_streamed(
-    ckpt: Any,
+    ckpt: Checkpoint,
     *,
     dtype: torch.dtype | None,
     device: torch.device,

@@ -115,13 +115,13 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
         baseline = _baseline_rss_bytes()
         model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
-        original = Checkpoint._read
+        original = Checkpoint.read_into
 
-        def spy(self, stored, *args, **kwargs):
-            read.append(stored.name)
-            return original(self, stored, *args, **kwargs)
+        def spy(self, targets, *args, **kwargs):  # every load reads through read_into
+            read.extend(targets)
+            return original(self, targets, *args, **kwargs)
 
-        Checkpoint._read = spy
+        Checkpoint.read_into = spy
         import llama_lens.model  # noqa: F401  (imported before the baseline, like transformers above)
 
         # The tokenizer (tokenizer.json: a few tens of MiB) is read before the baseline: weights are measured.
@@ -132,14 +132,15 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
         chosen = range(*layers) if kind == "layers" else None
         model = ll.load(path, dtype=torch.float32, layers=chosen, tokenizer=tokenizer)
     peak_growth = _peak_rss_bytes() - baseline  # before anything else (pandas below) allocates
-    table = ckpt.tensors().set_index("name")
+    table = ckpt.tensors()
+    by_param = table[table["param"].notna()].set_index("param")  # `read` holds our names (a tied embedding's once)
     return {
         "kind": kind,
         "peak_growth": peak_growth,
         "weight_bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
         "tensors_read": read,
         "tokenizer_bytes": tokenizer_bytes,
-        "stored_bytes_read": int(table.loc[read, "bytes"].sum()),
+        "stored_bytes_read": int(by_param.loc[read, "bytes"].sum()),
         "checkpoint_stored_bytes": int(table["bytes"].sum()),
     }
 

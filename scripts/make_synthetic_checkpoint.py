@@ -22,18 +22,9 @@ from pathlib import Path
 
 import torch
 
-from llama_lens.checkpoint import (
-    HF_INDEX_FILE,
-    HF_TO_CANONICAL,
-    META_SPLIT_DIM,
-    META_TO_CANONICAL,
-    _template,
-    inverse,
-    param_shapes,
-    rename,
-)
 from llama_lens.config import LlamaConfig, RopeScaling
-from llama_lens.testing import meta_params
+from llama_lens.names import HF_TO_CANONICAL, META_TO_CANONICAL, inverse, meta_split_dim, param_shapes, rename
+from llama_lens.writer import meta_params, split_evenly, write_safetensors_shards
 
 DTYPE = torch.bfloat16
 
@@ -73,34 +64,19 @@ def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return values.to(DTYPE)
 
 
-def shard_groups(shapes: dict[str, tuple[int, ...]], shards: int) -> list[list[str]]:
-    """Names split into `shards` consecutive groups of about equal bytes (forward order, like save_pretrained)."""
-    sizes = {name: torch.Size(shape).numel() for name, shape in shapes.items()}
-    total, done = sum(sizes.values()), 0
-    groups: list[list[str]] = [[] for _ in range(shards)]
-    for name, size in sizes.items():
-        groups[min(int((done + size / 2) / total * shards), shards - 1)].append(name)
-        done += size
-    return [group for group in groups if group]
-
-
 def write_hf(folder: Path, cfg: LlamaConfig, shards: int) -> None:
-    from safetensors.torch import save_file
-
     to_hf = inverse(HF_TO_CANONICAL)
-    shapes = {name: shape for name, shape in param_shapes(cfg).items() if name != "unembed.weight"}
-    groups = shard_groups(shapes, shards)
-    weight_map, total = {}, 0
+    canonical = {rename(name, to_hf): name for name in param_shapes(cfg) if name != "unembed.weight"}
+    shapes = param_shapes(cfg)
+    sizes = {stored: torch.Size(shapes[name]).numel() * DTYPE.itemsize for stored, name in canonical.items()}
+
+    def tensor_for(stored: str) -> torch.Tensor:
+        return random_tensor(canonical[stored], shapes[canonical[stored]])
+
+    groups = split_evenly(sizes, shards)
     for k, group in enumerate(groups, start=1):
-        file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {rename(name, to_hf): random_tensor(name, shapes[name]) for name in group}
-        save_file(tensors, folder / file_name, metadata={"format": "pt"})
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map |= {stored: file_name for stored in tensors}
-        print(f"  {file_name}: {len(tensors)} tensors, {sum(t.nbytes for t in tensors.values()) / 1e9:.2f} GB")
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / HF_INDEX_FILE).write_text(json.dumps(index, indent=2))
+        print(f"  shard {k}/{len(groups)}: {len(group)} tensors, {sum(sizes[n] for n in group) / 1e9:.2f} GB")
+    write_safetensors_shards(folder, groups, tensor_for)  # one shard in memory at a time
     (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
 
 
@@ -113,9 +89,7 @@ def write_meta(folder: Path, cfg: LlamaConfig, mp: int) -> None:
         tensors = {}
         for name, shape in shapes.items():
             meta_name = rename(name, to_meta)
-            template = _template(meta_name)[0]
-            # Llama 3 splits the embedding over the vocabulary.
-            split_dim = 0 if template == "tok_embeddings.weight" else META_SPLIT_DIM.get(template)
+            split_dim = meta_split_dim(meta_name, vocab_parallel=True)  # Llama 3 splits the embedding over the vocab
             piece = list(shape)
             if split_dim is not None:
                 piece[split_dim] //= mp

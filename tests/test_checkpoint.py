@@ -14,19 +14,22 @@ import torch
 from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
-import llama_lens.checkpoint as checkpoint_module
-from llama_lens.checkpoint import (
+import llama_lens.pth_io as pth_io
+import llama_lens.safetensors_io as safetensors_io
+import llama_lens.tensor_index as tensor_index
+from llama_lens.checkpoint import Checkpoint
+from llama_lens.errors import CheckpointError
+from llama_lens.loading import load
+from llama_lens.names import (
     HF_TO_CANONICAL,
     META_TO_CANONICAL,
-    Checkpoint,
-    CheckpointError,
     inverse,
     param_shapes,
     permute_qk_to_interleaved,
     permute_qk_to_rotate_half,
     rename,
 )
-from llama_lens.loading import load
+from llama_lens.pth_io import MappedShards
 from llama_lens.summary import module_summary
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 from llama_lens.validate import resolve_dtype
@@ -90,10 +93,55 @@ def test_mapped_shards_read_what_state_dict_reads(tmp_path, layout, shape, dtype
     expected = ckpt.state_dict(ckpt.params_for([1]), dtype=dtype)
     targets = {name: torch.full(shape, float("nan"), dtype=dtype) for name, shape in param_shapes(cfg).items()}
     targets = {name: targets[name] for name in expected if name.startswith("blocks.")}
-    read_bytes = ckpt.open_pth_shards().read_into(targets)
+    with ckpt.open_files(lazy=False) as files:
+        read_bytes = ckpt.read_into(targets, files=files)
     assert read_bytes == sum(t.numel() * 4 for t in targets.values())  # written as float32
     for name, tensor in targets.items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# ------------------------------------------------------------------------------------------ read_into
+@pytest.mark.parametrize("shape", ["gqa", "mqa", "tied"])
+@pytest.mark.parametrize("layout", ["hf_3_shards", "meta_mp2_llama2", "meta_mp2_llama3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_loads_and_streamed_layers_read_the_same_tensors(tmp_path, layout, shape, dtype):
+    from llama_lens.stream import CheckpointLayerReader
+
+    cfg = tiny_config(n_layers=3, **SHAPES[shape])
+    state = random_state_dict(cfg, seed=4)
+    LAYOUTS[layout](tmp_path / "ckpt", cfg, state)
+    ckpt = Checkpoint(tmp_path / "ckpt", index_cache=False)
+    loaded = ckpt.state_dict(dtype=dtype)
+    # The weights written, cast: an oracle independent of the reader.
+    assert_same(loaded, {name: tensor.to(dtype) for name, tensor in state.items()})
+
+    reader = CheckpointLayerReader(ckpt, dtype, torch.device("cpu"))
+    for layer in range(cfg.n_layers):
+        streamed, read_bytes = reader(layer)
+        prefix = f"blocks.{layer}."
+        assert_same(
+            {prefix + name: tensor for name, tensor in streamed.items()},
+            ckpt.state_dict(ckpt.params_for([layer])[1:-2], dtype=dtype),
+        )
+        assert read_bytes == sum(state[prefix + name].nbytes for name in streamed)  # stored as written, float32
+
+    # The same entry with tensors of our own: any dtype, every parameter at once.
+    targets = {name: torch.full(shape, float("nan"), dtype=torch.float64) for name, shape in param_shapes(cfg).items()}
+    read_bytes = ckpt.read_into(targets)
+    assert_same(targets, {name: tensor.double() for name, tensor in state.items()})
+    assert read_bytes == sum(tensor.nbytes for tensor in state.values())  # a tied embedding read twice here
+
+
+def test_read_into_names_a_bad_target(tmp_path):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+    ckpt = Checkpoint(folder)
+    with pytest.raises(KeyError, match="'blocks.0.attn.q_prj.weight' is not a parameter.*did you mean"):
+        ckpt.read_into({"blocks.0.attn.q_prj.weight": torch.empty(64, 64)})
+    with pytest.raises(ValueError, match=r"'ln_final.weight' must be a contiguous tensor of shape \[64\], got \[65\]"):
+        ckpt.read_into({"ln_final.weight": torch.empty(65)})
+    with pytest.raises(ValueError, match=r"'embed.weight' .* got \[128, 64\] \(not contiguous\)"):
+        ckpt.read_into({"embed.weight": torch.empty(64, 128).T})
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name.startswith("meta")])
@@ -101,7 +149,7 @@ def test_meta_tensors_copied_a_few_rows_at_a_time_are_the_same(tmp_path, monkeyp
     cfg = tiny_config(**SHAPES["tied"])
     state = random_state_dict(cfg, seed=1)
     LAYOUTS[layout](tmp_path / "ckpt", cfg, state)
-    monkeypatch.setattr(checkpoint_module, "READ_CHUNK_BYTES", 1000)  # parts of a few rows, not page-aligned
+    monkeypatch.setattr(pth_io, "COPY_CHUNK_BYTES", 1000)  # parts of a few rows, not page-aligned
     assert_same(Checkpoint(tmp_path / "ckpt").state_dict(), state)
     loaded = Checkpoint(tmp_path / "ckpt").state_dict(dtype=torch.bfloat16)
     assert_same(loaded, {name: tensor.bfloat16() for name, tensor in state.items()})
@@ -208,13 +256,22 @@ def test_a_layer_range_reads_only_its_tensors(tmp_path, monkeypatch, layout):
     LAYOUTS[layout](tmp_path / "ckpt", cfg, state)
     ckpt = Checkpoint(tmp_path / "ckpt")
     read = []
-    original = Checkpoint._read
+    if layout.startswith("hf"):  # every tensor read, by stored name: from its file's offsets, or its shards
+        original = safetensors_io.SafetensorsFiles.read_into
 
-    def spy(self, stored, *args, **kwargs):
-        read.append(stored.name)
-        return original(self, stored, *args, **kwargs)
+        def spy(self, file_name, start, stored_dtype, target, what):
+            read.append(what.strip("'"))
+            return original(self, file_name, start, stored_dtype, target, what)
 
-    monkeypatch.setattr(Checkpoint, "_read", spy)
+        monkeypatch.setattr(safetensors_io.SafetensorsFiles, "read_into", spy)
+    else:
+        original = MappedShards.copy_into
+
+        def spy(self, name, *args, **kwargs):
+            read.append(name)
+            return original(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(MappedShards, "copy_into", spy)
     model = load(ckpt, layers=range(1, 3))
 
     table = inverse(HF_TO_CANONICAL if layout.startswith("hf") else META_TO_CANONICAL)
@@ -255,7 +312,7 @@ def test_without_madvise_meta_shards_are_mapped_again_for_each_layer(tmp_path, m
     state = random_state_dict(cfg)
     folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
     ckpt = Checkpoint(folder)
-    monkeypatch.setattr(checkpoint_module, "_madvise", lambda: None)
+    monkeypatch.setattr(pth_io, "_madvise", lambda: None)  # as on Windows
     opened = count_torch_loads(monkeypatch)
     assert_same(ckpt.state_dict(), state)
     # the embedding, each layer, then the final norm and unembedding
@@ -269,14 +326,14 @@ def test_a_meta_load_lets_go_of_the_shard_pages_it_copied(tmp_path, monkeypatch)
     folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)
     ckpt = Checkpoint(folder)
     in_memory = []  # after each tensor read, while the shards are still mapped
-    read = Checkpoint._read
+    copy_into = MappedShards.copy_into
 
     def sampling(self, *args, **kwargs):
-        tensor = read(self, *args, **kwargs)
+        read_bytes = copy_into(self, *args, **kwargs)
         in_memory.append(shard_pages_in_memory(folder))
-        return tensor
+        return read_bytes
 
-    monkeypatch.setattr(Checkpoint, "_read", sampling)
+    monkeypatch.setattr(MappedShards, "copy_into", sampling)
     ckpt.state_dict(dtype=torch.bfloat16)
     stored_bytes = int(ckpt.tensors()["bytes"].sum())
     assert len(in_memory) == len(ckpt.param_names)
@@ -346,13 +403,13 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     state = random_state_dict(cfg)
     folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state, shards=2)
     calls = []
-    parse = checkpoint_module.read_safetensors_header
+    parse = tensor_index.read_safetensors_header
 
     def counting(path):
         calls.append(path.name)
         return parse(path)
 
-    monkeypatch.setattr(checkpoint_module, "read_safetensors_header", counting)
+    monkeypatch.setattr(tensor_index, "read_safetensors_header", counting)
     Checkpoint(folder)
     assert len(calls) == 2 and len(cache_files(tmp_path)) == 1
 
@@ -419,8 +476,8 @@ def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypat
     _damage(damaged, damage)
     cache.write_text(json.dumps(damaged))
     calls = []
-    parse = checkpoint_module.read_safetensors_header
-    monkeypatch.setattr(checkpoint_module, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
+    parse = tensor_index.read_safetensors_header
+    monkeypatch.setattr(tensor_index, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
 
     ckpt = Checkpoint(folder)
     assert len(calls) == 2  # both headers read again
@@ -458,11 +515,9 @@ def test_meta_index_cache_skips_torch_load_at_open(tmp_path, monkeypatch):
     state = random_state_dict(cfg)
     folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
     Checkpoint(folder)
-    loads = []
-    original = checkpoint_module.load_pth
-    monkeypatch.setattr(checkpoint_module, "load_pth", lambda path: loads.append(path.name) or original(path))
+    loads = count_torch_loads(monkeypatch)
     ckpt = Checkpoint(folder)
-    assert loads == []
+    assert loads == {}
     assert_same(ckpt.state_dict(), state)
     assert set(loads) == {"consolidated.00.pth", "consolidated.01.pth"}
 
@@ -756,18 +811,18 @@ def test_a_read_that_fails_midway_keeps_nothing_it_read(tmp_path, monkeypatch, w
     folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
     ckpt = Checkpoint(folder, index_cache=False)
     last = folder / "model-00002-of-00002.safetensors"
-    (start, _) = checkpoint_module.read_safetensors_header(last)["model.layers.2.mlp.gate_proj.weight"]["offsets"]
-    if when == "before_the_read":  # truncated after the checkpoint was opened: caught when the shard is opened
+    (start, _) = safetensors_io.read_safetensors_header(last)["model.layers.2.mlp.gate_proj.weight"]["offsets"]
+    if when == "before_the_read":  # truncated after the checkpoint was opened: caught before the shard is read
         os.truncate(last, start + 100)
     else:  # truncated while it is open: caught by the read that comes up short, inside layer 2
-        read = checkpoint_module.read_safetensors_tensor
+        read = safetensors_io.SafetensorsFiles.read_into
 
-        def truncating(file, offsets, *args, **kwargs):
-            if offsets[0] == start:
+        def truncating(self, file_name, tensor_start, *args, **kwargs):
+            if tensor_start == start:
                 os.truncate(last, start + 100)
-            return read(file, offsets, *args, **kwargs)
+            return read(self, file_name, tensor_start, *args, **kwargs)
 
-        monkeypatch.setattr(checkpoint_module, "read_safetensors_tensor", truncating)
+        monkeypatch.setattr(safetensors_io.SafetensorsFiles, "read_into", truncating)
 
     error = error_of(lambda: ckpt.state_dict(dtype=torch.bfloat16))
     assert isinstance(error, CheckpointError) and last.name in str(error)
@@ -789,14 +844,14 @@ def test_a_meta_read_that_fails_midway_keeps_nothing_it_read(tmp_path, monkeypat
     if when == "before_the_read":  # changed after the checkpoint was opened: caught when the shard is mapped
         grow()
     else:  # changed while it is mapped: caught before the next copy from it, inside layer 2
-        read = checkpoint_module.MappedShards.read_stored
+        copy_into = MappedShards.copy_into
 
         def growing(self, stored_name, *args, **kwargs):
             if stored_name == "layers.2.feed_forward.w1.weight":
                 grow()
-            return read(self, stored_name, *args, **kwargs)
+            return copy_into(self, stored_name, *args, **kwargs)
 
-        monkeypatch.setattr(checkpoint_module.MappedShards, "read_stored", growing)
+        monkeypatch.setattr(MappedShards, "copy_into", growing)
 
     error = error_of(lambda: ckpt.state_dict(dtype=torch.bfloat16))
     assert isinstance(error, CheckpointError)

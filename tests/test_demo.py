@@ -15,6 +15,7 @@ from llama_lens import demo
 from llama_lens.cli import main
 from llama_lens.config import LlamaConfig
 from llama_lens.demo import DemoModelError, demo_model_path
+from llama_lens.names import permute_qk_to_interleaved, permute_qk_to_rotate_half
 
 
 # ----------------------------------------------------------------------------------------- the real model
@@ -110,8 +111,8 @@ def test_transformers_greedy_decode_says_paris(demo_path):
     assert texts == [golden for _, golden in GOLDEN]
 
 
-def test_unpermute_qk_inverts_llama_cpp_permutation():
-    # llama.cpp's convert_hf_to_gguf.py permutes HF's q/k rows like this; unpermute_qk must undo it.
+def test_one_qk_permutation_undoes_llama_cpp_and_matches_the_old_demo_one():
+    # llama.cpp's convert_hf_to_gguf.py permutes HF's q/k rows like this (Meta's interleaved layout).
     def llama_cpp_permute(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
         return (
             weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:])
@@ -119,11 +120,23 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
             .reshape(weights.shape)
         )
 
+    # What the demo conversion used before it shared the loader's permutation.
+    def old_demo_unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+        rows, d_model = weight.shape
+        d_head = rows // n_heads
+        return weight.reshape(n_heads, d_head // 2, 2, d_model).transpose(1, 2).reshape(rows, d_model)
+
+    generator = torch.Generator().manual_seed(0)
     for n_heads in (9, 3):
-        weight = torch.randn(n_heads * 64, 576)
+        weight = torch.randn(n_heads * 64, 576, generator=generator)
         permuted = llama_cpp_permute(weight, n_heads)
         assert not torch.equal(permuted, weight)
-        assert torch.equal(demo.unpermute_qk(permuted, n_heads), weight)
+        assert torch.equal(permute_qk_to_rotate_half(permuted, n_heads), weight)  # round trip
+        assert torch.equal(permute_qk_to_interleaved(weight, n_heads), permuted)  # the writer's is llama.cpp's
+        assert torch.equal(permute_qk_to_rotate_half(weight, n_heads), old_demo_unpermute_qk(weight, n_heads))
+        out = torch.empty(n_heads * 64, 576, dtype=torch.float64)  # in place, cast on the way
+        assert permute_qk_to_rotate_half(permuted, n_heads, out=out) is out
+        assert torch.equal(out, weight.double())
 
 
 def test_second_call_returns_without_converting(demo_path, monkeypatch):

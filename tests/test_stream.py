@@ -15,8 +15,8 @@ from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens as ll
 import llama_lens.stream as stream_module
-from llama_lens.checkpoint import read_safetensors_header
 from llama_lens.plan import layer_param_count
+from llama_lens.safetensors_io import read_safetensors_header
 from llama_lens.stream import LayerStream, StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
@@ -415,7 +415,7 @@ def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
     # Recorded as it now is, so that the read fails midway through layer 2 (as a disk error would) rather
     # than when the changed shard is opened.
     ckpt = streamed.reader.ckpt
-    ckpt._stats[last_shard.name] = [last_shard.stat().st_size, last_shard.stat().st_mtime_ns]
+    ckpt.file_stamps.stamps[last_shard.name] = [last_shard.stat().st_size, last_shard.stat().st_mtime_ns]
 
     layer_maps = []  # each layer is read into a memory map of its own (see _empty_cpu_tensors)
 
