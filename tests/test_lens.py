@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
 from llama_lens import lens as lens_module
+from llama_lens import readout as readout_module
 from llama_lens.model import HookedLlama
 from llama_lens.plot_lens import visible_token
 from llama_lens.testing import random_state_dict
@@ -104,7 +105,7 @@ def test_last_readout_is_the_models_own_logits():
 )
 def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_size, top_k, monkeypatch):
     if vocab_block is not None:
-        monkeypatch.setattr(ll.lens, "VOCAB_BLOCK", vocab_block)
+        monkeypatch.setattr(readout_module, "VOCAB_BLOCK", vocab_block)
     model = tiny_model(tiny_config(d_vocab=d_vocab))
     tokens = torch.randint(0, d_vocab, (2, 11))
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_top_k_when_a_short_last_block_is_swept_first(monkeypatch):
     # The block that holds the target is swept first. Here that is a last block of one id, and that id is the
     # top token of a read-out: the running top-k starts with fewer than top_k tokens, and must still take in
     # the next blocks although none beats the best so far.
-    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 127)  # blocks [0, 127) and [127, 128)
+    monkeypatch.setattr(readout_module, "VOCAB_BLOCK", 127)  # blocks [0, 127) and [127, 128)
     model = tiny_model()
     tokens = torch.randint(0, 128, (1, 5))
     _, ref = reference_readouts(model, tokens, ["hook_embed"])
@@ -212,17 +213,17 @@ def test_read_out_holds_blocks_not_vocabulary_rows(monkeypatch):
     # [chunk_size, VOCAB_BLOCK] block of float32, however many rows there are.
     model = tiny_model(tiny_config(d_vocab=9000))
     tokens = torch.randint(0, 9000, (2, 100))
-    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 1024)  # several blocks across this small vocabulary
+    monkeypatch.setattr(readout_module, "VOCAB_BLOCK", 1024)  # several blocks across this small vocabulary
     mode = LargestNewStorage()
-    read_out = lens_module._read_out
+    read_out = lens_module.read_out
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         with mode:
-            return read_out(*args)
+            return read_out(*args, **kwargs)
 
-    monkeypatch.setattr(lens_module, "_read_out", watched)
+    monkeypatch.setattr(lens_module, "read_out", watched)
     ll.logit_lens(model, tokens, target=[[5, 8999], [3000, 7]], chunk_size=64)
-    block_bytes = 64 * lens_module.VOCAB_BLOCK * 4
+    block_bytes = 64 * readout_module.VOCAB_BLOCK * 4
     assert 0 < mode.largest <= block_bytes < 2 * 100 * 9000 * 4 / 10
 
 
@@ -234,16 +235,16 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
     tokens = torch.randint(0, 9000, (3, 97))
     every_position = {3 * 97 * 9000 * 4: "logits", 3 * 97 * 64 * 4: "residual stream"}  # bytes, float32
     kept = []
-    read_out = lens_module._read_out
+    read_out = lens_module.read_out
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         gc.collect()
         sizes = {t.untyped_storage().nbytes() for t in gc.get_objects()
                  if type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"}  # fmt: skip
         kept.append(sorted(every_position[n] for n in sizes & every_position.keys()))
-        return read_out(*args)
+        return read_out(*args, **kwargs)
 
-    monkeypatch.setattr(lens_module, "_read_out", watched)
+    monkeypatch.setattr(lens_module, "read_out", watched)
     last = ll.logit_lens(model, tokens, target=5, positions=-1)
     every = ll.logit_lens(model, tokens, target=5)
     assert kept == [[], ["logits", "residual stream"]]  # the second: the check sees them when they are needed
@@ -255,7 +256,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
-    from llama_lens.lens import top_k_largest
+    from llama_lens.readout import top_k_largest
 
     logits = torch.randn(37, d_vocab)
     logits[3, :] = 0.5  # all tied
@@ -336,7 +337,7 @@ def test_bad_arguments_are_named():
     tokens = torch.randint(0, 128, (2, 5))
     with pytest.raises(ValueError, match="unknown read-out"):
         ll.logit_lens(model, tokens, readout="resid_postt")
-    with pytest.raises(ValueError, match="position 5 is out of range"):
+    with pytest.raises(ValueError, match=r"positions=5 is out of range: the prompt has 5 tokens \(0..4, or -5..-1"):
         ll.logit_lens(model, tokens, positions=5)
     with pytest.raises(ValueError, match="3 targets for 2 prompt"):
         ll.logit_lens(model, tokens, target=[1, 2, 3])
@@ -348,7 +349,7 @@ def test_bad_arguments_are_named():
         ll.logit_lens(model, "some text")
     with pytest.raises(ValueError, match="top_k"):
         ll.logit_lens(model, tokens, top_k=0)
-    with pytest.raises(ValueError, match="top_k must be an integer between 1 and d_vocab .*, got 5.0"):
+    with pytest.raises(ValueError, match="top_k must be an integer, got 5.0"):
         ll.logit_lens(model, tokens, top_k=5.0)
     with pytest.raises(ValueError, match="a target is a token's text or id, got float 5.0"):
         ll.logit_lens(model, tokens, target=5.0)
@@ -513,7 +514,7 @@ def test_heatmap_axes_labels_and_cells(text_model):
 
     prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
     result = ll.logit_lens(text_model, prompts, target=" Paris")
-    fig = result.plot(prompt=1)  # the longer prompt: no padding
+    fig = result.plot(batch_index=1)  # the longer prompt: no padding
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     n_tokens = result.tokens.shape[1]
@@ -527,17 +528,17 @@ def test_heatmap_axes_labels_and_cells(text_model):
     assert "probability of the top token" in fig.axes[-1].get_ylabel()  # the colour bar
 
     # Prompt 0 is shorter: its padding columns are left out.
-    short = result.plot("rank", prompt=0)
+    short = result.plot("rank", batch_index=0)
     n_real = int(result.attention_mask[0].sum())
     assert short.axes[0].images[0].get_array().shape == (3, n_real)
     assert "rank of ' Paris'" in short.axes[0].get_title()
     for metric in ("entropy", "kl", "target_prob"):
-        assert result.plot(metric, prompt=1).axes[0].images[0].get_array().shape == (3, n_tokens)
+        assert result.plot(metric, batch_index=1).axes[0].images[0].get_array().shape == (3, n_tokens)
     with pytest.raises(ValueError, match="unknown metric"):
         result.plot("loss")
-    with pytest.raises(ValueError, match=r"prompt=2 is out of range: there are 2 prompts in the batch \(0..1\)"):
-        result.plot(prompt=2)
-    assert result.plot(prompt=np.int64(-1)).axes[0].images[0].get_array().shape == (3, n_tokens)  # prompt 1
+    with pytest.raises(ValueError, match=r"batch_index=2 is out of range: there are 2 prompts in the batch \(0..1\)"):
+        result.plot(batch_index=2)
+    assert result.plot(batch_index=np.int64(-1)).axes[0].images[0].get_array().shape == (3, n_tokens)  # prompt 1
     with pytest.raises(ValueError, match="needs a target"):
         ll.logit_lens(text_model, prompts).plot("rank")
 
@@ -588,8 +589,8 @@ def test_plots_default_to_the_last_position_read_out_and_refuse_padding(text_mod
     padded = ll.logit_lens(text_model, ["Paris", "The Eiffel Tower is in"], target=" Paris")
     assert padded.attention_mask[0, 0] == 0
     with pytest.raises(ValueError, match="position 0 of prompt 0 is padding"):
-        padded.plot_trajectory(prompt=0, position=0)
-    padded.plot_trajectory(prompt=1, position=0)  # a real token there
+        padded.plot_trajectory(batch_index=0, position=0)
+    padded.plot_trajectory(batch_index=1, position=0)  # a real token there
 
 
 def test_trajectory_and_attribution_plots(text_model):
