@@ -42,6 +42,8 @@ def as_index(value: Any) -> int | None:
     a float that happens to be whole); else None."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
+    if getattr(value, "ndim", 0) != 0:  # a one-element tensor or array is a list of one, not a number
+        return None
     try:
         return operator.index(value)
     except TypeError:

@@ -297,3 +297,28 @@ def test_padding_is_left_out_with_the_attention_mask(model):
         pa.attention(cache, 0, 1, batch_index=0, attention_mask=mask, query=0)
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch=2, pos=12\]"):
         pa.attention(cache, 0, 1, attention_mask=mask[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------ renamed keywords
+def test_old_prompt_keyword_warns_and_gives_the_same_result():
+    # batch_index= is which prompt of the batch; prompt= (its old name) works for one release, with a warning.
+    pattern = torch.cat([synthetic_pattern(), synthetic_pattern().roll(1, dims=1)])  # two prompts, heads rotated
+    cache = {"blocks.0.attn.hook_pattern": pattern}
+    new = _image(pa.attention(cache, 0, 1, batch_index=1))
+    with pytest.warns(DeprecationWarning, match=r"attention\(prompt=...\) is deprecated .* use batch_index="):
+        old = _image(pa.attention(cache, 0, 1, prompt=1))
+    np.testing.assert_array_equal(old, new)
+    assert not np.array_equal(new, _image(pa.attention(cache, 0, 1, batch_index=0)))
+    stats = pa.head_statistics(cache, "bos", batch_index=1)
+    assert stats.shape == (1, 4)
+    assert stats[0, 1] == 1.0 and pa.head_statistics(cache, "bos", batch_index=0)[0, 1] < 0.5  # rotated heads
+    with pytest.warns(DeprecationWarning, match=r"head_statistics\(prompt=...\)"):
+        assert torch.equal(pa.head_statistics(cache, "bos", prompt=1), stats)
+    with pytest.warns(DeprecationWarning, match=r"attention_summary\(prompt=...\)"):
+        old = _image(pa.attention_summary(cache, "bos", prompt=1))
+    np.testing.assert_array_equal(old, _image(pa.attention_summary(cache, "bos", batch_index=1)))
+    with pytest.warns(DeprecationWarning, match=r"top_heads\(prompt=...\)"):
+        old = pa.top_heads(cache, "bos", k=2, prompt=1)
+    assert old.equals(pa.top_heads(cache, "bos", k=2, batch_index=1)) and old["head"].tolist()[0] == 1
+    with pytest.raises(TypeError, match="got both prompt= and batch_index="):
+        pa.attention(cache, 0, 1, prompt=1, batch_index=1)
