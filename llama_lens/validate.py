@@ -294,9 +294,10 @@ def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
                     continue
                 if new in kwargs:
                     raise TypeError(f"{function.__name__}() got both {old}= and {new}=; pass {new}= only")
+                meaning = f" (`{old}` now always means {_MEANING[old]})" if old in _MEANING else ""
                 warnings.warn(
                     f"{function.__name__}({old}=...) is deprecated and will be removed in the next release; use "
-                    f"{new}= (`{old}` now always means {_MEANING.get(old, 'something else')})",
+                    f"{new}={meaning}",
                     DeprecationWarning,
                     stacklevel=2,
                 )

@@ -136,3 +136,10 @@ def test_renamed_keywords_warn_once_per_call_and_forward_the_value():
     )
     with pytest.raises(TypeError, match=r"^draw\(\) got both prompt= and batch_index=; pass batch_index= only$"):
         draw(None, prompt=1, batch_index=1)
+
+    @validate.renamed_keywords(prompt_index="batch_index")
+    def explore(*, batch_index=0):
+        return batch_index
+
+    with pytest.warns(DeprecationWarning, match=r"^explore\(prompt_index=...\) is deprecated .*; use batch_index=$"):
+        assert explore(prompt_index=3) == 3
