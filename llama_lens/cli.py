@@ -111,6 +111,12 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--position", type=int, default=-1, help="position the table shows (default: -1, the last)")
     parser.add_argument("--top-k", type=int, default=3, help="top tokens per read-out in the table (default: 3)")
+    parser.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put BOS before the prompt, or not (default: as the model's prepare_tokens does)",
+    )
     parser.set_defaults(run=run_lens)
 
 
@@ -123,7 +129,10 @@ def run_lens(args: argparse.Namespace) -> int:
     readout = {} if args.readout is None else {"readout": args.readout}
     # The table shows one position; only the heatmap needs them all.
     positions = None if args.out else [args.position]
-    lens = ll.logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, positions=positions, **readout)
+    lens = ll.logit_lens(
+        model, args.prompt, target=args.target, top_k=args.top_k, positions=positions,
+        prepend_bos=args.prepend_bos, **readout,
+    )  # fmt: skip
     print(format_lens_table(lens, args.position))
     if args.out:
         metric = args.metric or ("rank" if args.target is not None else "prob")
@@ -147,9 +156,7 @@ def _check_figure_path(path: Path) -> None:
 def format_lens_table(lens, position: int = -1) -> str:
     """One line per read-out at one position of the first prompt: top tokens with probabilities and, with a
     target, its probability and rank."""
-    from .plot_lens import _resolve_position
-
-    column = _resolve_position(lens, position)
+    column = lens.inputs.column_of(position)
     pos = lens.positions[column]
     token = lens.str_tokens[0][pos]
     lines = [f"logit lens at position {pos} ({token!r}): what each read-out predicts next"]

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .plot_lens import _check_index, visible_token
+from .plot_lens import visible_token
+from .validate import check_attention_mask, check_choice, check_count, check_index, renamed_keywords
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,13 +115,14 @@ def _tick_labels(positions: list[int], tokens: Sequence[str] | None, max_labels:
 
 
 # ----------------------------------------------------------------------------------------------- attention()
+@renamed_keywords(prompt="batch_index")
 def attention(
     cache_or_output: Any,
     layer: int,
     head: int | None = None,
     *,
     tokens: Sequence[str] | None = None,
-    prompt: int = 0,
+    batch_index: int = 0,
     attention_mask: torch.Tensor | None = None,
     scores: bool = False,
     max_positions: int | None = None,
@@ -143,7 +145,7 @@ def attention(
         head: the head; None draws a grid of all heads of the layer.
         tokens: the text of each position (`model.to_str_tokens(tokens)`) for the axis labels; positions
             are numbered when omitted.
-        prompt: which prompt of the batch to draw.
+        batch_index: which prompt of the batch to draw (negative counts from the end); formerly `prompt=`.
         attention_mask: [batch, pos] 1 for real tokens and 0 for padding (as `model.prepare_tokens` returns it
             for a batch of texts): the prompt's padding rows and columns are left out.
         scores: draw the pre-softmax scores instead of the pattern; masked cells are left blank.
@@ -167,18 +169,19 @@ def attention(
     """
     values = attention_pattern(cache_or_output, layer, scores=scores)  # [batch, n_heads, q_pos, k_pos]
     batch, n_heads, q_pos, k_pos = values.shape
-    prompt = _check_index("prompt", prompt, batch, "prompts in the batch")
+    prompt = check_index("batch_index", batch_index, batch, "prompts in the batch")
     if head is not None:
-        head = _check_index("head", head, n_heads, "heads")
+        head = check_index("head", head, n_heads, "heads")
     if tokens is not None:
         tokens = _checked_tokens(tokens, k_pos)
-    for name, value in (("max_positions", max_positions), ("top_k", top_k)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    if max_positions is not None:
+        max_positions = check_count("max_positions", max_positions, 1)
+    if top_k is not None:
+        top_k = check_count("top_k", top_k, 1)
 
     real = None
     if attention_mask is not None:
-        real = _checked_mask(attention_mask, values)[prompt]  # [k_pos]
+        real = check_attention_mask(attention_mask, batch, k_pos)[prompt]  # [k_pos]
     values = values[prompt].detach().float().cpu()  # [n_heads, q_pos, k_pos]
     heads = None if head is None else [head]
     queries, keys = _shown_positions(values, scores, max_positions, top_k, heads, real)
@@ -187,7 +190,7 @@ def attention(
     shown = values[:, queries][:, :, keys]  # [n_heads, n_queries, n_keys]
     row = col = None
     if query is not None:
-        query = _check_index("query", query, q_pos, "query positions")
+        query = check_index("query", query, q_pos, "query positions")
         if real is not None and not real[query + past]:
             raise ValueError(f"query {query} is padding in prompt {prompt}")
         if query not in queries:
@@ -196,7 +199,7 @@ def attention(
             )
         row = queries.index(query)
         if key is not None:
-            key = _check_index("key", key, k_pos, "key positions")
+            key = check_index("key", key, k_pos, "key positions")
             col = keys.index(key) if key in keys else None
 
     import numpy as np
@@ -306,12 +309,13 @@ def _label_axis(ax: Axes, axis: str, positions: list[int], tokens, max_labels: i
 
 
 # ----------------------------------------------------------------------------------------------- per-head stats
+@renamed_keywords(prompt="batch_index")
 def head_statistics(
     cache_or_output: Any,
     stat: str | Callable[[torch.Tensor], torch.Tensor] = "bos",
     *,
     period: int | None = None,
-    prompt: int | None = None,
+    batch_index: int | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One number per head: how much it attends to BOS, to the previous token, to itself, how spread out its
@@ -327,7 +331,7 @@ def head_statistics(
             to i - period + 1, for prompts laid out as BOS followed by a block of `period` random tokens
             repeated), or a function pattern [batch, n_heads, q_pos, k_pos] -> [n_heads] or [batch, n_heads].
         period: the length of the repeated block, for "induction".
-        prompt: use this prompt of the batch only (default: the mean over the batch).
+        batch_index: use this prompt of the batch only (default: the mean over the batch); formerly `prompt=`.
         attention_mask: [batch, pos], 1 for real tokens, 0 for left padding, so padded prompts count from
             their own first token and padding queries are skipped.
 
@@ -343,16 +347,19 @@ def head_statistics(
     layers = attention_layers(cache)
     if not layers:
         attention_pattern(cache, 0)  # raises the KeyError that says how to cache patterns
-    if not callable(stat) and stat not in HEAD_STATS:
-        raise ValueError(f"unknown stat {stat!r}; use one of {sorted(HEAD_STATS)} or a function of the pattern")
+    if not callable(stat):
+        try:
+            check_choice("stat", stat, sorted(HEAD_STATS))
+        except ValueError as err:
+            raise ValueError(f"{err}, or a function of the pattern") from None
     if stat == "induction" and (period is None or period < 1):
         raise ValueError("stat='induction' needs period=, the length of the repeated block of tokens")
     rows = []
     for layer in layers:
         pattern = attention_pattern(cache, layer).detach().float().cpu()  # [batch, n_heads, q_pos, k_pos]
-        mask = None if attention_mask is None else _checked_mask(attention_mask, pattern)
-        if prompt is not None:
-            prompt = _check_index("prompt", prompt, pattern.shape[0], "prompts in the batch")
+        mask = None if attention_mask is None else checked_mask(attention_mask, pattern)
+        if batch_index is not None:
+            prompt = check_index("batch_index", batch_index, pattern.shape[0], "prompts in the batch")
             pattern = pattern[prompt : prompt + 1]
             mask = None if mask is None else mask[prompt : prompt + 1]
         rows.append(_layer_statistic(pattern, stat, period, mask))
@@ -404,6 +411,7 @@ def _layer_statistic(
     return (per_query * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2))
 
 
+@renamed_keywords(prompt="batch_index")
 def top_heads(
     cache_or_output: Any,
     stat: str | Callable[[torch.Tensor], torch.Tensor] = "bos",
@@ -424,12 +432,13 @@ def top_heads(
     return pd.DataFrame(rows, columns=["layer", "head", name])
 
 
+@renamed_keywords(prompt="batch_index")
 def attention_summary(
     cache_or_output: Any,
     stat: str | Callable[[torch.Tensor], torch.Tensor] = "bos",
     *,
     period: int | None = None,
-    prompt: int | None = None,
+    batch_index: int | None = None,
     attention_mask: torch.Tensor | None = None,
     annotate: bool | None = None,
     cmap: str = "viridis",
@@ -438,14 +447,16 @@ def attention_summary(
 
     Args:
         cache_or_output: a cache (or the pair `run_with_cache` returns) holding `hook_pattern` of the layers.
-        stat, period, prompt, attention_mask: as in `head_statistics`.
+        stat, period, batch_index, attention_mask: as in `head_statistics` (`batch_index` formerly `prompt=`).
         annotate: write each value in its cell (default: when there are at most 400 cells).
         cmap: matplotlib colour map.
 
     Returns:
         The matplotlib Figure; its image is [n_layers, n_heads].
     """
-    values = head_statistics(cache_or_output, stat, period=period, prompt=prompt, attention_mask=attention_mask)
+    values = head_statistics(
+        cache_or_output, stat, period=period, batch_index=batch_index, attention_mask=attention_mask
+    )
     layers = attention_layers(cache_or_output)
     n_layers, n_heads = values.shape
 
@@ -502,14 +513,15 @@ def _checked_tokens(tokens: Sequence[str], k_pos: int) -> list[str]:
     return tokens
 
 
-def _checked_mask(attention_mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+def checked_mask(attention_mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """`attention_mask` [batch, pos] checked against a pattern [batch, n_heads, q_pos, k_pos], as a CPU bool
+    tensor (`validate.check_attention_mask`)."""
     batch, _, _, k_pos = pattern.shape
-    if tuple(attention_mask.shape) != (batch, k_pos):
-        raise ValueError(
-            f"attention_mask must be [batch={batch}, pos={k_pos}] like the cached pattern, got "
-            f"{tuple(attention_mask.shape)}"
-        )
-    return attention_mask.detach().cpu().bool()
+    return check_attention_mask(attention_mask, batch, k_pos)
+
+
+# The name widgets.py reads; it moves to `checked_mask` with the widgets' next change.
+_checked_mask = checked_mask
 
 
 def _colour_map(name: str):

@@ -13,14 +13,16 @@ with its whitespace made visible ("·" for a space, "↵" for a newline, "⇥" f
 from __future__ import annotations
 
 import math
-import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .validate import check_choice, renamed_keywords
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .lens import AttributionResult, LensResult
+    from .attribution import AttributionResult
+    from .lens import LensResult
 
 # metric -> (what the colour bar says, default colour map)
 LENS_METRICS = {
@@ -50,41 +52,14 @@ def _thinned(n: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
     return list(range(0, n, step))
 
 
-def _resolve_position(result, position: int | None, prompt: int | None = None) -> int:
-    """Index into `result.positions` of a token position (negative counts from the prompt's end; None: the
-    last position read out). With `prompt`, a padding position of that prompt is refused."""
-    n_tokens = result.tokens.shape[1]
-    if position is None:
-        position = max(result.positions)
-    if not -n_tokens <= position < n_tokens:
-        raise ValueError(f"position {position} is out of range for a prompt of {n_tokens} tokens")
-    position %= n_tokens
-    if position not in result.positions:
-        raise ValueError(f"position {position} was not read out; this result holds positions {result.positions}")
-    if prompt is not None and not result.attention_mask[prompt, position]:
-        raise ValueError(f"position {position} of prompt {prompt} is padding (the batch is left-padded)")
-    return result.positions.index(position)
-
-
-def _check_index(name: str, value: Any, size: int, what: str) -> int:
-    """`value` as an index in 0..size - 1 (the lens and attention plots' prompt, target, head, query and key):
-    any integer type (a numpy int from a DataFrame too), negative counting from the end."""
-    try:
-        index = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or not -size <= index < size:
-        raise ValueError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
-    return index % size
-
-
 # ----------------------------------------------------------------------------------------------- heatmap
+@renamed_keywords(prompt="batch_index", target="target_index")
 def lens_heatmap(
     result: LensResult,
     metric: str = "prob",
     *,
-    prompt: int = 0,
-    target: int = 0,
+    batch_index: int = 0,
+    target_index: int = 0,
     annotate: bool = True,
     max_chars: int = 7,
     cmap: str | None = None,
@@ -101,8 +76,8 @@ def lens_heatmap(
         result: a LensResult.
         metric: "prob" (the top token's), "target_prob", "entropy", "kl" (to the final distribution) or "rank"
             (the target's, on a log scale).
-        prompt: which prompt of the batch.
-        target: which target (an index into the prompt's targets) for "target_prob" and "rank".
+        batch_index: which prompt of the batch (negative counts from the end); formerly `prompt=`.
+        target_index: which of the prompt's targets, for "target_prob" and "rank"; formerly `target=`.
         annotate: write the top token in each cell.
         max_chars: clip token text to this many characters.
         cmap: a matplotlib colour map name (default per metric).
@@ -115,10 +90,8 @@ def lens_heatmap(
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
-    metric = _METRIC_ALIASES.get(metric, metric)
-    if metric not in LENS_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {list(LENS_METRICS)}")
-    prompt = _check_index("prompt", prompt, result.batch, "prompts in the batch")
+    metric = check_choice("metric", _METRIC_ALIASES.get(metric, metric), list(LENS_METRICS))
+    prompt = result.inputs.check_batch_index(batch_index)
     columns = [j for j, p in enumerate(result.positions) if result.attention_mask[prompt, p]]
     if not columns:
         raise ValueError(f"prompt {prompt} has no real tokens at the positions read out")
@@ -127,7 +100,7 @@ def lens_heatmap(
     if metric in ("target_prob", "rank"):
         if result.target_ids is None:
             raise ValueError(f"metric {metric!r} needs a target: run logit_lens(..., target=' Paris')")
-        target = _check_index("target", target, result.n_targets, "targets")
+        target = result.inputs.check_target_index(target_index)
         target_text = repr(result.target_strs[prompt][target])
     values = {
         "prob": lambda: result.top_probs[prompt, :, :, 0],
@@ -204,10 +177,11 @@ def _annotate_cells(ax: Axes, result, prompt, columns, values, norm, cmap, fonts
 
 
 # ----------------------------------------------------------------------------------------------- trajectory
+@renamed_keywords(prompt="batch_index")
 def lens_trajectory(
     result: LensResult,
     *,
-    prompt: int = 0,
+    batch_index: int = 0,
     position: int | None = None,
     metric: str = "both",
     figsize: tuple[float, float] | None = None,
@@ -216,7 +190,7 @@ def lens_trajectory(
 
     Args:
         result: a LensResult computed with a target.
-        prompt: which prompt of the batch.
+        batch_index: which prompt of the batch (negative counts from the end); formerly `prompt=`.
         position: the token position, among those read out (negative counts from the end; default the last
             read out: the prompt's last token, where the next token is predicted, unless `positions=` left it
             out); not a padding position.
@@ -230,10 +204,9 @@ def lens_trajectory(
 
     if result.target_ids is None:
         raise ValueError("a trajectory needs a target: run logit_lens(..., target=' Paris')")
-    if metric not in ("prob", "rank", "both"):
-        raise ValueError(f"metric must be 'prob', 'rank' or 'both', got {metric!r}")
-    prompt = _check_index("prompt", prompt, result.batch, "prompts in the batch")
-    column = _resolve_position(result, position, prompt)
+    check_choice("metric", metric, ["prob", "rank", "both"])
+    prompt = result.inputs.check_batch_index(batch_index)
+    column = result.inputs.column_of(position, prompt)
     panels = ["prob", "rank"] if metric == "both" else [metric]
     n = result.n_readouts
     if figsize is None:
@@ -268,12 +241,13 @@ def lens_trajectory(
 
 
 # ----------------------------------------------------------------------------------------------- attribution
+@renamed_keywords(prompt="batch_index", target="target_index")
 def logit_attribution(
     result: AttributionResult,
     *,
-    prompt: int = 0,
+    batch_index: int = 0,
     position: int | None = None,
-    target: int = 0,
+    target_index: int = 0,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Direct logit attribution at one position: bars for the embedding and each layer's attention and MLP
@@ -281,9 +255,9 @@ def logit_attribution(
 
     Args:
         result: an AttributionResult from `direct_logit_attribution`.
-        prompt: which prompt of the batch.
+        batch_index: which prompt of the batch (negative counts from the end); formerly `prompt=`.
         position: the token position (must be among those attributed; default the last of them).
-        target: which target (an index into the prompt's targets).
+        target_index: which of the prompt's targets; formerly `target=`.
         figsize: (width, height) in inches.
 
     Returns:
@@ -292,9 +266,9 @@ def logit_attribution(
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    prompt = _check_index("prompt", prompt, result.tokens.shape[0], "prompts in the batch")
-    target = _check_index("target", target, result.target_ids.shape[1], "targets")
-    column = _resolve_position(result, position, prompt)
+    prompt = result.inputs.check_batch_index(batch_index)
+    target = result.inputs.check_target_index(target_index)
+    column = result.inputs.column_of(position, prompt)
     values = result.components[prompt, :, column, target]  # [n_components]
     has_heads = result.heads is not None and len(result.head_layers) > 0
     n_layers = len(result.head_layers) if has_heads else sum(k == "attn" for k in result.kinds)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_lens as ll
-from llama_lens import lens as lens_module
+from llama_lens import readout
 
 
 def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:
@@ -79,10 +79,10 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    chunk = args.chunk_size or lens_module.DEFAULT_CHUNK_SIZE
+    chunk = args.chunk_size or readout.DEFAULT_CHUNK_SIZE
     if args.vocab_block:
-        lens_module.VOCAB_BLOCK = args.vocab_block
-    block = lens_module.VOCAB_BLOCK
+        readout.VOCAB_BLOCK = args.vocab_block
+    block = readout.VOCAB_BLOCK
     path = args.path or str(ll.demo_model_path())
     model = ll.load(path, dtype=torch.float32)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -122,9 +122,9 @@ def main() -> None:
                 for v0 in range(0, cfg.d_vocab, block):
                     w = weight[v0 : v0 + block]
                     logits = torch.mm(x, w.t(), out=buffer[: len(x) * len(w)].view(len(x), len(w)))
-                    shift = logits.amax(dim=1) * lens_module.LOG2_E
+                    shift = logits.amax(dim=1) * readout.LOG2_E
                     exps = weights[: logits.numel()].view_as(logits)
-                    torch.add(-shift[:, None], logits, alpha=lens_module.LOG2_E, out=exps).exp2_().sum(dim=1)
+                    torch.add(-shift[:, None], logits, alpha=readout.LOG2_E, out=exps).exp2_().sum(dim=1)
 
         def inference(fn):
             def run():

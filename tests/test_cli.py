@@ -125,3 +125,16 @@ def test_each_command_has_help(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: llama-lens {command}") and len(out.splitlines()) > 8
+
+
+def test_lens_prepend_bos_flags(demo_path, capsys):
+    # Without either flag the model's own default applies (prepare_tokens decides); these two override it.
+    first_lines = {}
+    for flag in ("--prepend-bos", "--no-prepend-bos"):
+        assert main(["lens", "Hello world", flag, "--top-k", "1"]) == 0
+        first_lines[flag] = capsys.readouterr().out.splitlines()[0]
+    # The last token is " world" either way; without BOS it sits one position earlier.
+    with_bos, without = first_lines["--prepend-bos"], first_lines["--no-prepend-bos"]
+    assert with_bos.endswith(" (' world'): what each read-out predicts next")
+    position = int(with_bos.split()[4])
+    assert without == with_bos.replace(f"position {position} ", f"position {position - 1} ")

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
 from llama_lens import lens as lens_module
+from llama_lens import readout as readout_module
 from llama_lens.plot_lens import visible_token
 
 CORPUS = [
@@ -94,7 +95,7 @@ def test_last_readout_is_the_models_own_logits(device):
 )
 def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_size, top_k, monkeypatch):
     if vocab_block is not None:
-        monkeypatch.setattr(ll.lens, "VOCAB_BLOCK", vocab_block)
+        monkeypatch.setattr(readout_module, "VOCAB_BLOCK", vocab_block)
     model = tiny_model(tiny_config(d_vocab=d_vocab))
     tokens = torch.randint(0, d_vocab, (2, 11))
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_top_k_when_a_short_last_block_is_swept_first(monkeypatch):
     # The block that holds the target is swept first. Here that is a last block of one id, and that id is the
     # top token of a read-out: the running top-k starts with fewer than top_k tokens, and must still take in
     # the next blocks although none beats the best so far.
-    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 127)  # blocks [0, 127) and [127, 128)
+    monkeypatch.setattr(readout_module, "VOCAB_BLOCK", 127)  # blocks [0, 127) and [127, 128)
     model = tiny_model()
     tokens = torch.randint(0, 128, (1, 5))
     _, ref = reference_readouts(model, tokens, ["hook_embed"])
@@ -202,17 +203,17 @@ def test_read_out_holds_blocks_not_vocabulary_rows(monkeypatch):
     # [chunk_size, VOCAB_BLOCK] block of float32, however many rows there are.
     model = tiny_model(tiny_config(d_vocab=9000))
     tokens = torch.randint(0, 9000, (2, 100))
-    monkeypatch.setattr(lens_module, "VOCAB_BLOCK", 1024)  # several blocks across this small vocabulary
+    monkeypatch.setattr(readout_module, "VOCAB_BLOCK", 1024)  # several blocks across this small vocabulary
     mode = LargestNewStorage()
-    read_out = lens_module._read_out
+    read_out = lens_module.read_out
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         with mode:
-            return read_out(*args)
+            return read_out(*args, **kwargs)
 
-    monkeypatch.setattr(lens_module, "_read_out", watched)
+    monkeypatch.setattr(lens_module, "read_out", watched)
     ll.logit_lens(model, tokens, target=[[5, 8999], [3000, 7]], chunk_size=64)
-    block_bytes = 64 * lens_module.VOCAB_BLOCK * 4
+    block_bytes = 64 * readout_module.VOCAB_BLOCK * 4
     assert 0 < mode.largest <= block_bytes < 2 * 100 * 9000 * 4 / 10
 
 
@@ -224,16 +225,16 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
     tokens = torch.randint(0, 9000, (3, 97))
     every_position = {3 * 97 * 9000 * 4: "logits", 3 * 97 * 64 * 4: "residual stream"}  # bytes, float32
     kept = []
-    read_out = lens_module._read_out
+    read_out = lens_module.read_out
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         gc.collect()
         sizes = {t.untyped_storage().nbytes() for t in gc.get_objects()
                  if type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"}  # fmt: skip
         kept.append(sorted(every_position[n] for n in sizes & every_position.keys()))
-        return read_out(*args)
+        return read_out(*args, **kwargs)
 
-    monkeypatch.setattr(lens_module, "_read_out", watched)
+    monkeypatch.setattr(lens_module, "read_out", watched)
     last = ll.logit_lens(model, tokens, target=5, positions=-1)
     every = ll.logit_lens(model, tokens, target=5)
     assert kept == [[], ["logits", "residual stream"]]  # the second: the check sees them when they are needed
@@ -245,7 +246,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
-    from llama_lens.lens import top_k_largest
+    from llama_lens.readout import top_k_largest
 
     logits = torch.randn(37, d_vocab)
     logits[3, :] = 0.5  # all tied
@@ -326,7 +327,7 @@ def test_bad_arguments_are_named():
     tokens = torch.randint(0, 128, (2, 5))
     with pytest.raises(ValueError, match="unknown read-out"):
         ll.logit_lens(model, tokens, readout="resid_postt")
-    with pytest.raises(ValueError, match="position 5 is out of range"):
+    with pytest.raises(ValueError, match=r"positions=5 is out of range: the prompt has 5 tokens \(0..4, or -5..-1"):
         ll.logit_lens(model, tokens, positions=5)
     with pytest.raises(ValueError, match="3 targets for 2 prompt"):
         ll.logit_lens(model, tokens, target=[1, 2, 3])
@@ -338,7 +339,7 @@ def test_bad_arguments_are_named():
         ll.logit_lens(model, "some text")
     with pytest.raises(ValueError, match="top_k"):
         ll.logit_lens(model, tokens, top_k=0)
-    with pytest.raises(ValueError, match="top_k must be an integer between 1 and d_vocab .*, got 5.0"):
+    with pytest.raises(ValueError, match="top_k must be an integer, got 5.0"):
         ll.logit_lens(model, tokens, top_k=5.0)
     with pytest.raises(ValueError, match="a target is a token's text or id, got float 5.0"):
         ll.logit_lens(model, tokens, target=5.0)
@@ -503,7 +504,7 @@ def test_heatmap_axes_labels_and_cells(text_model):
 
     prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
     result = ll.logit_lens(text_model, prompts, target=" Paris")
-    fig = result.plot(prompt=1)  # the longer prompt: no padding
+    fig = result.plot(batch_index=1)  # the longer prompt: no padding
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     n_tokens = result.tokens.shape[1]
@@ -517,17 +518,17 @@ def test_heatmap_axes_labels_and_cells(text_model):
     assert "probability of the top token" in fig.axes[-1].get_ylabel()  # the colour bar
 
     # Prompt 0 is shorter: its padding columns are left out.
-    short = result.plot("rank", prompt=0)
+    short = result.plot("rank", batch_index=0)
     n_real = int(result.attention_mask[0].sum())
     assert short.axes[0].images[0].get_array().shape == (3, n_real)
     assert "rank of ' Paris'" in short.axes[0].get_title()
     for metric in ("entropy", "kl", "target_prob"):
-        assert result.plot(metric, prompt=1).axes[0].images[0].get_array().shape == (3, n_tokens)
+        assert result.plot(metric, batch_index=1).axes[0].images[0].get_array().shape == (3, n_tokens)
     with pytest.raises(ValueError, match="unknown metric"):
         result.plot("loss")
-    with pytest.raises(ValueError, match=r"prompt=2 is out of range: there are 2 prompts in the batch \(0..1\)"):
-        result.plot(prompt=2)
-    assert result.plot(prompt=np.int64(-1)).axes[0].images[0].get_array().shape == (3, n_tokens)  # prompt 1
+    with pytest.raises(ValueError, match=r"batch_index=2 is out of range: there are 2 prompts in the batch \(0..1\)"):
+        result.plot(batch_index=2)
+    assert result.plot(batch_index=np.int64(-1)).axes[0].images[0].get_array().shape == (3, n_tokens)  # prompt 1
     with pytest.raises(ValueError, match="needs a target"):
         ll.logit_lens(text_model, prompts).plot("rank")
 
@@ -578,8 +579,8 @@ def test_plots_default_to_the_last_position_read_out_and_refuse_padding(text_mod
     padded = ll.logit_lens(text_model, ["Paris", "The Eiffel Tower is in"], target=" Paris")
     assert padded.attention_mask[0, 0] == 0
     with pytest.raises(ValueError, match="position 0 of prompt 0 is padding"):
-        padded.plot_trajectory(prompt=0, position=0)
-    padded.plot_trajectory(prompt=1, position=0)  # a real token there
+        padded.plot_trajectory(batch_index=0, position=0)
+    padded.plot_trajectory(batch_index=1, position=0)  # a real token there
 
 
 def test_trajectory_and_attribution_plots(text_model):
@@ -661,3 +662,170 @@ def test_entropy_and_kl_stay_accurate_at_large_logits():
     assert entropy.min() < 0.1  # peaked rows: lse and the mean logit nearly cancel
     torch.testing.assert_close(result.entropy.double(), entropy, atol=1e-4, rtol=0)
     torch.testing.assert_close(result.kl_to_final.double(), kl, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- the engine alone
+@pytest.mark.parametrize("flat", [False, True])
+def test_engine_without_a_model_matches_float64(flat, monkeypatch):
+    # readout.read_out on bare tensors (no model, no norm): every metric against a float64 computation of
+    # the same logits. Blocks of 1000 ids over 2300 (a short tail), chunks of 7 vectors, targets in three blocks.
+    monkeypatch.setattr(readout_module, "VOCAB_BLOCK", 1000)
+    generator = torch.Generator().manual_seed(3)
+    n_rows, n_readouts, d_model, d_vocab, top_k = 5, 3, 32, 2300, 4
+    normed = torch.randn(n_rows, n_readouts, d_model, generator=generator)
+    weight = torch.randn(d_vocab, d_model, generator=generator)
+    final_logits = 4 * torch.randn(n_rows, d_vocab, generator=generator)
+    targets = torch.tensor([[0, 1500, 2299]] * n_rows)
+    if flat:
+        normed = normed[:, 0]
+    final, out = readout_module.read_out(normed, weight, final_logits, targets, top_k=top_k, chunk_size=7,
+                                         keep_logits=True)  # fmt: skip
+
+    logits = normed.double() @ weight.double().T  # [n_rows, (n_readouts,) d_vocab]
+    final64 = final_logits.double()
+    if not flat:
+        final64 = final64[:, None]
+    log_probs, final_log_probs = logits.log_softmax(-1), final64.log_softmax(-1)
+    top = logits.topk(top_k, dim=-1)
+    assert_same_top_k(out.top_ids, out.top_logits.double(), top.values, scores=logits, expected_ids=top.indices,
+                      atol=1e-4)  # fmt: skip
+    # Probabilities to float32 rounding of the logits (a few 1e-6 at logits near 20): relative, not absolute.
+    torch.testing.assert_close(out.top_probs.double(), log_probs.gather(-1, out.top_ids).exp(), atol=1e-7, rtol=2e-5)
+    torch.testing.assert_close(out.lse.double(), logits.logsumexp(-1), atol=1e-4, rtol=0)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    torch.testing.assert_close(out.entropy.double(), entropy, atol=1e-4, rtol=0)
+    kl = (final_log_probs.exp() * (final_log_probs - log_probs)).sum(-1)
+    torch.testing.assert_close(out.kl.double(), kl, atol=1e-4, rtol=0)
+    assert kl.min() > 1e-2  # the read-outs really differ from the final distribution
+    ids = targets if flat else targets[:, None].expand(-1, n_readouts, -1)
+    torch.testing.assert_close(out.target_logits.double(), logits.gather(-1, ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.target_probs.double(), log_probs.gather(-1, ids).exp(), atol=1e-7, rtol=2e-5)
+    # A rank by its definition, on the engine's own float32 logits: tokens with a strictly higher logit.
+    torch.testing.assert_close(out.logits.double(), logits, atol=1e-4, rtol=0)
+    kept = out.logits
+    assert torch.equal(out.target_ranks, (kept[..., None, :] > kept.gather(-1, ids)[..., None]).sum(-1))
+    # The final distribution's own metrics: KL 0, entropy and top-k from its logits.
+    assert torch.equal(final.kl, torch.zeros(n_rows))
+    final_probs = final_logits.double().log_softmax(-1)
+    torch.testing.assert_close(final.entropy.double(), -(final_probs.exp() * final_probs).sum(-1), atol=1e-4, rtol=0)
+    expected = final_logits.topk(top_k, dim=-1)
+    assert_same_top_k(final.top_ids, final.top_logits, expected.values, scores=final_logits,
+                      expected_ids=expected.indices)  # fmt: skip
+
+
+def test_engine_refuses_tensors_that_do_not_fit():
+    normed, weight, final = torch.randn(4, 2, 8), torch.randn(50, 8), torch.randn(4, 50)
+    with pytest.raises(ValueError, match=r"shapes do not fit: normed \(4, 2, 8\)"):
+        readout_module.read_out(normed, torch.randn(50, 9), final)
+    with pytest.raises(ValueError, match=r"final_logits \(3, 50\)"):
+        readout_module.read_out(normed, weight, final[:3])
+    with pytest.raises(ValueError, match=r"targets=\[\[0\], \[1\], \[50\], \[2\]\] is out of range: .* \(0..49\)"):
+        readout_module.read_out(normed, weight, final, torch.tensor([[0], [1], [50], [2]]))
+    with pytest.raises(ValueError, match=r"top_k=51 is out of range: the vocabulary has 50 ids \(1..50\)"):
+        readout_module.read_out(normed, weight, final, top_k=51)
+    with pytest.raises(ValueError, match="chunk_size=0 is out of range: it must be at least 1"):
+        readout_module.read_out(normed, weight, final, chunk_size=0)
+
+
+def test_lens_results_are_the_engines_on_normed_residuals():
+    # logit_lens = the model's residual streams through ln_final, then the engine: a tuned lens changes the
+    # engine's input only.
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 6))
+    result = ll.logit_lens(model, tokens, target=5)
+    hooks = ["hook_embed", "blocks.0.hook_resid_post"]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=hooks)
+        normed = model.ln_final(torch.stack([cache[h] for h in hooks], dim=2)).flatten(0, 1)  # [rows, 2, d_model]
+    targets = torch.full((12, 1), 5)
+    final, out = readout_module.read_out(normed, model.unembed.weight, logits.flatten(0, 1), targets)
+    torch.testing.assert_close(result.entropy[:, :2], out.entropy.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,
+                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(result.kl_to_final[:, :2], out.kl.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,
+                               rtol=0)  # fmt: skip
+    assert torch.equal(result.target_ranks[:, 2], final.target_ranks.unflatten(0, (2, 6)))
+
+
+# ----------------------------------------------------------------------------------------------- inputs, prepend_bos
+def test_results_share_their_inputs(text_model):
+    prompt = "The Eiffel Tower is located in the city of"
+    lens = ll.logit_lens(text_model, prompt, target=" Paris", positions=[-2, -1])
+    dla = ll.direct_logit_attribution(text_model, prompt, " Paris", positions=[-2, -1])
+    for result in (lens, dla):
+        assert isinstance(result.inputs, ll.LensInputs)
+        inputs = result.inputs
+        assert result.tokens is inputs.tokens and result.positions is inputs.positions
+        assert result.attention_mask is inputs.attention_mask and result.str_tokens is inputs.str_tokens
+        assert result.target_ids is inputs.target_ids and result.target_strs == [[" Paris"]]
+    assert torch.equal(lens.tokens, dla.tokens) and lens.positions == dla.positions
+    n = lens.tokens.shape[1]
+    assert lens.inputs.column_of(-1) == 1 and lens.inputs.column_of(n - 2) == 0 and lens.inputs.column_of() == 1
+    with pytest.raises(ValueError, match=f"position 0 was not read out; this result holds positions \\[{n - 2}, "):
+        lens.inputs.column_of(0)
+
+
+def test_prepend_bos_is_passed_only_when_given(text_model, monkeypatch):
+    prompt = "The capital of France is"
+    for compute in (ll.logit_lens, lambda *a, **k: ll.direct_logit_attribution(*a, target=" Paris", **k)):
+        calls = []
+        prepare = text_model.prepare_tokens
+        # Texts only: the forward pass also runs ids through prepare_tokens.
+        record = lambda p, **k: (calls.append(k) if isinstance(p, str) else None) or prepare(p, **k)
+        monkeypatch.setattr(text_model, "prepare_tokens", record)
+        with_bos, without = compute(text_model, prompt), compute(text_model, prompt, prepend_bos=False)
+        monkeypatch.undo()
+        assert calls == [{}, {"prepend_bos": False}]  # None: the model's own default applies
+        assert with_bos.str_tokens[0][0] == "<s>" and without.str_tokens[0][0] != "<s>"
+        assert without.tokens.tolist() == [with_bos.tokens[0, 1:].tolist()]
+    lens = ll.logit_lens(text_model, prompt, target=" Paris", prepend_bos=False)
+    ids = text_model.prepare_tokens(prompt, prepend_bos=False)[0]
+    same = ll.logit_lens(text_model, ids, target=" Paris")
+    assert torch.equal(lens.target_ranks, same.target_ranks)
+
+
+# ----------------------------------------------------------------------------------------------- renamed keywords
+def test_old_plot_keywords_warn_and_give_the_same_figure(text_model):
+    prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
+    result = ll.logit_lens(text_model, prompts, target=[[" Paris", " of"]] * 2)
+    new = result.plot("rank", batch_index=1, target_index=1).axes[0].images[0].get_array()
+    with (
+        pytest.warns(DeprecationWarning, match=r"lens_heatmap\(prompt=...\) is deprecated .* use batch_index="),
+        pytest.warns(DeprecationWarning, match=r"lens_heatmap\(target=...\) .* use target_index="),
+    ):
+        old = result.plot("rank", prompt=1, target=1).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(old, new)
+    assert "rank of ' of'" in result.plot("rank", batch_index=1, target_index=1).axes[0].get_title()
+    with pytest.warns(DeprecationWarning, match=r"lens_trajectory\(prompt=...\) .* use batch_index="):
+        old = result.plot_trajectory(prompt=0).axes[0].lines[0].get_ydata()
+    np.testing.assert_array_equal(old, result.plot_trajectory(batch_index=0).axes[0].lines[0].get_ydata())
+    with pytest.raises(TypeError, match=r"got both prompt= and batch_index=; pass batch_index= only"):
+        result.plot(prompt=0, batch_index=0)
+
+    dla = ll.direct_logit_attribution(text_model, prompts, [[" Paris", " of"]] * 2)
+    new = [p.get_height() for p in dla.plot(batch_index=1, target_index=1).axes[0].patches]
+    with (
+        pytest.warns(DeprecationWarning, match=r"logit_attribution\(prompt=...\)"),
+        pytest.warns(DeprecationWarning, match=r"logit_attribution\(target=...\)"),
+    ):
+        old = [p.get_height() for p in dla.plot(prompt=1, target=1).axes[0].patches]
+    assert old == new and new != [p.get_height() for p in dla.plot(batch_index=1).axes[0].patches]
+
+
+def test_positions_and_layers_take_any_iterable():
+    model = tiny_model(tiny_config(n_layers=3))
+    tokens = torch.randint(0, 128, (2, 7))
+    expected = ll.logit_lens(model, tokens, positions=[1, 6], layers=[0, 2])
+    for positions, layers in [(range(1, 7, 5), range(0, 3, 2)), ((1, -1), (2, 0)), (np.array([1, 6]), {0, 2}),
+                              (torch.tensor([1, 6]), np.array([0, 2])), ([1, 6], (i for i in (0, 2, 2)))]:  # fmt: skip
+        result = ll.logit_lens(model, tokens, positions=positions, layers=layers)
+        assert result.positions == [1, 6] and result.labels == ["embed", "0_post", "2_post"]
+        torch.testing.assert_close(result.entropy, expected.entropy, atol=1e-6, rtol=0)
+    dla = ll.direct_logit_attribution(model, tokens, 3, positions=range(1, 7, 5))
+    assert dla.positions == [1, 6]
+    assert ll.direct_logit_attribution(model, tokens, 3).positions == [6]  # default: the last position
+    assert ll.direct_logit_attribution(model, tokens, 3, positions=None).positions == list(range(7))
+    with pytest.raises(ValueError, match=r"layers must hold ints, got 1.0"):
+        ll.logit_lens(model, tokens, layers=[1.0])
+    with pytest.raises(ValueError, match=r"layers=range\(2, 5\) is out of range: layers \[3, 4\] are not loaded; "
+                                         r"this model holds layers \(0..2\)"):  # fmt: skip
+        ll.logit_lens(model, tokens, layers=range(2, 5))

@@ -94,7 +94,7 @@ def test_scores_leave_masked_cells_blank(output):
 
 def test_batch_prompt_index_picks_the_prompt(model):
     _, cache = run_patterns(model, ["ab", "xyz"])
-    fig = pa.attention(cache, 0, 0, prompt=1)
+    fig = pa.attention(cache, 0, 0, batch_index=1)
     np.testing.assert_allclose(_image(fig), cache["blocks.0.attn.hook_pattern"][1, 0].numpy(), rtol=1e-6)
     assert "prompt 1" in fig.axes[0].get_title()
 
@@ -168,8 +168,8 @@ def test_user_mistakes_name_the_problem(output, tokens):
         pa.attention(empty, 0)
     with pytest.raises(ValueError, match="head=4 is out of range"):
         pa.attention(cache, 0, 4)
-    with pytest.raises(ValueError, match="prompt=1 is out of range"):
-        pa.attention(cache, 0, 0, prompt=1)
+    with pytest.raises(ValueError, match="batch_index=1 is out of range"):
+        pa.attention(cache, 0, 0, batch_index=1)
     with pytest.raises(ValueError, match="3 entries but the pattern covers 12"):
         pa.attention(cache, 0, 0, tokens=tokens[:3])
     with pytest.raises(ValueError, match="to_str_tokens"):
@@ -239,9 +239,9 @@ def test_attention_mask_counts_padded_prompts_from_their_own_bos():
     mask = torch.ones(2, pos, dtype=torch.long)
     mask[1, :pad] = 0
     cache = {"blocks.0.attn.hook_pattern": pattern}
-    bos = pa.head_statistics(cache, "bos", attention_mask=mask, prompt=1)
+    bos = pa.head_statistics(cache, "bos", attention_mask=mask, batch_index=1)
     assert bos[0, 0] == 1.0  # attends to its BOS at position 3, not position 0
-    assert pa.head_statistics(cache, "self", attention_mask=mask, prompt=1)[0, 2] == 1.0
+    assert pa.head_statistics(cache, "self", attention_mask=mask, batch_index=1)[0, 2] == 1.0
     with pytest.raises(ValueError, match="attention_mask must be"):
         pa.head_statistics(cache, "bos", attention_mask=mask[:, 1:])
 
@@ -286,14 +286,39 @@ def test_padding_is_left_out_with_the_attention_mask(model):
         _, cache = model.run_with_cache(tokens, attention_mask=mask)
     n_real = int(mask[0].sum())
     assert n_real == 3 and tokens.shape[1] == 12
-    fig = pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, tokens=model.to_str_tokens(tokens[0]))
+    fig = pa.attention(cache, 0, 1, batch_index=0, attention_mask=mask, tokens=model.to_str_tokens(tokens[0]))
     image = _image(fig)
     assert image.shape == (n_real, n_real)  # no padding rows or columns
     np.testing.assert_allclose(image.sum(axis=1), 1.0, rtol=1e-5)  # each real query's weights, all of them
     assert _tick_texts(fig.axes[0], "x")[0].endswith("<s>")
-    assert _image(pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, top_k=2)).shape == (n_real, 2)
-    assert _image(pa.attention(cache, 0, 1, prompt=1, attention_mask=mask)).shape == (12, 12)
+    assert _image(pa.attention(cache, 0, 1, batch_index=0, attention_mask=mask, top_k=2)).shape == (n_real, 2)
+    assert _image(pa.attention(cache, 0, 1, batch_index=1, attention_mask=mask)).shape == (12, 12)
     with pytest.raises(ValueError, match="query 0 is padding in prompt 0"):
-        pa.attention(cache, 0, 1, prompt=0, attention_mask=mask, query=0)
+        pa.attention(cache, 0, 1, batch_index=0, attention_mask=mask, query=0)
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch=2, pos=12\]"):
         pa.attention(cache, 0, 1, attention_mask=mask[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------ renamed keywords
+def test_old_prompt_keyword_warns_and_gives_the_same_result():
+    # batch_index= is which prompt of the batch; prompt= (its old name) works for one release, with a warning.
+    pattern = torch.cat([synthetic_pattern(), synthetic_pattern().roll(1, dims=1)])  # two prompts, heads rotated
+    cache = {"blocks.0.attn.hook_pattern": pattern}
+    new = _image(pa.attention(cache, 0, 1, batch_index=1))
+    with pytest.warns(DeprecationWarning, match=r"attention\(prompt=...\) is deprecated .* use batch_index="):
+        old = _image(pa.attention(cache, 0, 1, prompt=1))
+    np.testing.assert_array_equal(old, new)
+    assert not np.array_equal(new, _image(pa.attention(cache, 0, 1, batch_index=0)))
+    stats = pa.head_statistics(cache, "bos", batch_index=1)
+    assert stats.shape == (1, 4)
+    assert stats[0, 1] == 1.0 and pa.head_statistics(cache, "bos", batch_index=0)[0, 1] < 0.5  # rotated heads
+    with pytest.warns(DeprecationWarning, match=r"head_statistics\(prompt=...\)"):
+        assert torch.equal(pa.head_statistics(cache, "bos", prompt=1), stats)
+    with pytest.warns(DeprecationWarning, match=r"attention_summary\(prompt=...\)"):
+        old = _image(pa.attention_summary(cache, "bos", prompt=1))
+    np.testing.assert_array_equal(old, _image(pa.attention_summary(cache, "bos", batch_index=1)))
+    with pytest.warns(DeprecationWarning, match=r"top_heads\(prompt=...\)"):
+        old = pa.top_heads(cache, "bos", k=2, prompt=1)
+    assert old.equals(pa.top_heads(cache, "bos", k=2, batch_index=1)) and old["head"].tolist()[0] == 1
+    with pytest.raises(TypeError, match="got both prompt= and batch_index="):
+        pa.attention(cache, 0, 1, prompt=1, batch_index=1)

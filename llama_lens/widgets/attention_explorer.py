@@ -222,7 +222,7 @@ class AttentionExplorer(Explorer):
             self.head["layer"],
             self.head["head"],
             tokens=self._all_tokens(),
-            prompt=self.prompt_index,
+            batch_index=self.prompt_index,
             attention_mask=self._attention_mask,
             **kwargs,
         )
