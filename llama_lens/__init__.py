@@ -14,7 +14,7 @@ _LAZY = {
     "HookedLlama": "model",
     "KVCache": "model",
     "HookPoint": "hooks",
-    "ActivationCache": "hooks",
+    "ActivationCache": "cache",
     "Generation": "generate",
     "Checkpoint": "checkpoint",
     "load": "loading",
@@ -31,8 +31,10 @@ _LAZY = {
     "NotEnoughMemoryError": "errors",
     "DemoModelError": "errors",
     "UnknownNameError": "errors",
+    "GroupedHeadsError": "errors",
+    "FactoredMatrix": "weights",
 }
-_SUBMODULES = {"plot", "widgets", "testing"}
+_SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -8,7 +8,8 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── CheckpointError        (ValueError)   a weight file is corrupt, incomplete or does not match its config
     ├── NotEnoughMemoryError   (MemoryError, ValueError)   a load or cache that would not fit
     ├── DemoModelError         (RuntimeError) the embedded default model cannot be fetched or built
-    └── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
+    ├── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
+    └── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class UnknownNameError(LlamaLensError, KeyError):
     def __str__(self) -> str:
         # KeyError's str() is the repr of its argument (quotes and escapes); the message reads better as is.
         return str(self.args[0]) if self.args else ""
+
+
+class GroupedHeadsError(LlamaLensError, IndexError):
+    """A hook indexed a key/value activation of grouped-query attention as if it had one head per query head."""
 
 
 def did_you_mean(name: str, valid: Iterable[str], *, hint: str = "") -> str:
