@@ -71,12 +71,25 @@ def _answer_ids(model: HookedLlama, answer: int | str | Sequence[int] | torch.Te
     return torch.as_tensor(answer, dtype=torch.long, device=model.device)
 
 
-def _at(logits: torch.Tensor, ids: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-    """logits [batch, pos, d_vocab] at `position` (an int or one per prompt [batch]) for ids [] or [batch]."""
-    batch = logits.shape[0]
-    rows = torch.arange(batch, device=logits.device)
-    positions = torch.as_tensor(position, device=logits.device).expand(batch)
-    return logits[rows, positions].gather(-1, ids.expand(batch)[:, None])[:, 0]  # [batch]
+class PositionMetric:
+    """A metric that reads the logits at one position per prompt only. Called on full logits [batch, pos, d_vocab]
+    as any metric; the sweeps call `at_position` with just those rows [batch, d_vocab], so they compute the
+    unembedding (49,152 x d_model per position for SmolLM2) at that position alone."""
+
+    def __init__(self, position: int | torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.position, self._score = position, score
+
+    def rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """[batch, pos, d_vocab] -> [batch, d_vocab] at `position`."""
+        batch = logits.shape[0]
+        positions = torch.as_tensor(self.position, device=logits.device).expand(batch)
+        return logits[torch.arange(batch, device=logits.device), positions]
+
+    def at_position(self, logits_at_position: torch.Tensor) -> torch.Tensor:
+        return self._score(logits_at_position)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._score(self.rows(logits))
 
 
 def logit_diff_metric(
@@ -86,7 +99,7 @@ def logit_diff_metric(
     answer: int | str | Sequence[int] | torch.Tensor,
     wrong: int | str | Sequence[int] | torch.Tensor,
     position: int | torch.Tensor = -1,
-) -> Metric:
+) -> PositionMetric:
     """The logit difference answer - wrong, averaged over prompts and normalised: 1 for the clean run's value,
     0 for the corrupted run's.
 
@@ -100,33 +113,41 @@ def logit_diff_metric(
     """
     answer_ids, wrong_ids = _answer_ids(model, answer), _answer_ids(model, wrong)
 
-    def diff(logits: torch.Tensor) -> torch.Tensor:
-        return (_at(logits, answer_ids, position) - _at(logits, wrong_ids, position)).float().mean()
+    def diff(rows: torch.Tensor) -> torch.Tensor:  # [batch, d_vocab] -> []
+        batch = rows.shape[0]
+        picked = rows.gather(-1, torch.stack([answer_ids.expand(batch), wrong_ids.expand(batch)], dim=-1))
+        return (picked[:, 0] - picked[:, 1]).float().mean()
 
-    clean, corrupted = float(diff(clean_logits)), float(diff(corrupted_logits))
+    raw = PositionMetric(position, diff)
+    clean, corrupted = float(raw(clean_logits)), float(raw(corrupted_logits))
     if clean == corrupted:
         raise ValueError(f"the clean and corrupted logit differences are equal ({clean:.4g}): nothing to normalise")
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return (diff(logits) - corrupted) / (clean - corrupted)
-
-    return metric
+    return PositionMetric(position, lambda rows: (diff(rows) - corrupted) / (clean - corrupted))
 
 
 def target_prob_metric(
     model: HookedLlama, answer: int | str | Sequence[int] | torch.Tensor, position: int | torch.Tensor = -1
-) -> Metric:
+) -> PositionMetric:
     """The probability of `answer` at `position`, averaged over prompts: metric(logits [batch, pos, d_vocab]) -> []."""
     answer_ids = _answer_ids(model, answer)
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        batch = logits.shape[0]
-        rows = torch.arange(batch, device=logits.device)
-        positions = torch.as_tensor(position, device=logits.device).expand(batch)
-        probs = logits[rows, positions].float().softmax(-1)
-        return probs.gather(-1, answer_ids.expand(batch)[:, None]).mean()
+    def prob(rows: torch.Tensor) -> torch.Tensor:
+        return rows.float().softmax(-1).gather(-1, answer_ids.expand(rows.shape[0])[:, None]).mean()
 
-    return metric
+    return PositionMetric(position, prob)
+
+
+def _metric_kwargs(model: HookedLlama, metric: Metric) -> dict[str, int]:
+    """Forward arguments for a metric: a PositionMetric takes the final residual stream, any other the logits."""
+    return {"stop_at_layer": model.cfg.n_layers} if isinstance(metric, PositionMetric) else {}
+
+
+def _apply_metric(model: HookedLlama, metric: Metric, output: torch.Tensor) -> torch.Tensor:
+    """metric of one run's forward output (logits, or the final residual stream for a PositionMetric)."""
+    if not isinstance(metric, PositionMetric):
+        return metric(output)
+    rows = metric.rows(output)  # [batch, d_model]
+    return metric.at_position(model.unembed(model.ln_final(rows)))
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -250,7 +271,8 @@ def patch_sweep(
     Args:
         corrupted_tokens: [batch, pos] ids, the runs that receive the patch.
         clean_cache: a cache of the clean run holding the site's activations (same [batch, pos]).
-        metric: metric(logits [batch, pos, d_vocab]) -> [] for one patched run.
+        metric: metric(logits [batch, pos, d_vocab]) -> [] for one patched run. A `PositionMetric` (the ready
+            metrics) is given the logits of its position only, computed from the final residual stream there.
         site: one of SITES.
         by_pos: patch each position separately (head sites: False patches all positions of a head at once).
         layers: the layers to patch (default: all).
@@ -296,9 +318,14 @@ def patch_sweep(
 
                 repeated_mask = None if mask is None else mask.repeat(len(chunk), 1)
                 with model.hooks([(name, patch)]):
-                    logits = model(resid.repeat(len(chunk), 1, 1), start_at_layer=layer, attention_mask=repeated_mask)
+                    output = model(
+                        resid.repeat(len(chunk), 1, 1),
+                        start_at_layer=layer,
+                        attention_mask=repeated_mask,
+                        **_metric_kwargs(model, metric),
+                    )
                 for i in range(len(chunk)):
-                    scores[row, start + i] = float(metric(logits[i * batch : (i + 1) * batch]))
+                    scores[row, start + i] = float(_apply_metric(model, metric, output[i * batch : (i + 1) * batch]))
                 bar.update(len(chunk))
     shape = [len(layers)] + [len({index[k] for index in indices}) for k in range(len(indices[0]))]
     return scores.view(shape), axes
@@ -333,7 +360,7 @@ def attribution_sweep(
         acts[hook.name] = tensor
 
     with torch.enable_grad(), model.hooks([(list(names), keep)]):
-        value = metric(model(tokens, attention_mask=mask))
+        value = _apply_metric(model, metric, model(tokens, attention_mask=mask, **_metric_kwargs(model, metric)))
         ordered = sorted(names)
         grads = torch.autograd.grad(value, [acts[n] for n in ordered], allow_unused=True)
     grad_of = dict(zip(ordered, grads))
