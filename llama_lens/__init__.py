@@ -14,7 +14,7 @@ _LAZY = {
     "HookedLlama": "model",
     "KVCache": "model",
     "HookPoint": "hooks",
-    "ActivationCache": "hooks",
+    "ActivationCache": "cache",
     "Generation": "generate",
     "Checkpoint": "checkpoint",
     "load": "loading",
@@ -44,8 +44,10 @@ _LAZY = {
     "tuned_lens_readout": "tuned_lens_readout",
     "read_texts": "text_sources",
     "generated_texts": "text_sources",
+    "GroupedHeadsError": "errors",
+    "FactoredMatrix": "weights",
 }
-_SUBMODULES = {"plot", "widgets", "testing"}
+_SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

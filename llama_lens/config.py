@@ -210,6 +210,31 @@ class LlamaConfig:
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
+    # ------------------------------------------------------------------ TransformerLens' names (read-only)
+    n_key_value_heads = property(lambda self: self.n_kv_heads, doc="TransformerLens' name of n_kv_heads.")
+    eps = property(lambda self: self.norm_eps, doc="TransformerLens' name of norm_eps.")
+    rotary_base = property(lambda self: self.rope_theta, doc="TransformerLens' name of rope_theta.")
+    n_ctx = property(lambda self: self.max_position_embeddings, doc="TransformerLens' name: the context length.")
+    d_vocab_out = property(lambda self: self.d_vocab, doc="TransformerLens' name: the unembedding's width.")
+    act_fn = property(lambda self: "silu", doc="The MLP's activation (SwiGLU gate), as TransformerLens names it.")
+    normalization_type = property(lambda self: "RMS", doc="RMSNorm, unfolded (TransformerLens' 'RMS').")
+    positional_embedding_type = property(lambda self: "rotary", doc="RoPE, as TransformerLens names it.")
+    gated_mlp = property(lambda self: True, doc="SwiGLU: the MLP has a gate (TransformerLens' flag).")
+
+    @property
+    def device(self) -> None:
+        raise AttributeError(
+            "a config has no device: it describes the model's shape, shared by every copy of it; where the weights "
+            "are is a fact of the loaded model: read model.device"
+        )
+
+    @property
+    def dtype(self) -> None:
+        raise AttributeError(
+            "a config has no dtype (checkpoint_dtype is what the file stores); the weights' dtype is a fact of the "
+            "loaded model: read model.dtype"
+        )
+
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> LlamaConfig:

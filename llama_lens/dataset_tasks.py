@@ -202,7 +202,7 @@ class AttributionTask:
         return {"positions": self.positions, "heads": self.heads}
 
     def run_batch(self, model: HookedLlama, records: Sequence[PromptRecord], n_tokens: Sequence[int]) -> pa.Table:
-        from .lens import direct_logit_attribution
+        from .attribution import direct_logit_attribution
 
         padded, keep = batch_layout(n_tokens, self.positions)
         result = direct_logit_attribution(

@@ -9,7 +9,8 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── NotEnoughMemoryError   (MemoryError, ValueError)   a load or cache that would not fit
     ├── DemoModelError         (RuntimeError) the embedded default model cannot be fetched or built
     ├── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
-    └── LensFileError          (ValueError)   a saved tuned lens that cannot be read
+    ├── LensFileError          (ValueError)   a saved tuned lens that cannot be read
+    └── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class UnknownNameError(LlamaLensError, KeyError):
 
 class LensFileError(LlamaLensError, ValueError):
     """A saved tuned lens (config.json and its params file) that is not one, naming the file and key."""
+
+
+class GroupedHeadsError(LlamaLensError, IndexError):
+    """A hook indexed a key/value activation of grouped-query attention as if it had one head per query head."""
 
 
 def did_you_mean(name: str, valid: Iterable[str], *, hint: str = "") -> str:

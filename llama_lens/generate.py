@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .hooks import HookFn, NameFilter
 from .model import HookedLlama, KVCache
+
+
+def _progress(steps: range, verbose: bool):
+    if not verbose:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="generating", unit="token")
 
 
 @dataclass
@@ -49,24 +58,55 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 0.6,
     top_p: float = 0.9,
+    top_k: int | None = None,
     stop_at_eos: bool = True,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
     use_kv_cache: bool = True,
     seed: int | None = None,
+    fwd_hooks: Iterable[tuple[NameFilter, HookFn]] = (),
+    verbose: bool = False,
 ) -> Generation:
-    """Continues each prompt; hooks added with `model.hooks(...)` fire at every step.
+    """Continues each prompt; hooks in `fwd_hooks` (or added with `model.hooks(...)`) fire at every step.
+
+    TransformerLens' `generate(input, max_new_tokens, ..., top_k=, top_p=, verbose=)` returns tokens or text;
+    this returns a `Generation` with both (`.tokens`, `.texts`, `.text`), and takes `fwd_hooks=` directly.
 
     Args:
         prompts: text, a list of texts (left-padded into one batch) or token ids [pos] / [batch, pos].
         max_new_tokens: how many tokens to add at most.
         temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling threshold (ignored when greedy).
+        top_k: sample among the `top_k` most likely tokens only (applied before `top_p`; ignored when greedy).
         stop_at_eos: stop a prompt at its first end-of-sequence token (not included in the output).
+        prepend_bos: for texts: add BOS (True), not (False), or the tokenizer's own default (None).
         use_kv_cache: reuse keys/values of earlier positions (the default) instead of re-running the prefix.
         seed: seeds the sampler for reproducible draws.
+        fwd_hooks: (hook name or filter, fn) pairs active for every step, removed at the end.
+        verbose: show a progress bar over the new tokens.
     """
     if not temperature >= 0 or not 0 < top_p <= 1:  # written so that NaN fails too
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    with model.hooks(fwd_hooks):
+        return _generate(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            stop_at_eos,
+            prepend_bos,
+            use_kv_cache,
+            seed,
+            verbose,
+        )
+
+
+def _generate(
+    model, prompts, max_new_tokens, temperature, top_p, top_k, stop_at_eos, prepend_bos, use_kv_cache, seed, verbose
+) -> Generation:
     device = model.embed.weight.device
     tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)
     if mask is None:
@@ -80,11 +120,14 @@ def generate(
     logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
+    for step in _progress(range(max_new_tokens), verbose):
         last = logits[:, -1].float()  # [batch, d_vocab]
         if temperature == 0:
             next_token = last.argmax(dim=-1)
         else:
+            if top_k is not None and top_k < last.shape[-1]:
+                kth = last.topk(top_k, dim=-1).values[:, -1:]  # [batch, 1]
+                last = last.masked_fill(last < kth, float("-inf"))
             next_token = sample_top_p((last / temperature).softmax(dim=-1), top_p, generator)
         new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
         if stop_at_eos:

@@ -17,6 +17,7 @@ SwiGLU (Shazeer 2020, arXiv:2002.05202), GQA (Ainslie et al. 2023, arXiv:2305.13
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
+from .errors import UnknownNameError
 from .hooks import HookedModule, HookPoint
+from .tokens import TokenHelpers
+from .weights import WeightViews
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -78,6 +82,11 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model], before the weight, as in TransformerLens
 
+    @property
+    def w(self) -> torch.Tensor:
+        """The weight [d_model] (TransformerLens' name)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 whatever the activations' dtype, as transformers does.
         x32 = x.float()
@@ -118,6 +127,36 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=bias)
         for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
+        if cfg.n_rep > 1:
+            # Lets these points explain the grouping when a hook indexes them by query head.
+            for point in (self.hook_k, self.hook_v, self.hook_rot_k):
+                point.kv_grouping = (cfg.n_heads, cfg.n_kv_heads)
+
+    # TransformerLens' weight layout (views, no copies); see llama_lens/weights.py for the shapes.
+    @property
+    def W_Q(self) -> torch.Tensor:  # noqa: N802 - [n_heads, d_model, d_head]
+        return self.q_proj.weight.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_K(self) -> torch.Tensor:  # noqa: N802 - [n_kv_heads, d_model, d_head]
+        return self.k_proj.weight.view(self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_V(self) -> torch.Tensor:  # noqa: N802 - [n_kv_heads, d_model, d_head]
+        return self.v_proj.weight.view(self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_O(self) -> torch.Tensor:  # noqa: N802 - [n_heads, d_head, d_model]
+        return self.o_proj.weight.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head).permute(1, 2, 0)
+
+    def _bias(self, linear: nn.Linear, heads: int | None) -> torch.Tensor:
+        bias = linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+        return bias if heads is None else bias.view(heads, self.cfg.d_head)
+
+    b_Q = property(lambda self: self._bias(self.q_proj, self.cfg.n_heads))  # [n_heads, d_head]
+    b_K = property(lambda self: self._bias(self.k_proj, self.cfg.n_kv_heads))  # [n_kv_heads, d_head]
+    b_V = property(lambda self: self._bias(self.v_proj, self.cfg.n_kv_heads))
+    b_O = property(lambda self: self._bias(self.o_proj, None))  # [d_model]
 
     def forward(
         self,
@@ -140,13 +179,20 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # [batch, n_kv_heads, k_pos, d_head]
 
+        # A left-padding query may see no key at all; its pattern row is all zeros (as in TransformerLens), so
+        # its z is zero on both paths.
+        has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # [batch, 1, q_pos, 1]
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
-            z = self._attention_written_out(q, k, v, mask)
+            z = self._attention_written_out(q, k, v, mask, has_key)
         else:
-            # Nothing reads the pattern: let the fused kernel do the same arithmetic.
+            # Nothing reads the pattern: let the fused kernel do the same arithmetic. Rows without a key attend
+            # everywhere (softmax of nothing is NaN) and are zeroed after.
+            sdpa_mask = None if mask is None else mask | ~has_key
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=cfg.n_rep > 1
+                q, k, v, attn_mask=sdpa_mask, is_causal=mask is None, enable_gqa=cfg.n_rep > 1
             )
+            if has_key is not None:
+                z = z * has_key
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, n_heads, d_head]
 
         if self.hook_result.has_hooks:
@@ -158,7 +204,7 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
 
     def _attention_written_out(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, has_key: torch.Tensor | None
     ) -> torch.Tensor:
         """Scores, softmax and weighted sum spelled out so the hooks see real tensors; returns z [batch,
         n_heads, q_pos, d_head]."""
@@ -170,12 +216,20 @@ class Attention(nn.Module):
             q_pos, k_pos = scores.shape[-2:]
             mask = torch.ones(q_pos, k_pos, dtype=torch.bool, device=q.device).tril(k_pos - q_pos)
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        if has_key is not None:
+            # Rows with no key: softmax over zeros (not over -inf, which is NaN in value and gradient), then zeroed.
+            scores = scores.masked_fill(~has_key, 0.0)
         # Softmax in float32 as transformers does, then back to the activations' dtype.
-        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
+        pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern = self.hook_pattern(pattern if has_key is None else pattern * has_key)
         return pattern @ v
 
 
 # ------------------------------------------------------------------------------------------------ MLP
+def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -185,6 +239,13 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # gate, before the SiLU  [batch, pos, d_mlp]
         self.hook_pre_linear = HookPoint()  # up
         self.hook_post = HookPoint()  # silu(gate) * up
+
+    # TransformerLens' names for a gated MLP: W_gate feeds hook_pre, W_in feeds hook_pre_linear.
+    W_in = property(lambda self: self.up_proj.weight.T)  # [d_model, d_mlp]
+    W_gate = property(lambda self: self.gate_proj.weight.T)  # [d_model, d_mlp]
+    W_out = property(lambda self: self.down_proj.weight.T)  # [d_mlp, d_model]
+    b_in = property(lambda self: _bias_or_zeros(self.up_proj))  # [d_mlp]
+    b_out = property(lambda self: _bias_or_zeros(self.down_proj))  # [d_model]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.hook_pre(self.gate_proj(x))
@@ -216,8 +277,52 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- Llama
-class HookedLlama(HookedModule):
+def lm_cross_entropy_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, per_token: bool = False
+) -> torch.Tensor:
+    """Next-token cross-entropy, TransformerLens' `loss_fn`: position p predicts token p + 1.
+
+    Args:
+        logits: [batch, pos, d_vocab]
+        tokens: [batch, pos]
+        attention_mask: [batch, pos], 1 for real tokens: a prediction counts when it and its target are real.
+        per_token: return the loss of each prediction instead of their mean.
+
+    Returns:
+        [] (the mean over counted predictions) or [batch, pos - 1] (padding predictions are 0).
+    """
+    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    target_log_probs = log_probs.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)  # [batch, pos - 1]
+    if attention_mask is None:
+        return -target_log_probs if per_token else -target_log_probs.mean()
+    counted = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(target_log_probs)
+    target_log_probs = target_log_probs * counted
+    return -target_log_probs if per_token else -target_log_probs.sum() / counted.sum()
+
+
+class Blocks(nn.ModuleDict):
+    """The decoder layers, keyed "0", "1", ... so parameter names stay `blocks.3.attn.q_proj.weight`;
+    `model.blocks[3]` and `model.blocks[-1]` (counted from cfg.n_layers) work as with TransformerLens' list.
+    Iterating yields the keys, as for any ModuleDict: use `.values()` for the blocks."""
+
+    def __init__(self, blocks: dict[str, nn.Module], n_layers: int) -> None:
+        super().__init__(blocks)
+        self.n_layers = n_layers
+
+    def __getitem__(self, key: int | str) -> nn.Module:
+        if isinstance(key, int) and not isinstance(key, bool):
+            layer = key + self.n_layers if key < 0 else key
+            if str(layer) not in self._modules:
+                raise UnknownNameError(f"layer {key} is not loaded; this model holds layers {list(self._modules)}")
+            key = str(layer)
+        return super().__getitem__(key)
+
+
+class HookedLlama(TokenHelpers, WeightViews, HookedModule):
     """LlamaForCausalLM with TransformerLens hook points; holds all layers or only `layers`.
+
+    Token helpers (`to_tokens`, `to_str_tokens`, ...) come from llama_lens/tokens.py and TransformerLens' weight
+    views (`W_Q`, `W_U`, `OV`, ...) from llama_lens/weights.py.
 
     Args:
         cfg: the model's shape.
@@ -237,7 +342,7 @@ class HookedLlama(HookedModule):
             nn.init.normal_(embed_weight)
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model, _weight=embed_weight)
         self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_indices})
+        self.blocks = Blocks({str(i): Block(cfg, i) for i in self.layer_indices}, cfg.n_layers)
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         self.hook_logits = HookPoint()
@@ -245,42 +350,76 @@ class HookedLlama(HookedModule):
             self.unembed.weight = self.embed.weight
         self.setup_hook_points()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (a fact of the loaded model, not of its config)."""
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (a fact of the loaded model, not of its config)."""
+        return self.embed.weight.dtype
+
     def forward(
         self,
-        tokens: torch.Tensor | str | list[str] | list[int] | None = None,
+        input: torch.Tensor | str | list[str] | list[int] | None = None,  # noqa: A002 - TransformerLens' name
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
         *,
-        attention_mask: torch.Tensor | None = None,
-        start_layer: int | None = None,
-        resid: torch.Tensor | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        resid: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Runs the loaded layers.
+        start_layer: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """Runs the loaded layers (TransformerLens' arguments and return types).
 
         Args:
-            tokens: token ids [batch, pos] or [pos] (a tensor or a list), or a text or list of texts
-                (tokenized with BOS and left-padded, as `to_tokens` does). Optional when `resid` is given.
-            attention_mask: [batch, pos], 1 for real tokens and 0 for left padding. When omitted: exact for
-                texts; for ids, inferred from leading pad tokens (pass it when a prompt may start with the pad id).
-            start_layer: resume at this layer with `resid` as its resid_pre (e.g. from a cache).
-            resid: [batch, pos, d_model] residual stream entering `start_layer`, in the weights' dtype.
-            stop_at_layer: return the residual stream entering this layer instead of logits.
+            input: token ids [batch, pos] or [pos] (a tensor or a list), or a text or list of texts (tokenized as
+                `prepare_tokens` does: left-padded, unlike `to_tokens`, so `[:, -1]` is every prompt's last
+                token). With `start_at_layer`, the residual stream [batch, pos, d_model] entering that layer.
+            return_type: "logits" [batch, pos, d_vocab], "loss" (next-token cross-entropy, `loss_fn`), "both"
+                ((logits, loss)) or None (nothing, for runs that only feed hooks).
+            loss_per_token: the loss of each prediction [batch, pos - 1] instead of the mean.
+            prepend_bos: for texts: add BOS (True), not (False), or the tokenizer's own default (None).
+            padding_side: for a list of texts: "left" (the default here) or "right".
+            start_at_layer: resume at this layer, `input` (or `resid=`) being its resid_pre, e.g. from a cache.
+            stop_at_layer: return the residual stream entering this layer [batch, pos, d_model] instead.
+            tokens: the token ids [batch, pos] a loss is computed against when `input` is a residual stream.
+            attention_mask: [batch, pos], 1 for real tokens and 0 for padding. When omitted: exact for texts; for
+                ids, inferred from leading pad tokens (pass it when a prompt may start with the pad id).
+            resid: the residual stream entering `start_at_layer` (another way to pass it), in the weights' dtype.
             kv_cache: keys/values of earlier positions; filled in place (see `generate`).
+            start_layer: the former name of `start_at_layer` (deprecated).
 
         Returns:
-            logits [batch, pos, d_vocab], or resid [batch, pos, d_model] when `stop_at_layer` is given.
+            As `return_type` says, or resid [batch, pos, d_model] when `stop_at_layer` is given.
         """
-        if tokens is not None:
-            tokens, prepared_mask = self.prepare_tokens(tokens)
+        if start_layer is not None:
+            warnings.warn("start_layer= is now start_at_layer= (TransformerLens' name)", DeprecationWarning, 2)
+            start_at_layer = start_layer if start_at_layer is None else start_at_layer
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if isinstance(input, torch.Tensor) and input.is_floating_point() and input.dim() == 3:
+            if resid is not None:
+                raise ValueError("pass the residual stream once: as input or as resid=, not both")
+            resid, input = input, None
+        if input is not None:
+            input, prepared_mask = self.prepare_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
             if attention_mask is None:
                 # Texts come with their exact padding mask; bare ids with one inferred from leading pad tokens.
                 attention_mask = prepared_mask
-        layers = self._layers_to_run(start_layer, stop_at_layer, resid is not None)
+            tokens = input if tokens is None else tokens
+        layers = self._layers_to_run(start_at_layer, stop_at_layer, resid is not None)
         weight = self.embed.weight
         if resid is None:
-            if tokens is None:
-                raise ValueError("forward needs tokens, or resid= with start_layer=")
-            resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+            if input is None:
+                raise ValueError("forward needs tokens, or a residual stream with start_at_layer=")
+            resid = self.hook_embed(self.embed(input))  # [batch, pos, d_model]
         elif resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model or resid.dtype != weight.dtype:
             raise ValueError(
                 f"resid must be [batch, pos, d_model={self.cfg.d_model}] {str(weight.dtype).removeprefix('torch.')}"
@@ -296,7 +435,26 @@ class HookedLlama(HookedModule):
             resid = self.run_block(i, resid, cos, sin, mask, kv_cache)
         if stop_at_layer is not None:
             return resid
-        return self.hook_logits(self.unembed(self.ln_final(resid)))
+        logits = self.hook_logits(self.unembed(self.ln_final(resid)))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError("a loss needs the token ids: pass tokens= when input is a residual stream")
+        loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy of `logits` [batch, pos, d_vocab] against `tokens` [batch, pos]; see
+        `lm_cross_entropy_loss`. Returns [] or, with `per_token`, [batch, pos - 1]."""
+        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
     def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
         """Runs one decoder layer; the streaming model overrides this to fetch the layer's weights first."""
@@ -304,13 +462,21 @@ class HookedLlama(HookedModule):
 
     # ---------------------------------------------------------------- helpers of forward
     def prepare_tokens(
-        self, prompts: torch.Tensor | str | Sequence[str] | Sequence[int], *, prepend_bos: bool = True
+        self,
+        prompts: torch.Tensor | str | Sequence[str] | Sequence[int],
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids and padding mask for any prompt form `forward`, `generate` and the lens take.
 
+        Unlike `to_tokens` (right padding, as TransformerLens), texts are left-padded by default: every prompt's
+        last token then sits at position -1, where the lens and `generate` read the next-token logits.
+
         Args:
-            prompts: a text or list of texts (tokenized, BOS first unless `prepend_bos=False`, left-padded), or
-                token ids [pos] / [batch, pos] as a tensor or (nested) list.
+            prompts: a text or list of texts, or token ids [pos] / [batch, pos] as a tensor or (nested) list.
+            prepend_bos: for texts: add BOS (True), not (False), or the tokenizer's own default (None).
+            padding_side: for texts: "left" (default) or "right".
 
         Returns:
             ids [batch, pos] on the model's device, and the mask [batch, pos] (1 = real token): exact for texts;
@@ -322,7 +488,7 @@ class HookedLlama(HookedModule):
         device = self.embed.weight.device
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
-            ids, mask = self._need_tokenizer().batch_encode(texts, bos=prepend_bos)
+            ids, mask = self.encode_texts(texts, prepend_bos=prepend_bos, padding_side=padding_side or "left")
             return ids.to(device), mask.to(device)
         ids = torch.tensor(prompts) if isinstance(prompts, (list, tuple)) else prompts
         if not isinstance(ids, torch.Tensor):
@@ -343,12 +509,13 @@ class HookedLlama(HookedModule):
         if has_resid:
             start = loaded[0] if start_layer is None else start_layer
         elif start_layer not in (None, 0):
-            raise ValueError("start_layer needs resid= (the residual stream entering that layer)")
+            raise ValueError("start_at_layer needs the residual stream entering that layer (as input or resid=)")
         elif loaded and loaded[0] != 0:
             first = loaded[0]
             raise ValueError(
                 f"this model holds layers {first}..{loaded[-1]} only; pass resid= (the residual stream entering "
-                f"layer {first}, e.g. cache['blocks.{first}.hook_resid_pre'] of a full model) and start_layer={first}"
+                f"layer {first}, e.g. cache['blocks.{first}.hook_resid_pre'] of a full model) and "
+                f"start_at_layer={first}"
             )
         else:
             start = 0
@@ -403,41 +570,9 @@ class HookedLlama(HookedModule):
             return positions, None
         k_pos = past + pos
         causal = torch.ones(pos, k_pos, dtype=torch.bool, device=device).tril(past)  # [q_pos, k_pos]
+        # A left-padding query sees no key at all: Attention gives it an all-zero pattern row.
         mask = causal[None] & attention_mask.bool()[:, None, :]  # [batch, q_pos, k_pos]
-        # A padding query would see no key at all (softmax of nothing is NaN): let it see itself.
-        mask |= torch.eye(pos, k_pos, dtype=torch.bool, device=device).roll(past, dims=1)[None]
         return positions, mask[:, None]
-
-    # ---------------------------------------------------------------- tokens and text
-    def _need_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass tokenizer= to ll.load or give token ids")
-        return self.tokenizer
-
-    def to_tokens(self, text: str | list[str], *, prepend_bos: bool = True) -> torch.Tensor:
-        """Token ids [batch, pos], left-padded, BOS first unless `prepend_bos=False`."""
-        texts = [text] if isinstance(text, str) else list(text)
-        tokens, _ = self._need_tokenizer().batch_encode(texts, bos=prepend_bos)
-        return tokens.to(self.embed.weight.device)
-
-    def to_str_tokens(self, tokens: torch.Tensor | str | Sequence[int], *, prepend_bos: bool = True) -> list[str]:
-        """The text of each token of one prompt, e.g. ['<|im_start|>', 'The', ' capital', ...]."""
-        if isinstance(tokens, str):
-            tokens = self.to_tokens(tokens, prepend_bos=prepend_bos)[0]
-        if isinstance(tokens, torch.Tensor):
-            if tokens.dim() == 2:
-                if tokens.shape[0] != 1:
-                    raise ValueError("to_str_tokens takes one prompt; index the batch first")
-                tokens = tokens[0]
-            tokens = tokens.tolist()
-        return self._need_tokenizer().token_strs(tokens)
-
-    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
-        """Decodes [pos] to a string or [batch, pos] to a list of strings."""
-        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
-            return [self.to_string(row) for row in tokens]
-        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        return self._need_tokenizer().decode(ids)
 
     # ---------------------------------------------------------------- generation and summaries
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.6, top_p: float = 0.9, **kwargs):

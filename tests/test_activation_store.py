@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from char_model import CharTokenizer, char_model
+from helpers import CharTokenizer, char_model
 
 import llama_lens as ll
 from llama_lens.errors import UnknownNameError

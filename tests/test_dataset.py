@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from char_model import CharTokenizer, char_model
-from helpers import assert_same_top_k
+from helpers import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
 from llama_lens.dataset import ManifestMismatchError, make_records, plan_shards, read_prompts
@@ -267,7 +266,7 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 import torch
 import llama_lens as ll
-from char_model import CharTokenizer
+from helpers import CharTokenizer
 
 torch.set_num_threads(1)
 model = ll.load({checkpoint!r}, tokenizer=CharTokenizer(), progress=False)

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from char_model import CharTokenizer, char_model
-from helpers import assert_same_top_k
+from helpers import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
 from llama_lens.testing import write_hf_checkpoint
