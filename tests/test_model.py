@@ -141,7 +141,7 @@ def test_resume_from_cached_residual(tiny_cfg, device):
     tokens = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
-        resumed = model(tokens, resid=cache["blocks.1.hook_resid_pre"], start_layer=1)
+        resumed = model(tokens, resid=cache["blocks.1.hook_resid_pre"], start_at_layer=1)
         stopped = model(tokens, stop_at_layer=1)
     torch.testing.assert_close(resumed, logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(stopped, cache["blocks.1.hook_resid_pre"])
@@ -260,7 +260,7 @@ def test_forward_takes_ids_as_lists_and_rejects_a_mismatched_resid(tiny_cfg):
         assert torch.equal(model([ids]), expected)
         expected = r"resid must be \[batch, pos, d_model=64\] float32 .* got \(1, 4, 64\) bfloat16"
         with pytest.raises(ValueError, match=expected):
-            model(resid=torch.zeros(1, 4, 64, dtype=torch.bfloat16), start_layer=0)
+            model(resid=torch.zeros(1, 4, 64, dtype=torch.bfloat16), start_at_layer=0)
     with pytest.raises(ValueError, match=r"token ids must be integers \[pos\] or \[batch, pos\]"):
         model(torch.rand(1, 4))
 

@@ -103,7 +103,7 @@ def test_partial_runs_identical(ckpt_path):
     tokens = tokens_for()
     resid = loaded(tokens, stop_at_layer=1)
     assert torch.equal(streamed(tokens, stop_at_layer=1), resid)
-    assert torch.equal(streamed(resid=resid, start_layer=1), loaded(resid=resid, start_layer=1))
+    assert torch.equal(streamed(resid=resid, start_at_layer=1), loaded(resid=resid, start_at_layer=1))
     assert_no_layer_resident(streamed)
 
 
