@@ -115,7 +115,13 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
         "--prepend-bos",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="put BOS before the prompt, or not (default: as the model's prepare_tokens does)",
+        help="put BOS before the prompt, or not (default: as the checkpoint's own tokenizer does)",
+    )
+    parser.add_argument(
+        "--tuned-lens",
+        metavar="FOLDER",
+        help="read out through a tuned lens saved by TunedLens.save (or by the tuned-lens package) instead of the "
+        "logit lens",
     )
     parser.set_defaults(run=run_lens)
 
@@ -125,13 +131,20 @@ def run_lens(args: argparse.Namespace) -> int:
 
     if args.out:
         _check_figure_path(Path(args.out))  # before the model runs, not after
+    tuned = None
+    if args.tuned_lens:  # before the model loads: a bad lens folder should not cost a load
+        from .tuned_lens import TunedLens
+
+        tuned = TunedLens.load(args.tuned_lens)
     model = _load_model(args)
+    if tuned is not None:
+        tuned.to(model.unembed.weight.device)
     readout = {} if args.readout is None else {"readout": args.readout}
     # The table shows one position; only the heatmap needs them all.
     positions = None if args.out else [args.position]
     lens = ll.logit_lens(
         model, args.prompt, target=args.target, top_k=args.top_k, positions=positions,
-        prepend_bos=args.prepend_bos, **readout,
+        prepend_bos=args.prepend_bos, lens=tuned, **readout,
     )  # fmt: skip
     print(format_lens_table(lens, args.position))
     if args.out:

@@ -13,7 +13,7 @@ any norm, hook_embed or hook_resid_*, and goes through ln_final once.)
 This module runs the model, catches the residual streams (only at the asked-for positions) and norms them;
 `readout.read_out` turns the normed vectors into metrics a block of the vocabulary at a time, without ever
 holding a [read-outs × pos × d_vocab] tensor, and `LensResult` holds what comes out. A translator applied to
-the residual streams before the norm (a tuned lens) slots in where `_normed_rows` norms them.
+the residual streams before the norm (a tuned lens, `lens=`) is applied just before `_normed_rows` norms them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .model import HookedLlama
+    from .tuned_lens import TunedLens
 
 READOUTS = ("embed", "resid_pre", "resid_mid", "resid_post")
 DEFAULT_READOUT = ("embed", "resid_post")
@@ -74,6 +75,8 @@ class LensResult(InputsView):
         target_probs, target_logits: [batch, n_readouts, n_pos, n_targets] or None.
         target_ranks: [batch, n_readouts, n_pos, n_targets] tokens with a strictly higher logit (0 = top).
         logits: [batch, n_readouts, n_pos, d_vocab] when `keep_logits=True`, else None.
+        lens: which lens made it: "logit" (the residual streams read out as they are) or "tuned" (each first
+            moved by its tuned-lens translator, see `ll.TunedLens`).
     """
 
     inputs: LensInputs
@@ -90,6 +93,7 @@ class LensResult(InputsView):
     target_logits: torch.Tensor | None = None
     target_ranks: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    lens: str = "logit"
 
     @property
     def n_readouts(self) -> int:
@@ -97,9 +101,10 @@ class LensResult(InputsView):
 
     def __repr__(self) -> str:
         targets = "" if self.target_strs is None else f", targets={self.target_strs}"
+        lens = "" if self.lens == "logit" else f", lens={self.lens!r}"
         return (
             f"LensResult(batch={self.batch}, read-outs={self.labels[0]}..{self.labels[-1]} ({self.n_readouts}), "
-            f"positions={len(self.positions)}, top_k={self.top_ids.shape[-1]}{targets})"
+            f"positions={len(self.positions)}, top_k={self.top_ids.shape[-1]}{targets}{lens})"
         )
 
     def to_frame(self, kind: str = "summary", *, drop_padding: bool = True) -> pd.DataFrame:
@@ -193,6 +198,7 @@ def logit_lens(
     chunk_size: int | None = None,
     layers: Iterable[int] | None = None,
     prepend_bos: bool | None = None,
+    lens: TunedLens | None = None,
 ) -> LensResult:
     """Reads out the residual stream through the final norm and unembedding at every loaded layer.
 
@@ -218,6 +224,9 @@ def logit_lens(
         layers: which loaded layers to read out, any iterable of ints (default None: all loaded layers).
         prepend_bos: tokenizing texts, put BOS first (True) or not (False); None leaves it to
             `model.prepare_tokens`.
+        lens: None for the logit lens; a `ll.TunedLens` trained for this model to move each residual stream by
+            its translator before the read-out (the tuned lens). The last layer's read-out is the model's own
+            output either way. A tuned lens needs the whole model (not `layers=range(0, k)`).
 
     Returns:
         A LensResult.
@@ -227,6 +236,8 @@ def logit_lens(
             that is not a single token.
     """
     points = _readout_points(model, readout, layers)
+    if lens is not None:
+        _check_tuned_lens(lens, model, points)
     top_k = check_count("top_k", top_k, 1, model.cfg.d_vocab, f"the vocabulary has {model.cfg.d_vocab} ids")
     if chunk_size is not None:
         chunk_size = check_count("chunk_size", chunk_size, 1)
@@ -266,6 +277,11 @@ def logit_lens(
         first_with: dict[int, int] = {}
         column = {hook: first_with.setdefault(id(tensor), len(first_with)) for hook, tensor in resid.items()}
         unique = list({id(tensor): tensor for tensor in resid.values()}.values())
+        if lens is not None:
+            # Each distinct tensor once, by the first hook that names it (embed and 0_pre, and i_post and
+            # (i+1)_pre, name one stream and have one translator).
+            first_hook = {id(tensor): hook for hook, tensor in reversed(list(resid.items()))}
+            unique = [lens.translate_hook(tensor, first_hook[id(tensor)]) for tensor in unique]
         normed = _normed_rows(model, unique, final_rows)
         final, readouts = read_out(
             normed, model.unembed.weight, final_rows, row_targets, top_k=top_k, keep_logits=keep_logits,
@@ -301,13 +317,26 @@ def logit_lens(
         target_logits=stacked("target_logits"),
         target_ranks=stacked("target_ranks"),
         logits=stacked("logits"),
+        lens="logit" if lens is None else "tuned",
     )
+
+
+def _check_tuned_lens(lens: TunedLens, model: HookedLlama, points: list[tuple[str, int, str, str]]) -> None:
+    """Before the model runs: the lens fits the model, is for a whole model, and has every read-out's translator."""
+    lens.check_model(model)
+    if model.layer_indices != list(range(model.cfg.n_layers)):
+        raise ValueError(
+            f"lens= needs the whole model, and this one holds layers {model.layer_indices} only: the tuned lens's "
+            "read-outs are trained towards the last layer's output; load every layer (stream=True keeps memory low)"
+        )
+    for _, layer, kind, _ in points:
+        lens.translator(layer, kind)  # raises, naming the read-out, where the lens has no translator
 
 
 def _normed_rows(model: HookedLlama, resid: list[torch.Tensor], final_rows: torch.Tensor) -> torch.Tensor:
     """[n_rows, n_readouts, d_model]: the captured residual streams (each [n_rows, d_model]) through the model's
-    own ln_final, as the final read-out was; hooks on ln_final fire here too, once. A translator that maps
-    each layer's residual stream before the norm (a tuned lens) would be applied here, to `resid`."""
+    own ln_final, as the final read-out was; hooks on ln_final fire here too, once. A tuned lens has already
+    moved each stream by its translator (in `logit_lens`)."""
     if not resid:
         return final_rows.new_empty(final_rows.shape[0], 0, model.cfg.d_model, dtype=model.unembed.weight.dtype)
     return model.ln_final(torch.stack(resid, dim=1))

@@ -138,3 +138,38 @@ def test_lens_prepend_bos_flags(demo_path, capsys):
     assert with_bos.endswith(" (' world'): what each read-out predicts next")
     position = int(with_bos.split()[4])
     assert without == with_bos.replace(f"position {position} ", f"position {position - 1} ")
+
+
+def test_lens_reads_out_through_a_saved_tuned_lens(demo_path, tmp_path, capsys):
+    import torch
+
+    import llama_lens as ll
+
+    model = ll.load(demo_path, progress=False)
+    identity = ll.TunedLens.for_model(model)  # every translator zero: x + 0 x + 0 = x
+    identity.save(tmp_path / "identity")
+    args = ["lens", "The capital of France is", "--top-k", "1"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--tuned-lens", str(tmp_path / "identity")]) == 0
+    assert capsys.readouterr().out == plain
+    # A translator whose bias swamps the embedding read-out: that row now shows what the bias alone reads out
+    # to (computed here through the model's own norm and unembedding), and no other row changes.
+    moved = ll.TunedLens.for_model(model)
+    paris = model.tokenizer.id_of(" Paris")
+    bias = model.unembed.weight[paris] * model.ln_final.weight * 1e4
+    with torch.no_grad():
+        moved.translator(0, "embed").bias.copy_(bias)
+        expected = model.tokenizer.token_strs([int(model.unembed(model.ln_final(bias)).argmax())])[0]
+    plain_embed_row = next(line for line in plain.splitlines() if line.lstrip().startswith("embed"))
+    assert repr(expected) not in plain_embed_row  # so the row below must have changed
+    moved.save(tmp_path / "moved")
+    assert main([*args, "--tuned-lens", str(tmp_path / "moved")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    embed_row = next(line for line in rows if line.lstrip().startswith("embed"))
+    assert repr(expected) in embed_row
+    assert [r for r in rows if not r.lstrip().startswith("embed")] == [
+        r for r in plain.splitlines() if not r.lstrip().startswith("embed")
+    ]
+    assert main([*args, "--tuned-lens", str(tmp_path / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
