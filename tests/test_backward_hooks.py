@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from char_model import char_model
+from helpers import char_model
 
 
 @pytest.fixture(scope="module")

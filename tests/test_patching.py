@@ -3,7 +3,7 @@ written out) and attribution patching against torch.autograd.grad."""
 
 import pytest
 import torch
-from char_model import char_model
+from helpers import char_model
 
 import llama_lens as ll
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from char_model import char_model
+from helpers import char_model
 
 import llama_lens as ll
 from llama_lens.utils import get_act_name
