@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .hooks import HookFn, NameFilter
-from .model import HookedLlama, KVCache
+from .kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 
 def _progress(steps: range, verbose: bool):

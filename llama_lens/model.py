@@ -27,6 +27,7 @@ from torch import nn
 from .config import LlamaConfig
 from .errors import UnknownNameError
 from .hooks import HookedModule, HookPoint
+from .kv_cache import KVCache
 from .tokens import TokenHelpers
 from .weights import WeightViews
 
@@ -96,26 +97,6 @@ class RMSNorm(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ Attention
-class KVCache:
-    """Keys (after RoPE) and values of earlier positions, per layer, for incremental decoding."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> [batch, n_kv_heads, k_pos, d_head]
-        self.values: dict[int, torch.Tensor] = {}
-        self.attention_mask: torch.Tensor | None = None  # [batch, k_pos], 1 for real tokens
-
-    @property
-    def length(self) -> int:
-        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()

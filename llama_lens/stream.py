@@ -32,7 +32,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint, dropped_on_error
 from .config import LlamaConfig
-from .model import HookedLlama, KVCache
+from .kv_cache import KVCache
+from .model import HookedLlama
 from .names import block_param_shapes
 
 # layer -> (its parameters under block-relative names such as "attn.q_proj.weight", bytes read from disk)

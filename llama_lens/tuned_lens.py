@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,9 +245,7 @@ class TunedLens:
 
     # ------------------------------------------------------------------ reading out
     def lens(self, model: HookedLlama, prompt_or_tokens: Any, target: Any = None, **kwargs: Any) -> LensResult:
-        """The tuned lens's LensResult for a prompt: `tuned_lens_readout(model, ..., lens=self)`."""
-        from .tuned_lens_readout import tuned_lens_readout
-
+        """The tuned lens's LensResult for a prompt: `ll.logit_lens(model, ..., lens=self)`."""
         return tuned_lens_readout(model, prompt_or_tokens, target, lens=self, **kwargs)
 
     # ------------------------------------------------------------------ training
@@ -489,3 +487,37 @@ def linear_decay(step: int, max_steps: int, warmup_steps: int) -> float:
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def tuned_lens_readout(
+    model: HookedLlama,
+    prompt_or_tokens: Any,
+    target: Any = None,
+    *,
+    lens: TunedLens,
+    readout: str | Sequence[str] = DEFAULT_READOUT,
+    positions: int | Iterable[int] | None = None,
+    top_k: int = 5,
+    **kwargs: Any,
+) -> LensResult:
+    """Reads out the translated residual stream at every layer: `ll.logit_lens(model, ..., lens=lens)`.
+
+    Args:
+        model: the whole HookedLlama the lens was trained for (loaded or streamed).
+        prompt_or_tokens, target, positions, top_k: as in `ll.logit_lens`.
+        lens: the TunedLens; it must have a translator for every read-out asked for.
+        readout: "embed", "resid_pre", "resid_mid", "resid_post" or a list of them (default: the lens's).
+        kwargs: the rest of `ll.logit_lens`'s options (`keep_logits`, `chunk_size`, `prepend_bos`, ...).
+
+    Returns:
+        A LensResult whose metrics are the tuned read-outs' (`kl_to_final` against the model's own output).
+
+    Raises:
+        ValueError: a lens made for another model or a partial model, a read-out the lens has no translator
+            for, a bad position, target or top_k.
+    """
+    from .lens import logit_lens
+
+    return logit_lens(
+        model, prompt_or_tokens, target, readout=readout, positions=positions, top_k=top_k, lens=lens, **kwargs
+    )

@@ -12,8 +12,7 @@ from helpers import CharTokenizer, assert_same_top_k, char_model
 import llama_lens as ll
 from llama_lens.testing import write_hf_checkpoint
 from llama_lens.text_sources import generated_texts, read_texts
-from llama_lens.tuned_lens import TunedLens, translator_labels
-from llama_lens.tuned_lens_readout import tuned_lens_readout
+from llama_lens.tuned_lens import TunedLens, translator_labels, tuned_lens_readout
 from llama_lens.tuned_lens_train import kl_sums, mean_kl, token_rows
 
 PROMPTS = ["The cat sat on the mat.", "Paris is in France"]
