@@ -15,7 +15,8 @@ def test_lens_on_the_embedded_model_prints_the_table_and_writes_the_plot(demo_pa
     out_file = tmp_path / "lens.png"
     assert main(["lens", PROMPT, "--target", " Paris", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "logit lens at position 10 (' of'): what each read-out predicts next"
+    # SmolLM2's own tokenizer adds no BOS, so " of" is the tenth token (position 9).
+    assert out[0] == "logit lens at position 9 (' of'): what each read-out predicts next"
     rows = out[2:-1]
     assert [row.split()[0] for row in rows] == ["embed"] + [f"{i}_post" for i in range(30)]
     last = rows[-1].split()

@@ -267,10 +267,12 @@ class LogitLensExplorer(Explorer):
         probs = torch.tensor(data["panels"][panel]["probs"]).reshape(n_readouts, n_pos)
         ranks = data["panels"][panel]["ranks"]
         ranks = torch.zeros_like(probs, dtype=torch.long) if ranks is None else torch.tensor(ranks).reshape(probs.shape)
+        inputs = dataclasses.replace(
+            run.result.inputs, target_ids=torch.tensor([[data["id"]]]), target_strs=[[data["text"]]]
+        )
         return dataclasses.replace(
             run.result,
-            target_ids=torch.tensor([[data["id"]]]),
-            target_strs=[[data["text"]]],
+            inputs=inputs,
             target_probs=probs[None, :, :, None],
             target_logits=(probs.log() + run.logsumexp)[None, :, :, None],
             target_ranks=ranks[None, :, :, None],
