@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import CharTokenizer, char_model, run_patterns
+from helpers import CharTokenizer, assert_same_top_k, char_model, run_patterns
 
 import llama_lens as ll
 from llama_lens import widgets as ll_widgets
@@ -240,6 +240,99 @@ def test_comparison_panels_share_the_vocabulary(model):
     np.testing.assert_allclose(np.reshape(explorer.target_data["panels"][1]["probs"], (3, 6)), probs, atol=2e-5)
     explorer.compare_prompt = None
     assert len(explorer.panels) == 1 and set(explorer.to_frame()["panel"]) == {0}
+
+
+# ------------------------------------------------------------------------------------------ the tuned lens
+def _tuned_lens(model, scale=0.3):
+    """A tuned lens for `model` whose translators are set by hand to random non-zero weights and biases."""
+    tuned = ll.TunedLens.for_model(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for translator in tuned.translators.values():
+            translator.weight.copy_(torch.randn(translator.weight.shape, generator=generator) * scale)
+            translator.bias.copy_(torch.randn(translator.bias.shape, generator=generator))
+    return tuned
+
+
+def _assert_panel_is(explorer, result, panel=0):
+    """The panel's top tokens and probabilities are the LensResult's (ties in any order)."""
+    data = explorer.panels[panel]
+    shape = tuple(result.top_ids[0].shape)
+    ids = torch.tensor(data["vocab_ids"])[torch.tensor(data["top"])].reshape(shape)
+    probs = torch.tensor(data["probs"], dtype=torch.float32).reshape(shape) / data["prob_scale"]
+    assert data["labels"] == result.labels
+    assert_same_top_k(ids, probs, result.top_probs[0].float(), expected_ids=result.top_ids[0], atol=6e-5)
+
+
+def test_tuned_lens_switch_reads_through_the_translators(model):
+    tuned = _tuned_lens(model)
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o", tuned_lens=tuned)
+    assert explorer.lens == "tuned" and explorer.has_tuned_lens
+    assert "tuned lens" in explorer.titles[0] and "tuned lens" in explorer.status
+    expected = ll.logit_lens(model, "hello world", "o", lens=tuned, top_k=10, keep_logits=True)
+    plain = ll.logit_lens(model, "hello world", "o", top_k=10)
+    # The translators change the read-outs below the last layer (else this test could not tell the lenses apart).
+    assert expected.lens == "tuned" and (expected.top_ids[0, :-1, :, 0] != plain.top_ids[0, :-1, :, 0]).any()
+    assert (expected.target_probs[0, :-1] - plain.target_probs[0, :-1]).abs().max() > 1e-3  # >> the tolerance
+    _assert_panel_is(explorer, expected)
+    # The target and pins are read from the kept residual streams: through the same translators.
+    target_probs = np.reshape(explorer.target_data["panels"][0]["probs"], (3, 12))
+    np.testing.assert_allclose(target_probs, expected.target_probs[0, :, :, 0].numpy(), atol=2e-5)
+    explorer.metric = "target_rank"
+    _assert_ranks(explorer.target_data["panels"][0]["ranks"], expected.logits[0].double(), ord("o"))
+    explorer.pins = [{"position": 4, "ids": [ord("o")]}]
+    np.testing.assert_allclose(explorer.traces[0]["probs"], expected.target_probs[0, :, 4, 0].numpy(), atol=2e-5)
+
+    # Back to the logit lens: one model run, and the plain logit lens again.
+    counter, runs = _forwards(model)
+    with model.hooks([counter]):
+        explorer.lens = "logit"
+    assert len(runs) == 1 and explorer.result.lens == "logit" and "logit lens" in explorer.titles[0]
+    _assert_panel_is(explorer, plain)
+    target_probs = np.reshape(explorer.target_data["panels"][0]["probs"], (3, 12))
+    np.testing.assert_allclose(target_probs, plain.target_probs[0, :, :, 0].numpy(), atol=2e-5)
+
+
+def test_tuned_lens_state_round_trip(model):
+    tuned = _tuned_lens(model)
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o", tuned_lens=tuned)
+    state = json.loads(json.dumps(explorer.state))
+    assert state["lens"] == "tuned"
+    other = ll_widgets.LogitLensExplorer(model, "abc", tuned_lens=tuned, lens="logit")
+    assert other.result.lens == "logit"
+    other.state = state
+    assert other.state == state and other.result.lens == "tuned"
+    timeless = lambda panels: [{k: v for k, v in panel.items() if k != "seconds"} for panel in panels]
+    assert timeless(other.panels) == timeless(explorer.panels)
+    assert other.target_data["panels"] == explorer.target_data["panels"]
+    assert ll_widgets.LogitLensExplorer(model, "abc").state["lens"] == "logit"
+
+
+def test_tuned_lens_errors(model):
+    plain = ll_widgets.LogitLensExplorer(model, "hello")
+    assert not plain.has_tuned_lens
+    with pytest.raises(ValueError, match='lens="tuned" needs a tuned lens'):
+        plain.lens = "tuned"
+    assert plain.lens == "logit" and plain.result.lens == "logit"
+    with pytest.raises(ValueError, match='lens="tuned" needs a tuned lens'):
+        ll_widgets.LogitLensExplorer(model, "hello", lens="tuned")
+    tuned = _tuned_lens(model)
+    with pytest.raises(ValueError, match="lens='fancy' is not one of"):
+        ll_widgets.LogitLensExplorer(model, "hello", tuned_lens=tuned, lens="fancy")
+    with pytest.raises(ValueError, match="compare_model= and tuned_lens= do not go together"):
+        ll_widgets.LogitLensExplorer(model, "hello", tuned_lens=tuned, compare_model=char_model(seed=1))
+    with pytest.raises(ValueError, match="layers"):
+        ll_widgets.LogitLensExplorer(model, "hello", tuned_lens=_tuned_lens(char_model(n_layers=3)))
+    # The lens has translators for resid_post only: resid_mid is refused, naming it, and nothing changes.
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", tuned_lens=tuned)
+    with pytest.raises(ValueError, match="no translator for resid_mid"):
+        explorer.readout = "resid_mid"
+    assert explorer.readout == "resid_post" and explorer.result.labels == ["embed", "0_post", "1_post"]
+    explorer.lens = "logit"
+    explorer.readout = "resid_mid"  # the logit lens reads any stream
+    with pytest.raises(ValueError, match="no translator for resid_mid"):
+        explorer.lens = "tuned"
+    assert explorer.lens == "logit"
 
 
 # ------------------------------------------------------------------------------------------ pictures and pages

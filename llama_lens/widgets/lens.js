@@ -23,6 +23,9 @@ function render({ model, el }) {
   const compareBox = h("input", { class: "ll-prompt ll-compare", type: "text", placeholder: "second prompt" });
   const readout = h("select", { class: "ll-readout" },
     ["resid_post", "resid_pre", "resid_mid"].map((r) => h("option", { value: r, text: r })));
+  const lens = h("select", { class: "ll-lens-kind", title: "logit lens, or the tuned lens's translators" },
+    ["logit", "tuned"].map((v) => h("option", { value: v, text: v })));
+  const lensLabel = h("label", {}, ["lens ", lens]);
   const targetBox = h("input", { class: "ll-target", type: "text", placeholder: "target, e.g. ' Paris' or #1712" });
   const tokenBox = h("input", { class: "ll-token", type: "text", placeholder: "colour token" });
   const metric = h("select", { class: "ll-metric" },
@@ -44,7 +47,7 @@ function render({ model, el }) {
   root.append(
     h("div", { class: "ll-bar" }, [promptBox, compareBox]),
     h("div", { class: "ll-bar" }, [
-      h("label", {}, ["read-out ", readout]), h("label", {}, ["target ", targetBox]), hint,
+      h("label", {}, ["read-out ", readout]), lensLabel, h("label", {}, ["target ", targetBox]), hint,
       h("label", {}, ["colour ", metric]), h("label", {}, ["token ", tokenBox]),
     ]),
     h("div", { class: "ll-bar" }, [
@@ -61,7 +64,7 @@ function render({ model, el }) {
   root.append(panelsBox, h("div", { class: "ll-legendbar" }, [legend, legendText]),
     h("div", { class: "ll-bottom" }, [popup, chart]), tooltip);
   if (offline) {
-    for (const box of [promptBox, compareBox, readout, targetBox, tokenBox]) box.disabled = true;
+    for (const box of [promptBox, compareBox, readout, lens, targetBox, tokenBox]) box.disabled = true;
     promptBox.title = "a saved page has no kernel to run the model";
   }
 
@@ -71,6 +74,7 @@ function render({ model, el }) {
     if (e.key === "Enter") send("compare_prompt", compareBox.value || null);
   });
   readout.addEventListener("change", () => send("readout", readout.value));
+  lens.addEventListener("change", () => send("lens", lens.value));
   targetBox.addEventListener("keydown", (e) => { if (e.key === "Enter") send("target", targetBox.value); });
   tokenBox.addEventListener("keydown", (e) => {
     if (e.key === "Enter") { send("token", tokenBox.value); send("metric", "token_prob"); }
@@ -534,6 +538,8 @@ function render({ model, el }) {
     compareBox.value = compare === null || compare === undefined ? "" : Array.isArray(compare) ? "(chat)" : compare;
     diffLabel.style.display = panels().length === 2 ? "" : "none";
     readout.value = model.get("readout");
+    lens.value = model.get("lens");
+    lensLabel.style.display = model.get("has_tuned_lens") ? "" : "none";  // a switch only with a tuned lens
     targetBox.value = model.get("target");
     tokenBox.value = model.get("token");
     metric.value = model.get("metric");
@@ -569,7 +575,7 @@ function render({ model, el }) {
   model.on("change:traces", drawChart);
   model.on("change:pins", drawChart);
   model.on("change:trajectory", () => { syncControls(); drawChart(); });
-  for (const name of ["busy", "status", "error", "prompt", "compare_prompt", "readout", "target", "token"]) {
+  for (const name of ["busy", "status", "error", "prompt", "compare_prompt", "readout", "lens", "target", "token"]) {
     model.on("change:" + name, syncControls);
   }
   firstDraw();

@@ -10,11 +10,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..lens import LensResult, logit_lens
+
+if TYPE_CHECKING:
+    from ..tuned_lens import TunedLens
 
 # Read-out label ("embed", "3_pre", ...) -> the hook point holding that residual stream.
 SUFFIX_HOOK = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post"}
@@ -57,7 +60,8 @@ class LensRun:
 
     Attributes:
         result: the LensResult (top tokens, entropy, KL) of the run.
-        resid: [R, P, d_model] the residual stream of every read-out at every position.
+        resid: [R, P, d_model] the residual stream of every read-out at every position, as the lens reads it
+            (with a tuned lens: already moved by its translator), so ln_final and unembed give the read-out.
         logsumexp: [R, P] the log normaliser of every read-out's distribution.
         seconds: how long the run took.
     """
@@ -75,10 +79,12 @@ def run_lens(
     top_k: int,
     check: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    lens: TunedLens | None = None,
 ) -> LensRun:
     """The lens of one prompt (`ll.logit_lens`) and its residual streams, captured by hooks on the same run.
 
     `check()` is called after every layer (it raises to cancel the run); `progress(done, total)` likewise.
+    `lens` is a tuned lens (None: the logit lens); the kept streams are then the translated ones.
     """
     started = time.perf_counter()
     captured: dict[str, torch.Tensor] = {}
@@ -94,9 +100,11 @@ def run_lens(
     # Every read-out with the embedding as its first row ("resid_pre" starts with layer 0's input, the same vector).
     readouts = readout if readout == "resid_pre" else ("embed", readout)
     with model.hooks([(names, capture)]), torch.no_grad():
-        result = logit_lens(model, tokens, readout=readouts, top_k=top_k)
-    check()
-    resid = torch.stack([captured[hook_of(label)][result.positions] for label in result.labels])
+        result = logit_lens(model, tokens, readout=readouts, top_k=top_k, lens=lens)
+        check()
+        # Translated once here, so every later read-out (target, pins, ranks) is the tuned lens's as well.
+        streams = [(captured[hook_of(label)][result.positions], hook_of(label)) for label in result.labels]
+        resid = torch.stack([s if lens is None else lens.translate_hook(s, hook) for s, hook in streams])
     # The normaliser from the top token: log p = logit - logsumexp, so logsumexp = logit - log p.
     logsumexp = result.top_logits[0, :, :, 0].float() - result.top_probs[0, :, :, 0].float().log()
     return LensRun(result, resid, logsumexp, time.perf_counter() - started)

@@ -3,7 +3,8 @@
 The model runs once per prompt and read-out; the page gets every read-out's top-k tokens, probabilities,
 entropy and KL at every position (a compact JSON, about 1 MB for 30 layers x 300 positions x top-10) and
 answers hover, click, zoom, stride and colouring by itself. The target, a colouring token and pinned tokens are
-read from the residual streams that run kept (no new forward pass).
+read from the residual streams that run kept (no new forward pass). With a tuned lens the "lens" control
+switches between the logit lens and the tuned lens (a model run, like the read-out).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from ..tuned_lens import TunedLens
+
 READOUTS = ("resid_post", "resid_pre", "resid_mid")
+LENSES = ("logit", "tuned")
 METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
 TRAJECTORY = ("prob", "rank")
 MAX_PINS = 24
@@ -39,6 +43,31 @@ def _check_prompt(explorer: Any, value: Any) -> Any:
             raise ValueError('prompt: every chat message needs "role" and "content"')
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
     raise ValueError(f'prompt must be a text or a list of {{"role", "content"}} messages, got {value!r}')
+
+
+def _check_lens(explorer: Any, value: Any) -> str:
+    one_of("lens", LENSES)(explorer, value)
+    if value == "tuned":
+        if explorer.tuned_lens is None:
+            raise ValueError(
+                'lens="tuned" needs a tuned lens: LogitLensExplorer(..., tuned_lens=ll.TunedLens.load(path))'
+            )
+        _check_translators(explorer.tuned_lens, explorer.model, explorer.readout)
+    return value
+
+
+def _check_readout(explorer: Any, value: Any) -> str:
+    one_of("readout", READOUTS)(explorer, value)
+    if explorer.lens == "tuned":
+        _check_translators(explorer.tuned_lens, explorer.model, value)
+    return value
+
+
+def _check_translators(tuned_lens: TunedLens, model: Any, readout: str) -> None:
+    """Raises ValueError, naming the read-out, where the tuned lens has no translator for one of its streams."""
+    tuned_lens.translator(0, "embed")  # the first row of every read-out
+    for layer in model.layer_indices:
+        tuned_lens.translator(layer, readout)
 
 
 def _check_compare(explorer: Any, value: Any) -> Any:
@@ -115,7 +144,9 @@ class LogitLensExplorer(Explorer):
         top_k: top tokens kept per cell.
         compare: a second prompt shown beside the first (None: one panel).
         compare_model: a second model for the second panel (default `model`; the prompt is `compare` or
-            `prompt`).
+            `prompt`). Not with a tuned lens, which is trained for one model.
+        tuned_lens: a `ll.TunedLens` trained for `model`: adds the logit/tuned switch.
+        lens: "logit" or "tuned" (default: "tuned" when a tuned lens is given).
         state: a saved `.state` (or part of one) to start from; its keys win over the arguments above.
         threaded: run browser-driven work in a worker thread (default: when a kernel runs).
     """
@@ -126,7 +157,8 @@ class LogitLensExplorer(Explorer):
     CONTROLS = {
         "prompt": Control("recompute", _check_prompt, "the prompt (text or chat messages)"),
         "compare_prompt": Control("recompute", _check_compare, "the second panel's prompt, or None"),
-        "readout": Control("recompute", one_of("readout", READOUTS), "which residual streams are read out"),
+        "readout": Control("recompute", _check_readout, "which residual streams are read out"),
+        "lens": Control("recompute", _check_lens, '"logit", or "tuned" (through the tuned_lens= translators)'),
         "target": Control("update", _check_token_box("target"), "the target token (text or #id), '' for none"),
         "token": Control("update", _check_token_box("token"), "a token to colour by (text or #id)"),
         "pins": Control("update", _check_pins, "pinned token groups, one chart line each"),
@@ -142,6 +174,7 @@ class LogitLensExplorer(Explorer):
     prompt = traitlets.Any("").tag(sync=True)
     compare_prompt = traitlets.Any(None, allow_none=True).tag(sync=True)
     readout = traitlets.Unicode("resid_post").tag(sync=True)
+    lens = traitlets.Unicode("logit").tag(sync=True)
     target = traitlets.Unicode("").tag(sync=True)
     token = traitlets.Unicode("").tag(sync=True)
     pins = traitlets.List([]).tag(sync=True)
@@ -159,6 +192,7 @@ class LogitLensExplorer(Explorer):
     token_data = traitlets.Dict({}).tag(sync=True)
     traces = traitlets.List([]).tag(sync=True)
     titles = traitlets.List([]).tag(sync=True)
+    has_tuned_lens = traitlets.Bool(False).tag(sync=True)  # the page shows the lens switch only then
 
     def __init__(
         self,
@@ -171,6 +205,8 @@ class LogitLensExplorer(Explorer):
         top_k: int = 10,
         compare: str | Sequence[dict[str, str]] | None = None,
         compare_model: Any = None,
+        tuned_lens: TunedLens | None = None,
+        lens: str | None = None,
         state: dict[str, Any] | None = None,
         threaded: bool | None = None,
     ) -> None:
@@ -180,11 +216,20 @@ class LogitLensExplorer(Explorer):
             raise ValueError("this model holds no layers; load at least one to use the lens")
         if compare_model is not None and compare_model.cfg.d_vocab != model.cfg.d_vocab:
             raise ValueError("compare_model= must share the vocabulary of model= (same d_vocab and tokenizer)")
+        if tuned_lens is not None:
+            if compare_model is not None:
+                raise ValueError(
+                    "compare_model= and tuned_lens= do not go together: a tuned lens is trained for one model; "
+                    "compare prompts with compare= instead, or open one explorer per model"
+                )
+            tuned_lens.check_model(model)
         self.model = model
         self.compare_model = compare_model
+        self.tuned_lens = tuned_lens
         self.top_k = int(top_k)
         self.runs: list[LensRun] = []
         super().__init__(threaded=threaded)
+        self.has_tuned_lens = tuned_lens is not None
         if isinstance(target, int) and not isinstance(target, bool):
             target = f"#{target}"
         if target is not None and not isinstance(target, str):
@@ -195,6 +240,7 @@ class LogitLensExplorer(Explorer):
             "prompt": prompt,
             "compare_prompt": compare,
             "readout": readout,
+            "lens": lens or ("logit" if tuned_lens is None else "tuned"),
             "target": target or "",
             "metric": metric,
         }
@@ -303,7 +349,8 @@ class LogitLensExplorer(Explorer):
             def progress(done: int, total: int) -> None:
                 self.status = f"{what}running {tokens.shape[1]} tokens: layer {done} / {total}…"
 
-            runs.append(run_lens(model, tokens, self.readout, self.top_k, check, progress))
+            tuned = self.tuned_lens if self.lens == "tuned" else None
+            runs.append(run_lens(model, tokens, self.readout, self.top_k, check, progress, tuned))
         check()
         self.runs = runs
         with self.hold_sync():
@@ -318,14 +365,17 @@ class LogitLensExplorer(Explorer):
             self._update(["target", "token"], check)
             seconds = sum(run.seconds for run in runs)
             n = [len(run.result.positions) for run in runs]
-            self.status = f"{' + '.join(map(str, n))} tokens, {runs[0].result.n_readouts} read-outs in {seconds:.2f} s"
+            readouts = runs[0].result.n_readouts
+            self.status = (
+                f"{' + '.join(map(str, n))} tokens, {readouts} read-outs, {self.lens} lens, in {seconds:.2f} s"
+            )
         self._data_changed()
 
     def _title(self, panel: int, prompt: Any) -> str:
         model = self._panel_model(panel)
         name = getattr(model.cfg, "name", None) or ("model 2" if model is self.compare_model else "model")
         text = prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)
-        return f"{name}: {text[:80]}"
+        return f"{name}, {self.lens} lens: {text[:80]}"
 
     def _react(self, kinds: set[str], names: list[str]) -> None:
         super()._react(kinds, names)
