@@ -419,5 +419,6 @@ def test_saved_page_works_offline(chromium, tmp_path):
     line = _wait("the pinned line", lambda: driver.find_elements(By.CSS_SELECTOR, "path.ll-pin-line"), timeout=5)[0]
     assert line.get_attribute("stroke-dasharray") and line.get_attribute("d").startswith("M")
     assert driver.find_element(By.CSS_SELECTOR, "input.ll-prompt").get_attribute("disabled")
+    assert not driver.find_element(By.CSS_SELECTOR, "select.ll-lens-kind").is_displayed()  # no tuned lens given
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
