@@ -198,6 +198,7 @@ def _tensors(values) -> list[torch.Tensor]:
     return found
 
 
+@pytest.mark.slow
 def test_read_out_holds_blocks_not_vocabulary_rows(monkeypatch):
     # Beside the model's own logits, no [rows, d_vocab] array: the largest tensor the read-out makes is a
     # [chunk_size, VOCAB_BLOCK] block of float32, however many rows there are.

@@ -107,6 +107,7 @@ def test_loss_is_the_logit_lens_kl(model):
     torch.testing.assert_close(torch.tensor([got[label] for label in lens.labels]), expected[:-1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_held_out_kl(model):
     texts = generated_texts(40, seed=0)
     lens = TunedLens.train(model, texts, max_steps=30, **TRAIN)

@@ -167,6 +167,7 @@ def test_pins_are_summed_trajectories(model):
         explorer.pins = [{"position": 40, "ids": [1]}]
 
 
+@pytest.mark.slow
 def test_a_newer_request_cancels_an_older_one():
     model = char_model(n_layers=4)
     explorer = ll_widgets.LogitLensExplorer(model, "hi", threaded=True)
