@@ -141,7 +141,8 @@ class Tokenizer:
                 does what the checkpoint's tokenizer does (`skip_special`).
         """
         skip_special = self.skip_special if skip_special is None else bool(skip_special)
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids if type(ids) is list else list(ids)
+        if type(ids) is not list:  # the usual case first: a list goes to the backend as it is
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if not self.backend_checks_ids:
             return self._decode_ids(self._checked(ids), skip_special)
         # The backend refuses bad ids itself (no per-id Python on the way); only then are they looked for.

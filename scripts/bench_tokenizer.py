@@ -35,7 +35,8 @@ from llama_lens.demo import cache_dir  # noqa: E402
 from llama_lens.tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
 
 
-def interleaved(candidates: dict, repeats: int) -> dict[str, float]:
+def interleaved(candidates: dict, repeats: int) -> dict[str, list[float]]:
+    """Each candidate's time per turn; within a turn the candidates run one after the other."""
     for fn in candidates.values():
         fn()  # warm-up: caches, lazy init
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -44,15 +45,20 @@ def interleaved(candidates: dict, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def report(label: str, candidates: dict, repeats: int) -> None:
+    """Median times, and the median of each turn's own ratio: a turn's candidates share the machine's state
+    (clock speed, other load), so the per-turn ratio drifts less than a ratio of two medians."""
     times = interleaved(candidates, repeats)
     ours = times.pop("ours")
     for name, seconds in times.items():
-        ratio = ours / seconds
-        print(f"{label:<22} ours {ours * 1e3:8.1f} ms   {name:<22} {seconds * 1e3:8.1f} ms   ours/ref {ratio:5.2f}")
+        ratio = statistics.median(a / b for a, b in zip(ours, seconds))
+        print(
+            f"{label:<22} ours {statistics.median(ours) * 1e3:8.1f} ms   {name:<22} "
+            f"{statistics.median(seconds) * 1e3:8.1f} ms   ours/ref {ratio:5.2f}"
+        )
 
 
 def main() -> None:
@@ -60,7 +66,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     texts = corpus()
-    print(f"corpus: {len(texts)} strings, {sum(map(len, texts)):,} characters; medians of {args.repeats} turns\n")
+    print(
+        f"corpus: {len(texts)} strings, {sum(map(len, texts)):,} characters; medians of {args.repeats} turns "
+        "(ratios: the median of each turn's own)\n"
+    )
 
     # SmolLM2's tokenizer.json against tokenizers
     from tokenizers import Tokenizer as Backend
