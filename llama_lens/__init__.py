@@ -31,7 +31,7 @@ _LAZY = {
     "store_activations": "dataset",
     "read_prompts": "dataset",
     "DatasetResult": "dataset",
-    "ManifestMismatchError": "dataset",
+    "ManifestMismatchError": "errors",
     "ActivationDataset": "activation_store",
     "LlamaLensError": "errors",
     "ConfigError": "errors",

@@ -44,7 +44,7 @@ from .dataset_tasks import (
     check_positions,
     shard_path,
 )
-from .errors import LlamaLensError
+from .errors import ManifestMismatchError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,10 +55,6 @@ MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.parquet"
 MANIFEST_FORMAT = 1
 EXECUTORS = ("local", "ray")
-
-
-class ManifestMismatchError(LlamaLensError, ValueError):
-    """A run's `out` folder holds results of a run with other parameters."""
 
 
 # ------------------------------------------------------------------------------------------------ prompts

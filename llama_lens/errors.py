@@ -10,6 +10,7 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── DemoModelError         (RuntimeError) the embedded default model cannot be fetched or built
     ├── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
     ├── LensFileError          (ValueError)   a saved tuned lens that cannot be read
+    ├── ManifestMismatchError  (ValueError)   a dataset run's folder holds a run with other parameters
     └── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
 """
 
@@ -53,6 +54,10 @@ class UnknownNameError(LlamaLensError, KeyError):
 
 class LensFileError(LlamaLensError, ValueError):
     """A saved tuned lens (config.json and its params file) that is not one, naming the file and key."""
+
+
+class ManifestMismatchError(LlamaLensError, ValueError):
+    """A dataset run's `out` folder holds results of a run with other parameters."""
 
 
 class GroupedHeadsError(LlamaLensError, IndexError):

@@ -55,6 +55,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: a tiny model's matmuls gain nothing from a second thread, which
+    on a busy machine only waits. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
     """The embedded default checkpoint (SmolLM2-135M-Instruct, HF layout), built on first use in the same

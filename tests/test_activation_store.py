@@ -13,17 +13,10 @@ import llama_lens as ll
 from llama_lens.errors import UnknownNameError
 from llama_lens.testing import write_hf_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["the cat sat", "a", "hello world, again", "xyz", "once upon a time", "ab cd", "q r s t u v"]
 HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matmuls gain nothing from a second thread, which on a busy machine only waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

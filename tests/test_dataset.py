@@ -21,14 +21,17 @@ import torch
 from helpers import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
-from llama_lens.dataset import ManifestMismatchError, make_records, plan_shards, read_prompts
+from llama_lens.dataset import make_records, plan_shards, read_prompts
 from llama_lens.dataset_tasks import LensTask, ShardJob
+from llama_lens.errors import ManifestMismatchError
 from llama_lens.executors import ModelSpec, ShardWorker
 from llama_lens.testing import write_hf_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 # Lengths from 1 to 30 characters, in no order, so that shards and batches mix and pad them.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [
     "the cat sat on the mat",
     "a",
@@ -51,15 +54,6 @@ PROMPTS = [
 ]
 TARGETS = [" ", "e", "a", " ", "z", "x", "b", "f", " ", "t", "s", "z", " ", "o", "y", "m", "q", "!"]
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matmuls gain nothing from a second thread, which on a busy machine only waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
