@@ -5,6 +5,8 @@ Layouts:
             `model.safetensors.index.json`; the shape comes from `config.json`.
     "meta"  Meta release: `consolidated.00.pth` (`.01`, ... for model-parallel shards, merged on read along the
             axis each weight was split on) + `params.json`.
+    "gguf"  one llama.cpp `.gguf` file (given itself, or a folder holding only it): config and tokenizer from its
+            metadata, each tensor dequantized as it is read (`gguf_io`).
 
 Opening reads headers only and checks every tensor's name and shape against the config, so a bad file fails
 at once with its name in the message. Reads go through one entry, `Checkpoint.read_into` (canonical name ->
@@ -14,6 +16,7 @@ The loader, one job per module (imports point down the list):
     names.py           rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
     safetensors_io.py  safetensors headers (checked against the file) and plain reads into a tensor
     pth_io.py          .pth shards: torch.load(mmap=True, weights_only=True), copies that drop their pages
+    gguf_io.py         GGUF headers, the config their metadata describe, dequantizing reads
     tensor_index.py    which file holds which bytes of each tensor; its on-disk cache and file stamps
     checkpoint.py      the Checkpoint: layout, config, name and shape checks, tables, reads
 """
@@ -32,6 +35,17 @@ import torch
 
 from .config import LlamaConfig, read_json_object
 from .errors import CheckpointError, UnknownNameError, did_you_mean
+from .gguf_io import (
+    GGUF_IGNORED,
+    GGUF_PERMUTED,
+    GGUF_TO_CANONICAL,
+    check_qtype,
+    dequantized_dtype,
+    gguf_config,
+    gguf_raw_index,
+    read_gguf_header,
+    read_gguf_into,
+)
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,
@@ -74,17 +88,21 @@ class Checkpoint:
     `llama_lens.tensor_index`); it is rebuilt when any weight file's size or modification time changes. Pass
     `index_cache=False` to skip the cache.
 
+    A GGUF file is opened from its header alone (fast enough that no index is cached); its tensors are
+    dequantized as they are read, into the dtype asked for.
+
     Args:
-        path: the checkpoint folder.
+        path: the checkpoint folder, or a .gguf file.
         index_cache: a JSON file for the shard index, None for the default location, False for none.
 
     Attributes:
-        path: the folder (absolute).
-        format: "hf" or "meta".
+        path: the folder (absolute); for a GGUF, the folder holding the file (`files[0]`).
+        format: "hf", "meta" or "gguf".
         config: the LlamaConfig.
         files: the weight files, in order.
         tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also one
-            folder up, where Llama 2 releases keep it), or None.
+            folder up, where Llama 2 releases keep it), the .gguf file itself when its metadata hold a
+            vocabulary, or None.
         index_cache_path: the cache file used, or None.
         file_stamps: size and modification time of each weight file at opening; reads check them first.
 
@@ -99,11 +117,19 @@ class Checkpoint:
         self.path = Path(path).expanduser().absolute()
         if not self.path.exists():
             raise FileNotFoundError(f"checkpoint folder {str(self.path)!r} does not exist")
-        if not self.path.is_dir():
+        gguf_file = None
+        if self.path.is_file() and self.path.suffix.lower() == ".gguf":
+            self.path, gguf_file = self.path.parent, self.path
+        elif not self.path.is_dir():
             raise ValueError(f"{self.path} is a file; pass the folder that holds the checkpoint ({self.path.parent})")
-        self.format, self.files, stamped_files = self._find_files()
-        self.index_cache_path = index_cache_path(self.path, index_cache)
+        self.format, self.files, stamped_files = self._find_files(gguf_file)
+        self.index_cache_path = None if self.format == "gguf" else index_cache_path(self.path, index_cache)
         self.file_stamps = FileStamps(self.path, stamped_files)  # reads check that no file changed since
+        if self.format == "gguf":
+            self._gguf_header = read_gguf_header(self.files[0])
+            self._use_index(gguf_raw_index(self._gguf_header))
+            self.tokenizer_path = self._find_tokenizer()
+            return
         raw = read_index_cache(self.index_cache_path, self.path, self.format, self.file_stamps)
         if raw is not None:
             try:
@@ -125,8 +151,11 @@ class Checkpoint:
         self._source = self._match_names()  # canonical name -> stored name
 
     # --------------------------------------------------------------------------------- layout and config
-    def _find_files(self) -> tuple[str, list[Path], list[Path]]:
+    def _find_files(self, gguf_file: Path | None) -> tuple[str, list[Path], list[Path]]:
         folder = self.path
+        self._weight_map = None
+        if gguf_file is not None:
+            return "gguf", [gguf_file], [gguf_file]
         index_file = folder / HF_INDEX_FILE
         if index_file.exists():
             try:
@@ -144,7 +173,6 @@ class Checkpoint:
             self._weight_map = weight_map
             files = [folder / name for name in names]
             return "hf", files, [*files, index_file]
-        self._weight_map = None
         if (folder / HF_SINGLE_FILE).is_file():
             return "hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE]
         shards = sorted(folder.glob("*.safetensors"))
@@ -160,14 +188,24 @@ class Checkpoint:
                         f"(found {[p.name for p in pths]}); download it again"
                     )
             return "meta", pths, pths
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".ckpt"})
+        ggufs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+        if len(ggufs) == 1:
+            return "gguf", ggufs, ggufs
+        if ggufs:
+            raise CheckpointError(
+                f"{folder} holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs[:5])}); pass the one to "
+                f"open, e.g. {str(ggufs[0])!r}"
+            )
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
         hint = f" Found {others}, which llama_lens does not read; convert to safetensors." if others else ""
         raise FileNotFoundError(
             f"no weight files in {folder}: expected {HF_SINGLE_FILE}, model-*-of-*.safetensors with "
-            f"{HF_INDEX_FILE}, or Meta's consolidated.00.pth.{hint}"
+            f"{HF_INDEX_FILE}, Meta's consolidated.00.pth, or one .gguf file.{hint}"
         )
 
     def _read_config(self, raw: dict[str, list[dict[str, Any]]]) -> LlamaConfig:
+        if self.format == "gguf":
+            return gguf_config(self._gguf_header)
         if self.format == "hf":
             config_file = self.path / "config.json"
             if not config_file.is_file():
@@ -193,6 +231,8 @@ class Checkpoint:
         return cfg.replace(tie_embeddings=tied, checkpoint_dtype=pieces[0]["dtype"])
 
     def _find_tokenizer(self) -> Path | None:
+        if self.format == "gguf" and "tokenizer.ggml.model" in self._gguf_header.metadata:
+            return self.files[0]  # read by llama_lens.gguf_tokenizer
         folders = [self.path] + ([self.path.parent] if self.format == "meta" else [])
         for folder in folders:
             for name in ("tokenizer.json", "tokenizer.model"):
@@ -221,7 +261,11 @@ class Checkpoint:
         return None
 
     def _table(self) -> tuple[dict[str, str], frozenset[str]]:
-        return (HF_TO_CANONICAL, HF_IGNORED) if self.format == "hf" else (META_TO_CANONICAL, META_IGNORED)
+        return {
+            "hf": (HF_TO_CANONICAL, HF_IGNORED),
+            "meta": (META_TO_CANONICAL, META_IGNORED),
+            "gguf": (GGUF_TO_CANONICAL, GGUF_IGNORED),
+        }[self.format]
 
     def _match_names(self) -> dict[str, str]:
         cfg, config_name = self.config, self._config_name()
@@ -243,7 +287,9 @@ class Checkpoint:
                     f"implies {list(expected[canonical])}"
                 )
                 fractions.add(self._split_fraction(name, stored.shape, expected[canonical]))
-            if stored.dtype not in WEIGHT_DTYPES:
+            if self.format == "gguf":
+                check_qtype(name, stored.dtype, self.files[0])
+            elif stored.dtype not in WEIGHT_DTYPES:
                 raise CheckpointError(
                     f"tensor {name!r} in {self._where(stored)} has dtype {stored.dtype}; llama_lens reads float "
                     f"weights ({', '.join(WEIGHT_DTYPES)}) only, not quantized checkpoints"
@@ -281,7 +327,7 @@ class Checkpoint:
         return source
 
     def _config_name(self) -> str:
-        return "config.json" if self.format == "hf" else "params.json"
+        return {"hf": "config.json", "meta": "params.json", "gguf": "its metadata"}[self.format]
 
     def _where(self, stored: StoredTensor) -> str:
         return ", ".join(dict.fromkeys(piece.file for piece in stored.pieces))
@@ -307,8 +353,19 @@ class Checkpoint:
         numel: dict[str, int] = {}
         for name in set(self._source.values()):
             stored = self._stored[name]
-            numel[stored.dtype] = numel.get(stored.dtype, 0) + stored.numel
+            dtype = str(self._value_dtype(stored)).removeprefix("torch.")
+            numel[dtype] = numel.get(dtype, 0) + stored.numel
         return getattr(torch, max(numel, key=numel.get))
+
+    @property
+    def stored_bytes_per_param(self) -> float:
+        """Bytes on disk per parameter, over the model's parameters (a fraction for quantized GGUF tensors)."""
+        names = set(self._source.values())
+        return sum(self._stored[name].nbytes for name in names) / sum(self._stored[name].numel for name in names)
+
+    def _value_dtype(self, stored: StoredTensor) -> torch.dtype:
+        """The dtype a stored tensor's values are read in: as stored, or what a GGUF type dequantizes to."""
+        return dequantized_dtype(stored.dtype) if self.format == "gguf" else getattr(torch, stored.dtype)
 
     def param_dtype(self, name: str) -> torch.dtype:
         """The dtype parameter `name` (a canonical name) is stored in.
@@ -317,7 +374,7 @@ class Checkpoint:
             KeyError: for a name that is not a parameter of this model.
         """
         self._check_param_name(name)
-        return getattr(torch, self._stored[self._source[name]].dtype)
+        return self._value_dtype(self._stored[self._source[name]])
 
     @property
     def param_names(self) -> list[str]:
@@ -365,7 +422,7 @@ class Checkpoint:
                     "shape": stored.shape,
                     "dtype": stored.dtype,
                     "numel": stored.numel,
-                    "bytes": stored.numel * getattr(torch, stored.dtype).itemsize,
+                    "bytes": stored.nbytes,
                     "file": ",".join(dict.fromkeys(piece.file for piece in stored.pieces)),
                 }
             )
@@ -377,7 +434,8 @@ class Checkpoint:
     def __repr__(self) -> str:
         cfg = self.config
         return (
-            f"Checkpoint({str(self.path)!r}, format={self.format!r}, files={len(self.files)}, "
+            f"Checkpoint({str(self.files[0] if self.format == 'gguf' else self.path)!r}, format={self.format!r}, "
+            f"files={len(self.files)}, "
             f"n_layers={cfg.n_layers}, d_model={cfg.d_model}, params={self.num_params:,})"
         )
 
@@ -442,7 +500,7 @@ class Checkpoint:
                 hint = did_you_mean(name, self._stored)
             raise UnknownNameError(f"no tensor {name!r} in {self._files_text()}{hint}")
         stored = self._stored[name]
-        target = torch.empty(stored.shape, dtype=getattr(torch, stored.dtype))
+        target = torch.empty(stored.shape, dtype=self._value_dtype(stored))
         self._read([(stored, target)], None, rotate_half=False)
         return target
 
@@ -496,7 +554,8 @@ class Checkpoint:
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(layer_keys), desc=f"loading {self.path.name}", unit="layer", disable=not progress)
+        shown = self.files[0].name if self.format == "gguf" else self.path.name
+        bar = tqdm(total=len(layer_keys), desc=f"loading {shown}", unit="layer", disable=not progress)
         with dropped_on_error(result, read), bar, self.open_files() as files:
 
             def read_group(group: list[str]) -> None:
@@ -506,7 +565,7 @@ class Checkpoint:
                     if stored_name not in read:
                         stored = self._stored[stored_name]
                         read[stored_name] = targets[name] = torch.empty(
-                            stored.shape, dtype=dtype or getattr(torch, stored.dtype), device=device
+                            stored.shape, dtype=dtype or self._value_dtype(stored), device=device
                         )
                     result[name] = read[stored_name]
                 self.read_into(targets, files=files)
@@ -543,6 +602,21 @@ class Checkpoint:
         # indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
         for file_name in dict.fromkeys(name for stored, _ in reads for name in stored.files):
             self.file_stamps.check(file_name)
+        if self.format == "gguf":
+            read_bytes = 0
+            with open(self.files[0], "rb", buffering=0) as handle:
+                for stored, target in reads:
+                    heads_attr = GGUF_PERMUTED.get(layer_template(stored.name)[0]) if rotate_half else None
+                    qk_heads = None if heads_attr is None else getattr(self.config, heads_attr)
+                    read_bytes += read_gguf_into(
+                        handle,
+                        stored.pieces[0].offsets[0],
+                        stored.dtype,
+                        target,
+                        qk_heads=qk_heads,
+                        what=repr(stored.name),
+                    )
+            return read_bytes
         if self.format == "hf":
             with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
                 read_bytes = 0

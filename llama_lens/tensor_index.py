@@ -39,7 +39,7 @@ class Piece:
 
     file: str
     shape: tuple[int, ...]
-    offsets: tuple[int, int] | None  # safetensors byte range; None for .pth
+    offsets: tuple[int, int] | None  # safetensors or GGUF byte range; None for .pth
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class StoredTensor:
     """A logical stored tensor: its pieces and how they join."""
 
     name: str
-    dtype: str
+    dtype: str  # a torch dtype name; for GGUF, the quantization type ("Q4_1", "F16", ...)
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
     split_dim: int | None  # None: one piece, or replicated pieces (read the first)
@@ -55,6 +55,14 @@ class StoredTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: the byte ranges of its pieces (safetensors, GGUF), else numel times the item size."""
+        if all(piece.offsets is not None for piece in self.pieces):
+            pieces = self.pieces if self.split_dim is not None else self.pieces[:1]
+            return sum(piece.offsets[1] - piece.offsets[0] for piece in pieces)
+        return self.numel * getattr(torch, self.dtype).itemsize
 
     @property
     def files(self) -> list[str]:
