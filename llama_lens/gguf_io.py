@@ -105,6 +105,7 @@ LLAMA_KEYS_IGNORED = frozenset({"rope.scaling.finetuned", "tensor_data_layout"})
 # GGUF metadata value types (gguf.GGUFValueType): struct format of the scalars; 8 is a string, 9 an array.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,33 @@ class _Cursor:
                 f"{self.path}: a string in the GGUF header is not UTF-8; the file is corrupt"
             ) from None
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row: a vocabulary's tokens or merges, so the loop is kept tight."""
+        buffer, pos, unpack = self.buffer, self.pos, _U64.unpack_from
+        strings = []
+        try:
+            for _ in range(count):
+                (length,) = unpack(buffer, pos)
+                strings.append(buffer[pos + 8 : pos + 8 + length].decode("utf-8"))
+                pos += 8 + length
+        except struct.error:
+            raise self.truncated() from None
+        except UnicodeDecodeError:
+            raise CheckpointError(
+                f"{self.path}: a string in the GGUF header is not UTF-8; the file is corrupt"
+            ) from None
+        if pos > len(buffer):  # the last string's slice stopped at the end of the file
+            raise self.truncated()
+        self.pos = pos
+        return strings
+
     def value(self, value_type: int, key: str) -> Any:
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
             if item_type == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if item_type in _SCALAR_FORMATS:
                 # Numeric arrays (token types, scores) in one step rather than one value at a time.
                 fmt = _SCALAR_FORMATS[item_type]

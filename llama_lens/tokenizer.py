@@ -5,7 +5,8 @@ Three on-disk forms are read without importing transformers (which costs seconds
 - Hugging Face `tokenizer.json` (+ tokenizer_config.json), through the `tokenizers` package (`tokenizer_json.py`);
 - Meta Llama 1/2 `tokenizer.model`, a sentencepiece model, through `sentencepiece` (`tokenizer_sentencepiece.py`);
 - Meta Llama 3/4 `tokenizer.model`, a tiktoken ranks file, through `tiktoken` with Meta's split pattern and
-  special tokens (`tokenizer_tiktoken.py`).
+  special tokens (`tokenizer_tiktoken.py`);
+- the vocabulary in a GGUF file's metadata, built into a `tokenizers.Tokenizer` (`gguf_tokenizer.py`).
 
 A transformers tokenizer (or any object with `encode` and `convert_ids_to_tokens`) can be wrapped with
 `as_tokenizer`. Every backend's defaults are the checkpoint's own (BOS, special-token text, decode): see
@@ -35,7 +36,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Args:
         path: a tokenizer.json or tokenizer.model file, or a checkpoint folder holding one (tokenizer.json is
-            preferred). A tokenizer_config.json beside it may name the bos/eos/pad tokens.
+            preferred). A tokenizer_config.json beside it may name the bos/eos/pad tokens. Or a .gguf file,
+            whose metadata hold the vocabulary, special tokens and chat template.
 
     Returns:
         A `Tokenizer`: `HFTokenizer`, `SentencePieceTokenizer` or `TiktokenTokenizer`, with the checkpoint's
@@ -58,14 +60,32 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         path = found
     elif not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
+    if path.suffix.lower() == ".gguf":
+        return _gguf_tokenizer(path)
 
     tokenizer = _open_tokenizer_file(path)
     config_path = path.parent / "tokenizer_config.json"
     if config_path.is_file():
-        _apply_tokenizer_config(tokenizer, config_path)
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+        apply_tokenizer_config(tokenizer, config, where=str(config_path))
     template_path = path.parent / "chat_template.jinja"  # where transformers >= 4.43 saves the template
     if template_path.is_file():
         tokenizer.chat_template = template_path.read_text(encoding="utf-8")
+    tokenizer.guess_specials()
+    return tokenizer
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    from .gguf_io import read_gguf_header
+    from .gguf_tokenizer import gguf_backend_tokenizer, gguf_tokenizer_config
+
+    meta = read_gguf_header(path).metadata
+    tokenizer = HFTokenizer(backend=gguf_backend_tokenizer(meta, str(path)))
+    tokenizer.source = str(path)
+    apply_tokenizer_config(tokenizer, gguf_tokenizer_config(meta), where=str(path))
     tokenizer.guess_specials()
     return tokenizer
 
@@ -100,18 +120,19 @@ def _config_token(value: Any) -> str | None:
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def _apply_tokenizer_config(tokenizer: Tokenizer, config_path: Path) -> None:
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+def apply_tokenizer_config(tokenizer: Tokenizer, config: dict[str, Any], *, where: str) -> None:
+    """Sets a tokenizer's specials, BOS default and chat template from a tokenizer_config.json dict.
+
+    Raises:
+        ValueError: a special token that is not in the vocabulary (naming `where`).
+    """
     eos = config.get("eos_token")
     eos_tokens = [_config_token(t) for t in eos] if isinstance(eos, list) else [_config_token(eos)]
     tokenizer.set_specials(
         bos=_config_token(config.get("bos_token")),
         eos=[t for t in eos_tokens if t is not None],
         pad=_config_token(config.get("pad_token")),
-        where=str(config_path),
+        where=where,
     )
     if isinstance(config.get("add_bos_token"), bool):
         tokenizer.add_bos = config["add_bos_token"]
@@ -166,4 +187,5 @@ __all__ = [
     "llama4_special_tokens",
     "read_tiktoken_ranks",
     "load_tokenizer",
+    "apply_tokenizer_config",
 ]
