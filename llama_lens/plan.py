@@ -167,7 +167,8 @@ def plan(
     dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
     n_layers = len(check_layers(layers, cfg.n_layers))
     weight_size = dtype.itemsize
-    stored_size = (_stored_dtype(source) or dtype).itemsize
+    # Bytes per parameter on disk: a checkpoint's tensors tell (a fraction for a quantized GGUF), else the dtype.
+    stored_size = getattr(source, "stored_bytes_per_param", None) or (_stored_dtype(source) or dtype).itemsize
     act = weight_size  # activations take the weights' dtype (the embedding's output)
     rows = batch * tokens
 
@@ -180,10 +181,10 @@ def plan(
         # The layer computing, the layer being read, and the stored bytes of the tensor being copied: the pages
         # of a Meta shard it is copied from, or its model-parallel pieces joined, until the copy is done (a
         # safetensors cast buffer is smaller). See CheckpointLayerReader.
-        in_flight = layer_params * 2 * weight_size + largest_layer_tensor(cfg) * stored_size
+        in_flight = layer_params * 2 * weight_size + round(largest_layer_tensor(cfg) * stored_size)
     else:
         weights_resident = resident + n_layers * layer_params * weight_size
-        in_flight = layer_params * stored_size if n_layers else 0  # one layer as stored while loading
+        in_flight = round(layer_params * stored_size) if n_layers else 0  # one layer as stored while loading
     computes_pattern = patterns or cache == "all"
     activations = rows * _working_width(cfg) * act + rows * cfg.d_vocab * (act + 4)  # + logits, float32 softmax
     if computes_pattern and n_layers:
@@ -201,7 +202,7 @@ def plan(
         pattern_bytes = n_layers * batch * cfg.n_heads * tokens**2 * act * (2 if cache == "all" else 1)
     peak = weights_resident + in_flight + activations + cache_bytes + pattern_bytes
 
-    read_bytes = (embed_params + head_params + n_layers * layer_params) * stored_size
+    read_bytes = round((embed_params + head_params + n_layers * layer_params) * stored_size)
     bandwidth = float(read_bandwidth or DEFAULT_READ_BANDWIDTH)
     available = available_memory(device)
     return Plan(

@@ -75,6 +75,14 @@ def demo_path() -> Path:
     return demo_model_path()
 
 
+@pytest.fixture(scope="session")
+def demo_gguf(demo_path) -> Path:
+    """The embedded default model's original GGUF file (Q4_1), kept beside the converted checkpoint."""
+    from llama_lens.demo import demo_gguf_path
+
+    return demo_gguf_path()
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config, items):
     cuda = torch.cuda.is_available()
