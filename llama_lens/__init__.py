@@ -20,6 +20,7 @@ _LAZY = {
     "load": "loading",
     "load_tokenizer": "tokenizer",
     "demo_model_path": "demo",
+    "demo_gguf_path": "demo",
     "logit_lens": "lens",
     "direct_logit_attribution": "attribution",
     "LensResult": "lens",
