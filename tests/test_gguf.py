@@ -461,6 +461,7 @@ def demo_model_from_gguf(demo_gguf):
     return ll.load(demo_gguf, progress=False)
 
 
+@pytest.mark.slow  # transformers' GGUF loader parses and dequantizes the file in about a minute
 def test_the_embedded_gguf_gives_the_logits_of_transformers_gguf_loader(demo_gguf, demo_model_from_gguf):
     from transformers import LlamaForCausalLM
 
@@ -485,3 +486,20 @@ def test_the_embedded_gguf_tokenizes_the_corpus_as_the_converted_checkpoint(demo
     assert from_gguf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) == (
         from_json.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     )
+
+
+def test_demo_gguf_path_keeps_the_verified_file_in_the_cache(demo_gguf, tmp_path, monkeypatch):
+    import llama_lens.demo as demo
+
+    monkeypatch.setenv("LLAMA_LENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLAMA_LENS_DEMO_GGUF", str(demo_gguf))
+    kept = demo.demo_gguf_path(progress=False)
+    assert kept == tmp_path / "home" / "models" / demo_gguf.name
+    assert kept.stat().st_size == demo_gguf.stat().st_size
+    assert [p.name for p in kept.parent.iterdir() if not p.name.endswith(".lock")] == [demo_gguf.name]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a kept GGUF must not be fetched again")
+
+    monkeypatch.setattr(demo, "_fetch_gguf", fail)
+    assert demo.demo_gguf_path(progress=False) == kept
