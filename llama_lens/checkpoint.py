@@ -457,10 +457,10 @@ class Checkpoint:
     def read_into(self, targets: dict[str, torch.Tensor], *, files: WeightFiles | None = None) -> int:
         """Reads parameters into tensors the caller allocated: the one read path of full loads and streaming.
 
-        Each parameter is read from its stored tensor (model-parallel pieces joined, Meta q/k rows permuted to
+        Each parameter is read from its stored tensor (model-parallel pieces joined, Meta and GGUF q/k rows permuted to
         the rotate-half layout), cast to its target's dtype and moved to its target's device on the way, with
-        no copy beside the target but a buffer of a few MiB (safetensors) or the pages being copied (Meta,
-        dropped again after the copy).
+        no copy beside the target but a buffer of a few MiB (safetensors; GGUF, whose rows are dequantized a
+        few MiB at a time) or the pages being copied (Meta, dropped again after the copy).
 
         Args:
             targets: canonical name -> contiguous tensor of the parameter's shape (see `param_shapes`), any
@@ -488,7 +488,8 @@ class Checkpoint:
         return self._read(reads, files, rotate_half=True)
 
     def load_tensor(self, name: str) -> torch.Tensor:
-        """One tensor by its stored name, as stored (dtype, layout), Meta shards merged.
+        """One tensor by its stored name, as stored (dtype, layout), Meta shards merged; a GGUF tensor dequantized
+        (float32, or float16/bfloat16 for F16/BF16), its q/k rows in llama.cpp's order.
 
         Raises:
             KeyError: for a name the checkpoint does not hold, with the closest stored names.
@@ -597,7 +598,8 @@ class Checkpoint:
     def _read(
         self, reads: list[tuple[StoredTensor, torch.Tensor]], files: WeightFiles | None, *, rotate_half: bool
     ) -> int:
-        """Copies stored tensors into their targets; with `rotate_half`, Meta q/k rows are permuted on the way."""
+        """Copies stored tensors into their targets; with `rotate_half`, Meta and GGUF q/k rows are permuted on the
+        way."""
         # Every file first, before anything is read: a file replaced since would give other weights at the
         # indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
         for file_name in dict.fromkeys(name for stored, _ in reads for name in stored.files):

@@ -1,4 +1,4 @@
-"""`load`: a checkpoint folder in, a HookedLlama holding only the asked-for layers out."""
+"""`load`: a checkpoint folder (or GGUF file) in, a HookedLlama holding only the asked-for layers out."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def load(
     each cast to `dtype` as soon as it is read: peak memory is about one copy of what was asked for.
 
     Args:
-        path: a checkpoint folder (Hugging Face or Meta layout, see `Checkpoint`) or an open Checkpoint.
+        path: a checkpoint folder (Hugging Face or Meta layout, see `Checkpoint`), a .gguf file (each tensor
+            dequantized into `dtype` as it is read), or an open Checkpoint.
         dtype: torch dtype or "float32", "bfloat16", "float16", "float64"; None: the dtype most of the
             checkpoint's tensors are stored in (`Checkpoint.stored_dtype`), every tensor cast to it, as the
             forward pass needs one dtype (some checkpoints store the norms in float32 beside bfloat16 matrices).
