@@ -61,7 +61,8 @@ GGUF_TO_CANONICAL = {
     "output_norm.weight": "ln_final.weight",
     "output.weight": "unembed.weight",
 }
-GGUF_IGNORED: frozenset[str] = frozenset()
+# rope_freqs.weight: Llama 3.1's RoPE factors, read into the config's rope scaling (see `gguf_config`).
+GGUF_IGNORED = frozenset({"rope_freqs.weight"})
 
 # q/k tensors llama.cpp's converter permutes (weights and biases alike), with the config attribute giving their
 # number of heads.
@@ -348,11 +349,6 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
             f"{source}: {prefix}rope.dimension_count is {meta[prefix + 'rope.dimension_count']} but d_head is "
             f"{d_head}; partial rotary embeddings are not supported"
         )
-    if "rope_freqs.weight" in header.tensors:
-        raise ConfigError(
-            f"{source}: holds rope_freqs.weight, per-frequency RoPE factors (Llama 3.1's scaling as llama.cpp "
-            "stores it), which llama_lens does not read from GGUF files; load the model's Hugging Face folder"
-        )
     embedding = header.tensors.get("token_embd.weight")
     if embedding is None:
         raise CheckpointError(f"{source}: missing tensor 'token_embd.weight'; not a complete Llama GGUF")
@@ -368,7 +364,7 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         d_mlp=number("feed_forward_length"),
         d_vocab=d_vocab,
         rope_theta=number("rope.freq_base", 10000.0, kind=float),
-        rope_scaling=_rope_scaling(meta, prefix, source),
+        rope_scaling=_rope_scaling(header, prefix, d_head, number("rope.freq_base", 10000.0, kind=float)),
         # GGUF stores epsilon as float32 (1e-5 becomes 9.99999975e-06); the original config's value is the
         # shortest decimal that rounds to it.
         norm_eps=float(np.format_float_positional(np.float32(number("attention.layer_norm_rms_epsilon", kind=float)))),
@@ -394,21 +390,71 @@ def _token_id(meta: dict[str, Any], key: str, source: str) -> int | None:
     return value
 
 
-def _rope_scaling(meta: dict[str, Any], prefix: str, source: str) -> RopeScaling | None:
+def _rope_scaling(header: GGUFHeader, prefix: str, d_head: int, rope_theta: float) -> RopeScaling | None:
+    meta, source = header.metadata, str(header.path)
     kind = meta.get(prefix + "rope.scaling.type", "none")
     factor = meta.get(prefix + "rope.scaling.factor", meta.get(prefix + "rope.scale_linear"))
     if kind == "none" and prefix + "rope.scale_linear" in meta:
         kind = "linear"  # older files: only `rope.scale_linear`
+    if "rope_freqs.weight" in header.tensors:
+        if kind != "none":
+            raise ConfigError(f"{source}: holds rope_freqs.weight and sets {prefix}rope.scaling.type={kind!r}")
+        return _llama3_scaling(header, d_head, rope_theta)
     if kind == "none":
         return None
     if kind != "linear":
         raise ConfigError(
             f"{source}: {prefix}rope.scaling.type is {kind!r}; llama_lens implements 'none' and 'linear' RoPE "
-            "scaling for GGUF files"
+            "scaling for GGUF files (and Llama 3.1's, stored as rope_freqs.weight)"
         )
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
         raise ConfigError(f"{source}: linear RoPE scaling needs a positive {prefix}rope.scaling.factor, got {factor!r}")
     return RopeScaling(kind="linear", factor=float(factor))
+
+
+def llama3_rope_factors(d_head: int, rope_theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """[d_head / 2] the factor dividing each RoPE frequency under Llama 3.1's scaling, as llama.cpp's converter
+    computes them for rope_freqs.weight (1 for high frequencies, `factor` for low ones, smoothed between)."""
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head))
+    original = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(scaling.factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / scaling.factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def _llama3_scaling(header: GGUFHeader, d_head: int, rope_theta: float) -> RopeScaling:
+    """Llama 3.1's rope scaling recovered from the factors llama.cpp stores: the file keeps the factors only, so
+    the usual parameters (low 1, high 4, original context 8192, factor the largest) must reproduce them."""
+    stored = header.tensors["rope_freqs.weight"]
+    check_qtype(stored.name, stored.qtype, header.path)
+    if stored.shape != (d_head // 2,):
+        raise ConfigError(f"{header.path}: rope_freqs.weight has shape {list(stored.shape)}, expected [{d_head // 2}]")
+    factors = torch.empty(stored.shape, dtype=torch.float32)
+    with open(header.path, "rb") as file:
+        read_gguf_into(file, stored.start, stored.qtype, factors, what="'rope_freqs.weight'")
+    scaling = RopeScaling(
+        kind="llama3",
+        factor=float(factors.max()),
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    if not torch.allclose(factors, llama3_rope_factors(d_head, rope_theta, scaling), rtol=1e-6, atol=0):
+        raise ConfigError(
+            f"{header.path}: rope_freqs.weight holds RoPE factors that Llama 3.1's scaling with low_freq_factor 1, "
+            "high_freq_factor 4 and an original context of 8192 does not give; llama_lens cannot tell the "
+            "parameters from the factors alone: load the model's Hugging Face folder"
+        )
+    return scaling
 
 
 # ----------------------------------------------------------------------------------------------------- reads

@@ -63,6 +63,34 @@ def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
+def llama_cpp_rope_factors(cfg) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: Llama 3.1's RoPE factors (rope_freqs.weight)."""
+    import math
+
+    rs = cfg.rope_scaling
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2, dtype=torch.float32) / cfg.d_head))
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(rs.factor)
+        else:
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
+            rope_factors.append(1 / ((1 - smooth) / rs.factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32)
+
+
+LLAMA3_ROPE = ll.RopeScaling(
+    kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """[rows, bytes per row] of random blocks of a K-quant, with finite random float16 scales."""
     block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
@@ -84,6 +112,7 @@ def write_gguf(
     tokenizer=None,
     tensor_types=None,
     seed: int = 0,
+    rope_factors_scale: float | None = None,
 ):
     """A llama.cpp-style GGUF of `state` (our names, HF layout): q/k permuted, matrices in `qtype`, norms F32.
 
@@ -104,9 +133,12 @@ def write_gguf(
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.d_vocab)
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    elif cfg.rope_scaling is not None:  # llama3: llama.cpp stores the factors as a tensor
+        factors = llama_cpp_rope_factors(cfg) * (rope_factors_scale or 1.0)
+        writer.add_tensor("rope_freqs.weight", factors.numpy())
     for key, value in (extra_metadata or {}).items():
         writer.add_key_value(key, value[0], value[1])
     if tokenizer is not None:
@@ -204,8 +236,14 @@ def test_tensors_lists_the_stored_type_and_bytes(tmp_path):
 # ------------------------------------------------------------------------------------------- config, logits
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"tie_embeddings": True}, {"n_kv_heads": 1}, {"rope_scaling": ll.RopeScaling(kind="linear", factor=2.0)}],
-    ids=["untied_gqa", "tied", "mqa", "linear_rope"],
+    [
+        {},
+        {"tie_embeddings": True},
+        {"n_kv_heads": 1},
+        {"rope_scaling": ll.RopeScaling(kind="linear", factor=2.0)},
+        {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 32768},
+    ],
+    ids=["untied_gqa", "tied", "mqa", "linear_rope", "llama3_rope"],
 )
 def test_an_f32_gguf_gives_the_logits_of_the_same_weights_in_hf_layout(tmp_path, changes):
     cfg = tiny_config(**changes)
@@ -319,6 +357,14 @@ def test_an_unknown_llama_key_is_refused(tmp_path):
     extra = {"llama.attention.sliding_window": (4096, gguf.GGUFValueType.UINT32)}
     write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra)
     with pytest.raises(ConfigError, match=r"tiny.gguf: unsupported metadata key\(s\) \['llama.attention.sliding_wi"):
+        ll.Checkpoint(path)
+
+
+def test_rope_factors_that_llama3_scaling_does_not_give_are_refused(tmp_path):
+    cfg = tiny_config(rope_scaling=LLAMA3_ROPE)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, cfg, random_state_dict(cfg), rope_factors_scale=1.5)
+    with pytest.raises(ConfigError, match="tiny.gguf: rope_freqs.weight holds RoPE factors that Llama 3.1's"):
         ll.Checkpoint(path)
 
 
