@@ -16,10 +16,12 @@ in Hugging Face's rotate-half order (`names.permute_qk_to_rotate_half`).
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import mmap
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,9 +37,11 @@ from .safetensors_io import read_exactly_into
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # version 1 (2023) used 32-bit counts; llama.cpp itself no longer reads it
 DEFAULT_ALIGNMENT = 32
-# Output values dequantized at a time: a few MiB of float32 (the gguf dequantizers make a few temporaries of
-# that size), whatever the size of the tensor.
-CHUNK_VALUES = 2**20
+# Output values dequantized at a time: 1 MiB of float32 (the gguf dequantizers make a few temporaries of that
+# size), whatever the size of the tensor; small enough that a layer's matrices split into chunks for the threads.
+CHUNK_VALUES = 2**18
+# Threads dequantizing chunks at once (numpy lets go of the GIL inside them), at most torch's thread count.
+MAX_THREADS = 8
 
 # GGUF tensor names (llama.cpp) -> canonical names of HookedLlama; "{i}" is the layer index.
 GGUF_TO_CANONICAL = {
@@ -507,7 +511,9 @@ def read_gguf_into(
 
     Reads CHUNK_VALUES values (whole rows) at a time, dequantizes them (`gguf.quants.dequantize`, float32) and
     casts them into `target` on its device; with `qk_heads`, rows are moved from llama.cpp's interleaved RoPE
-    order to the rotate-half order on the way (chunks then hold whole heads).
+    order to the rotate-half order on the way (chunks then hold whole heads). The file is read in order by the
+    calling thread; chunks are dequantized by up to `torch.get_num_threads()` threads (MAX_THREADS at most),
+    each holding one chunk.
 
     Args:
         file: the GGUF file, opened for reading in binary mode.
@@ -535,12 +541,8 @@ def read_gguf_into(
     rows = target.view(n_rows, n_cols)
     heads_rows = 1 if qk_heads is None or target.dim() == 1 else n_rows // qk_heads  # rows of one head
     step = max(heads_rows, CHUNK_VALUES // max(n_cols, 1) // heads_rows * heads_rows)
-    file.seek(start)
-    buffer = torch.empty(min(step, n_rows) * row_bytes, dtype=torch.uint8)
-    for first in range(0, n_rows, step):
-        count = min(step, n_rows - first)
-        raw = buffer[: count * row_bytes]
-        read_exactly_into(file, raw, what)
+
+    def convert(raw: torch.Tensor, first: int, count: int) -> None:
         values = torch.from_numpy(dequantize(raw.numpy().reshape(count, row_bytes), ggml_type))
         if qk_heads is None:
             rows[first : first + count].copy_(values)
@@ -548,4 +550,25 @@ def read_gguf_into(
             permute_qk_to_rotate_half(values.view(-1), qk_heads, out=target)
         else:
             permute_qk_to_rotate_half(values, count // heads_rows, out=rows[first : first + count])
+
+    file.seek(start)
+    chunks = [(first, min(step, n_rows - first)) for first in range(0, n_rows, step)]
+    threads = min(torch.get_num_threads(), MAX_THREADS, len(chunks))
+    if threads <= 1:
+        buffer = torch.empty(chunks[0][1] * row_bytes, dtype=torch.uint8)
+        for first, count in chunks:
+            raw = buffer[: count * row_bytes]
+            read_exactly_into(file, raw, what)
+            convert(raw, first, count)
+        return n_rows * row_bytes
+    with ThreadPoolExecutor(threads, thread_name_prefix="llama_lens-gguf") as pool:
+        running: collections.deque[Future] = collections.deque()
+        for first, count in chunks:
+            raw = torch.empty(count * row_bytes, dtype=torch.uint8)
+            read_exactly_into(file, raw, what)
+            running.append(pool.submit(convert, raw, first, count))
+            if len(running) >= threads:  # at most one chunk per thread in memory
+                running.popleft().result()
+        for done in running:
+            done.result()
     return n_rows * row_bytes

@@ -204,14 +204,20 @@ def test_every_quantization_type_reads_back_as_gguf_dequantizes_it(tmp_path, qty
         assert torch.equal(params[f"blocks.{layer}.mlp.up_proj.weight"], up)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
-def test_reads_in_small_chunks_match_a_whole_read(tmp_path, monkeypatch, qtype):
+def test_reads_in_small_chunks_match_a_whole_read(tmp_path, monkeypatch, qtype, threads):
     cfg = quant_config()
     path = tmp_path / "tiny.gguf"
     write_gguf(path, cfg, random_state_dict(cfg), qtype=qtype)
+    monkeypatch.setattr(gguf_io, "CHUNK_VALUES", 10**9)  # each tensor in one piece
     whole = ll.Checkpoint(path).state_dict()
     monkeypatch.setattr(gguf_io, "CHUNK_VALUES", 300)  # one row (or one head's rows for q/k) at a time
-    chunked = ll.Checkpoint(path).state_dict(dtype=torch.bfloat16)
+    torch.set_num_threads(threads)  # chunks dequantized by this many threads (the module runs on one)
+    try:
+        chunked = ll.Checkpoint(path).state_dict(dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(1)
     for name, tensor in whole.items():
         assert torch.equal(chunked[name], tensor.to(torch.bfloat16)), name
 
