@@ -96,16 +96,18 @@ LLAMA_KEYS_READ = frozenset(
         "rope.scaling.type",
         "rope.scaling.factor",
         "rope.scale_linear",
-        "rope.scaling.original_context_length",
         "context_length",
         "vocab_size",
         "expert_count",
-        "expert_used_count",
     }
 )
 # rope.scaling.finetuned: whether the model was fine-tuned at the scaled length (a fact about training);
+# rope.scaling.original_context_length: linear scaling does not read it (YaRN does, and is refused);
+# expert_used_count: means something only beside an expert_count, which is refused above 0;
 # tensor_data_layout: a note some converters wrote about the q/k order, which is llama.cpp's in every llama GGUF.
-LLAMA_KEYS_IGNORED = frozenset({"rope.scaling.finetuned", "tensor_data_layout"})
+LLAMA_KEYS_IGNORED = frozenset(
+    {"rope.scaling.finetuned", "rope.scaling.original_context_length", "expert_used_count", "tensor_data_layout"}
+)
 
 # GGUF metadata value types (gguf.GGUFValueType): struct format of the scalars; 8 is a string, 9 an array.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -356,8 +358,9 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
     embedding = header.tensors.get("token_embd.weight")
     if embedding is None:
         raise CheckpointError(f"{source}: missing tensor 'token_embd.weight'; not a complete Llama GGUF")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    d_vocab = number("vocab_size", len(tokens) if isinstance(tokens, list) else embedding.shape[0])
+    # The embedding's rows are the model's vocabulary (a token list may be shorter than a padded embedding).
+    d_vocab = number("vocab_size", embedding.shape[0])
+    rope_theta = number("rope.freq_base", 10000.0, kind=float)
     eos = _token_id(meta, "tokenizer.ggml.eos_token_id", source)
     fields = dict(
         d_model=d_model,
@@ -367,8 +370,8 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         d_head=d_head,
         d_mlp=number("feed_forward_length"),
         d_vocab=d_vocab,
-        rope_theta=number("rope.freq_base", 10000.0, kind=float),
-        rope_scaling=_rope_scaling(header, prefix, d_head, number("rope.freq_base", 10000.0, kind=float)),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(header, prefix, d_head, rope_theta),
         # GGUF stores epsilon as float32 (1e-5 becomes 9.99999975e-06); the original config's value is the
         # shortest decimal that rounds to it.
         norm_eps=float(np.format_float_positional(np.float32(number("attention.layer_norm_rms_epsilon", kind=float)))),

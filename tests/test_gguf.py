@@ -374,6 +374,14 @@ def test_rope_factors_that_llama3_scaling_does_not_give_are_refused(tmp_path):
         ll.Checkpoint(path)
 
 
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
+    cfg = tiny_config()
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, cfg.replace(d_vocab=130), random_state_dict(cfg))  # llama.vocab_size says 130, rows are 128
+    with pytest.raises(CheckpointError, match=r"tensor 'token_embd.weight' .* has shape \[128, 64\], but its metadata"):
+        ll.Checkpoint(path)
+
+
 def test_an_unsupported_quantization_type_names_tensor_type_and_file(tmp_path):
     cfg = tiny_config()
     path = tmp_path / "tiny.gguf"
