@@ -396,10 +396,11 @@ class Checkpoint:
         """One row per stored tensor, as a pandas DataFrame.
 
         Columns: name (as stored), param (canonical name, None when skipped), layer (Int64, NA outside
-        blocks), component (embed/attn/mlp/norm/head, None when skipped), shape (tuple), dtype (str), numel,
-        bytes, file. Rows come in forward order, skipped tensors (RoPE buffers, a tied model's lm_head) last.
-        A Meta weight split over model-parallel shards is one row with the merged shape and its files joined
-        by commas; `bytes` counts the merged tensor once.
+        blocks), component (embed/attn/mlp/norm/head, None when skipped), shape (tuple), dtype (str: a torch
+        dtype's name, or a GGUF's quantization type such as "Q4_K"), numel, bytes (on disk), file. Rows come in
+        forward order, skipped tensors (RoPE buffers, a tied model's lm_head) last. A Meta weight split over
+        model-parallel shards is one row with the merged shape and its files joined by commas; `bytes` counts
+        the merged tensor once.
         """
         import pandas as pd
 
@@ -435,8 +436,7 @@ class Checkpoint:
         cfg = self.config
         return (
             f"Checkpoint({str(self.files[0] if self.format == 'gguf' else self.path)!r}, format={self.format!r}, "
-            f"files={len(self.files)}, "
-            f"n_layers={cfg.n_layers}, d_model={cfg.d_model}, params={self.num_params:,})"
+            f"files={len(self.files)}, n_layers={cfg.n_layers}, d_model={cfg.d_model}, params={self.num_params:,})"
         )
 
     # --------------------------------------------------------------------------------------------- reads
@@ -457,10 +457,10 @@ class Checkpoint:
     def read_into(self, targets: dict[str, torch.Tensor], *, files: WeightFiles | None = None) -> int:
         """Reads parameters into tensors the caller allocated: the one read path of full loads and streaming.
 
-        Each parameter is read from its stored tensor (model-parallel pieces joined, Meta and GGUF q/k rows permuted to
-        the rotate-half layout), cast to its target's dtype and moved to its target's device on the way, with
-        no copy beside the target but a buffer of a few MiB (safetensors; GGUF, whose rows are dequantized a
-        few MiB at a time) or the pages being copied (Meta, dropped again after the copy).
+        Each parameter is read from its stored tensor (model-parallel pieces joined, Meta and GGUF q/k rows
+        permuted to the rotate-half layout, GGUF blocks dequantized), cast to its target's dtype and moved to its
+        target's device on the way, with no copy beside the target but a buffer of a few MiB (safetensors, GGUF)
+        or the pages being copied (Meta, dropped again after the copy).
 
         Args:
             targets: canonical name -> contiguous tensor of the parameter's shape (see `param_shapes`), any
