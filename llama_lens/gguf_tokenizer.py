@@ -18,18 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CheckpointError
+from .tokenizer_tiktoken import LLAMA3_PATTERN
 
 # llama.cpp's token types (llama_token_type): 3 CONTROL (special tokens such as <|im_end|>), 4 USER_DEFINED
 # (added tokens matched whole in the text, not special), 6 BYTE (<0x0A>).
 CONTROL, USER_DEFINED = 3, 4
 
-# Split regexes of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre` (llama-vocab.cpp), for the
-# byte-level vocabularies of Llama-family models. "default"/"gpt2" is GPT-2's own split (ByteLevel's regex);
-# "smollm" splits every digit off first.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# The pre-tokenizers llama.cpp names in `tokenizer.ggml.pre` (llama-vocab.cpp) for the byte-level vocabularies of
+# Llama-family models: "default"/"gpt2" is GPT-2's own split (ByteLevel's regex), "smollm" splits every digit off
+# first, the Llama 3 names split by Meta's Llama 3 pattern (as Llama 3's tokenizer.json does).
 GPT2_PRE = ("default", "gpt2")
 DIGITS_THEN_GPT2_PRE = ("smollm",)
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe")
@@ -95,7 +92,7 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any
     elif pre in LLAMA3_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ]
         )

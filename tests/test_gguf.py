@@ -499,6 +499,23 @@ def test_a_sentencepiece_vocabulary_tokenizes_as_sentencepiece_does(tmp_path):
     assert model.to_tokens("Hello")[0].tolist() == [1, *processor.encode("Hello")]
 
 
+def test_the_llama3_split_of_a_byte_level_vocabulary_is_meta_s_pattern():
+    regex = pytest.importorskip("regex")
+    from tokenizer_corpus import CODE, COMBINING, EMOJI, PROSE, RTL_AND_CONTROL, SPECIAL_TEXT
+
+    from llama_lens.gguf_tokenizer import gguf_backend_tokenizer
+    from llama_lens.tokenizer_json import gpt2_byte_to_unicode
+    from llama_lens.tokenizer_tiktoken import LLAMA3_PATTERN
+
+    bytes_only = list(gpt2_byte_to_unicode().values())
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": bytes_only}
+    backend = gguf_backend_tokenizer(meta | {"tokenizer.ggml.merges": []}, "test")
+    # Random code points are left out: the Rust and Python regex engines ship different Unicode versions.
+    for text in PROSE + CODE + EMOJI + COMBINING + RTL_AND_CONTROL + SPECIAL_TEXT:
+        pieces = [text[start:end] for _, (start, end) in backend.pre_tokenizer.pre_tokenize_str(text)]
+        assert pieces == regex.findall(LLAMA3_PATTERN, text), text
+
+
 def test_a_gguf_without_a_known_tokenizer_says_what_to_pass(tmp_path):
     cfg = tiny_config(d_vocab=4)
 
