@@ -293,7 +293,6 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         if name in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} is stored twice; the file is corrupt")
         tensors[name] = GGUFTensor(name, qtype.name, tuple(reversed(dims)), start, end)
-    metadata.pop("GGUF.version", None)
     return GGUFHeader(path, version, metadata, tensors)
 
 
