@@ -16,6 +16,7 @@ import torch
 
 from llama_lens.config import LlamaConfig
 from llama_lens.model import HookedLlama
+from llama_lens.names import is_norm_weight
 from llama_lens.testing import random_state_dict
 from llama_lens.tokenizer import Tokenizer
 
@@ -65,7 +66,7 @@ def tiny_model(
     cfg = cfg or tiny_config()
     state = random_state_dict(cfg, seed=seed)
     for name, value in state.items():
-        if ".ln" in f".{name}" or (name == "unembed.weight" and cfg.tie_embeddings):
+        if is_norm_weight(name) or (name == "unembed.weight" and cfg.tie_embeddings):
             continue  # norm weights stay near 1; a tied unembedding is scaled with the embedding
         factor = scale
         if name == "embed.weight" and embed_scale is not None:
