@@ -199,8 +199,8 @@ HF_ARCHITECTURE_KEYS = {
 HF_ARCHITECTURE_DEFAULTS = {
     "llama": {},
     "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
-    "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
-    "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
+    "qwen2": {"num_key_value_heads": 32, "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
 }
 
 
