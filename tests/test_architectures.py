@@ -368,3 +368,24 @@ def test_attention_plots_and_widgets_show_the_window(case, tmp_path):
     lens = ll_widgets.LogitLensExplorer(model, text, top_k=3)
     assert json.loads(json.dumps(lens.state))["lens"] == "logit"
     assert lens.result.labels[-1] == f"{model.cfg.n_layers - 1}_post"
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen2", "qwen3-bias-mha-tied"])
+def test_our_hf_writer_round_trips_every_architecture(case, tmp_path):
+    """write_hf_checkpoint (config.to_hf and the rename table read backwards) gives a folder transformers and
+    ll.load both read as the same model; a Meta layout is refused."""
+    import transformers
+
+    from llama_lens.testing import write_hf_checkpoint, write_meta_checkpoint
+
+    hf_model, model = _pair(case, tmp_path / "theirs")
+    state = {name: param.detach() for name, param in model.state_dict().items()}
+    write_hf_checkpoint(tmp_path / "ours", model.cfg, state)
+    reread = ll.load(tmp_path / "ours", progress=False)
+    again = getattr(transformers, model.cfg.architecture).from_pretrained(tmp_path / "ours").eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        assert _max_diff(reread(tokens), hf_model(tokens).logits) <= ATOL
+        assert _max_diff(again(tokens).logits, hf_model(tokens).logits) <= ATOL
+    with pytest.raises(ValueError, match="Meta checkpoints hold Llama models only"):
+        write_meta_checkpoint(tmp_path / "meta", model.cfg, state)
