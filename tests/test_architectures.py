@@ -389,3 +389,66 @@ def test_our_hf_writer_round_trips_every_architecture(case, tmp_path):
         assert _max_diff(again(tokens).logits, hf_model(tokens).logits) <= ATOL
     with pytest.raises(ValueError, match="Meta checkpoints hold Llama models only"):
         write_meta_checkpoint(tmp_path / "meta", model.cfg, state)
+
+
+# Published config.json files, every key as released.
+MISTRAL_7B_V01 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000,
+}  # fmt: skip
+QWEN25_7B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}  # fmt: skip
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config_json", [MISTRAL_7B_V01, QWEN25_7B_INSTRUCT, QWEN3_8B], ids=lambda c: c["model_type"])
+def test_published_configs_read_as_transformers_reads_them(config_json):
+    import transformers
+
+    reference = transformers.AutoConfig.for_model(**config_json)
+    cfg = LlamaConfig.from_hf(config_json)
+    assert cfg.architecture == config_json["architectures"][0]
+    head_dim = getattr(reference, "head_dim", None) or reference.hidden_size // reference.num_attention_heads
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab) == (
+        reference.hidden_size,
+        reference.num_hidden_layers,
+        reference.num_attention_heads,
+        reference.num_key_value_heads,
+        head_dim,
+        reference.intermediate_size,
+        reference.vocab_size,
+    )
+    assert cfg.rope_theta == reference.rope_parameters["rope_theta"] and cfg.norm_eps == reference.rms_norm_eps
+    layer_types = getattr(reference, "layer_types", None) or ["sliding_attention"] * reference.num_hidden_layers
+    windows = [reference.sliding_window if kind == "sliding_attention" else None for kind in layer_types]
+    assert [cfg.attention_window(i) for i in range(cfg.n_layers)] == windows
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen3"])
+def test_streamed_and_partial_loads(case, tmp_path):
+    hf_model, model = _pair(case, tmp_path)
+    tokens = _tokens()
+    streamed = ll.load(tmp_path, stream=True, progress=False)
+    first = ll.load(tmp_path, layers=range(0, 1), progress=False)
+    with torch.no_grad():
+        out = hf_model(tokens, output_hidden_states=True)
+        assert _max_diff(streamed(tokens), out.logits) <= ATOL
+        resid = first(tokens, stop_at_layer=1)
+    torch.testing.assert_close(resid, out.hidden_states[1], atol=1e-5, rtol=0)
