@@ -143,8 +143,9 @@ def test_bad_architecture_keys_are_named(config_json, message):
 
 
 def test_qwen2_ignores_attention_bias_as_transformers_does():
-    shape = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
-    cfg = LlamaConfig.from_hf({"model_type": "qwen2", "vocab_size": 128, "attention_bias": False} | shape)
+    shape = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    shape |= {"num_hidden_layers": 2, "vocab_size": 128}
+    cfg = LlamaConfig.from_hf({"model_type": "qwen2", "attention_bias": False} | shape)
     assert cfg.has_qkv_bias and not cfg.has_o_bias
 
 
@@ -452,3 +453,15 @@ def test_streamed_and_partial_loads(case, tmp_path):
         assert _max_diff(streamed(tokens), out.logits) <= ATOL
         resid = first(tokens, stop_at_layer=1)
     torch.testing.assert_close(resid, out.hidden_states[1], atol=1e-5, rtol=0)
+
+
+def test_a_bias_the_architecture_lacks_is_named(tmp_path):
+    """Qwen2 has q/k/v biases but none on o: a stored o_proj.bias is refused, the architecture named."""
+    from safetensors.torch import load_file, save_file
+
+    _pair("qwen2", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"o_proj.bias.*a Qwen2ForCausalLM has no such bias"):
+        ll.Checkpoint(tmp_path, index_cache=False)
