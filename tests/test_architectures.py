@@ -19,6 +19,8 @@ from llama_lens import widgets as ll_widgets
 from llama_lens.config import LlamaConfig
 from llama_lens.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WINDOW = 4
 PROMPT_LEN = 12  # three times the window
 

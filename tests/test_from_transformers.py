@@ -12,6 +12,8 @@ from helpers import CharTokenizer, tiny_transformers_model
 import llama_lens as ll
 from llama_lens.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CASES = {
     "llama": ("llama", {"tie_word_embeddings": True}),
     "llama-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
@@ -88,10 +90,10 @@ def test_requires_grad_is_left_as_it_was():
     assert model.unembed.weight.requires_grad and not model.embed.weight.requires_grad
 
 
-def test_a_transformers_tokenizer_is_wrapped():
+def test_a_transformers_tokenizer_is_wrapped(demo_path):
     from transformers import AutoTokenizer
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(ll.demo_model_path())
+    hf_tokenizer = AutoTokenizer.from_pretrained(demo_path)
     hf_model = tiny_transformers_model("llama", vocab_size=len(hf_tokenizer))
     model = ll.from_transformers(hf_model, tokenizer=hf_tokenizer)
     text = "The capital of France is"
@@ -127,3 +129,16 @@ def test_importing_does_not_import_transformers():
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_the_embedded_smollm2_loaded_by_transformers(demo_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(demo_path, dtype=torch.float32).eval()
+    model = ll.from_transformers(hf_model, tokenizer=AutoTokenizer.from_pretrained(demo_path))
+    assert {p.data_ptr() for p in model.parameters()} == {p.data_ptr() for p in hf_model.parameters()}
+    tokens = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() <= 1e-4
+    assert model.generate("The capital of France is", max_new_tokens=2, temperature=0).text == " Paris."
