@@ -269,7 +269,7 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
             prompt, max_new_tokens=new, do_sample=False, output_scores=True, return_dict_in_generate=True
         )
     top2 = torch.stack(out.scores)[:, 0].topk(2).values
-    assert bool((top2[:, 0] - top2[:, 1] > 100 * ATOL).all())  # no near-tie that rounding could flip
+    assert bool((top2[:, 0] - top2[:, 1] > 10 * ATOL).all())  # no near-tie that rounding could flip
     expected = out.sequences[0, PROMPT_LEN:].tolist()
     pattern_hook = [(_pattern_names, lambda x, hook: None)]
     for kwargs in ({}, {"fwd_hooks": pattern_hook}, {"use_kv_cache": False}):
@@ -467,3 +467,27 @@ def test_a_bias_the_architecture_lacks_is_named(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"o_proj.bias.*a Qwen2ForCausalLM has no such bias"):
         ll.Checkpoint(tmp_path, index_cache=False)
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen2"])
+def test_left_padded_batch_generation_matches_transformers(case, tmp_path):
+    """Two prompts of different lengths in one left-padded batch, generated past the window."""
+    hf_model, model = _pair(case, tmp_path)
+    hf_model.generation_config.eos_token_id = None
+    prompts = ["a window of text", "short"]
+    tokens, attention_mask = model.prepare_tokens(prompts)
+    assert attention_mask is not None and int(attention_mask[1].sum()) < tokens.shape[1]  # the second is padded
+    new = 10
+    with torch.no_grad():
+        out = hf_model.generate(
+            tokens,
+            attention_mask=attention_mask,
+            max_new_tokens=new,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    top2 = torch.stack(out.scores).topk(2).values  # [new, batch, 2]
+    assert bool((top2[..., 0] - top2[..., 1] > 10 * ATOL).all())
+    generated = model.generate(prompts, max_new_tokens=new, temperature=0, stop_at_eos=False)
+    assert generated.tokens == out.sequences[:, tokens.shape[1] :].tolist()
