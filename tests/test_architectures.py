@@ -43,17 +43,17 @@ CASES = {
 ATOL = 1e-4
 
 
-def _pair(case: str, tmp_path, **kwargs):
-    """(transformers model, ours loaded from what it saved) for a case."""
+def _pair(case: str, tmp_path, device: torch.device | str = "cpu", **kwargs):
+    """(transformers model, ours loaded from what it saved) for a case, both on `device`."""
     model_type, changes = CASES[case]
     hf_model = tiny_transformers_model(model_type, **(changes | kwargs))
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     assert (tmp_path / "model.safetensors").is_file()
-    return hf_model, ll.load(tmp_path, progress=False, tokenizer=CharTokenizer())
+    return hf_model.to(device), ll.load(tmp_path, device=device, progress=False, tokenizer=CharTokenizer())
 
 
-def _tokens(batch: int = 2, pos: int = PROMPT_LEN, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, pos), generator=torch.Generator().manual_seed(seed))
+def _tokens(batch: int = 2, pos: int = PROMPT_LEN, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randint(3, 128, (batch, pos), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -189,9 +189,9 @@ def test_to_hf_round_trips_through_transformers(case, tmp_path):
 
 # ----------------------------------------------------------------------------------- logits, every path
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers_on_both_attention_paths(case, tmp_path):
-    hf_model, model = _pair(case, tmp_path)
-    tokens = _tokens()
+def test_logits_match_transformers_on_both_attention_paths(case, tmp_path, device):
+    hf_model, model = _pair(case, tmp_path, device)
+    tokens = _tokens(device=device)
     with torch.no_grad():
         expected = hf_model(tokens).logits
         fused = model(tokens)
@@ -202,10 +202,10 @@ def test_logits_match_transformers_on_both_attention_paths(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mistral", "qwen2", "qwen3"])
-def test_left_padded_batches_match_transformers(case, tmp_path):
+def test_left_padded_batches_match_transformers(case, tmp_path, device):
     """Padding with a window: distances count cache positions, padding included, as transformers' masks do."""
-    hf_model, model = _pair(case, tmp_path)
-    tokens = _tokens()
+    hf_model, model = _pair(case, tmp_path, device)
+    tokens = _tokens(device=device)
     attention_mask = torch.ones_like(tokens)
     attention_mask[0, :5] = 0
     tokens[0, :5] = 0
@@ -242,10 +242,10 @@ def test_patterns_match_transformers_and_are_zero_outside_the_window(case, tmp_p
 
 
 @pytest.mark.parametrize("case", ["mistral", "qwen2", "qwen3"])
-def test_kv_cache_chunks_match_transformers(case, tmp_path):
+def test_kv_cache_chunks_match_transformers(case, tmp_path, device):
     """Logits of a prompt fed in pieces through the KV cache (past the window) equal transformers' in one go."""
-    hf_model, model = _pair(case, tmp_path)
-    tokens = _tokens(pos=PROMPT_LEN + 3)
+    hf_model, model = _pair(case, tmp_path, device)
+    tokens = _tokens(pos=PROMPT_LEN + 3, device=device)
     with torch.no_grad():
         expected = hf_model(tokens).logits
         for names_filter in (None, _pattern_names):
@@ -258,11 +258,11 @@ def test_kv_cache_chunks_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_matches_transformers(case, tmp_path):
+def test_greedy_generation_matches_transformers(case, tmp_path, device):
     """Generation past the window with the KV cache, on both attention paths, and without the cache."""
-    hf_model, model = _pair(case, tmp_path)
+    hf_model, model = _pair(case, tmp_path, device)
     hf_model.generation_config.eos_token_id = None  # compare all the steps
-    prompt = _tokens(batch=1)
+    prompt = _tokens(batch=1, device=device)
     new = 12
     with torch.no_grad():
         out = hf_model.generate(
