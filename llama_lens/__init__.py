@@ -18,6 +18,7 @@ _LAZY = {
     "Generation": "generate",
     "Checkpoint": "checkpoint",
     "load": "loading",
+    "from_transformers": "from_transformers",
     "load_tokenizer": "tokenizer",
     "demo_model_path": "demo",
     "demo_gguf_path": "demo",

@@ -336,6 +336,8 @@ class Checkpoint:
         template, layer = layer_template(name)
         if layer is not None and layer >= self.config.n_layers:
             return f" (layer {layer}, but {self._config_name()} says n_layers={self.config.n_layers})"
+        if name.endswith(".bias") and self.config.model_type != "llama":
+            return f" (a {self.config.architecture} has no such bias)"
         if name.endswith(".bias"):
             flag = "attention_bias" if "attn" in name else "mlp_bias"
             return f" ({self._config_name()} sets {flag}=false)"

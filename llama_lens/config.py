@@ -1,7 +1,11 @@
 """The model's shape, in glossary words, read from Hugging Face config.json or Meta params.json.
 
-Every key of either file is handled, ignored on purpose (listed below with the reason), or rejected with
+Every key of either file is handled, ignored on purpose (listed in config_keys.py with the reason), or rejected with
 its name: a key that changes the forward pass and that we do not implement must never be dropped silently.
+
+Architectures (`model_type`, transformers' class): Llama (`LlamaForCausalLM`), Mistral (`MistralForCausalLM`:
+sliding-window attention), Qwen2/2.5 (`Qwen2ForCausalLM`: biases on q, k and v but not o; optional sliding
+window on the upper layers) and Qwen3 (`Qwen3ForCausalLM`: RMSNorm over d_head on q and k before RoPE).
 """
 
 from __future__ import annotations
@@ -12,78 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-
-# ---------------------------------------------------------------------------------------------------------
-# Keys of a Hugging Face config.json that do not change the forward pass of a Llama, so we ignore them.
-# Generic PretrainedConfig attributes, generation defaults and bookkeeping.
-HF_IGNORED_KEYS = frozenset(
-    {
-        "architectures",
-        "transformers_version",
-        "_name_or_path",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-        "initializer_range",
-        "use_cache",
-        "attention_dropout",
-        "is_llama_config",
-        "return_dict",
-        "output_hidden_states",
-        "output_attentions",
-        "torchscript",
-        "use_bfloat16",
-        "tf_legacy_loss",
-        "pruned_heads",
-        "tie_encoder_decoder",
-        "is_decoder",
-        "is_encoder_decoder",
-        "add_cross_attention",
-        "cross_attention_hidden_size",
-        "chunk_size_feed_forward",
-        "id2label",
-        "label2id",
-        "problem_type",
-        "tokenizer_class",
-        "prefix",
-        "task_specific_params",
-        "finetuning_task",
-        "decoder_start_token_id",
-        "sep_token_id",
-        "max_length",
-        "min_length",
-        "do_sample",
-        "early_stopping",
-        "num_beams",
-        "num_beam_groups",
-        "diversity_penalty",
-        "temperature",
-        "top_k",
-        "top_p",
-        "typical_p",
-        "repetition_penalty",
-        "length_penalty",
-        "no_repeat_ngram_size",
-        "encoder_no_repeat_ngram_size",
-        "bad_words_ids",
-        "num_return_sequences",
-        "output_scores",
-        "return_dict_in_generate",
-        "forced_bos_token_id",
-        "forced_eos_token_id",
-        "remove_invalid_values",
-        "exponential_decay_length_penalty",
-        "suppress_tokens",
-        "begin_suppress_tokens",
-        "output_router_logits",
-        # Splits the projections into slices in transformers 4.x only to mimic the pretraining layout; the
-        # result is the same matmul up to float rounding.
-        "pretraining_tp",
-    }
+from .config_keys import (
+    HF_ARCHITECTURE_DEFAULTS,
+    HF_ARCHITECTURE_IGNORED,
+    HF_ARCHITECTURE_KEYS,
+    HF_IGNORED_KEYS,
+    HF_SHARED_KEYS,
+    META_IGNORED_KEYS,
 )
-
-# Keys of a Meta params.json that we ignore: they size the reference code's caches, not the model.
-META_IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
+from .errors import ConfigError
 
 _REQUIRED = object()
 
@@ -137,6 +78,19 @@ class _Values:
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
+# model_type -> (transformers' class, the LlamaConfig fields that architecture may set). Every architecture
+# is a Llama with some of these switched on; a field set outside its architecture is refused, so that
+# `cfg.architecture` always names a class that computes what the model computes.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias"})),
+    "mistral": ("MistralForCausalLM", frozenset({"sliding_window"})),
+    "qwen2": ("Qwen2ForCausalLM", frozenset({"qkv_bias", "sliding_window", "layer_types"})),
+    "qwen3": ("Qwen3ForCausalLM", frozenset({"qk_norm", "attention_bias", "sliding_window", "layer_types"})),
+}
+# Fields an architecture always sets: Qwen2 always has q/k/v biases, Qwen3 always normalizes q and k.
+ARCHITECTURE_REQUIRES = {"qwen2": "qkv_bias", "qwen3": "qk_norm"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
@@ -159,6 +113,14 @@ class LlamaConfig:
 
     Attributes use the glossary of model.py: d_model, n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_vocab.
     `d_head` is stored because configs may set it (`head_dim`) to something other than d_model // n_heads.
+
+    Architecture switches (each allowed only for the `model_type` that has it, see ARCHITECTURES):
+        attention_bias: biases on q, k, v and o (Llama's and Qwen3's flag).
+        qkv_bias: biases on q, k and v but not o (Qwen2).
+        qk_norm: RMSNorm over d_head on each head's q and k, before RoPE (Qwen3).
+        sliding_window: a query sees itself and the `sliding_window - 1` keys before it (Mistral, Qwen2/3).
+        layer_types: per layer "full_attention" or "sliding_attention" (Qwen2/3); None: every layer slides
+            when `sliding_window` is set.
     """
 
     d_model: int
@@ -179,8 +141,14 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     checkpoint_dtype: str | None = None  # as stored on disk ("bfloat16", ...); a hint, not a runtime choice
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_architecture()
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config: {name} must be positive, got {getattr(self, name)}")
@@ -201,6 +169,51 @@ class LlamaConfig:
                 )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    def _check_architecture(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(f"config: model_type {self.model_type!r} is not one of {sorted(ARCHITECTURES)}")
+        allowed = ARCHITECTURES[self.model_type][1]
+        for name in ("attention_bias", "mlp_bias", "qkv_bias", "qk_norm", "sliding_window", "layer_types"):
+            if name not in allowed and getattr(self, name) not in (None, False):
+                raise ConfigError(f"config: {self.model_type} models have no {name} (got {getattr(self, name)!r})")
+        required = ARCHITECTURE_REQUIRES.get(self.model_type)
+        if required is not None and not getattr(self, required):
+            raise ConfigError(f"config: {self.model_type} models always have {required}=True")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or self.sliding_window <= 0):
+            raise ConfigError(f"config: sliding_window must be a positive integer or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ConfigError(
+                    f"config: layer_types must give one of {list(LAYER_TYPES)} for each of the {self.n_layers} "
+                    f"layers, got {list(self.layer_types)}"
+                )
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("config: layer_types has sliding_attention layers but sliding_window is None")
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many keys (itself included) a query of `layer` sees at most; None: every earlier one."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def architecture(self) -> str:
+        """transformers' class of this model ("LlamaForCausalLM", "MistralForCausalLM", ...)."""
+        return ARCHITECTURES[self.model_type][0]
+
+    original_architecture = property(lambda self: self.architecture, doc="TransformerLens' name of architecture.")
+    use_qk_norm = property(lambda self: self.qk_norm, doc="TransformerLens' name of qk_norm.")
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """q_proj, k_proj and v_proj have biases (attention_bias or qkv_bias)."""
+        return self.attention_bias or self.qkv_bias
+
+    @property
+    def has_o_bias(self) -> bool:
+        """o_proj has a bias (attention_bias only: Qwen2's qkv_bias leaves o without)."""
+        return self.attention_bias
 
     @property
     def n_rep(self) -> int:
@@ -238,62 +251,43 @@ class LlamaConfig:
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> LlamaConfig:
-        """Reads a transformers 4.x or 5.x Llama config.json dict.
+        """Reads a transformers 4.x or 5.x config.json dict of a Llama, Mistral, Qwen2 or Qwen3 model.
 
         Raises:
-            ValueError: naming `source` and the key, for keys that change the computation in a way we do not
-                implement, for unknown keys, and for missing required keys.
+            ConfigError: naming `source` and the key, for keys that change the computation in a way we do not
+                implement, for unknown keys, for missing required keys, and for other model types.
         """
-        handled = {
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "hidden_act",
-            "rms_norm_eps",
-            "rope_theta",
-            "rope_scaling",
-            "rope_parameters",
-            "tie_word_embeddings",
-            "attention_bias",
-            "mlp_bias",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-            "max_position_embeddings",
-            "torch_dtype",
-            "dtype",
-            "rope_interleaved",
-            "model_type",
-        }
-        unknown = sorted(set(hf) - handled - HF_IGNORED_KEYS)
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: model_type is {model_type!r}; llama_lens reads {sorted(ARCHITECTURES)} models only"
+            )
+        handled = HF_SHARED_KEYS | HF_ARCHITECTURE_KEYS[model_type]
+        unknown = sorted(set(hf) - handled - HF_IGNORED_KEYS - HF_ARCHITECTURE_IGNORED.get(model_type, set()))
         if unknown:
             raise ConfigError(
                 f"{source}: unsupported key(s) {unknown}. They may change the forward pass of this model, "
-                "which llama_lens implements for LlamaForCausalLM only; remove them from the file if they "
-                "do not."
+                f"which llama_lens implements as transformers' {ARCHITECTURES[model_type][0]} does without them; "
+                "remove them from the file if they do not."
             )
-        model_type = hf.get("model_type", "llama")
-        if model_type != "llama":
-            raise ConfigError(f"{source}: model_type is {model_type!r}; llama_lens reads 'llama' models only")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses 'silu')")
         if hf.get("rope_interleaved"):
             raise ConfigError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
 
+        hf = HF_ARCHITECTURE_DEFAULTS[model_type] | hf  # the class defaults of keys the file leaves out
         read = _Values(hf, source)
         d_model, n_heads = read.int("hidden_size", positive=True), read.int("num_attention_heads", positive=True)
+        n_layers = read.int("num_hidden_layers")
         rope_theta, rope_scaling = _hf_rope(hf, source)
         eos = hf.get("eos_token_id")
         dtype = hf.get("dtype", hf.get("torch_dtype"))
         return _built(
             cls,
             source,
+            model_type=model_type,
             d_model=d_model,
-            n_layers=read.int("num_hidden_layers"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=read.int("num_key_value_heads", n_heads),
             d_head=read.int("head_dim", d_model // n_heads),
@@ -303,17 +297,21 @@ class LlamaConfig:
             rope_scaling=rope_scaling,
             norm_eps=read.float("rms_norm_eps", 1e-6, minimum=0.0),
             tie_embeddings=read.bool("tie_word_embeddings", False),
-            attention_bias=read.bool("attention_bias", False),
-            mlp_bias=read.bool("mlp_bias", False),
+            attention_bias=model_type in ("llama", "qwen3") and read.bool("attention_bias", False),
+            mlp_bias=model_type == "llama" and read.bool("mlp_bias", False),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             max_position_embeddings=read.int("max_position_embeddings", 2048, positive=True),
             bos_token_id=read.int("bos_token_id", None),
             eos_token_ids=_token_ids(eos if isinstance(eos, list) else [] if eos is None else [eos], source),
             pad_token_id=read.int("pad_token_id", None),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
+            **_hf_sliding_window(hf, model_type, n_layers, source),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json dict transformers' LlamaConfig reads (used to write checkpoints and in tests)."""
+        """The config.json dict transformers' class for this architecture reads (used to write checkpoints and
+        in tests)."""
         scaling = None
         if self.rope_scaling is not None:
             rs = self.rope_scaling
@@ -327,9 +325,9 @@ class LlamaConfig:
         eos: int | list[int] | None = list(self.eos_token_ids) or None
         if eos is not None and len(eos) == 1:
             eos = eos[0]
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        hf = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
             "hidden_size": self.d_model,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -342,14 +340,28 @@ class LlamaConfig:
             "rope_theta": self.rope_theta,
             "rope_scaling": scaling,
             "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.checkpoint_dtype or "float32",
         }
+        if self.model_type == "llama":
+            hf |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
+        if self.model_type == "qwen3":
+            hf["attention_bias"] = self.attention_bias
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            layer_types = self.layer_types
+            if layer_types is None:
+                layer_types = ("sliding_attention" if self.sliding_window else "full_attention",) * self.n_layers
+            hf |= {
+                "use_sliding_window": self.sliding_window is not None,
+                "sliding_window": self.sliding_window,
+                "layer_types": list(layer_types),
+            }
+        return hf
 
     # ------------------------------------------------------------------ Meta params.json
     @classmethod
@@ -461,6 +473,38 @@ def meta_d_mlp(d_model: int, multiple_of: int, ffn_dim_multiplier: float | None)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _hf_sliding_window(hf: dict[str, Any], model_type: str, n_layers: int, source: str) -> dict[str, Any]:
+    """sliding_window and layer_types as transformers 5 derives them for this architecture."""
+    read = _Values(hf, source)
+    if model_type == "llama":
+        return {}
+    if model_type == "mistral":  # every layer slides, unless sliding_window is null
+        return {"sliding_window": read.int("sliding_window", None, positive=True)}
+    # Qwen2/3: the window is on only with use_sliding_window, and then (unless layer_types says otherwise) for
+    # the layers from max_window_layers on.
+    window = read.int("sliding_window", None, positive=True) if read.bool("use_sliding_window", False) else None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first_sliding = read.int("max_window_layers", 28)
+        layer_types = [
+            "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+            for i in range(n_layers)
+        ]
+    elif not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= set(LAYER_TYPES):
+        raise ConfigError(
+            f"{source}: layer_types must list one of {list(LAYER_TYPES)} for each of the {n_layers} layers, "
+            f"got {layer_types!r}"
+        )
+    if window is None and "sliding_attention" in layer_types:
+        raise ConfigError(
+            f"{source}: layer_types names sliding_attention layers but there is no window (use_sliding_window is "
+            "false or sliding_window is null); transformers cannot run this config either"
+        )
+    if window is None:
+        return {"sliding_window": None, "layer_types": None}
+    return {"sliding_window": window, "layer_types": tuple(layer_types)}
 
 
 def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:

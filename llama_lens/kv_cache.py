@@ -2,6 +2,10 @@
 
 Its own module so that generation (`generate.py`) and the model (`model.py`) both use it without importing each
 other.
+
+Sliding-window layers (Mistral, Qwen2/3) keep every position here too: the window is applied by the attention mask
+(`attention.sliding_window_mask`), so a pattern hooked during generation is [batch, n_heads, q_pos, k_pos] over the
+whole sequence, zero outside the window, as on a full forward pass.
 """
 
 from __future__ import annotations

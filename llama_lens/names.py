@@ -36,6 +36,8 @@ HF_TO_CANONICAL = {
     "model.layers.{i}.self_attn.v_proj.bias": "blocks.{i}.attn.v_proj.bias",
     "model.layers.{i}.self_attn.o_proj.weight": "blocks.{i}.attn.o_proj.weight",
     "model.layers.{i}.self_attn.o_proj.bias": "blocks.{i}.attn.o_proj.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "blocks.{i}.attn.q_norm.weight",  # Qwen3
+    "model.layers.{i}.self_attn.k_norm.weight": "blocks.{i}.attn.k_norm.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.ln2.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "blocks.{i}.mlp.gate_proj.weight",
     "model.layers.{i}.mlp.gate_proj.bias": "blocks.{i}.mlp.gate_proj.bias",
@@ -185,13 +187,12 @@ def block_param_shapes(cfg: LlamaConfig, layer: int) -> dict[str, tuple[int, ...
         "attn.v_proj.weight": (d_kv, d_model),
         "attn.o_proj.weight": (d_model, d_q),
     }
-    if cfg.attention_bias:
-        shapes |= {
-            "attn.q_proj.bias": (d_q,),
-            "attn.k_proj.bias": (d_kv,),
-            "attn.v_proj.bias": (d_kv,),
-            "attn.o_proj.bias": (d_model,),
-        }
+    if cfg.has_qkv_bias:
+        shapes |= {"attn.q_proj.bias": (d_q,), "attn.k_proj.bias": (d_kv,), "attn.v_proj.bias": (d_kv,)}
+    if cfg.has_o_bias:
+        shapes["attn.o_proj.bias"] = (d_model,)
+    if cfg.qk_norm:
+        shapes |= {"attn.q_norm.weight": (cfg.d_head,), "attn.k_norm.weight": (cfg.d_head,)}
     shapes |= {
         "ln2.weight": (d_model,),
         "mlp.gate_proj.weight": (d_mlp, d_model),
@@ -214,6 +215,11 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes | {"ln_final.weight": (cfg.d_model,), "unembed.weight": (cfg.d_vocab, cfg.d_model)}
 
 
+def is_norm_weight(param: str) -> bool:
+    """Whether a canonical name is an RMSNorm weight (ln1, ln2, ln_final, and Qwen3's q_norm/k_norm)."""
+    return ".ln" in f".{param}" or param.endswith(("q_norm.weight", "k_norm.weight"))
+
+
 def component(param: str | None) -> str | None:
     """The part of the model a canonical name belongs to: embed, attn, mlp, norm or head (None for None)."""
     if param is None:
@@ -222,6 +228,6 @@ def component(param: str | None) -> str | None:
         return "embed"
     if param == "unembed.weight":
         return "head"
-    if ".ln" in f".{param}":
+    if is_norm_weight(param):
         return "norm"
     return "attn" if ".attn." in param else "mlp"

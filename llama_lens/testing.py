@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import LlamaConfig
-from .names import param_shapes
+from .names import is_norm_weight, param_shapes
 
 # The writers live in llama_lens.writer; they are importable from here too, where tests and notebooks look.
 from .writer import meta_params, write_hf_checkpoint, write_meta_checkpoint
@@ -23,8 +23,8 @@ def random_state_dict(cfg: LlamaConfig, seed: int = 0, dtype: torch.dtype = torc
     """Plausible random weights under our parameter names (see `names.param_shapes`).
 
     Matrices and biases are normal with std 0.02, norm weights 1 + normal noise (std 0.1), so activations
-    keep a sensible scale through many layers. With tied embeddings `unembed.weight` is the same tensor
-    object as `embed.weight`.
+    keep a sensible scale through many layers (Qwen3's q_norm/k_norm count as norms). With tied embeddings
+    `unembed.weight` is the same tensor object as `embed.weight`.
     """
     generator = torch.Generator().manual_seed(seed)
     state = {}
@@ -33,7 +33,7 @@ def random_state_dict(cfg: LlamaConfig, seed: int = 0, dtype: torch.dtype = torc
             state[name] = state["embed.weight"]
             continue
         values = torch.randn(shape, generator=generator)
-        if ".ln" in f".{name}":
+        if is_norm_weight(name):
             values = 1 + 0.1 * values
         else:
             values = 0.02 * values

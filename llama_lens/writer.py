@@ -216,8 +216,10 @@ def meta_params(cfg: LlamaConfig, *, vocab_size_in_params: bool = True) -> dict:
     """The params.json dict of a config, with multiple_of / ffn_dim_multiplier that reproduce its d_mlp.
 
     Raises:
-        ValueError: for biases or a rope scaling params.json cannot express.
+        ValueError: for another architecture than Llama, biases or a rope scaling params.json cannot express.
     """
+    if cfg.model_type != "llama":
+        raise ValueError(f"Meta checkpoints hold Llama models only, not {cfg.architecture}; use write_hf_checkpoint")
     if cfg.attention_bias or cfg.mlp_bias:
         raise ValueError("Meta checkpoints have no biases; use write_hf_checkpoint for attention_bias/mlp_bias")
     params = {

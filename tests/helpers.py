@@ -16,6 +16,7 @@ import torch
 
 from llama_lens.config import LlamaConfig
 from llama_lens.model import HookedLlama
+from llama_lens.names import is_norm_weight
 from llama_lens.testing import random_state_dict
 from llama_lens.tokenizer import Tokenizer
 
@@ -65,7 +66,7 @@ def tiny_model(
     cfg = cfg or tiny_config()
     state = random_state_dict(cfg, seed=seed)
     for name, value in state.items():
-        if ".ln" in f".{name}" or (name == "unembed.weight" and cfg.tie_embeddings):
+        if is_norm_weight(name) or (name == "unembed.weight" and cfg.tie_embeddings):
             continue  # norm weights stay near 1; a tied unembedding is scaled with the embedding
         factor = scale
         if name == "embed.weight" and embed_scale is not None:
@@ -177,3 +178,51 @@ def assert_same_top_k(
         gap[..., -1] = 0.0  # the value after the last is unknown: it may tie
     apart = gap > atol
     assert torch.equal(ids[apart], expected_ids[apart]), "ids differ where the values are not tied"
+
+
+# transformers' (config class, model class) of each architecture llama_lens reads.
+TRANSFORMERS_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def tiny_transformers_model(
+    model_type: str, *, seed: int = 0, scale: float = 5.0, attn_implementation: str = "sdpa", **config_changes
+):
+    """A tiny transformers `...ForCausalLM` of `model_type` with random weights: the reference of the architecture
+    tests. 2 layers, d_model 64, 4 heads, 2 KV heads, vocab 128 (so `CharTokenizer` fits), unless changed.
+
+    Matrices and biases are normal with std 0.02 * `scale` (peaked attention and well-separated logits, so greedy
+    decoding has no near-ties), norm weights 1 + normal noise (std 0.1).
+
+    Args:
+        model_type: "llama", "mistral", "qwen2" or "qwen3".
+        attn_implementation: "sdpa" or "eager" (which returns attention patterns with output_attentions=True).
+        config_changes: keyword arguments of the transformers config class (sliding_window=4, head_dim=24, ...).
+    """
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in TRANSFORMERS_CLASSES[model_type])
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = config_class(**(base | config_changes))
+    model = model_class._from_config(config, attn_implementation=attn_implementation)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.02 * scale * noise)
+    return model.eval()

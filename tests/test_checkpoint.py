@@ -216,7 +216,7 @@ def _meta_reference_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 def test_meta_q_after_meta_rope_equals_our_q_after_rotate_half_rope(tmp_path):
     """Independent of our writer: Meta's stored wq with Meta's RoPE gives the q our model computes."""
-    from llama_lens.model import apply_rope, rope_cos_sin
+    from llama_lens.attention import apply_rope, rope_cos_sin
 
     cfg = tiny_config()
     write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)

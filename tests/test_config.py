@@ -161,7 +161,7 @@ def test_config_written_by_transformers_5x_reads_back(shape):
         ({"sliding_window": 4096}, r"unsupported key\(s\) \['sliding_window'\]"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-        ({"model_type": "mistral"}, "model_type is 'mistral'"),
+        ({"model_type": "gemma"}, "model_type is 'gemma'"),
         ({"rope_interleaved": True}, "rope_interleaved"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a 'factor'"),
         (

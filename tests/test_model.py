@@ -56,7 +56,7 @@ def test_matches_transformers(shape, device):
 
 def test_dynamic_rope_changes_with_length():
     """Guards the dynamic test above: past max_position_embeddings the frequencies must actually move."""
-    from llama_lens.model import rope_inv_freq
+    from llama_lens.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_dynamic"])
     short, long = rope_inv_freq(cfg, 8, torch.device("cpu")), rope_inv_freq(cfg, 13, torch.device("cpu"))
@@ -68,7 +68,7 @@ def test_llama3_rope_covers_its_three_bands():
     """Guards the llama3 parity test: some frequencies are kept, some slowed by `factor`, some smoothed."""
     import math
 
-    from llama_lens.model import rope_inv_freq
+    from llama_lens.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_llama3"])
     plain = rope_inv_freq(tiny_config(), 13, torch.device("cpu"))
