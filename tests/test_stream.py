@@ -14,7 +14,7 @@ from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens as ll
-import llama_lens.stream as stream_module
+import llama_lens.host_memory as host_memory
 from llama_lens.plan import layer_param_count
 from llama_lens.safetensors_io import read_safetensors_header
 from llama_lens.stream import LayerStream, StreamedLlama
@@ -417,7 +417,7 @@ def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
     ckpt = streamed.reader.ckpt
     ckpt.file_stamps.stamps[last_shard.name] = [last_shard.stat().st_size, last_shard.stat().st_mtime_ns]
 
-    layer_maps = []  # each layer is read into a memory map of its own (see _empty_cpu_tensors)
+    layer_maps = []  # each layer is read into a memory map of its own (see host_memory.empty_cpu_tensors)
 
     class RecordingMmap:
         def __getattr__(self, name):
@@ -428,7 +428,7 @@ def test_a_failed_read_keeps_no_layer_alive(tmp_path, monkeypatch):
             layer_maps.append(weakref.ref(layer_map))
             return layer_map
 
-    monkeypatch.setattr(stream_module, "mmap", RecordingMmap())
+    monkeypatch.setattr(host_memory, "mmap", RecordingMmap())
     with pytest.raises(ValueError, match=last_shard.name) as info:
         streamed(tokens_for())
     assert info.value.__traceback__ is not None  # the error, traceback and all, is still held here
