@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from . import stream_vocab
 from .config import LlamaConfig
 from .errors import NotEnoughMemoryError
-from .stream_vocab import UNEMBED_BLOCK_ROWS
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
 # (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
@@ -234,7 +234,7 @@ def plan(
         # safetensors cast buffer is smaller). See CheckpointLayerReader.
         in_flight = layer_params * 2 * weight_size + largest_layer_tensor(cfg) * stored_size
         if unembed == "stream":  # the block in use and the next one being read (OnDiskWeight)
-            unembed_in_flight = 2 * min(UNEMBED_BLOCK_ROWS, cfg.d_vocab) * cfg.d_model * weight_size
+            unembed_in_flight = 2 * min(stream_vocab.UNEMBED_BLOCK_ROWS, cfg.d_vocab) * cfg.d_model * weight_size
     else:
         embed = "memory"
         weights_resident = (embed_params + head_params + n_layers * layer_params) * weight_size

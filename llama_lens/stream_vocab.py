@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .errors import WeightOnDiskError
 from .host_memory import empty_cpu_tensors, release_free_heap
 from .names import param_shapes
 
@@ -97,10 +98,11 @@ class OnDiskWeight:
         return f"OnDiskWeight({self.name!r}, shape={list(self.shape)}, dtype={dtype}, read by rows from the checkpoint)"
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for what this class does not define: the tensor methods that need the whole matrix.
-        if name.startswith("__"):
+        # Only reached for what this class does not define: the tensor methods that need the whole matrix. Private
+        # names stay AttributeErrors, so that probes (copy, pickle, hasattr of internals) behave as usual.
+        if name.startswith("_"):
             raise AttributeError(name)
-        raise AttributeError(
+        raise WeightOnDiskError(
             f"{self.name} of this streamed model stays on disk and is read by rows (weight[v0:v1], weight[ids]), so "
             f"it has no .{name}; take weight.read() for the whole [{self.shape[0]}, {self.shape[1]}] matrix, or "
             "load with ll.load(..., stream=True, unembed='memory') to hold the unembedding (and a tied embedding)"

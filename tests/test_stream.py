@@ -51,11 +51,12 @@ def tokens_for(batch=2, pos=9):
     return torch.randint(0, 128, (batch, pos), generator=torch.Generator().manual_seed(5))
 
 
-def test_streamed_model_holds_only_embedding_norm_and_unembedding(ckpt_path):
+def test_streamed_model_holds_only_norm_and_unembedding(ckpt_path):
     _, streamed = load_pair(ckpt_path)
     assert isinstance(streamed, StreamedLlama)
     real = sorted({name for name, param in streamed.named_parameters(remove_duplicate=False) if not param.is_meta})
-    assert real == ["embed.weight", "ln_final.weight", "unembed.weight"]
+    # The embedding is read by rows at each pass (test_stream_vocab.py); plenty of memory: the unembedding held.
+    assert real == ["ln_final.weight", "unembed.weight"]
     assert_no_layer_resident(streamed)
 
 
