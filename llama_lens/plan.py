@@ -213,7 +213,8 @@ def plan(
     source = _open_source(path)
     cfg = _config_of(source)
     dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
-    n_layers = len(check_layers(layers, cfg.n_layers))
+    layers = check_layers(layers, cfg.n_layers)  # a list: an iterator would be spent by the first look
+    n_layers = len(layers)
     weight_size = dtype.itemsize
     stored_size = (_stored_dtype(source) or dtype).itemsize
     act = weight_size  # activations take the weights' dtype (the embedding's output)

@@ -140,6 +140,8 @@ class OnDiskWeight:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop [stop - start, d_model]: a view of the block that holds them (a copy across blocks)."""
+        if stop <= start:
+            return torch.empty(0, self.shape[1], dtype=self.dtype, device=self.device)
         first, last = start // self.block_rows, max(start, stop - 1) // self.block_rows
         parts = []
         for k in range(first, last + 1):
@@ -150,7 +152,9 @@ class OnDiskWeight:
 
     def read(self) -> torch.Tensor:
         """The whole matrix [d_vocab, d_model], read now (a copy the caller holds)."""
-        return self._read_block(0, self.shape[0])
+        matrix, read_bytes = self._read_block(0, self.shape[0])
+        self.read_bytes += read_bytes
+        return matrix
 
     def release(self) -> None:
         """Lets go of the blocks held (the last one used, the one read ahead) and of the reading thread."""
@@ -166,12 +170,13 @@ class OnDiskWeight:
             return self._block[1]
         self._block = None  # let go of the previous block before the next one arrives
         if self._next is not None and self._next[0] == k:
-            block, self._next = self._next[1].result(), None
+            (block, read_bytes), self._next = self._next[1].result(), None
         else:
             if self._next is not None:
                 self._next[1].cancel()
                 self._next = None
-            block = self._read_block(k * self.block_rows, min((k + 1) * self.block_rows, self.shape[0]))
+            block, read_bytes = self._read_block(k * self.block_rows, min((k + 1) * self.block_rows, self.shape[0]))
+        self.read_bytes += read_bytes  # counted here, in the caller's thread
         self._block = (k, block)
         if (k + 1) * self.block_rows < self.shape[0]:  # reads that go forward: the next block, meanwhile
             if self._pool is None:
@@ -180,11 +185,12 @@ class OnDiskWeight:
             self._next = (k + 1, self._pool.submit(self._read_block, start, min(start + self.block_rows, len(self))))
         return block
 
-    def _read_block(self, start: int, stop: int) -> torch.Tensor:
+    def _read_block(self, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Rows start..stop, read now, and the bytes read as stored (also called in the read-ahead thread)."""
         # In memory of its own, returned to the OS when the block is let go (see empty_cpu_tensors).
         (block,) = empty_cpu_tensors([(torch.Size([stop - start, self.shape[1]]), self.dtype)])
-        self.read_bytes += self.ckpt.read_rows(self.name, start, block, files=self.files)
-        return block.to(self.device)
+        read_bytes = self.ckpt.read_rows(self.name, start, block, files=self.files)
+        return block.to(self.device), read_bytes
 
 
 class StreamedEmbedding(nn.Module):

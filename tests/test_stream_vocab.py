@@ -223,6 +223,7 @@ def test_on_disk_weight_indexing_and_whole_matrix_errors(tmp_path):
     assert full.shape == weight.shape == (128, 64)
     assert torch.equal(full, ll.Checkpoint(path, index_cache=False).load_tensor("lm_head.weight"))
     assert torch.equal(weight[40:100], full[40:100]) and torch.equal(weight[-1], full[-1])
+    assert weight[128:].shape == (0, 64) and weight[7:7].shape == (0, 64)
     assert torch.equal(weight[torch.tensor([[3, 99], [3, 0]])], full[torch.tensor([[3, 99], [3, 0]])])
     weight.release()
     with pytest.raises(
@@ -289,6 +290,7 @@ def test_plan_reports_the_modes_by_hand(tiny_cfg):
     assert tied.embed == "memory"  # the held unembedding is the embedding
     full = plan(tiny_cfg, tokens=0, cache=None)
     assert (full.embed, full.unembed) == ("memory", "memory")
+    assert plan(tiny_cfg, stream=True, layers=iter([0])).n_layers == 1  # "auto" looks at the layers first
     assert full.process_bytes is None or full.peak_rss_bytes == full.process_bytes + full.peak_bytes
 
 
@@ -338,3 +340,16 @@ def test_on_disk_weight_reads_follow_the_block_size(tmp_path):
     assert torch.equal(weight[60:70], full[60:70]) and torch.equal(weight[35:45], full[35:45])
     assert weight.read_bytes > 0
     weight.release()
+
+
+@pytest.mark.parametrize("unembed", ["memory", "stream"])
+def test_streamed_vocabulary_on_the_device(tmp_path, device, unembed):
+    path = write(tmp_path / "meta", "meta", tiny_config(n_layers=2))
+    loaded = load(path, device=device)
+    streamed = load(path, device=device, stream=True, unembed=unembed)
+    tokens = tokens_for()
+    logits = streamed(tokens)
+    assert logits.device.type == torch.device(device).type
+    torch.testing.assert_close(logits, loaded(tokens), rtol=1e-5, atol=1e-5)
+    got, expected = ll.logit_lens(streamed, tokens, target=7), ll.logit_lens(loaded, tokens, target=7)
+    torch.testing.assert_close(got.target_probs, expected.target_probs, rtol=1e-5, atol=1e-7)
