@@ -183,6 +183,9 @@ class OnDiskWeight:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama_lens-vocab")
             start = (k + 1) * self.block_rows
             self._next = (k + 1, self._pool.submit(self._read_block, start, min(start + self.block_rows, len(self))))
+        elif self._pool is not None:  # the sweep is at its end: no thread left waiting after it
+            self._pool.shutdown(wait=True)  # idle by now: the block it read was just taken
+            self._pool = None
         return block
 
     def _read_block(self, start: int, stop: int) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,8 @@
 """Streaming at the memory floor: the embedding read by rows of the prompt's ids, the unembedding held or read a
 vocabulary block at a time (`ll.load(..., stream=True, unembed=...)`), and what ll.plan says of both."""
 
+import threading
+
 import pytest
 import torch
 from helpers import assert_same_top_k, tiny_config
@@ -213,6 +215,10 @@ def test_unembedding_is_read_once_per_pass_block_by_block(tmp_path, monkeypatch)
     unembed_reads = [(start, n) for name, start, n in calls if name == "unembed.weight"]
     assert unembed_reads == [(0, 48), (48, 48), (96, 32)]  # every row once, in blocks of BLOCK_ROWS
     assert model.unembed.weight._block is None and model.unembed.weight._pool is None  # nothing kept after
+    lens = ll.logit_lens(model, tokens_for())  # the lens's sweeps take the blocks from disk too
+    assert [n for name, _, n in calls if name == "unembed.weight"][3:] == [48, 48, 32, 48, 48, 32]  # logits, lens
+    assert lens.n_readouts == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("llama_lens-vocab")]  # none left waiting
 
 
 def test_on_disk_weight_indexing_and_whole_matrix_errors(tmp_path):
