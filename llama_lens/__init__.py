@@ -47,6 +47,7 @@ _LAZY = {
     "read_texts": "text_sources",
     "generated_texts": "text_sources",
     "GroupedHeadsError": "errors",
+    "WeightOnDiskError": "errors",
     "FactoredMatrix": "weights",
 }
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

@@ -489,6 +489,51 @@ class Checkpoint:
         reads = [(self._stored[self._source[name]], target) for name, target in targets.items()]
         return self._read(reads, files, rotate_half=True)
 
+    def read_rows(
+        self, name: str, start: int, target: torch.Tensor, *, files: WeightFiles | None = None
+    ) -> int:  # fmt: skip
+        """Reads rows start .. start + len(target) of a 2-d parameter (the embedding, the unembedding) into
+        `target`, cast on the way: only those rows' bytes are read, from each model-parallel shard that holds
+        a part of them (a Meta embedding split over d_model: a slice of every row from every shard).
+
+        Args:
+            name: canonical name of a parameter whose rows are stored as they are used (not a Meta q/k weight).
+            start: the first row.
+            target: contiguous tensor [rows, columns], any float dtype, any device.
+            files: weight files kept open across reads (`open_files`); default: opened for this read only.
+
+        Returns:
+            bytes read, as stored.
+
+        Raises:
+            KeyError: for a name that is not a parameter of this model.
+            ValueError: for a parameter whose rows are permuted on read, a bad target, or rows out of range.
+            CheckpointError: a file truncated or changed since the checkpoint was opened.
+        """
+        self._check_param_name(name)
+        stored = self._stored[self._source[name]]
+        n_rows, n_columns = self._param_shapes[name] if len(self._param_shapes[name]) == 2 else (0, 0)
+        if not n_rows or self._qk_heads(stored.name) is not None:
+            raise ValueError(f"read_rows reads the rows of a 2-d parameter stored as it is used, not {name!r}")
+        if target.dim() != 2 or target.shape[1] != n_columns or not target.is_contiguous():
+            raise ValueError(f"read_rows: the target for {name!r} must be a contiguous tensor [rows, {n_columns}]")
+        if not 0 <= start <= start + target.shape[0] <= n_rows:
+            raise ValueError(f"read_rows: rows {start}..{start + target.shape[0]} of {name!r} are outside 0..{n_rows}")
+        for file_name in stored.files:
+            self.file_stamps.check(file_name)
+        stored_dtype = getattr(torch, stored.dtype)
+        if self.format == "hf":
+            piece = stored.pieces[0]
+            row_bytes = n_columns * stored_dtype.itemsize
+            with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
+                return handles.read_into(
+                    piece.file, piece.offsets[0] + start * row_bytes, stored_dtype, target, repr(stored.name)
+                )
+        with contextlib.ExitStack() as stack:
+            if files is None:
+                files = stack.enter_context(self.open_files())
+            return files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)
+
     def load_tensor(self, name: str) -> torch.Tensor:
         """One tensor by its stored name, as stored (dtype, layout), Meta shards merged; a GGUF tensor dequantized
         (float32, or float16/bfloat16 for F16/BF16), its q/k rows in llama.cpp's order.

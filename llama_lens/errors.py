@@ -11,7 +11,8 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── UnknownNameError       (KeyError)     a hook, activation, tensor or parameter name that does not exist
     ├── LensFileError          (ValueError)   a saved tuned lens that cannot be read
     ├── ManifestMismatchError  (ValueError)   a dataset run's folder holds a run with other parameters
-    └── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
+    ├── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
+    └── WeightOnDiskError      (TypeError)    the whole matrix asked of a weight a streamed model reads by rows
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ class ManifestMismatchError(LlamaLensError, ValueError):
 
 class GroupedHeadsError(LlamaLensError, IndexError):
     """A hook indexed a key/value activation of grouped-query attention as if it had one head per query head."""
+
+
+class WeightOnDiskError(LlamaLensError, TypeError):
+    """A tensor operation asked of a weight that a streamed model keeps on disk and reads by rows (`OnDiskWeight`).
+
+    A TypeError, not an AttributeError: raised inside a property (`model.W_U`), an AttributeError would be taken
+    for a missing attribute and its message lost."""
 
 
 def did_you_mean(name: str, valid: Iterable[str], *, hint: str = "") -> str:

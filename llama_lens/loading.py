@@ -22,6 +22,7 @@ def load(
     tokenizer: Any = None,
     index_cache: str | os.PathLike | bool | None = None,
     *,
+    unembed: str = "auto",
     check_memory: bool = True,
     progress: bool = True,
 ):
@@ -39,11 +40,16 @@ def load(
         device: where the weights go ("cpu", "cuda", "cuda:1", ...).
         layers: decoder layers to load (e.g. `range(0, 3)`); default all. The embedding, final norm and
             unembedding are always loaded, so a partial model still gives logits.
-        stream: keep only the embedding, final norm and unembedding in memory and read each decoder layer
-            when the forward pass reaches it (a `StreamedLlama`, see `llama_lens.stream`).
+        stream: read each decoder layer when the forward pass reaches it, and the embedding's rows of the
+            prompt's tokens only, and keep only the final norm and the unembedding in memory (a
+            `StreamedLlama`, see `llama_lens.stream`).
         tokenizer: a tokenizer file or folder, a tokenizer object (ours, transformers' or a
             `tokenizers.Tokenizer`), or None for the checkpoint's own tokenizer.json / tokenizer.model (if any).
         index_cache: where to cache the shard index (see `Checkpoint`).
+        unembed: with `stream=True`, how to hold the unembedding: "memory" (read now and held), "stream" (read
+            from disk a vocabulary block at a time at each forward pass and by the logit lens: a read of
+            d_vocab x d_model per pass, for the least memory) or "auto" (default: held unless memory is short, see
+            `ll.plan` and `plan.choose_unembed`). Without streaming it is always held ("stream" is refused).
         check_memory: refuse, before reading, a load whose weights cannot fit in the memory available
             (see `ll.plan`); False to try anyway.
         progress: show progress bars (loading; with `stream=True`, each forward pass).
@@ -52,7 +58,8 @@ def load(
         HookedLlama in eval mode, with `.tokenizer` set (None when neither given nor found).
 
     Raises:
-        ValueError: for a bad dtype, device or layer range, or a corrupt checkpoint (CheckpointError).
+        ValueError: for a bad dtype, device, layer range or unembed mode, or a corrupt checkpoint
+            (CheckpointError).
         FileNotFoundError: for a missing folder, config or weight file.
         NotEnoughMemoryError (a MemoryError and ValueError): the weights would not fit; the message gives the
             estimate and suggests stream=True, layers=range(...) or a smaller dtype.
@@ -65,16 +72,21 @@ def load(
     dtype = dtype or ckpt.stored_dtype
     # The tokenizer first: a bad tokenizer path should fail before minutes of reading weights.
     tokenizer = _resolve_tokenizer(tokenizer, ckpt)
-    if check_memory:
-        from .plan import check_fits
+    from .plan import check_fits, choose_unembed
 
-        check_fits(ckpt, layers=layer_indices, dtype=dtype, device=device, stream=stream)
+    if check_memory:
+        unembed = check_fits(
+            ckpt, layers=layer_indices, dtype=dtype, device=device, stream=stream, unembed=unembed
+        ).unembed
+    else:
+        unembed = choose_unembed(ckpt, unembed, stream=stream, dtype=dtype, layers=layer_indices, device=device)
     if stream:
         from .stream import load_streamed
 
         return load_streamed(
-            ckpt, dtype=dtype, device=device, layers=layer_indices, tokenizer=tokenizer, progress=progress
-        )
+            ckpt, dtype=dtype, device=device, layers=layer_indices, tokenizer=tokenizer, progress=progress,
+            unembed=unembed,
+        )  # fmt: skip
     with torch.device("meta"):
         model = HookedLlama(ckpt.config, layers=layer_indices)
     state = ckpt.state_dict(ckpt.params_for(layer_indices), dtype=dtype, device=device, progress=progress)

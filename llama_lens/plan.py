@@ -3,16 +3,23 @@
     ll.plan("~/models/Llama-3.1-70B-Instruct", tokens=128, stream=True, dtype=torch.bfloat16)
 
 for a checkpoint folder (or an open Checkpoint, or a LlamaConfig). Everything is counted from the config and
-the tensor index, nothing is read: the weights held (all layers, or with `stream=True` only the embedding,
-final norm and unembedding), the layers in flight, one layer's working activations, the activations a cache
-keeps and the attention patterns if asked for. `ll.load` uses the weights part to refuse, with this estimate
-in the message, a load that cannot fit, rather than be killed by the OS.
+the tensor index, nothing is read: the weights held (all layers; with `stream=True` only the final norm, and
+the unembedding unless it is streamed too), the layers in flight, one layer's working activations, the
+activations a cache keeps and the attention patterns if asked for. `ll.load` uses the weights part to refuse,
+with this estimate in the message, a load that cannot fit, rather than be killed by the OS.
+
+Streaming reads the embedding by rows (the prompt's only) and holds or streams the unembedding (`unembed=`,
+see `choose_unembed`): `plan(path, stream=True)` says which (`embed`, `unembed`) and how much that holds.
+`peak_rss_bytes` adds this process as it is now, to compare with the peak resident memory a run measures
+(`ru_maxrss`; scripts/bench_stream.py does).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +27,21 @@ from typing import Any
 
 import torch
 
+from . import stream_vocab
 from .config import LlamaConfig
 from .errors import NotEnoughMemoryError
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
 # (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
 DEFAULT_READ_BANDWIDTH = 1e9
+
+# How a streamed model holds its unembedding: "memory" (read at load and held), "stream" (a vocabulary block at
+# a time from disk at each pass, see stream_vocab.py), "auto" (`choose_unembed` decides).
+UNEMBED_MODES = ("auto", "memory", "stream")
+# "auto" holds the unembedding when a streamed load holding it takes at most this share of the memory available:
+# the rest is left for activations, caches and the other programs on the machine. Streaming it instead costs a
+# read of the unembedding per forward pass (0.8 GB for a 128k vocabulary at d_model 3072 in bfloat16).
+AUTO_UNEMBED_MEMORY_SHARE = 0.5
 
 CACHE_KINDS = ("resid", "all", None)
 GIB = 2**30
@@ -34,7 +50,10 @@ GIB = 2**30
 MEMINFO = Path("/proc/meminfo")
 CGROUP_V2 = Path("/sys/fs/cgroup")  # memory.max, memory.current, memory.stat
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")  # memory.limit_in_bytes, memory.usage_in_bytes, memory.stat
-PROC_SELF_CGROUP = Path("/proc/self/cgroup")  # which cgroup this process is in, under those roots
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+PROC_SELF_STATM = Path(
+    "/proc/self/statm"
+)  # this process's resident pages (process_memory)  # which cgroup this process is in, under those roots
 
 
 @dataclass(frozen=True)
@@ -51,8 +70,15 @@ class Plan:
             layer, as the logit lens keeps it; "all": every hook point but the attention patterns).
         pattern_bytes: attention scores / patterns kept (`patterns=True`: hook_pattern of every layer;
             `cache="all"` keeps scores and pattern).
-        peak_bytes: the sum of the above. Not counted: the Python process itself (about 0.3 GB with torch
-            imported on CPU).
+        peak_bytes: the sum of the above (with the larger of the layers and the unembedding blocks in flight:
+            they are not read at the same time). Not counted: the Python process itself (see `process_bytes`).
+        process_bytes: this process's resident memory when the plan was made (CPU; None on other devices, or
+            where it cannot be read): about 0.3-0.5 GB with torch imported, more with other models held.
+        peak_rss_bytes: process_bytes + peak_bytes, the peak resident memory (`ru_maxrss`) a run would show.
+        embed: "memory" (held) or "rows" (streaming: the rows of the prompt's tokens read at each pass).
+        unembed: "memory" (held) or "stream" (read a vocabulary block at a time at each pass).
+        unembed_in_flight_bytes: the unembedding blocks in memory while it is streamed (the one in use, the
+            next being read), else 0.
         available_bytes: memory available on the device now (None when unknown).
         read_bytes: bytes read from disk by the load and one forward pass (streaming re-reads the layers on
             every pass).
@@ -61,6 +87,8 @@ class Plan:
     """
 
     stream: bool
+    embed: str
+    unembed: str
     dtype: torch.dtype
     n_layers: int
     tokens: int
@@ -69,10 +97,12 @@ class Plan:
     patterns: bool
     weights_resident_bytes: int
     layer_in_flight_bytes: int
+    unembed_in_flight_bytes: int
     activations_bytes: int
     cache_bytes: int
     pattern_bytes: int
     peak_bytes: int
+    process_bytes: int | None
     available_bytes: int | None
     read_bytes: int
     read_bandwidth: float
@@ -82,13 +112,20 @@ class Plan:
     _ROWS = (
         ("weights resident", "weights_resident_bytes"),
         ("layers in flight", "layer_in_flight_bytes"),
+        ("unembed in flight", "unembed_in_flight_bytes"),
         ("activations", "activations_bytes"),
         ("cache", "cache_bytes"),
         ("patterns", "pattern_bytes"),
         ("peak", "peak_bytes"),
+        ("process", "process_bytes"),
+        ("peak RSS", "peak_rss_bytes"),
         ("available", "available_bytes"),
         ("read from disk", "read_bytes"),
     )
+
+    @property
+    def peak_rss_bytes(self) -> int | None:
+        return None if self.process_bytes is None else self.process_bytes + self.peak_bytes
 
     def to_frame(self):
         """The estimate as a pandas DataFrame: one row per item, columns bytes and GiB."""
@@ -101,19 +138,25 @@ class Plan:
         return frame
 
     def __repr__(self) -> str:
+        modes = f", embed={self.embed!r}, unembed={self.unembed!r}" if self.stream else ""
         head = (
-            f"Plan(stream={self.stream}, dtype={_dtype_name(self.dtype)}, layers={self.n_layers}, "
+            f"Plan(stream={self.stream}{modes}, dtype={_dtype_name(self.dtype)}, layers={self.n_layers}, "
             f"tokens={self.tokens}, batch={self.batch}, cache={self.cache!r}, patterns={self.patterns})"
         )
         lines = [head]
-        for label, field in self._ROWS[:5]:
-            lines.append(f"  {label:<18}{_gib(getattr(self, field))}")
+        for label, field in self._ROWS[:6]:
+            if field != "unembed_in_flight_bytes" or self.unembed == "stream":
+                lines.append(f"  {label:<18}{_gib(getattr(self, field))}")
         verdict = "fits" if self.fits else "does NOT fit"
         if self.available_bytes is None:
             available = "unknown memory available"
         else:
             available = f"{_gib(self.available_bytes)} available"
         lines.append(f"  {'peak':<18}{_gib(self.peak_bytes)}   of {available}: {verdict}")
+        if self.process_bytes is not None:
+            lines.append(
+                f"  {'peak RSS':<18}{_gib(self.peak_rss_bytes)}   with this process ({_gib(self.process_bytes)} now)"
+            )
         per_pass = " per forward pass" if self.stream else ""
         lines.append(
             f"  {'read from disk':<18}{self.read_bytes / 1e9:.2f} GB{per_pass}, ~{self.est_read_seconds:.1f} s "
@@ -134,6 +177,7 @@ def plan(
     patterns: bool = False,
     device: torch.device | str = "cpu",
     read_bandwidth: float | None = None,
+    unembed: str = "auto",
 ) -> Plan:
     """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
 
@@ -141,7 +185,8 @@ def plan(
         path: a checkpoint folder, an open `Checkpoint`, or a `LlamaConfig`.
         tokens: positions per prompt (pos).
         batch: prompts per forward pass.
-        stream: as `ll.load(..., stream=True)`: hold only the embedding, final norm and unembedding.
+        stream: as `ll.load(..., stream=True)`: hold only the final norm and the unembedding (or stream it too,
+            see `unembed`); read the embedding's rows of the prompt at each pass.
         dtype: dtype of the weights and activations (None: as stored, see `weights_dtype`).
         layers: decoder layers loaded (default: all).
         cache: activations kept: "resid" (the residual stream at every layer, as the logit lens keeps it),
@@ -149,12 +194,15 @@ def plan(
         patterns: also keep every layer's attention pattern.
         device: where the weights go; its free memory is `available_bytes`.
         read_bandwidth: disk read speed in bytes per second (default `DEFAULT_READ_BANDWIDTH`).
+        unembed: with `stream=True`, as `ll.load`'s: "memory" (hold the unembedding), "stream" (read it a
+            vocabulary block at a time at each pass) or "auto" (`choose_unembed` decides from the memory
+            available, as `ll.load` will). Without streaming the unembedding is held ("stream" is refused).
 
     Returns:
         Plan (print it, or `.to_frame()`).
 
     Raises:
-        ValueError: for a bad cache kind, dtype, token count or layer range.
+        ValueError: for a bad cache kind, dtype, token count, layer range or unembed mode.
     """
     from .validate import check_layers, resolve_device, resolve_dtype
 
@@ -165,7 +213,8 @@ def plan(
     source = _open_source(path)
     cfg = _config_of(source)
     dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
-    n_layers = len(check_layers(layers, cfg.n_layers))
+    layers = check_layers(layers, cfg.n_layers)  # a list: an iterator would be spent by the first look
+    n_layers = len(layers)
     weight_size = dtype.itemsize
     # Bytes per parameter on disk: a checkpoint's tensors tell (a fraction for a quantized GGUF), else the dtype.
     stored_size = getattr(source, "stored_bytes_per_param", None) or (_stored_dtype(source) or dtype).itemsize
@@ -175,18 +224,27 @@ def plan(
     layer_params = layer_param_count(cfg)
     embed_params = cfg.d_vocab * cfg.d_model
     head_params = cfg.d_model + (0 if cfg.tie_embeddings else embed_params)  # final norm (+ untied unembedding)
-    resident = (embed_params + head_params) * weight_size
+    unembed = choose_unembed(source, unembed, stream=stream, dtype=dtype, layers=layers, device=device)
+    unembed_in_flight = 0
     if stream:
-        weights_resident = resident
+        # The final norm, and the unembedding when held (a tied one serves as the embedding too). The embedding
+        # is read by rows at each pass (stream_vocab.py): the prompt's rows count with the activations.
+        embed = "memory" if cfg.tie_embeddings and unembed == "memory" else "rows"
+        weights_resident = (cfg.d_model + (embed_params if unembed == "memory" else 0)) * weight_size
         # The layer computing, the layer being read, and the stored bytes of the tensor being copied: the pages
         # of a Meta shard it is copied from, or its model-parallel pieces joined, until the copy is done (a
         # safetensors cast buffer is smaller). See CheckpointLayerReader.
         in_flight = layer_params * 2 * weight_size + round(largest_layer_tensor(cfg) * stored_size)
+        if unembed == "stream":  # the block in use and the next one being read (OnDiskWeight)
+            unembed_in_flight = 2 * min(stream_vocab.UNEMBED_BLOCK_ROWS, cfg.d_vocab) * cfg.d_model * weight_size
     else:
-        weights_resident = resident + n_layers * layer_params * weight_size
+        embed = "memory"
+        weights_resident = (embed_params + head_params + n_layers * layer_params) * weight_size
         in_flight = round(layer_params * stored_size) if n_layers else 0  # one layer as stored while loading
     computes_pattern = patterns or cache == "all"
     activations = rows * _working_width(cfg) * act + rows * cfg.d_vocab * (act + 4)  # + logits, float32 softmax
+    if embed == "rows":
+        activations += rows * cfg.d_model * act  # the prompt's embedding rows, as read
     if computes_pattern and n_layers:
         # Written-out attention: scores, the float32 softmax and the pattern of one layer.
         activations += batch * cfg.n_heads * tokens**2 * (2 * act + 4)
@@ -200,13 +258,20 @@ def plan(
     pattern_bytes = 0
     if computes_pattern:
         pattern_bytes = n_layers * batch * cfg.n_heads * tokens**2 * act * (2 if cache == "all" else 1)
-    peak = weights_resident + in_flight + activations + cache_bytes + pattern_bytes
+    # The layers are read and run before the unembedding is: the larger of the two is in flight at the peak.
+    peak = weights_resident + max(in_flight, unembed_in_flight) + activations + cache_bytes + pattern_bytes
 
-    read_bytes = round((embed_params + head_params + n_layers * layer_params) * stored_size)
+    if embed == "rows":  # the prompt's rows of the embedding, the final norm, the unembedding (at load or per pass)
+        outside = rows * cfg.d_model + cfg.d_model + embed_params
+    else:
+        outside = embed_params + head_params
+    read_bytes = round((outside + n_layers * layer_params) * stored_size)
     bandwidth = float(read_bandwidth or DEFAULT_READ_BANDWIDTH)
     available = available_memory(device)
     return Plan(
         stream=stream,
+        embed=embed,
+        unembed=unembed,
         dtype=dtype,
         n_layers=n_layers,
         tokens=tokens,
@@ -215,16 +280,74 @@ def plan(
         patterns=patterns,
         weights_resident_bytes=weights_resident,
         layer_in_flight_bytes=in_flight,
+        unembed_in_flight_bytes=unembed_in_flight,
         activations_bytes=activations,
         cache_bytes=cache_bytes,
         pattern_bytes=pattern_bytes,
         peak_bytes=peak,
+        process_bytes=process_memory() if device.type == "cpu" else None,
         available_bytes=available,
         read_bytes=read_bytes,
         read_bandwidth=bandwidth,
         est_read_seconds=read_bytes / bandwidth,
         fits=available is None or peak <= available,
     )
+
+
+def choose_unembed(
+    source: Any,
+    unembed: str,
+    *,
+    stream: bool,
+    dtype: torch.dtype | None,
+    layers: Iterable[int] | None = None,
+    device: torch.device | str = "cpu",
+) -> str:
+    """How a load holds the unembedding: "memory" or "stream".
+
+    "memory" and "stream" as given; "auto" holds it unless memory is short, i.e. unless a streamed load holding
+    it would take more than `AUTO_UNEMBED_MEMORY_SHARE` of the memory available now (held when that is
+    unknown). Without streaming the unembedding is always held.
+
+    Args:
+        source: a checkpoint folder, an open `Checkpoint`, or a `LlamaConfig`.
+        unembed: one of `UNEMBED_MODES`.
+        stream: whether the layers are streamed (`ll.load(..., stream=True)`).
+        dtype, layers, device: as `plan`'s.
+
+    Raises:
+        ValueError: for an unknown mode, or "stream" without `stream=True`.
+    """
+    from .validate import check_choice
+
+    check_choice("unembed", unembed, UNEMBED_MODES, "unembedding mode")
+    if not stream:
+        if unembed == "stream":
+            raise ValueError(
+                "unembed='stream' reads the unembedding from disk at each forward pass, which only a streamed model "
+                "does: pass stream=True as well, or leave unembed='auto'"
+            )
+        return "memory"
+    if unembed != "auto":
+        return unembed
+    held = plan(source, tokens=0, stream=True, dtype=dtype, layers=layers, cache=None, device=device, unembed="memory")
+    if held.available_bytes is None or held.peak_bytes <= AUTO_UNEMBED_MEMORY_SHARE * held.available_bytes:
+        return "memory"
+    return "stream"
+
+
+def process_memory() -> int | None:
+    """This process's resident memory now (bytes): /proc/self/statm, else psutil; None where neither works."""
+    try:
+        resident_pages = int(PROC_SELF_STATM.read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
 
 
 def layer_param_count(cfg: LlamaConfig) -> int:
@@ -359,7 +482,13 @@ def weights_dtype(source: Any, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def check_fits(
-    ckpt: Any, *, layers: Iterable[int] | None, dtype: torch.dtype | None, device: torch.device | str, stream: bool
+    ckpt: Any,
+    *,
+    layers: Iterable[int] | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    stream: bool,
+    unembed: str = "auto",
 ) -> Plan:
     """Raises NotEnoughMemoryError, with the estimate and what to try, when the weights alone of this load
     cannot fit in the memory available now (activations are not counted: the load does not know them).
@@ -367,11 +496,13 @@ def check_fits(
     `dtype` None means as stored (see `weights_dtype`).
 
     Returns:
-        the Plan (tokens=0).
+        the Plan (tokens=0); its `unembed` is how the load is to hold the unembedding ("auto" resolved).
     """
     ckpt = _open_source(ckpt)
     dtype = weights_dtype(ckpt, dtype)
-    estimate = plan(ckpt, tokens=0, stream=stream, dtype=dtype, layers=layers, cache=None, device=device)
+    estimate = plan(
+        ckpt, tokens=0, stream=stream, dtype=dtype, layers=layers, cache=None, device=device, unembed=unembed
+    )
     if estimate.fits:
         return estimate
     where = getattr(ckpt, "path", "this checkpoint")
@@ -391,12 +522,23 @@ def check_fits(
         cfg = _config_of(ckpt)
         per_layer = layer_param_count(cfg) * dtype.itemsize
         options.append(
-            f"stream=True (about {_gib(streamed.peak_bytes)}: only the embedding, final norm and unembedding stay "
-            "in memory, each layer is read when the forward pass reaches it)"
+            f"stream=True (about {_gib(streamed.peak_bytes)}: only the final norm and the unembedding stay in "
+            "memory, each layer is read when the forward pass reaches it, the embedding by rows)"
         )
         options.append(f"layers=range(0, k) to load fewer of the {cfg.n_layers} layers ({_gib(per_layer)} each)")
+    elif estimate.unembed == "memory":
+        streamed = plan(
+            ckpt, tokens=0, stream=True, dtype=dtype, layers=layers, cache=None, device=device, unembed="stream"
+        )
+        options.append(
+            f"unembed='stream' (about {_gib(streamed.peak_bytes)}: the unembedding is read a vocabulary block at a "
+            "time at each forward pass)"
+        )
     if dtype.itemsize > 2:
-        half = plan(ckpt, tokens=0, stream=stream, dtype=torch.bfloat16, layers=layers, cache=None, device=device)
+        half = plan(
+            ckpt, tokens=0, stream=stream, dtype=torch.bfloat16, layers=layers, cache=None, device=device,
+            unembed=estimate.unembed if stream else "auto",
+        )  # fmt: skip
         options.append(f"dtype=torch.bfloat16 (about {_gib(half.peak_bytes)})")
     options.append("check_memory=False to load anyway")
     raise NotEnoughMemoryError(message + "; ".join(options) + ".")
@@ -430,3 +572,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _gib(nbytes: int | None) -> str:
     return "unknown" if nbytes is None else f"{nbytes / GIB:.2f} GiB"
+
+
+class _CallablePlanModule(types.ModuleType):
+    """This module, callable as its `plan` function. Importing the module `llama_lens.plan` (as `ll.load` does)
+    sets the package's attribute `plan` to the module, which would shadow the function users call as `ll.plan`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Plan:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePlanModule

@@ -182,3 +182,58 @@ class MappedShards:
         for piece in mapped:
             release_mapped_pages(piece)  # all of it, pages that straddled two parts included
         return sum(piece.nbytes for piece in mapped)
+
+    def copy_rows_into(self, name: str, target: torch.Tensor, start: int, *, split_dim: int | None) -> int:
+        """Copies rows start .. start + len(target) of one stored tensor, its model-parallel pieces joined, into
+        `target`: only those rows' pages are read (the embedding rows of a prompt, a block of the unembedding).
+
+        Args:
+            name: the stored name ("tok_embeddings.weight"), a 2-d tensor whose rows are not permuted on read.
+            target: contiguous tensor [rows, columns of the joined tensor], any float dtype, any device.
+            start: the first row.
+            split_dim: the axis the pieces join on (0: each piece holds a range of rows; 1: each holds every
+                row's range of columns); None for a replicated tensor (the first shard's copy is read).
+
+        Returns:
+            bytes read, as stored.
+
+        Raises:
+            CheckpointError: a shard changed on disk since it was indexed (checked before the copy).
+        """
+        file_names = self.file_names if split_dim is not None else self.file_names[:1]
+        for file_name in file_names:
+            self._open_path(file_name)
+        mapped = [self._mapped(file_name)[name] for file_name in file_names]
+        stop, read_bytes = start + target.shape[0], 0
+        piece_start = 0  # split_dim 0: the piece's first row in the joined tensor; 1: its first column
+        for piece in mapped:
+            if split_dim == 0:  # the piece's rows that fall in [start, stop), into their place in the target
+                first, last = max(start, piece_start), min(stop, piece_start + piece.shape[0])
+                part = piece[first - piece_start : last - piece_start]
+                destination = target[first - start : last - start]
+                piece_start += piece.shape[0]
+                if first >= last:
+                    continue
+            else:  # every row of [start, stop), this piece's columns
+                part, destination = piece[start:stop], target
+                if split_dim == 1:
+                    destination = target.narrow(1, piece_start, piece.shape[1])
+                    piece_start += piece.shape[1]
+            copy_dropping_pages(part, destination)
+            # The pages shared with the rows around are dropped too (copy_dropping_pages keeps them): these
+            # tensors are never written or handed out, and a page dropped is read back from the file when needed.
+            # Else the embedding rows of prompt after prompt would make the whole embedding resident by degrees.
+            _release_touched_pages(part)
+            read_bytes += part.nbytes
+        return read_bytes
+
+
+def _release_touched_pages(tensor: torch.Tensor) -> None:
+    """Drops every page `tensor` (contiguous rows of a mapped shard) touches, shared ones included."""
+    madvise = _madvise()
+    if madvise is None or not tensor.is_contiguous() or not tensor.nbytes:
+        return
+    page = mmap.PAGESIZE
+    first = tensor.data_ptr() // page * page
+    last = -(-(tensor.data_ptr() + tensor.nbytes) // page) * page
+    madvise(first, last - first, mmap.MADV_DONTNEED)

@@ -122,7 +122,8 @@ def read_out(
     Args:
         normed: [n_rows, n_readouts, d_model] residual vectors already through the final norm (or [n_rows,
             d_model], one read-out per row); row j's read-outs are compared with row j of `final_logits`.
-        unembed_weight: [d_vocab, d_model] the unembedding W_U; the read-outs' logits have its dtype.
+        unembed_weight: [d_vocab, d_model] the unembedding W_U; the read-outs' logits have its dtype. A tensor, or
+            a streamed model's `stream_vocab.OnDiskWeight`, whose blocks `weight[v0:v1]` come from disk.
         final_logits: [n_rows, d_vocab] the final distribution's logits (the model's own output), for KL.
         targets: [n_rows, n_targets] token ids to follow, or None.
         top_k: how many most likely tokens to keep per row.

@@ -1,7 +1,9 @@
 """Streaming: a model whose decoder layers stay on disk until the forward pass reaches them.
 
-`ll.load(path, stream=True)` returns a `StreamedLlama`. The embedding, the final norm and the unembedding
-are held in memory; each block is built on the meta device (no memory) and filled just before it runs:
+`ll.load(path, stream=True)` returns a `StreamedLlama`. The final norm is held in memory; the embedding is
+read by rows, only the prompt's, at each pass, and the unembedding is held or, with `unembed="stream"` (or
+"auto" when memory is short), read a block of the vocabulary at a time (stream_vocab.py). Each block is built
+on the meta device (no memory) and filled just before it runs:
 
     forward starts ──> read layer 0 (loader thread)
     run_block(0)   ──> wait for layer 0, assign it to block 0, queue the read of layer 1, run block 0,
@@ -20,8 +22,6 @@ still work; they just cost the memory of the weights the graph saves.
 
 from __future__ import annotations
 
-import math
-import mmap
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,20 +32,20 @@ from torch import nn
 
 from .checkpoint import Checkpoint, dropped_on_error
 from .config import LlamaConfig
+from .host_memory import empty_cpu_tensors, release_free_heap
 from .kv_cache import KVCache
 from .model import HookedLlama
 from .names import block_param_shapes
+from .stream_vocab import OnDiskWeight, StreamedEmbedding, StreamedUnembed
 
 # layer -> (its parameters under block-relative names such as "attn.q_proj.weight", bytes read from disk)
 LayerReader = Callable[[int], tuple[dict[str, torch.Tensor], int]]
-
-RESIDENT_PARAMS = ("embed.weight", "ln_final.weight", "unembed.weight")
 
 
 class CheckpointLayerReader:
     """Reads decoder layers of a Checkpoint into fresh tensors: the `reader` of a StreamedLlama.
 
-    Each layer goes into one new block of memory (see `_empty_cpu_tensors`) and is filled by
+    Each layer goes into one new block of memory (see `empty_cpu_tensors`) and is filled by
     `Checkpoint.read_into`, the same read as a full load's, cast on the way in:
     - Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
       memory map), and opened for each layer (an open is cheap).
@@ -77,7 +77,7 @@ class CheckpointLayerReader:
     def __call__(self, layer: int) -> tuple[dict[str, torch.Tensor], int]:
         """Reads layer `layer`; returns block-relative name -> tensor, and the bytes read as stored."""
         specs = self.specs(layer)
-        targets = dict(zip(specs, _empty_cpu_tensors(list(specs.values()))))
+        targets = dict(zip(specs, empty_cpu_tensors(list(specs.values()))))
         by_name = {f"blocks.{layer}.{relative}": target for relative, target in targets.items()}
         # Only these two dicts hold the layer in this frame: on an error they are emptied, the frames below cleared.
         with dropped_on_error(targets, by_name):
@@ -87,32 +87,6 @@ class CheckpointLayerReader:
                 for relative in targets:
                     targets[relative] = targets[relative].to(self.device)
         return targets, read_bytes
-
-
-def _empty_cpu_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
-    """Uninitialized tensors carved from one anonymous memory map, unmapped when the last of them is freed.
-
-    Why not torch.empty: glibc serves blocks under its (adaptive, up to 32 MB) mmap threshold from heaps it
-    rarely returns to the OS, so allocating and freeing one layer after another grows the process by tens
-    of MB per layer. A map of its own per layer goes back to the OS as soon as the block lets go of it.
-    """
-    align = 64
-    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + -(-size // align) * align)
-    if hasattr(mmap, "MAP_ANONYMOUS"):
-        # Private: the default shared anonymous map would be shmem, which takes no transparent huge pages.
-        buffer = mmap.mmap(-1, max(offsets[-1], 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    else:  # Windows
-        buffer = mmap.mmap(-1, max(offsets[-1], 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults while the layer is copied in
-    # frombuffer keeps `buffer` alive for as long as any tensor viewing it.
-    slab = torch.frombuffer(buffer, dtype=torch.uint8)
-    return [
-        slab[start : start + size].view(dtype).view(shape) for (shape, dtype), start, size in zip(specs, offsets, sizes)
-    ]
 
 
 class LayerStream:
@@ -232,6 +206,7 @@ class StreamedLlama(HookedLlama):
             return block(resid, cos, sin, mask, kv_cache)
         finally:
             _to_meta(block)
+            release_free_heap()
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .cuda(), .half() ... would move the resident weights only and leave the streamed ones behind.
@@ -258,8 +233,9 @@ def load_streamed(
     layers: Sequence[int] | None = None,
     tokenizer: Any = None,
     progress: bool = True,
+    unembed: str = "memory",
 ) -> StreamedLlama:
-    """A StreamedLlama over an open Checkpoint: resident weights read now, decoder layers on demand.
+    """A StreamedLlama over an open Checkpoint: the final norm (and the unembedding) read now, the rest on demand.
 
     Args:
         ckpt: an open `Checkpoint`.
@@ -268,18 +244,37 @@ def load_streamed(
         layers: decoder layers to run (default: all).
         tokenizer: set as `model.tokenizer`.
         progress: show a progress bar for each forward pass.
+        unembed: "memory" to read the unembedding now and hold it, "stream" to read it a vocabulary block at a
+            time at each pass ("auto" is resolved by `ll.load`, see `plan.choose_unembed`). The embedding is read
+            by rows at each pass either way, but from the unembedding held when the two are tied.
 
     Returns:
         StreamedLlama in eval mode, no decoder layer in memory.
     """
+    from .validate import check_choice
+
+    check_choice("unembed", unembed, ("memory", "stream"), "way to hold the unembedding")
     cfg = ckpt.config
-    model = StreamedLlama(cfg, CheckpointLayerReader(ckpt, dtype, device), layers, progress=progress)
-    state = ckpt.state_dict(RESIDENT_PARAMS, dtype=dtype, device=device)
-    if cfg.tie_embeddings:
+    dtype = dtype or ckpt.stored_dtype
+    reader = CheckpointLayerReader(ckpt, dtype, device)
+    model = StreamedLlama(cfg, reader, layers, progress=progress)
+    resident = ["ln_final.weight"] + (["unembed.weight"] if unembed == "memory" else [])
+    state = ckpt.state_dict(resident, dtype=dtype, device=device)
+    if unembed == "memory" and cfg.tie_embeddings:
         # One Parameter under both names keeps the weights tied after assign=True.
-        state["embed.weight"] = state["unembed.weight"] = nn.Parameter(state["embed.weight"], requires_grad=False)
+        state["embed.weight"] = state["unembed.weight"] = nn.Parameter(state["unembed.weight"], requires_grad=False)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or any(not name.startswith("blocks.") for name in missing):
+    on_disk = [name for name in ("embed.weight", "unembed.weight") if name not in state]
+    if unexpected or any(not name.startswith("blocks.") and name not in on_disk for name in missing):
         raise RuntimeError(f"resident weights did not match the model: missing {missing}, unexpected {unexpected}")
+    # Read with the layer reader's files (Meta shards stay mapped, not unpickled at each read).
+    if "embed.weight" in on_disk:
+        model.embed = StreamedEmbedding(OnDiskWeight(ckpt, "embed.weight", dtype, device, reader.files))
+    if "unembed.weight" in on_disk:
+        # Tied: one reader for both (the same stored tensor).
+        weight = model.embed.weight if cfg.tie_embeddings else None
+        if weight is None:
+            weight = OnDiskWeight(ckpt, "unembed.weight", dtype, device, reader.files)
+        model.unembed = StreamedUnembed(weight)
     model.tokenizer = tokenizer
     return model.eval()

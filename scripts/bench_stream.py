@@ -15,6 +15,9 @@ writing /proc/sys/vm/drop_caches needs privileges a container rarely has, each f
 cache with posix_fadvise(POSIX_FADV_DONTNEED) before every cold read (the script says how much stayed cached,
 from `fincore`). The streamed pass is cold too: its layers come from disk, not from the page cache.
 
+The streamed run loads with `unembed="auto"` (the unembedding held when memory allows); for the memory floor
+(the embedding by rows, the unembedding streamed from disk) see scripts/bench_stream_floor.py.
+
 Usage: python scripts/bench_stream.py DIR [--tokens 128] [--dtype bfloat16] [--no-transformers]
 """
 

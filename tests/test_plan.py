@@ -22,13 +22,14 @@ def test_weights_by_hand(tiny_cfg):
     full = plan(tiny_cfg, tokens=0, dtype=torch.float32, cache=None)
     assert full.weights_resident_bytes == (OUTSIDE + 2 * LAYER) * 4
     assert full.layer_in_flight_bytes == LAYER * 4  # one layer as stored (float32: no checkpoint dtype given)
-    streamed = plan(tiny_cfg, tokens=0, stream=True, dtype=torch.bfloat16, cache=None)
-    assert streamed.weights_resident_bytes == OUTSIDE * 2
+    streamed = plan(tiny_cfg, tokens=0, stream=True, dtype=torch.bfloat16, cache=None, unembed="memory")
+    held = OUTSIDE - 128 * 64  # the final norm and the unembedding; the embedding is read by rows
+    assert streamed.weights_resident_bytes == held * 2
     # The layer computing and the layer being read (bf16), plus the tensor being copied as stored (bf16
     # too): the largest, gate/up/down, 128*64.
     assert streamed.layer_in_flight_bytes == LAYER * (2 + 2) + 128 * 64 * 2
     assert streamed.activations_bytes == 0 and streamed.cache_bytes == 0 and streamed.pattern_bytes == 0
-    assert streamed.peak_bytes == OUTSIDE * 2 + LAYER * 4 + 128 * 64 * 2
+    assert streamed.peak_bytes == held * 2 + LAYER * 4 + 128 * 64 * 2
 
 
 def test_activations_cache_and_patterns_by_hand(tiny_cfg):
@@ -77,7 +78,8 @@ def test_checkpoint_folder_gives_the_same_plan_with_its_stored_dtype(tiny_cfg, t
     path = write_hf_checkpoint(tmp_path / "hf", tiny_cfg, random_state_dict(tiny_cfg), dtype=torch.bfloat16)
     from_folder = plan(ll.Checkpoint(path, index_cache=False), tokens=8, stream=True, dtype=torch.float32)
     assert from_folder.layer_in_flight_bytes == LAYER * (4 + 4) + 128 * 64 * 2  # two float32 layers + a bf16 tensor
-    assert from_folder.read_bytes == (OUTSIDE + 2 * LAYER) * 2
+    # The embedding's rows of the 8 tokens only, the final norm and unembedding, the layers; as stored (bf16).
+    assert from_folder.read_bytes == (8 * 64 + OUTSIDE - 128 * 64 + 2 * LAYER) * 2
 
 
 def test_fits_and_report(tiny_cfg, monkeypatch):
@@ -91,10 +93,13 @@ def test_fits_and_report(tiny_cfg, monkeypatch):
     assert list(frame.index) == [
         "weights resident",
         "layers in flight",
+        "unembed in flight",
         "activations",
         "cache",
         "patterns",
         "peak",
+        "process",
+        "peak RSS",
         "available",
         "read from disk",
     ]
