@@ -43,6 +43,7 @@ from .gguf_io import (
     dequantized_dtype,
     gguf_config,
     gguf_raw_index,
+    gguf_row_bytes,
     read_gguf_header,
     read_gguf_into,
 )
@@ -521,6 +522,10 @@ class Checkpoint:
             raise ValueError(f"read_rows: rows {start}..{start + target.shape[0]} of {name!r} are outside 0..{n_rows}")
         for file_name in stored.files:
             self.file_stamps.check(file_name)
+        if self.format == "gguf":  # rows are whole quantization blocks, stored one after another
+            first_byte = stored.pieces[0].offsets[0] + start * gguf_row_bytes(stored.dtype, n_columns)
+            with open(self.files[0], "rb", buffering=0) as handle:
+                return read_gguf_into(handle, first_byte, stored.dtype, target, what=repr(stored.name))
         stored_dtype = getattr(torch, stored.dtype)
         if self.format == "hf":
             piece = stored.pieces[0]

@@ -500,6 +500,14 @@ def check_qtype(tensor_name: str, qtype: str, path: Path) -> None:
         )
 
 
+def gguf_row_bytes(qtype: str, n_columns: int) -> int:
+    """Bytes one row of `n_columns` values takes when stored as `qtype` (rows are whole blocks)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return n_columns // block_size * block_bytes
+
+
 def read_gguf_into(
     file: BinaryIO,
     start: int,
