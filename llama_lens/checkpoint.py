@@ -13,7 +13,7 @@ a tensor the caller allocated), which full loads (`state_dict`) and streaming (`
 The loader, one job per module (imports point down the list):
     names.py           rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
     safetensors_io.py  safetensors headers (checked against the file) and plain reads into a tensor
-    pth_io.py          .pth shards: torch.load(mmap=True, weights_only=True), copies that drop their pages
+    pth_io.py          .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by pread
     tensor_index.py    which file holds which bytes of each tensor; its on-disk cache and file stamps
     checkpoint.py      the Checkpoint: layout, config, name and shape checks, tables, reads
 """
@@ -48,7 +48,7 @@ from .names import (
     param_shapes,
     rename,
 )
-from .pth_io import MappedShards, can_release_mapped_pages
+from .pth_io import PthShards
 from .safetensors_io import SafetensorsFiles
 from .tensor_index import (
     FileStamps,
@@ -385,15 +385,15 @@ class Checkpoint:
     def open_files(self, *, lazy: bool = True) -> WeightFiles:
         """The weight files, kept open for many `read_into` calls until closed (a `with` block closes them).
 
-        Meta shards stay memory-mapped: mapping one unpickles its whole table of tensors, which costs more than
-        copying a layer out of it. Safetensors files are opened by each read instead (an open is cheap), so
-        that reads in several threads never share a file position.
+        Meta shards stay open: opening one unpickles its whole table of tensors, which costs more than reading
+        a layer out of it. Safetensors files are opened by each read instead (an open is cheap), so that reads
+        in several threads never share a file position.
 
         Args:
-            lazy: map each Meta shard when a read first needs it, instead of all of them now.
+            lazy: open each Meta shard when a read first needs it, instead of all of them now.
         """
         if self.format == "meta":
-            return WeightFiles(MappedShards([file.name for file in self.files], self.file_stamps.check, lazy=lazy))
+            return WeightFiles(PthShards([file.name for file in self.files], self.file_stamps.check, lazy=lazy))
         return WeightFiles(None)
 
     def read_into(self, targets: dict[str, torch.Tensor], *, files: WeightFiles | None = None) -> int:
@@ -401,8 +401,7 @@ class Checkpoint:
 
         Each parameter is read from its stored tensor (model-parallel pieces joined, Meta q/k rows permuted to
         the rotate-half layout), cast to its target's dtype and moved to its target's device on the way, with
-        no copy beside the target but a buffer of a few MiB (safetensors) or the pages being copied (Meta,
-        dropped again after the copy).
+        no copy beside the target but a buffer of a few MiB (or, for Meta q/k weights, the weight as stored).
 
         Args:
             targets: canonical name -> contiguous tensor of the parameter's shape (see `param_shapes`), any
@@ -416,7 +415,7 @@ class Checkpoint:
             KeyError: for a name that is not a parameter of this model.
             ValueError: for a target of the wrong shape, or not contiguous.
             CheckpointError: a file truncated or changed since the checkpoint was opened (the files are checked
-                before anything is read).
+                before anything is read, and again after).
         """
         for name, target in targets.items():
             self._check_param_name(name)
@@ -457,9 +456,8 @@ class Checkpoint:
         """Reads parameters under our names: renamed, merged, permuted, cast and moved; nothing else is read.
 
         Each tensor is read into fresh memory of its final dtype and device (`read_into`), so the peak memory
-        is the result plus the tensor being read, as stored: a safetensors read passes through one buffer of a
-        few MiB; a Meta tensor is copied out of its memory-mapped shards, whose pages are dropped again after
-        each copy. The Meta shards are mapped once for the whole read.
+        is the result plus a read buffer of a few MiB (a Meta q/k weight: that weight as stored). The Meta
+        shards are opened once for the whole read.
 
         Args:
             params: canonical names, or one name (default: all, see `param_names`; `params_for(layers)` for some
@@ -489,10 +487,6 @@ class Checkpoint:
         outside = groups.get(None, [])
         result: dict[str, torch.Tensor] = {}
         read: dict[str, torch.Tensor] = {}  # stored name -> tensor, so a tied embedding is read once
-        # Where the pages of a mapped shard cannot be dropped after a copy (no madvise), they count towards the
-        # process until the shard is unmapped: the shards are then mapped again for each layer, which costs an
-        # unpickling of every shard per layer but holds at most one layer's pages.
-        remap_per_layer = self.format == "meta" and not can_release_mapped_pages()
 
         from tqdm.auto import tqdm
 
@@ -510,8 +504,6 @@ class Checkpoint:
                         )
                     result[name] = read[stored_name]
                 self.read_into(targets, files=files)
-                if remap_per_layer:
-                    files.close()  # mapped again by the next read
 
             read_group([n for n in outside if n == "embed.weight"])
             for layer in layer_keys:
@@ -539,9 +531,10 @@ class Checkpoint:
         self, reads: list[tuple[StoredTensor, torch.Tensor]], files: WeightFiles | None, *, rotate_half: bool
     ) -> int:
         """Copies stored tensors into their targets; with `rotate_half`, Meta q/k rows are permuted on the way."""
-        # Every file first, before anything is read: a file replaced since would give other weights at the
-        # indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
-        for file_name in dict.fromkeys(name for stored, _ in reads for name in stored.files):
+        # Every file before anything is read, and again after: a file replaced since (or while it was read)
+        # would give other weights at the indexed offsets. A file truncated meanwhile fails the read itself.
+        file_names = list(dict.fromkeys(name for stored, _ in reads for name in stored.files))
+        for file_name in file_names:
             self.file_stamps.check(file_name)
         if self.format == "hf":
             with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
@@ -552,15 +545,19 @@ class Checkpoint:
                     read_bytes += handles.read_into(
                         piece.file, piece.offsets[0], stored_dtype, target, repr(stored.name)
                     )
-                return read_bytes
-        with contextlib.ExitStack() as stack:
-            if files is None:
-                files = stack.enter_context(self.open_files())
-            read_bytes = 0
-            for stored, target in reads:
-                qk_heads = self._qk_heads(stored.name) if rotate_half else None
-                read_bytes += files.shards.copy_into(stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads)
-            return read_bytes
+        else:
+            with contextlib.ExitStack() as stack:
+                if files is None:
+                    files = stack.enter_context(self.open_files())
+                read_bytes = 0
+                for stored, target in reads:
+                    qk_heads = self._qk_heads(stored.name) if rotate_half else None
+                    read_bytes += files.shards.copy_into(
+                        stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads
+                    )
+        for file_name in file_names:
+            self.file_stamps.check(file_name)
+        return read_bytes
 
     def _qk_heads(self, stored_name: str) -> int | None:
         """Heads of a Meta q/k weight (whose rows a read permutes); None for any other tensor."""
@@ -572,14 +569,14 @@ class WeightFiles:
     """A checkpoint's weight files kept open across reads: see `Checkpoint.open_files`.
 
     Attributes:
-        shards: a Meta checkpoint's memory-mapped shards (None for safetensors, opened by each read).
+        shards: a Meta checkpoint's open shards (None for safetensors, opened by each read).
     """
 
-    def __init__(self, shards: MappedShards | None) -> None:
+    def __init__(self, shards: PthShards | None) -> None:
         self.shards = shards
 
     def close(self) -> None:
-        """Unmaps the shards; a later read maps them again."""
+        """Closes the shards; a later read opens them again."""
         if self.shards is not None:
             self.shards.close()
 

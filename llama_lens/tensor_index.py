@@ -67,8 +67,8 @@ class StoredTensor:
 class FileStamps:
     """Size and modification time (ns) of each weight file when the checkpoint was opened.
 
-    Reads check them (`check`) before they touch a file: a file replaced since would give other weights at the
-    indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
+    Reads check them (`check`) before and after they touch a file: a file replaced since would give other
+    weights at the indexed offsets.
 
     Args:
         folder: the checkpoint folder.

@@ -1,0 +1,119 @@
+"""Hostile and damaged files: truncated while read, sized to exhaust memory, stale caches, FIFOs, odd JSON.
+
+Each case ends in an exception naming the file (or a warning), never a signal death, a hang, unbounded
+memory or a silently wrong answer. A case that could kill the process runs in a subprocess, so that a
+death is a failed test, not a crashed test run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_lens.pth_io import load_pth, read_pth_tensor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_LENS_HOME", str(tmp_path / "home"))
+
+
+def run_victim(script: str, tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh interpreter (llama_lens from this checkout, the cache under tmp_path)."""
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "LLAMA_LENS_HOME": str(tmp_path / "home"),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+
+
+# ------------------------------------------------------------------------------- 1: truncated while read
+TRUNCATE_WHILE_READING = """
+    import os, sys, torch
+    from helpers import tiny_config
+    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.errors import CheckpointError
+    from llama_lens.stream import CheckpointLayerReader
+    from llama_lens.tensor_index import FileStamps
+    from llama_lens.testing import random_state_dict, write_meta_checkpoint
+
+    cfg = tiny_config(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_head=64, d_mlp=1024)
+    folder = write_meta_checkpoint("ckpt", cfg, random_state_dict(cfg), mp={mp})
+    ckpt = Checkpoint(folder, index_cache=False)
+    {setup}
+    real_check, armed = FileStamps.check, [True]
+
+    def blind_check(self, file_name):
+        # The file passes the check, then loses its data before it is read: a race no check can close. The
+        # stamps follow the file, so that no later check sees it either: only the read itself can.
+        path = real_check(self, file_name)
+        if armed[0]:
+            armed[0] = False
+            os.truncate(path, 4096)
+        stat = os.stat(path)
+        self.stamps[file_name] = [stat.st_size, stat.st_mtime_ns]
+        return path
+
+    FileStamps.check = blind_check
+    try:
+        {read}
+    except CheckpointError as err:
+        print("CheckpointError:", err)
+        sys.exit(0)
+    print("read without an error")
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        # a full load (state_dict opens the shards once, then reads tensor after tensor)
+        (
+            "files = ckpt.open_files(lazy=False)",
+            "ckpt.read_into({'blocks.1.mlp.up_proj.weight': torch.empty(1024, 256)}, files=files)",
+        ),
+        # a streamed forward: the layer reader keeps the shards open for its lifetime
+        ("reader = CheckpointLayerReader(ckpt, torch.float32, torch.device('cpu'))", "reader(1)"),
+    ],
+    ids=["full_load", "streamed_layer"],
+)
+@pytest.mark.parametrize("mp", [1, 2])
+def test_a_pth_truncated_while_it_is_read_raises_instead_of_killing_the_process(tmp_path, how, mp):
+    setup, read = how
+    result = run_victim(TRUNCATE_WHILE_READING.format(mp=mp, setup=setup, read=read), tmp_path)
+    assert result.returncode == 0, f"exit {result.returncode} (-7 is SIGBUS)\n{result.stdout}\n{result.stderr}"
+    assert "CheckpointError:" in result.stdout and "consolidated.0" in result.stdout
+    assert "truncated" in result.stdout
+
+
+def test_pth_tensors_stored_as_views_read_back_as_stored(tmp_path):
+    # Read from their zip records with plain reads: a view into a larger storage, a transposed one, a scalar.
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    stored = {"view": base[2:4], "transposed": base.t(), "scalar": torch.tensor(3.5), "half": base.half()}
+    torch.save(stored, tmp_path / "x.pth")
+    table = load_pth(tmp_path / "x.pth")
+    fd = os.open(tmp_path / "x.pth", os.O_RDONLY)
+    try:
+        for name, expected in stored.items():
+            for dtype in (expected.dtype, torch.float64):
+                target = torch.full(expected.shape, float("nan"), dtype=dtype)
+                read_pth_tensor(fd, table[name], target, tmp_path / "x.pth", name)
+                assert torch.equal(target, expected.to(dtype)), name
+    finally:
+        os.close(fd)
