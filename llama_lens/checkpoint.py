@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig, read_json_object
-from .errors import CheckpointError, UnknownNameError, did_you_mean
+from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,
@@ -120,6 +120,7 @@ class Checkpoint:
 
     def _use_index(self, raw: dict[str, list[dict[str, Any]]]) -> None:
         self.config = self._read_config(raw)
+        self._check_n_layers(raw)
         self._stored = join_pieces(raw, self.config.d_model)  # stored name -> StoredTensor
         self._param_shapes = param_shapes(self.config)
         self._source = self._match_names()  # canonical name -> stored name
@@ -191,6 +192,19 @@ class Checkpoint:
         # params.json cannot say the embeddings are tied; a release without `output.weight` ties them.
         tied = "output.weight" not in raw
         return cfg.replace(tie_embeddings=tied, checkpoint_dtype=pieces[0]["dtype"])
+
+    def _check_n_layers(self, raw: dict[str, list[dict[str, Any]]]) -> None:
+        """Refuses a config with more layers than the weights hold, before anything is built per layer (a
+        table of 10**9 layers' names would grow until the process is killed). Fewer layers than stored is
+        reported, tensor by tensor, as unexpected tensors."""
+        stored_layers = {layer for layer in (layer_template(name)[1] for name in raw) if layer is not None}
+        n_stored = max(stored_layers) + 1 if stored_layers else 0
+        if self.config.n_layers > n_stored:
+            key = "num_hidden_layers" if self.format == "hf" else "n_layers"
+            raise ConfigError(
+                f"{self.path / self._config_name()}: {key} is {self.config.n_layers}, but the weights in "
+                f"{self._files_text()} hold {n_stored} layer(s); correct {key}, or add the missing shards"
+            )
 
     def _find_tokenizer(self) -> Path | None:
         folders = [self.path] + ([self.path.parent] if self.format == "meta" else [])

@@ -7,6 +7,7 @@ death is a failed test, not a crashed test run.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from llama_lens.pth_io import load_pth, read_pth_tensor
+from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,3 +120,46 @@ def test_pth_tensors_stored_as_views_read_back_as_stored(tmp_path):
                 assert torch.equal(target, expected.to(dtype)), name
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- 2: a config of 10**9 layers
+MEMORY_CAPPED = """
+    import resource, sys
+    import torch  # its libraries mapped before the cap
+    from pathlib import Path
+
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    in_use = int(status["VmSize"].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + 2 * 2**30, resource.RLIM_INFINITY))  # 2 GiB more at most
+
+    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.cli import main
+    from llama_lens.errors import ConfigError
+
+    try:
+        Checkpoint({folder!r}, index_cache=False)
+    except ConfigError as err:
+        print("ConfigError:", err)
+    sys.exit(main(["inspect", {folder!r}]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="caps memory by Linux's /proc/self/status")
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_a_config_of_a_billion_layers_is_refused_before_any_per_layer_table(tmp_path, layout):
+    cfg = tiny_config()
+    if layout == "hf":
+        folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+        config_file, key = folder / "config.json", "num_hidden_layers"
+    else:
+        folder = write_meta_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+        config_file, key = folder / "params.json", "n_layers"
+    config = json.loads(config_file.read_text())
+    config[key] = 10**9
+    config_file.write_text(json.dumps(config))
+
+    result = run_victim(MEMORY_CAPPED.format(folder=str(folder)), tmp_path, timeout=60)
+    message = f"{config_file}: {key} is 1000000000, but the weights in"
+    assert f"ConfigError: {message}" in result.stdout, result.stdout + result.stderr
+    assert "hold 2 layer(s)" in result.stdout
+    assert result.returncode == 1 and f"llama-lens: error: {message}" in result.stderr, result.stderr
