@@ -21,7 +21,6 @@ The loader, one job per module (imports point down the list):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import traceback
 from collections.abc import Iterable, Iterator
@@ -32,6 +31,7 @@ import torch
 
 from .config import LlamaConfig, read_json_object
 from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
+from .files import read_json_file, require_regular_file
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,
@@ -130,26 +130,25 @@ class Checkpoint:
         folder = self.path
         index_file = folder / HF_INDEX_FILE
         if index_file.exists():
-            try:
-                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise CheckpointError(
-                    f"{index_file}: not a valid shard index (expected JSON with a 'weight_map'): {err}"
-                ) from None
+            weight_map = self._read_weight_map(index_file)
+            names = sorted(set(weight_map.values()))
             for name in names:
-                if not (folder / name).is_file():
+                if not (folder / name).exists():
                     raise FileNotFoundError(
                         f"shard {name!r} named by {index_file} is missing from {folder}; download it again"
                     )
+                require_regular_file(folder / name)
             self._weight_map = weight_map
             files = [folder / name for name in names]
             return "hf", files, [*files, index_file]
         self._weight_map = None
-        if (folder / HF_SINGLE_FILE).is_file():
+        if (folder / HF_SINGLE_FILE).exists():
+            require_regular_file(folder / HF_SINGLE_FILE)
             return "hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE]
         shards = sorted(folder.glob("*.safetensors"))
         if shards:
+            for shard in shards:
+                require_regular_file(shard)
             return "hf", shards, shards
         pths = sorted(folder.glob("consolidated.*.pth"), key=lambda p: p.name)
         if pths:
@@ -160,6 +159,8 @@ class Checkpoint:
                         f"{folder}: model-parallel shard consolidated.{expected:02d}.pth is missing "
                         f"(found {[p.name for p in pths]}); download it again"
                     )
+            for pth in pths:
+                require_regular_file(pth)
             return "meta", pths, pths
         others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".ckpt"})
         hint = f" Found {others}, which llama_lens does not read; convert to safetensors." if others else ""
@@ -168,14 +169,29 @@ class Checkpoint:
             f"{HF_INDEX_FILE}, or Meta's consolidated.00.pth.{hint}"
         )
 
+    @staticmethod
+    def _read_weight_map(index_file: Path) -> dict[str, str]:
+        """The shard index's "weight_map" (tensor name -> file name), checked entry by entry."""
+        index = read_json_file(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: not a valid shard index (expected a JSON object with a 'weight_map')")
+        for name, file_name in weight_map.items():
+            if not isinstance(file_name, str) or not file_name or Path(file_name).name != file_name:
+                raise CheckpointError(
+                    f"{index_file}: weight_map[{name!r}] is {file_name!r}, expected the name of a shard file in "
+                    "the same folder (a string such as 'model-00001-of-00002.safetensors')"
+                )
+        return weight_map
+
     def _read_config(self, raw: dict[str, list[dict[str, Any]]]) -> LlamaConfig:
         if self.format == "hf":
             config_file = self.path / "config.json"
-            if not config_file.is_file():
+            if not config_file.exists():
                 raise FileNotFoundError(f"{config_file} is missing; a Hugging Face checkpoint needs its config.json")
             return LlamaConfig.from_file(config_file)
         params_file = self.path / "params.json"
-        if not params_file.is_file():
+        if not params_file.exists():
             raise FileNotFoundError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
         params = read_json_object(params_file)
         if "tok_embeddings.weight" not in raw:

@@ -7,12 +7,12 @@ its name: a key that changes the forward pass and that we do not implement must 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .files import read_json_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Keys of a Hugging Face config.json that do not change the forward pass of a Llama, so we ignore them.
@@ -446,10 +446,7 @@ def _token_ids(values: list, source: str) -> tuple[int, ...]:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A config file's JSON object; ValueError naming the file when it is not valid JSON or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json_file(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
     return data

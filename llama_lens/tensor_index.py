@@ -219,7 +219,7 @@ def read_index_cache(cache_path: Path | None, folder: Path, layout: str, stamps:
         return None
     try:
         cached = json.loads(cache_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # a damaged cache is rebuilt, never trusted
     valid = (
         isinstance(cached, dict)

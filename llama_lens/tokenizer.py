@@ -105,6 +105,8 @@ def _apply_tokenizer_config(tokenizer: Tokenizer, config_path: Path) -> None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_path}: JSON nested too deeply to parse; the file is damaged") from None
     eos = config.get("eos_token")
     eos_tokens = [_config_token(t) for t in eos] if isinstance(eos, list) else [_config_token(eos)]
     tokenizer.set_specials(

@@ -619,7 +619,7 @@ def test_index_disagreeing_with_the_shards(hf_folder):
     with pytest.raises(CheckpointError, match="'model.norm.weight' is in model-00001-of-00002.safetensors, but it"):
         Checkpoint(folder)
     index_file.write_text("{")
-    with pytest.raises(CheckpointError, match="index.json: not a valid shard index"):
+    with pytest.raises(CheckpointError, match="index.json: not valid JSON"):
         Checkpoint(folder)
 
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from llama_lens.checkpoint import Checkpoint
+from llama_lens.errors import CheckpointError, ConfigError
 from llama_lens.pth_io import load_pth, read_pth_tensor
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
@@ -163,3 +165,73 @@ def test_a_config_of_a_billion_layers_is_refused_before_any_per_layer_table(tmp_
     assert f"ConfigError: {message}" in result.stdout, result.stdout + result.stderr
     assert "hold 2 layer(s)" in result.stdout
     assert result.returncode == 1 and f"llama-lens: error: {message}" in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------- 8: files that hang a read
+OPEN_CHECKPOINT = """
+    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.errors import LlamaLensError
+
+    try:
+        Checkpoint({folder!r}, index_cache=False)
+    except (LlamaLensError, OSError) as err:
+        print(type(err).__name__ + ":", err)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("fifo", ["model.safetensors", "model.safetensors.index.json", "config.json"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_not_waited_on(tmp_path, fifo):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+    (folder / fifo).unlink(missing_ok=True)
+    os.mkfifo(folder / fifo)
+    result = run_victim(OPEN_CHECKPOINT.format(folder=str(folder)), tmp_path, timeout=60)
+    expected = f"CheckpointError: {folder / fifo} is a FIFO (named pipe), not a regular file"
+    assert expected in result.stdout, result.stdout + result.stderr
+
+
+def test_a_safetensors_header_length_of_the_whole_file_is_refused_before_reading(tmp_path):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+    shard = folder / "model.safetensors"
+    size = 120 * 2**20  # sparse: no disk space used
+    with open(shard, "wb") as handle:
+        handle.write((size - 8).to_bytes(8, "little"))
+        handle.truncate(size)
+    with pytest.raises(CheckpointError, match=rf"{shard}: header length {size - 8} is over the 100000000 bytes"):
+        Checkpoint(folder, index_cache=False)
+
+
+# ------------------------------------------------------------------------------ 10: odd JSON in the files
+def deeply_nested(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("where", ["config.json", "model.safetensors.index.json", "safetensors header"])
+def test_deeply_nested_json_is_a_damaged_file_not_a_recursion_error(tmp_path, where):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
+    if where == "safetensors header":
+        path = folder / "model-00001-of-00002.safetensors"
+        raw = ('{"a": ' + deeply_nested() + "}").encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+        error = CheckpointError
+    else:
+        path = folder / where
+        path.write_text('{"weight_map": ' + deeply_nested() + "}")
+        error = ConfigError if where == "config.json" else CheckpointError
+    with pytest.raises(error, match=rf"{path}: .*nested too deeply"):
+        Checkpoint(folder, index_cache=False)
+
+
+@pytest.mark.parametrize("value", [1, None, ["model-00001-of-00002.safetensors"], "../elsewhere.safetensors"])
+def test_a_weight_map_entry_that_is_not_a_file_name_is_named(tmp_path, value):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.norm.weight"] = value
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{index_file}: weight_map\['model.norm.weight'\] is "):
+        Checkpoint(folder, index_cache=False)

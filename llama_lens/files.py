@@ -1,0 +1,58 @@
+"""Checks made before a checkpoint's file is opened or parsed, so that a hostile or damaged file fails at once.
+
+- Only regular files are opened: a FIFO named `model.safetensors` would block `open()` forever, and a device
+  such as /dev/zero would never end.
+- JSON nested too deeply for the parser is a damaged file, named as such, not a RecursionError traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, LlamaLensError
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def require_regular_file(path: Path) -> os.stat_result:
+    """The file's stat, after checking that it is a regular file (a symlink to one is fine).
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        CheckpointError: it is a FIFO, device, socket or directory, which a read would block on or never end.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise CheckpointError(
+            f"{path} is {kind}, not a regular file; llama_lens reads checkpoint files only from regular files "
+            "(reading this one could block forever): put the file itself there"
+        )
+    return info
+
+
+def read_json_file(path: Path, error: type[LlamaLensError] = CheckpointError) -> Any:
+    """The JSON value in a regular file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: not a regular file (see `require_regular_file`).
+        error: not valid UTF-8 JSON, or nested too deeply to parse.
+    """
+    require_regular_file(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to parse; the file is damaged, download it again") from None
