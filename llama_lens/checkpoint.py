@@ -71,7 +71,8 @@ class Checkpoint:
     Opening reads the config and the tensor headers (safetensors headers; the pickle part of .pth files) and
     checks every tensor's name and shape against the config. The header index is cached as JSON, in
     `index_cache` if given, else in `default_index_cache_dir()/<sha1 of the folder's path>.json` (see
-    `llama_lens.tensor_index`); it is rebuilt when any weight file's size or modification time changes. Pass
+    `llama_lens.tensor_index`); it is rebuilt when any weight file's size, modification time or header (the
+    bytes the index is built from) changes, or the cache itself was edited. Pass
     `index_cache=False` to skip the cache.
 
     Args:

@@ -47,13 +47,12 @@ MAX_HEADER_BYTES = 100_000_000
 READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read and converted at a time when a read casts or moves
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape", "offsets"} from a safetensors header, checked against the file size.
-
-    `dtype` is the torch dtype name; `offsets` the [start, end) byte range from the start of the file.
+def read_header_bytes(path: Path) -> bytes:
+    """The first bytes of a safetensors file: its 8-byte header length and the JSON header, bounds checked.
 
     Raises:
-        CheckpointError: naming the file (and tensor) for a truncated or corrupt file.
+        CheckpointError: naming the file, for one too short or with a header length past its end or over
+            the 100 MB safetensors allows.
     """
     size = require_regular_file(path).st_size  # a FIFO would block open() forever
     with open(path, "rb") as file:
@@ -71,7 +70,19 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
                 f"{path}: header length {header_len} is over the {MAX_HEADER_BYTES} bytes safetensors allows; "
                 "the file is corrupt or not a safetensors file; re-download it"
             )
-        raw = file.read(header_len)
+        return prefix + file.read(header_len)
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape", "offsets"} from a safetensors header, checked against the file size.
+
+    `dtype` is the torch dtype name; `offsets` the [start, end) byte range from the start of the file.
+
+    Raises:
+        CheckpointError: naming the file (and tensor) for a truncated or corrupt file.
+    """
+    raw = read_header_bytes(path)[8:]
+    size = path.stat().st_size
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -80,7 +91,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply); re-download it") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     index = {}
     for name, info in header.items():
         if name == "__metadata__":

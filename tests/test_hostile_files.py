@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config
+from loader_watch import count_torch_loads
 
 from llama_lens.checkpoint import Checkpoint
 from llama_lens.errors import CheckpointError, ConfigError
@@ -51,6 +52,7 @@ def run_victim(script: str, tmp_path: Path, timeout: float = 120) -> subprocess.
 TRUNCATE_WHILE_READING = """
     import os, sys, torch
     from helpers import tiny_config
+from loader_watch import count_torch_loads
     from llama_lens.checkpoint import Checkpoint
     from llama_lens.errors import CheckpointError
     from llama_lens.stream import CheckpointLayerReader
@@ -235,3 +237,66 @@ def test_a_weight_map_entry_that_is_not_a_file_name_is_named(tmp_path, value):
     index_file.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=rf"{index_file}: weight_map\['model.norm.weight'\] is "):
         Checkpoint(folder, index_cache=False)
+
+
+# ---------------------------------------------------------------------------------------- 6: stale caches
+def keep_mtime(path: Path):
+    """Restores `path`'s modification time after a rewrite (as `cp -p`, a restored backup or a clock set back)."""
+    stat = path.stat()
+    return lambda: os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_shard_header_rewritten_with_size_and_mtime_kept_rebuilds_the_cached_index(tmp_path):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state)
+    shard = folder / "model.safetensors"
+    Checkpoint(folder).state_dict()  # the index is cached
+    restore = keep_mtime(shard)
+    # The header now names q's bytes o_proj and o's bytes q_proj: same length, same size, same time.
+    raw = shard.read_bytes()
+    q, o = b"layers.0.self_attn.q_proj", b"layers.0.self_attn.o_proj"
+    swap = b"layers.0.self_attn.#_proj"
+    shard.write_bytes(raw.replace(q, swap).replace(o, q).replace(swap, o))
+    restore()
+
+    loaded = Checkpoint(folder).state_dict()
+    assert torch.equal(loaded["blocks.0.attn.q_proj.weight"], state["blocks.0.attn.o_proj.weight"])
+    assert torch.equal(loaded["blocks.0.attn.o_proj.weight"], state["blocks.0.attn.q_proj.weight"])
+
+
+def test_an_edited_but_well_formed_index_cache_is_rebuilt(tmp_path):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state)
+    Checkpoint(folder)
+    (cache,) = (tmp_path / "home" / "cache" / "index").glob("*.json")
+    record = json.loads(cache.read_text())
+    tensors = record["tensors"]
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    tensors[q][0]["offsets"], tensors[o][0]["offsets"] = tensors[o][0]["offsets"], tensors[q][0]["offsets"]
+    cache.write_text(json.dumps(record))
+
+    loaded = Checkpoint(folder).state_dict()
+    assert torch.equal(loaded["blocks.0.attn.q_proj.weight"], state["blocks.0.attn.q_proj.weight"])
+    assert torch.equal(loaded["blocks.0.attn.o_proj.weight"], state["blocks.0.attn.o_proj.weight"])
+    assert json.loads(cache.read_text())["tensors"][q][0]["offsets"] != record["tensors"][q][0]["offsets"]
+
+
+def test_a_pth_shard_rewritten_with_size_and_mtime_kept_rebuilds_the_cached_index(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    folder = write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg))
+    shard = folder / "consolidated.00.pth"
+    Checkpoint(folder)
+    restore = keep_mtime(shard)
+    stored = torch.load(shard, weights_only=True)
+    wq, wo = "layers.0.attention.wq.weight", "layers.0.attention.wo.weight"
+    stored[wq], stored[wo] = stored[wo], stored[wq]
+    size = shard.stat().st_size
+    torch.save(stored, shard)
+    assert shard.stat().st_size == size
+    restore()
+
+    opened = count_torch_loads(monkeypatch)
+    Checkpoint(folder)
+    assert opened == {"consolidated.00.pth": 1}  # the table read again: the zip's records changed
