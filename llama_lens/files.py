@@ -56,3 +56,22 @@ def read_json_file(path: Path, error: type[LlamaLensError] = CheckpointError) ->
         raise error(f"{path}: not valid JSON ({err})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to parse; the file is damaged, download it again") from None
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from `open()`: 0o666 less the process's umask (0o644 under the usual 022)."""
+    try:  # Linux 4.7+: read without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere: set and restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def set_default_file_mode(path: Path) -> None:
+    """Gives `path` the mode `open()` would have: safetensors writes its files 0o600 (owner only), which
+    locks everyone else out of a cache or checkpoint folder shared through group or world permissions."""
+    os.chmod(path, default_file_mode())

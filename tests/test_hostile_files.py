@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,12 @@ import pytest
 import torch
 from helpers import tiny_config
 from loader_watch import count_torch_loads
+from safetensors.torch import save_file
 
+from llama_lens import demo
 from llama_lens.checkpoint import Checkpoint
 from llama_lens.errors import CheckpointError, ConfigError
+from llama_lens.files import default_file_mode
 from llama_lens.pth_io import load_pth, read_pth_tensor
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
@@ -53,7 +57,8 @@ TRUNCATE_WHILE_READING = """
     import os, sys, torch
     from helpers import tiny_config
 from loader_watch import count_torch_loads
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens import demo
+from llama_lens.checkpoint import Checkpoint
     from llama_lens.errors import CheckpointError
     from llama_lens.stream import CheckpointLayerReader
     from llama_lens.tensor_index import FileStamps
@@ -136,7 +141,8 @@ MEMORY_CAPPED = """
     in_use = int(status["VmSize"].split()[0]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (in_use + 2 * 2**30, resource.RLIM_INFINITY))  # 2 GiB more at most
 
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens import demo
+from llama_lens.checkpoint import Checkpoint
     from llama_lens.cli import main
     from llama_lens.errors import ConfigError
 
@@ -171,7 +177,8 @@ def test_a_config_of_a_billion_layers_is_refused_before_any_per_layer_table(tmp_
 
 # ---------------------------------------------------------------------------- 8: files that hang a read
 OPEN_CHECKPOINT = """
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens import demo
+from llama_lens.checkpoint import Checkpoint
     from llama_lens.errors import LlamaLensError
 
     try:
@@ -300,3 +307,72 @@ def test_a_pth_shard_rewritten_with_size_and_mtime_kept_rebuilds_the_cached_inde
     opened = count_torch_loads(monkeypatch)
     Checkpoint(folder)
     assert opened == {"consolidated.00.pth": 1}  # the table read again: the zip's records changed
+
+
+# ------------------------------------------------------------------------------ 5b, 10: the built demo model
+@pytest.fixture
+def fake_demo_build(tmp_path, monkeypatch):
+    """The demo build with a tiny conversion (a safetensors shard and config.json); returns the builds made."""
+    monkeypatch.delenv("LLAMA_LENS_DEMO_WHEEL", raising=False)
+    monkeypatch.delenv("LLAMA_LENS_DEMO_GGUF", raising=False)
+    builds = []
+
+    def write(gguf_path, out_dir, *, license_text=None, progress=True):
+        builds.append(out_dir)
+        save_file({"w": torch.arange(1000, dtype=torch.float32)}, out_dir / "model.safetensors")
+        (out_dir / "config.json").write_text('{"fresh": true}')
+
+    monkeypatch.setattr(demo, "_fetch_gguf", lambda workdir, say: (tmp_path / "fake.gguf", "license"))
+    monkeypatch.setattr(demo, "write_checkpoint", write)
+    return builds
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "bit_flipped_with_mtime_kept", "removed"])
+def test_a_damaged_demo_model_is_rebuilt_with_a_warning(fake_demo_build, monkeypatch, damage):
+    path = demo.demo_model_path(progress=False)
+    assert demo.demo_model_path(progress=False) == path and len(fake_demo_build) == 1  # checked, then trusted
+    shard = path / "model.safetensors"
+    good = shard.read_bytes()
+    if damage == "overwritten":
+        shard.write_bytes(b"\0" * len(good))
+    elif damage == "bit_flipped_with_mtime_kept":
+        restore = keep_mtime(shard)
+        with open(shard, "r+b") as handle:
+            handle.seek(len(good) - 1)
+            handle.write(bytes([good[-1] ^ 1]))
+        restore()
+    else:
+        shard.unlink()
+    monkeypatch.setattr(demo, "_VERIFIED_HERE", {}, raising=False)  # as a new process would start
+
+    with pytest.warns(UserWarning, match=rf"{shard} does not match the sha256 recorded when the default model"):
+        assert demo.demo_model_path(progress=False) == path
+    assert len(fake_demo_build) == 2 and shard.read_bytes() == good
+    demo.demo_model_path(progress=False)
+    assert len(fake_demo_build) == 2
+
+
+def test_a_demo_model_built_before_hashes_were_recorded_is_checked_from_then_on(fake_demo_build):
+    path = demo.demo_model_path(progress=False)
+    (path / ".complete").write_text(f"gguf_sha256={demo.GGUF_SHA256}\nformat={demo.FORMAT_VERSION}\n")  # as built
+    (path / demo.VERIFIED_FILE).unlink()
+    demo._VERIFIED_HERE.clear()
+    demo.demo_model_path(progress=False)  # adopted as it is
+    assert len(fake_demo_build) == 1
+    (path / "model.safetensors").write_bytes(b"\0" * 4096)
+    with pytest.warns(UserWarning, match="does not match the sha256"):
+        demo.demo_model_path(progress=False)
+    assert len(fake_demo_build) == 2
+
+
+def test_demo_files_are_readable_by_whoever_shares_the_cache(fake_demo_build):
+    path = demo.demo_model_path(progress=False)
+    for file in [path / "model.safetensors", path / "config.json"]:
+        assert stat.S_IMODE(file.stat().st_mode) == default_file_mode(), file  # 0o644 under umask 022
+
+
+def test_written_checkpoints_get_the_umask_mode_not_0600(tmp_path):
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
+    for shard in folder.glob("*.safetensors"):
+        assert stat.S_IMODE(shard.stat().st_mode) == default_file_mode(), shard
