@@ -31,7 +31,7 @@ import torch
 
 from .config import LlamaConfig, read_json_object
 from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
-from .files import read_json_file, require_regular_file
+from .files import read_json_file, require_regular_file, warn_if_not_finite
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,
@@ -576,6 +576,7 @@ class Checkpoint:
                     read_bytes += handles.read_into(
                         piece.file, piece.offsets[0], stored_dtype, target, repr(stored.name)
                     )
+                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path / piece.file}")
         else:
             with contextlib.ExitStack() as stack:
                 if files is None:
@@ -586,6 +587,7 @@ class Checkpoint:
                     read_bytes += files.shards.copy_into(
                         stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads
                     )
+                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path} ({self._where(stored)})")
         for file_name in file_names:
             self.file_stamps.check(file_name)
         return read_bytes

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,27 @@ def test_written_checkpoints_get_the_umask_mode_not_0600(tmp_path):
     folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg), shards=2)
     for shard in folder.glob("*.safetensors"):
         assert stat.S_IMODE(shard.stat().st_mode) == default_file_mode(), shard
+
+
+# ----------------------------------------------------------------------------------- 5b: NaN in the weights
+@pytest.mark.parametrize("layout", ["hf", "meta_mp2"])
+def test_nan_and_inf_weights_are_warned_about_as_they_are_read(tmp_path, layout):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    state["blocks.1.mlp.down_proj.weight"][3, :2] = float("nan")
+    state["blocks.1.mlp.down_proj.weight"][5, 7] = float("-inf")
+    if layout == "hf":
+        folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state)
+        where = rf"'model.layers.1.mlp.down_proj.weight' in {folder / 'model.safetensors'}"
+    else:
+        folder = write_meta_checkpoint(tmp_path / "ckpt", cfg, state, mp=2)
+        where = rf"'layers.1.feed_forward.w2.weight' in {folder} \(consolidated.00.pth, consolidated.01.pth\)"
+    ckpt = Checkpoint(folder)
+    with pytest.warns(RuntimeWarning, match=rf"tensor {where} holds 2 NaN and 1 inf value\(s\) of 8192") as caught:
+        loaded = ckpt.state_dict(dtype=torch.bfloat16)
+    assert len(caught) == 1  # the other tensors are finite
+    assert loaded["blocks.1.mlp.down_proj.weight"].isnan().sum() == 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.state_dict(ckpt.params_for([0]))  # finite: silent
