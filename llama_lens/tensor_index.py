@@ -225,7 +225,7 @@ def default_index_cache_dir() -> Path:
     """Where tensor indexes are cached: `$LLAMA_LENS_HOME/cache/index`, else the user cache dir."""
     home = os.environ.get("LLAMA_LENS_HOME")
     if home:
-        return Path(home) / "cache" / "index"
+        return Path(home).expanduser() / "cache" / "index"  # a quoted "~/x" is no folder named "~"
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("llama_lens")) / "index"

@@ -401,3 +401,30 @@ def test_nan_and_inf_weights_are_warned_about_as_they_are_read(tmp_path, layout)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ckpt.state_dict(ckpt.params_for([0]))  # finite: silent
+
+
+# ------------------------------------------------------------------------------------- 10: smaller ones
+def test_a_literal_tilde_in_llama_lens_home_means_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("LLAMA_LENS_HOME", "~/lens")  # quoted in a shell profile: not expanded there
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config()
+    ckpt = Checkpoint(write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg)))
+    assert ckpt.index_cache_path.parent == tmp_path / "user" / "lens" / "cache" / "index"
+    assert ckpt.index_cache_path.is_file() and not (tmp_path / "~").exists()
+    assert demo.cache_dir() == tmp_path / "user" / "lens"
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    # A .pth is a pickle: loaded with weights_only=False it could run any code. Checked on the source, so a new
+    # call cannot slip in without it.
+    import ast
+
+    calls = []
+    for source in (REPO / "llama_lens").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in {"torch.load", "load"}:
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if ast.unparse(node.func) == "torch.load" or "weights_only" in keywords:
+                    calls.append((source.name, keywords.get("weights_only")))
+    assert calls and all(value == "True" for _, value in calls), calls
