@@ -84,8 +84,8 @@ class Checkpoint:
         format: "hf" or "meta".
         config: the LlamaConfig.
         files: the weight files, in order.
-        tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also one
-            folder up, where Llama 2 releases keep it), or None.
+        tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also a
+            tokenizer.model one folder up, where Llama 2 releases keep it), or None.
         index_cache_path: the cache file used, or None.
         file_stamps: size and modification time of each weight file at opening; reads check them first.
 
@@ -224,11 +224,13 @@ class Checkpoint:
             )
 
     def _find_tokenizer(self) -> Path | None:
-        folders = [self.path] + ([self.path.parent] if self.format == "meta" else [])
-        for folder in folders:
-            for name in ("tokenizer.json", "tokenizer.model"):
-                if (folder / name).is_file():
-                    return folder / name
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (self.path / name).is_file():
+                return self.path / name
+        # Llama 2 releases keep one tokenizer.model beside the model folders. Only that: a tokenizer.json one
+        # folder up belongs to whatever else lives there, not to this checkpoint.
+        if self.format == "meta" and (self.path.parent / "tokenizer.model").is_file():
+            return self.path.parent / "tokenizer.model"
         return None
 
     def _files_text(self) -> str:

@@ -428,3 +428,26 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 if ast.unparse(node.func) == "torch.load" or "weights_only" in keywords:
                     calls.append((source.name, keywords.get("weights_only")))
     assert calls and all(value == "True" for _, value in calls), calls
+
+
+def test_a_meta_folder_takes_only_a_llama2_tokenizer_model_from_the_folder_above(tmp_path):
+    from meta_reference import train_llama2_style
+    from tokenizer_corpus import WORDS
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from llama_lens.loading import load
+
+    cfg = tiny_config()
+    folder = write_meta_checkpoint(tmp_path / "models" / "mine", cfg, random_state_dict(cfg))
+    unrelated = Tokenizer(WordLevel({f"w{i}": i for i in range(1000)}, unk_token="w0"))
+    unrelated.save(str(tmp_path / "models" / "tokenizer.json"))  # another model's, beside the folder
+    assert Checkpoint(folder).tokenizer_path is None and load(folder).tokenizer is None
+
+    # Llama 2's layout: one tokenizer.model beside the model folders, found there...
+    sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 8
+    (tmp_path / "models" / "tokenizer.model").write_bytes(train_llama2_style(sentences, vocab_size=300))
+    assert Checkpoint(folder).tokenizer_path == tmp_path / "models" / "tokenizer.model"
+    # ...but one with more tokens than the model has rows is another model's: warned about when loaded, not used.
+    with pytest.warns(UserWarning, match=r"tokenizer.model \(one folder up from the checkpoint\) has 300 tokens"):
+        assert load(folder).tokenizer is None
