@@ -48,7 +48,7 @@ from .names import (
     param_shapes,
     rename,
 )
-from .pth_io import PthShards
+from .pth_io import PthShards, saved_name
 from .safetensors_io import SafetensorsFiles
 from .tensor_index import (
     FileStamps,
@@ -162,6 +162,7 @@ class Checkpoint:
                     )
             for pth in pths:
                 require_regular_file(pth)
+            self._check_shard_order(pths)
             return "meta", pths, pths
         others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".ckpt"})
         hint = f" Found {others}, which llama_lens does not read; convert to safetensors." if others else ""
@@ -169,6 +170,21 @@ class Checkpoint:
             f"no weight files in {folder}: expected {HF_SINGLE_FILE}, model-*-of-*.safetensors with "
             f"{HF_INDEX_FILE}, or Meta's consolidated.00.pth.{hint}"
         )
+
+    @staticmethod
+    def _check_shard_order(pths: list[Path]) -> None:
+        """Refuses model-parallel shards renamed into another order. A shard's rank is its file name alone, and
+        shards swapped (00 <-> 01) load and run: their split weights join in the wrong order, which permutes the
+        embedding's columns or rows and the output's rows (a consistent permutation of heads or MLP units would
+        change nothing, so no shape or value tells). The one record of the order is the name each file was
+        saved under (`saved_name`), when torch.save was given the file's path, as Meta's code and ours do."""
+        for pth in pths:
+            saved = saved_name(pth)
+            if saved is not None and saved != pth.stem and saved.startswith("consolidated."):
+                raise CheckpointError(
+                    f"{pth} was saved as {saved}.pth: the model-parallel shards were renamed, and a shard's rank is "
+                    f"its file name, so their weights would join in the wrong order; give each file its saved name"
+                )
 
     @staticmethod
     def _read_weight_map(index_file: Path) -> dict[str, str]:

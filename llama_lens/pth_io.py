@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
                 "save it again with a recent torch.save"
             )
     return state
+
+
+def saved_name(path: Path) -> str | None:
+    """The name a .pth file was saved under: `torch.save(obj, "consolidated.01.pth")` puts every record of the
+    zip in a folder named after the file ("consolidated.01/data.pkl"), and renaming the file later keeps it.
+    None when it cannot be told (saved to an open file: "archive/"; not a zip: the load names the problem)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            first = archive.namelist()[:1]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    folder = first[0].split("/", 1)[0] if first and "/" in first[0] else None
+    return None if folder in (None, "archive") else folder
 
 
 def read_at(fd: int, tensor: torch.Tensor, offset: int, path: Path, what: str) -> None:

@@ -451,3 +451,26 @@ def test_a_meta_folder_takes_only_a_llama2_tokenizer_model_from_the_folder_above
     # ...but one with more tokens than the model has rows is another model's: warned about when loaded, not used.
     with pytest.warns(UserWarning, match=r"tokenizer.model \(one folder up from the checkpoint\) has 300 tokens"):
         assert load(folder).tokenizer is None
+
+
+def test_swapped_model_parallel_shards_are_refused(tmp_path):
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    folder = write_meta_checkpoint(tmp_path / "ckpt", cfg, state, mp=2)
+    Checkpoint(folder)  # indexed and cached as written
+    first, second = folder / "consolidated.00.pth", folder / "consolidated.01.pth"
+    first.rename(folder / "swap.pth")
+    second.rename(first)
+    (folder / "swap.pth").rename(second)
+    # Without the check both load: the embedding's d_model columns and the output's vocabulary rows come out
+    # permuted (heads and MLP units are permuted consistently, which changes nothing).
+    with pytest.raises(CheckpointError, match=rf"{first} was saved as consolidated.01.pth: the model-parallel"):
+        Checkpoint(folder)
+
+    # A shard saved to an open file (no name inside) or copied under its own name is taken as it is.
+    ranks = [torch.load(path, weights_only=True) for path in (second, first)]
+    for rank, stored in enumerate(ranks):
+        with open(folder / f"consolidated.{rank:02d}.pth", "wb") as handle:
+            torch.save(stored, handle)
+    loaded = Checkpoint(folder, index_cache=False).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
