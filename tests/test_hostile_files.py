@@ -57,9 +57,7 @@ def run_victim(script: str, tmp_path: Path, timeout: float = 120) -> subprocess.
 TRUNCATE_WHILE_READING = """
     import os, sys, torch
     from helpers import tiny_config
-from loader_watch import count_torch_loads
-    from llama_lens import demo
-from llama_lens.checkpoint import Checkpoint
+    from llama_lens.checkpoint import Checkpoint
     from llama_lens.errors import CheckpointError
     from llama_lens.stream import CheckpointLayerReader
     from llama_lens.tensor_index import FileStamps
@@ -142,8 +140,7 @@ MEMORY_CAPPED = """
     in_use = int(status["VmSize"].split()[0]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (in_use + 2 * 2**30, resource.RLIM_INFINITY))  # 2 GiB more at most
 
-    from llama_lens import demo
-from llama_lens.checkpoint import Checkpoint
+    from llama_lens.checkpoint import Checkpoint
     from llama_lens.cli import main
     from llama_lens.errors import ConfigError
 
@@ -178,8 +175,7 @@ def test_a_config_of_a_billion_layers_is_refused_before_any_per_layer_table(tmp_
 
 # ---------------------------------------------------------------------------- 8: files that hang a read
 OPEN_CHECKPOINT = """
-    from llama_lens import demo
-from llama_lens.checkpoint import Checkpoint
+    from llama_lens.checkpoint import Checkpoint
     from llama_lens.errors import LlamaLensError
 
     try:
