@@ -213,6 +213,11 @@ def _damaged_file(target: Path) -> str | None:
         digest = _sha256_of(target / name)
         if expected is not None and digest != expected:
             return name
+        if not recorded and entry is None:
+            # Adopted: older builds wrote their shards 0o600, which locks others out of a shared cache.
+            with contextlib.suppress(OSError):  # not the owner: left as it is
+                set_default_file_mode(target / name)
+                stamp = _stamp(target / name)  # a chmod changes the ctime
         fresh[name] = stamp + [digest]
     if fresh != verified:
         _record_verified(target, fresh)

@@ -349,13 +349,20 @@ def test_a_damaged_demo_model_is_rebuilt_with_a_warning(fake_demo_build, monkeyp
     assert len(fake_demo_build) == 2
 
 
-def test_a_demo_model_built_before_hashes_were_recorded_is_checked_from_then_on(fake_demo_build):
+def test_a_demo_model_built_before_hashes_were_recorded_is_checked_from_then_on(fake_demo_build, monkeypatch):
     path = demo.demo_model_path(progress=False)
     (path / ".complete").write_text(f"gguf_sha256={demo.GGUF_SHA256}\nformat={demo.FORMAT_VERSION}\n")  # as built
     (path / demo.VERIFIED_FILE).unlink()
+    (path / "model.safetensors").chmod(0o600)  # as older builds wrote it
     demo._VERIFIED_HERE.clear()
-    demo.demo_model_path(progress=False)  # adopted as it is
+    demo.demo_model_path(progress=False)  # adopted as it is, readable by others
     assert len(fake_demo_build) == 1
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == default_file_mode()
+    hashed = []
+    sha256_of = demo._sha256_of
+    monkeypatch.setattr(demo, "_sha256_of", lambda file: hashed.append(file.name) or sha256_of(file))
+    demo.demo_model_path(progress=False)  # the chmod's new ctime was recorded: trusted without hashing
+    assert len(fake_demo_build) == 1 and hashed == []
     (path / "model.safetensors").write_bytes(b"\0" * 4096)
     with pytest.warns(UserWarning, match="does not match the sha256"):
         demo.demo_model_path(progress=False)
