@@ -10,6 +10,7 @@ kernel, and the user's work with it), whereas a read that finds the file shorter
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -174,7 +175,8 @@ class PthShards:
         self._opened.clear()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit `os` may already be gone
+            self.close()
 
     def copy_into(self, name: str, target: torch.Tensor, *, split_dim: int | None, qk_heads: int | None = None) -> int:
         """Copies one stored tensor, its model-parallel pieces joined, into `target`.
