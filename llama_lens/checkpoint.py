@@ -87,7 +87,8 @@ class Checkpoint:
         tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also a
             tokenizer.model one folder up, where Llama 2 releases keep it), or None.
         index_cache_path: the cache file used, or None.
-        file_stamps: size and modification time of each weight file at opening; reads check them first.
+        file_stamps: size and modification time of each weight file at opening, which reads check before
+            and after; and a digest of each file's header, which decides whether the cached index is used.
 
     Raises:
         FileNotFoundError: the folder, its config/params.json, its weight files, or a shard named by the
