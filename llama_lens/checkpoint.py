@@ -15,7 +15,7 @@ a tensor the caller allocated), which full loads (`state_dict`) and streaming (`
 The loader, one job per module (imports point down the list):
     names.py           rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
     safetensors_io.py  safetensors headers (checked against the file) and plain reads into a tensor
-    pth_io.py          .pth shards: torch.load(mmap=True, weights_only=True), copies that drop their pages
+    pth_io.py          .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by pread
     gguf_io.py         GGUF headers, the config their metadata describe, dequantizing reads
     tensor_index.py    which file holds which bytes of each tensor; its on-disk cache and file stamps
     checkpoint.py      the Checkpoint: layout, config, name and shape checks, tables, reads
@@ -24,7 +24,6 @@ The loader, one job per module (imports point down the list):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import traceback
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig, read_json_object
-from .errors import CheckpointError, UnknownNameError, did_you_mean
+from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
 from .gguf_io import (
     GGUF_IGNORED,
     GGUF_PERMUTED,
@@ -47,6 +46,7 @@ from .gguf_io import (
     read_gguf_header,
     read_gguf_into,
 )
+from .files import read_json_file, require_regular_file, warn_if_not_finite
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,
@@ -63,7 +63,7 @@ from .names import (
     param_shapes,
     rename,
 )
-from .pth_io import MappedShards, can_release_mapped_pages
+from .pth_io import PthShards, saved_name
 from .safetensors_io import SafetensorsFiles
 from .tensor_index import (
     FileStamps,
@@ -86,7 +86,8 @@ class Checkpoint:
     Opening reads the config and the tensor headers (safetensors headers; the pickle part of .pth files) and
     checks every tensor's name and shape against the config. The header index is cached as JSON, in
     `index_cache` if given, else in `default_index_cache_dir()/<sha1 of the folder's path>.json` (see
-    `llama_lens.tensor_index`); it is rebuilt when any weight file's size or modification time changes. Pass
+    `llama_lens.tensor_index`); it is rebuilt when any weight file's size, modification time or header (the
+    bytes the index is built from) changes, or the cache itself was edited. Pass
     `index_cache=False` to skip the cache.
 
     A GGUF file is opened from its header alone (fast enough that no index is cached); its tensors are
@@ -101,11 +102,12 @@ class Checkpoint:
         format: "hf", "meta" or "gguf".
         config: the LlamaConfig.
         files: the weight files, in order.
-        tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also one
-            folder up, where Llama 2 releases keep it), the .gguf file itself when its metadata hold a
-            vocabulary, or None.
+        tokenizer_path: tokenizer.json or tokenizer.model beside the weights (for Meta releases, also a
+            tokenizer.model one folder up, where Llama 2 releases keep it), the .gguf file itself when its
+            metadata hold a vocabulary, or None.
         index_cache_path: the cache file used, or None.
-        file_stamps: size and modification time of each weight file at opening; reads check them first.
+        file_stamps: size and modification time of each weight file at opening, which reads check before
+            and after; and a digest of each file's header, which decides whether the cached index is used.
 
     Raises:
         FileNotFoundError: the folder, its config/params.json, its weight files, or a shard named by the
@@ -147,6 +149,7 @@ class Checkpoint:
 
     def _use_index(self, raw: dict[str, list[dict[str, Any]]]) -> None:
         self.config = self._read_config(raw)
+        self._check_n_layers(raw)
         self._stored = join_pieces(raw, self.config.d_model)  # stored name -> StoredTensor
         self._param_shapes = param_shapes(self.config)
         self._source = self._match_names()  # canonical name -> stored name
@@ -159,25 +162,24 @@ class Checkpoint:
             return "gguf", [gguf_file], [gguf_file]
         index_file = folder / HF_INDEX_FILE
         if index_file.exists():
-            try:
-                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise CheckpointError(
-                    f"{index_file}: not a valid shard index (expected JSON with a 'weight_map'): {err}"
-                ) from None
+            weight_map = self._read_weight_map(index_file)
+            names = sorted(set(weight_map.values()))
             for name in names:
-                if not (folder / name).is_file():
+                if not (folder / name).exists():
                     raise FileNotFoundError(
                         f"shard {name!r} named by {index_file} is missing from {folder}; download it again"
                     )
+                require_regular_file(folder / name)
             self._weight_map = weight_map
             files = [folder / name for name in names]
             return "hf", files, [*files, index_file]
-        if (folder / HF_SINGLE_FILE).is_file():
+        if (folder / HF_SINGLE_FILE).exists():
+            require_regular_file(folder / HF_SINGLE_FILE)
             return "hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE]
         shards = sorted(folder.glob("*.safetensors"))
         if shards:
+            for shard in shards:
+                require_regular_file(shard)
             return "hf", shards, shards
         pths = sorted(folder.glob("consolidated.*.pth"), key=lambda p: p.name)
         if pths:
@@ -188,6 +190,9 @@ class Checkpoint:
                         f"{folder}: model-parallel shard consolidated.{expected:02d}.pth is missing "
                         f"(found {[p.name for p in pths]}); download it again"
                     )
+            for pth in pths:
+                require_regular_file(pth)
+            self._check_shard_order(pths)
             return "meta", pths, pths
         ggufs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
         if len(ggufs) == 1:
@@ -204,16 +209,46 @@ class Checkpoint:
             f"{HF_INDEX_FILE}, Meta's consolidated.00.pth, or one .gguf file.{hint}"
         )
 
+    @staticmethod
+    def _check_shard_order(pths: list[Path]) -> None:
+        """Refuses model-parallel shards renamed into another order. A shard's rank is its file name alone, and
+        shards swapped (00 <-> 01) load and run: their split weights join in the wrong order, which permutes the
+        embedding's columns or rows and the output's rows (a consistent permutation of heads or MLP units would
+        change nothing, so no shape or value tells). The one record of the order is the name each file was
+        saved under (`saved_name`), when torch.save was given the file's path, as Meta's code and ours do."""
+        for pth in pths:
+            saved = saved_name(pth)
+            if saved is not None and saved != pth.stem and saved.startswith("consolidated."):
+                raise CheckpointError(
+                    f"{pth} was saved as {saved}.pth: the model-parallel shards were renamed, and a shard's rank is "
+                    f"its file name, so their weights would join in the wrong order; give each file its saved name"
+                )
+
+    @staticmethod
+    def _read_weight_map(index_file: Path) -> dict[str, str]:
+        """The shard index's "weight_map" (tensor name -> file name), checked entry by entry."""
+        index = read_json_file(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: not a valid shard index (expected a JSON object with a 'weight_map')")
+        for name, file_name in weight_map.items():
+            if not isinstance(file_name, str) or not file_name or Path(file_name).name != file_name:
+                raise CheckpointError(
+                    f"{index_file}: weight_map[{name!r}] is {file_name!r}, expected the name of a shard file in "
+                    "the same folder (a string such as 'model-00001-of-00002.safetensors')"
+                )
+        return weight_map
+
     def _read_config(self, raw: dict[str, list[dict[str, Any]]]) -> LlamaConfig:
         if self.format == "gguf":
             return gguf_config(self._gguf_header)
         if self.format == "hf":
             config_file = self.path / "config.json"
-            if not config_file.is_file():
+            if not config_file.exists():
                 raise FileNotFoundError(f"{config_file} is missing; a Hugging Face checkpoint needs its config.json")
             return LlamaConfig.from_file(config_file)
         params_file = self.path / "params.json"
-        if not params_file.is_file():
+        if not params_file.exists():
             raise FileNotFoundError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
         params = read_json_object(params_file)
         if "tok_embeddings.weight" not in raw:
@@ -231,14 +266,29 @@ class Checkpoint:
         tied = "output.weight" not in raw
         return cfg.replace(tie_embeddings=tied, checkpoint_dtype=pieces[0]["dtype"])
 
+    def _check_n_layers(self, raw: dict[str, list[dict[str, Any]]]) -> None:
+        """Refuses a config with more layers than the weights hold, before anything is built per layer (a
+        table of 10**9 layers' names would grow until the process is killed). Fewer layers than stored is
+        reported, tensor by tensor, as unexpected tensors."""
+        stored_layers = {layer for layer in (layer_template(name)[1] for name in raw) if layer is not None}
+        n_stored = max(stored_layers) + 1 if stored_layers else 0
+        if self.config.n_layers > n_stored:
+            key = "num_hidden_layers" if self.format == "hf" else "n_layers"
+            raise ConfigError(
+                f"{self.path / self._config_name()}: {key} is {self.config.n_layers}, but the weights in "
+                f"{self._files_text()} hold {n_stored} layer(s); correct {key}, or add the missing shards"
+            )
+
     def _find_tokenizer(self) -> Path | None:
         if self.format == "gguf" and "tokenizer.ggml.model" in self._gguf_header.metadata:
             return self.files[0]  # read by llama_lens.gguf_tokenizer
-        folders = [self.path] + ([self.path.parent] if self.format == "meta" else [])
-        for folder in folders:
-            for name in ("tokenizer.json", "tokenizer.model"):
-                if (folder / name).is_file():
-                    return folder / name
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (self.path / name).is_file():
+                return self.path / name
+        # Llama 2 releases keep one tokenizer.model beside the model folders. Only that: a tokenizer.json one
+        # folder up belongs to whatever else lives there, not to this checkpoint.
+        if self.format == "meta" and (self.path.parent / "tokenizer.model").is_file():
+            return self.path.parent / "tokenizer.model"
         return None
 
     def _files_text(self) -> str:
@@ -446,15 +496,15 @@ class Checkpoint:
     def open_files(self, *, lazy: bool = True) -> WeightFiles:
         """The weight files, kept open for many `read_into` calls until closed (a `with` block closes them).
 
-        Meta shards stay memory-mapped: mapping one unpickles its whole table of tensors, which costs more than
-        copying a layer out of it. Safetensors files are opened by each read instead (an open is cheap), so
-        that reads in several threads never share a file position.
+        Meta shards stay open: opening one unpickles its whole table of tensors, which costs more than reading
+        a layer out of it. Safetensors files are opened by each read instead (an open is cheap), so that reads
+        in several threads never share a file position.
 
         Args:
-            lazy: map each Meta shard when a read first needs it, instead of all of them now.
+            lazy: open each Meta shard when a read first needs it, instead of all of them now.
         """
         if self.format == "meta":
-            return WeightFiles(MappedShards([file.name for file in self.files], self.file_stamps.check, lazy=lazy))
+            return WeightFiles(PthShards([file.name for file in self.files], self.file_stamps.check, lazy=lazy))
         return WeightFiles(None)
 
     def read_into(self, targets: dict[str, torch.Tensor], *, files: WeightFiles | None = None) -> int:
@@ -462,8 +512,8 @@ class Checkpoint:
 
         Each parameter is read from its stored tensor (model-parallel pieces joined, Meta and GGUF q/k rows
         permuted to the rotate-half layout, GGUF blocks dequantized), cast to its target's dtype and moved to its
-        target's device on the way, with no copy beside the target but a buffer of a few MiB (safetensors, GGUF)
-        or the pages being copied (Meta, dropped again after the copy).
+        target's device on the way, with no copy beside the target but a buffer of a few MiB (or, for Meta q/k
+        weights, the weight as stored).
 
         Args:
             targets: canonical name -> contiguous tensor of the parameter's shape (see `param_shapes`), any
@@ -477,7 +527,7 @@ class Checkpoint:
             KeyError: for a name that is not a parameter of this model.
             ValueError: for a target of the wrong shape, or not contiguous.
             CheckpointError: a file truncated or changed since the checkpoint was opened (the files are checked
-                before anything is read).
+                before anything is read, and again after).
         """
         for name, target in targets.items():
             self._check_param_name(name)
@@ -568,9 +618,8 @@ class Checkpoint:
         """Reads parameters under our names: renamed, merged, permuted, cast and moved; nothing else is read.
 
         Each tensor is read into fresh memory of its final dtype and device (`read_into`), so the peak memory
-        is the result plus the tensor being read, as stored: a safetensors read passes through one buffer of a
-        few MiB; a Meta tensor is copied out of its memory-mapped shards, whose pages are dropped again after
-        each copy. The Meta shards are mapped once for the whole read.
+        is the result plus a read buffer of a few MiB (a Meta q/k weight: that weight as stored). The Meta
+        shards are opened once for the whole read.
 
         Args:
             params: canonical names, or one name (default: all, see `param_names`; `params_for(layers)` for some
@@ -600,10 +649,6 @@ class Checkpoint:
         outside = groups.get(None, [])
         result: dict[str, torch.Tensor] = {}
         read: dict[str, torch.Tensor] = {}  # stored name -> tensor, so a tied embedding is read once
-        # Where the pages of a mapped shard cannot be dropped after a copy (no madvise), they count towards the
-        # process until the shard is unmapped: the shards are then mapped again for each layer, which costs an
-        # unpickling of every shard per layer but holds at most one layer's pages.
-        remap_per_layer = self.format == "meta" and not can_release_mapped_pages()
 
         from tqdm.auto import tqdm
 
@@ -622,8 +667,6 @@ class Checkpoint:
                         )
                     result[name] = read[stored_name]
                 self.read_into(targets, files=files)
-                if remap_per_layer:
-                    files.close()  # mapped again by the next read
 
             read_group([n for n in outside if n == "embed.weight"])
             for layer in layer_keys:
@@ -652,9 +695,10 @@ class Checkpoint:
     ) -> int:
         """Copies stored tensors into their targets; with `rotate_half`, Meta and GGUF q/k rows are permuted on the
         way."""
-        # Every file first, before anything is read: a file replaced since would give other weights at the
-        # indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
-        for file_name in dict.fromkeys(name for stored, _ in reads for name in stored.files):
+        # Every file before anything is read, and again after: a file replaced since (or while it was read)
+        # would give other weights at the indexed offsets. A file truncated meanwhile fails the read itself.
+        file_names = list(dict.fromkeys(name for stored, _ in reads for name in stored.files))
+        for file_name in file_names:
             self.file_stamps.check(file_name)
         if self.format == "gguf":
             read_bytes = 0
@@ -670,8 +714,8 @@ class Checkpoint:
                         qk_heads=qk_heads,
                         what=repr(stored.name),
                     )
-            return read_bytes
-        if self.format == "hf":
+                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.files[0]}")
+        elif self.format == "hf":
             with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
                 read_bytes = 0
                 for stored, target in reads:
@@ -680,15 +724,21 @@ class Checkpoint:
                     read_bytes += handles.read_into(
                         piece.file, piece.offsets[0], stored_dtype, target, repr(stored.name)
                     )
-                return read_bytes
-        with contextlib.ExitStack() as stack:
-            if files is None:
-                files = stack.enter_context(self.open_files())
-            read_bytes = 0
-            for stored, target in reads:
-                qk_heads = self._qk_heads(stored.name) if rotate_half else None
-                read_bytes += files.shards.copy_into(stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads)
-            return read_bytes
+                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path / piece.file}")
+        else:
+            with contextlib.ExitStack() as stack:
+                if files is None:
+                    files = stack.enter_context(self.open_files())
+                read_bytes = 0
+                for stored, target in reads:
+                    qk_heads = self._qk_heads(stored.name) if rotate_half else None
+                    read_bytes += files.shards.copy_into(
+                        stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads
+                    )
+                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path} ({self._where(stored)})")
+        for file_name in file_names:
+            self.file_stamps.check(file_name)
+        return read_bytes
 
     def _qk_heads(self, stored_name: str) -> int | None:
         """Heads of a Meta q/k weight (whose rows a read permutes); None for any other tensor."""
@@ -700,14 +750,14 @@ class WeightFiles:
     """A checkpoint's weight files kept open across reads: see `Checkpoint.open_files`.
 
     Attributes:
-        shards: a Meta checkpoint's memory-mapped shards (None for safetensors, opened by each read).
+        shards: a Meta checkpoint's open shards (None for safetensors, opened by each read).
     """
 
-    def __init__(self, shards: MappedShards | None) -> None:
+    def __init__(self, shards: PthShards | None) -> None:
         self.shards = shards
 
     def close(self) -> None:
-        """Unmaps the shards; a later read maps them again."""
+        """Closes the shards; a later read opens them again."""
         if self.shards is not None:
             self.shards.close()
 

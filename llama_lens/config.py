@@ -11,7 +11,6 @@ window on the upper layers) and Qwen3 (`Qwen3ForCausalLM`: RMSNorm over d_head o
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .config_keys import (
     META_IGNORED_KEYS,
 )
 from .errors import ConfigError
+from .files import read_json_file
 
 _REQUIRED = object()
 
@@ -458,10 +458,7 @@ def _token_ids(values: list, source: str) -> tuple[int, ...]:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A config file's JSON object; ValueError naming the file when it is not valid JSON or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json_file(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
     return data

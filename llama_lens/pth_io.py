@@ -1,18 +1,20 @@
-"""Meta `.pth` shards: opened with `torch.load(mmap=True, weights_only=True)`, copied out page by page.
+"""Meta `.pth` shards: their table of tensors read with `torch.load(weights_only=True)`, their data with plain reads.
 
-`weights_only=True` means a shard holding anything but tensors is refused, never executed. `mmap=True` means
-opening a shard reads only its pickled table of tensors; the data stays on disk until a tensor is copied out.
-Pages of a mapped file that were read count towards the process for as long as the file stays mapped (a
-second copy of the checkpoint, by the end of a load), so each part copied out is dropped from the process
-again with madvise(MADV_DONTNEED); the pages stay in the page cache.
+`weights_only=True` means a shard holding anything but tensors is refused, never executed. The table is
+unpickled onto the meta device: no tensor data is read, and each storage records its byte offset in the file
+(`_checkpoint_offset`, the offset of its zip record; torch writes records uncompressed). A tensor is then read
+with `os.preadv` (or seek + readinto where there is none) straight into the caller's tensor, never through a
+memory map: a page of a mapped file that was truncated since is a SIGBUS that kills the process (a notebook
+kernel, and the user's work with it), whereas a read that finds the file shorter is an exception naming it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
+import contextlib
+import math
+import os
 import pickle
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,18 +23,20 @@ import torch
 from .errors import CheckpointError
 from .names import permute_qk_to_rotate_half
 
-COPY_CHUNK_BYTES = 8 * 2**20  # stored bytes copied out of a mapped shard before their pages are dropped
+READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when a read casts, moves or scatters into a slice
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A Meta consolidated.*.pth as a dict of memory-mapped tensors (tensor data is not read).
+    """A Meta consolidated.*.pth as a dict of tensors on the meta device (shapes, dtypes, no data).
+
+    Read the data with `read_pth_tensor`.
 
     Raises:
         CheckpointError: for a file holding anything but a dict of tensors (never executed: weights_only),
-            or one torch cannot read.
+            one torch cannot read, or one in torch's legacy (pre-zip) format.
     """
     try:
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        state = torch.load(path, map_location="meta", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -49,97 +53,130 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: entry {name!r} is a {type(value).__name__}, expected tensors only (a Meta state dict)"
             )
+        if getattr(value.untyped_storage(), "_checkpoint_offset", None) is None:
+            raise CheckpointError(
+                f"{path}: saved in torch's legacy format (tensor {name!r} has no place in a zip record); "
+                "save it again with a recent torch.save"
+            )
     return state
 
 
-@functools.cache
-def _madvise() -> Callable[..., int] | None:
-    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows
-        return None
+def saved_name(path: Path) -> str | None:
+    """The name a .pth file was saved under: `torch.save(obj, "consolidated.01.pth")` puts every record of the
+    zip in a folder named after the file ("consolidated.01/data.pkl"), and renaming the file later keeps it.
+    None when it cannot be told (saved to an open file: "archive/"; not a zip: the load names the problem)."""
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):
+        with zipfile.ZipFile(path) as archive:
+            first = archive.namelist()[:1]
+    except (OSError, zipfile.BadZipFile, ValueError):
         return None
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise
+    folder = first[0].split("/", 1)[0] if first and "/" in first[0] else None
+    return None if folder in (None, "archive") else folder
 
 
-def release_mapped_pages(tensor: torch.Tensor) -> None:
-    """Drops the pages lying wholly under `tensor` from the process; they stay in the page cache.
+def read_at(fd: int, tensor: torch.Tensor, offset: int, path: Path, what: str) -> None:
+    """Fills a contiguous CPU tensor with the bytes of file `fd` from `offset` (no shared file position).
 
-    Only for tensors memory-mapped from a file (`load_pth`) and never written: the next access reads the pages
-    back from the file, whereas written pages of a private map, or anonymous memory, would be lost. Pages
-    shared with a neighbouring tensor are kept, so a neighbour handed out elsewhere is never affected.
+    Raises:
+        CheckpointError: the file ends first (truncated since it was indexed).
     """
-    madvise = _madvise()
-    if madvise is None or not tensor.is_contiguous():
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B") if tensor.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows: a handle of our own per read, so threads never share its position
+            with open(fd, "rb", buffering=0, closefd=False) as handle:
+                handle.seek(offset + done)
+                count = handle.readinto(view[done:])
+        if not count:
+            raise CheckpointError(
+                f"{path}: ended at byte {offset + done} while reading {what}; the file was truncated since the "
+                "checkpoint was opened; download it again and open the checkpoint again"
+            )
+        done += count
+
+
+def read_pth_tensor(fd: int, meta: torch.Tensor, destination: torch.Tensor, path: Path, what: str) -> None:
+    """Copies the stored values of `meta` (a tensor from `load_pth`) from file `fd` into `destination`.
+
+    `destination` has `meta`'s shape, any float dtype, any device, and may be a non-contiguous slice (a
+    model-parallel piece's place in the joined tensor). A contiguous stored tensor is read a few MiB of rows
+    at a time (straight into `destination` when it is contiguous CPU memory of the stored dtype); any other is
+    read whole, as laid out in its storage, then copied.
+    """
+    itemsize = meta.element_size()
+    start = meta.untyped_storage()._checkpoint_offset + meta.storage_offset() * itemsize
+    if not meta.is_contiguous():
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(meta.shape, meta.stride())) if meta.numel() else 0
+        stored = torch.empty(extent, dtype=meta.dtype)
+        read_at(fd, stored, start, path, what)
+        destination.copy_(stored.as_strided(meta.shape, meta.stride()).to(destination.device))
         return
-    page = mmap.PAGESIZE
-    first = -(-tensor.data_ptr() // page) * page
-    last = (tensor.data_ptr() + tensor.nbytes) // page * page
-    if last > first:
-        madvise(first, last - first, mmap.MADV_DONTNEED)  # advice only: a failure costs memory, not data
-
-
-def can_release_mapped_pages() -> bool:
-    """Whether `release_mapped_pages` works here (it needs madvise: Linux, macOS; not Windows)."""
-    return _madvise() is not None
-
-
-def copy_dropping_pages(source: torch.Tensor, destination: torch.Tensor) -> None:
-    """`destination.copy_(source)` a few MiB of rows at a time, dropping the pages of each part of `source` (a
-    mapped tensor, see `release_mapped_pages`) once it is copied: a large tensor (the embedding) then adds only
-    a few MiB of its stored pages to the process at any time, not all of them."""
-    if source.dim() == 0:
-        destination.copy_(source)
+    if destination.is_contiguous() and destination.dtype == meta.dtype and destination.device.type == "cpu":
+        read_at(fd, destination, start, path, what)
         return
-    rows = source.shape[0]
-    step = max(1, COPY_CHUNK_BYTES * rows // max(source.nbytes, 1))
+    if meta.dim() == 0:
+        stored = torch.empty((), dtype=meta.dtype)
+        read_at(fd, stored, start, path, what)
+        destination.copy_(stored)
+        return
+    rows = meta.shape[0]
+    row_bytes = math.prod(meta.shape[1:]) * itemsize
+    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+    buffer = torch.empty((min(step, rows), *meta.shape[1:]), dtype=meta.dtype)
     for first in range(0, rows, step):
-        part = source[first : first + step]
+        part = buffer[: min(step, rows - first)]
+        read_at(fd, part, start + first * row_bytes, path, what)
         # Moved first, then cast: a GPU casts faster, and only the stored bytes cross the bus (CPU: no-op).
-        destination[first : first + step].copy_(part.to(destination.device))
-        release_mapped_pages(part)
+        destination[first : first + len(part)].copy_(part.to(destination.device))
 
 
-class MappedShards:
-    """The .pth shards of a Meta checkpoint, memory-mapped and kept open for many reads.
+class PthShards:
+    """The .pth shards of a Meta checkpoint: tables unpickled once, files kept open for many reads.
 
-    Opening a shard unpickles its whole table of tensors, which costs more than copying a small tensor out of
+    Opening a shard unpickles its whole table of tensors, which costs more than reading a small tensor out of
     it (a 70B release: 8 shards of 80 layers): a reader that goes through the layers one by one opens the
     shards once, not once per layer or tensor.
 
-    Each model-parallel piece is copied (and cast) straight into its place in the caller's tensor, q/k rows
-    permuted to the rotate-half layout on the way, so nothing else is allocated. The pages of each piece are
-    then dropped from the process (see `release_mapped_pages`).
+    Each model-parallel piece is read (and cast) straight into its place in the caller's tensor, q/k rows
+    permuted to the rotate-half layout on the way. Reads are positioned (`os.preadv`), so threads may share
+    one `PthShards`.
 
     Args:
         file_names: the shards, in model-parallel rank order.
-        open_path: file name -> its path; called before a shard is mapped and before each copy out of it (the
-            checkpoint checks there that the file did not change: reading a mapped page past the end of a
-            file truncated since would kill the process with SIGBUS).
-        lazy: map each shard when a copy first needs it (a replicated tensor needs only the first shard),
+        open_path: file name -> its path; called before a shard is opened and before each read from it (the
+            checkpoint checks there that the file did not change since it was indexed).
+        lazy: open each shard when a read first needs it (a replicated tensor needs only the first shard),
             instead of all of them now.
     """
 
     def __init__(self, file_names: Sequence[str], open_path: Callable[[str], Path], *, lazy: bool = False) -> None:
         self.file_names = list(file_names)
         self._open_path = open_path
-        # file name -> stored name -> tensor mapped from the file. Never written and never handed out, which is
-        # what lets a copy drop their pages.
-        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        # file name -> (open descriptor, stored name -> tensor on the meta device)
+        self._opened: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
         if not lazy:
             for file_name in self.file_names:
-                self._mapped(file_name)
+                self._opened_shard(file_name)
 
-    def _mapped(self, file_name: str) -> dict[str, torch.Tensor]:
-        if file_name not in self._tensors:
-            self._tensors[file_name] = load_pth(self._open_path(file_name))
-        return self._tensors[file_name]
+    def _opened_shard(self, file_name: str) -> tuple[int, dict[str, torch.Tensor]]:
+        if file_name not in self._opened:
+            path = self._open_path(file_name)
+            table = load_pth(path)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._opened[file_name] = (fd, table)
+        return self._opened[file_name]
 
     def close(self) -> None:
-        """Unmaps the shards (a later copy maps them again)."""
-        self._tensors.clear()
+        """Closes the shards (a later read opens them again)."""
+        for fd, _ in self._opened.values():
+            os.close(fd)
+        self._opened.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit `os` may already be gone
+            self.close()
 
     def copy_into(self, name: str, target: torch.Tensor, *, split_dim: int | None, qk_heads: int | None = None) -> int:
         """Copies one stored tensor, its model-parallel pieces joined, into `target`.
@@ -157,35 +194,39 @@ class MappedShards:
             bytes read, as stored.
 
         Raises:
-            CheckpointError: a shard changed on disk since it was indexed (checked before the copy).
+            CheckpointError: a shard changed on disk since it was indexed (checked before the read), or is
+                shorter than its table says (truncated while being read).
         """
         file_names = self.file_names if split_dim is not None else self.file_names[:1]
+        pieces = []  # (descriptor, path, tensor on the meta device)
         for file_name in file_names:
-            self._open_path(file_name)
-        mapped = [self._mapped(file_name)[name] for file_name in file_names]
+            path = self._open_path(file_name)
+            fd, table = self._opened_shard(file_name)
+            pieces.append((fd, path, table[name]))
+        what = repr(name)
         if qk_heads is not None:
-            # Moved first, then cast: a GPU casts faster, and only the stored bytes cross the bus (CPU: no-op).
-            pieces = [piece.to(target.device) for piece in mapped]
-            # Joined first (a copy as stored, for model-parallel shards only): a split may fall inside a head,
-            # e.g. one KV head shared by two ranks.
-            source = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=split_dim)
-            permute_qk_to_rotate_half(source, qk_heads, out=target)
-            del pieces, source
-        elif len(mapped) == 1:  # whole in one shard, or replicated
-            copy_dropping_pages(mapped[0], target)
+            # Joined first, as stored (a split may fall inside a head, e.g. one KV head shared by two ranks),
+            # then permuted into the target.
+            stored = [torch.empty(meta.shape, dtype=meta.dtype) for _, _, meta in pieces]
+            for (fd, path, meta), piece in zip(pieces, stored):
+                read_pth_tensor(fd, meta, piece, path, what)
+            source = stored[0] if len(stored) == 1 else torch.cat(stored, dim=split_dim)
+            del stored
+            permute_qk_to_rotate_half(source.to(target.device), qk_heads, out=target)
+        elif len(pieces) == 1:  # whole in one shard, or replicated
+            fd, path, meta = pieces[0]
+            read_pth_tensor(fd, meta, target, path, what)
         else:  # each model-parallel piece into its slice of the target
             start = 0
-            for piece in mapped:
-                size = piece.shape[split_dim]
-                copy_dropping_pages(piece, target.narrow(split_dim, start, size))
+            for fd, path, meta in pieces:
+                size = meta.shape[split_dim]
+                read_pth_tensor(fd, meta, target.narrow(split_dim, start, size), path, what)
                 start += size
-        for piece in mapped:
-            release_mapped_pages(piece)  # all of it, pages that straddled two parts included
-        return sum(piece.nbytes for piece in mapped)
+        return sum(meta.nbytes for _, _, meta in pieces)
 
     def copy_rows_into(self, name: str, target: torch.Tensor, start: int, *, split_dim: int | None) -> int:
-        """Copies rows start .. start + len(target) of one stored tensor, its model-parallel pieces joined, into
-        `target`: only those rows' pages are read (the embedding rows of a prompt, a block of the unembedding).
+        """Reads rows start .. start + len(target) of one stored tensor, its model-parallel pieces joined, into
+        `target`: only those rows' bytes are read (the embedding rows of a prompt, a block of the unembedding).
 
         Args:
             name: the stored name ("tok_embeddings.weight"), a 2-d tensor whose rows are not permuted on read.
@@ -198,15 +239,16 @@ class MappedShards:
             bytes read, as stored.
 
         Raises:
-            CheckpointError: a shard changed on disk since it was indexed (checked before the copy).
+            CheckpointError: a shard changed on disk since it was indexed (checked before the read), or is
+                shorter than its table says.
         """
         file_names = self.file_names if split_dim is not None else self.file_names[:1]
-        for file_name in file_names:
-            self._open_path(file_name)
-        mapped = [self._mapped(file_name)[name] for file_name in file_names]
         stop, read_bytes = start + target.shape[0], 0
         piece_start = 0  # split_dim 0: the piece's first row in the joined tensor; 1: its first column
-        for piece in mapped:
+        for file_name in file_names:
+            path = self._open_path(file_name)
+            fd, table = self._opened_shard(file_name)
+            piece = table[name]
             if split_dim == 0:  # the piece's rows that fall in [start, stop), into their place in the target
                 first, last = max(start, piece_start), min(stop, piece_start + piece.shape[0])
                 part = piece[first - piece_start : last - piece_start]
@@ -219,21 +261,6 @@ class MappedShards:
                 if split_dim == 1:
                     destination = target.narrow(1, piece_start, piece.shape[1])
                     piece_start += piece.shape[1]
-            copy_dropping_pages(part, destination)
-            # The pages shared with the rows around are dropped too (copy_dropping_pages keeps them): these
-            # tensors are never written or handed out, and a page dropped is read back from the file when needed.
-            # Else the embedding rows of prompt after prompt would make the whole embedding resident by degrees.
-            _release_touched_pages(part)
+            read_pth_tensor(fd, part, destination, path, repr(name))
             read_bytes += part.nbytes
         return read_bytes
-
-
-def _release_touched_pages(tensor: torch.Tensor) -> None:
-    """Drops every page `tensor` (contiguous rows of a mapped shard) touches, shared ones included."""
-    madvise = _madvise()
-    if madvise is None or not tensor.is_contiguous() or not tensor.nbytes:
-        return
-    page = mmap.PAGESIZE
-    first = tensor.data_ptr() // page * page
-    last = -(-(tensor.data_ptr() + tensor.nbytes) // page) * page
-    madvise(first, last - first, mmap.MADV_DONTNEED)

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import CheckpointError
+from .files import require_regular_file
 
 # safetensors dtype codes: torch dtype name and bytes per element. Only float dtypes hold Llama weights;
 # the others are listed so that a file holding them still gets its offsets checked and a clear error.
@@ -40,18 +41,20 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
+# The safetensors library refuses longer headers: a length field of the whole file's size would read a
+# shard of gigabytes as its header before failing.
+MAX_HEADER_BYTES = 100_000_000
 READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read and converted at a time when a read casts or moves
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape", "offsets"} from a safetensors header, checked against the file size.
-
-    `dtype` is the torch dtype name; `offsets` the [start, end) byte range from the start of the file.
+def read_header_bytes(path: Path) -> bytes:
+    """The first bytes of a safetensors file: its 8-byte header length and the JSON header, bounds checked.
 
     Raises:
-        CheckpointError: naming the file (and tensor) for a truncated or corrupt file.
+        CheckpointError: naming the file, for one too short or with a header length past its end or over
+            the 100 MB safetensors allows.
     """
-    size = path.stat().st_size
+    size = require_regular_file(path).st_size  # a FIFO would block open() forever
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
@@ -62,14 +65,33 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
                 f"{path}: header length {header_len} runs past the end of the file ({size} bytes); "
                 "the file is truncated or not a safetensors file; re-download it"
             )
-        raw = file.read(header_len)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: header length {header_len} is over the {MAX_HEADER_BYTES} bytes safetensors allows; "
+                "the file is corrupt or not a safetensors file; re-download it"
+            )
+        return prefix + file.read(header_len)
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape", "offsets"} from a safetensors header, checked against the file size.
+
+    `dtype` is the torch dtype name; `offsets` the [start, end) byte range from the start of the file.
+
+    Raises:
+        CheckpointError: naming the file (and tensor) for a truncated or corrupt file.
+    """
+    raw = read_header_bytes(path)[8:]
+    size = path.stat().st_size
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {err}); re-download it") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply); re-download it") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     index = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -49,10 +49,9 @@ class CheckpointLayerReader:
     `Checkpoint.read_into`, the same read as a full load's, cast on the way in:
     - Safetensors files are read with plain reads straight into the layer's memory (no intermediate copy, no
       memory map), and opened for each layer (an open is cheap).
-    - Meta .pth shards are mapped once, here, and stay mapped for the reader's lifetime (`Checkpoint.open_files`):
-      mapping one unpickles its whole table of tensors, which would cost more than the reads themselves if done
-      per layer. Each tensor's pages are dropped from the process as it is copied, so the process holds no more
-      of the files than the tensor being copied.
+    - Meta .pth shards are opened once, here, and stay open for the reader's lifetime (`Checkpoint.open_files`):
+      opening one unpickles its whole table of tensors, which would cost more than the reads themselves if done
+      per layer. Their data is read with plain positioned reads, never mapped (see `llama_lens.pth_io`).
 
     A read that fails drops the layer it was reading before the error goes on (see `dropped_on_error`).
 

@@ -3,8 +3,8 @@
 Building the index reads headers only (safetensors' JSON header; the pickled table of a .pth shard, whose
 tensor data stays on disk) and is the slow part of opening a large checkpoint: a Meta shard is unpickled
 whole. So the index is kept on disk as JSON (`write_index_cache`) and used again while every weight file
-keeps the size and modification time it had (`FileStamps`); any change, or a cache that does not have the
-form written here, and it is built afresh.
+keeps the size, modification time and header digest it had (`FileStamps`); any change, a cache that does not
+have the form written here, or one whose entries were edited, and it is built afresh.
 
     raw index    stored name -> [{"file", "dtype", "shape", "offsets"}, ...]    one entry per file holding it
     StoredTensor the entries joined: one logical tensor, its pieces and the axis they join on
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ import torch
 from .errors import CheckpointError
 from .names import HF_INDEX_FILE, META_SPLIT_DIM, layer_template
 from .pth_io import load_pth
-from .safetensors_io import read_safetensors_header
+from .safetensors_io import read_header_bytes, read_safetensors_header
 
-INDEX_CACHE_VERSION = 1
+INDEX_CACHE_VERSION = 2  # 2: file digests, and a digest of the tensors' entries
 
 RawIndex = dict[str, list[dict[str, Any]]]
 
@@ -73,10 +74,13 @@ class StoredTensor:
 
 # ------------------------------------------------------------------------------------------- file stamps
 class FileStamps:
-    """Size and modification time (ns) of each weight file when the checkpoint was opened.
+    """Size and modification time (ns) of each weight file when the checkpoint was opened, and a digest of the
+    part of it the index is built from.
 
-    Reads check them (`check`) before they touch a file: a file replaced since would give other weights at the
-    indexed offsets, and a mapped page past the end of a truncated file would kill the process (SIGBUS).
+    Reads check the size and time (`check`) before and after they touch a file: a file replaced since would
+    give other weights at the indexed offsets. The digests decide whether a cached index still describes the
+    files: a header rewritten in place with its size and time kept (a copy with `cp -p`, a clock set back)
+    changes them. Each is a sha256 of what is cheap to read and what the index depends on (see `content_digest`).
 
     Args:
         folder: the checkpoint folder.
@@ -86,9 +90,11 @@ class FileStamps:
     def __init__(self, folder: Path, files: list[Path]) -> None:
         self.folder = folder
         self.stamps: dict[str, list[int]] = {}
+        self.digests: dict[str, str | None] = {}
         for file in files:
             stat = file.stat()
             self.stamps[file.name] = [stat.st_size, stat.st_mtime_ns]
+            self.digests[file.name] = content_digest(file)
 
     def check(self, file_name: str) -> Path:
         """The file's path, after checking that it is unchanged.
@@ -104,6 +110,29 @@ class FileStamps:
         if stat is None or [stat.st_size, stat.st_mtime_ns] != self.stamps.get(file_name):
             raise CheckpointError(f"{path} changed since the checkpoint was opened; open it again")
         return path
+
+
+def content_digest(path: Path) -> str | None:
+    """sha256 of the bytes of `path` that its part of the index is built from, read without the tensor data.
+
+    A safetensors file: its header (length field and JSON). A .pth shard (a zip archive): its central
+    directory's entries, each record's name, size, offset and CRC-32, which covers the pickled table of
+    tensors and, through the CRCs torch writes, their data too. Any other file (the shard index): all of it.
+    None for a file that cannot be read so: building the index names what is wrong with it.
+    """
+    digest = hashlib.sha256()
+    try:
+        if path.suffix == ".safetensors":
+            digest.update(read_header_bytes(path))
+        elif path.suffix == ".pth":
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    digest.update(f"{info.filename}\0{info.file_size}\0{info.header_offset}\0{info.CRC}\n".encode())
+        else:
+            digest.update(path.read_bytes())
+    except (OSError, CheckpointError, zipfile.BadZipFile, ValueError):
+        return None
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -204,7 +233,7 @@ def default_index_cache_dir() -> Path:
     """Where tensor indexes are cached: `$LLAMA_LENS_HOME/cache/index`, else the user cache dir."""
     home = os.environ.get("LLAMA_LENS_HOME")
     if home:
-        return Path(home) / "cache" / "index"
+        return Path(home).expanduser() / "cache" / "index"  # a quoted "~/x" is no folder named "~"
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("llama_lens")) / "index"
@@ -227,7 +256,7 @@ def read_index_cache(cache_path: Path | None, folder: Path, layout: str, stamps:
         return None
     try:
         cached = json.loads(cache_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # a damaged cache is rebuilt, never trusted
     valid = (
         isinstance(cached, dict)
@@ -235,10 +264,18 @@ def read_index_cache(cache_path: Path | None, folder: Path, layout: str, stamps:
         and cached.get("path") == str(folder)
         and cached.get("format") == layout
         and cached.get("files") == stamps.stamps
+        and cached.get("digests") == stamps.digests
+        and None not in stamps.digests.values()
         and isinstance(cached.get("tensors"), dict)
+        and cached.get("tensors_sha256") == tensors_digest(cached["tensors"])
         and all(_valid_cached_pieces(pieces, layout, stamps) for pieces in cached["tensors"].values())
     )
     return cached["tensors"] if valid else None
+
+
+def tensors_digest(raw: Any) -> str:
+    """sha256 of a raw index as canonical JSON (keys sorted)."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 
 def _valid_cached_pieces(pieces: Any, layout: str, stamps: FileStamps) -> bool:
@@ -274,6 +311,10 @@ def write_index_cache(cache_path: Path | None, folder: Path, layout: str, stamps
         "path": str(folder),
         "format": layout,
         "files": stamps.stamps,
+        "digests": stamps.digests,
+        # An edited cache that is still well-formed (other offsets, shapes that still fit the config) would
+        # load other weights: the tensors' entries are checked against this digest.
+        "tensors_sha256": tensors_digest(raw),
         "tensors": raw,
     }
     try:

@@ -70,6 +70,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+        except RecursionError:
+            raise CheckpointError(f"{config_path}: JSON nested too deeply to parse; the file is damaged") from None
         apply_tokenizer_config(tokenizer, config, where=str(config_path))
     template_path = path.parent / "chat_template.jinja"  # where transformers >= 4.43 saves the template
     if template_path.is_file():

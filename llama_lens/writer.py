@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import LlamaConfig, meta_d_mlp
+from .files import set_default_file_mode
 from .names import (
     HF_INDEX_FILE,
     HF_SINGLE_FILE,
@@ -56,6 +57,7 @@ def write_safetensors_shards(
     if len(groups) == 1:
         tensors = {name: tensor_for(name).contiguous() for name in groups[0]}
         save_file(tensors, folder / HF_SINGLE_FILE, metadata={"format": "pt"})
+        set_default_file_mode(folder / HF_SINGLE_FILE)
         return folder
     weight_map: dict[str, str] = {}
     total = 0
@@ -63,6 +65,7 @@ def write_safetensors_shards(
         file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         tensors = {name: tensor_for(name).contiguous() for name in group}
         save_file(tensors, folder / file_name, metadata={"format": "pt"})
+        set_default_file_mode(folder / file_name)
         weight_map |= dict.fromkeys(tensors, file_name)
         total += sum(t.nbytes for t in tensors.values())
         del tensors

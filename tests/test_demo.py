@@ -185,7 +185,7 @@ def test_half_written_directory_is_rebuilt(fake_conversion, marker):
 
     assert demo_model_path(progress=False) == target
     assert len(fake_conversion) == 1
-    assert sorted(p.name for p in target.iterdir()) == [".complete", "config.json"]
+    assert sorted(p.name for p in target.iterdir()) == [".complete", ".verified", "config.json"]
     assert json.loads((target / "config.json").read_text()) == {"fresh": True}
     assert not stale.exists()
     demo_model_path(progress=False)
