@@ -34,6 +34,7 @@ import torch
 
 from .config import LlamaConfig, read_json_object
 from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
+from .files import read_json_file, require_regular_file, warn_if_not_finite
 from .gguf_io import (
     GGUF_IGNORED,
     GGUF_PERMUTED,
@@ -46,7 +47,6 @@ from .gguf_io import (
     read_gguf_header,
     read_gguf_into,
 )
-from .files import read_json_file, require_regular_file, warn_if_not_finite
 from .names import (
     HF_IGNORED,
     HF_INDEX_FILE,

@@ -163,16 +163,16 @@ def test_meta_embedding_reads_only_the_prompt_rows_from_each_shard(tmp_path, mon
     cfg = tiny_config(n_layers=1)
     path = write(tmp_path / "meta", "meta", cfg, vocab_parallel=vocab_parallel)
     model = load(path, stream=True, unembed="memory")
-    # The shards as stored, read whole here (not mapped), to tell which rows each copied part holds.
+    # The shards as stored, read whole here, to tell which rows each part read holds.
     shards = [torch.load(path / f"consolidated.0{k}.pth", weights_only=True)["tok_embeddings.weight"] for k in (0, 1)]
     copied = []
-    copy_dropping_pages = pth_io.copy_dropping_pages
+    read_pth_tensor = pth_io.read_pth_tensor
 
-    def recording(source, destination):
-        copied.append(source.clone())
-        return copy_dropping_pages(source, destination)
+    def recording(fd, meta, destination, file_path, what):
+        read_pth_tensor(fd, meta, destination, file_path, what)
+        copied.append(destination.clone())
 
-    monkeypatch.setattr(pth_io, "copy_dropping_pages", recording)
+    monkeypatch.setattr(pth_io, "read_pth_tensor", recording)
     ids = torch.tensor([[5, 6, 7, 90, 5, 3], [3, 3, 120, 6, 90, 127]])
     rows = model.embed(ids)
     distinct = sorted(set(ids.flatten().tolist()))
