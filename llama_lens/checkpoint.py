@@ -37,13 +37,13 @@ from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
 from .files import read_json_file, require_regular_file, warn_if_not_finite
 from .gguf_io import (
     GGUF_IGNORED,
-    GGUF_PERMUTED,
     GGUF_TO_CANONICAL,
     check_qtype,
     dequantized_dtype,
     gguf_config,
     gguf_raw_index,
     gguf_row_bytes,
+    permuted_qk_heads,
     read_gguf_header,
     read_gguf_into,
 )
@@ -704,8 +704,8 @@ class Checkpoint:
             read_bytes = 0
             with open(self.files[0], "rb", buffering=0) as handle:
                 for stored, target in reads:
-                    heads_attr = GGUF_PERMUTED.get(layer_template(stored.name)[0]) if rotate_half else None
-                    qk_heads = None if heads_attr is None else getattr(self.config, heads_attr)
+                    template = layer_template(stored.name)[0]
+                    qk_heads = permuted_qk_heads(self._gguf_header, template, self.config) if rotate_half else None
                     read_bytes += read_gguf_into(
                         handle,
                         stored.pieces[0].offsets[0],

@@ -1,17 +1,23 @@
 """GGUF files (llama.cpp, Ollama, LM Studio): the header, the config it implies, and reads dequantized per tensor.
 
 A GGUF file is a little-endian header (magic "GGUF", version, tensor and key counts), metadata key/values
-(`general.*`, `llama.*`, `tokenizer.ggml.*`), one record per tensor (name, dims, quantization type, offset), then
-the tensor data, aligned. Each quantized tensor is rows of blocks (32 or 256 values each, with their scales), so
-rows dequantize independently: a read takes a few rows at a time, dequantizes them with `gguf.quants.dequantize`
-and casts them into the caller's tensor, never holding the whole tensor in float32 beside the result.
+(`general.*`, `llama.*` or `qwen2.*`, `tokenizer.ggml.*`), one record per tensor (name, dims, quantization type,
+offset), then the tensor data, aligned. Each quantized tensor is rows of blocks (32 or 256 values each, with their
+scales), so rows dequantize independently: a read takes a few rows at a time, dequantizes them with
+`gguf.quants.dequantize` and casts them into the caller's tensor, never holding the whole tensor in float32 beside
+the result.
 
 The header is parsed here rather than by `gguf.GGUFReader`, which makes a numpy view of every vocabulary entry
 and takes seconds on a 50k-token vocabulary; the quantization tables and the dequantizers are the `gguf`
 package's. Tensor data is read with plain file reads, never a memory map (see `safetensors_io`).
 
-llama.cpp's converter stores q/k weights in Meta's interleaved RoPE order; a read with `qk_heads` puts them back
-in Hugging Face's rotate-half order (`names.permute_qk_to_rotate_half`).
+Architectures (`general.architecture`, as llama.cpp's `convert_hf_to_gguf.py` writes them): "llama" (Llama 1-3,
+SmolLM, TinyLlama, and Mistral, which the converter writes as "llama"), "qwen2" (Qwen2/2.5 and the models distilled
+onto them: biases on q, k and v) and "qwen3" (RMSNorm on each head's q and k, `attn_q_norm`/`attn_k_norm`).
+For "llama" the converter stores q/k weights in Meta's interleaved RoPE order, because llama.cpp rotates adjacent
+pairs for that architecture; a read with `qk_heads` puts them back in Hugging Face's rotate-half order
+(`names.permute_qk_to_rotate_half`). llama.cpp rotates halves for qwen2/qwen3, so their rows are stored as in the
+Hugging Face checkpoint and read unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .config import LlamaConfig, RopeScaling
+from .config import ARCHITECTURES, LlamaConfig, RopeScaling
 from .errors import CheckpointError, ConfigError
 from .names import permute_qk_to_rotate_half
 from .safetensors_io import read_exactly_into
@@ -55,6 +61,8 @@ GGUF_TO_CANONICAL = {
     "blk.{i}.attn_v.bias": "blocks.{i}.attn.v_proj.bias",
     "blk.{i}.attn_output.weight": "blocks.{i}.attn.o_proj.weight",
     "blk.{i}.attn_output.bias": "blocks.{i}.attn.o_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "blocks.{i}.attn.q_norm.weight",  # qwen3
+    "blk.{i}.attn_k_norm.weight": "blocks.{i}.attn.k_norm.weight",
     "blk.{i}.ffn_norm.weight": "blocks.{i}.ln2.weight",
     "blk.{i}.ffn_gate.weight": "blocks.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_gate.bias": "blocks.{i}.mlp.gate_proj.bias",
@@ -68,20 +76,25 @@ GGUF_TO_CANONICAL = {
 # rope_freqs.weight: Llama 3.1's RoPE factors, read into the config's rope scaling (see `gguf_config`).
 GGUF_IGNORED = frozenset({"rope_freqs.weight"})
 
-# q/k tensors llama.cpp's converter permutes (weights and biases alike), with the config attribute giving their
-# number of heads.
+# q/k tensors llama.cpp's converter permutes (weights and biases alike) in the architectures of GGUF_PERMUTING,
+# with the config attribute giving their number of heads.
 GGUF_PERMUTED = {
     "blk.{i}.attn_q.weight": "n_heads",
     "blk.{i}.attn_q.bias": "n_heads",
     "blk.{i}.attn_k.weight": "n_kv_heads",
     "blk.{i}.attn_k.bias": "n_kv_heads",
 }
+# convert_hf_to_gguf.py's LlamaModel permutes q/k (llama.cpp runs "llama" with interleaved RoPE); its Qwen2Model and
+# Qwen3Model write them as transformers holds them (llama.cpp runs those with rotate-half, "NeoX", RoPE).
+GGUF_PERMUTING = frozenset({"llama"})
 
-GGUF_ARCHITECTURES = ("llama",)
+# general.architecture -> the LlamaConfig model_type it is read as. Mistral has no architecture of its own here:
+# the converter writes MistralForCausalLM as "llama", without its sliding window (see docs/gguf.md).
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
-# `llama.*` metadata keys: those read into the config, and those ignored on purpose (anything else is refused,
-# as config.json keys are). `vocab_size` and the rope scaling keys are read too.
-LLAMA_KEYS_READ = frozenset(
+# `{arch}.*` metadata keys (the same for the three architectures): those read into the config, and those ignored on
+# purpose (anything else is refused, as config.json keys are). `vocab_size` and the rope scaling keys are read too.
+GGUF_KEYS_READ = frozenset(
     {
         "block_count",
         "embedding_length",
@@ -105,7 +118,7 @@ LLAMA_KEYS_READ = frozenset(
 # rope.scaling.original_context_length: linear scaling does not read it (YaRN does, and is refused);
 # expert_used_count: means something only beside an expert_count, which is refused above 0;
 # tensor_data_layout: a note some converters wrote about the q/k order, which is llama.cpp's in every llama GGUF.
-LLAMA_KEYS_IGNORED = frozenset(
+GGUF_KEYS_IGNORED = frozenset(
     {"rope.scaling.finetuned", "rope.scaling.original_context_length", "expert_used_count", "tensor_data_layout"}
 )
 
@@ -296,6 +309,18 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     return GGUFHeader(path, version, metadata, tensors)
 
 
+def permuted_qk_heads(header: GGUFHeader, template: str, cfg: LlamaConfig) -> int | None:
+    """The heads of a stored q/k tensor that llama.cpp's converter permuted (see GGUF_PERMUTED), else None.
+
+    Args:
+        template: the stored name with its layer as "{i}" ("blk.{i}.attn_q.weight").
+    """
+    heads_attr = GGUF_PERMUTED.get(template)
+    if heads_attr is None or header.metadata.get("general.architecture") not in GGUF_PERMUTING:
+        return None
+    return getattr(cfg, heads_attr)
+
+
 def gguf_raw_index(header: GGUFHeader) -> dict[str, list[dict[str, Any]]]:
     """The header's tensors in the form of `tensor_index.build_index` (the quantization type as the dtype)."""
     return {
@@ -306,28 +331,33 @@ def gguf_raw_index(header: GGUFHeader) -> dict[str, list[dict[str, Any]]]:
 
 # ------------------------------------------------------------------------------------------------- config
 def gguf_config(header: GGUFHeader) -> LlamaConfig:
-    """The LlamaConfig a GGUF's `llama.*` metadata (and its tensors' shapes) describe.
+    """The LlamaConfig a GGUF's `{arch}.*` metadata (and its tensors' shapes) describe.
+
+    The architecture gives the model_type (GGUF_ARCHITECTURES); the tensors present give what the metadata do not
+    say: tied embeddings (no output.weight), biases (llama: on q/k/v/o and the MLP when stored; qwen2: always on
+    q/k/v; qwen3: on q/k/v/o when stored).
 
     Raises:
-        ConfigError: naming the file and key, for an architecture other than llama, a missing required key, a
-            key that changes the forward pass in a way llama_lens does not implement (mixture of experts, YaRN,
-            partial rotary), or an unknown `llama.*` key.
+        ConfigError: naming the file and key, for an architecture other than llama, qwen2 and qwen3, a missing
+            required key, a key that changes the forward pass in a way llama_lens does not implement (mixture of
+            experts, YaRN, partial rotary, pooling for embeddings), or an unknown `{arch}.*` key.
     """
     meta, source = header.metadata, str(header.path)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
             f"{source}: general.architecture is {arch!r}; llama_lens reads GGUF files of the "
-            f"{' or '.join(repr(a) for a in GGUF_ARCHITECTURES)} architecture (Llama 1-3, SmolLM, TinyLlama, "
-            "Mistral 7B as llama.cpp converts it, ...); for other models load their Hugging Face folder"
+            f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} architectures (Llama 1-3, SmolLM, TinyLlama, Mistral "
+            "7B as llama.cpp converts it, Qwen2/2.5, Qwen3, ...); for other models load their Hugging Face folder"
         )
+    model_type = GGUF_ARCHITECTURES[arch]
     prefix = f"{arch}."
     keys = {key.removeprefix(prefix) for key in meta if key.startswith(prefix)}
-    unknown = sorted(keys - LLAMA_KEYS_READ - LLAMA_KEYS_IGNORED)
+    unknown = sorted(keys - GGUF_KEYS_READ - GGUF_KEYS_IGNORED)
     if unknown:
         raise ConfigError(
             f"{source}: unsupported metadata key(s) {[prefix + k for k in unknown]}. They may change the forward "
-            "pass, which llama_lens implements for Llama models only"
+            f"pass, which llama_lens implements as transformers' {ARCHITECTURES[model_type][0]} does without them"
         )
 
     def number(key: str, default: Any = None, *, kind: type = int) -> Any:
@@ -343,12 +373,15 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
     if number("expert_count", 0) > 0:
         raise ConfigError(
             f"{source}: {prefix}expert_count is {meta[prefix + 'expert_count']} (a mixture of experts, such as "
-            "Mixtral); llama_lens implements dense Llama models only"
+            "Mixtral); llama_lens implements dense models only"
         )
     d_model, n_heads = number("embedding_length"), number("attention.head_count")
     d_head = number("attention.key_length", d_model // n_heads if n_heads else 0)
     if number("attention.value_length", d_head) != d_head:
-        raise ConfigError(f"{source}: {prefix}attention.value_length differs from key_length; not a Llama")
+        raise ConfigError(
+            f"{source}: {prefix}attention.value_length differs from key_length; llama_lens implements attention "
+            "with one d_head for queries, keys and values"
+        )
     if number("rope.dimension_count", d_head) != d_head:
         raise ConfigError(
             f"{source}: {prefix}rope.dimension_count is {meta[prefix + 'rope.dimension_count']} but d_head is "
@@ -356,12 +389,14 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         )
     embedding = header.tensors.get("token_embd.weight")
     if embedding is None:
-        raise CheckpointError(f"{source}: missing tensor 'token_embd.weight'; not a complete Llama GGUF")
+        raise CheckpointError(f"{source}: missing tensor 'token_embd.weight'; not a complete model")
     # The embedding's rows are the model's vocabulary (a token list may be shorter than a padded embedding).
     d_vocab = number("vocab_size", embedding.shape[0])
     rope_theta = number("rope.freq_base", 10000.0, kind=float)
     eos = _token_id(meta, "tokenizer.ggml.eos_token_id", source)
+    has_q_bias = "blk.0.attn_q.bias" in header.tensors
     fields = dict(
+        model_type=model_type,
         d_model=d_model,
         n_layers=number("block_count"),
         n_heads=n_heads,
@@ -376,8 +411,11 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         norm_eps=float(np.format_float_positional(np.float32(number("attention.layer_norm_rms_epsilon", kind=float)))),
         # llama.cpp ties the embeddings when a file has no output.weight.
         tie_embeddings="output.weight" not in header.tensors,
-        attention_bias="blk.0.attn_q.bias" in header.tensors,
-        mlp_bias="blk.0.ffn_up.bias" in header.tensors,
+        # Qwen2 always has q/k/v biases (without one on o); a missing one is then named as a missing tensor.
+        attention_bias=has_q_bias and model_type in ("llama", "qwen3"),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        mlp_bias="blk.0.ffn_up.bias" in header.tensors and model_type == "llama",
         max_position_embeddings=number("context_length", 2048),
         bos_token_id=_token_id(meta, "tokenizer.ggml.bos_token_id", source),
         eos_token_ids=(eos,) if eos is not None else (),

@@ -3,8 +3,8 @@
 A GGUF has no tokenizer.json: it stores the vocabulary, merges or scores, token types and special-token ids
 under llama.cpp's keys. Two models are read, the ones Llama-family files use:
 
-- "gpt2": byte-level BPE (Llama 3, SmolLM2): tokens and merges; the text is split first by the regex llama.cpp
-  names in `tokenizer.ggml.pre`;
+- "gpt2": byte-level BPE (Llama 3, SmolLM2, Qwen2/2.5/3): tokens and merges; the text is split first by the regex
+  llama.cpp names in `tokenizer.ggml.pre`;
 - "llama": sentencepiece-style BPE (Llama 1/2, TinyLlama, Mistral 7B): tokens and scores, unknown bytes spelled
   as `<0xNN>` tokens; the merges are the pairs of the vocabulary ranked by the score of what they make, as
   transformers' sentencepiece conversion ranks them.
@@ -26,10 +26,19 @@ CONTROL, USER_DEFINED = 3, 4
 
 # The pre-tokenizers llama.cpp names in `tokenizer.ggml.pre` (llama-vocab.cpp) for the byte-level vocabularies of
 # Llama-family models: "default"/"gpt2" is GPT-2's own split (ByteLevel's regex), "smollm" splits every digit off
-# first, the Llama 3 names split by Meta's Llama 3 pattern (as Llama 3's tokenizer.json does).
+# first, the Llama 3 names split by Meta's Llama 3 pattern (as Llama 3's tokenizer.json does), the Qwen names by
+# Qwen2's pattern (Qwen2/2.5/3 and the DeepSeek-R1 models distilled onto Qwen2.5 share one tokenizer.json).
 GPT2_PRE = ("default", "gpt2")
 DIGITS_THEN_GPT2_PRE = ("smollm",)
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe")
+QWEN2_PRE = ("qwen2", "deepseek-r1-qwen")
+
+# The Split regex of Qwen2's tokenizer.json: Llama 3's pattern with single digits (`\p{N}`, not `\p{N}{1,3}`).
+# llama.cpp spells the contractions out case by case ('[sS]) because its regex engine has no (?i:); this is the
+# tokenizer.json original, which `tokenizers` runs.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def gguf_backend_tokenizer(meta: dict[str, Any], source: str) -> Any:
@@ -72,7 +81,7 @@ def gguf_backend_tokenizer(meta: dict[str, Any], source: str) -> Any:
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     merges = meta.get("tokenizer.ggml.merges")
     if not isinstance(merges, list):
@@ -89,15 +98,20 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
             ]
         )
-    elif pre in LLAMA3_PRE:
+    elif pre in LLAMA3_PRE or pre in QWEN2_PRE:
+        pattern = LLAMA3_PATTERN if pre in LLAMA3_PRE else QWEN2_PATTERN
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ]
         )
+        if pre in QWEN2_PRE:
+            # Qwen2's tokenizer.json composes the text to NFC first (llama.cpp does not; "e" + U+0301 then
+            # tokenizes as "é" would, as in transformers).
+            tokenizer.normalizer = normalizers.NFC()
     else:
-        known = sorted(GPT2_PRE + DIGITS_THEN_GPT2_PRE + LLAMA3_PRE)
+        known = sorted(GPT2_PRE + DIGITS_THEN_GPT2_PRE + LLAMA3_PRE + QWEN2_PRE)
         raise CheckpointError(
             f"{source}: tokenizer.ggml.pre is {pre!r}, a text split llama_lens does not know (it knows {known}); "
             "pass tokenizer= (the model's tokenizer.json) to load()"

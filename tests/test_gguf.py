@@ -351,9 +351,9 @@ def test_plan_counts_the_stored_bytes_of_a_quantized_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ errors
 def test_an_unsupported_architecture_names_the_file_and_the_value(tmp_path):
     cfg = tiny_config()
-    path = tmp_path / "qwen.gguf"
-    write_gguf(path, cfg, random_state_dict(cfg), arch="qwen2")
-    with pytest.raises(ConfigError, match=r"qwen.gguf: general.architecture is 'qwen2'; .* 'llama' architecture"):
+    path = tmp_path / "gemma.gguf"
+    write_gguf(path, cfg, random_state_dict(cfg), arch="gemma2")
+    with pytest.raises(ConfigError, match=r"gemma.gguf: general.architecture is 'gemma2'; .* 'qwen3' architectures"):
         ll.Checkpoint(path)
 
 
@@ -521,13 +521,13 @@ def test_a_gguf_without_a_known_tokenizer_says_what_to_pass(tmp_path):
 
     def tokenizer(writer):
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("qwen2")
+        writer.add_tokenizer_pre("command-r")
         writer.add_token_list(["a", "b", "ab", "c"])
         writer.add_token_merges(["a b"])
 
     path = tmp_path / "tiny.gguf"
     write_gguf(path, cfg, random_state_dict(cfg), tokenizer=tokenizer)
-    with pytest.raises(CheckpointError, match=r"tokenizer.ggml.pre is 'qwen2', .* pass tokenizer="):
+    with pytest.raises(CheckpointError, match=r"tokenizer.ggml.pre is 'command-r', .* pass tokenizer="):
         ll.load(path, progress=False)
     assert ll.Checkpoint(path).config.d_vocab == 4  # the weights themselves are fine
 
