@@ -316,6 +316,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         self.cfg = cfg
         self.layer_indices = sorted(range(cfg.n_layers) if layers is None else layers)
         self.tokenizer = None  # set by the loader
+        self.warned_past_context = False  # the warning comes once per model, not once per generated token
         embed_weight = torch.empty(cfg.d_vocab, cfg.d_model)
         if not embed_weight.is_meta:
             # nn.Embedding's own init. Skipped on the meta device (the loader's), where normal_ imports sympy:
@@ -409,6 +410,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         else:
             resid = resid.to(weight.device)
         batch, pos, _ = resid.shape
+        self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
         positions, mask = self._positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
         cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
 
@@ -508,6 +510,19 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         if missing:
             raise ValueError(f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others")
         return layers
+
+    def _warn_past_context(self, n_positions: int) -> None:
+        limit = self.cfg.max_position_embeddings
+        if n_positions > limit and not getattr(self, "warned_past_context", False):
+            self.warned_past_context = True
+            warnings.warn(
+                f"{n_positions} positions is past the model's context length (max_position_embeddings {limit}): "
+                "positions beyond it were never trained, so what the model computes there is unreliable, and "
+                f"attention's time and memory grow with the square of the length. Keep prompts (plus generated "
+                f"tokens) within {limit} positions.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """1 for real tokens, 0 for left padding: leading tokens equal to the id the tokenizer pads with. None
