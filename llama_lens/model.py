@@ -29,6 +29,7 @@ from .errors import UnknownNameError
 from .hooks import HookedModule, HookPoint
 from .kv_cache import KVCache
 from .tokens import TokenHelpers
+from .validate import check_layer_bound
 from .weights import WeightViews
 
 
@@ -370,7 +371,9 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             prepend_bos: for texts: add BOS (True), not (False), or the tokenizer's own default (None).
             padding_side: for a list of texts: "left" (the default here) or "right".
             start_at_layer: resume at this layer, `input` (or `resid=`) being its resid_pre, e.g. from a cache.
-            stop_at_layer: return the residual stream entering this layer [batch, pos, d_model] instead.
+            stop_at_layer: return the residual stream entering this layer [batch, pos, d_model] instead; negative
+                counts from the end, as in TransformerLens (-1: after all but the last layer). So does
+                `start_at_layer`.
             tokens: the token ids [batch, pos] a loss is computed against when `input` is a residual stream.
             attention_mask: [batch, pos], 1 for real tokens and 0 for padding. When omitted: exact for texts; for
                 ids, inferred from leading pad tokens (pass it when a prompt may start with the pad id).
@@ -489,6 +492,12 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
 
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
         loaded = self.layer_indices
+        # Negative layers count from the end, as in TransformerLens (a slice of its blocks): stop_at_layer=-1 runs
+        # all but the last layer.
+        if start_layer is not None:
+            start_layer = check_layer_bound("start_at_layer", start_layer, self.cfg.n_layers)
+        if stop_at_layer is not None:
+            stop_at_layer = check_layer_bound("stop_at_layer", stop_at_layer, self.cfg.n_layers)
         if has_resid:
             start = loaded[0] if start_layer is None else start_layer
         elif start_layer not in (None, 0):

@@ -307,3 +307,163 @@ def test_ll_plan_is_callable_whatever_was_imported_first(first):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Plan"
     assert ll.plan(tiny_config(), tokens=8).tokens == 8
+
+
+# ------------------------------------------------------------------------------------------ 5a. NaN
+def test_lens_over_nan_activations_has_no_ranks_and_names_the_layer():
+    model = tiny_model(tiny_config(n_layers=3), seed=2, embed_scale=20.0)
+    with torch.no_grad():
+        model.blocks[1].mlp.down_proj.weight[0, 0] = float("nan")
+    tokens = torch.tensor([[1, 40, 50, 60, 70]])
+    target = 33
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ll.logit_lens(model, tokens, target=target, readout=["embed", "resid_mid", "resid_post"])
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "'1_post'" in messages[0] and "layer 1" in messages[0]
+    # Independently: each read-out's logits by hand, its rank the count of strictly larger logits.
+    _, cache = model.run_with_cache(tokens)
+    for r, label in enumerate(result.labels):
+        hook = "hook_embed" if label == "embed" else f"blocks.{label[0]}.hook_resid_{label[2:]}"
+        logits = model.unembed(model.ln_final(cache[hook]))[0]  # [pos, d_vocab]
+        finite = torch.isfinite(logits).all(dim=-1)
+        ranks = result.target_ranks[0, r, :, 0]
+        assert label in ("embed", "0_mid", "0_post", "1_mid") or not finite.any(), label
+        assert torch.equal(ranks[~finite], torch.full_like(ranks[~finite], -1)), label
+        assert result.target_probs[0, r, :, 0][~finite].isnan().all(), label
+        expected = (logits[finite] > logits[finite, target : target + 1]).sum(-1)
+        assert torch.equal(ranks[finite], expected), label
+    assert torch.equal(result.target_ranks[0, :4] >= 0, torch.ones_like(result.target_ranks[0, :4], dtype=torch.bool))
+    frame = result.to_frame()
+    assert frame["target_rank"].dtype == "float64"
+    nan_rows = frame["label"].isin(["1_post", "2_mid", "2_post"])
+    assert frame.loc[nan_rows, "target_rank"].isna().all() and frame.loc[nan_rows, "target_prob"].isna().all()
+    assert frame.loc[~nan_rows, "target_rank"].notna().all()
+    assert result.plot("rank") is not None
+
+
+def test_lens_with_finite_values_does_not_warn_and_keeps_integer_ranks(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = ll.logit_lens(model, "fine", target="e").to_frame()
+    assert frame["target_rank"].dtype == "int64"
+
+
+# ----------------------------------------------------------------------------------------- 9. lost output
+def test_generate_keeps_ids_past_the_tokenizers_vocabulary():
+    # d_vocab 160 with a 128-id tokenizer: the padded rows exist in the model, not in the tokenizer.
+    model = tiny_model(tiny_config(d_vocab=160), seed=1, tokenizer=char_model().tokenizer)
+    chosen = [70, 150, 71]  # "F", a padded id, "G"
+
+    def choose(logits, *, hook):
+        logits = logits.clone()
+        logits[:, -1, chosen[min(choose.step, 2)]] = 1e4
+        choose.step += 1
+        return logits
+
+    choose.step = 0
+    with pytest.warns(RuntimeWarning, match=r"\[150\] are past the tokenizer's vocabulary \(vocab_size 128"):
+        out = model.generate("ab", max_new_tokens=3, temperature=0, fwd_hooks=[("hook_logits", choose)])
+    assert out.tokens == [chosen]
+    assert out.text == "F<150>G"
+
+
+def test_generate_rejects_a_negative_or_fractional_max_new_tokens(model):
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate("hi", max_new_tokens=bad)
+    assert model.generate("hi", max_new_tokens=0).tokens == [[]]
+
+
+def _cli_with(monkeypatch, model):
+    from llama_lens import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: model)
+    return cli.main
+
+
+def test_cli_generate_streams_and_keeps_the_continuation_on_ctrl_c(model, monkeypatch, capsys):
+    main = _cli_with(monkeypatch, model)
+    forwards = []
+
+    def spell_then_interrupt(logits, *, hook):
+        # Forward k (from 0) makes the model choose chr(ord("a") + k); the fourth forward is interrupted.
+        if len(forwards) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        logits = logits.clone()
+        logits[:, -1, ord("a") + len(forwards)] = 1e4
+        forwards.append(1)
+        return logits
+
+    interrupt_at = [3]
+    model.add_hook("hook_logits", spell_then_interrupt)
+    try:
+        assert main(["generate", "stream me ", "--temperature", "0", "--max-new-tokens", "5"]) == 130
+        captured = capsys.readouterr()
+        assert captured.out == "stream me abc\n"  # the three tokens chosen before Ctrl-C
+        assert "interrupted" in captured.err
+        # Uninterrupted, the streamed text is the whole continuation, as before.
+        forwards.clear()
+        interrupt_at[0] = -1
+        assert main(["generate", "stream me ", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out == "stream me abcde\n"
+    finally:
+        model.reset_hooks()
+
+
+@pytest.mark.parametrize("command", ["generate", "lens"])
+def test_cli_non_utf8_prompt_is_a_one_line_error(command, monkeypatch, capsys):
+    from llama_lens import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what Python makes of Latin-1 argv bytes
+    assert cli.main([command, prompt]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llama-lens: error: PROMPT is not valid UTF-8 (byte 0xe9 at position 3)")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------- 10. smaller ones
+def test_negative_stop_at_layer_counts_from_the_end():
+    model = tiny_model(tiny_config(n_layers=3), seed=4)
+    tokens = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)  # every hook: the written-out attention, equal up to rounding
+        torch.testing.assert_close(
+            model(tokens, stop_at_layer=-1), cache["blocks.1.hook_resid_post"], rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(model(tokens, stop_at_layer=-3), cache["hook_embed"], rtol=0, atol=0)
+        resumed = model(resid=cache["blocks.2.hook_resid_pre"], start_at_layer=-1)
+        torch.testing.assert_close(resumed, cache["hook_logits"], rtol=0, atol=1e-6)
+        for name, kwargs in (("stop_at_layer", {"stop_at_layer": 1.5}), ("stop_at_layer", {"stop_at_layer": -4})):
+            with pytest.raises(ValueError, match=name):
+                model(tokens, **kwargs)
+
+
+def test_fractional_layers_are_refused_everywhere(model):
+    with pytest.raises(ValueError, match="2.7"):
+        ll.logit_lens(model, "hello", layers=[2.7])
+    with pytest.raises(ValueError, match="0.7"):
+        ll.patching.activation_patching(model, "hello", "jello", lambda logits: logits[0, -1, 5], layers=[0.7])
+    with pytest.raises(ValueError, match="0.7"):
+        ll.patching.attribution_patching(model, "hello", "jello", lambda logits: logits[0, -1, 5], layers=[0.7])
+    with pytest.raises(ValueError, match="2.7"):
+        ll.plan(tiny_config(), layers=[2.7])
+
+
+def test_lens_explorer_layer_moves_the_selection(model):
+    lx = ll.widgets.LogitLensExplorer(model, "hello world", threaded=False)
+    assert lx.layer is None
+    lx.layer = 1
+    last = lx.result.positions[-1]
+    assert lx.selection == {"panel": 0, "row": lx.result.labels.index("1_post"), "position": last} and lx.layer == 1
+    lx.readout = "resid_mid"
+    lx.selection = {"panel": 0, "row": 0, "position": 3}
+    lx.layer = 0
+    assert lx.result.labels[lx.selection["row"]] == "0_mid" and lx.selection["position"] == 3
+    with pytest.raises(ValueError, match="loaded layer"):
+        lx.layer = 2.7
+    with pytest.raises(AttributeError, match="did you mean 'layer'"):
+        lx.layr = 5
+    assert not hasattr(lx, "layr")
