@@ -414,10 +414,10 @@ class HookedModule(nn.Module):
         incl_bwd: bool = False,
     ) -> None:
         """Raises NotEnoughMemoryError when caching the hook points `names` for the batch that
-        `first_activation` [batch, pos, ...] starts would not fit in the memory available where the cache goes.
-        Models without a `cfg` (a LlamaConfig) are not checked."""
+        `first_activation` [batch, pos, ...] starts, plus the forward pass's working memory, would not fit in the
+        memory available where the cache goes. Models without a `cfg` (a LlamaConfig) are not checked."""
         from .config import LlamaConfig
-        from .plan import GIB, available_memory, hook_point_nbytes
+        from .plan import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
 
         cfg = getattr(self, "cfg", None)
         if not isinstance(cfg, LlamaConfig) or first_activation.dim() < 2:
@@ -430,18 +430,21 @@ class HookedModule(nn.Module):
         def nbytes(selected: Iterable[str]) -> int:
             return int(sum(hook_point_nbytes(cfg, name, batch, pos, itemsize) for name in selected) * factor)
 
-        needed = nbytes(names)
+        cached = nbytes(names)
+        written_out = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name in names)
+        working = forward_working_nbytes(cfg, batch, pos, itemsize, written_out=written_out)
         target = torch.device(device) if device is not None else first_activation.device
         available = available_memory(target)
-        if available is None or needed <= available:
+        if available is None or cached + working <= available:
             return
         resid = nbytes(n for n in self.hook_dict if n.endswith("hook_resid_post"))
+        elsewhere = "" if target.type == "cpu" else ", device='cpu' (keep the cache in CPU memory)"
         raise NotEnoughMemoryError(
-            f"run_with_cache would keep about {needed / GIB:.2f} GiB of activations ({len(names)} hook points, "
-            f"batch {batch} x {pos} positions, {str(first_activation.dtype).removeprefix('torch.')}), but only "
-            f"{available / GIB:.2f} GiB is available on {target}. Cache only what you need: e.g. "
-            f"names_filter=lambda name: name.endswith('hook_resid_post') keeps about {resid / GIB:.2f} GiB; or a "
-            "shorter prompt, pos_slice=, device='cpu'; or check_memory=False to try anyway."
+            f"run_with_cache would keep about {cached / GIB:.2f} GiB of activations ({len(names)} hook points, "
+            f"batch {batch} x {pos} positions, {str(first_activation.dtype).removeprefix('torch.')}) and work in "
+            f"{working / GIB:.2f} GiB more, but only {available / GIB:.2f} GiB is available on {target}. Cache "
+            f"only what you need: e.g. names_filter=lambda name: name.endswith('hook_resid_post') keeps about "
+            f"{resid / GIB:.2f} GiB; or a shorter prompt, pos_slice={elsewhere}; or check_memory=False to try anyway."
         )
 
 

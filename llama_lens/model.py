@@ -522,6 +522,9 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
 
     def _warn_past_context(self, n_positions: int) -> None:
         limit = self.cfg.max_position_embeddings
+        scaling = self.cfg.rope_scaling
+        if scaling is not None and scaling.kind == "dynamic":
+            return  # dynamic NTK scaling is made to stretch RoPE past the trained length
         if n_positions > limit and not getattr(self, "warned_past_context", False):
             self.warned_past_context = True
             warnings.warn(
@@ -530,7 +533,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
                 f"attention's time and memory grow with the square of the length. Keep prompts (plus generated "
                 f"tokens) within {limit} positions.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of model(...): past forward and nn.Module's two call wrappers
             )
 
     def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:

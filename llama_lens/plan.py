@@ -284,6 +284,17 @@ def hook_point_nbytes(cfg: LlamaConfig, name: str, batch: int, pos: int, itemsiz
     return batch * pos * widths.get(point, cfg.d_model) * itemsize  # the rest are residual-stream wide
 
 
+def forward_working_nbytes(cfg: LlamaConfig, batch: int, pos: int, itemsize: int, *, written_out: bool) -> int:
+    """Working memory of one forward pass beside what it keeps, as `plan` counts it: one layer's activations,
+    the logits with their float32 softmax, and with `written_out` attention one layer's scores, float32 softmax
+    and pattern."""
+    rows = batch * pos
+    working = rows * _working_width(cfg) * itemsize + rows * cfg.d_vocab * (itemsize + 4)
+    if written_out:
+        working += batch * cfg.n_heads * pos**2 * (2 * itemsize + 4)
+    return working
+
+
 def available_memory(device: torch.device | str = "cpu") -> int | None:
     """Bytes that can be allocated on `device` now; None when unknown.
 

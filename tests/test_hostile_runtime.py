@@ -217,34 +217,42 @@ def _cache_bytes(cache) -> int:
 
 def test_run_with_cache_estimate_is_the_cache_size(model, monkeypatch):
     tokens = model.to_tokens(["a batch of two", "prompts of text"])
-    _, cache = model.run_with_cache(tokens)
-    actual = _cache_bytes(cache)
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": actual)
-    model.run_with_cache(tokens)  # exactly fits
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": actual - 1)
-    with pytest.raises(NotEnoughMemoryError):
-        model.run_with_cache(tokens)
+    batch, pos = tokens.shape
+
+    def check_fits_exactly(cached_bytes: int, written_out: bool, **kwargs) -> None:
+        # What the check adds for the forward pass itself; the rest must be the cache's own bytes.
+        working = plan_module.forward_working_nbytes(model.cfg, batch, pos, 4, written_out=written_out)
+        monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": cached_bytes + working)
+        model.run_with_cache(tokens, **kwargs)  # exactly fits
+        monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": cached_bytes + working - 1)
+        with pytest.raises(NotEnoughMemoryError):
+            model.run_with_cache(tokens, **kwargs)
+        monkeypatch.undo()
+
+    check_fits_exactly(_cache_bytes(model.run_with_cache(tokens)[1]), True)
     # A filter and a position slice shrink the estimate as they shrink the cache.
     names = lambda name: name.endswith(("hook_pattern", "hook_z", "hook_scale"))  # noqa: E731
-    _, sliced = model.run_with_cache(tokens, names_filter=names, pos_slice=slice(2, 6), check_memory=False)
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": _cache_bytes(sliced))
-    model.run_with_cache(tokens, names_filter=names, pos_slice=slice(2, 6))
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": _cache_bytes(sliced) - 1)
-    with pytest.raises(NotEnoughMemoryError):
-        model.run_with_cache(tokens, names_filter=names, pos_slice=slice(2, 6))
+    _, sliced = model.run_with_cache(tokens, names_filter=names, pos_slice=slice(2, 6))
+    check_fits_exactly(_cache_bytes(sliced), True, names_filter=names, pos_slice=slice(2, 6))
+    _, resid = model.run_with_cache(tokens, names_filter=lambda name: "resid" in name)
+    check_fits_exactly(_cache_bytes(resid), False, names_filter=lambda name: "resid" in name)
 
 
 def test_run_with_cache_that_cannot_fit_raises_before_any_layer_runs(model, monkeypatch):
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": 200_000)
-    layers_run = []
     tokens = model.to_tokens("x" * 200)
+    resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
+    resid_bytes = _cache_bytes(model.run_with_cache(tokens, names_filter=resid_post)[1])
+    all_bytes = _cache_bytes(model.run_with_cache(tokens)[1])
+    available = resid_bytes + plan_module.forward_working_nbytes(model.cfg, 1, tokens.shape[1], 4, written_out=False)
+    assert all_bytes > available
+    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": available)
+    layers_run = []
     with pytest.raises(NotEnoughMemoryError, match=r"about [\d.]+ GiB .* available .* names_filter=") as err:
         model.run_with_cache(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: layers_run.append(1))])
     assert layers_run == []
     assert "check_memory=False" in str(err.value)
     # The suggested filter does fit, and so does turning the check off.
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_post"))
-    assert _cache_bytes(cache) <= 200_000
+    assert len(model.run_with_cache(tokens, names_filter=resid_post)[1]) == 2
     assert len(model.run_with_cache(tokens, check_memory=False)[1]) == len(model.hook_names)
 
 
