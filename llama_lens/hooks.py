@@ -77,16 +77,18 @@ class HookPoint(nn.Module):
     def hook_fns(self, dir: str = "fwd") -> list[HookFn]:  # noqa: A002 - TransformerLens' argument name
         """The forward (`"fwd"`) or backward (`"bwd"`) hook functions that run here for the calling thread, in
         order: the persistent ones, then those of its `model.hooks(...)` blocks, outermost first."""
-        return [fn for fns in self._fn_lists(dir) for fn in fns]
+        self._fn_list(dir)  # raises for a bad direction
+        return [fn for fns in self._fn_lists()[0 if dir == "fwd" else 1] for fn in fns]
 
-    def _fn_lists(self, direction: str) -> list[list[HookFn]]:
-        lists = [self._fn_list(direction)]  # raises for a bad direction
-        index = 0 if direction == "fwd" else 1
+    def _fn_lists(self) -> tuple[list[list[HookFn]], list[list[HookFn]]]:
+        """The forward and the backward lists of hook functions that apply for the calling thread."""
+        fwd, bwd = [self.fns], [self.bwd_fns]
         for scope in _SCOPED_HOOKS.get():
             entry = scope.get(self)
             if entry is not None:
-                lists.append(entry[index])
-        return lists
+                fwd.append(entry[0])
+                bwd.append(entry[1])
+        return fwd, bwd
 
     def layer(self) -> int:
         """The block index in the name ("blocks.3.attn.hook_q" -> 3), as TransformerLens' `hook.layer()`."""
@@ -122,11 +124,11 @@ class HookPoint(nn.Module):
         scopes = _SCOPED_HOOKS.get()
         if not scopes and not self.fns and not self.bwd_fns:
             return tensor
-        for fn in self.hook_fns("fwd"):
+        fwd_lists, bwd_lists = self._fn_lists()
+        for fn in [fn for fns in fwd_lists for fn in fns]:
             replaced = self._run(fn, tensor)
             if replaced is not None:
                 tensor = self._checked(replaced, tensor, "returned")
-        bwd_lists = self._fn_lists("bwd")
         if any(bwd_lists) and torch.is_grad_enabled():
             if not tensor.requires_grad:
                 # Nothing before this point needs a gradient (else this tensor would), so making it a leaf cuts
