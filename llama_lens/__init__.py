@@ -27,7 +27,6 @@ _LAZY = {
     "LensResult": "lens",
     "AttributionResult": "attribution",
     "LensInputs": "inputs",
-    "plan": "plan",
     "lens_dataset": "dataset",
     "attribution_dataset": "dataset",
     "store_activations": "dataset",
@@ -50,7 +49,9 @@ _LAZY = {
     "WeightOnDiskError": "errors",
     "FactoredMatrix": "weights",
 }
-_SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
+# `plan` is a submodule that is called like a function (`ll.plan(path)`), see plan.CallableModule: a package
+# attribute that were the function would be replaced by the module as soon as anything imports llama_lens.plan.
+_SUBMODULES = {"plot", "widgets", "testing", "utils", "patching", "plan"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

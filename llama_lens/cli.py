@@ -185,7 +185,8 @@ def format_lens_table(lens, position: int = -1) -> str:
         line = f"{label:<9}  {tops:<48}"
         if lens.target_ids is not None:
             prob, rank = float(lens.target_probs[0, r, column, 0]), int(lens.target_ranks[0, r, column, 0])
-            line += f"  {prob:>{len(repr(lens.target_strs[0][0])) + 5}.4f}  {rank:>5}"
+            rank_text = str(rank) if rank >= 0 else "nan"  # -1: the read-out's logits are not finite
+            line += f"  {prob:>{len(repr(lens.target_strs[0][0])) + 5}.4f}  {rank_text:>5}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -304,18 +305,48 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--system needs --chat: a system message only exists in a chat")
     model = _load_model(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    if not args.chat:
-        out = model.generate(args.prompt, **options)
-        print(args.prompt + out.text)
-        return 0
-    # The template's ids already hold BOS where the format has one; generation stops at its end-of-turn token,
-    # which is among the tokenizer's eos_ids.
-    ids = model.tokenizer.apply_chat_template(
-        chat_messages(args.prompt, args.system), add_generation_prompt=True, tokenize=True
-    )
-    out = model.generate(ids, **options)
-    print(out.text)
+    if args.chat:
+        # The template's ids already hold BOS where the format has one; generation stops at its end-of-turn
+        # token, which is among the tokenizer's eos_ids.
+        prompt = model.tokenizer.apply_chat_template(
+            chat_messages(args.prompt, args.system), add_generation_prompt=True, tokenize=True
+        )
+    else:
+        prompt = args.prompt
+        sys.stdout.write(args.prompt)
+    streamed = StreamedText(model)
+    try:
+        out = model.generate(prompt, on_token=streamed, **options)
+        streamed.show(out.text, final=True)
+    finally:
+        # Also on Ctrl-C: what was generated so far stays on the screen, its line ended.
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
+
+
+class StreamedText:
+    """Writes one prompt's continuation to stdout as `generate(on_token=...)` hands over its tokens."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.ids: list[int] = []
+        self.written = ""
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is not None:  # None: the prompt has stopped (EOS)
+            from .generate import decode_generated
+
+            self.ids.append(tokens[0])
+            self.show(decode_generated(self.model, self.ids, warn=False))
+
+    def show(self, text: str, *, final: bool = False) -> None:
+        """Writes what `text` adds to what is on screen. The whole continuation is decoded each time, as a
+        character may span tokens; a text ending in an incomplete one (U+FFFD) waits for the next token."""
+        if text.startswith(self.written) and (final or not text.endswith("\ufffd")):
+            sys.stdout.write(text[len(self.written) :])
+            sys.stdout.flush()
+            self.written = text
 
 
 # ----------------------------------------------------------------------------------------- the parser
@@ -348,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        check_text_arguments(args)
         return args.run(args)
     except BrokenPipeError:  # e.g. `llama-lens inspect PATH | head`: the reader left, nothing to report
         sys.stderr.close()
@@ -358,6 +390,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the argument and the byte when PROMPT or --system is not UTF-8 (Python hands
+    such bytes over as lone surrogates, which no tokenizer takes)."""
+    for name, shown in (("prompt", "PROMPT"), ("system", "--system")):
+        value = getattr(args, name, None)
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogateescape")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"byte 0x{raw[err.start]:02x} at position {err.start}"
+            else:  # a surrogate that was not a byte at all (e.g. from a UTF-16 source)
+                where = "a lone surrogate"
+            raise ValueError(
+                f"{shown} is not valid UTF-8 ({where}): the terminal or file sent another encoding; convert it, "
+                "e.g. `iconv -f latin1 -t utf-8`, or set the terminal to UTF-8"
+            ) from None
 
 
 def _version() -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ import torch
 
 from .hooks import HookFn, NameFilter
 from .kv_cache import KVCache
+from .validate import check_count
 
 if TYPE_CHECKING:
     from .model import HookedLlama
@@ -69,6 +71,7 @@ def generate(
     seed: int | None = None,
     fwd_hooks: Iterable[tuple[NameFilter, HookFn]] = (),
     verbose: bool = False,
+    on_token: Callable[[list[int | None]], None] | None = None,
 ) -> Generation:
     """Continues each prompt; hooks in `fwd_hooks` (or added with `model.hooks(...)`) fire at every step.
 
@@ -87,7 +90,14 @@ def generate(
         seed: seeds the sampler for reproducible draws.
         fwd_hooks: (hook name or filter, fn) pairs active for every step, removed at the end.
         verbose: show a progress bar over the new tokens.
+        on_token: called after each step with the token chosen for each prompt [batch] (None for a prompt
+            that has stopped at EOS), e.g. to print the text as it comes; `decode_generated` turns ids into text.
+
+    Returns:
+        The new tokens and their text. Ids past the tokenizer's vocabulary (a model whose d_vocab is padded
+        beyond it) are kept in `.tokens` and written as "<id>" in `.texts`, with a warning.
     """
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 0)
     if not temperature >= 0 or not 0 < top_p <= 1:  # written so that NaN fails too
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -105,11 +115,23 @@ def generate(
             use_kv_cache,
             seed,
             verbose,
+            on_token,
         )
 
 
 def _generate(
-    model, prompts, max_new_tokens, temperature, top_p, top_k, stop_at_eos, prepend_bos, use_kv_cache, seed, verbose
+    model,
+    prompts,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    stop_at_eos,
+    prepend_bos,
+    use_kv_cache,
+    seed,
+    verbose,
+    on_token,
 ) -> Generation:
     device = model.embed.weight.device
     tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)
@@ -134,6 +156,9 @@ def _generate(
                 last = last.masked_fill(last < kth, float("-inf"))
             next_token = sample_top_p((last / temperature).softmax(dim=-1), top_p, generator)
         new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+        if on_token is not None:
+            stopped = finished | torch.isin(next_token, eos) if stop_at_eos else finished
+            on_token([None if done else token for token, done in zip(next_token.tolist(), stopped.tolist())])
         if stop_at_eos:
             finished |= torch.isin(next_token, eos)
             if bool(finished.all()):
@@ -153,5 +178,41 @@ def _generate(
             cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             row = row[:cut]
         out_tokens.append(row)
-    texts = [model.to_string(row) if model.tokenizer is not None else "" for row in out_tokens]
+    texts = [decode_generated(model, row) for row in out_tokens]
     return Generation(tokens=out_tokens, texts=texts)
+
+
+def decode_generated(model: HookedLlama, ids: Sequence[int], *, warn: bool = True) -> str:
+    """The text of generated ids [pos]; "" without a tokenizer.
+
+    A model's d_vocab may be padded past its tokenizer's vocabulary, and a sampler can pick those rows: such ids
+    are written as "<id>" (with a warning, unless `warn=False`) rather than failing after the work is done.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        return ""
+    ids = list(ids)
+    size = getattr(tokenizer, "vocab_size", None)
+    if not size or all(0 <= i < size for i in ids):
+        return model.to_string(ids)
+    unknown = sorted({i for i in ids if not 0 <= i < size})
+    if warn:
+        warnings.warn(
+            f"generated ids {unknown[:5]} are past the tokenizer's vocabulary (vocab_size {size}; the model's "
+            f"d_vocab is {model.cfg.d_vocab}): written as '<id>' in the text, kept as they are in .tokens",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    # Runs of known ids decode together (multi-byte characters span tokens); each unknown id stands alone.
+    parts, run = [], []
+    for i in ids:
+        if 0 <= i < size:
+            run.append(i)
+            continue
+        if run:
+            parts.append(model.to_string(run))
+            run = []
+        parts.append(f"<{i}>")
+    if run:
+        parts.append(model.to_string(run))
+    return "".join(parts)

@@ -8,19 +8,26 @@ Backward hooks (`bwd_hooks=`, `HookPoint.add_hook(fn, dir="bwd")`) receive the g
 backpropagated (e.g. a loss) with respect to the hook point's output, [same shape as the activation], and may
 return a replacement gradient, as TransformerLens' do. They fire during `.backward()`, so keep them on (with
 `model.hooks(...)`) until the backward pass has run; `run_with_cache(incl_bwd=True)` does both for you.
+
+Threads: hooks added by `with model.hooks(...)` (and so by `run_with_hooks`, `run_with_cache` and `generate`'s
+`fwd_hooks=`) belong to the thread (or asyncio task) that added them: they live in a context variable, not on
+the model, so two threads can ablate, patch and cache on one model at once, each seeing only its own hooks and
+activations. Hooks added with `add_hook` (or `reset_hooks_end=False`) are persistent: they are on the model, for
+every thread, until `reset_hooks()`, as in TransformerLens. `hook.ctx` is on the hook point, shared too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
 
 from .cache import ActivationCache
-from .errors import GroupedHeadsError, UnknownNameError, did_you_mean
+from .errors import GroupedHeadsError, NotEnoughMemoryError, UnknownNameError, did_you_mean
 from .utils import PosSlice, apply_pos_slice
 
 HookFn = Callable[..., torch.Tensor | None]
@@ -28,6 +35,12 @@ NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookList = Iterable[tuple[NameFilter, HookFn]]
 
 __all__ = ["ActivationCache", "HookFn", "HookPoint", "HookedModule", "NameFilter"]
+
+# The hooks of the `model.hooks(...)` blocks the calling thread (or task) is inside, outermost first: for each
+# block, hook point -> (forward fns, backward fns). Empty outside any block, which is the fast path.
+_SCOPED_HOOKS: ContextVar[tuple[dict[HookPoint, tuple[list[HookFn], list[HookFn]]], ...]] = ContextVar(
+    "llama_lens_scoped_hooks", default=()
+)
 
 # Activations whose position dimension is third from last ([batch, pos, heads, d_head]); the rest have it second.
 _HEAD_POS_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")
@@ -41,7 +54,8 @@ class HookPoint(nn.Module):
 
     Attributes:
         name: the module path, e.g. "blocks.3.attn.hook_pattern".
-        fns, bwd_fns: the forward and backward hook functions, in the order they run.
+        fns, bwd_fns: the persistent forward and backward hook functions (`add_hook`), for every thread; the
+            calling thread's `model.hooks(...)` functions run after them (see `hook_fns`).
         ctx: a dict hook functions may keep state in (TransformerLens' `hook.ctx`); emptied by
             `clear_context()` and by `model.reset_hooks(clear_contexts=True)`.
         kv_grouping: (n_heads, n_kv_heads) on key/value hook points of grouped-query attention, else None.
@@ -57,7 +71,24 @@ class HookPoint(nn.Module):
 
     @property
     def has_hooks(self) -> bool:
-        return bool(self.fns) or bool(self.bwd_fns)
+        """Whether any hook function runs here for the calling thread (persistent or its own)."""
+        return bool(self.hook_fns("fwd")) or bool(self.hook_fns("bwd"))
+
+    def hook_fns(self, dir: str = "fwd") -> list[HookFn]:  # noqa: A002 - TransformerLens' argument name
+        """The forward (`"fwd"`) or backward (`"bwd"`) hook functions that run here for the calling thread, in
+        order: the persistent ones, then those of its `model.hooks(...)` blocks, outermost first."""
+        self._fn_list(dir)  # raises for a bad direction
+        return [fn for fns in self._fn_lists()[0 if dir == "fwd" else 1] for fn in fns]
+
+    def _fn_lists(self) -> tuple[list[list[HookFn]], list[list[HookFn]]]:
+        """The forward and the backward lists of hook functions that apply for the calling thread."""
+        fwd, bwd = [self.fns], [self.bwd_fns]
+        for scope in _SCOPED_HOOKS.get():
+            entry = scope.get(self)
+            if entry is not None:
+                fwd.append(entry[0])
+                bwd.append(entry[1])
+        return fwd, bwd
 
     def layer(self) -> int:
         """The block index in the name ("blocks.3.attn.hook_q" -> 3), as TransformerLens' `hook.layer()`."""
@@ -90,16 +121,23 @@ class HookPoint(nn.Module):
         raise ValueError(f"dir must be 'fwd' or 'bwd' (or 'both' to remove), got {direction!r}")
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        for fn in self.fns:
+        scopes = _SCOPED_HOOKS.get()
+        if not scopes and not self.fns and not self.bwd_fns:
+            return tensor
+        fwd_lists, bwd_lists = self._fn_lists()
+        for fn in [fn for fns in fwd_lists for fn in fns]:
             replaced = self._run(fn, tensor)
             if replaced is not None:
                 tensor = self._checked(replaced, tensor, "returned")
-        if self.bwd_fns and torch.is_grad_enabled():
+        if any(bwd_lists) and torch.is_grad_enabled():
             if not tensor.requires_grad:
                 # Nothing before this point needs a gradient (else this tensor would), so making it a leaf cuts
                 # no path: it only lets the gradient reach this point (e.g. in a model with frozen weights).
                 tensor = tensor.detach().requires_grad_(True)
-            tensor.register_hook(self._run_backward)
+            # The lists themselves, not their functions now: the backward pass may run on another thread (CUDA's
+            # autograd threads), where this thread's scope is not visible, and a `hooks()` block that ends before
+            # `.backward()` empties its lists, so its functions no longer fire, as before.
+            tensor.register_hook(lambda grad: self._run_backward(grad, bwd_lists))
         return tensor
 
     def _run(self, fn: HookFn, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -118,8 +156,8 @@ class HookPoint(nn.Module):
                 "head); ll.utils.ungroup_kv(tensor, n_heads) views this tensor per query head."
             ) from err
 
-    def _run_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        for fn in list(self.bwd_fns):
+    def _run_backward(self, grad: torch.Tensor, bwd_lists: list[list[HookFn]]) -> torch.Tensor:
+        for fn in [fn for fns in bwd_lists for fn in fns]:
             replaced = self._run(fn, grad)
             if replaced is not None:
                 grad = self._checked(replaced, grad, "returned the gradient")
@@ -137,7 +175,7 @@ class HookPoint(nn.Module):
         return replaced
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, hooks={len(self.fns)}, bwd_hooks={len(self.bwd_fns)}"
+        return f"name={self.name!r}, hooks={len(self.hook_fns('fwd'))}, bwd_hooks={len(self.hook_fns('bwd'))}"
 
 
 class HookedModule(nn.Module):
@@ -156,10 +194,13 @@ class HookedModule(nn.Module):
         return list(self.hook_dict)
 
     def resolve_hook_names(self, names: NameFilter) -> list[str]:
-        """The hook names a filter selects: None (all), a name, a list of names, or a predicate on names.
+        """The hook names a filter selects: None (all), a name, an iterable of names, or a predicate on names.
+
+        An iterable is read once, so a generator works as well as a list.
 
         Raises:
             KeyError: for a name that is not a hook point, with the closest valid names.
+            ValueError: for a filter of another kind.
         """
         if names is None:
             return list(self.hook_dict)
@@ -167,10 +208,16 @@ class HookedModule(nn.Module):
             return [n for n in self.hook_dict if names(n)]
         if isinstance(names, str):
             names = [names]
+        if not isinstance(names, Iterable):
+            raise ValueError(
+                f"names_filter must be None, a hook name, a list of names or a predicate on names, got "
+                f"{type(names).__name__}"
+            )
+        names = list(names)  # once: a generator read twice (checked, then used) would select nothing
         for name in names:
-            if name not in self.hook_dict:
-                raise UnknownNameError(_unknown_name_message(name, self.hook_dict, what="hook"))
-        return list(names)
+            if not isinstance(name, str) or name not in self.hook_dict:
+                raise UnknownNameError(_unknown_name_message(str(name), self.hook_dict, what="hook"))
+        return names
 
     @contextmanager
     def hooks(
@@ -182,39 +229,66 @@ class HookedModule(nn.Module):
     ) -> Iterator[HookedModule]:
         """Adds hook functions for the duration of a `with` block; they come off even when the block raises.
 
+        The hooks run for the calling thread (or asyncio task) only: another thread using the model at the same
+        time runs without them (see the module docstring).
+
         Args:
-            fwd_hooks: pairs of (hook name, list of names or predicate on names; hook function
+            fwd_hooks: pairs of (hook name, iterable of names or predicate on names; hook function
                 `fn(tensor, *, hook) -> tensor | None`).
             bwd_hooks: the same for gradients: `fn(grad, *, hook) -> grad | None`, run during `.backward()`
                 inside the block.
-            reset_hooks_end: remove the hooks at the end (TransformerLens' flag; False leaves them on).
+            reset_hooks_end: remove the hooks at the end (TransformerLens' flag). False adds them as persistent
+                hooks instead, on the model for every thread until `reset_hooks()`.
             clear_contexts: also empty every `hook.ctx` at the end.
         """
-        added: list[tuple[list[HookFn], HookFn]] = []
+        if not reset_hooks_end:
+            try:
+                for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                    for names, fn in pairs:
+                        self.add_hook(names, fn, dir=direction)
+                yield self
+            finally:
+                if clear_contexts:
+                    for point in self.hook_dict.values():
+                        point.clear_context()
+            return
+        scope: dict[HookPoint, tuple[list[HookFn], list[HookFn]]] = {}
+        for index, pairs in enumerate((fwd_hooks, bwd_hooks)):
+            for names, fn in pairs:
+                for name in self.resolve_hook_names(names):
+                    scope.setdefault(self.hook_dict[name], ([], []))[index].append(fn)
+        token = _SCOPED_HOOKS.set((*_SCOPED_HOOKS.get(), scope))
         try:
-            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
-                for names, fn in pairs:
-                    for name in self.resolve_hook_names(names):
-                        fns = self.hook_dict[name]._fn_list(direction)
-                        fns.append(fn)
-                        added.append((fns, fn))
             yield self
         finally:
-            if reset_hooks_end:
-                for fns, fn in reversed(added):
-                    fns.remove(fn)
+            _SCOPED_HOOKS.reset(token)
+            # Emptied, not only dropped: a backward pass run after the block holds these lists (see
+            # HookPoint.__call__) and must not call hooks that have come off.
+            for fwd, bwd in scope.values():
+                fwd.clear()
+                bwd.clear()
             if clear_contexts:
                 for point in self.hook_dict.values():
                     point.clear_context()
 
     def add_hook(self, name: NameFilter, fn: HookFn, dir: str = "fwd") -> None:  # noqa: A002 - TL's name
-        """Adds `fn` to the hook points `name` selects until `reset_hooks()` (prefer `with model.hooks(...)`)."""
+        """Adds `fn` to the hook points `name` selects until `reset_hooks()` (prefer `with model.hooks(...)`).
+
+        Persistent: the hook is on the model, and runs for every thread that uses it."""
         for hook_name in self.resolve_hook_names(name):
             self.hook_dict[hook_name].add_hook(fn, dir=dir)
 
     def reset_hooks(self, clear_contexts: bool = True, direction: str = "both") -> None:
-        """Removes every hook function (for hooks left behind by code that did not use `hooks()`), and empties
-        every `hook.ctx` unless `clear_contexts=False`."""
+        """Removes every persistent hook function (for hooks left behind by code that did not use `hooks()`)
+        and those the calling thread's `model.hooks(...)` blocks added here, and empties every `hook.ctx` unless
+        `clear_contexts=False`."""
+        for scope in _SCOPED_HOOKS.get():
+            for point, (fwd, bwd) in scope.items():
+                if self.hook_dict.get(point.name) is point:
+                    if direction in ("fwd", "both"):
+                        fwd.clear()
+                    if direction in ("bwd", "both"):
+                        bwd.clear()
         for point in self.hook_dict.values():
             point.remove_hooks(direction)
             if clear_contexts:
@@ -249,6 +323,7 @@ class HookedModule(nn.Module):
         pos_slice: PosSlice = None,
         fwd_hooks: HookList = (),
         bwd_hooks: HookList = (),
+        check_memory: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Runs the forward pass and saves the activations that `names_filter` selects.
@@ -264,13 +339,31 @@ class HookedModule(nn.Module):
             pos_slice: keep only these positions of each activation (an int drops the pos dimension; the
                 query positions for patterns and scores).
             fwd_hooks, bwd_hooks: more hooks to run during the same pass; the cache sees what they return.
+            check_memory: before any layer runs, estimate the cache's size and raise NotEnoughMemoryError when it
+                exceeds the memory available where it is kept (False skips the check).
 
         Returns:
             The forward's output (logits [batch, pos, d_vocab] by default) and the ActivationCache.
+
+        Raises:
+            NotEnoughMemoryError: the selected activations would not fit (the message has the size, the memory
+                available and a `names_filter=` that fits).
         """
-        activations: dict[str, torch.Tensor] = {}
+        activations: dict[str, torch.Tensor] = {}  # this call's own: other threads' hooks never write here
+        names = self.resolve_hook_names(names_filter)
+        checked: list[bool] = []
+
+        def check_size(tensor: torch.Tensor, *, hook: HookPoint) -> None:
+            # At the first hook point that fires (the embedding, before any layer has run) the batch and
+            # positions are known: refuse a cache that cannot fit before the work is spent.
+            if not checked:
+                checked.append(True)
+                if check_memory:
+                    self.check_cache_fits(names, tensor, device=device, pos_slice=pos_slice, incl_bwd=incl_bwd)
 
         def save(tensor: torch.Tensor, *, hook: HookPoint, suffix: str = "") -> None:
+            if not checked:
+                check_size(tensor, hook=hook)
             saved = tensor.detach() if detach or suffix else tensor
             if remove_batch_dim:
                 if saved.shape[0] != 1:
@@ -285,26 +378,76 @@ class HookedModule(nn.Module):
         def save_grad(grad: torch.Tensor, *, hook: HookPoint) -> None:
             save(grad, hook=hook, suffix="_grad")
 
-        names = self.resolve_hook_names(names_filter)
+        first = [("hook_embed", check_size)] if "hook_embed" in self.hook_dict and "hook_embed" not in names else []
         bwd = list(bwd_hooks) + ([(names, save_grad)] if incl_bwd else [])
-        with self.hooks(list(fwd_hooks) + [(names, save)], bwd):
-            if incl_bwd:
-                with torch.enable_grad():
+        try:
+            with self.hooks(first + list(fwd_hooks) + [(names, save)], bwd):
+                if incl_bwd:
+                    with torch.enable_grad():
+                        output = self(*args, **kwargs)
+                        if not isinstance(output, torch.Tensor) or output.numel() != 1:
+                            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                            raise ValueError(
+                                f"incl_bwd=True backpropagates from the output, which must be one number, got "
+                                f"{shape}; pass return_type='loss' (or run the backward pass yourself inside "
+                                "`model.hooks`)"
+                            )
+                        output.backward()
+                else:
                     output = self(*args, **kwargs)
-                    if not isinstance(output, torch.Tensor) or output.numel() != 1:
-                        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                        raise ValueError(
-                            f"incl_bwd=True backpropagates from the output, which must be one number, got {shape}; "
-                            "pass return_type='loss' (or run the backward pass yourself inside `model.hooks`)"
-                        )
-                    output.backward()
-            else:
-                output = self(*args, **kwargs)
+        except BaseException:
+            # The traceback keeps this frame alive as long as the exception is (in a notebook: until the next
+            # error), and with it whatever was cached so far: let that go now.
+            activations.clear()
+            raise
         # Forward order, not the order the filter listed them in; gradients after the activations.
         ordered = {name: activations[name] for name in self.hook_dict if name in activations}
         ordered |= {f"{n}_grad": activations[f"{n}_grad"] for n in self.hook_dict if f"{n}_grad" in activations}
         cache = ActivationCache(ordered, getattr(self, "layer_indices", []), self, has_batch_dim=not remove_batch_dim)
         return output, cache
+
+    def check_cache_fits(
+        self,
+        names: list[str],
+        first_activation: torch.Tensor,
+        *,
+        device: str | torch.device | None = None,
+        pos_slice: PosSlice = None,
+        incl_bwd: bool = False,
+    ) -> None:
+        """Raises NotEnoughMemoryError when caching the hook points `names` for the batch that
+        `first_activation` [batch, pos, ...] starts, plus the forward pass's working memory, would not fit in the
+        memory available where the cache goes. Models without a `cfg` (a LlamaConfig) are not checked."""
+        from .config import LlamaConfig
+        from .plan import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
+
+        cfg = getattr(self, "cfg", None)
+        if not isinstance(cfg, LlamaConfig) or first_activation.dim() < 2:
+            return
+        batch, pos = first_activation.shape[:2]
+        itemsize = first_activation.element_size()
+        kept = pos if pos_slice is None else apply_pos_slice(torch.arange(pos), pos_slice, dim=0).numel()
+        factor = (2 if incl_bwd else 1) * kept / max(pos, 1)  # every activation is linear in query positions
+
+        def nbytes(selected: Iterable[str]) -> int:
+            return int(sum(hook_point_nbytes(cfg, name, batch, pos, itemsize) for name in selected) * factor)
+
+        cached = nbytes(names)
+        written_out = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name in names)
+        working = forward_working_nbytes(cfg, batch, pos, itemsize, written_out=written_out)
+        target = torch.device(device) if device is not None else first_activation.device
+        available = available_memory(target)
+        if available is None or cached + working <= available:
+            return
+        resid = nbytes(n for n in self.hook_dict if n.endswith("hook_resid_post"))
+        elsewhere = "" if target.type == "cpu" else ", device='cpu' (keep the cache in CPU memory)"
+        raise NotEnoughMemoryError(
+            f"run_with_cache would keep about {cached / GIB:.2f} GiB of activations ({len(names)} hook points, "
+            f"batch {batch} x {pos} positions, {str(first_activation.dtype).removeprefix('torch.')}) and work in "
+            f"{working / GIB:.2f} GiB more, but only {available / GIB:.2f} GiB is available on {target}. Cache "
+            f"only what you need: e.g. names_filter=lambda name: name.endswith('hook_resid_post') keeps about "
+            f"{resid / GIB:.2f} GiB; or a shorter prompt, pos_slice={elsewhere}; or check_memory=False to try anyway."
+        )
 
 
 def _describe(tensor: torch.Tensor) -> str:

@@ -18,6 +18,7 @@ the residual streams before the norm (a tuned lens, `lens=`) is applied just bef
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,8 @@ class LensResult(InputsView):
             (log p_final(v) - log p_readout(v)). The final distribution is the model's own output, i.e. the
             read-out of the last loaded layer's resid_post (for a partial model, that of its last layer).
         target_probs, target_logits: [batch, n_readouts, n_pos, n_targets] or None.
-        target_ranks: [batch, n_readouts, n_pos, n_targets] tokens with a strictly higher logit (0 = top).
+        target_ranks: [batch, n_readouts, n_pos, n_targets] tokens with a strictly higher logit (0 = top); -1
+            where the read-out's logits are not finite (NaN or inf, so there is no rank), NaN in `to_frame()`.
         logits: [batch, n_readouts, n_pos, d_vocab] when `keep_logits=True`, else None.
         lens: which lens made it: "logit" (the residual streams read out as they are) or "tuned" (each first
             moved by its tuned-lens translator, see `ll.TunedLens`).
@@ -114,7 +116,8 @@ class LensResult(InputsView):
             kind: "summary": one row per prompt × read-out × position (× target when there are several),
                 columns prompt (the batch index), label, layer, readout, position, token, top_token, top_id,
                 top_prob, entropy, kl_to_final, and with targets: target, target_id, target_prob, target_logit,
-                target_rank. "top_k": one row per prompt × read-out × position × k, columns prompt, label,
+                target_rank (float with NaN where a read-out's logits are not finite, as pandas does for missing
+                integers; else integers). "top_k": one row per prompt × read-out × position × k, columns prompt, label,
                 layer, readout, position, token, k, top_token, top_id, top_prob, top_logit.
             drop_padding: leave out rows at padding positions of a left-padded batch.
 
@@ -158,7 +161,10 @@ class LensResult(InputsView):
         columns |= self.inputs.target_columns(repeat_rows(b, n_targets), torch.arange(n_targets).repeat(len(b)))
         columns["target_prob"] = self.target_probs.reshape(-1)
         columns["target_logit"] = self.target_logits.reshape(-1)
-        columns["target_rank"] = self.target_ranks.reshape(-1)
+        ranks = self.target_ranks.reshape(-1)
+        if bool((ranks < 0).any()):
+            ranks = ranks.double().masked_fill(ranks < 0, float("nan"))
+        columns["target_rank"] = ranks
         return make_frame(columns, None if keep is None else repeat_rows(keep, n_targets))
 
     # Drawing is plot_lens's job; these two are conveniences (as tuned-lens' PredictionTrajectory has), so the
@@ -300,6 +306,7 @@ def logit_lens(
         value = torch.stack(parts, dim=1)  # [batch * n_pos, n_readouts, ...]
         return value.unflatten(0, (batch, n_pos)).transpose(1, 2).cpu()
 
+    _warn_non_finite(stacked("lse"), points)
     top_ids = stacked("top_ids")
     texts = token_texts(model, top_ids.unique().tolist())
     return LensResult(
@@ -318,6 +325,25 @@ def logit_lens(
         target_ranks=stacked("target_ranks"),
         logits=stacked("logits"),
         lens="logit" if lens is None else "tuned",
+    )
+
+
+def _warn_non_finite(lse: torch.Tensor, points: list[tuple[str, int, str, str]]) -> None:
+    """One warning per lens call when some read-out's logits hold NaN or inf ([batch, n_readouts, n_pos] `lse`),
+    naming the first read-out, in forward order, where they appear."""
+    bad = ~torch.isfinite(lse).flatten(2).all(dim=2).all(dim=0)  # [n_readouts]
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    label, layer, _, hook = points[first]
+    warnings.warn(
+        f"the logit lens met non-finite values (NaN or inf): they first appear at read-out {label!r} ({hook}, "
+        f"layer {layer}), and {int(bad.sum())} of {len(points)} read-outs have them. Probabilities there are NaN "
+        "and target ranks -1 (NaN in to_frame()): they are not predictions. NaN/inf in the weights (a damaged "
+        "checkpoint) or from a hook are the usual causes; `model.run_with_cache` shows where activations turn "
+        "non-finite.",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 

@@ -34,6 +34,7 @@ from .hooks import HookedModule, HookPoint
 from .kv_cache import KVCache
 from .norm import RMSNorm
 from .tokens import TokenHelpers
+from .validate import check_layer_bound
 from .weights import WeightViews
 
 
@@ -148,6 +149,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         self.cfg = cfg
         self.layer_indices = sorted(range(cfg.n_layers) if layers is None else layers)
         self.tokenizer = None  # set by the loader
+        self.warned_past_context = False  # the warning comes once per model, not once per generated token
         embed_weight = torch.empty(cfg.d_vocab, cfg.d_model)
         if not embed_weight.is_meta:
             # nn.Embedding's own init. Skipped on the meta device (the loader's), where normal_ imports sympy:
@@ -201,7 +203,9 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             prepend_bos: for texts: add BOS (True), not (False), or the tokenizer's own default (None).
             padding_side: for a list of texts: "left" (the default here) or "right".
             start_at_layer: resume at this layer, `input` (or `resid=`) being its resid_pre, e.g. from a cache.
-            stop_at_layer: return the residual stream entering this layer [batch, pos, d_model] instead.
+            stop_at_layer: return the residual stream entering this layer [batch, pos, d_model] instead; negative
+                counts from the end, as in TransformerLens (-1: after all but the last layer). So does
+                `start_at_layer`.
             tokens: the token ids [batch, pos] a loss is computed against when `input` is a residual stream.
             attention_mask: [batch, pos], 1 for real tokens and 0 for padding. When omitted: exact for texts; for
                 ids, inferred from leading pad tokens (pass it when a prompt may start with the pad id).
@@ -241,6 +245,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         else:
             resid = resid.to(weight.device)
         batch, pos, _ = resid.shape
+        self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
         positions, mask = self._positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
         cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
 
@@ -319,6 +324,12 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
 
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
         loaded = self.layer_indices
+        # Negative layers count from the end, as in TransformerLens (a slice of its blocks): stop_at_layer=-1 runs
+        # all but the last layer.
+        if start_layer is not None:
+            start_layer = check_layer_bound("start_at_layer", start_layer, self.cfg.n_layers)
+        if stop_at_layer is not None:
+            stop_at_layer = check_layer_bound("stop_at_layer", stop_at_layer, self.cfg.n_layers)
         if has_resid:
             start = loaded[0] if start_layer is None else start_layer
         elif start_layer not in (None, 0):
@@ -340,6 +351,22 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         if missing:
             raise ValueError(f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others")
         return layers
+
+    def _warn_past_context(self, n_positions: int) -> None:
+        limit = self.cfg.max_position_embeddings
+        scaling = self.cfg.rope_scaling
+        if scaling is not None and scaling.kind == "dynamic":
+            return  # dynamic NTK scaling is made to stretch RoPE past the trained length
+        if n_positions > limit and not getattr(self, "warned_past_context", False):
+            self.warned_past_context = True
+            warnings.warn(
+                f"{n_positions} positions is past the model's context length (max_position_embeddings {limit}): "
+                "positions beyond it were never trained, so what the model computes there is unreliable, and "
+                f"attention's time and memory grow with the square of the length. Keep prompts (plus generated "
+                f"tokens) within {limit} positions.",
+                RuntimeWarning,
+                stacklevel=5,  # the caller of model(...): past forward and nn.Module's two call wrappers
+            )
 
     def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """1 for real tokens, 0 for left padding: leading tokens equal to the id the tokenizer pads with. None

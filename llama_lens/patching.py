@@ -30,6 +30,7 @@ import torch
 
 from .cache import ActivationCache
 from .model import HookedLlama
+from .validate import check_loaded_layers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -287,7 +288,7 @@ def patch_sweep(
     tokens, inferred = model.prepare_tokens(corrupted_tokens)
     mask = inferred if attention_mask is None else attention_mask.to(model.device)
     batch, pos = tokens.shape
-    layers = list(model.layer_indices if layers is None else layers)
+    layers = check_loaded_layers(layers, model.layer_indices)
     if corrupted_cache is None:
         with torch.no_grad():
             _, corrupted_cache = model.run_with_cache(
@@ -350,7 +351,7 @@ def attribution_sweep(
     """
     for site in sites:
         _check_site(site)
-    layers = list(model.layer_indices if layers is None else layers)
+    layers = check_loaded_layers(layers, model.layer_indices)
     names = {f"blocks.{layer}.{SITES[site][0]}" for site in sites for layer in layers}
     tokens, inferred = model.prepare_tokens(corrupted_tokens)
     mask = inferred if attention_mask is None else attention_mask.to(model.device)
@@ -459,7 +460,7 @@ def activation_patching(
             progress=progress,
         )
     labels = _labels(model, clean_tokens)
-    return PatchingResult(scores, axes, list(model.layer_indices if layers is None else layers), labels)
+    return PatchingResult(scores, axes, check_loaded_layers(layers, model.layer_indices), labels)
 
 
 def attribution_patching(
@@ -487,7 +488,7 @@ def attribution_patching(
     )
     pos = clean_tokens.shape[1]
     axes = {site: _site_indices(site, model, pos, by_pos)[1] for site in sites}
-    layer_list = list(model.layer_indices if layers is None else layers)
+    layer_list = check_loaded_layers(layers, model.layer_indices)
     return PatchingResult(scores, axes, layer_list, _labels(model, clean_tokens), method="attribution")
 
 

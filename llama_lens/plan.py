@@ -381,6 +381,42 @@ def _cached_width(cfg: LlamaConfig) -> int:
     return resid + norms + attn + 3 * cfg.d_mlp  # + mlp hook_pre, hook_pre_linear, hook_post
 
 
+def hook_point_nbytes(cfg: LlamaConfig, name: str, batch: int, pos: int, itemsize: int) -> int:
+    """Bytes of one hook point's activation for `batch` prompts of `pos` positions, in a dtype of `itemsize`
+    bytes (the norm scales are float32 whatever the dtype); what `run_with_cache` checks before it runs."""
+    point = name.rsplit(".", 1)[-1]
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    if point == "hook_scale":
+        return batch * pos * 4
+    widths = {
+        "hook_attn_scores": cfg.n_heads * pos,  # [batch, n_heads, q_pos, k_pos]
+        "hook_pattern": cfg.n_heads * pos,
+        "hook_q": q,
+        "hook_rot_q": q,
+        "hook_z": q,
+        "hook_k": kv,
+        "hook_v": kv,
+        "hook_rot_k": kv,
+        "hook_result": cfg.n_heads * cfg.d_model,
+        "hook_pre": cfg.d_mlp,
+        "hook_pre_linear": cfg.d_mlp,
+        "hook_post": cfg.d_mlp,
+        "hook_logits": cfg.d_vocab,
+    }
+    return batch * pos * widths.get(point, cfg.d_model) * itemsize  # the rest are residual-stream wide
+
+
+def forward_working_nbytes(cfg: LlamaConfig, batch: int, pos: int, itemsize: int, *, written_out: bool) -> int:
+    """Working memory of one forward pass beside what it keeps, as `plan` counts it: one layer's activations,
+    the logits with their float32 softmax, and with `written_out` attention one layer's scores, float32 softmax
+    and pattern."""
+    rows = batch * pos
+    working = rows * _working_width(cfg) * itemsize + rows * cfg.d_vocab * (itemsize + 4)
+    if written_out:
+        working += batch * cfg.n_heads * pos**2 * (2 * itemsize + 4)
+    return working
+
+
 def available_memory(device: torch.device | str = "cpu") -> int | None:
     """Bytes that can be allocated on `device` now; None when unknown.
 
@@ -574,12 +610,13 @@ def _gib(nbytes: int | None) -> str:
     return "unknown" if nbytes is None else f"{nbytes / GIB:.2f} GiB"
 
 
-class _CallablePlanModule(types.ModuleType):
-    """This module, callable as its `plan` function. Importing the module `llama_lens.plan` (as `ll.load` does)
-    sets the package's attribute `plan` to the module, which would shadow the function users call as `ll.plan`."""
+class CallableModule(types.ModuleType):
+    """This module, callable as the function `plan`: importing a submodule makes Python set the package's
+    attribute of that name to the module (here: on any `ll.load`), so `ll.plan` is this module whatever the import
+    order, and `ll.plan(...)` calls `plan(...)`."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Plan:
         return plan(*args, **kwargs)
 
 
-sys.modules[__name__].__class__ = _CallablePlanModule
+sys.modules[__name__].__class__ = CallableModule

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .validate import check_choice, renamed_keywords
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -107,7 +108,7 @@ def lens_heatmap(
         "target_prob": lambda: result.target_probs[prompt, :, :, target],
         "entropy": lambda: result.entropy[prompt],
         "kl": lambda: result.kl_to_final[prompt],
-        "rank": lambda: result.target_ranks[prompt, :, :, target].float(),
+        "rank": lambda: _ranks(result.target_ranks[prompt, :, :, target]),
     }[metric]()[:, columns]  # [n_readouts, n_shown]
     n_rows, n_cols = values.shape
     label, default_cmap = LENS_METRICS[metric]
@@ -220,7 +221,7 @@ def lens_trajectory(
             if panel == "prob":
                 ax.plot(x, result.target_probs[prompt, :, column, t].tolist(), marker="o", markersize=3, label=label)
             else:
-                ranks = (result.target_ranks[prompt, :, column, t] + 1).tolist()
+                ranks = (_ranks(result.target_ranks[prompt, :, column, t]) + 1).tolist()
                 ax.plot(x, ranks, marker="o", markersize=3, label=label)
         if panel == "prob":
             ax.set_ylim(-0.02, 1.02)
@@ -316,3 +317,8 @@ def logit_attribution(
         axes[1].set_title("per head", fontsize=10)
         fig.colorbar(image, ax=axes[1], label="direct contribution to the logit")
     return fig
+
+
+def _ranks(ranks: torch.Tensor) -> torch.Tensor:
+    """Ranks as floats, NaN (nothing drawn) where there is none (-1: the read-out's logits are not finite)."""
+    return ranks.float().masked_fill(ranks < 0, float("nan"))

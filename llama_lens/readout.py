@@ -59,7 +59,8 @@ class ReadoutMetrics:
         entropy: [rows] entropy of the distribution, in nats.
         kl: [rows] KL(final || read-out) in nats (0 for the final distribution itself).
         target_logits, target_probs: [rows, n_targets], or None without targets.
-        target_ranks: [rows, n_targets] how many tokens have a strictly higher logit (0 = top), or None.
+        target_ranks: [rows, n_targets] how many tokens have a strictly higher logit (0 = top), -1 where the
+            row's logits are not finite (NaN / inf: no rank), or None.
         logits: [rows, d_vocab] in the logits' dtype with `keep_logits=True`, else None.
     """
 
@@ -428,7 +429,10 @@ class _Online:
         if self.targets is not None:
             metrics.target_logits[rows] = self.target_logits
             metrics.target_probs[rows] = (self.target_logits - lse[:, None]).exp()
-            metrics.target_ranks[rows] = self.above.long()
+            # Where the target's logit or the distribution is not finite there is no rank: comparisons with NaN
+            # are all false, which would count as rank 0, the top token. -1 says so instead.
+            defined = torch.isfinite(self.target_logits) & torch.isfinite(lse)[:, None]
+            metrics.target_ranks[rows] = torch.where(defined, self.above.long(), -1)
 
 
 def top_k_largest(

@@ -132,6 +132,24 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     return sorted(set(checked))
 
 
+def check_layer_bound(name: str, value: Any, n_layers: int) -> int:
+    """A layer boundary (`start_at_layer`, `stop_at_layer`) in 0..n_layers, negative counting from the end as a
+    slice of the layers does (-1: all but the last layer).
+
+    Raises:
+        ValueError: for a non-integer, or a value outside -n_layers..n_layers.
+    """
+    index = as_index(value)
+    if index is None:
+        raise ValueError(f"{name} must be an integer layer, got {value!r}")
+    if not -n_layers <= index <= n_layers:
+        raise ValueError(
+            f"{name}={value!r} is out of range: the model has {n_layers} layers, so it must lie in "
+            f"{-n_layers}..{n_layers} (negative counts from the end)"
+        )
+    return index + n_layers if index < 0 else index
+
+
 def check_loaded_layers(layers: Iterable[int] | None, loaded: Sequence[int]) -> list[int]:
     """Sorted, de-duplicated indices of layers a (possibly partial) model holds; all of them for None.
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import traitlets
 
+from ..errors import did_you_mean
+from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
 from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
 
@@ -248,6 +250,46 @@ class LogitLensExplorer(Explorer):
             self._submit(self._recompute)
         if state:
             self.state = state
+        self._attributes_fixed = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A misspelt or invented setting (`lx.layr = 5`) would otherwise be a new attribute that changes nothing.
+        if (
+            self.__dict__.get("_attributes_fixed")
+            and not name.startswith("_")
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+        ):
+            settings = sorted([*self.CONTROLS, "layer"])
+            hint = f"its settings are {settings} (see .state)"
+            raise AttributeError(
+                f"{type(self).__name__} has no setting {name!r}{did_you_mean(name, settings, hint=hint)}"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def layer(self) -> int | None:
+        """The layer of the selected cell, None when no cell is selected. Setting it selects that layer's
+        read-out (of the current `readout`) at the selected position, or at the last one: `lx.layer = 5`."""
+        if not self.selection or not self.runs:
+            return None
+        return self.runs[self.selection["panel"]].result.layers[self.selection["row"]]
+
+    @layer.setter
+    def layer(self, value: int) -> None:
+        if not self.runs:
+            raise ValueError("the lens has not run yet; set layer once it shows")
+        panel = self.selection.get("panel", 0)
+        result = self.runs[panel].result
+        layer = as_index(value)
+        loaded = list(self.model.layer_indices)
+        if layer not in loaded:
+            raise ValueError(f"layer must be a loaded layer ({loaded[0]}..{loaded[-1]}), got {value!r}")
+        rows = [
+            row for row, (at, kind) in enumerate(zip(result.layers, result.readouts)) if at == layer and kind != "embed"
+        ]
+        position = self.selection.get("position", result.positions[-1])
+        self.selection = {"panel": panel, "row": rows[-1], "position": position}
 
     # ------------------------------------------------------------------ results
     @property
