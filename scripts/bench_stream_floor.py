@@ -34,47 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-READ_CHUNK = 16 << 20
-
-
-def weight_files(path: Path) -> list[Path]:
-    return sorted([*path.glob("*.safetensors"), *path.glob("consolidated.*.pth")])
-
-
-def evict(path: Path) -> None:
-    """Drops the checkpoint's files from the page cache (clean pages only: they were written long ago)."""
-    for file in weight_files(path):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cached_bytes(path: Path) -> int | None:
-    """Bytes of the checkpoint's files in the page cache, from `fincore` (None without it)."""
-    import shutil
-
-    if shutil.which("fincore") is None:
-        return None
-    command = ["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, weight_files(path))]
-    out = subprocess.run(command, capture_output=True, text=True)
-    return sum(int(line) for line in out.stdout.split()) if out.returncode == 0 else None
+# The cold read, page-cache eviction and peak RSS are measured as scripts/bench_stream.py measures them.
+from bench_stream import READ_CHUNK, cached_bytes, evict, peak_rss, weight_files  # scripts/ is on the path
 
 
 def drop_caches_writable() -> bool:
     return os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------------------------- children
