@@ -11,10 +11,10 @@ multiply, and round the result back to the inputs' dtype. This changes nothing b
 so both paths give the float32-accumulated product rounded once, and differ only where a different order of
 the float32 additions crosses a rounding boundary (one unit in the last place of the output, now and then).
 
-The cast of the weight is a transient float32 copy (100 MB for a [8192, 3072] matrix), paid on every call and
-freed after it; it costs more than it saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows
-of input on (the product's work grows with the rows, the cast's does not). Hook values, parameters and
-outputs all stay in the model's dtype.
+The cast of the weight is a transient float32 copy (100 MB for a [8192, 3072] matrix; a taller one, such as an
+unembedding, is cast in blocks of that many rows), paid on every call and freed after it. It costs more than it
+saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows of input on (the product's work grows
+with the rows, the cast's does not). Hook values, parameters and outputs all stay in the model's dtype.
 
 The choice, made once per process from the environment variable `LLAMA_LENS_CPU_MATMUL`:
 - "auto" (default): float32 on CPUs without native support for the dtype (bfloat16: AVX512_BF16 or AMX;
@@ -39,6 +39,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # rows, the weight's cast does not: on the AVX2 machine of scripts/bench_cpu_matmul.py, for a [8192, 3072]
 # bfloat16 weight, native / float32 time was 0.74 at 32 rows, 1.23 at 64, 2.1 at 128 and 5 at 896.
 MIN_ROWS = 48
+# Weight rows cast to float32 at a time by `linear`: every layer matrix of a 3B-8B Llama at once (a 100 MB copy
+# for [8192, 3072]), an unembedding in blocks (not a 1.6 GB copy of a [128256, 3072] one).
+WEIGHT_BLOCK_ROWS = 8192
 
 
 @functools.cache
@@ -71,13 +74,18 @@ def computes_in_float32(x: torch.Tensor, rows: int | None = None) -> bool:
         x: the left operand (its device and dtype decide, with the mode).
         rows: rows of the left operand (default: all but its last dimension, flattened).
     """
-    if x.device.type != "cpu" or x.dtype not in HALF_DTYPES:
+    rows = x.numel() // max(x.shape[-1], 1) if rows is None else rows
+    return float32_for(x.dtype, x.device, rows)
+
+
+def float32_for(dtype: torch.dtype, device: torch.device, rows: int) -> bool:
+    """Whether a product of `rows` rows of `dtype` on `device` runs in float32 (what ll.plan asks ahead)."""
+    if torch.device(device).type != "cpu" or dtype not in HALF_DTYPES:
         return False
     chosen = mode()
     if chosen != "auto":
         return chosen == "float32"
-    rows = x.numel() // max(x.shape[-1], 1) if rows is None else rows
-    return rows >= MIN_ROWS and not has_native_support(x.dtype)
+    return rows >= MIN_ROWS and not has_native_support(dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,8 +101,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if not computes_in_float32(x):
         return F.linear(x, weight, bias)
-    # The float32 copies live for this call only: nothing keeps them.
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    # The float32 copies live for this call only: nothing keeps them. A tall weight (an unembedding) is cast
+    # WEIGHT_BLOCK_ROWS rows at a time, so that its copy is a block, not the whole matrix.
+    x_float, parts = x.float(), []
+    for start in range(0, weight.shape[0], WEIGHT_BLOCK_ROWS):
+        rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+        block_bias = None if bias is None else bias[rows].float()
+        parts.append(F.linear(x_float, weight[rows].float(), block_bias).to(x.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def cast_elements(d_out: int, d_in: int) -> int:
+    """Elements of the float32 copy `linear` makes at a time of a [d_out, d_in] weight (what ll.plan counts)."""
+    return min(d_out, WEIGHT_BLOCK_ROWS) * d_in
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
