@@ -36,9 +36,10 @@ ENV_VAR = "LLAMA_LENS_CPU_MATMUL"
 MODES = ("auto", "native", "float32")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Rows of input from which "auto" computes in float32. Both the native product and the float32 one grow with the
-# rows, the weight's cast does not: on the AVX2 machine of scripts/bench_cpu_matmul.py, for a [8192, 3072]
-# bfloat16 weight, native / float32 time was 0.74 at 32 rows, 1.23 at 64, 2.1 at 128 and 5 at 896.
-MIN_ROWS = 48
+# rows, the weight's cast does not. With scripts/bench_cpu_matmul.py on an AVX2 machine (2 busy CPUs), for a
+# [8192, 3072] bfloat16 weight, native / float32 time was 0.4-0.7 at 32 rows, 0.9-1.2 at 64 and 1.9-2.1 at 128;
+# for the lens read-out's 896 rows, 5.8.
+MIN_ROWS = 64
 # Weight rows cast to float32 at a time by `linear`: every layer matrix of a 3B-8B Llama at once (a 100 MB copy
 # for [8192, 3072]), an unembedding in blocks (not a 1.6 GB copy of a [128256, 3072] one).
 WEIGHT_BLOCK_ROWS = 8192

@@ -156,7 +156,7 @@ def test_bfloat16_model_in_float32_keeps_hooks_in_bfloat16_and_logits_close(matm
 
 def test_bfloat16_lens_top_k_is_the_native_one(matmul_mode):
     model = tiny_model(tiny_config(d_vocab=3000, n_layers=3), embed_scale=20.0).to(torch.bfloat16)
-    tokens = torch.randint(0, 3000, (1, 24))  # 24 positions x 4 read-outs = 96 rows: above MIN_ROWS
+    tokens = torch.randint(0, 3000, (1, 24))  # 24 positions x 4 read-outs = 96 rows in one chunk
     results = {}
     for mode in ("native", "float32"):
         matmul_mode(mode)
