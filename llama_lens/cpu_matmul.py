@@ -16,6 +16,9 @@ unembedding, is cast in blocks of that many rows), paid on every call and freed 
 saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows of input on (the product's work grows
 with the rows, the cast's does not). Hook values, parameters and outputs all stay in the model's dtype.
 
+The fused attention kernel (`F.scaled_dot_product_attention`) is left as it is: it already computes in float32
+inside, and was faster in bfloat16 than on float32 copies (71 ms against 101 ms at 512 positions, 24 heads).
+
 The choice, made once per process from the environment variable `LLAMA_LENS_CPU_MATMUL`:
 - "auto" (default): float32 on CPUs without native support for the dtype (bfloat16: AVX512_BF16 or AMX;
   float16: AMX-FP16), for inputs of at least `MIN_ROWS` rows;
