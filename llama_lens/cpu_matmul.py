@@ -11,8 +11,8 @@ multiply, and round the result back to the inputs' dtype. This changes nothing b
 so both paths give the float32-accumulated product rounded once, and differ only where a different order of
 the float32 additions crosses a rounding boundary (one unit in the last place of the output, now and then).
 
-The cast of the weight is a transient float32 copy (100 MB for a [8192, 3072] matrix; a taller one, such as an
-unembedding, is cast in blocks of that many rows), paid on every call and freed after it. It costs more than it
+The cast of the weight is a transient float32 copy (100 MB for a [8192, 3072] matrix; a larger one, such as an
+unembedding, is cast in blocks of rows of that size), paid on every call and freed after it. It costs more than it
 saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows of input on (the product's work grows
 with the rows, the cast's does not). Hook values, parameters and outputs all stay in the model's dtype.
 
@@ -43,9 +43,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # [8192, 3072] bfloat16 weight, native / float32 time was 0.4-0.7 at 32 rows, 0.9-1.2 at 64 and 1.9-2.1 at 128;
 # for the lens read-out's 896 rows, 5.8.
 MIN_ROWS = 64
-# Weight rows cast to float32 at a time by `linear`: every layer matrix of a 3B-8B Llama at once (a 100 MB copy
-# for [8192, 3072]), an unembedding in blocks (not a 1.6 GB copy of a [128256, 3072] one).
-WEIGHT_BLOCK_ROWS = 8192
+# Weight elements cast to float32 at a time by `linear` (100 MB): every layer matrix of a 3B Llama at once, an
+# unembedding or a 70B's [8192, 28672] down_proj in blocks of rows (not a 1.6 GB copy of a [128256, 3072] one).
+WEIGHT_BLOCK_ELEMENTS = 8192 * 3072
 
 
 @functools.cache
@@ -105,19 +105,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if not computes_in_float32(x):
         return F.linear(x, weight, bias)
-    # The float32 copies live for this call only: nothing keeps them. A tall weight (an unembedding) is cast
-    # WEIGHT_BLOCK_ROWS rows at a time, so that its copy is a block, not the whole matrix.
+    # The float32 copies live for this call only: nothing keeps them. A large weight (an unembedding) is cast a
+    # block of rows at a time, so that its copy is at most WEIGHT_BLOCK_ELEMENTS, not the whole matrix.
     x_float, parts = x.float(), []
-    for start in range(0, weight.shape[0], WEIGHT_BLOCK_ROWS):
-        rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+    block_rows = block_rows_of(weight.shape[1])
+    for start in range(0, weight.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
         block_bias = None if bias is None else bias[rows].float()
         parts.append(F.linear(x_float, weight[rows].float(), block_bias).to(x.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def block_rows_of(d_in: int) -> int:
+    """Rows of a [d_out, d_in] weight that `linear` casts to float32 at a time."""
+    return max(1, WEIGHT_BLOCK_ELEMENTS // max(d_in, 1))
+
+
 def cast_elements(d_out: int, d_in: int) -> int:
     """Elements of the float32 copy `linear` makes at a time of a [d_out, d_in] weight (what ll.plan counts)."""
-    return min(d_out, WEIGHT_BLOCK_ROWS) * d_in
+    return min(d_out, block_rows_of(d_in)) * d_in
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -193,3 +193,24 @@ def test_read_out_casts_each_vocabulary_block_once_for_every_read_out(matmul_mod
     values, ids = exact.topk(4, dim=-1)
     assert_same_top_k(metrics.top_ids, metrics.top_logits.double(), values, atol=float(bound.max()),
                       expected_ids=ids)  # fmt: skip
+
+
+def test_a_large_weight_is_cast_in_blocks_of_rows(matmul_mode, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "WEIGHT_BLOCK_ELEMENTS", 100 * 64)  # 100 rows of d_in 64 at a time
+    x = torch.randn(3, 70, 64).bfloat16()
+    weight, bias = torch.randn(250, 64).bfloat16(), torch.randn(250).bfloat16()
+    casts, original = [], F.linear
+
+    def spy(x, weight, bias=None):
+        casts.append(tuple(weight.shape))
+        return original(x, weight, bias)
+
+    matmul_mode("float32")
+    monkeypatch.setattr(F, "linear", spy)
+    product = cpu_matmul.linear(x, weight, bias)
+    assert cpu_matmul.cast_elements(250, 64) == 100 * 64  # what ll.plan counts
+    monkeypatch.undo()
+    assert casts == [(100, 64), (100, 64), (50, 64)]
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    bound = rounding_bound(exact, torch.cat([x, torch.ones(3, 70, 1)], -1), torch.cat([weight, bias[:, None]], 1))
+    assert product.shape == (3, 70, 250) and bool(((product.double() - exact).abs() <= bound).all())
