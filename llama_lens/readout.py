@@ -132,7 +132,9 @@ def read_out(
         keep_logits: also return every logit (large: [n_rows, n_readouts, d_vocab]).
         chunk_size: read-out vectors per chunk (default `DEFAULT_CHUNK_SIZE`); each chunk sweeps the vocabulary
             in blocks of `VOCAB_BLOCK` ids on CPU, `ACCELERATOR_VOCAB_BLOCK` elsewhere. Beside the inputs, memory
-            is a few [chunk_size, block] float32 buffers (one more per further block that holds a target).
+            is a few [chunk_size, block] float32 buffers (one more per further block that holds a target), and
+            where half precision is multiplied in float32 (cpu_matmul.py) a [block, d_model] one and the chunk's
+            rows [chunk_size, d_model] in float32.
 
     Returns:
         (final, readouts): the final distribution's metrics, rows [n_rows] (its `kl` is 0), and the read-outs',
