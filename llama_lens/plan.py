@@ -226,8 +226,9 @@ def plan(
     head_params = cfg.d_model + (0 if cfg.tie_embeddings else embed_params)  # final norm (+ untied unembedding)
     unembed = choose_unembed(source, unembed, stream=stream, dtype=dtype, layers=layers, device=device)
     unembed_in_flight = 0
-    # On a CPU without half-precision units, half-precision products compute in float32 (cpu_matmul.py).
-    in_float32 = cpu_matmul.float32_for(dtype, device, rows)
+    # On a CPU without half-precision units, half-precision products compute in float32 (cpu_matmul.py); with
+    # no tokens there is no product.
+    in_float32 = rows > 0 and cpu_matmul.float32_for(dtype, device, rows)
     layer_cast_bytes = largest_cast_elements(cfg) * 4 if in_float32 else 0
     if stream:
         # The final norm, and the unembedding when held (a tied one serves as the embedding too). The embedding
