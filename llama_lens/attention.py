@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
+from .cpu_matmul import Linear, matmul
 from .hooks import HookPoint
 from .kv_cache import KVCache
 from .norm import RMSNorm
@@ -101,10 +102,10 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.window = cfg.attention_window(layer)  # None: every earlier key
         qkv_bias = cfg.has_qkv_bias
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.has_o_bias)
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=qkv_bias)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.has_o_bias)
         # Hook points registered in forward order, so hook_names and caches list them as they happen.
         for name in ("q", "k", "v"):
             setattr(self, f"hook_{name}", HookPoint())
@@ -205,7 +206,7 @@ class Attention(nn.Module):
         n_rep = self.cfg.n_rep
         # Query head j reads key/value head j // n_rep.
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.cfg.d_head)  # [batch, n_heads, q_pos, k_pos]
+        scores = matmul(q, k.transpose(-1, -2)) / math.sqrt(self.cfg.d_head)  # [batch, n_heads, q_pos, k_pos]
         if mask is None:
             q_pos, k_pos = scores.shape[-2:]
             mask = torch.ones(q_pos, k_pos, dtype=torch.bool, device=q.device).tril(k_pos - q_pos)
@@ -216,4 +217,4 @@ class Attention(nn.Module):
         # Softmax in float32 as transformers does, then back to the activations' dtype.
         pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern if has_key is None else pattern * has_key)
-        return pattern @ v
+        return matmul(pattern, v)

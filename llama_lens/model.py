@@ -29,6 +29,7 @@ from torch import nn
 
 from .attention import Attention, rope_cos_sin
 from .config import LlamaConfig
+from .cpu_matmul import Linear
 from .errors import UnknownNameError
 from .hooks import HookedModule, HookPoint
 from .kv_cache import KVCache
@@ -46,9 +47,9 @@ def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.hook_pre = HookPoint()  # gate, before the SiLU  [batch, pos, d_mlp]
         self.hook_pre_linear = HookPoint()  # up
         self.hook_post = HookPoint()  # silu(gate) * up
@@ -159,7 +160,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         self.hook_embed = HookPoint()
         self.blocks = Blocks({str(i): Block(cfg, i) for i in self.layer_indices}, cfg.n_layers)
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Linear(cfg.d_model, cfg.d_vocab, bias=False)
         self.hook_logits = HookPoint()
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import stream_vocab
+from . import cpu_matmul, stream_vocab
 from .config import LlamaConfig
 from .errors import NotEnoughMemoryError
 
@@ -226,6 +226,10 @@ def plan(
     head_params = cfg.d_model + (0 if cfg.tie_embeddings else embed_params)  # final norm (+ untied unembedding)
     unembed = choose_unembed(source, unembed, stream=stream, dtype=dtype, layers=layers, device=device)
     unembed_in_flight = 0
+    # On a CPU without half-precision units, half-precision products compute in float32 (cpu_matmul.py); with
+    # no tokens there is no product.
+    in_float32 = rows > 0 and cpu_matmul.float32_for(dtype, device, rows)
+    layer_cast_bytes = largest_cast_elements(cfg) * 4 if in_float32 else 0
     if stream:
         # The final norm, and the unembedding when held (a tied one serves as the embedding too). The embedding
         # is read by rows at each pass (stream_vocab.py): the prompt's rows count with the activations.
@@ -236,13 +240,22 @@ def plan(
         # safetensors cast buffer is smaller). See CheckpointLayerReader.
         in_flight = layer_params * 2 * weight_size + round(largest_layer_tensor(cfg) * stored_size)
         if unembed == "stream":  # the block in use and the next one being read (OnDiskWeight)
-            unembed_in_flight = 2 * min(stream_vocab.UNEMBED_BLOCK_ROWS, cfg.d_vocab) * cfg.d_model * weight_size
+            unembed_block = min(stream_vocab.UNEMBED_BLOCK_ROWS, cfg.d_vocab) * cfg.d_model
+            unembed_in_flight = 2 * unembed_block * weight_size
+            if in_float32:  # and the block in use cast to float32 (cpu_matmul.py)
+                unembed_in_flight += unembed_block * 4
+        # A half-precision layer multiplied in float32 casts each weight as it is used: the largest one, at most.
+        in_flight += layer_cast_bytes
+        layer_cast_bytes = 0
     else:
         embed = "memory"
         weights_resident = (embed_params + head_params + n_layers * layer_params) * weight_size
         in_flight = round(layer_params * stored_size) if n_layers else 0  # one layer as stored while loading
+        if in_float32:  # the held unembedding, cast a block at a time when the forward pass makes the logits
+            layer_cast_bytes = max(layer_cast_bytes, cpu_matmul.cast_elements(cfg.d_vocab, cfg.d_model) * 4)
     computes_pattern = patterns or cache == "all"
     activations = rows * _working_width(cfg) * act + rows * cfg.d_vocab * (act + 4)  # + logits, float32 softmax
+    activations += layer_cast_bytes  # held weights cast to float32 during the pass (streaming: in flight above)
     if embed == "rows":
         activations += rows * cfg.d_model * act  # the prompt's embedding rows, as read
     if computes_pattern and n_layers:
@@ -362,6 +375,13 @@ def largest_layer_tensor(cfg: LlamaConfig) -> int:
     from .names import block_param_shapes
 
     return max(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
+
+
+def largest_cast_elements(cfg: LlamaConfig) -> int:
+    """Elements of the largest float32 copy of a layer weight that cpu_matmul.linear makes at a time."""
+    q_width = cfg.n_heads * cfg.d_head
+    matrices = [(q_width, cfg.d_model), (cfg.d_model, q_width), (cfg.d_mlp, cfg.d_model), (cfg.d_model, cfg.d_mlp)]
+    return max(cpu_matmul.cast_elements(d_out, d_in) for d_out, d_in in matrices)
 
 
 def _working_width(cfg: LlamaConfig) -> int:

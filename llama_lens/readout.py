@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .cpu_matmul import computes_in_float32
 from .validate import check_count
 
 # Rows (residual vectors) per chunk. Each chunk sweeps the vocabulary in blocks of VOCAB_BLOCK ids, so a
@@ -131,7 +132,9 @@ def read_out(
         keep_logits: also return every logit (large: [n_rows, n_readouts, d_vocab]).
         chunk_size: read-out vectors per chunk (default `DEFAULT_CHUNK_SIZE`); each chunk sweeps the vocabulary
             in blocks of `VOCAB_BLOCK` ids on CPU, `ACCELERATOR_VOCAB_BLOCK` elsewhere. Beside the inputs, memory
-            is a few [chunk_size, block] float32 buffers (one more per further block that holds a target).
+            is a few [chunk_size, block] float32 buffers (one more per further block that holds a target), and
+            where half precision is multiplied in float32 (cpu_matmul.py) a [block, d_model] one and the chunk's
+            rows [chunk_size, d_model] in float32.
 
     Returns:
         (final, readouts): the final distribution's metrics, rows [n_rows] (its `kl` is 0), and the read-outs',
@@ -188,7 +191,7 @@ def _read_out(
 ) -> tuple[ReadoutMetrics, ReadoutMetrics]:
     """The fused pass, on checked arguments (see `read_out`)."""
     n_rows, d_vocab = final_rows.shape
-    n_readouts = normed.shape[1]
+    n_readouts, d_model = normed.shape[1:]
     device = final_rows.device
     n_targets = 0 if row_targets is None else row_targets.shape[1]
     vocab_block = VOCAB_BLOCK if device.type == "cpu" else ACCELERATOR_VOCAB_BLOCK
@@ -228,8 +231,17 @@ def _read_out(
         cross = torch.zeros(n_j, n_k, device=device)  # sum_v p_final(v) logits(v)
         final_mass = torch.zeros(n_j, device=device)  # sum_v p_final(v): 1 but for rounding
 
+        # On a CPU without half-precision units, a bfloat16 chunk is multiplied in float32 (cpu_matmul.py): its
+        # rows cast once here, each vocabulary block once (for every read-out of the chunk), and the logits
+        # rounded to the weights' dtype as the native product rounds them, so that ranks and ties mean the same.
+        x_float = x.float() if computes_in_float32(x) else None
+
         def unembed(v0: int, v1: int, slot: int) -> torch.Tensor:
-            return torch.mm(x, weight[v0:v1].t(), out=scratch.get(f"logits{slot}", len(x), v1 - v0, weight.dtype))
+            logits = scratch.get(f"logits{slot}", len(x), v1 - v0, weight.dtype)
+            if x_float is None:
+                return torch.mm(x, weight[v0:v1].t(), out=logits)
+            block = scratch.get("float_weight", v1 - v0, d_model, size=vocab_block * d_model).copy_(weight[v0:v1])
+            return logits.copy_(torch.mm(x_float, block.t(), out=scratch.get("float_product", len(x), v1 - v0)))
 
         def take(logits: torch.Tensor, block: torch.Tensor, v0: int, v1: int) -> None:
             # p_final for this block from the final logits and their logsumexp: one [n_j, width] block, shared
@@ -314,10 +326,13 @@ class _Scratch:
         self.size, self.device = size, device
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get(
+        self, name: str, rows: int, width: int, dtype: torch.dtype = torch.float32, size: int | None = None
+    ) -> torch.Tensor:
+        """A [rows, width] view of buffer `name`, made on first use with `size` elements (default `self.size`)."""
         buffer = self.buffers.get(name)
         if buffer is None or buffer.dtype != dtype:
-            buffer = self.buffers[name] = torch.empty(self.size, dtype=dtype, device=self.device)
+            buffer = self.buffers[name] = torch.empty(size or self.size, dtype=dtype, device=self.device)
         return buffer[: rows * width].view(rows, width)
 
 
