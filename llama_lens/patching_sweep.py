@@ -17,7 +17,7 @@ serves every run in the group, whatever layer it starts at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,8 +210,9 @@ class SuffixInputs:
         copies = rows // self.batch
         cache = KVCache()
         for store, name in ((cache.keys, "attn.hook_rot_k"), (cache.values, "attn.hook_v")):
-            prefix = self.reference[f"blocks.{layer}.{name}"][:, : self.start].transpose(1, 2)  # [batch, n_kv_heads,
-            store[layer] = prefix.repeat(copies, 1, 1, 1)  # start, d_head] -> [rows, n_kv_heads, start, d_head]
+            # [batch, pos, n_kv_heads, d_head] -> [rows, n_kv_heads, start, d_head], the layout Attention caches
+            prefix = self.reference[f"blocks.{layer}.{name}"][:, : self.start].transpose(1, 2)
+            store[layer] = prefix.to(self.cos.device).repeat(copies, 1, 1, 1)
         return cache
 
     def run_block(self, model: HookedLlama, layer: int, resid: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,7 @@ def run_group(
     site: str,
     cleans: dict[int, torch.Tensor],
     reference: ActivationCache,
-    on_layer=None,
+    on_layer: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Runs one group (runs sorted by layer, one start) as a staircase; returns the final residual stream
     [runs * batch, pos - start, d_model], run-major in the group's order."""
@@ -237,7 +238,8 @@ def run_group(
     for layer in [layer for layer in model.layer_indices if layer >= group[0].layer]:
         joining = [run for run in group[joined:] if run.layer == layer]
         if joining:
-            entering = reference[f"blocks.{layer}.hook_resid_pre"][:, start:].repeat(len(joining), 1, 1)
+            entering = reference[f"blocks.{layer}.hook_resid_pre"][:, start:].to(model.device)
+            entering = entering.repeat(len(joining), 1, 1)  # [joining runs * batch, pos - start, d_model]
             resid = entering if resid is None else torch.cat([resid, entering])
         clean = cleans.get(layer)
 
