@@ -247,7 +247,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             resid = resid.to(weight.device)
         batch, pos, _ = resid.shape
         self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
-        positions, mask = self._positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
+        positions, mask = self.positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
         cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
 
         for i in layers:
@@ -383,7 +383,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             mask.scatter_(1, first_real.clamp(min=0), True)
         return mask.long()
 
-    def _positions_and_mask(
+    def positions_and_mask(
         self,
         batch: int,
         pos: int,
@@ -392,7 +392,12 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Position ids [batch, pos] counted from each prompt's first real token, and the attention mask
-        [batch, 1, q_pos, k_pos] (None for the plain causal case the fused kernel handles itself)."""
+        [batch, 1, q_pos, k_pos] (None for the plain causal case the fused kernel handles itself).
+
+        With a `kv_cache`, the positions come after the cached ones (k_pos = cached + pos) and the cache's
+        `attention_mask` [batch, k_pos] grows by `attention_mask`: the caller runs positions after a prefix
+        by setting it to the prefix's mask (activation patching does, see patching_sweep.py).
+        """
         past = 0 if kv_cache is None else kv_cache.length
         if attention_mask is None:
             attention_mask = torch.ones(batch, pos, dtype=torch.long, device=device)

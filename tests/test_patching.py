@@ -6,6 +6,7 @@ import torch
 from helpers import char_model
 
 import llama_lens as ll
+from llama_lens.patching_sweep import reference_names
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,10 @@ def pair(model):
 def _naive_setter(site, act, clean, index, by_pos):
     """TransformerLens' patch setters, written out: which part of the activation a patch replaces."""
     if site == "pattern":
-        if by_pos:
+        if by_pos == "dest_src":
+            h, dest, src = index
+            act[:, h, dest, src] = clean[:, h, dest, src]
+        elif by_pos:
             p, h = index
             act[:, h, p, :] = clean[:, h, p, :]
         else:
@@ -56,11 +60,14 @@ HOOKS = {
 }
 
 
-def _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos):
+def _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos, attention_mask=None):
     cfg = model.cfg
     pos = corrupted.shape[1]
     heads = cfg.n_kv_heads if site in ("k", "v") else cfg.n_heads
-    if site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+    if by_pos == "dest_src":
+        indices = [(h, dest, src) for h in range(heads) for dest in range(pos) for src in range(pos)]
+        shape = (cfg.n_layers, heads, pos, pos)
+    elif site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
         indices, shape = [(p,) for p in range(pos)], (cfg.n_layers, pos)
     elif by_pos:
         indices, shape = [(p, h) for p in range(pos) for h in range(heads)], (cfg.n_layers, pos, heads)
@@ -75,7 +82,8 @@ def _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos):
                 _naive_setter(site, act, clean_cache[name], index, by_pos)
 
             with torch.no_grad():
-                scores.append(float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))))
+                logits = model.run_with_hooks(corrupted, attention_mask=attention_mask, fwd_hooks=[(name, hook)])
+                scores.append(float(metric(logits)))
     return torch.tensor(scores).view(shape)
 
 
@@ -133,6 +141,8 @@ def test_metrics_are_normalised(model, pair):
     )
     expected = (clean_logits[0, 3].softmax(-1)[ord("n")] + clean_logits[1, 4].softmax(-1)[ord("e")]) / 2
     torch.testing.assert_close(per_prompt(clean_logits), expected)
+    with pytest.raises(ValueError, match="position 9"):
+        ll.patching.target_prob_metric(model, "n", position=9)(clean_logits)
 
 
 def test_activation_patching_result_frame_and_plot(model):
@@ -180,3 +190,142 @@ def test_attribution_patching_is_gradient_times_difference(model, pair, site, by
     torch.testing.assert_close(result.scores[site], torch.stack(expected), atol=1e-5, rtol=1e-4)
     assert result.method == "attribution"
     assert result.to_frame().method.unique().tolist() == ["attribution"]
+
+
+EVERY_SITE = [
+    ("resid_pre", True),
+    ("resid_mid", True),
+    ("resid_post", True),
+    ("attn_out", True),
+    ("mlp_out", True),
+    ("z", True),
+    ("z", False),
+    ("q", True),
+    ("q", False),
+    ("k", True),
+    ("k", False),
+    ("v", True),
+    ("v", False),
+    ("pattern", True),
+    ("pattern", False),
+    ("pattern", "dest_src"),
+]
+
+
+@pytest.fixture(scope="module")
+def padded_pairs(model):
+    """Per padding side: clean and corrupted ids [2, 7] with their (equal) masks, and the clean cache."""
+    pairs = {}
+    for side in ("left", "right"):
+        clean, clean_mask = model.prepare_tokens(["Paris!", "Rome"], prepend_bos=True, padding_side=side)
+        corrupted, corrupted_mask = model.prepare_tokens(["Tokyo!", "Oslo"], prepend_bos=True, padding_side=side)
+        assert clean.shape == (2, 7) and torch.equal(clean_mask, corrupted_mask) and not bool(clean_mask.all())
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(clean, attention_mask=clean_mask)
+            corrupted_logits = model(corrupted, attention_mask=corrupted_mask)
+        pairs[side] = (corrupted, corrupted_mask, clean_cache, clean_logits, corrupted_logits)
+    return pairs
+
+
+def _every_position_metric(logits):
+    """A TransformerLens-style metric on full logits that reads every position (padding included): the logits
+    a patched run does not recompute (before the patched position) must be the corrupted run's."""
+    return logits.log_softmax(-1)[..., ord("n")].mean()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("site", "by_pos"), EVERY_SITE)
+def test_prefix_reuse_matches_the_naive_loop_with_padding(model, padded_pairs, site, by_pos, padding_side):
+    # Runs start at every position from 0 (the shared BOS, and whole-head patches) to the last; batch 2 with
+    # padding; a metric on full logits with left padding, one reading each prompt's last real token with right.
+    corrupted, mask, clean_cache, clean_logits, corrupted_logits = padded_pairs[padding_side]
+    if padding_side == "left":
+        metric = _every_position_metric
+    else:
+        last = mask.sum(-1) - 1  # [batch]
+        metric = ll.patching.logit_diff_metric(model, clean_logits, corrupted_logits, "n", "e", position=last)
+    expected = _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos, attention_mask=mask)
+    for skip_unchanged in (True, False):
+        got, _ = ll.patching.patch_sweep(
+            model,
+            corrupted,
+            clean_cache,
+            metric,
+            site,
+            by_pos=by_pos,
+            attention_mask=mask,
+            max_batch=6,
+            skip_unchanged=skip_unchanged,
+            progress=False,
+        )
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_patched_runs_start_at_the_patched_layer_and_position(model, pair):
+    clean, corrupted, _, _, _, metric = pair
+    pos = corrupted.shape[1]
+    names = reference_names(model, "resid_pre", [1])
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean, names_filter=names)
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
+    # Both prompts start with BOS: computed alike, its residual stream is the same bits in both runs, and a
+    # patch there writes the value already there (skipped). Were it not the same bits, the patch would run.
+    name = "blocks.1.hook_resid_pre"
+    bos_unchanged = torch.equal(clean_cache[name][:, 0], corrupted_cache[name][:, 0])
+    seen = []
+
+    def record(act, *, hook):
+        seen.append((hook.name, act.shape[0], act.shape[1]))
+
+    for skip_unchanged, first in ((False, 0), (True, int(bos_unchanged))):
+        seen.clear()
+        with model.hooks([(lambda name: name.endswith("hook_resid_pre"), record)]):
+            ll.patching.patch_sweep(
+                model,
+                corrupted,
+                clean_cache,
+                metric,
+                "resid_pre",
+                layers=[1],
+                corrupted_cache=corrupted_cache,
+                skip_unchanged=skip_unchanged,
+                progress=False,
+            )
+        # One block call per patched position, at layer 1 only, over the positions from the patched one on.
+        assert sorted(seen) == sorted(("blocks.1.hook_resid_pre", 2, pos - p) for p in range(first, pos))
+
+
+def test_transformer_lens_head_layouts(model, pair):
+    clean, corrupted, clean_cache, *_, metric = pair
+    cfg = model.cfg
+    pattern_by_pos = _naive_sweep(model, corrupted, clean_cache, metric, "pattern", True)  # [n_layers, pos, n_heads]
+    got = ll.patching.get_act_patch_attn_head_pattern_by_pos(model, corrupted, clean_cache, metric, progress=False)
+    torch.testing.assert_close(got, pattern_by_pos.permute(0, 2, 1), atol=1e-4, rtol=1e-4)  # TL: head, then dest
+
+    dest_src = ll.patching.get_act_patch_attn_head_pattern_dest_src_pos(
+        model, corrupted, clean_cache, metric, progress=False
+    )
+    assert dest_src.shape == (cfg.n_layers, cfg.n_heads, 6, 6)
+    torch.testing.assert_close(
+        dest_src, _naive_sweep(model, corrupted, clean_cache, metric, "pattern", "dest_src"), atol=1e-4, rtol=1e-4
+    )
+
+    every = ll.patching.get_act_patch_attn_head_all_pos_every(model, corrupted, clean_cache, metric, progress=False)
+    assert every.shape == (5, cfg.n_layers, cfg.n_heads)
+    for row, site in enumerate(["z", "q", "k", "v", "pattern"]):
+        expected = _naive_sweep(model, corrupted, clean_cache, metric, site, False)
+        heads = expected.shape[-1]  # n_kv_heads for k and v, zero-padded to n_heads as TransformerLens does
+        torch.testing.assert_close(every[row, :, :heads], expected, atol=1e-4, rtol=1e-4)
+        assert bool((every[row, :, heads:] == 0).all())
+    by_pos = ll.patching.get_act_patch_attn_head_by_pos_every(model, corrupted, clean_cache, metric, progress=False)
+    assert by_pos.shape == (5, cfg.n_layers, 6, cfg.n_heads)
+    torch.testing.assert_close(by_pos[4], pattern_by_pos, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        by_pos[2, ..., : cfg.n_kv_heads],
+        _naive_sweep(model, corrupted, clean_cache, metric, "k", True),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with pytest.raises(ValueError, match="dest_src"):
+        ll.patching.patch_sweep(model, corrupted, clean_cache, metric, "z", by_pos="dest_src", progress=False)
