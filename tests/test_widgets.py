@@ -173,8 +173,10 @@ def test_a_newer_request_cancels_an_older_one():
     explorer = ll_widgets.LogitLensExplorer(model, "hi", threaded=True)
     finished = []
     explorer.observe(lambda change: finished.append(change["new"][0]["tokens"]), names="panels")
-    slow = ("blocks.0.hook_resid_post", lambda tensor, *, hook: time.sleep(0.4))
-    with model.hooks([slow]):
+    # A model-wide hook (add_hook), so that it slows the worker thread too: hooks from model.hooks() are the
+    # adding thread's own.
+    model.add_hook("blocks.0.hook_resid_post", lambda tensor, *, hook: time.sleep(0.4))
+    try:
         explorer.set_state({"prompt": "first"})  # as the page sends it: runs in a worker thread
         time.sleep(0.1)
         assert explorer.busy  # the page dims the picture meanwhile
@@ -182,6 +184,8 @@ def test_a_newer_request_cancels_an_older_one():
         deadline = time.monotonic() + 20
         while (explorer.busy or threading.active_count() > 1) and time.monotonic() < deadline:
             time.sleep(0.05)
+    finally:
+        model.reset_hooks()
     assert finished == [["<s>", "s", "e", "c", "o", "n", "d"]]  # the first run was cancelled, not shown
     assert not explorer.busy and explorer.error == ""
 
