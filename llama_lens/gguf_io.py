@@ -364,7 +364,9 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         value = meta.get(prefix + key, default)
         if value is None:
             raise ConfigError(f"{source}: required metadata key {prefix + key!r} is missing")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        # A float32 inf or NaN is not an integer either (and int() of one raises an unrelated error).
+        integral = isinstance(value, int) or (math.isfinite(value) and value == int(value))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not integral):
             raise ConfigError(
                 f"{source}: {prefix + key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
             )

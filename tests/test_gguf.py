@@ -7,6 +7,8 @@ checkpoint (and with transformers' own GGUF loader on the embedded model).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -363,6 +365,16 @@ def test_an_unknown_llama_key_is_refused(tmp_path):
     extra = {"llama.attention.sliding_window": (4096, gguf.GGUFValueType.UINT32)}
     write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra)
     with pytest.raises(ConfigError, match=r"tiny.gguf: unsupported metadata key\(s\) \['llama.attention.sliding_wi"):
+        ll.Checkpoint(path)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 2.5])
+def test_a_non_integer_count_is_named(tmp_path, value):
+    cfg = tiny_config()
+    path = tmp_path / "tiny.gguf"
+    extra = {"llama.expert_count": (value, gguf.GGUFValueType.FLOAT32)}
+    write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra)
+    with pytest.raises(ConfigError, match=r"tiny.gguf: llama.expert_count must be an integer, got"):
         ll.Checkpoint(path)
 
 
