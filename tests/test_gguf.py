@@ -378,6 +378,25 @@ def test_a_non_integer_count_is_named(tmp_path, value):
         ll.Checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("llama.rope.freq_base", "need a finite rope_theta > 0"),
+        ("llama.attention.layer_norm_rms_epsilon", "a finite norm_eps >= 0"),
+        ("llama.rope.scaling.factor", "the rope scaling factor must be positive and finite, got inf"),
+    ],
+)
+def test_an_infinite_float_is_refused(tmp_path, key, message):
+    # Each would load and run: an infinite RoPE base zeroes all frequencies but the first, an infinite epsilon
+    # every normalized activation.
+    cfg = tiny_config()
+    path = tmp_path / "tiny.gguf"
+    extra = {"llama.rope.scaling.type": ("linear", gguf.GGUFValueType.STRING)} if "scaling" in key else {}
+    write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra | {key: (math.inf, gguf.GGUFValueType.FLOAT32)})
+    with pytest.raises(ConfigError, match=rf"tiny.gguf: .*{message}"):
+        ll.Checkpoint(path)
+
+
 def test_rope_factors_that_llama3_scaling_does_not_give_are_refused(tmp_path):
     cfg = tiny_config(rope_scaling=LLAMA3_ROPE)
     path = tmp_path / "tiny.gguf"
