@@ -8,6 +8,7 @@ checkpoint (and with transformers' own GGUF loader on the embedded model).
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -436,6 +437,17 @@ def test_a_truncated_file_is_named(tmp_path, cut):
     }[cut]
     with pytest.raises(CheckpointError, match=message):
         ll.Checkpoint(path)
+
+
+def test_deeply_nested_metadata_arrays_are_a_corrupt_file_not_a_recursion_error(tmp_path):
+    # Magic, version 3, no tensors, one key whose value is an array of one array of one array ... (12 bytes a level).
+    key = b"general.nested"
+    level = struct.pack("<IQ", 9, 1)  # item type: array, count 1
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + level * 100_000 + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    with pytest.raises(CheckpointError, match=r"nested.gguf: metadata key 'general.nested' nests arrays more than"):
+        gguf_io.read_gguf_header(path)
 
 
 def test_a_file_changed_after_opening_is_not_read(tmp_path):
