@@ -13,12 +13,13 @@ at once with its name in the message. Reads go through one entry, `Checkpoint.re
 a tensor the caller allocated), which full loads (`state_dict`) and streaming (`llama_lens.stream`) share.
 
 The loader, one job per module (imports point down the list):
-    names.py           rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
-    safetensors_io.py  safetensors headers (checked against the file) and plain reads into a tensor
-    pth_io.py          .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by pread
-    gguf_io.py         GGUF headers, the config their metadata describe, dequantizing reads
-    tensor_index.py    which file holds which bytes of each tensor; its on-disk cache and file stamps
-    checkpoint.py      the Checkpoint: layout, config, name and shape checks, tables, reads
+    names.py            rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
+    safetensors_io.py   safetensors headers (checked against the file) and plain reads into a tensor
+    pth_io.py           .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by pread
+    gguf_io.py          GGUF headers, the config their metadata describe, dequantizing reads
+    tensor_index.py     which file holds which bytes of each tensor; its on-disk cache and file stamps
+    checkpoint_files.py which files make up a checkpoint and in which layout; where its tokenizer is
+    checkpoint.py       the Checkpoint: config, name and shape checks, tables, reads
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint_files import find_tokenizer, find_weight_files
 from .config import LlamaConfig, read_json_object
 from .errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
-from .files import read_json_file, require_regular_file, warn_if_not_finite
+from .files import warn_if_not_finite
 from .gguf_io import (
     GGUF_IGNORED,
     GGUF_TO_CANONICAL,
@@ -49,8 +51,6 @@ from .gguf_io import (
 )
 from .names import (
     HF_IGNORED,
-    HF_INDEX_FILE,
-    HF_SINGLE_FILE,
     HF_TO_CANONICAL,
     META_IGNORED,
     META_PERMUTED,
@@ -63,7 +63,7 @@ from .names import (
     param_shapes,
     rename,
 )
-from .pth_io import PthShards, saved_name
+from .pth_io import PthShards
 from .safetensors_io import SafetensorsFiles
 from .tensor_index import (
     FileStamps,
@@ -125,9 +125,10 @@ class Checkpoint:
             self.path, gguf_file = self.path.parent, self.path
         elif not self.path.is_dir():
             raise ValueError(f"{self.path} is a file; pass the folder that holds the checkpoint ({self.path.parent})")
-        self.format, self.files, stamped_files = self._find_files(gguf_file)
+        layout = find_weight_files(self.path, gguf_file)
+        self.format, self.files, self._weight_map = layout.format, layout.files, layout.weight_map
         self.index_cache_path = None if self.format == "gguf" else index_cache_path(self.path, index_cache)
-        self.file_stamps = FileStamps(self.path, stamped_files)  # reads check that no file changed since
+        self.file_stamps = FileStamps(self.path, layout.stamped_files)  # reads check that no file changed since
         if self.format == "gguf":
             self._gguf_header = read_gguf_header(self.files[0])
             self._use_index(gguf_raw_index(self._gguf_header))
@@ -154,91 +155,7 @@ class Checkpoint:
         self._param_shapes = param_shapes(self.config)
         self._source = self._match_names()  # canonical name -> stored name
 
-    # --------------------------------------------------------------------------------- layout and config
-    def _find_files(self, gguf_file: Path | None) -> tuple[str, list[Path], list[Path]]:
-        folder = self.path
-        self._weight_map = None
-        if gguf_file is not None:
-            return "gguf", [gguf_file], [gguf_file]
-        index_file = folder / HF_INDEX_FILE
-        if index_file.exists():
-            weight_map = self._read_weight_map(index_file)
-            names = sorted(set(weight_map.values()))
-            for name in names:
-                if not (folder / name).exists():
-                    raise FileNotFoundError(
-                        f"shard {name!r} named by {index_file} is missing from {folder}; download it again"
-                    )
-                require_regular_file(folder / name)
-            self._weight_map = weight_map
-            files = [folder / name for name in names]
-            return "hf", files, [*files, index_file]
-        if (folder / HF_SINGLE_FILE).exists():
-            require_regular_file(folder / HF_SINGLE_FILE)
-            return "hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE]
-        shards = sorted(folder.glob("*.safetensors"))
-        if shards:
-            for shard in shards:
-                require_regular_file(shard)
-            return "hf", shards, shards
-        pths = sorted(folder.glob("consolidated.*.pth"), key=lambda p: p.name)
-        if pths:
-            numbers = [p.name.split(".")[1] for p in pths]
-            for expected, number in enumerate(numbers):
-                if not number.isdigit() or int(number) != expected:
-                    raise CheckpointError(
-                        f"{folder}: model-parallel shard consolidated.{expected:02d}.pth is missing "
-                        f"(found {[p.name for p in pths]}); download it again"
-                    )
-            for pth in pths:
-                require_regular_file(pth)
-            self._check_shard_order(pths)
-            return "meta", pths, pths
-        ggufs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
-        if len(ggufs) == 1:
-            return "gguf", ggufs, ggufs
-        if ggufs:
-            raise CheckpointError(
-                f"{folder} holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs[:5])}); pass the one to "
-                f"open, e.g. {str(ggufs[0])!r}"
-            )
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        hint = f" Found {others}, which llama_lens does not read; convert to safetensors." if others else ""
-        raise FileNotFoundError(
-            f"no weight files in {folder}: expected {HF_SINGLE_FILE}, model-*-of-*.safetensors with "
-            f"{HF_INDEX_FILE}, Meta's consolidated.00.pth, or one .gguf file.{hint}"
-        )
-
-    @staticmethod
-    def _check_shard_order(pths: list[Path]) -> None:
-        """Refuses model-parallel shards renamed into another order. A shard's rank is its file name alone, and
-        shards swapped (00 <-> 01) load and run: their split weights join in the wrong order, which permutes the
-        embedding's columns or rows and the output's rows (a consistent permutation of heads or MLP units would
-        change nothing, so no shape or value tells). The one record of the order is the name each file was
-        saved under (`saved_name`), when torch.save was given the file's path, as Meta's code and ours do."""
-        for pth in pths:
-            saved = saved_name(pth)
-            if saved is not None and saved != pth.stem and saved.startswith("consolidated."):
-                raise CheckpointError(
-                    f"{pth} was saved as {saved}.pth: the model-parallel shards were renamed, and a shard's rank is "
-                    f"its file name, so their weights would join in the wrong order; give each file its saved name"
-                )
-
-    @staticmethod
-    def _read_weight_map(index_file: Path) -> dict[str, str]:
-        """The shard index's "weight_map" (tensor name -> file name), checked entry by entry."""
-        index = read_json_file(index_file)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_file}: not a valid shard index (expected a JSON object with a 'weight_map')")
-        for name, file_name in weight_map.items():
-            if not isinstance(file_name, str) or not file_name or Path(file_name).name != file_name:
-                raise CheckpointError(
-                    f"{index_file}: weight_map[{name!r}] is {file_name!r}, expected the name of a shard file in "
-                    "the same folder (a string such as 'model-00001-of-00002.safetensors')"
-                )
-        return weight_map
-
+    # ------------------------------------------------------------------------------------------- config
     def _read_config(self, raw: dict[str, list[dict[str, Any]]]) -> LlamaConfig:
         if self.format == "gguf":
             return gguf_config(self._gguf_header)
@@ -280,16 +197,8 @@ class Checkpoint:
             )
 
     def _find_tokenizer(self) -> Path | None:
-        if self.format == "gguf" and "tokenizer.ggml.model" in self._gguf_header.metadata:
-            return self.files[0]  # read by llama_lens.gguf_tokenizer
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (self.path / name).is_file():
-                return self.path / name
-        # Llama 2 releases keep one tokenizer.model beside the model folders. Only that: a tokenizer.json one
-        # folder up belongs to whatever else lives there, not to this checkpoint.
-        if self.format == "meta" and (self.path.parent / "tokenizer.model").is_file():
-            return self.path.parent / "tokenizer.model"
-        return None
+        has_vocab = self.format == "gguf" and "tokenizer.ggml.model" in self._gguf_header.metadata
+        return find_tokenizer(self.path, self.format, gguf_vocab=self.files[0] if has_vocab else None)
 
     def _files_text(self) -> str:
         if len(self.files) == 1:

@@ -11,6 +11,7 @@ window on the upper layers) and Qwen3 (`Qwen3ForCausalLM`: RMSNorm over d_head o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,15 +154,17 @@ class LlamaConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config: {name} must be positive, got {getattr(self, name)}")
         # Values that would otherwise load and then give NaN logits or divide by zero in the first forward.
-        if not self.rope_theta > 0 or not self.norm_eps >= 0 or self.max_position_embeddings <= 0:
+        # Infinite ones too: rope_theta inf zeroes every frequency but the first, norm_eps inf every activation.
+        if not 0 < self.rope_theta < math.inf or not 0 <= self.norm_eps < math.inf or self.max_position_embeddings <= 0:
             raise ConfigError(
-                f"config: need rope_theta > 0, norm_eps >= 0 and max_position_embeddings > 0, got {self.rope_theta}, "
+                f"config: need a finite rope_theta > 0, a finite norm_eps >= 0 and max_position_embeddings > 0, "
+                f"got {self.rope_theta}, "
                 f"{self.norm_eps} and {self.max_position_embeddings}"
             )
         scaling = self.rope_scaling
         if scaling is not None:
-            if not scaling.factor > 0:
-                raise ConfigError(f"config: the rope scaling factor must be positive, got {scaling.factor}")
+            if not 0 < scaling.factor < math.inf:
+                raise ConfigError(f"config: the rope scaling factor must be positive and finite, got {scaling.factor}")
             if scaling.kind == "llama3" and not 0 < (scaling.low_freq_factor or 0) < (scaling.high_freq_factor or 0):
                 raise ConfigError(
                     "config: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "

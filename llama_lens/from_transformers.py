@@ -60,6 +60,10 @@ def from_transformers(hf_model: Any, tokenizer: Any = None):
     cfg = LlamaConfig.from_hf(hf_config, source=f"{class_name}.config")
     if cfg.architecture != class_name:
         raise ValueError(f"a {class_name} whose config says model_type={cfg.model_type!r}; they must agree")
+    if cfg.tie_embeddings and _head_is_untied(hf_model):
+        # transformers ties the weights when it builds the model; a head given a Parameter of its own afterwards
+        # (`hf_model.lm_head.weight = ...`) is what its forward uses, whatever the config says: ours too.
+        cfg = cfg.replace(tie_embeddings=False)
 
     state = _shared_state(hf_model, cfg, class_name)
     with torch.device("meta"):
@@ -75,6 +79,14 @@ def from_transformers(hf_model: Any, tokenizer: Any = None):
         tokenizer = as_tokenizer(tokenizer)
     model.tokenizer = tokenizer
     return model.eval()
+
+
+def _head_is_untied(hf_model: Any) -> bool:
+    """Whether the model's output head holds a weight other than its token embedding's Parameter."""
+    state = hf_model.state_dict(keep_vars=True)
+    by_name = {rename(stored, HF_TO_CANONICAL): param for stored, param in state.items()}
+    unembed = by_name.get("unembed.weight")
+    return unembed is not None and unembed is not by_name.get("embed.weight")
 
 
 def _shared_state(hf_model: Any, cfg: LlamaConfig, class_name: str) -> dict[str, torch.nn.Parameter]:

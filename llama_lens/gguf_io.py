@@ -125,6 +125,7 @@ GGUF_KEYS_IGNORED = frozenset(
 # GGUF metadata value types (gguf.GGUFValueType): struct format of the scalars; 8 is a string, 9 an array.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 64  # arrays of arrays: llama.cpp writes none; far more than any writer would
 _U64 = struct.Struct("<Q")
 
 
@@ -204,7 +205,12 @@ class _Cursor:
         self.pos = pos
         return strings
 
-    def value(self, value_type: int, key: str) -> Any:
+    def value(self, value_type: int, key: str, depth: int = 0) -> Any:
+        if depth > MAX_ARRAY_DEPTH:
+            # 12 bytes per level: a few MB of nested arrays would otherwise end in a RecursionError.
+            raise CheckpointError(
+                f"{self.path}: metadata key {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep; the file is corrupt"
+            )
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
@@ -220,7 +226,7 @@ class _Cursor:
                 values = np.frombuffer(self.buffer, dtype=np.dtype(fmt), count=count, offset=self.pos).tolist()
                 self.pos += size
                 return values
-            return [self.value(item_type, key) for _ in range(count)]
+            return [self.value(item_type, key, depth + 1) for _ in range(count)]
         if value_type not in _SCALAR_FORMATS:
             raise CheckpointError(
                 f"{self.path}: metadata key {key!r} has unknown value type {value_type}; corrupt file"
@@ -364,7 +370,9 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         value = meta.get(prefix + key, default)
         if value is None:
             raise ConfigError(f"{source}: required metadata key {prefix + key!r} is missing")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        # A float32 inf or NaN is not an integer either (and int() of one raises an unrelated error).
+        integral = isinstance(value, int) or (math.isfinite(value) and value == int(value))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not integral):
             raise ConfigError(
                 f"{source}: {prefix + key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
             )

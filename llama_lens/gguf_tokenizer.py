@@ -154,7 +154,7 @@ def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float]) -> lis
     """BPE merges of a sentencepiece vocabulary: every split of a token into two tokens, best score first.
 
     Sentencepiece's BPE merges the adjacent pair whose union has the highest score; ranking the pairs by that
-    score (ties: shorter left piece, then shorter right piece) makes the `tokenizers` BPE do the same, as
+    score (ties: longer left piece, then longer right piece) makes the `tokenizers` BPE do the same, as
     transformers' conversion of Llama's tokenizer.model does.
     """
     merges = []

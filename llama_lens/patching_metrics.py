@@ -17,10 +17,27 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 
 def answer_ids(model: HookedLlama, answer: int | str | Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """A token (text or id) or one id per prompt, as ids on the model's device: [] or [batch]."""
+    """A token (text or id) or one id per prompt, as ids on the model's device: [] or [batch].
+
+    Raises:
+        ValueError: not integers (3.7 would become id 3), more than one dimension, or an id outside [0, d_vocab).
+    """
     if isinstance(answer, str):
         answer = model.to_single_token(answer)
-    return torch.as_tensor(answer, dtype=torch.long, device=model.device)
+    ids = torch.as_tensor(answer)
+    d_vocab = model.cfg.d_vocab
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() > 1:
+        raise ValueError(f"an answer is a token (text or id) or one token id per prompt, got {answer!r}")
+    if ids.numel() and bool(((ids < 0) | (ids >= d_vocab)).any()):
+        raise ValueError(f"answer token ids must lie in [0, d_vocab={d_vocab}), got {ids.tolist()}")
+    return ids.to(dtype=torch.long, device=model.device)
+
+
+def per_prompt(ids: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """`ids` ([] or [batch]) expanded to [batch]; a ValueError when one is given per prompt for another count."""
+    if ids.dim() and len(ids) != batch:
+        raise ValueError(f"{what} gives {len(ids)} values, one per prompt, but there are {batch} prompts")
+    return ids.expand(batch)
 
 
 class PositionMetric:
@@ -33,7 +50,9 @@ class PositionMetric:
 
     def positions(self, batch: int, pos: int, device: torch.device) -> torch.Tensor:
         """The position read in each prompt, counted from the start: [batch] in [0, pos)."""
-        positions = torch.as_tensor(self.position, device=device).expand(batch)
+        positions = per_prompt(torch.as_tensor(self.position, device=device), batch, "the metric's position")
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise ValueError(f"the metric's position must be an integer or one per prompt, got {self.position!r}")
         if bool(((positions < -pos) | (positions >= pos)).any()):
             raise ValueError(f"the metric reads position {self.position}, outside the prompts' {pos} positions")
         return positions % pos
@@ -73,7 +92,8 @@ def logit_diff_metric(
 
     def diff(rows: torch.Tensor) -> torch.Tensor:  # [batch, d_vocab] -> []
         batch = rows.shape[0]
-        picked = rows.gather(-1, torch.stack([answer_id.expand(batch), wrong_id.expand(batch)], dim=-1))
+        answers, wrongs = per_prompt(answer_id, batch, "answer"), per_prompt(wrong_id, batch, "wrong")
+        picked = rows.gather(-1, torch.stack([answers, wrongs], dim=-1))
         return (picked[:, 0] - picked[:, 1]).float().mean()
 
     raw = PositionMetric(position, diff)
@@ -90,7 +110,8 @@ def target_prob_metric(
     answer_id = answer_ids(model, answer)
 
     def prob(rows: torch.Tensor) -> torch.Tensor:
-        return rows.float().softmax(-1).gather(-1, answer_id.expand(rows.shape[0])[:, None]).mean()
+        answers = per_prompt(answer_id, rows.shape[0], "answer")
+        return rows.float().softmax(-1).gather(-1, answers[:, None]).mean()
 
     return PositionMetric(position, prob)
 

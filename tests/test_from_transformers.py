@@ -45,6 +45,18 @@ def test_logits_equal_and_weights_shared(case):
     assert (model.unembed.weight is model.embed.weight) == model.cfg.tie_embeddings
 
 
+def test_a_head_untied_after_loading_is_the_one_used():
+    # The config still says tie_word_embeddings, but transformers' forward uses the head's own weight now.
+    hf_model = tiny_transformers_model("llama", tie_word_embeddings=True)
+    hf_model.lm_head.weight = torch.nn.Parameter(hf_model.lm_head.weight.detach() * 2.0)
+    model = ll.from_transformers(hf_model)
+    assert not model.cfg.tie_embeddings
+    assert model.unembed.weight is hf_model.lm_head.weight
+    tokens = _tokens()
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() <= 1e-4
+
+
 def test_an_edit_to_their_weights_is_visible_in_ours():
     hf_model = tiny_transformers_model("qwen2")
     model = ll.from_transformers(hf_model)

@@ -7,6 +7,9 @@ checkpoint (and with transformers' own GGUF loader on the embedded model).
 
 from __future__ import annotations
 
+import math
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -366,6 +369,35 @@ def test_an_unknown_llama_key_is_refused(tmp_path):
         ll.Checkpoint(path)
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan, 2.5])
+def test_a_non_integer_count_is_named(tmp_path, value):
+    cfg = tiny_config()
+    path = tmp_path / "tiny.gguf"
+    extra = {"llama.expert_count": (value, gguf.GGUFValueType.FLOAT32)}
+    write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra)
+    with pytest.raises(ConfigError, match=r"tiny.gguf: llama.expert_count must be an integer, got"):
+        ll.Checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("llama.rope.freq_base", "need a finite rope_theta > 0"),
+        ("llama.attention.layer_norm_rms_epsilon", "a finite norm_eps >= 0"),
+        ("llama.rope.scaling.factor", "the rope scaling factor must be positive and finite, got inf"),
+    ],
+)
+def test_an_infinite_float_is_refused(tmp_path, key, message):
+    # Each would load and run: an infinite RoPE base zeroes all frequencies but the first, an infinite epsilon
+    # every normalized activation.
+    cfg = tiny_config()
+    path = tmp_path / "tiny.gguf"
+    extra = {"llama.rope.scaling.type": ("linear", gguf.GGUFValueType.STRING)} if "scaling" in key else {}
+    write_gguf(path, cfg, random_state_dict(cfg), extra_metadata=extra | {key: (math.inf, gguf.GGUFValueType.FLOAT32)})
+    with pytest.raises(ConfigError, match=rf"tiny.gguf: .*{message}"):
+        ll.Checkpoint(path)
+
+
 def test_rope_factors_that_llama3_scaling_does_not_give_are_refused(tmp_path):
     cfg = tiny_config(rope_scaling=LLAMA3_ROPE)
     path = tmp_path / "tiny.gguf"
@@ -405,6 +437,17 @@ def test_a_truncated_file_is_named(tmp_path, cut):
     }[cut]
     with pytest.raises(CheckpointError, match=message):
         ll.Checkpoint(path)
+
+
+def test_deeply_nested_metadata_arrays_are_a_corrupt_file_not_a_recursion_error(tmp_path):
+    # Magic, version 3, no tensors, one key whose value is an array of one array of one array ... (12 bytes a level).
+    key = b"general.nested"
+    level = struct.pack("<IQ", 9, 1)  # item type: array, count 1
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + level * 100_000 + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    with pytest.raises(CheckpointError, match=r"nested.gguf: metadata key 'general.nested' nests arrays more than"):
+        gguf_io.read_gguf_header(path)
 
 
 def test_a_file_changed_after_opening_is_not_read(tmp_path):

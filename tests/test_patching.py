@@ -145,6 +145,30 @@ def test_metrics_are_normalised(model, pair):
         ll.patching.target_prob_metric(model, "n", position=9)(clean_logits)
 
 
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (10**6, r"answer token ids must lie in \[0, d_vocab=128\), got 1000000"),
+        (-1, r"answer token ids must lie in \[0, d_vocab=128\), got -1"),
+        (3.7, "an answer is a token .* got 3.7"),
+        ([1, 2, 3], "answer gives 3 values, one per prompt, but there are 2 prompts"),
+    ],
+)
+def test_a_bad_answer_is_named_not_a_torch_index_error(model, pair, answer, message):
+    _, _, _, clean_logits, corrupted_logits, _ = pair
+    with pytest.raises(ValueError, match=message):
+        ll.patching.logit_diff_metric(model, clean_logits, corrupted_logits, answer=answer, wrong="e")
+    with pytest.raises(ValueError, match=message):
+        ll.patching.target_prob_metric(model, answer)(clean_logits)
+
+
+@pytest.mark.parametrize(("position", "message"), [([1, 2, 3], "position gives 3 values"), (1.5, "an integer")])
+def test_a_bad_metric_position_is_named(model, pair, position, message):
+    _, _, _, clean_logits, _, _ = pair
+    with pytest.raises(ValueError, match=message):
+        ll.patching.target_prob_metric(model, "n", position=position)(clean_logits)
+
+
 def test_activation_patching_result_frame_and_plot(model):
     result = ll.patching.activation_patching(
         model,
