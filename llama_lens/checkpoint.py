@@ -484,19 +484,24 @@ class Checkpoint:
         if self.format == "gguf":  # rows are whole quantization blocks, stored one after another
             first_byte = stored.pieces[0].offsets[0] + start * gguf_row_bytes(stored.dtype, n_columns)
             with open(self.files[0], "rb", buffering=0) as handle:
-                return read_gguf_into(handle, first_byte, stored.dtype, target, what=repr(stored.name))
-        stored_dtype = getattr(torch, stored.dtype)
-        if self.format == "hf":
+                read_bytes = read_gguf_into(handle, first_byte, stored.dtype, target, what=repr(stored.name))
+        elif self.format == "hf":
             piece = stored.pieces[0]
+            stored_dtype = getattr(torch, stored.dtype)
             row_bytes = n_columns * stored_dtype.itemsize
             with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
-                return handles.read_into(
+                read_bytes = handles.read_into(
                     piece.file, piece.offsets[0] + start * row_bytes, stored_dtype, target, repr(stored.name)
                 )
-        with contextlib.ExitStack() as stack:
-            if files is None:
-                files = stack.enter_context(self.open_files())
-            return files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)
+        else:
+            with contextlib.ExitStack() as stack:
+                if files is None:
+                    files = stack.enter_context(self.open_files())
+                read_bytes = files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)
+        warn_if_not_finite(target, f"rows {start}..{start + len(target)} of tensor {stored.name!r} in {self.path}")
+        for file_name in stored.files:  # as _read: a file replaced while it was read gave other weights
+            self.file_stamps.check(file_name)
+        return read_bytes
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """One tensor by its stored name, as stored (dtype, layout), Meta shards merged; a GGUF tensor dequantized

@@ -13,7 +13,9 @@ Threads: hooks added by `with model.hooks(...)` (and so by `run_with_hooks`, `ru
 `fwd_hooks=`) belong to the thread (or asyncio task) that added them: they live in a context variable, not on
 the model, so two threads can ablate, patch and cache on one model at once, each seeing only its own hooks and
 activations. Hooks added with `add_hook` (or `reset_hooks_end=False`) are persistent: they are on the model, for
-every thread, until `reset_hooks()`, as in TransformerLens. `hook.ctx` is on the hook point, shared too.
+every thread, until `reset_hooks()`, as in TransformerLens. `hook.ctx` is on the hook point, shared too. A
+streamed model (`stream=True`) holds one layer at a time and runs one forward pass at a time: a second thread's
+pass raises.
 """
 
 from __future__ import annotations

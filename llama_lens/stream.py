@@ -22,6 +22,7 @@ still work; they just cost the memory of the weights the graph saves.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,21 +164,28 @@ class StreamedLlama(HookedLlama):
         self.progress = progress
         self._stream: LayerStream | None = None
         self._in_forward = False
+        self._forward_thread: int | None = None
 
     # ---------------------------------------------------------------- the forward pass
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """HookedLlama.forward, reading each layer from disk as it is reached (same arguments)."""
         if self._in_forward:
-            # The inner pass would free the block the outer pass is in the middle of.
+            # The inner pass would free the block the outer pass is in the middle of; one layer is held at a time,
+            # so a second thread's pass would too.
+            if self._forward_thread != threading.get_ident():
+                raise RuntimeError(
+                    "a streamed model runs one forward pass at a time, and another thread is in one; load one "
+                    "streamed model per thread, or wait for the other pass"
+                )
             raise RuntimeError(
                 "a streamed model cannot run a forward pass from inside one of its own hooks; "
                 "save what the hook needs and run the second pass afterwards"
             )
-        self._in_forward = True
+        self._in_forward, self._forward_thread = True, threading.get_ident()
         try:
             return super().forward(*args, **kwargs)
         finally:
-            self._in_forward = False
+            self._in_forward, self._forward_thread = False, None
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None

@@ -406,6 +406,25 @@ def test_nan_and_inf_weights_are_warned_about_as_they_are_read(tmp_path, layout)
         ckpt.state_dict(ckpt.params_for([0]))  # finite: silent
 
 
+@pytest.mark.parametrize("layout", ["hf", "meta_mp2"])
+def test_nan_in_embedding_rows_read_on_demand_is_warned_about(tmp_path, layout):
+    import llama_lens as ll
+
+    cfg = tiny_config()
+    state = random_state_dict(cfg)
+    state["embed.weight"][7, 1] = float("nan")
+    if layout == "hf":
+        folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state)
+    else:
+        folder = write_meta_checkpoint(tmp_path / "ckpt", cfg, state, mp=2)
+    model = ll.load(folder, stream=True, unembed="stream")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.tensor([[1, 2, 3]]))  # rows without NaN: silent
+    with pytest.warns(RuntimeWarning, match=r"rows 7\.\.8 of tensor .* holds 1 NaN"):
+        model(torch.tensor([[1, 7]]))
+
+
 # ------------------------------------------------------------------------------------- 10: smaller ones
 def test_a_literal_tilde_in_llama_lens_home_means_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "user"))

@@ -475,3 +475,34 @@ def test_lens_explorer_layer_moves_the_selection(model):
     with pytest.raises(AttributeError, match="did you mean 'layer'"):
         lx.layr = 5
     assert not hasattr(lx, "layr")
+
+
+def test_a_streamed_model_refuses_a_second_threads_forward_by_its_real_reason(tmp_path):
+    import llama_lens as ll
+    from llama_lens.testing import random_state_dict, write_hf_checkpoint
+
+    cfg = tiny_config()
+    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg))
+    model = ll.load(folder, stream=True)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(tensor, *, hook):
+        inside.set()
+        release.wait(30)
+
+    errors = []
+    first = threading.Thread(
+        target=lambda: model.run_with_hooks(torch.tensor([[1, 2]]), fwd_hooks=[("hook_embed", hold)])
+    )
+    first.start()
+    try:
+        assert inside.wait(30)
+        try:
+            model(torch.tensor([[3, 4]]))
+        except RuntimeError as error:
+            errors.append(str(error))
+    finally:
+        release.set()
+        first.join(30)
+    assert errors and "another thread" in errors[0]
+    model(torch.tensor([[3, 4]]))  # free again once the first pass ended
