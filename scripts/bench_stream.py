@@ -166,13 +166,18 @@ def child_transformers(path: Path, tokens: int, dtype: str) -> dict:
 CHILDREN = {"disk": child_disk, "streamed": child_streamed, "loaded": child_loaded, "transformers": child_transformers}
 
 
-def run_child(kind: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, str(args.path), "--child", kind]
-    command += ["--tokens", str(args.tokens), "--dtype", args.dtype]
+def run_json_child(command: list[str], kind: str) -> dict:
+    """Runs a measurement in a fresh process (its own peak RSS) and returns the JSON its last line prints."""
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_child(kind: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, str(args.path), "--child", kind]
+    command += ["--tokens", str(args.tokens), "--dtype", args.dtype]
+    return run_json_child(command, kind)
 
 
 # ---------------------------------------------------------------------------------------------------- main

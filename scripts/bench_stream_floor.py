@@ -34,13 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 # The cold read, page-cache eviction and peak RSS are measured as scripts/bench_stream.py measures them.
-from bench_stream import READ_CHUNK, cached_bytes, evict, peak_rss, weight_files  # scripts/ is on the path
+from bench_stream import (  # scripts/ is on the path
+    READ_CHUNK,
+    cached_bytes,
+    evict,
+    peak_rss,
+    run_json_child,
+    weight_files,
+)
 
 
 def drop_caches_writable() -> bool:
@@ -97,10 +103,7 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
 def run_child(args: argparse.Namespace, kind: str) -> dict:
     command = [sys.executable, __file__, str(args.path), "--child", kind, "--tokens", str(args.tokens)]
     command += ["--unembed", args.unembed]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child(command, kind)
 
 
 # ---------------------------------------------------------------------------------------------------- main
