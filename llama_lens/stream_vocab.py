@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .cpu_matmul import computes_in_float32
+from .cpu_matmul import linear
 from .errors import WeightOnDiskError
 from .host_memory import empty_cpu_tensors, release_free_heap
 from .names import param_shapes
@@ -232,15 +232,11 @@ class StreamedUnembed(nn.Module):
         d_vocab, d_model = self.weight.shape
         logits = x.new_empty(*x.shape[:-1], d_vocab)
         rows, flat_logits = x.reshape(-1, d_model), logits.view(-1, d_vocab)
-        # On a CPU without half-precision units, half-precision rows are multiplied in float32 (cpu_matmul.py):
-        # cast once here, each block as it comes, the logits rounded back to x's dtype.
-        in_float32 = computes_in_float32(rows)
-        rows_float = rows.float() if in_float32 else rows
         try:
             for start in range(0, d_vocab, self.weight.block_rows):
                 block = self.weight[start : start + self.weight.block_rows]  # [block_rows, d_model]
-                block = block.float() if in_float32 else block
-                flat_logits[:, start : start + len(block)] = rows_float @ block.t()
+                # In float32 on a CPU without half-precision units, rounded back to x's dtype (cpu_matmul.py).
+                flat_logits[:, start : start + len(block)] = linear(rows, block)
         finally:
             self.weight.release()  # the lens's sweep starts from the first block again
         return logits
