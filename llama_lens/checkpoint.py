@@ -479,8 +479,7 @@ class Checkpoint:
             raise ValueError(f"read_rows: the target for {name!r} must be a contiguous tensor [rows, {n_columns}]")
         if not 0 <= start <= start + target.shape[0] <= n_rows:
             raise ValueError(f"read_rows: rows {start}..{start + target.shape[0]} of {name!r} are outside 0..{n_rows}")
-        for file_name in stored.files:
-            self.file_stamps.check(file_name)
+        self.file_stamps.check_all(stored.files)
         if self.format == "gguf":  # rows are whole quantization blocks, stored one after another
             first_byte = stored.pieces[0].offsets[0] + start * gguf_row_bytes(stored.dtype, n_columns)
             with open(self.files[0], "rb", buffering=0) as handle:
@@ -499,8 +498,7 @@ class Checkpoint:
                     files = stack.enter_context(self.open_files())
                 read_bytes = files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)
         warn_if_not_finite(target, f"rows {start}..{start + len(target)} of tensor {stored.name!r} in {self.path}")
-        for file_name in stored.files:  # as _read: a file replaced while it was read gave other weights
-            self.file_stamps.check(file_name)
+        self.file_stamps.check_all(stored.files)  # as _read: a file replaced while it was read gave other weights
         return read_bytes
 
     def load_tensor(self, name: str) -> torch.Tensor:
@@ -612,8 +610,7 @@ class Checkpoint:
         # Every file before anything is read, and again after: a file replaced since (or while it was read)
         # would give other weights at the indexed offsets. A file truncated meanwhile fails the read itself.
         file_names = list(dict.fromkeys(name for stored, _ in reads for name in stored.files))
-        for file_name in file_names:
-            self.file_stamps.check(file_name)
+        self.file_stamps.check_all(file_names)
         if self.format == "gguf":
             read_bytes = 0
             with open(self.files[0], "rb", buffering=0) as handle:
@@ -650,8 +647,7 @@ class Checkpoint:
                         stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads
                     )
                     warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path} ({self._where(stored)})")
-        for file_name in file_names:
-            self.file_stamps.check(file_name)
+        self.file_stamps.check_all(file_names)
         return read_bytes
 
     def _qk_heads(self, stored_name: str) -> int | None:

@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,15 @@ class FileStamps:
         if stat is None or [stat.st_size, stat.st_mtime_ns] != self.stamps.get(file_name):
             raise CheckpointError(f"{path} changed since the checkpoint was opened; open it again")
         return path
+
+    def check_all(self, file_names: Iterable[str]) -> None:
+        """`check` of each file.
+
+        Raises:
+            CheckpointError: a file changed (or vanished) since the checkpoint was opened.
+        """
+        for file_name in file_names:
+            self.check(file_name)
 
 
 def content_digest(path: Path) -> str | None:
