@@ -36,7 +36,7 @@ def add_demo_model(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_model(args: argparse.Namespace) -> int:
-    from .demo import demo_model_path
+    from .loading.demo import demo_model_path
 
     print(demo_model_path(progress=not args.quiet))
     return 0
@@ -133,7 +133,7 @@ def run_lens(args: argparse.Namespace) -> int:
         _check_figure_path(Path(args.out))  # before the model runs, not after
     tuned = None
     if args.tuned_lens:  # before the model loads: a bad lens folder should not cost a load
-        from .tuned_lens import TunedLens
+        from .lens.tuned import TunedLens
 
         tuned = TunedLens.load(args.tuned_lens)
     model = _load_model(args)
@@ -219,8 +219,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     import llama_lens as ll
 
-    from .model import HookedLlama
-    from .summary import module_summary
+    from .model.llama import HookedLlama
+    from .model.summary import module_summary
 
     ckpt = ll.Checkpoint(args.path if args.path is not None else ll.demo_model_path())
     cfg, table = ckpt.config, ckpt.tensors()
@@ -335,7 +335,7 @@ class StreamedText:
 
     def __call__(self, tokens: list[int | None]) -> None:
         if tokens[0] is not None:  # None: the prompt has stopped (EOS)
-            from .generate import decode_generated
+            from .model.generate import decode_generated
 
             self.ids.append(tokens[0])
             self.show(decode_generated(self.model, self.ids, warn=False))

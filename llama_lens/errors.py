@@ -4,6 +4,10 @@ Each also derives from the builtin a caller would expect (ValueError for bad inp
 name, MemoryError for a load that cannot fit), so code written against the builtins keeps working.
 
     LlamaLensError
+    ├── ArgumentError          (ValueError)   an argument with a value the function cannot take
+    ├── ArgumentTypeError      (TypeError)    an argument of a type the function cannot take
+    ├── MissingFileError       (FileNotFoundError)   a file or folder that is not there
+    ├── UsageError             (RuntimeError) a call the object's state does not allow (e.g. no tokenizer loaded)
     ├── ConfigError            (ValueError)   config.json / params.json / arguments describing the model
     ├── CheckpointError        (ValueError)   a weight file is corrupt, incomplete or does not match its config
     ├── NotEnoughMemoryError   (MemoryError, ValueError)   a load or cache that would not fit
@@ -27,6 +31,22 @@ class LlamaLensError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+class ArgumentError(LlamaLensError, ValueError):
+    """An argument whose value the function cannot take (the argument is named, with what it accepts)."""
+
+
+class ArgumentTypeError(LlamaLensError, TypeError):
+    """An argument of a type the function cannot take (the argument is named, with the types it accepts)."""
+
+
+class MissingFileError(LlamaLensError, FileNotFoundError):
+    """A file or folder that is not there (the path is named, with what was expected in it)."""
+
+
+class UsageError(LlamaLensError, RuntimeError):
+    """A call that the object's state does not allow, e.g. text asked of a model loaded without a tokenizer."""
 
 
 class ConfigError(LlamaLensError, ValueError):

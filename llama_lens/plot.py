@@ -6,8 +6,8 @@ functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
-# ------------------------------------------------------------------------- attention (llama_lens/plot_attention.py)
-from .plot_attention import attention, attention_summary, head_statistics, top_heads  # noqa: F401
+# ------------------------------------------------------------------------- attention (llama_lens/viz/attention.py)
+from .viz.attention import attention, attention_summary, head_statistics, top_heads  # noqa: F401
 
-# ------------------------------------------------------------------------- logit lens (llama_lens/plot_lens.py)
-from .plot_lens import lens_heatmap, lens_trajectory, logit_attribution, visible_token  # noqa: F401
+# ------------------------------------------------------------------------- logit lens (llama_lens/viz/heatmap.py)
+from .viz.heatmap import lens_heatmap, lens_trajectory, logit_attribution, visible_token  # noqa: F401

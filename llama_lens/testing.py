@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from .config import LlamaConfig
-from .names import is_norm_weight, param_shapes
+from .io.names import is_norm_weight, param_shapes
 
-# The writers live in llama_lens.writer; they are importable from here too, where tests and notebooks look.
-from .writer import meta_params, write_hf_checkpoint, write_meta_checkpoint
+# The writers live in llama_lens.io.writer; they are importable from here too, where tests and notebooks look.
+from .io.writer import meta_params, write_hf_checkpoint, write_meta_checkpoint
 
 __all__ = ["meta_params", "random_state_dict", "write_hf_checkpoint", "write_meta_checkpoint"]
 

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from llama_lens import cpu_matmul
-from llama_lens.attention import rope_cos_sin
 from llama_lens.config import LlamaConfig
-from llama_lens.model import Block
-from llama_lens.readout import read_out
+from llama_lens.lens.readout import read_out
+from llama_lens.model import cpu_matmul
+from llama_lens.model.attention import rope_cos_sin
+from llama_lens.model.llama import Block
 
 
 def set_mode(value: str) -> None:

@@ -30,7 +30,8 @@ def main() -> None:
     import torch
 
     import llama_lens as ll
-    from llama_lens import checkpoint, files
+    from llama_lens import files
+    from llama_lens.io import checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,7 +53,7 @@ def measure(kind: str, path: str) -> dict:
     import torch
 
     import llama_lens as ll
-    from llama_lens.plan import layer_param_count
+    from llama_lens.loading.plan import layer_param_count
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     ckpt = ll.Checkpoint(path)
@@ -117,7 +117,7 @@ def main() -> None:
     import gguf  # noqa: F401  (imports are not part of the times below)
 
     import llama_lens as ll
-    import llama_lens.checkpoint  # noqa: F401
+    import llama_lens.io.checkpoint  # noqa: F401
 
     path = Path(args.path) if args.path else ll.demo_gguf_path()
     started = time.perf_counter()

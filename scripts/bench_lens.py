@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_lens as ll
-from llama_lens import readout
+from llama_lens.lens import readout
 
 
 def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:

@@ -100,7 +100,7 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
     import torch
 
     import llama_lens as ll
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint(path)  # warms the index cache so no variant pays for header parsing
     # A random init on the meta device (transformers' loader does one) imports sympy: about 70 MiB, once per
@@ -122,7 +122,7 @@ def measure(kind: str, path: str, layers: list[int]) -> dict:
             return original(self, targets, *args, **kwargs)
 
         Checkpoint.read_into = spy
-        import llama_lens.model  # noqa: F401  (imported before the baseline, like transformers above)
+        import llama_lens.model.llama  # noqa: F401  (imported before the baseline, like transformers above)
 
         # The tokenizer (tokenizer.json: a few tens of MiB) is read before the baseline: weights are measured.
         before_tokenizer = _current_rss_bytes()

@@ -31,7 +31,7 @@ from meta_reference import META_FILES, import_meta_tokenizer, train_llama2_style
 from tokenizer_corpus import corpus  # noqa: E402
 
 import llama_lens as ll  # noqa: E402
-from llama_lens.demo import cache_dir  # noqa: E402
+from llama_lens.loading.demo import cache_dir  # noqa: E402
 from llama_lens.tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
 
 

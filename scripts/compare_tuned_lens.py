@@ -31,9 +31,9 @@ import time
 import torch
 
 import llama_lens as ll
-from llama_lens.text_sources import generated_texts
-from llama_lens.tuned_lens import TunedLens
-from llama_lens.tuned_lens_train import mean_kl, token_rows
+from llama_lens.data.texts import generated_texts
+from llama_lens.lens.train import mean_kl, token_rows
+from llama_lens.lens.tuned import TunedLens
 
 
 def train_package_lens(hf_model, rows: torch.Tensor, steps: int, rows_per_step: int, rows_per_batch: int):

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from llama_lens.config import LlamaConfig, RopeScaling
-from llama_lens.names import HF_TO_CANONICAL, META_TO_CANONICAL, inverse, meta_split_dim, param_shapes, rename
-from llama_lens.writer import meta_params, split_evenly, write_safetensors_shards
+from llama_lens.io.names import HF_TO_CANONICAL, META_TO_CANONICAL, inverse, meta_split_dim, param_shapes, rename
+from llama_lens.io.writer import meta_params, split_evenly, write_safetensors_shards
 
 DTYPE = torch.bfloat16
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import llama_lens as ll
-from llama_lens.text_sources import generated_texts
-from llama_lens.tuned_lens import TunedLens
-from llama_lens.tuned_lens_train import mean_kl
+from llama_lens.data.texts import generated_texts
+from llama_lens.lens.train import mean_kl
+from llama_lens.lens.tuned import TunedLens
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def demo_path() -> Path:
     """The embedded default checkpoint (SmolLM2-135M-Instruct, HF layout), built on first use in the same
     cache as the README's first command ($LLAMA_LENS_HOME, else the user cache directory), so a newcomer's
     test run reuses the conversion that command made."""
-    from llama_lens.demo import demo_model_path
+    from llama_lens.loading.demo import demo_model_path
 
     return demo_model_path()
 
@@ -78,7 +78,7 @@ def demo_path() -> Path:
 @pytest.fixture(scope="session")
 def demo_gguf(demo_path) -> Path:
     """The embedded default model's original GGUF file (Q4_1), kept beside the converted checkpoint."""
-    from llama_lens.demo import demo_gguf_path
+    from llama_lens.loading.demo import demo_gguf_path
 
     return demo_gguf_path()
 

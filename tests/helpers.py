@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import torch
 
 from llama_lens.config import LlamaConfig
-from llama_lens.model import HookedLlama
-from llama_lens.names import is_norm_weight
+from llama_lens.io.names import is_norm_weight
+from llama_lens.model.llama import HookedLlama
 from llama_lens.testing import random_state_dict
 from llama_lens.tokenizer import Tokenizer
 

@@ -25,7 +25,7 @@ META_FILES = (
 def meta_reference_folder() -> Path:
     """Meta's reference tokenizer code and files from the `llama-models` wheel, unpacked (not installed) under
     $LLAMA_LENS_HOME on first use, like the embedded default model."""
-    from llama_lens.demo import cache_dir
+    from llama_lens.loading.demo import cache_dir
 
     folder = cache_dir() / "llama_models-0.3.0"
     if all((folder / name).is_file() for name in META_FILES):

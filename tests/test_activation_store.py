@@ -1,4 +1,4 @@
-"""The activation store (llama_lens.activation_store): rows written by the dataset runner against
+"""The activation store (llama_lens.data.store): rows written by the dataset runner against
 `run_with_cache` on each prompt alone, both dataset units, the dtype, a DataLoader, and refused hooks."""
 
 from __future__ import annotations

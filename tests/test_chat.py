@@ -8,8 +8,8 @@ import random
 import pytest
 from meta_reference import import_meta_tokenizer, meta_reference_folder
 
-from llama_lens.chat import compile_chat_template
 from llama_lens.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from llama_lens.tokenizer.chat import compile_chat_template
 
 # Templates in the forms checkpoints ship (the HF Llama 2 and Llama 3 templates, a template using tojson,
 # namespace, loop controls, strftime_now and raise_exception), plus SmolLM2's own from the demo folder.

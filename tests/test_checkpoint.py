@@ -14,13 +14,12 @@ import torch
 from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
-import llama_lens.pth_io as pth_io
-import llama_lens.safetensors_io as safetensors_io
-import llama_lens.tensor_index as tensor_index
-from llama_lens.checkpoint import Checkpoint
+import llama_lens.io.index as tensor_index
+import llama_lens.io.pth as pth_io
+import llama_lens.io.safetensors as safetensors_io
 from llama_lens.errors import CheckpointError
-from llama_lens.loading import load
-from llama_lens.names import (
+from llama_lens.io.checkpoint import Checkpoint
+from llama_lens.io.names import (
     HF_TO_CANONICAL,
     META_TO_CANONICAL,
     inverse,
@@ -29,8 +28,9 @@ from llama_lens.names import (
     permute_qk_to_rotate_half,
     rename,
 )
-from llama_lens.pth_io import PthShards
-from llama_lens.summary import module_summary
+from llama_lens.io.pth import PthShards
+from llama_lens.loading.load import load
+from llama_lens.model.summary import module_summary
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 from llama_lens.validate import resolve_dtype
 
@@ -105,7 +105,7 @@ def test_open_shards_read_what_state_dict_reads(tmp_path, layout, shape, dtype):
 @pytest.mark.parametrize("layout", ["hf_3_shards", "meta_mp2_llama2", "meta_mp2_llama3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_loads_and_streamed_layers_read_the_same_tensors(tmp_path, layout, shape, dtype):
-    from llama_lens.stream import CheckpointLayerReader
+    from llama_lens.loading.stream import CheckpointLayerReader
 
     cfg = tiny_config(n_layers=3, **SHAPES[shape])
     state = random_state_dict(cfg, seed=4)
@@ -216,7 +216,7 @@ def _meta_reference_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 def test_meta_q_after_meta_rope_equals_our_q_after_rotate_half_rope(tmp_path):
     """Independent of our writer: Meta's stored wq with Meta's RoPE gives the q our model computes."""
-    from llama_lens.attention import apply_rope, rope_cos_sin
+    from llama_lens.model.attention import apply_rope, rope_cos_sin
 
     cfg = tiny_config()
     write_meta_checkpoint(tmp_path / "meta", cfg, random_state_dict(cfg), mp=2)

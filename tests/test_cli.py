@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from llama_lens.checkpoint import Checkpoint
 from llama_lens.cli import main
+from llama_lens.io.checkpoint import Checkpoint
 from llama_lens.testing import random_state_dict, write_meta_checkpoint
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -57,7 +57,7 @@ def test_generate_greedy_says_paris(demo_path, capsys):
 def test_generate_chat_sends_the_template_ids_and_stops_at_the_end_of_turn(demo_path, capsys, monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
-    from llama_lens.model import HookedLlama
+    from llama_lens.model.llama import HookedLlama
 
     prompts = []
     original = HookedLlama.generate

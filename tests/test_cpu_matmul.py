@@ -1,4 +1,4 @@
-"""Half-precision matmuls computed in float32 on CPUs without half-precision units (llama_lens/cpu_matmul.py).
+"""Half-precision matmuls computed in float32 on CPUs without half-precision units (llama_lens/model/cpu_matmul.py).
 
 The float32 path and PyTorch's native bfloat16 kernel both accumulate in float32 and round the output once, so
 each is compared with a float64 product within bfloat16's rounding, and with the other within one rounding
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from helpers import assert_same_top_k, tiny_config, tiny_model
 
 import llama_lens as ll
-from llama_lens import cpu_matmul
-from llama_lens.readout import read_out
+from llama_lens.lens.readout import read_out
+from llama_lens.model import cpu_matmul
 
 # bfloat16 keeps 8 significant bits (7 stored): rounding to nearest is off by at most 2**-8 of the value.
 BF16_HALF_ULP = 2.0**-8

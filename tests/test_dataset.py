@@ -1,4 +1,4 @@
-"""The dataset runner (llama_lens.dataset): prompt sources, batching by length, Parquet shards checked against
+"""The dataset runner (llama_lens.runs.runner): prompt sources, batching by length, Parquet shards checked against
 direct `logit_lens` / `direct_logit_attribution` calls per prompt, resume after SIGKILL, the manifest, and the
 Ray executor against the local one."""
 
@@ -21,10 +21,10 @@ import torch
 from helpers import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
-from llama_lens.dataset import make_records, plan_shards, read_prompts
-from llama_lens.dataset_tasks import LensTask, ShardJob
 from llama_lens.errors import ManifestMismatchError
-from llama_lens.executors import ModelSpec, ShardWorker
+from llama_lens.runs.executors import ModelSpec, ShardWorker
+from llama_lens.runs.runner import make_records, plan_shards, read_prompts
+from llama_lens.runs.tasks import LensTask, ShardJob
 from llama_lens.testing import write_hf_checkpoint
 
 TESTS = Path(__file__).resolve().parent

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama_lens import demo
 from llama_lens.cli import main
 from llama_lens.config import LlamaConfig
-from llama_lens.demo import DemoModelError, demo_model_path
-from llama_lens.names import permute_qk_to_interleaved, permute_qk_to_rotate_half
+from llama_lens.io.names import permute_qk_to_interleaved, permute_qk_to_rotate_half
+from llama_lens.loading import demo
+from llama_lens.loading.demo import DemoModelError, demo_model_path
 
 
 # ----------------------------------------------------------------------------------------- the real model

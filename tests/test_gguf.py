@@ -16,10 +16,10 @@ import torch
 from helpers import tiny_config
 
 import llama_lens as ll
-import llama_lens.checkpoint as checkpoint_module
-import llama_lens.gguf_io as gguf_io
+import llama_lens.io.checkpoint as checkpoint_module
+import llama_lens.io.gguf as gguf_io
 from llama_lens.errors import CheckpointError, ConfigError
-from llama_lens.names import param_shapes, permute_qk_to_rotate_half
+from llama_lens.io.names import param_shapes, permute_qk_to_rotate_half
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -337,7 +337,7 @@ def test_streaming_a_gguf_computes_what_a_full_load_computes(tmp_path):
 
 
 def test_plan_counts_the_stored_bytes_of_a_quantized_file(tmp_path):
-    from llama_lens.plan import plan
+    from llama_lens.loading.plan import plan
 
     cfg = quant_config(n_layers=3)
     path = tmp_path / "tiny.gguf"
@@ -546,9 +546,9 @@ def test_the_llama3_split_of_a_byte_level_vocabulary_is_meta_s_pattern():
     regex = pytest.importorskip("regex")
     from tokenizer_corpus import CODE, COMBINING, EMOJI, PROSE, RTL_AND_CONTROL, SPECIAL_TEXT
 
-    from llama_lens.gguf_tokenizer import gguf_backend_tokenizer
-    from llama_lens.tokenizer_json import gpt2_byte_to_unicode
-    from llama_lens.tokenizer_tiktoken import LLAMA3_PATTERN
+    from llama_lens.tokenizer.gguf import gguf_backend_tokenizer
+    from llama_lens.tokenizer.hf import gpt2_byte_to_unicode
+    from llama_lens.tokenizer.meta_tiktoken import LLAMA3_PATTERN
 
     bytes_only = list(gpt2_byte_to_unicode().values())
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": bytes_only}
@@ -609,7 +609,7 @@ def test_the_embedded_gguf_tokenizes_the_corpus_as_the_converted_checkpoint(demo
 
 
 def test_demo_gguf_path_keeps_the_verified_file_in_the_cache(demo_gguf, tmp_path, monkeypatch):
-    import llama_lens.demo as demo
+    import llama_lens.loading.demo as demo
 
     monkeypatch.setenv("LLAMA_LENS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LLAMA_LENS_DEMO_GGUF", str(demo_gguf))

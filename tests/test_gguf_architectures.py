@@ -255,8 +255,8 @@ def test_the_qwen2_split_is_qwen2_s_tokenizer_json_regex():
     regex = pytest.importorskip("regex")
     from tokenizer_corpus import CODE, COMBINING, EMOJI, PROSE, RTL_AND_CONTROL, SPECIAL_TEXT
 
-    from llama_lens.gguf_tokenizer import gguf_backend_tokenizer
-    from llama_lens.tokenizer_json import gpt2_byte_to_unicode
+    from llama_lens.tokenizer.gguf import gguf_backend_tokenizer
+    from llama_lens.tokenizer.hf import gpt2_byte_to_unicode
 
     bytes_only = list(gpt2_byte_to_unicode().values())
     for pre in ("qwen2", "deepseek-r1-qwen"):

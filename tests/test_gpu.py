@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_config
 
 import llama_lens as ll
-from llama_lens.checkpoint import param_shapes
+from llama_lens.io.checkpoint import param_shapes
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 pytestmark = pytest.mark.gpu

@@ -22,11 +22,11 @@ from helpers import tiny_config
 from loader_watch import count_torch_loads
 from safetensors.torch import save_file
 
-from llama_lens import demo
-from llama_lens.checkpoint import Checkpoint
 from llama_lens.errors import CheckpointError, ConfigError
 from llama_lens.files import default_file_mode
-from llama_lens.pth_io import load_pth, read_pth_tensor
+from llama_lens.io.checkpoint import Checkpoint
+from llama_lens.io.pth import load_pth, read_pth_tensor
+from llama_lens.loading import demo
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +57,10 @@ def run_victim(script: str, tmp_path: Path, timeout: float = 120) -> subprocess.
 TRUNCATE_WHILE_READING = """
     import os, sys, torch
     from helpers import tiny_config
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.io.checkpoint import Checkpoint
     from llama_lens.errors import CheckpointError
-    from llama_lens.stream import CheckpointLayerReader
-    from llama_lens.tensor_index import FileStamps
+    from llama_lens.loading.stream import CheckpointLayerReader
+    from llama_lens.io.index import FileStamps
     from llama_lens.testing import random_state_dict, write_meta_checkpoint
 
     cfg = tiny_config(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_head=64, d_mlp=1024)
@@ -140,7 +140,7 @@ MEMORY_CAPPED = """
     in_use = int(status["VmSize"].split()[0]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (in_use + 2 * 2**30, resource.RLIM_INFINITY))  # 2 GiB more at most
 
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.io.checkpoint import Checkpoint
     from llama_lens.cli import main
     from llama_lens.errors import ConfigError
 
@@ -175,7 +175,7 @@ def test_a_config_of_a_billion_layers_is_refused_before_any_per_layer_table(tmp_
 
 # ---------------------------------------------------------------------------- 8: files that hang a read
 OPEN_CHECKPOINT = """
-    from llama_lens.checkpoint import Checkpoint
+    from llama_lens.io.checkpoint import Checkpoint
     from llama_lens.errors import LlamaLensError
 
     try:
@@ -458,7 +458,7 @@ def test_a_meta_folder_takes_only_a_llama2_tokenizer_model_from_the_folder_above
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    from llama_lens.loading import load
+    from llama_lens.loading.load import load
 
     cfg = tiny_config()
     folder = write_meta_checkpoint(tmp_path / "models" / "mine", cfg, random_state_dict(cfg))

@@ -19,7 +19,7 @@ from helpers import char_model, tiny_config, tiny_model
 import llama_lens as ll
 from llama_lens.errors import NotEnoughMemoryError
 
-plan_module = importlib.import_module("llama_lens.plan")  # `ll.plan` is also callable: see plan.CallableModule
+memory_module = importlib.import_module("llama_lens.model.memory")
 
 RESID_0 = "blocks.0.hook_resid_post"
 
@@ -221,10 +221,10 @@ def test_run_with_cache_estimate_is_the_cache_size(model, monkeypatch):
 
     def check_fits_exactly(cached_bytes: int, written_out: bool, **kwargs) -> None:
         # What the check adds for the forward pass itself; the rest must be the cache's own bytes.
-        working = plan_module.forward_working_nbytes(model.cfg, batch, pos, 4, written_out=written_out)
-        monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": cached_bytes + working)
+        working = memory_module.forward_working_nbytes(model.cfg, batch, pos, 4, written_out=written_out)
+        monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": cached_bytes + working)
         model.run_with_cache(tokens, **kwargs)  # exactly fits
-        monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": cached_bytes + working - 1)
+        monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": cached_bytes + working - 1)
         with pytest.raises(NotEnoughMemoryError):
             model.run_with_cache(tokens, **kwargs)
         monkeypatch.undo()
@@ -243,9 +243,9 @@ def test_run_with_cache_that_cannot_fit_raises_before_any_layer_runs(model, monk
     resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
     resid_bytes = _cache_bytes(model.run_with_cache(tokens, names_filter=resid_post)[1])
     all_bytes = _cache_bytes(model.run_with_cache(tokens)[1])
-    available = resid_bytes + plan_module.forward_working_nbytes(model.cfg, 1, tokens.shape[1], 4, written_out=False)
+    available = resid_bytes + memory_module.forward_working_nbytes(model.cfg, 1, tokens.shape[1], 4, written_out=False)
     assert all_bytes > available
-    monkeypatch.setattr(plan_module, "available_memory", lambda device="cpu": available)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": available)
     layers_run = []
     with pytest.raises(NotEnoughMemoryError, match=r"about [\d.]+ GiB .* available .* names_filter=") as err:
         model.run_with_cache(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: layers_run.append(1))])
@@ -295,19 +295,19 @@ def test_prompt_past_the_context_length_warns_once():
 
 
 # ------------------------------------------------------------------------------------- 10. smaller ones
-@pytest.mark.parametrize("first", ["import llama_lens.loading", "ll.plan", "import llama_lens.plan as pm"])
+@pytest.mark.parametrize("first", ["import llama_lens.loading.load", "ll.plan", "import llama_lens.loading.plan as pm"])
 def test_ll_plan_is_callable_whatever_was_imported_first(first):
     # A fresh interpreter: which module was imported first is the point.
     code = (
         "import llama_lens as ll\n"
         f"{first}\n"
-        "import llama_lens.loading\n"  # what ll.load(...) imports
+        "import llama_lens.loading.load\n"  # what ll.load(...) imports
         "from llama_lens.config import LlamaConfig\n"
         "cfg = LlamaConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_vocab=128)\n"
         "estimate = ll.plan(cfg, tokens=8)\n"
-        "from llama_lens.plan import plan\n"
+        "from llama_lens.loading.plan import plan\n"
         "assert estimate.peak_bytes == plan(cfg, tokens=8).peak_bytes, estimate\n"
-        "import llama_lens.plan as pm\n"
+        "import llama_lens.loading.plan as pm\n"
         "assert callable(pm.available_memory)\n"
         "print(type(estimate).__name__)\n"
     )

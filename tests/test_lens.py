@@ -14,9 +14,9 @@ from helpers import assert_same_top_k, tiny_config
 from torch.overrides import TorchFunctionMode
 
 import llama_lens as ll
-from llama_lens import lens as lens_module
-from llama_lens import readout as readout_module
-from llama_lens.plot_lens import visible_token
+from llama_lens.lens import logit as lens_module
+from llama_lens.lens import readout as readout_module
+from llama_lens.viz.heatmap import visible_token
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -247,7 +247,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
-    from llama_lens.readout import top_k_largest
+    from llama_lens.lens.readout import top_k_largest
 
     logits = torch.randn(37, d_vocab)
     logits[3, :] = 0.5  # all tied

@@ -6,7 +6,7 @@ from helpers import tiny_config
 from reference import reference_pair
 
 from llama_lens.config import RopeScaling
-from llama_lens.model import HookedLlama
+from llama_lens.model.llama import HookedLlama
 
 SHAPES = {
     "gqa": {},
@@ -56,7 +56,7 @@ def test_matches_transformers(shape, device):
 
 def test_dynamic_rope_changes_with_length():
     """Guards the dynamic test above: past max_position_embeddings the frequencies must actually move."""
-    from llama_lens.attention import rope_inv_freq
+    from llama_lens.model.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_dynamic"])
     short, long = rope_inv_freq(cfg, 8, torch.device("cpu")), rope_inv_freq(cfg, 13, torch.device("cpu"))
@@ -68,7 +68,7 @@ def test_llama3_rope_covers_its_three_bands():
     """Guards the llama3 parity test: some frequencies are kept, some slowed by `factor`, some smoothed."""
     import math
 
-    from llama_lens.attention import rope_inv_freq
+    from llama_lens.model.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_llama3"])
     plain = rope_inv_freq(tiny_config(), 13, torch.device("cpu"))
@@ -223,7 +223,7 @@ def test_generation_stops_at_eos_and_hooks_fire(device):
 
 
 def test_sampling_is_seeded_and_top_p_restricts(tiny_cfg, device):
-    from llama_lens.generate import sample_top_p
+    from llama_lens.model.generate import sample_top_p
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     draws = {sample_top_p(probs.clone(), 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
@@ -307,7 +307,7 @@ def test_bad_token_ids_and_masks_are_named_before_the_embedding(tiny_cfg):
 
 
 def test_every_entry_point_takes_the_same_prompt_forms(tiny_cfg):
-    from llama_lens.lens import logit_lens
+    from llama_lens.lens.logit import logit_lens
 
     _, model = reference_pair(tiny_config(eos_token_ids=()))
     ids = [5, 9, 17, 3]

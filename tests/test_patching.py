@@ -6,7 +6,7 @@ import torch
 from helpers import char_model
 
 import llama_lens as ll
-from llama_lens.patching_sweep import reference_names
+from llama_lens.patching.sweep import reference_names
 
 
 @pytest.fixture(scope="module")

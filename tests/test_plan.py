@@ -7,9 +7,10 @@ import torch
 from helpers import tiny_config, tiny_model
 
 import llama_lens as ll
-import llama_lens.plan as plan_module
-from llama_lens.plan import GIB, NotEnoughMemoryError, plan
-from llama_lens.stream import StreamedLlama
+import llama_lens.loading.plan as plan_module
+import llama_lens.model.memory as memory_module
+from llama_lens.loading.plan import GIB, NotEnoughMemoryError, plan
+from llama_lens.loading.stream import StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
 
 # The tiny config (d_model 64, 2 layers, 4 heads of 16, 2 KV heads, d_mlp 128, vocab 128, untied), by hand:
@@ -116,13 +117,13 @@ def test_bad_arguments(tiny_cfg):
         plan(tiny_cfg, layers=[5])
 
 
-@pytest.mark.skipif(not plan_module.MEMINFO.is_file(), reason="reads Linux's /proc/meminfo")
+@pytest.mark.skipif(not memory_module.MEMINFO.is_file(), reason="reads Linux's /proc/meminfo")
 def test_available_memory_reads_the_machine():
-    fields = dict(line.split(":", 1) for line in plan_module.MEMINFO.read_text().splitlines())
+    fields = dict(line.split(":", 1) for line in memory_module.MEMINFO.read_text().splitlines())
     total = int(fields["MemTotal"].split()[0]) * 1024
-    available = plan_module.available_memory("cpu")
+    available = memory_module.available_memory("cpu")
     assert isinstance(available, int) and 0 < available <= total
-    cgroup = plan_module._cgroup_available()
+    cgroup = memory_module._cgroup_available()
     if "MemAvailable" in fields and (cgroup is None or cgroup > total):
         # No cgroup limit below the machine's memory: MemAvailable itself, give or take what other processes
         # did in between the two reads.
@@ -134,10 +135,10 @@ def fake_memory_files(tmp_path, monkeypatch):
     """Points available_memory at fake /proc/meminfo and cgroup files; returns a function writing them."""
     paths = {"meminfo": tmp_path / "meminfo", "v2": tmp_path / "cgroup", "v1": tmp_path / "cgroup" / "memory"}
     paths["v1"].mkdir(parents=True)
-    monkeypatch.setattr(plan_module, "MEMINFO", paths["meminfo"])
-    monkeypatch.setattr(plan_module, "CGROUP_V2", paths["v2"])
-    monkeypatch.setattr(plan_module, "CGROUP_V1", paths["v1"])
-    monkeypatch.setattr(plan_module, "PROC_SELF_CGROUP", tmp_path / "self_cgroup")  # absent: the roots only
+    monkeypatch.setattr(memory_module, "MEMINFO", paths["meminfo"])
+    monkeypatch.setattr(memory_module, "CGROUP_V2", paths["v2"])
+    monkeypatch.setattr(memory_module, "CGROUP_V1", paths["v1"])
+    monkeypatch.setattr(memory_module, "PROC_SELF_CGROUP", tmp_path / "self_cgroup")  # absent: the roots only
 
     def write(meminfo_kib=None, v2=None, v1=None):
         if meminfo_kib is not None:
@@ -151,9 +152,9 @@ def fake_memory_files(tmp_path, monkeypatch):
 
 def test_available_memory_is_meminfo_without_a_cgroup_limit(fake_memory_files):
     fake_memory_files(meminfo_kib=4_000_000)
-    assert plan_module.available_memory("cpu") == 4_000_000 * 1024
+    assert memory_module.available_memory("cpu") == 4_000_000 * 1024
     fake_memory_files(v2={"memory.max": "max\n", "memory.current": "123456789\n"})  # v2, no limit
-    assert plan_module.available_memory("cpu") == 4_000_000 * 1024
+    assert memory_module.available_memory("cpu") == 4_000_000 * 1024
 
 
 def test_available_memory_respects_a_cgroup_v2_limit(fake_memory_files):
@@ -166,11 +167,11 @@ def test_available_memory_respects_a_cgroup_v2_limit(fake_memory_files):
         },
     )
     # The container has 8 GiB, uses 3 GiB of which 1 GiB is inactive page cache the kernel takes back first.
-    assert plan_module.available_memory("cpu") == 6 * GIB
+    assert memory_module.available_memory("cpu") == 6 * GIB
     fake_memory_files(meminfo_kib=2 * 2**20)  # the host is tighter than the container
-    assert plan_module.available_memory("cpu") == 2 * GIB
+    assert memory_module.available_memory("cpu") == 2 * GIB
     fake_memory_files(meminfo_kib=64 * 2**20, v2={"memory.current": f"{9 * GIB}\n", "memory.stat": ""})
-    assert plan_module.available_memory("cpu") == 0  # over its limit: nothing left
+    assert memory_module.available_memory("cpu") == 0  # over its limit: nothing left
 
 
 def test_available_memory_respects_a_cgroup_v1_limit(fake_memory_files):
@@ -182,9 +183,9 @@ def test_available_memory_respects_a_cgroup_v1_limit(fake_memory_files):
             "memory.stat": f"inactive_file 5\ntotal_inactive_file {GIB // 2}\n",
         },
     )
-    assert plan_module.available_memory("cpu") == 2 * GIB + GIB // 2
+    assert memory_module.available_memory("cpu") == 2 * GIB + GIB // 2
     fake_memory_files(v1={"memory.limit_in_bytes": "9223372036854771712\n"})  # v1 writes this for no limit
-    assert plan_module.available_memory("cpu") == 64 * GIB
+    assert memory_module.available_memory("cpu") == 64 * GIB
 
 
 def test_available_memory_finds_a_nested_cgroup_and_its_parents(tmp_path, fake_memory_files):
@@ -199,9 +200,9 @@ def test_available_memory_finds_a_nested_cgroup_and_its_parents(tmp_path, fake_m
     (slice_ / "memory.max").write_text(f"{10 * GIB}\n")
     (slice_ / "memory.current").write_text(f"{4 * GIB}\n")  # the slice's other processes count too
     (slice_ / "memory.stat").write_text(f"inactive_file {GIB}\n")
-    assert plan_module.available_memory("cpu") == 7 * GIB
+    assert memory_module.available_memory("cpu") == 7 * GIB
     (scope / "memory.max").write_text(f"{3 * GIB}\n")  # a tighter limit on the scope itself
-    assert plan_module.available_memory("cpu") == 2 * GIB
+    assert memory_module.available_memory("cpu") == 2 * GIB
 
     # v1: the memory hierarchy's line names its path under /sys/fs/cgroup/memory.
     (tmp_path / "self_cgroup").write_text("12:cpu,cpuacct:/jobs/42\n7:memory:/jobs/42\n")
@@ -209,12 +210,12 @@ def test_available_memory_finds_a_nested_cgroup_and_its_parents(tmp_path, fake_m
     job.mkdir(parents=True)
     (job / "memory.limit_in_bytes").write_text(f"{GIB}\n")
     (job / "memory.usage_in_bytes").write_text(f"{GIB // 4}\n")
-    assert plan_module.available_memory("cpu") == GIB - GIB // 4
+    assert memory_module.available_memory("cpu") == GIB - GIB // 4
 
     # A path that is not there (a container shown its host's path): the roots are read, as before.
     (tmp_path / "self_cgroup").write_text("0::/docker/0123abcd\n")
     fake_memory_files(v2={"memory.max": f"{5 * GIB}\n", "memory.current": f"{GIB}\n"})
-    assert plan_module.available_memory("cpu") == 4 * GIB
+    assert memory_module.available_memory("cpu") == 4 * GIB
 
 
 def test_a_cgroup_limit_refuses_a_load(tmp_path, fake_memory_files):

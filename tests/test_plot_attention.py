@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import char_model, run_patterns
 
-from llama_lens import plot_attention as pa
-from llama_lens.hooks import ActivationCache
+from llama_lens.model.hooks import ActivationCache
+from llama_lens.viz import attention as pa
 
 matplotlib.use("Agg")
 

@@ -14,10 +14,10 @@ from helpers import tiny_config
 from loader_watch import count_torch_loads, shard_pages_in_memory
 
 import llama_lens as ll
-import llama_lens.host_memory as host_memory
-from llama_lens.plan import layer_param_count
-from llama_lens.safetensors_io import read_safetensors_header
-from llama_lens.stream import LayerStream, StreamedLlama
+import llama_lens.loading.host_memory as host_memory
+from llama_lens.io.safetensors import read_safetensors_header
+from llama_lens.loading.plan import layer_param_count
+from llama_lens.loading.stream import LayerStream, StreamedLlama
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 

@@ -8,13 +8,13 @@ import torch
 from helpers import assert_same_top_k, tiny_config
 
 import llama_lens as ll
-import llama_lens.cpu_matmul as cpu_matmul
-import llama_lens.plan as plan_module
-import llama_lens.pth_io as pth_io
-import llama_lens.stream_vocab as stream_vocab
-from llama_lens.plan import GIB, plan
-from llama_lens.safetensors_io import SafetensorsFiles, read_safetensors_header
-from llama_lens.stream_vocab import OnDiskWeight, StreamedEmbedding, StreamedUnembed
+import llama_lens.io.pth as pth_io
+import llama_lens.loading.plan as plan_module
+import llama_lens.loading.stream_vocab as stream_vocab
+import llama_lens.model.cpu_matmul as cpu_matmul
+from llama_lens.io.safetensors import SafetensorsFiles, read_safetensors_header
+from llama_lens.loading.plan import GIB, plan
+from llama_lens.loading.stream_vocab import OnDiskWeight, StreamedEmbedding, StreamedUnembed
 from llama_lens.testing import random_state_dict, write_hf_checkpoint, write_meta_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -343,7 +343,7 @@ def test_a_70b_model_streams_in_8_gib(monkeypatch, request, matmul):
 
 def test_plan_is_callable_after_a_load_imports_its_module(tmp_path):
     path = write(tmp_path / "hf", "hf", tiny_config(n_layers=1))
-    load(path, stream=True)  # imports llama_lens.plan, which becomes the package's attribute `plan`
+    load(path, stream=True)  # imports llama_lens.loading.plan, which becomes the package's attribute `plan`
     assert ll.plan(path, stream=True, unembed="stream").unembed == "stream"
 
 

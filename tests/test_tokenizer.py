@@ -408,7 +408,8 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
 
 def test_backends_are_imported_lazily():
     heavy = ("tokenizers", "sentencepiece", "tiktoken", "transformers", "torch", "jinja2")
-    code = f"import sys, llama_lens.tokenizer, llama_lens.chat\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    imports = "import sys, llama_lens.tokenizer, llama_lens.tokenizer.chat"
+    code = f"{imports}\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -244,7 +244,7 @@ def test_long_texts_are_cut_where_metas_code_cuts_them(meta_reference):
     whitespace classes Python counts as space (\\x1c-\\x1f), and many near-limit runs (a linear scan matters)."""
     import random
 
-    from llama_lens.tokenizer_tiktoken import meta_chunks
+    from llama_lens.tokenizer.meta_tiktoken import meta_chunks
 
     split = import_meta_tokenizer(meta_reference, "llama3").Tokenizer._split_whitespaces_or_nonwhitespaces
     rng = random.Random(0)

@@ -10,10 +10,10 @@ import torch
 from helpers import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
+from llama_lens.data.texts import generated_texts, read_texts
+from llama_lens.lens.train import kl_sums, mean_kl, token_rows
+from llama_lens.lens.tuned import TunedLens, translator_labels, tuned_lens_readout
 from llama_lens.testing import write_hf_checkpoint
-from llama_lens.text_sources import generated_texts, read_texts
-from llama_lens.tuned_lens import TunedLens, translator_labels, tuned_lens_readout
-from llama_lens.tuned_lens_train import kl_sums, mean_kl, token_rows
 
 PROMPTS = ["The cat sat on the mat.", "Paris is in France"]
 ALL_READOUTS = ("embed", "resid_pre", "resid_mid", "resid_post")
@@ -130,7 +130,7 @@ def test_one_step_moves_the_translators_as_sgd_says(model):
     rows = token_rows(model.tokenizer, texts, 32, max_rows=2)
     fresh = TunedLens.for_model(model)
     fresh.translators.requires_grad_(True)
-    from llama_lens.tuned_lens_train import collect_streams
+    from llama_lens.lens.train import collect_streams
 
     resid, final = collect_streams(model, rows, fresh.labels)
     kl_sums(fresh, model, resid, final, 16, scale=1.0 / rows.numel())

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import traitlets
 
-from .. import plot_attention
+from ..viz import attention as plot_attention
 from .base import Control, Explorer, asset, number
 from .lens_data import prompt_tokens
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..lens import LensResult, logit_lens
+from ..lens.logit import LensResult, logit_lens
 
 if TYPE_CHECKING:
-    from ..tuned_lens import TunedLens
+    from ..lens.tuned import TunedLens
 
 # Read-out label ("embed", "3_pre", ...) -> the hook point holding that residual stream.
 SUFFIX_HOOK = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post"}

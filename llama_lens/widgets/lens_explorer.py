@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from ..tuned_lens import TunedLens
+    from ..lens.tuned import TunedLens
 
 READOUTS = ("resid_post", "resid_pre", "resid_mid")
 LENSES = ("logit", "tuned")
@@ -332,7 +332,7 @@ class LogitLensExplorer(Explorer):
 
     def to_figure(self, panel: int = 0) -> Figure:
         """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""
-        from ..plot_lens import lens_heatmap
+        from ..viz.heatmap import lens_heatmap
 
         result = self._result_with_token(panel)
         # The target's or the colouring token's values are filled in as the LensResult's target.

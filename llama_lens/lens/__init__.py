@@ -1,0 +1,3 @@
+"""Read-outs of the residual stream: the logit lens, the tuned lens and its trainer, direct logit
+attribution, and `test_prompt`.
+"""
