@@ -79,7 +79,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not args.keep_rfc3987_syntax:
         # jsonschema's optional rfc3987-syntax builds a parser on import, ~10 s in every Ray process (imported by
-        # ray itself, not by the engine's work): left out, as tests/test_dataset.py does (docs/datasets.md).
+        # ray itself, not by the engine's work): left out, as tests/runs/test_dataset.py does (docs/datasets.md).
         shim = folder / "shim"
         shim.mkdir()
         (shim / "rfc3987_syntax.py").write_text("raise ImportError('left out by scripts/bench_dataset.py')\n")

@@ -1,4 +1,4 @@
-"""Tokenizer speed against the reference libraries, in one process, on the test corpus (tests/tokenizer_corpus.py:
+"""Tokenizer speed against the reference libraries, in one process, on the test corpus (tests/support/corpus.py:
 ~2,700 strings, ~960k characters, one past 400k).
 
 For each tokenizer this prints the time to encode the whole corpus and to decode all its id lists, ours and the
@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from meta_reference import META_FILES, import_meta_tokenizer, train_llama2_style  # noqa: E402
-from tokenizer_corpus import corpus  # noqa: E402
+from support.corpus import corpus  # noqa: E402
+from support.meta_reference import META_FILES, import_meta_tokenizer, train_llama2_style  # noqa: E402
 
 import llama_lens as ll  # noqa: E402
 from llama_lens.loading.demo import cache_dir  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
                 args.repeats,
             )
     else:
-        print(f"(Llama 3/4 skipped: no {folder}; run tests/test_tokenizer_reference.py once to fetch it)")
+        print(f"(Llama 3/4 skipped: no {folder}; run tests/tokenizer/test_tokenizer_reference.py once to fetch it)")
 
     # sentencepiece, a model trained with Llama 2's settings
     import sentencepiece

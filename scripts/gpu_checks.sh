@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" LLAMA_LENS_HOME="$work/home"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'
 status=0
 python3 -m pytest -q -p no:cacheprovider --device cuda -m "(device or gpu) and not demo" -rs \
-  tests/test_gpu.py tests/test_model.py tests/test_lens.py tests/test_stream.py || status=$?  # the benchmark runs anyway
+  tests/integration/test_gpu.py tests/model/test_model.py tests/lens/test_lens.py tests/loading/test_stream.py || status=$?  # the benchmark runs anyway
 python3 scripts/make_synthetic_checkpoint.py "$work/llama-3.2-3b-shaped"
 for dtype in bfloat16 float32; do
   python3 scripts/bench_forward.py "$work/llama-3.2-3b-shaped" --device cuda --dtype "$dtype" --lengths 32 512

@@ -1,4 +1,4 @@
-"""Fixtures and the options and markers of the suite; helpers live in helpers.py.
+"""Fixtures and the options and markers of the suite; shared test code lives in the package tests/support/.
 
 Markers (registered in pyproject.toml):
 - `demo`: needs the embedded default model, built from the package registry on first use. Added here to every
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from support.models import tiny_config
 
 from llama_lens.config import LlamaConfig
 
