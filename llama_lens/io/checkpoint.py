@@ -14,12 +14,15 @@ a tensor the caller allocated), which full loads (`state_dict`) and streaming (`
 
 The loader, one job per module (imports point down the list):
     names.py            rename tables, `{i}` templates, Meta split axes, q/k permutation, expected shapes
-    safetensors_io.py   safetensors headers (checked against the file) and plain reads into a tensor
-    pth_io.py           .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by pread
-    gguf_io.py          GGUF headers, the config their metadata describe, dequantizing reads
-    tensor_index.py     which file holds which bytes of each tensor; its on-disk cache and file stamps
-    checkpoint_files.py which files make up a checkpoint and in which layout; where its tokenizer is
-    checkpoint.py       the Checkpoint: config, name and shape checks, tables, reads
+    index.py            which file holds which bytes of each tensor; its on-disk cache and file stamps
+    reader.py           what a format offers (`CheckpointReader`): config, tensor index, reads, tokenizer
+    safetensors.py      safetensors headers and reads; `SafetensorsReader` ("hf")
+    pth.py              .pth shards: tables by torch.load(weights_only=True) onto the meta device, data by
+                        pread; `PthReader` ("meta")
+    gguf*.py            GGUF headers, the config their metadata describe, dequantizing reads; `GGUFReader`
+    layout.py           which files make up a checkpoint, in which format; the reader of that format
+    matching.py         stored names and shapes checked against the config
+    checkpoint.py       the Checkpoint: the index cache, tables, reads, each delegated to the format's reader
 """
 
 from __future__ import annotations
@@ -33,51 +36,22 @@ from typing import Any
 
 import torch
 
-from ..config import LlamaConfig, read_json_object
-from ..errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
+from ..errors import ArgumentError, MissingFileError, UnknownNameError, did_you_mean
 from ..files import warn_if_not_finite
 from ..validate import check_layers, resolve_device, resolve_dtype
-from .gguf import (
-    GGUF_IGNORED,
-    GGUF_TO_CANONICAL,
-    check_qtype,
-    dequantized_dtype,
-    gguf_config,
-    gguf_raw_index,
-    gguf_row_bytes,
-    permuted_qk_heads,
-    read_gguf_header,
-    read_gguf_into,
-)
 from .index import (
-    FileStamps,
     StoredTensor,
-    build_index,
     index_cache_path,
     join_pieces,
     read_index_cache,
     write_index_cache,
 )
-from .layout import find_tokenizer, find_weight_files
-from .names import (
-    HF_IGNORED,
-    HF_TO_CANONICAL,
-    META_IGNORED,
-    META_PERMUTED,
-    META_SPLIT_DIM,
-    META_TO_CANONICAL,
-    block_param_shapes,
-    component,
-    inverse,
-    layer_template,
-    param_shapes,
-    rename,
-)
-from .pth import PthShards
-from .safetensors import SafetensorsFiles
+from .layout import open_reader
+from .matching import check_n_layers, match_names
+from .names import block_param_shapes, component, layer_template, param_shapes
+from .reader import WEIGHT_DTYPES, WeightFiles
 
-# Only float dtypes hold the weights of a model we run; others (int8 quantized checkpoints) are refused.
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+__all__ = ["WEIGHT_DTYPES", "Checkpoint", "WeightFiles", "dropped_on_error", "param_shapes"]
 
 
 class Checkpoint:
@@ -110,8 +84,9 @@ class Checkpoint:
             and after; and a digest of each file's header, which decides whether the cached index is used.
 
     Raises:
-        FileNotFoundError: the folder, its config/params.json, its weight files, or a shard named by the
-            index does not exist.
+        MissingFileError (a FileNotFoundError): the folder, its config/params.json, its weight files, or a
+            shard named by the index does not exist.
+        ArgumentError (a ValueError): a path to a file other than a .gguf.
         CheckpointError (a ValueError): a corrupt or truncated file, a missing, unexpected or misshapen
             tensor, or a .pth holding non-tensors.
     """
@@ -119,21 +94,18 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, index_cache: str | os.PathLike | bool | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
         if not self.path.exists():
-            raise FileNotFoundError(f"checkpoint folder {str(self.path)!r} does not exist")
+            raise MissingFileError(f"checkpoint folder {str(self.path)!r} does not exist")
         gguf_file = None
         if self.path.is_file() and self.path.suffix.lower() == ".gguf":
             self.path, gguf_file = self.path.parent, self.path
         elif not self.path.is_dir():
-            raise ValueError(f"{self.path} is a file; pass the folder that holds the checkpoint ({self.path.parent})")
-        layout = find_weight_files(self.path, gguf_file)
-        self.format, self.files, self._weight_map = layout.format, layout.files, layout.weight_map
-        self.index_cache_path = None if self.format == "gguf" else index_cache_path(self.path, index_cache)
-        self.file_stamps = FileStamps(self.path, layout.stamped_files)  # reads check that no file changed since
-        if self.format == "gguf":
-            self._gguf_header = read_gguf_header(self.files[0])
-            self._use_index(gguf_raw_index(self._gguf_header))
-            self.tokenizer_path = self._find_tokenizer()
-            return
+            raise ArgumentError(
+                f"{self.path} is a file; pass the folder that holds the checkpoint ({self.path.parent})"
+            )
+        # The format's reader: its files, stamped now (reads check that no file changed since).
+        self._reader = reader = open_reader(self.path, gguf_file)
+        self.format, self.files, self.file_stamps = reader.format, reader.files, reader.stamps
+        self.index_cache_path = index_cache_path(self.path, index_cache) if reader.caches_index else None
         raw = read_index_cache(self.index_cache_path, self.path, self.format, self.file_stamps)
         if raw is not None:
             try:
@@ -143,165 +115,17 @@ class Checkpoint:
                 # decide. Where they are at fault, the rebuild raises the same error again.
                 raw = None
         if raw is None:
-            raw = build_index(self.format, self.files, self._weight_map)
+            raw = reader.raw_index()
             self._use_index(raw)
             write_index_cache(self.index_cache_path, self.path, self.format, self.file_stamps, raw)
-        self.tokenizer_path = self._find_tokenizer()
+        self.tokenizer_path = reader.tokenizer_path()
 
     def _use_index(self, raw: dict[str, list[dict[str, Any]]]) -> None:
-        self.config = self._read_config(raw)
-        self._check_n_layers(raw)
+        self.config = self._reader.read_config(raw)
+        check_n_layers(raw, self.config, self._reader)
         self._stored = join_pieces(raw, self.config.d_model)  # stored name -> StoredTensor
         self._param_shapes = param_shapes(self.config)
-        self._source = self._match_names()  # canonical name -> stored name
-
-    # ------------------------------------------------------------------------------------------- config
-    def _read_config(self, raw: dict[str, list[dict[str, Any]]]) -> LlamaConfig:
-        if self.format == "gguf":
-            return gguf_config(self._gguf_header)
-        if self.format == "hf":
-            config_file = self.path / "config.json"
-            if not config_file.exists():
-                raise FileNotFoundError(f"{config_file} is missing; a Hugging Face checkpoint needs its config.json")
-            return LlamaConfig.from_file(config_file)
-        params_file = self.path / "params.json"
-        if not params_file.exists():
-            raise FileNotFoundError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
-        params = read_json_object(params_file)
-        if "tok_embeddings.weight" not in raw:
-            raise CheckpointError(f"missing tensor 'tok_embeddings.weight' in {self._files_text()}")
-        # The embedding gives the vocabulary when params.json says -1 (Llama 2): its vocab rows are the ones
-        # not split across shards (Llama 2 splits d_model), or the sum of them (Llama 3 splits the vocab).
-        pieces = raw["tok_embeddings.weight"]
-        d_model = params.get("dim")  # checked by from_meta below
-        if len(pieces) > 1 and pieces[0]["shape"][1] != d_model:
-            d_vocab = pieces[0]["shape"][0]
-        else:
-            d_vocab = sum(piece["shape"][0] for piece in pieces)
-        cfg = LlamaConfig.from_meta(params, d_vocab=d_vocab, source=str(params_file))
-        # params.json cannot say the embeddings are tied; a release without `output.weight` ties them.
-        tied = "output.weight" not in raw
-        return cfg.replace(tie_embeddings=tied, checkpoint_dtype=pieces[0]["dtype"])
-
-    def _check_n_layers(self, raw: dict[str, list[dict[str, Any]]]) -> None:
-        """Refuses a config with more layers than the weights hold, before anything is built per layer (a
-        table of 10**9 layers' names would grow until the process is killed). Fewer layers than stored is
-        reported, tensor by tensor, as unexpected tensors."""
-        stored_layers = {layer for layer in (layer_template(name)[1] for name in raw) if layer is not None}
-        n_stored = max(stored_layers) + 1 if stored_layers else 0
-        if self.config.n_layers > n_stored:
-            key = "num_hidden_layers" if self.format == "hf" else "n_layers"
-            raise ConfigError(
-                f"{self.path / self._config_name()}: {key} is {self.config.n_layers}, but the weights in "
-                f"{self._files_text()} hold {n_stored} layer(s); correct {key}, or add the missing shards"
-            )
-
-    def _find_tokenizer(self) -> Path | None:
-        has_vocab = self.format == "gguf" and "tokenizer.ggml.model" in self._gguf_header.metadata
-        return find_tokenizer(self.path, self.format, gguf_vocab=self.files[0] if has_vocab else None)
-
-    def _files_text(self) -> str:
-        if len(self.files) == 1:
-            return str(self.files[0])
-        return f"{self.path} ({len(self.files)} files)"
-
-    # ------------------------------------------------------------------------------------------ matching
-    def _split_fraction(self, name: str, shape: torch.Size, expected: torch.Size) -> int | None:
-        """k when a Meta weight holds 1/k of its split axis and all of the other (k > 1), else None."""
-        template = layer_template(name)[0]
-        if self.format != "meta" or len(shape) != 2:
-            return None
-        # The embedding's axis depends on the Llama generation (see META_SPLIT_DIM): either may be split.
-        axes = (0, 1) if template == "tok_embeddings.weight" else (META_SPLIT_DIM.get(template),)
-        for split_dim in axes:
-            if split_dim is not None and shape[1 - split_dim] == expected[1 - split_dim]:
-                parts, rest = divmod(expected[split_dim], shape[split_dim])
-                if parts > 1 and not rest:
-                    return parts
-        return None
-
-    def _table(self) -> tuple[dict[str, str], frozenset[str]]:
-        return {
-            "hf": (HF_TO_CANONICAL, HF_IGNORED),
-            "meta": (META_TO_CANONICAL, META_IGNORED),
-            "gguf": (GGUF_TO_CANONICAL, GGUF_IGNORED),
-        }[self.format]
-
-    def _match_names(self) -> dict[str, str]:
-        cfg, config_name = self.config, self._config_name()
-        table, ignored = self._table()
-        expected = param_shapes(cfg)
-        source, unexpected, misshapen, fractions = {}, [], [], set()
-        for name, stored in self._stored.items():
-            if layer_template(name)[0] in ignored:
-                continue
-            canonical = rename(name, table)
-            if canonical == "unembed.weight" and cfg.tie_embeddings:
-                continue  # tied: like transformers, use the embedding and skip a stored lm_head
-            if canonical not in expected:
-                unexpected.append(f"{name!r} in {self._where(stored)}{self._unexpected_hint(name)}")
-                continue
-            if stored.shape != expected[canonical]:
-                misshapen.append(
-                    f"tensor {name!r} in {self._where(stored)} has shape {list(stored.shape)}, but {config_name} "
-                    f"implies {list(expected[canonical])}"
-                )
-                fractions.add(self._split_fraction(name, stored.shape, expected[canonical]))
-            if self.format == "gguf":
-                check_qtype(name, stored.dtype, self.files[0])
-            elif stored.dtype not in WEIGHT_DTYPES:
-                raise CheckpointError(
-                    f"tensor {name!r} in {self._where(stored)} has dtype {stored.dtype}; llama_lens reads float "
-                    f"weights ({', '.join(WEIGHT_DTYPES)}) only, not quantized checkpoints"
-                )
-            source[canonical] = name
-        if unexpected:
-            why = f"not a weight of the model {config_name} describes"
-            raise CheckpointError(_listing("unexpected tensor", unexpected, why))
-        if misshapen and len(fractions) == 1 and None not in fractions:
-            # Every model-parallel weight is the same fraction of its size: shards are missing at the end.
-            (parts,) = fractions
-            n_found, n_expected = len(self.files), len(self.files) * parts
-            missing = f"consolidated.{n_found:02d}.pth" + (
-                f" to consolidated.{n_expected - 1:02d}.pth are" if n_expected - n_found > 1 else " is"
-            )
-            raise CheckpointError(
-                f"{self.path}: every model-parallel weight is 1/{parts} of the size {config_name} implies, so "
-                f"{n_expected} shards are expected but only {n_found} found; {missing} missing: download again"
-            )
-        if misshapen:
-            raise CheckpointError(_listing("wrong shape", misshapen, "the weights do not match the config"))
-        if cfg.tie_embeddings and "embed.weight" in source:
-            source["unembed.weight"] = source["embed.weight"]
-        inverse_table = inverse(table)
-        missing = [name for name in expected if name not in source]
-        if missing:
-            described = []
-            for name in missing:
-                stored_name = rename(name, inverse_table)
-                hint = ""
-                if name == "unembed.weight" and self.format == "hf":
-                    hint = f" ({config_name} sets tie_word_embeddings=false, so lm_head.weight must be stored)"
-                described.append(f"{stored_name!r} (for {name}){hint}")
-            raise CheckpointError(_listing("missing tensor", described, f"not found in {self._files_text()}"))
-        return source
-
-    def _config_name(self) -> str:
-        return {"hf": "config.json", "meta": "params.json", "gguf": "its metadata"}[self.format]
-
-    def _where(self, stored: StoredTensor) -> str:
-        return ", ".join(dict.fromkeys(piece.file for piece in stored.pieces))
-
-    def _unexpected_hint(self, name: str) -> str:
-        template, layer = layer_template(name)
-        if layer is not None and layer >= self.config.n_layers:
-            return f" (layer {layer}, but {self._config_name()} says n_layers={self.config.n_layers})"
-        if name.endswith(".bias") and self.config.model_type != "llama":
-            return f" (a {self.config.architecture} has no such bias)"
-        if name.endswith(".bias"):
-            flag = "attention_bias" if "attn" in name else "mlp_bias"
-            return f" ({self._config_name()} sets {flag}=false)"
-        return ""
+        self._source = match_names(self._stored, self.config, self._reader)  # canonical name -> stored name
 
     # ----------------------------------------------------------------------------------------- overview
     @property
@@ -327,13 +151,13 @@ class Checkpoint:
 
     def _value_dtype(self, stored: StoredTensor) -> torch.dtype:
         """The dtype a stored tensor's values are read in: as stored, or what a GGUF type dequantizes to."""
-        return dequantized_dtype(stored.dtype) if self.format == "gguf" else getattr(torch, stored.dtype)
+        return self._reader.value_dtype(stored.dtype)
 
     def param_dtype(self, name: str) -> torch.dtype:
         """The dtype parameter `name` (a canonical name) is stored in.
 
         Raises:
-            KeyError: for a name that is not a parameter of this model.
+            UnknownNameError (a KeyError): for a name that is not a parameter of this model.
         """
         self._check_param_name(name)
         return self._value_dtype(self._stored[self._source[name]])
@@ -347,7 +171,7 @@ class Checkpoint:
         """Canonical names a model holding `layers` needs: embedding, those blocks, final norm, unembedding.
 
         Raises:
-            ValueError: for a layer outside [0, n_layers).
+            ArgumentError (a ValueError): for a layer outside [0, n_layers).
         """
         names = ["embed.weight"]
         for layer in check_layers(layers, self.config.n_layers):
@@ -397,7 +221,7 @@ class Checkpoint:
     def __repr__(self) -> str:
         cfg = self.config
         return (
-            f"Checkpoint({str(self.files[0] if self.format == 'gguf' else self.path)!r}, format={self.format!r}, "
+            f"Checkpoint({str(self._reader.display_path)!r}, format={self.format!r}, "
             f"files={len(self.files)}, n_layers={cfg.n_layers}, d_model={cfg.d_model}, params={self.num_params:,})"
         )
 
@@ -412,9 +236,7 @@ class Checkpoint:
         Args:
             lazy: open each Meta shard when a read first needs it, instead of all of them now.
         """
-        if self.format == "meta":
-            return WeightFiles(PthShards([file.name for file in self.files], self.file_stamps.check, lazy=lazy))
-        return WeightFiles(None)
+        return self._reader.open_files(lazy=lazy)
 
     def read_into(self, targets: dict[str, torch.Tensor], *, files: WeightFiles | None = None) -> int:
         """Reads parameters into tensors the caller allocated: the one read path of full loads and streaming.
@@ -433,15 +255,15 @@ class Checkpoint:
             bytes read, as stored.
 
         Raises:
-            KeyError: for a name that is not a parameter of this model.
-            ValueError: for a target of the wrong shape, or not contiguous.
+            UnknownNameError (a KeyError): for a name that is not a parameter of this model.
+            ArgumentError (a ValueError): for a target of the wrong shape, or not contiguous.
             CheckpointError: a file truncated or changed since the checkpoint was opened (the files are checked
                 before anything is read, and again after).
         """
         for name, target in targets.items():
             self._check_param_name(name)
             if tuple(target.shape) != self._param_shapes[name] or not target.is_contiguous():
-                raise ValueError(
+                raise ArgumentError(
                     f"read_into: the target for {name!r} must be a contiguous tensor of shape "
                     f"{list(self._param_shapes[name])}, got {list(target.shape)}"
                     + ("" if target.is_contiguous() else " (not contiguous)")
@@ -466,37 +288,24 @@ class Checkpoint:
             bytes read, as stored.
 
         Raises:
-            KeyError: for a name that is not a parameter of this model.
-            ValueError: for a parameter whose rows are permuted on read, a bad target, or rows out of range.
+            UnknownNameError (a KeyError): for a name that is not a parameter of this model.
+            ArgumentError (a ValueError): for a parameter whose rows are permuted on read, a bad target, or rows
+                out of range.
             CheckpointError: a file truncated or changed since the checkpoint was opened.
         """
         self._check_param_name(name)
         stored = self._stored[self._source[name]]
         n_rows, n_columns = self._param_shapes[name] if len(self._param_shapes[name]) == 2 else (0, 0)
-        if not n_rows or self._qk_heads(stored.name) is not None:
-            raise ValueError(f"read_rows reads the rows of a 2-d parameter stored as it is used, not {name!r}")
+        if not n_rows or self._reader.qk_heads(stored.name, self.config) is not None:
+            raise ArgumentError(f"read_rows reads the rows of a 2-d parameter stored as it is used, not {name!r}")
         if target.dim() != 2 or target.shape[1] != n_columns or not target.is_contiguous():
-            raise ValueError(f"read_rows: the target for {name!r} must be a contiguous tensor [rows, {n_columns}]")
+            raise ArgumentError(f"read_rows: the target for {name!r} must be a contiguous tensor [rows, {n_columns}]")
         if not 0 <= start <= start + target.shape[0] <= n_rows:
-            raise ValueError(f"read_rows: rows {start}..{start + target.shape[0]} of {name!r} are outside 0..{n_rows}")
+            raise ArgumentError(
+                f"read_rows: rows {start}..{start + target.shape[0]} of {name!r} are outside 0..{n_rows}"
+            )
         self.file_stamps.check_all(stored.files)
-        if self.format == "gguf":  # rows are whole quantization blocks, stored one after another
-            first_byte = stored.pieces[0].offsets[0] + start * gguf_row_bytes(stored.dtype, n_columns)
-            with open(self.files[0], "rb", buffering=0) as handle:
-                read_bytes = read_gguf_into(handle, first_byte, stored.dtype, target, what=repr(stored.name))
-        elif self.format == "hf":
-            piece = stored.pieces[0]
-            stored_dtype = getattr(torch, stored.dtype)
-            row_bytes = n_columns * stored_dtype.itemsize
-            with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
-                read_bytes = handles.read_into(
-                    piece.file, piece.offsets[0] + start * row_bytes, stored_dtype, target, repr(stored.name)
-                )
-        else:
-            with contextlib.ExitStack() as stack:
-                if files is None:
-                    files = stack.enter_context(self.open_files())
-                read_bytes = files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)
+        read_bytes = self._reader.read_rows(stored, start, target, files)
         warn_if_not_finite(target, f"rows {start}..{start + len(target)} of tensor {stored.name!r} in {self.path}")
         self.file_stamps.check_all(stored.files)  # as _read: a file replaced while it was read gave other weights
         return read_bytes
@@ -506,14 +315,14 @@ class Checkpoint:
         (float32, or float16/bfloat16 for F16/BF16), its q/k rows in llama.cpp's order.
 
         Raises:
-            KeyError: for a name the checkpoint does not hold, with the closest stored names.
+            UnknownNameError (a KeyError): for a name the checkpoint does not hold, with the closest stored names.
         """
         if name not in self._stored:
             if name in self._source:
                 hint = f"; it is stored as {self._source[name]!r} (state_dict([{name!r}]) reads it by our name)"
             else:
                 hint = did_you_mean(name, self._stored)
-            raise UnknownNameError(f"no tensor {name!r} in {self._files_text()}{hint}")
+            raise UnknownNameError(f"no tensor {name!r} in {self._reader.files_text()}{hint}")
         stored = self._stored[name]
         target = torch.empty(stored.shape, dtype=self._value_dtype(stored))
         self._read([(stored, target)], None, rotate_half=False)
@@ -545,7 +354,7 @@ class Checkpoint:
             `embed.weight`.
 
         Raises:
-            KeyError: for a name that is not a parameter of this model.
+            UnknownNameError (a KeyError): for a name that is not a parameter of this model.
             CheckpointError: a file is truncated or changed since the checkpoint was opened (nothing read is kept).
         """
         dtype, device = resolve_dtype(dtype), resolve_device(device)
@@ -564,7 +373,7 @@ class Checkpoint:
 
         from tqdm.auto import tqdm
 
-        shown = self.files[0].name if self.format == "gguf" else self.path.name
+        shown = self._reader.display_path.name
         bar = tqdm(total=len(layer_keys), desc=f"loading {shown}", unit="layer", disable=not progress)
         with dropped_on_error(result, read), bar, self.open_files() as files:
 
@@ -593,7 +402,7 @@ class Checkpoint:
         """The parameters of decoder layer `layer` under our names (`blocks.{layer}.…`).
 
         Raises:
-            ValueError: for a layer outside [0, n_layers).
+            ArgumentError (a ValueError): for a layer outside [0, n_layers).
         """
         check_layers([layer], self.config.n_layers)
         return self.state_dict(block_param_shapes(self.config, layer), dtype=dtype, device=device)
@@ -611,71 +420,14 @@ class Checkpoint:
         # would give other weights at the indexed offsets. A file truncated meanwhile fails the read itself.
         file_names = list(dict.fromkeys(name for stored, _ in reads for name in stored.files))
         self.file_stamps.check_all(file_names)
-        if self.format == "gguf":
-            read_bytes = 0
-            with open(self.files[0], "rb", buffering=0) as handle:
-                for stored, target in reads:
-                    template = layer_template(stored.name)[0]
-                    qk_heads = permuted_qk_heads(self._gguf_header, template, self.config) if rotate_half else None
-                    read_bytes += read_gguf_into(
-                        handle,
-                        stored.pieces[0].offsets[0],
-                        stored.dtype,
-                        target,
-                        qk_heads=qk_heads,
-                        what=repr(stored.name),
-                    )
-                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.files[0]}")
-        elif self.format == "hf":
-            with SafetensorsFiles(self.path.joinpath) as handles:  # checked just above
-                read_bytes = 0
-                for stored, target in reads:
-                    piece = stored.pieces[0]
-                    stored_dtype = getattr(torch, stored.dtype)
-                    read_bytes += handles.read_into(
-                        piece.file, piece.offsets[0], stored_dtype, target, repr(stored.name)
-                    )
-                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path / piece.file}")
-        else:
-            with contextlib.ExitStack() as stack:
-                if files is None:
-                    files = stack.enter_context(self.open_files())
-                read_bytes = 0
-                for stored, target in reads:
-                    qk_heads = self._qk_heads(stored.name) if rotate_half else None
-                    read_bytes += files.shards.copy_into(
-                        stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads
-                    )
-                    warn_if_not_finite(target, f"tensor {stored.name!r} in {self.path} ({self._where(stored)})")
+        reader = self._reader
+        read_bytes = reader.read(
+            [(stored, target, reader.qk_heads(stored.name, self.config) if rotate_half else None)
+             for stored, target in reads],
+            files,
+        )  # fmt: skip
         self.file_stamps.check_all(file_names)
         return read_bytes
-
-    def _qk_heads(self, stored_name: str) -> int | None:
-        """Heads of a Meta q/k weight (whose rows a read permutes); None for any other tensor."""
-        heads_attr = META_PERMUTED.get(layer_template(stored_name)[0])
-        return None if heads_attr is None else getattr(self.config, heads_attr)
-
-
-class WeightFiles:
-    """A checkpoint's weight files kept open across reads: see `Checkpoint.open_files`.
-
-    Attributes:
-        shards: a Meta checkpoint's open shards (None for safetensors, opened by each read).
-    """
-
-    def __init__(self, shards: PthShards | None) -> None:
-        self.shards = shards
-
-    def close(self) -> None:
-        """Closes the shards; a later read opens them again."""
-        if self.shards is not None:
-            self.shards.close()
-
-    def __enter__(self) -> WeightFiles:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 @contextlib.contextmanager
@@ -694,10 +446,3 @@ def dropped_on_error(*partial: dict) -> Iterator[None]:
         # Frames still running (the caller's, among them) cannot be cleared; `partial` holds what they read.
         traceback.clear_frames(err.__traceback__)
         raise
-
-
-def _listing(what: str, items: list[str], why: str) -> str:
-    """ "2 unexpected tensors: 'a' in f, 'b' in f (why)", listing at most five."""
-    shown = "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
-    plural = f"{len(items)} {what}s" if len(items) > 1 else what
-    return f"{plural}: {shown} ({why})"

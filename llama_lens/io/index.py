@@ -17,8 +17,7 @@ import json
 import math
 import os
 import warnings
-import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .names import HF_INDEX_FILE, META_SPLIT_DIM, layer_template
-from .pth import load_pth
-from .safetensors import read_header_bytes, read_safetensors_header
+from .names import META_SPLIT_DIM, layer_template
 
 INDEX_CACHE_VERSION = 2  # 2: file digests, and a digest of the tensors' entries
 
@@ -81,21 +78,23 @@ class FileStamps:
     Reads check the size and time (`check`) before and after they touch a file: a file replaced since would
     give other weights at the indexed offsets. The digests decide whether a cached index still describes the
     files: a header rewritten in place with its size and time kept (a copy with `cp -p`, a clock set back)
-    changes them. Each is a sha256 of what is cheap to read and what the index depends on (see `content_digest`).
+    changes them. Each is a sha256 of what is cheap to read and what the index depends on.
 
     Args:
         folder: the checkpoint folder.
         files: the files to stamp (weight files, and the shard index that names them).
+        digest: path -> sha256 of what of it the index is built from, None where it cannot be read so (the
+            format's reader knows which bytes: `CheckpointReader.content_digest`).
     """
 
-    def __init__(self, folder: Path, files: list[Path]) -> None:
+    def __init__(self, folder: Path, files: list[Path], digest: Callable[[Path], str | None]) -> None:
         self.folder = folder
         self.stamps: dict[str, list[int]] = {}
         self.digests: dict[str, str | None] = {}
         for file in files:
             stat = file.stat()
             self.stamps[file.name] = [stat.st_size, stat.st_mtime_ns]
-            self.digests[file.name] = content_digest(file)
+            self.digests[file.name] = digest(file)
 
     def check(self, file_name: str) -> Path:
         """The file's path, after checking that it is unchanged.
@@ -122,76 +121,12 @@ class FileStamps:
             self.check(file_name)
 
 
-def content_digest(path: Path) -> str | None:
-    """sha256 of the bytes of `path` that its part of the index is built from, read without the tensor data.
-
-    A safetensors file: its header (length field and JSON). A .pth shard (a zip archive): its central
-    directory's entries, each record's name, size, offset and CRC-32, which covers the pickled table of
-    tensors and, through the CRCs torch writes, their data too. Any other file (the shard index): all of it.
-    None for a file that cannot be read so: building the index names what is wrong with it.
-    """
-    digest = hashlib.sha256()
-    try:
-        if path.suffix == ".safetensors":
-            digest.update(read_header_bytes(path))
-        elif path.suffix == ".pth":
-            with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
-                    digest.update(f"{info.filename}\0{info.file_size}\0{info.header_offset}\0{info.CRC}\n".encode())
-        else:
-            digest.update(path.read_bytes())
-    except (OSError, CheckpointError, zipfile.BadZipFile, ValueError):
-        return None
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ building
-def build_index(layout: str, files: list[Path], weight_map: dict[str, str] | None = None) -> RawIndex:
-    """Stored name -> its pieces [{"file", "dtype", "shape", "offsets"}], one per file holding it.
-
-    Args:
-        layout: "hf" (safetensors files) or "meta" (.pth model-parallel shards).
-        files: the weight files.
-        weight_map: an HF shard index's "weight_map" (tensor -> file), checked against the headers.
-
-    Raises:
-        CheckpointError: a tensor stored twice, a shard index that disagrees with the files, or a Meta tensor
-            missing from some shards.
-    """
-    raw: RawIndex = {}
-    if layout == "hf":
-        for file in files:
-            for name, info in read_safetensors_header(file).items():
-                if name in raw:
-                    raise CheckpointError(
-                        f"tensor {name!r} is stored twice: in {raw[name][0]['file']} and in {file.name}"
-                    )
-                raw[name] = [{"file": file.name} | info]
-        for name, file_name in (weight_map or {}).items():
-            if name not in raw or raw[name][0]["file"] != file_name:
-                raise CheckpointError(
-                    f"{files[0].parent / HF_INDEX_FILE} says tensor {name!r} is in {file_name}, but it is not there"
-                )
-        return raw
-    for file in files:
-        for name, tensor in load_pth(file).items():
-            piece = {"file": file.name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
-            raw.setdefault(name, []).append(piece | {"offsets": None})
-    for name, pieces in raw.items():
-        if len(pieces) != len(files):
-            where = [piece["file"] for piece in pieces]
-            raise CheckpointError(
-                f"tensor {name!r} is in {where} but not in every model-parallel shard "
-                f"{[f.name for f in files]}; a shard is damaged or from another model"
-            )
-    return raw
-
-
+# ------------------------------------------------------------------------------------------------ joining
 def join_pieces(raw: RawIndex, d_model: int) -> dict[str, StoredTensor]:
     """The raw index as StoredTensors: Meta pieces joined along the axis their weight is split on.
 
     Args:
-        raw: see `build_index`.
+        raw: stored name -> its pieces (`CheckpointReader.raw_index`).
         d_model: from the config; tells which axis of the embedding a Meta release split.
 
     Raises:
@@ -289,7 +224,7 @@ def tensors_digest(raw: Any) -> str:
 
 
 def _valid_cached_pieces(pieces: Any, layout: str, stamps: FileStamps) -> bool:
-    """Whether a cache entry has the form `build_index` writes (a damaged cache can still be valid JSON)."""
+    """Whether a cache entry has the form a reader's `raw_index` gives (a damaged cache can still be valid JSON)."""
     if not isinstance(pieces, list) or not pieces:
         return False
     for piece in pieces:

@@ -1,38 +1,33 @@
 """Which files make up a checkpoint, and in which layout ("hf", "meta" or "gguf").
 
 `find_weight_files` looks at a folder (or the .gguf file given) and returns its layout, its weight files in
-order and the files whose changes invalidate the cached tensor index; `find_tokenizer` finds the tokenizer
-beside them. Nothing here reads a tensor: the checks are on names, the shard index and the saved names of
-Meta's model-parallel shards, so a folder missing a shard fails before any header is read.
+order and the files whose changes invalidate the cached tensor index; `open_reader` builds the reader of that
+format (`reader.CheckpointReader`). Finding the files reads no tensor: the checks are on names, the shard index
+and the saved names of Meta's model-parallel shards, so a folder missing a shard fails before any header is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MissingFileError
 from ..files import read_json_file, require_regular_file
+from .gguf import GGUFReader
 from .names import HF_INDEX_FILE, HF_SINGLE_FILE
-from .pth import saved_name
+from .pth import PthReader, saved_name
+from .reader import CheckpointReader, WeightLayout
+from .safetensors import SafetensorsReader
 
 
-@dataclass(frozen=True)
-class WeightLayout:
-    """The weight files of one checkpoint.
+def open_reader(folder: Path, gguf_file: Path | None = None) -> CheckpointReader:
+    """The reader of the checkpoint in `folder` (or of `gguf_file`), of the format its files are in.
 
-    Attributes:
-        format: "hf", "meta" or "gguf".
-        files: the weight files, in order (Meta shards by rank).
-        stamped_files: the files whose size and modification time are checked before reads and decide whether
-            the cached index is used: the weight files, and the shard index of a sharded HF checkpoint.
-        weight_map: the HF shard index's "weight_map" (tensor name -> file name), or None without one.
+    Raises:
+        MissingFileError, CheckpointError: as `find_weight_files`; CheckpointError for a corrupt GGUF header.
     """
-
-    format: str
-    files: list[Path]
-    stamped_files: list[Path]
-    weight_map: dict[str, str] | None = None
+    layout = find_weight_files(folder, gguf_file)
+    reader = {"hf": SafetensorsReader, "meta": PthReader, "gguf": GGUFReader}[layout.format]
+    return reader(layout)
 
 
 def find_weight_files(folder: Path, gguf_file: Path | None = None) -> WeightLayout:
@@ -49,32 +44,32 @@ def find_weight_files(folder: Path, gguf_file: Path | None = None) -> WeightLayo
         The layout, the weight files and the files to stamp.
 
     Raises:
-        FileNotFoundError: no weight files, or a shard the index names is missing.
+        MissingFileError: no weight files, or a shard the index names is missing.
         CheckpointError: a bad shard index, a missing or renamed Meta shard, several .gguf files, or a weight
             file that is not a regular file.
     """
     if gguf_file is not None:
-        return WeightLayout("gguf", [gguf_file], [gguf_file])
+        return WeightLayout(folder, "gguf", [gguf_file], [gguf_file])
     index_file = folder / HF_INDEX_FILE
     if index_file.exists():
         weight_map = read_weight_map(index_file)
         names = sorted(set(weight_map.values()))
         for name in names:
             if not (folder / name).exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"shard {name!r} named by {index_file} is missing from {folder}; download it again"
                 )
             require_regular_file(folder / name)
         files = [folder / name for name in names]
-        return WeightLayout("hf", files, [*files, index_file], weight_map)
+        return WeightLayout(folder, "hf", files, [*files, index_file], weight_map)
     if (folder / HF_SINGLE_FILE).exists():
         require_regular_file(folder / HF_SINGLE_FILE)
-        return WeightLayout("hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE])
+        return WeightLayout(folder, "hf", [folder / HF_SINGLE_FILE], [folder / HF_SINGLE_FILE])
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         for shard in shards:
             require_regular_file(shard)
-        return WeightLayout("hf", shards, shards)
+        return WeightLayout(folder, "hf", shards, shards)
     pths = sorted(folder.glob("consolidated.*.pth"), key=lambda p: p.name)
     if pths:
         numbers = [p.name.split(".")[1] for p in pths]
@@ -87,10 +82,10 @@ def find_weight_files(folder: Path, gguf_file: Path | None = None) -> WeightLayo
         for pth in pths:
             require_regular_file(pth)
         check_shard_order(pths)
-        return WeightLayout("meta", pths, pths)
+        return WeightLayout(folder, "meta", pths, pths)
     ggufs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(ggufs) == 1:
-        return WeightLayout("gguf", ggufs, ggufs)
+        return WeightLayout(folder, "gguf", ggufs, ggufs)
     if ggufs:
         raise CheckpointError(
             f"{folder} holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs[:5])}); pass the one to "
@@ -98,7 +93,7 @@ def find_weight_files(folder: Path, gguf_file: Path | None = None) -> WeightLayo
         )
     others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
     hint = f" Found {others}, which llama_lens does not read; convert to safetensors." if others else ""
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no weight files in {folder}: expected {HF_SINGLE_FILE}, model-*-of-*.safetensors with "
         f"{HF_INDEX_FILE}, Meta's consolidated.00.pth, or one .gguf file.{hint}"
     )
@@ -149,28 +144,3 @@ def read_weight_map(index_file: Path) -> dict[str, str]:
                 "the same folder (a string such as 'model-00001-of-00002.safetensors')"
             )
     return weight_map
-
-
-def find_tokenizer(folder: Path, layout: str, *, gguf_vocab: Path | None = None) -> Path | None:
-    """The tokenizer file of a checkpoint, or None.
-
-    Args:
-        folder: the checkpoint folder.
-        layout: "hf", "meta" or "gguf".
-        gguf_vocab: the .gguf file, when its metadata hold a vocabulary; it is then the tokenizer (read by
-            `llama_lens.tokenizer.gguf`).
-
-    Returns:
-        `gguf_vocab` if given; else tokenizer.json or tokenizer.model in `folder`; for Meta releases, else a
-        tokenizer.model one folder up, where Llama 2 releases keep it.
-    """
-    if gguf_vocab is not None:
-        return gguf_vocab
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (folder / name).is_file():
-            return folder / name
-    # Llama 2 releases keep one tokenizer.model beside the model folders. Only that: a tokenizer.json one
-    # folder up belongs to whatever else lives there, not to this checkpoint.
-    if layout == "meta" and (folder.parent / "tokenizer.model").is_file():
-        return folder.parent / "tokenizer.model"
-    return None

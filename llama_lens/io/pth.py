@@ -11,6 +11,7 @@ kernel, and the user's work with it), whereas a read that finds the file shorter
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pickle
@@ -20,8 +21,19 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .names import permute_qk_to_rotate_half
+from ..config import LlamaConfig, read_json_object
+from ..errors import CheckpointError, MissingFileError
+from ..files import warn_if_not_finite
+from .index import RawIndex, StoredTensor
+from .names import (
+    META_IGNORED,
+    META_PERMUTED,
+    META_SPLIT_DIM,
+    META_TO_CANONICAL,
+    layer_template,
+    permute_qk_to_rotate_half,
+)
+from .reader import CheckpointReader, Read, WeightFiles
 
 READ_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when a read casts, moves or scatters into a slice
 
@@ -264,3 +276,110 @@ class PthShards:
             read_pth_tensor(fd, part, destination, path, repr(name))
             read_bytes += part.nbytes
         return read_bytes
+
+
+class PthReader(CheckpointReader):
+    """A Meta release: `consolidated.00.pth` (`.01`, ... one per model-parallel rank, joined on read along the
+    axis each weight was split on) and params.json. The shards stay open across reads (`open_files`): opening
+    one unpickles its whole table of tensors, which costs more than reading a layer out of it."""
+
+    format = "meta"
+    config_name = "params.json"
+    n_layers_key = "n_layers"
+    to_canonical = META_TO_CANONICAL
+    ignored = META_IGNORED
+
+    def content_digest(self, path: Path) -> str | None:
+        """The zip archive's central directory: each record's name, size, offset and CRC-32, which covers the
+        pickled table of tensors and, through the CRCs torch writes, their data too."""
+        digest = hashlib.sha256()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    digest.update(f"{info.filename}\0{info.file_size}\0{info.header_offset}\0{info.CRC}\n".encode())
+        except (OSError, zipfile.BadZipFile, ValueError):
+            return None
+        return digest.hexdigest()
+
+    def raw_index(self) -> RawIndex:
+        """Each shard's table: one piece per shard of every tensor (each shard must hold every tensor)."""
+        raw: RawIndex = {}
+        for file in self.files:
+            for name, tensor in load_pth(file).items():
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                raw.setdefault(name, []).append(
+                    {"file": file.name, "dtype": dtype, "shape": list(tensor.shape), "offsets": None}
+                )
+        for name, pieces in raw.items():
+            if len(pieces) != len(self.files):
+                where = [piece["file"] for piece in pieces]
+                raise CheckpointError(
+                    f"tensor {name!r} is in {where} but not in every model-parallel shard "
+                    f"{[f.name for f in self.files]}; a shard is damaged or from another model"
+                )
+        return raw
+
+    def read_config(self, raw: RawIndex) -> LlamaConfig:
+        params_file = self.folder / "params.json"
+        if not params_file.exists():
+            raise MissingFileError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
+        params = read_json_object(params_file)
+        if "tok_embeddings.weight" not in raw:
+            raise CheckpointError(f"missing tensor 'tok_embeddings.weight' in {self.files_text()}")
+        # The embedding gives the vocabulary when params.json says -1 (Llama 2): its vocab rows are the ones
+        # not split across shards (Llama 2 splits d_model), or the sum of them (Llama 3 splits the vocab).
+        pieces = raw["tok_embeddings.weight"]
+        d_model = params.get("dim")  # checked by from_meta below
+        if len(pieces) > 1 and pieces[0]["shape"][1] != d_model:
+            d_vocab = pieces[0]["shape"][0]
+        else:
+            d_vocab = sum(piece["shape"][0] for piece in pieces)
+        cfg = LlamaConfig.from_meta(params, d_vocab=d_vocab, source=str(params_file))
+        # params.json cannot say the embeddings are tied; a release without `output.weight` ties them.
+        tied = "output.weight" not in raw
+        return cfg.replace(tie_embeddings=tied, checkpoint_dtype=pieces[0]["dtype"])
+
+    def tokenizer_path(self) -> Path | None:
+        """Beside the weights, else a tokenizer.model one folder up, where Llama 2 releases keep it (only that:
+        a tokenizer.json one folder up belongs to whatever else lives there, not to this checkpoint)."""
+        found = super().tokenizer_path()
+        if found is None and (self.folder.parent / "tokenizer.model").is_file():
+            return self.folder.parent / "tokenizer.model"
+        return found
+
+    def qk_heads(self, stored_name: str, cfg: LlamaConfig) -> int | None:
+        heads_attr = META_PERMUTED.get(layer_template(stored_name)[0])
+        return None if heads_attr is None else getattr(cfg, heads_attr)
+
+    def split_fraction(self, name: str, shape: torch.Size, expected: torch.Size) -> int | None:
+        """k when a weight holds 1/k of its split axis and all of the other (k > 1): shards are missing."""
+        template = layer_template(name)[0]
+        if len(shape) != 2:
+            return None
+        # The embedding's axis depends on the Llama generation (see META_SPLIT_DIM): either may be split.
+        axes = (0, 1) if template == "tok_embeddings.weight" else (META_SPLIT_DIM.get(template),)
+        for split_dim in axes:
+            if split_dim is not None and shape[1 - split_dim] == expected[1 - split_dim]:
+                parts, rest = divmod(expected[split_dim], shape[split_dim])
+                if parts > 1 and not rest:
+                    return parts
+        return None
+
+    def open_files(self, *, lazy: bool = True) -> WeightFiles:
+        return WeightFiles(PthShards([file.name for file in self.files], self.stamps.check, lazy=lazy))
+
+    def read(self, reads: list[Read], files: WeightFiles | None) -> int:
+        with contextlib.ExitStack() as stack:
+            if files is None:
+                files = stack.enter_context(self.open_files())
+            read_bytes = 0
+            for stored, target, qk_heads in reads:
+                read_bytes += files.shards.copy_into(stored.name, target, split_dim=stored.split_dim, qk_heads=qk_heads)
+                warn_if_not_finite(target, f"tensor {stored.name!r} in {self.folder} ({self.where(stored)})")
+        return read_bytes
+
+    def read_rows(self, stored: StoredTensor, start: int, target: torch.Tensor, files: WeightFiles | None) -> int:
+        with contextlib.ExitStack() as stack:
+            if files is None:
+                files = stack.enter_context(self.open_files())
+            return files.shards.copy_rows_into(stored.name, target, start, split_dim=stored.split_dim)

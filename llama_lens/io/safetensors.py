@@ -1,4 +1,5 @@
-"""Safetensors files: the header (which bytes hold which tensor), checked against the file, and reads.
+"""Safetensors files: the header (which bytes hold which tensor), checked against the file, and reads; and the
+reader of Hugging Face checkpoints made of them (`SafetensorsReader`).
 
 A safetensors file is 8 bytes (little-endian header length), a JSON header naming each tensor's dtype, shape
 and [start, end) byte range after the header, then the raw tensor data. Reads go through plain `readinto`
@@ -8,6 +9,7 @@ bfloat16 -> float32 load would briefly hold both copies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -17,8 +19,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..errors import CheckpointError
-from ..files import require_regular_file
+from ..config import LlamaConfig
+from ..errors import CheckpointError, MissingFileError
+from ..files import require_regular_file, warn_if_not_finite
+from .index import RawIndex, StoredTensor
+from .names import HF_IGNORED, HF_INDEX_FILE, HF_TO_CANONICAL
+from .reader import CheckpointReader, Read, WeightFiles
 
 # safetensors dtype codes: torch dtype name and bytes per element. Only float dtypes hold Llama weights;
 # the others are listed so that a file holding them still gets its offsets checked and a clear error.
@@ -39,7 +45,6 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
 }
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # The safetensors library refuses longer headers: a length field of the whole file's size would read a
 # shard of gigabytes as its header before failing.
@@ -196,3 +201,67 @@ class SafetensorsFiles:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class SafetensorsReader(CheckpointReader):
+    """A Hugging Face checkpoint: `model.safetensors`, or the shards `model.safetensors.index.json` names, and
+    config.json. Each read opens the files it needs (an open is cheap), so threads never share a position."""
+
+    format = "hf"
+    config_name = "config.json"
+    n_layers_key = "num_hidden_layers"
+    to_canonical = HF_TO_CANONICAL
+    ignored = HF_IGNORED
+
+    def content_digest(self, path: Path) -> str | None:
+        """Of a safetensors file its header (length field and JSON); of the shard index all of it."""
+        try:
+            data = read_header_bytes(path) if path.suffix == ".safetensors" else path.read_bytes()
+        except (OSError, ValueError):  # CheckpointError is a ValueError: building the index names the problem
+            return None
+        return hashlib.sha256(data).hexdigest()
+
+    def raw_index(self) -> RawIndex:
+        """Each file's header, checked against the shard index's weight_map when there is one."""
+        raw: RawIndex = {}
+        for file in self.files:
+            for name, info in read_safetensors_header(file).items():
+                if name in raw:
+                    raise CheckpointError(
+                        f"tensor {name!r} is stored twice: in {raw[name][0]['file']} and in {file.name}"
+                    )
+                raw[name] = [{"file": file.name} | info]
+        for name, file_name in (self.weight_map or {}).items():
+            if name not in raw or raw[name][0]["file"] != file_name:
+                raise CheckpointError(
+                    f"{self.folder / HF_INDEX_FILE} says tensor {name!r} is in {file_name}, but it is not there"
+                )
+        return raw
+
+    def read_config(self, raw: RawIndex) -> LlamaConfig:
+        config_file = self.folder / "config.json"
+        if not config_file.exists():
+            raise MissingFileError(f"{config_file} is missing; a Hugging Face checkpoint needs its config.json")
+        return LlamaConfig.from_file(config_file)
+
+    def missing_hint(self, canonical: str) -> str:
+        if canonical == "unembed.weight":
+            return f" ({self.config_name} sets tie_word_embeddings=false, so lm_head.weight must be stored)"
+        return ""
+
+    def read(self, reads: list[Read], files: WeightFiles | None) -> int:
+        read_bytes = 0
+        with SafetensorsFiles(self.folder.joinpath) as handles:  # the caller checked the stamps
+            for stored, target, _ in reads:  # q/k rows are stored as they are used
+                piece = stored.pieces[0]
+                stored_dtype = getattr(torch, stored.dtype)
+                read_bytes += handles.read_into(piece.file, piece.offsets[0], stored_dtype, target, repr(stored.name))
+                warn_if_not_finite(target, f"tensor {stored.name!r} in {self.folder / piece.file}")
+        return read_bytes
+
+    def read_rows(self, stored: StoredTensor, start: int, target: torch.Tensor, files: WeightFiles | None) -> int:
+        piece = stored.pieces[0]
+        stored_dtype = getattr(torch, stored.dtype)
+        first_byte = piece.offsets[0] + start * target.shape[1] * stored_dtype.itemsize
+        with SafetensorsFiles(self.folder.joinpath) as handles:
+            return handles.read_into(piece.file, first_byte, stored_dtype, target, repr(stored.name))

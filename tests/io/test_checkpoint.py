@@ -14,7 +14,6 @@ import torch
 from support.loader_watch import count_torch_loads, shard_pages_in_memory
 from support.models import tiny_config
 
-import llama_lens.io.index as tensor_index
 import llama_lens.io.pth as pth_io
 import llama_lens.io.safetensors as safetensors_io
 from llama_lens.errors import CheckpointError
@@ -389,13 +388,13 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     state = random_state_dict(cfg)
     folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state, shards=2)
     calls = []
-    parse = tensor_index.read_safetensors_header
+    parse = safetensors_io.read_safetensors_header
 
     def counting(path):
         calls.append(path.name)
         return parse(path)
 
-    monkeypatch.setattr(tensor_index, "read_safetensors_header", counting)
+    monkeypatch.setattr(safetensors_io, "read_safetensors_header", counting)
     Checkpoint(folder)
     assert len(calls) == 2 and len(cache_files(tmp_path)) == 1
 
@@ -462,8 +461,8 @@ def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypat
     _damage(damaged, damage)
     cache.write_text(json.dumps(damaged))
     calls = []
-    parse = tensor_index.read_safetensors_header
-    monkeypatch.setattr(tensor_index, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
+    parse = safetensors_io.read_safetensors_header
+    monkeypatch.setattr(safetensors_io, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
 
     ckpt = Checkpoint(folder)
     assert len(calls) == 2  # both headers read again

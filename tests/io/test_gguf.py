@@ -16,8 +16,8 @@ import torch
 from support.models import tiny_config
 
 import llama_lens as ll
-import llama_lens.io.checkpoint as checkpoint_module
 import llama_lens.io.gguf as gguf_io
+import llama_lens.io.gguf_quants as gguf_quants
 from llama_lens.errors import CheckpointError, ConfigError
 from llama_lens.io.names import param_shapes, permute_qk_to_rotate_half
 from llama_lens.testing import random_state_dict, write_hf_checkpoint
@@ -302,7 +302,7 @@ def test_a_layer_range_reads_only_those_layers_bytes(tmp_path, monkeypatch):
     write_gguf(path, cfg, random_state_dict(cfg), qtype="Q4_K", tensor_types={"embed.weight": "Q8_0"})
     ckpt = ll.Checkpoint(path)
     read_names, read_bytes = [], []
-    read_tensor, read_exactly = checkpoint_module.read_gguf_into, gguf_io.read_exactly_into
+    read_tensor, read_exactly = gguf_io.read_gguf_into, gguf_quants.read_exactly_into
 
     def spy_tensor(*args, what, **kwargs):
         read_names.append(what.strip("'"))
@@ -312,8 +312,8 @@ def test_a_layer_range_reads_only_those_layers_bytes(tmp_path, monkeypatch):
         read_bytes.append(tensor.numel() * tensor.element_size())
         return read_exactly(file, tensor, what)
 
-    monkeypatch.setattr(checkpoint_module, "read_gguf_into", spy_tensor)
-    monkeypatch.setattr(gguf_io, "read_exactly_into", spy_bytes)
+    monkeypatch.setattr(gguf_io, "read_gguf_into", spy_tensor)  # the GGUFReader's reads
+    monkeypatch.setattr(gguf_quants, "read_exactly_into", spy_bytes)
     model = ll.load(ckpt, layers=range(1, 3), progress=False)
 
     sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
