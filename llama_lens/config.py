@@ -24,58 +24,25 @@ from .config_keys import (
     HF_SHARED_KEYS,
     META_IGNORED_KEYS,
 )
+from .config_read import (
+    LAYER_TYPES,
+    ConfigValues,
+    hf_sliding_window,
+    meta_d_mlp,
+    read_json_object,
+    token_ids,
+)
 from .errors import ConfigError
-from .files import read_json_file
 
-_REQUIRED = object()
-
-
-class _Values:
-    """Typed reads of a config dict, each error naming the file and the key."""
-
-    def __init__(self, values: dict[str, Any], source: str) -> None:
-        self.values, self.source = values, source
-
-    def _get(self, key: str, default: Any) -> Any:
-        value = self.values.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                raise ConfigError(f"{self.source}: required key {key!r} is missing")
-            return default
-        return value
-
-    def _wrong(self, key: str, what: str) -> ValueError:
-        return ValueError(f"{self.source}: {key} must be {what}, got {self.values[key]!r}")
-
-    def int(self, key: str, default: Any = _REQUIRED, *, positive: bool = False) -> Any:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            if value is default:
-                return value
-            raise self._wrong(key, "an integer")
-        if positive and value <= 0:
-            raise self._wrong(key, "a positive integer")
-        return int(value)
-
-    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = False, minimum: float | None = None) -> Any:
-        """A number; `positive`: above 0; `minimum`: at least that."""
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
-            if value is default:
-                return value
-            raise self._wrong(key, "a number")
-        if positive and not value > 0:
-            raise self._wrong(key, "a positive number")
-        if minimum is not None and value < minimum:
-            raise self._wrong(key, f"at least {minimum:g}")
-        return float(value)
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):  # "false" as a string would read as True
-            raise self._wrong(key, "true or false")
-        return value
-
+__all__ = [
+    "ARCHITECTURES",
+    "LAYER_TYPES",
+    "ROPE_TYPES",
+    "LlamaConfig",
+    "RopeScaling",
+    "meta_d_mlp",
+    "read_json_object",
+]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -90,7 +57,6 @@ ARCHITECTURES = {
 }
 # Fields an architecture always sets: Qwen2 always has q/k/v biases, Qwen3 always normalizes q and k.
 ARCHITECTURE_REQUIRES = {"qwen2": "qkv_bias", "qwen3": "qk_norm"}
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,7 +245,7 @@ class LlamaConfig:
             raise ConfigError(f"{source}: rope_interleaved=true is not supported (HF Llama rotates halves)")
 
         hf = HF_ARCHITECTURE_DEFAULTS[model_type] | hf  # the class defaults of keys the file leaves out
-        read = _Values(hf, source)
+        read = ConfigValues(hf, source)
         d_model, n_heads = read.int("hidden_size", positive=True), read.int("num_attention_heads", positive=True)
         n_layers = read.int("num_hidden_layers")
         rope_theta, rope_scaling = _hf_rope(hf, source)
@@ -306,10 +272,10 @@ class LlamaConfig:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=read.int("max_position_embeddings", 2048, positive=True),
             bos_token_id=read.int("bos_token_id", None),
-            eos_token_ids=_token_ids(eos if isinstance(eos, list) else [] if eos is None else [eos], source),
+            eos_token_ids=token_ids(eos if isinstance(eos, list) else [] if eos is None else [eos], source),
             pad_token_id=read.int("pad_token_id", None),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
-            **_hf_sliding_window(hf, model_type, n_layers, source),
+            **hf_sliding_window(hf, model_type, n_layers, source),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -399,7 +365,7 @@ class LlamaConfig:
                 f"{source}: unsupported key(s) {unknown}; llama_lens reads Llama 2 / 3.x text models only"
             )
 
-        read = _Values(params, source)
+        read = ConfigValues(params, source)
         d_model, n_heads = read.int("dim", positive=True), read.int("n_heads", positive=True)
         multiple_of = read.int("multiple_of", 256, positive=True)
         vocab = read.int("vocab_size", -1)
@@ -453,60 +419,6 @@ def _built(cls: type[LlamaConfig], source: str, **fields: Any) -> LlamaConfig:
         raise ConfigError(f"{source}: {str(err).removeprefix('config: ')}") from None
 
 
-def _token_ids(values: list, source: str) -> tuple[int, ...]:
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, got {values!r}")
-    return tuple(values)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A config file's JSON object; ValueError naming the file when it is not valid JSON or not an object."""
-    data = read_json_file(path, ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
-    return data
-
-
-def meta_d_mlp(d_model: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """The SwiGLU hidden size exactly as Meta's FeedForward computes it."""
-    hidden = int(2 * (4 * d_model) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def _hf_sliding_window(hf: dict[str, Any], model_type: str, n_layers: int, source: str) -> dict[str, Any]:
-    """sliding_window and layer_types as transformers 5 derives them for this architecture."""
-    read = _Values(hf, source)
-    if model_type == "llama":
-        return {}
-    if model_type == "mistral":  # every layer slides, unless sliding_window is null
-        return {"sliding_window": read.int("sliding_window", None, positive=True)}
-    # Qwen2/3: the window is on only with use_sliding_window, and then (unless layer_types says otherwise) for
-    # the layers from max_window_layers on.
-    window = read.int("sliding_window", None, positive=True) if read.bool("use_sliding_window", False) else None
-    layer_types = hf.get("layer_types")
-    if layer_types is None:
-        first_sliding = read.int("max_window_layers", 28)
-        layer_types = [
-            "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
-            for i in range(n_layers)
-        ]
-    elif not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= set(LAYER_TYPES):
-        raise ConfigError(
-            f"{source}: layer_types must list one of {list(LAYER_TYPES)} for each of the {n_layers} layers, "
-            f"got {layer_types!r}"
-        )
-    if window is None and "sliding_attention" in layer_types:
-        raise ConfigError(
-            f"{source}: layer_types names sliding_attention layers but there is no window (use_sliding_window is "
-            "false or sliding_window is null); transformers cannot run this config either"
-        )
-    if window is None:
-        return {"sliding_window": None, "layer_types": None}
-    return {"sliding_window": window, "layer_types": tuple(layer_types)}
-
-
 def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     """rope_theta and rope scaling from a 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`) config."""
     params = hf.get("rope_parameters")
@@ -517,8 +429,10 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
         example = '{"rope_type": "linear", "factor": 2.0}'
         raise ConfigError(f"{source}: {key} must be an object such as {example}, got {params!r}")
     params = dict(params or {})
-    read = _Values(params, f"{source}: {key}")
-    theta = read.float("rope_theta", _Values(hf, source).float("rope_theta", 10000.0, positive=True), positive=True)
+    read = ConfigValues(params, f"{source}: {key}")
+    theta = read.float(
+        "rope_theta", ConfigValues(hf, source).float("rope_theta", 10000.0, positive=True), positive=True
+    )
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ConfigError(
@@ -544,7 +458,7 @@ def _hf_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None
     original = read.int("original_max_position_embeddings", None, positive=True)
     if kind == "dynamic":
         # transformers grows the base past max_position_embeddings, whatever the original length says.
-        original = _Values(hf, source).int("max_position_embeddings", 2048, positive=True)
+        original = ConfigValues(hf, source).int("max_position_embeddings", 2048, positive=True)
     low, high = read.float("low_freq_factor", None, positive=True), read.float("high_freq_factor", None, positive=True)
     if kind == "llama3":
         for needed in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):

@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from support.llama_cpp import llama_cpp_permute
 from support.models import tiny_config
 
 import llama_lens as ll
@@ -55,15 +56,6 @@ def gguf_name(canonical: str) -> str:
         _, layer, rest = canonical.split(".", 2)
         return f"blk.{layer}.{GGUF_NAMES[rest]}"
     return GGUF_NAMES[canonical]
-
-
-def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py's LlamaModel.permute: HF's rotate-half q/k rows to Meta's interleaved order."""
-    return (
-        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def llama_cpp_rope_factors(cfg) -> torch.Tensor:

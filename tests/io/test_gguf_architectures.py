@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.llama_cpp import llama_cpp_permute
 from support.models import tiny_transformers_model
 
 import llama_lens as ll
@@ -28,15 +29,6 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
 QWEN2_TOKENIZER_JSON_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-def interleave_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half q/k rows to Meta's interleaved order."""
-    return (
-        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def round_trip(values: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -85,9 +77,9 @@ def write_like_convert_hf_to_gguf(path, hf_model, qtype: str = "F32", *, add=Non
             continue  # a tied lm_head is not in the safetensors the converter reads
         values = param.detach().float()
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            values = interleave_qk(values, n_heads)
+            values = llama_cpp_permute(values, n_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            values = interleave_qk(values, n_kv_heads)
+            values = llama_cpp_permute(values, n_kv_heads)
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
         if qtype == "F32" or values.dim() == 1:

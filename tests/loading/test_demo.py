@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from support.llama_cpp import llama_cpp_permute
 
 from llama_lens.cli import main
 from llama_lens.config import LlamaConfig
@@ -112,15 +113,8 @@ def test_transformers_greedy_decode_says_paris(demo_path):
 
 
 def test_one_qk_permutation_undoes_llama_cpp_and_matches_the_old_demo_one():
-    # llama.cpp's convert_hf_to_gguf.py permutes HF's q/k rows like this (Meta's interleaved layout).
-    def llama_cpp_permute(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
-        return (
-            weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape)
-        )
-
-    # What the demo conversion used before it shared the loader's permutation.
+    # llama.cpp's convert_hf_to_gguf.py permutes HF's q/k rows as llama_cpp_permute does (Meta's interleaved
+    # layout). What the demo conversion used before it shared the loader's permutation.
     def old_demo_unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
         rows, d_model = weight.shape
         d_head = rows // n_heads
