@@ -1,7 +1,8 @@
 """Checks of the arguments users pass: one place, one message style.
 
-Each check takes the value as the user gave it and returns it normalised, or raises a ValueError that names
-the argument and the value, says what was expected, and suggests a fix. A value outside its range reads
+Each check takes the value as the user gave it and returns it normalised, or raises an ArgumentError (a
+ValueError; ArgumentTypeError, a TypeError, for a keyword given twice) that names the argument and the value,
+says what was expected, and suggests a fix. A value outside its range reads
 
     <arg>=<value> is out of range: <what there is> (<first>..<last>)
 
@@ -25,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+
+from .errors import ArgumentError, ArgumentTypeError
 
 # The dtypes a model can be loaded in: every op of the forward pass has CPU and CUDA kernels for these (float8
 # and other floating types do not).
@@ -60,13 +63,13 @@ def check_index(name: str, value: Any, size: int, what: str) -> int:
         what: what they are, plural, for the message ("prompts in the batch").
 
     Raises:
-        ValueError: for a non-integer, or an index outside -size..size - 1.
+        ArgumentError (a ValueError): for a non-integer, or an index outside -size..size - 1.
     """
     index = as_index(value)
     if index is None:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer, got {value!r}")
     if not -size <= index < size:
-        raise ValueError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
+        raise ArgumentError(f"{name}={value!r} is out of range: there are {size} {what} (0..{size - 1})")
     return index % size
 
 
@@ -77,15 +80,15 @@ def check_count(name: str, value: Any, low: int = 1, high: int | None = None, wh
         what: where `high` comes from, for the message ("the vocabulary has 128 ids").
 
     Raises:
-        ValueError: for a non-integer or a value out of range.
+        ArgumentError (a ValueError): for a non-integer or a value out of range.
     """
     count = as_index(value)
     if count is None:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer, got {value!r}")
     if high is None and count < low:
-        raise ValueError(f"{name}={value!r} is out of range: it must be at least {low}")
+        raise ArgumentError(f"{name}={value!r} is out of range: it must be at least {low}")
     if high is not None and not low <= count <= high:
-        raise ValueError(f"{name}={value!r} is out of range: {what or 'it must lie in'} ({low}..{high})")
+        raise ArgumentError(f"{name}={value!r} is out of range: {what or 'it must lie in'} ({low}..{high})")
     return count
 
 
@@ -93,23 +96,23 @@ def check_choice(name: str, value: Any, choices: Sequence[str], what: str | None
     """`value` if it is one of `choices` (metric names, read-outs, table kinds, ...).
 
     Raises:
-        ValueError: "unknown <what> <value>: <name>= takes one of [...]".
+        ArgumentError (a ValueError): "unknown <what> <value>: <name>= takes one of [...]".
     """
     if isinstance(value, str) and value in choices:
         return value
-    raise ValueError(f"unknown {what or name} {value!r}: {name}= takes one of {list(choices)}")
+    raise ArgumentError(f"unknown {what or name} {value!r}: {name}= takes one of {list(choices)}")
 
 
 # ----------------------------------------------------------------------------------------------- layers
 def _layer_list(layers: Iterable[int]) -> list[int]:
     if isinstance(layers, (int, str)) or as_index(layers) is not None or not isinstance(layers, Iterable):
-        raise ValueError(f"layers must be a range or a list of ints, got {layers!r}; e.g. layers=range(0, 3)")
+        raise ArgumentError(f"layers must be a range or a list of ints, got {layers!r}; e.g. layers=range(0, 3)")
     items = layers.flatten().tolist() if isinstance(layers, torch.Tensor) else list(layers)
     checked = []
     for layer in items:
         index = as_index(layer)
         if index is None:
-            raise ValueError(f"layers must hold ints, got {layer!r}")
+            raise ArgumentError(f"layers must hold ints, got {layer!r}")
         checked.append(index)
     return checked
 
@@ -118,14 +121,14 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     """Sorted, de-duplicated layer indices; all layers for None.
 
     Raises:
-        ValueError: for an index that is not an int in [0, n_layers), naming the valid range.
+        ArgumentError (a ValueError): for an index that is not an int in [0, n_layers), naming the valid range.
     """
     if layers is None:
         return list(range(n_layers))
     checked = _layer_list(layers)
     for layer in checked:
         if not 0 <= layer < n_layers:
-            raise ValueError(
+            raise ArgumentError(
                 f"layers={_shown(layers, checked)} is out of range: layer {layer} is outside the model, which has "
                 f"{n_layers} layers (0..{n_layers - 1}); use layers within range(0, {n_layers})"
             )
@@ -137,13 +140,13 @@ def check_layer_bound(name: str, value: Any, n_layers: int) -> int:
     slice of the layers does (-1: all but the last layer).
 
     Raises:
-        ValueError: for a non-integer, or a value outside -n_layers..n_layers.
+        ArgumentError (a ValueError): for a non-integer, or a value outside -n_layers..n_layers.
     """
     index = as_index(value)
     if index is None:
-        raise ValueError(f"{name} must be an integer layer, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer layer, got {value!r}")
     if not -n_layers <= index <= n_layers:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}={value!r} is out of range: the model has {n_layers} layers, so it must lie in "
             f"{-n_layers}..{n_layers} (negative counts from the end)"
         )
@@ -154,7 +157,7 @@ def check_loaded_layers(layers: Iterable[int] | None, loaded: Sequence[int]) -> 
     """Sorted, de-duplicated indices of layers a (possibly partial) model holds; all of them for None.
 
     Raises:
-        ValueError: for a non-integer, or a layer the model does not hold.
+        ArgumentError (a ValueError): for a non-integer, or a layer the model does not hold.
     """
     if layers is None:
         return list(loaded)
@@ -169,7 +172,7 @@ def check_loaded_layers(layers: Iterable[int] | None, loaded: Sequence[int]) -> 
             held = f"{loaded[0]}..{loaded[-1]}"
         else:
             held = ", ".join(map(str, loaded))
-        raise ValueError(
+        raise ArgumentError(
             f"layers={_shown(layers, given)} is out of range: layers {missing} are not loaded; this model holds "
             f"layers ({held})"
         )
@@ -185,7 +188,7 @@ def check_positions(positions: int | Iterable[int] | None, n_tokens: int) -> lis
             end; None for every position.
 
     Raises:
-        ValueError: for an empty list, a non-integer, or a position outside -n_tokens..n_tokens - 1.
+        ArgumentError (a ValueError): for an empty list, a non-integer, or a position outside -n_tokens..n_tokens - 1.
     """
     if positions is None:
         return list(range(n_tokens))
@@ -196,14 +199,14 @@ def check_positions(positions: int | Iterable[int] | None, n_tokens: int) -> lis
     elif isinstance(positions, Iterable) and not isinstance(positions, str):
         items = list(positions)
     else:
-        raise ValueError(f"positions must be an int or a list of ints, got {positions!r}")
+        raise ArgumentError(f"positions must be an int or a list of ints, got {positions!r}")
     if not items:
-        raise ValueError("positions is empty; pass None for all positions")
+        raise ArgumentError("positions is empty; pass None for all positions")
     checked = []
     for item in items:
         position = as_index(item)
         if position is None:
-            raise ValueError(f"positions must be ints, got {item!r}")
+            raise ArgumentError(f"positions must be ints, got {item!r}")
         checked.append(check_position(position, n_tokens, name="positions"))
     return checked
 
@@ -212,13 +215,13 @@ def check_position(position: Any, n_tokens: int, *, name: str = "position") -> i
     """One position in 0..n_tokens - 1 (negative counting from the end).
 
     Raises:
-        ValueError: "<name>=<value> is out of range: the prompt has <n> tokens (0..n-1; ...)".
+        ArgumentError (a ValueError): "<name>=<value> is out of range: the prompt has <n> tokens (0..n-1; ...)".
     """
     index = as_index(position)
     if index is None:
-        raise ValueError(f"{name} must be an integer, got {position!r}")
+        raise ArgumentError(f"{name} must be an integer, got {position!r}")
     if not -n_tokens <= index < n_tokens:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}={position!r} is out of range: the prompt has {n_tokens} tokens (0..{n_tokens - 1}, or "
             f"-{n_tokens}..-1 counting from the end)"
         )
@@ -239,21 +242,21 @@ def check_targets(target: Any, batch: int, d_vocab: int, id_of: Callable[[str], 
             there is no tokenizer.
 
     Raises:
-        ValueError: for a count of targets that does not match the batch, a ragged list, text without a
-            tokenizer, an id out of range or anything that is neither text nor an id.
+        ArgumentError (a ValueError): for a count of targets that does not match the batch, a ragged list, text
+            without a tokenizer, an id out of range or anything that is neither text nor an id.
     """
     if _single_target(target):  # one target shared by every prompt
         rows = [[target]] * batch
     else:
         items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
         if len(items) != batch:
-            raise ValueError(
+            raise ArgumentError(
                 f"got {len(items)} targets for {batch} prompt(s): pass one target shared by all prompts, one per "
                 f"prompt, or one list of targets per prompt (e.g. [[' Paris', ' London']])"
             )
         rows = [[item] if _single_target(item) else list(item) for item in items]
         if len({len(row) for row in rows}) != 1 or not rows[0]:
-            raise ValueError("every prompt needs the same (non-zero) number of targets")
+            raise ArgumentError("every prompt needs the same (non-zero) number of targets")
     return [[check_token_id(t, d_vocab, id_of) for t in row] for row in rows]
 
 
@@ -261,17 +264,17 @@ def check_token_id(token: Any, d_vocab: int, id_of: Callable[[str], int] | None,
     """A token id from its text (through `id_of`) or its id.
 
     Raises:
-        ValueError: text without a tokenizer, an id outside 0..d_vocab - 1, or neither text nor an id.
+        ArgumentError (a ValueError): text without a tokenizer, an id outside 0..d_vocab - 1, or neither text nor an id.
     """
     if isinstance(token, str):
         if id_of is None:
-            raise ValueError(f"{name}={token!r} is text but this model has no tokenizer; pass a token id")
+            raise ArgumentError(f"{name}={token!r} is text but this model has no tokenizer; pass a token id")
         return int(id_of(token))
     token_id = as_index(token)
     if token_id is None:
-        raise ValueError(f"a {name} is a token's text or id, got {type(token).__name__} {token!r}")
+        raise ArgumentError(f"a {name} is a token's text or id, got {type(token).__name__} {token!r}")
     if not 0 <= token_id < d_vocab:
-        raise ValueError(f"{name}={token_id} is out of range: the vocabulary has {d_vocab} ids (0..{d_vocab - 1})")
+        raise ArgumentError(f"{name}={token_id} is out of range: the vocabulary has {d_vocab} ids (0..{d_vocab - 1})")
     return token_id
 
 
@@ -285,10 +288,10 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, n_pos: int) -
     """The mask [batch, pos] (1 = real token, 0 = padding) as a CPU bool tensor.
 
     Raises:
-        ValueError: for a mask of another shape.
+        ArgumentError (a ValueError): for a mask of another shape.
     """
     if tuple(attention_mask.shape) != (batch, n_pos):
-        raise ValueError(
+        raise ArgumentError(
             f"attention_mask must be [batch={batch}, pos={n_pos}] like the cached pattern, got "
             f"{tuple(attention_mask.shape)}"
         )
@@ -298,7 +301,7 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, n_pos: int) -
 # ----------------------------------------------------------------------------------------------- renamed keywords
 def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
     """Keeps the old spelling of renamed keyword arguments working, with a DeprecationWarning naming the new
-    one, for one release. Passing both spellings is a TypeError, as a repeated keyword would be.
+    one, for one release. Passing both spellings is an ArgumentTypeError (a TypeError), as a repeated keyword would be.
 
         @renamed_keywords(prompt="batch_index")
         def lens_heatmap(result, metric="prob", *, batch_index=0): ...
@@ -311,7 +314,7 @@ def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(f"{function.__name__}() got both {old}= and {new}=; pass {new}= only")
+                    raise ArgumentTypeError(f"{function.__name__}() got both {old}= and {new}=; pass {new}= only")
                 meaning = f" (`{old}` now always means {_MEANING[old]})" if old in _MEANING else ""
                 warnings.warn(
                     f"{function.__name__}({old}=...) is deprecated and will be removed in the next release; use "
@@ -335,35 +338,35 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """float32, bfloat16, float16 or float64, as a torch dtype or its name (None stays None).
 
     Raises:
-        ValueError: for anything else, listing the accepted names.
+        ArgumentError (a ValueError): for anything else, listing the accepted names.
     """
     if dtype is None or dtype in DTYPE_NAMES.values():
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
         return DTYPE_NAMES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPE_NAMES)} (or the torch dtypes)")
+    raise ArgumentError(f"dtype {dtype!r} is not supported; use one of {list(DTYPE_NAMES)} (or the torch dtypes)")
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
     """A torch device, checked to exist on this machine.
 
     Raises:
-        ValueError: for a malformed device, or a CUDA/MPS device this machine does not have.
+        ArgumentError (a ValueError): for a malformed device, or a CUDA/MPS device this machine does not have.
     """
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a torch device ({err}); try 'cpu' or 'cuda'") from None
+        raise ArgumentError(f"device {device!r} is not a torch device ({err}); try 'cpu' or 'cuda'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here; use device='cpu'")
+            raise ArgumentError(f"device {str(device)!r} asked for, but CUDA is not available here; use device='cpu'")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s)")
+            raise ArgumentError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s)")
     if device.type == "meta":
-        raise ValueError("device 'meta' holds no data; load to 'cpu' or 'cuda' (the model is built on meta anyway)")
+        raise ArgumentError("device 'meta' holds no data; load to 'cpu' or 'cuda' (the model is built on meta anyway)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available here; use device='cpu'")
+        raise ArgumentError("device 'mps' asked for, but MPS is not available here; use device='cpu'")
     return device
 
 

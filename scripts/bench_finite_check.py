@@ -31,7 +31,10 @@ def main() -> None:
 
     import llama_lens as ll
     from llama_lens import files
-    from llama_lens.io import checkpoint
+    from llama_lens.io import checkpoint, gguf, pth, safetensors
+
+    # The check runs where tensors are read: in each format's reader, and on rows in the Checkpoint.
+    checking_modules = (checkpoint, gguf, pth, safetensors)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,11 +44,13 @@ def main() -> None:
     times: dict[str, list[float]] = {"with the check": [], "without": []}
     for _ in range(args.repeat):
         for label, check in (("with the check", files.warn_if_not_finite), ("without", lambda tensor, what: None)):
-            checkpoint.warn_if_not_finite = check
+            for module in checking_modules:
+                module.warn_if_not_finite = check
             started = time.perf_counter()
             ckpt.state_dict(dtype=dtype)
             times[label].append(time.perf_counter() - started)
-    checkpoint.warn_if_not_finite = files.warn_if_not_finite
+    for module in checking_modules:
+        module.warn_if_not_finite = files.warn_if_not_finite
     medians = {label: statistics.median(values) for label, values in times.items()}
     print(
         f"{ckpt.path.name}, loaded as {args.dtype}, torch threads {torch.get_num_threads()}, {args.repeat} loads each"

@@ -279,7 +279,8 @@ class Checkpoint:
         a part of them (a Meta embedding split over d_model: a slice of every row from every shard).
 
         Args:
-            name: canonical name of a parameter whose rows are stored as they are used (not a Meta q/k weight).
+            name: canonical name of a parameter whose rows are stored as they are used (not a q/k weight that
+                a read permutes: Meta's, a llama GGUF's).
             start: the first row.
             target: contiguous tensor [rows, columns], any float dtype, any device.
             files: weight files kept open across reads (`open_files`); default: opened for this read only.
@@ -420,12 +421,9 @@ class Checkpoint:
         # would give other weights at the indexed offsets. A file truncated meanwhile fails the read itself.
         file_names = list(dict.fromkeys(name for stored, _ in reads for name in stored.files))
         self.file_stamps.check_all(file_names)
-        reader = self._reader
-        read_bytes = reader.read(
-            [(stored, target, reader.qk_heads(stored.name, self.config) if rotate_half else None)
-             for stored, target in reads],
-            files,
-        )  # fmt: skip
+        # The heads of each q/k tensor whose rows the format stores in another order than ours.
+        heads = [self._reader.qk_heads(stored.name, self.config) if rotate_half else None for stored, _ in reads]
+        read_bytes = self._reader.read([(stored, target, h) for (stored, target), h in zip(reads, heads)], files)
         self.file_stamps.check_all(file_names)
         return read_bytes
 

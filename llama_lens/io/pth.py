@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import LlamaConfig, read_json_object
-from ..errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError
 from ..files import warn_if_not_finite
 from .index import RawIndex, StoredTensor
 from .names import (
@@ -320,9 +320,7 @@ class PthReader(CheckpointReader):
         return raw
 
     def read_config(self, raw: RawIndex) -> LlamaConfig:
-        params_file = self.folder / "params.json"
-        if not params_file.exists():
-            raise MissingFileError(f"{params_file} is missing; a Meta checkpoint needs its params.json")
+        params_file = self.required_file("params.json", "Meta")
         params = read_json_object(params_file)
         if "tok_embeddings.weight" not in raw:
             raise CheckpointError(f"missing tensor 'tok_embeddings.weight' in {self.files_text()}")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..config import LlamaConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MissingFileError
 from .index import FileStamps, RawIndex, StoredTensor
 
 # Only float dtypes hold the weights of a model we run; others (int8 quantized checkpoints) are refused.
@@ -126,6 +126,17 @@ class CheckpointReader(abc.ABC):
             MissingFileError: the config file is missing.
             ConfigError: the config cannot be run.
         """
+
+    def required_file(self, name: str, checkpoint_kind: str) -> Path:
+        """`folder / name`, which a checkpoint of this kind cannot do without (its config file).
+
+        Raises:
+            MissingFileError: naming the file and the kind of checkpoint that needs it.
+        """
+        path = self.folder / name
+        if not path.exists():
+            raise MissingFileError(f"{path} is missing; a {checkpoint_kind} checkpoint needs its {name}")
+        return path
 
     def tokenizer_path(self) -> Path | None:
         """tokenizer.json or tokenizer.model beside the weights, or None."""

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..config import LlamaConfig
-from ..errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError
 from ..files import require_regular_file, warn_if_not_finite
 from .index import RawIndex, StoredTensor
 from .names import HF_IGNORED, HF_INDEX_FILE, HF_TO_CANONICAL
@@ -239,10 +239,7 @@ class SafetensorsReader(CheckpointReader):
         return raw
 
     def read_config(self, raw: RawIndex) -> LlamaConfig:
-        config_file = self.folder / "config.json"
-        if not config_file.exists():
-            raise MissingFileError(f"{config_file} is missing; a Hugging Face checkpoint needs its config.json")
-        return LlamaConfig.from_file(config_file)
+        return LlamaConfig.from_file(self.required_file("config.json", "Hugging Face"))
 
     def missing_hint(self, canonical: str) -> str:
         if canonical == "unembed.weight":

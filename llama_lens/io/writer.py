@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import LlamaConfig, meta_d_mlp
+from ..errors import ArgumentError
 from ..files import set_default_file_mode
 from ..validate import resolve_dtype
 from .names import (
@@ -78,10 +79,10 @@ def split_evenly(sizes: dict[str, int], parts: int) -> list[list[str]]:
     """Names split into `parts` consecutive, non-empty groups of about equal size (bytes).
 
     Raises:
-        ValueError: for `parts` outside [1, number of names].
+        ArgumentError (a ValueError): for `parts` outside [1, number of names].
     """
     if not 1 <= parts <= len(sizes):
-        raise ValueError(f"shards must be between 1 and the number of tensors ({len(sizes)}), got {parts}")
+        raise ArgumentError(f"shards must be between 1 and the number of tensors ({len(sizes)}), got {parts}")
     total, done, owners = sum(sizes.values()), 0, []
     for size in sizes.values():
         # the shard whose share of the bytes holds this tensor's midpoint
@@ -180,7 +181,7 @@ def write_meta_checkpoint(
         the folder.
 
     Raises:
-        ValueError: for a config params.json cannot express.
+        ArgumentError (a ValueError): for a config params.json cannot express.
     """
     dtype = resolve_dtype(dtype)
     params = meta_params(cfg, vocab_size_in_params=vocab_size_in_params)
@@ -201,7 +202,7 @@ def write_meta_checkpoint(
             pieces = [tensor] * mp
         else:
             if tensor.shape[split_dim] % mp:
-                raise ValueError(f"{meta_name}: dim {split_dim} of {list(tensor.shape)} does not split over mp={mp}")
+                raise ArgumentError(f"{meta_name}: dim {split_dim} of {list(tensor.shape)} does not split over mp={mp}")
             pieces = tensor.chunk(mp, dim=split_dim)
         for rank, piece in zip(ranks, pieces, strict=True):
             rank[meta_name] = piece.clone()  # a fresh storage each, so a shard file holds only its piece
@@ -219,12 +220,13 @@ def meta_params(cfg: LlamaConfig, *, vocab_size_in_params: bool = True) -> dict:
     """The params.json dict of a config, with multiple_of / ffn_dim_multiplier that reproduce its d_mlp.
 
     Raises:
-        ValueError: for another architecture than Llama, biases or a rope scaling params.json cannot express.
+        ArgumentError (a ValueError): for another architecture than Llama, biases or a rope scaling params.json
+            cannot express.
     """
     if cfg.model_type != "llama":
-        raise ValueError(f"Meta checkpoints hold Llama models only, not {cfg.architecture}; use write_hf_checkpoint")
+        raise ArgumentError(f"Meta checkpoints hold Llama models only, not {cfg.architecture}; use write_hf_checkpoint")
     if cfg.attention_bias or cfg.mlp_bias:
-        raise ValueError("Meta checkpoints have no biases; use write_hf_checkpoint for attention_bias/mlp_bias")
+        raise ArgumentError("Meta checkpoints have no biases; use write_hf_checkpoint for attention_bias/mlp_bias")
     params = {
         "dim": cfg.d_model,
         "n_layers": cfg.n_layers,
@@ -242,7 +244,7 @@ def meta_params(cfg: LlamaConfig, *, vocab_size_in_params: bool = True) -> dict:
     if scaling is not None:
         fixed_by_meta = scaling.low_freq_factor == 1.0 and scaling.original_max_position_embeddings == 8192
         if scaling.kind != "llama3" or not fixed_by_meta:
-            raise ValueError(f"params.json cannot express rope scaling {scaling}; only Llama 3.1's scaled RoPE")
+            raise ArgumentError(f"params.json cannot express rope scaling {scaling}; only Llama 3.1's scaled RoPE")
         params |= {
             "use_scaled_rope": True,
             "rope_scaling_factor": scaling.factor,
@@ -260,5 +262,5 @@ def _meta_mlp_params(d_model: int, d_mlp: int) -> dict:
     hidden = int(2 * (4 * d_model) / 3)
     multiplier = (d_mlp + 0.5) / hidden
     if meta_d_mlp(d_model, 1, multiplier) != d_mlp:
-        raise ValueError(f"no multiple_of / ffn_dim_multiplier gives d_mlp={d_mlp} for d_model={d_model}")
+        raise ArgumentError(f"no multiple_of / ffn_dim_multiplier gives d_mlp={d_mlp} for d_model={d_model}")
     return {"multiple_of": 1, "ffn_dim_multiplier": multiplier}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..config import ARCHITECTURES, LlamaConfig
-from ..errors import CheckpointError
+from ..errors import ArgumentError, CheckpointError
 from ..io.names import HF_IGNORED, HF_TO_CANONICAL, layer_template, param_shapes, rename
 
 SUPPORTED_CLASSES = tuple(architecture for architecture, _ in ARCHITECTURES.values())
@@ -34,8 +34,8 @@ def from_transformers(hf_model: Any, tokenizer: Any = None):
         HookedLlama in eval mode whose parameters are `hf_model`'s (`requires_grad` as they are there).
 
     Raises:
-        ValueError: another class, a quantized model, or weights on several devices, in several dtypes or on
-            the meta device (offloaded).
+        ArgumentError (a ValueError): another class, a quantized model, or weights on several devices, in
+            several dtypes or on the meta device (offloaded).
         ConfigError: the model's config has a key that changes the forward pass in a way llama_lens does not
             implement (named).
     """
@@ -43,23 +43,23 @@ def from_transformers(hf_model: Any, tokenizer: Any = None):
 
     class_name = type(hf_model).__name__
     if class_name not in SUPPORTED_CLASSES:
-        raise ValueError(
+        raise ArgumentError(
             f"from_transformers takes a {', '.join(SUPPORTED_CLASSES)}, got a {class_name}; for a base model "
             "without its language-model head, pass the ...ForCausalLM that holds it"
         )
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        raise ValueError(f"this {class_name} has no transformers config (.config.to_dict()) to read its shape from")
+        raise ArgumentError(f"this {class_name} has no transformers config (.config.to_dict()) to read its shape from")
     hf_config = config.to_dict()
     if hf_config.get("quantization_config") is not None:
-        raise ValueError(
+        raise ArgumentError(
             f"this {class_name} is quantized ({hf_config['quantization_config'].get('quant_method', '?')}); "
             "from_transformers shares plain float weights: load it without quantization, or pass its folder to "
             "ll.load"
         )
     cfg = LlamaConfig.from_hf(hf_config, source=f"{class_name}.config")
     if cfg.architecture != class_name:
-        raise ValueError(f"a {class_name} whose config says model_type={cfg.model_type!r}; they must agree")
+        raise ArgumentError(f"a {class_name} whose config says model_type={cfg.model_type!r}; they must agree")
     if cfg.tie_embeddings and _head_is_untied(hf_model):
         # transformers ties the weights when it builds the model; a head given a Parameter of its own afterwards
         # (`hf_model.lm_head.weight = ...`) is what its forward uses, whatever the config says: ours too.
@@ -116,13 +116,13 @@ def _shared_state(hf_model: Any, cfg: LlamaConfig, class_name: str) -> dict[str,
             )
     placements = {(param.device, param.dtype) for param in state.values()}
     if any(device.type == "meta" for device, _ in placements):
-        raise ValueError(
+        raise ArgumentError(
             f"some of this {class_name}'s weights are on the meta device (offloaded by device_map); load it "
             "whole on one device"
         )
     if len(placements) > 1:
         found = sorted(f"{device} {str(dtype).removeprefix('torch.')}" for device, dtype in placements)
-        raise ValueError(
+        raise ArgumentError(
             f"this {class_name}'s weights are spread over {found}; from_transformers needs one device and one "
             "dtype (e.g. hf_model.to('cuda', torch.bfloat16) first)"
         )

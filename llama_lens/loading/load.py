@@ -16,18 +16,21 @@ from ..validate import check_layers, resolve_device, resolve_dtype
 
 def load(
     path: str | os.PathLike | Checkpoint,
+    *,
     dtype: torch.dtype | str | None = torch.float32,
     device: torch.device | str = "cpu",
     layers: Iterable[int] | None = None,
     stream: bool = False,
     tokenizer: Any = None,
     index_cache: str | os.PathLike | bool | None = None,
-    *,
     unembed: str = "auto",
     check_memory: bool = True,
     progress: bool = True,
 ):
     """Opens a checkpoint and returns a HookedLlama holding its weights.
+
+    Everything after `path` is a keyword, named as in `ll.plan` (dtype, device, layers, stream, unembed), so that
+    the estimate of a load is the same call with `load` replaced by `plan`.
 
     The model is built on the meta device and filled with the tensors as they are read, one layer at a time,
     each cast to `dtype` as soon as it is read: peak memory is about one copy of what was asked for.
@@ -59,9 +62,9 @@ def load(
         HookedLlama in eval mode, with `.tokenizer` set (None when neither given nor found).
 
     Raises:
-        ValueError: for a bad dtype, device, layer range or unembed mode, or a corrupt checkpoint
-            (CheckpointError).
-        FileNotFoundError: for a missing folder, config or weight file.
+        ArgumentError (a ValueError): for a bad dtype, device, layer range or unembed mode.
+        CheckpointError, ConfigError (ValueErrors): a corrupt checkpoint, or a config llama_lens cannot run.
+        MissingFileError (a FileNotFoundError): for a missing folder, config or weight file.
         NotEnoughMemoryError (a MemoryError and ValueError): the weights would not fit; the message gives the
             estimate and suggests stream=True, layers=range(...) or a smaller dtype.
     """

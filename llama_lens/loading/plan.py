@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import LlamaConfig
-from ..errors import NotEnoughMemoryError
+from ..errors import ArgumentError, NotEnoughMemoryError
 from ..model import cpu_matmul
 from ..model.memory import (
     GIB,
@@ -162,19 +162,23 @@ class Plan:
 
 def plan(
     path: str | os.PathLike | Any,
+    *,
     tokens: int = 128,
     batch: int = 1,
-    *,
-    stream: bool = False,
     dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str = "cpu",
     layers: Iterable[int] | None = None,
+    stream: bool = False,
+    unembed: str = "auto",
     cache: str | None = "resid",
     patterns: bool = False,
-    device: torch.device | str = "cpu",
     read_bandwidth: float | None = None,
-    unembed: str = "auto",
 ) -> Plan:
     """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
+
+    Everything after `path` is a keyword; `dtype`, `device`, `layers`, `stream` and `unembed` mean what they mean
+    to `ll.load`, so the estimate of `ll.load(path, dtype=..., stream=True)` is `ll.plan(path, dtype=...,
+    stream=True)`.
 
     Args:
         path: a checkpoint folder, an open `Checkpoint`, or a `LlamaConfig`.
@@ -197,14 +201,13 @@ def plan(
         Plan (print it, or `.to_frame()`).
 
     Raises:
-        ValueError: for a bad cache kind, dtype, token count, layer range or unembed mode.
+        ArgumentError (a ValueError): for a bad cache kind, dtype, token count, layer range or unembed mode.
     """
-    from ..validate import check_layers, resolve_device, resolve_dtype
+    from ..validate import check_choice, check_count, check_layers, resolve_device, resolve_dtype
 
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
-    if tokens < 0 or batch < 1:
-        raise ValueError(f"need tokens >= 0 and batch >= 1, got tokens={tokens}, batch={batch}")
+    if cache is not None:
+        check_choice("cache", cache, [kind for kind in CACHE_KINDS if kind], "kind of activation cache")
+    tokens, batch = check_count("tokens", tokens, 0), check_count("batch", batch, 1)
     source = _open_source(path)
     cfg = _config_of(source)
     dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
@@ -324,14 +327,14 @@ def choose_unembed(
         dtype, layers, device: as `plan`'s.
 
     Raises:
-        ValueError: for an unknown mode, or "stream" without `stream=True`.
+        ArgumentError (a ValueError): for an unknown mode, or "stream" without `stream=True`.
     """
     from ..validate import check_choice
 
     check_choice("unembed", unembed, UNEMBED_MODES, "unembedding mode")
     if not stream:
         if unembed == "stream":
-            raise ValueError(
+            raise ArgumentError(
                 "unembed='stream' reads the unembedding from disk at each forward pass, which only a streamed model "
                 "does: pass stream=True as well, or leave unembed='auto'"
             )

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import LlamaConfig
+from ..errors import ArgumentError, CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint, dropped_on_error
 from ..io.names import block_param_shapes
 from ..model.kv_cache import KVCache
@@ -173,11 +174,11 @@ class StreamedLlama(HookedLlama):
             # The inner pass would free the block the outer pass is in the middle of; one layer is held at a time,
             # so a second thread's pass would too.
             if self._forward_thread != threading.get_ident():
-                raise RuntimeError(
+                raise UsageError(
                     "a streamed model runs one forward pass at a time, and another thread is in one; load one "
                     "streamed model per thread, or wait for the other pass"
                 )
-            raise RuntimeError(
+            raise UsageError(
                 "a streamed model cannot run a forward pass from inside one of its own hooks; "
                 "save what the hook needs and run the second pass afterwards"
             )
@@ -217,7 +218,7 @@ class StreamedLlama(HookedLlama):
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .cuda(), .half() ... would move the resident weights only and leave the streamed ones behind.
-        raise ValueError(
+        raise ArgumentError(
             "a streamed model's dtype and device are fixed when it is loaded; "
             "pass dtype= and device= to ll.load(path, stream=True, ...)"
         )
@@ -273,7 +274,7 @@ def load_streamed(
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     on_disk = [name for name in ("embed.weight", "unembed.weight") if name not in state]
     if unexpected or any(not name.startswith("blocks.") and name not in on_disk for name in missing):
-        raise RuntimeError(f"resident weights did not match the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"resident weights did not match the model: missing {missing}, unexpected {unexpected}")
     # Read with the layer reader's files (Meta shards stay mapped, not unpickled at each read).
     if "embed.weight" in on_disk:
         model.embed = StreamedEmbedding(OnDiskWeight(ckpt, "embed.weight", dtype, device, reader.files))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import WeightOnDiskError
+from ..errors import ArgumentError, ArgumentTypeError, RowIndexError, WeightOnDiskError
 from ..io.names import param_shapes
 from ..model.cpu_matmul import linear
 from .host_memory import empty_cpu_tensors, release_free_heap
@@ -114,21 +114,21 @@ class OnDiskWeight:
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
             if step != 1:
-                raise ValueError(f"{self.name}: rows are read in ranges; got the step {step}")
+                raise ArgumentError(f"{self.name}: rows are read in ranges; got the step {step}")
             return self.rows(start, max(start, stop))
         if isinstance(index, int):
             row = index + self.shape[0] if index < 0 else index
             if not 0 <= row < self.shape[0]:
-                raise IndexError(f"row {index} of {self.name} is out of range (d_vocab={self.shape[0]})")
+                raise RowIndexError(f"row {index} of {self.name} is out of range (d_vocab={self.shape[0]})")
             return self.rows(row, row + 1)[0]
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
             return self.gather(index)
-        raise TypeError(f"{self.name} is indexed by a range of rows or a tensor of token ids, not {index!r}")
+        raise ArgumentTypeError(f"{self.name} is indexed by a range of rows or a tensor of token ids, not {index!r}")
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows of token ids [...] as [..., d_model]: each distinct id read once, nothing else read."""
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
-            raise ValueError(
+            raise ArgumentError(
                 f"token ids must lie in [0, d_vocab={self.shape[0]}), got {int(ids.min())}..{int(ids.max())}"
             )
         unique, where = ids.flatten().cpu().unique(return_inverse=True)  # sorted

@@ -143,3 +143,49 @@ def test_renamed_keywords_warn_once_per_call_and_forward_the_value():
 
     with pytest.warns(DeprecationWarning, match=r"^explore\(prompt_index=...\) is deprecated .*; use batch_index=$"):
         assert explore(prompt_index=3) == 3
+
+
+def test_every_check_raises_an_error_of_the_library_that_is_also_the_builtin():
+    from llama_lens.errors import ArgumentError, ArgumentTypeError, LlamaLensError
+
+    bad_calls = [
+        lambda: validate.check_index("head", 4, 4, "heads"),
+        lambda: validate.check_count("top_k", 0),
+        lambda: validate.check_choice("metric", "loss", ["prob"]),
+        lambda: validate.check_layers([7], 2),
+        lambda: validate.check_positions([5], 3),
+        lambda: validate.resolve_dtype("int8"),
+        lambda: validate.resolve_device("nonsense"),
+    ]
+    for call in bad_calls:
+        with pytest.raises(ArgumentError) as caught:
+            call()
+        assert isinstance(caught.value, (LlamaLensError, ValueError))
+
+    @validate.renamed_keywords(old="new")
+    def draw(new=None):
+        return new
+
+    with pytest.raises(ArgumentTypeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        draw(old=1, new=2)
+
+
+def test_the_ground_io_and_loading_modules_raise_no_bare_builtin_errors():
+    # `except ll.LlamaLensError` catches every error these raise on purpose (errors.py's contract).
+    import ast
+    from pathlib import Path
+
+    import llama_lens
+
+    package = Path(llama_lens.__file__).parent
+    builtins = {"ValueError", "TypeError", "KeyError", "FileNotFoundError", "RuntimeError", "IndexError"}
+    files = [package / f"{name}.py" for name in ("config", "config_keys", "config_read", "validate", "files")]
+    files += sorted((package / "io").glob("*.py")) + sorted((package / "loading").glob("*.py"))
+    bare = []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            raised = node.exc.func if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) else None
+            if isinstance(raised, ast.Name) and raised.id in builtins:
+                bare.append(f"{file.relative_to(package)}:{node.lineno} {raised.id}")
+    assert not bare

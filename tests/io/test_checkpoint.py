@@ -44,6 +44,13 @@ def cache_files(tmp_path) -> list[pathlib.Path]:
     return sorted((tmp_path / "home" / "cache" / "index").glob("*.json"))
 
 
+def opened_once(tmp_path, folder) -> tuple[pathlib.Path, dict]:
+    """Opens the checkpoint (writing its index cache), then the cache file and the record it holds."""
+    Checkpoint(folder)
+    (cache,) = cache_files(tmp_path)
+    return cache, json.loads(cache.read_text())
+
+
 def assert_same(loaded: dict, expected: dict) -> None:
     assert list(loaded) == list(expected)
     for name, tensor in expected.items():
@@ -453,10 +460,7 @@ def _damage(record: dict, damage: str) -> None:
 def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypatch, damage):
     cfg = tiny_config()
     state = random_state_dict(cfg)
-    folder = write_hf_checkpoint(tmp_path / "ckpt", cfg, state, shards=2)
-    Checkpoint(folder)
-    (cache,) = cache_files(tmp_path)
-    good = json.loads(cache.read_text())
+    cache, good = opened_once(tmp_path, write_hf_checkpoint(tmp_path / "ckpt", cfg, state, shards=2))
     damaged = json.loads(cache.read_text())
     _damage(damaged, damage)
     cache.write_text(json.dumps(damaged))
@@ -464,7 +468,7 @@ def test_a_damaged_index_cache_that_is_still_json_is_rebuilt(tmp_path, monkeypat
     parse = safetensors_io.read_safetensors_header
     monkeypatch.setattr(safetensors_io, "read_safetensors_header", lambda path: calls.append(path) or parse(path))
 
-    ckpt = Checkpoint(folder)
+    ckpt = Checkpoint(tmp_path / "ckpt")
     assert len(calls) == 2  # both headers read again
     assert_same(ckpt.state_dict(), state)
     assert json.loads(cache.read_text()) == good  # and the cache written afresh
@@ -474,9 +478,7 @@ def test_a_damaged_meta_index_cache_is_rebuilt(tmp_path):
     cfg = tiny_config()
     state = random_state_dict(cfg)
     folder = write_meta_checkpoint(tmp_path / "meta", cfg, state, mp=2)
-    Checkpoint(folder)
-    (cache,) = cache_files(tmp_path)
-    record = json.loads(cache.read_text())
+    cache, record = opened_once(tmp_path, folder)
     record["tensors"]["tok_embeddings.weight"][0]["offsets"] = [0, 10]  # .pth pieces have none
     for pieces in record["tensors"].values():
         del pieces[-1]["shape"]

@@ -1,5 +1,6 @@
 """plan(): memory and disk estimates, checked by hand and against real runs; load's refusal to overcommit."""
 
+import inspect
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def test_fits_and_report(tiny_cfg, monkeypatch):
 
 
 def test_bad_arguments(tiny_cfg):
-    with pytest.raises(ValueError, match="cache must be one of"):
+    with pytest.raises(ValueError, match=r"unknown kind of activation cache 'everything': cache= takes one of"):
         plan(tiny_cfg, cache="everything")
     with pytest.raises(ValueError, match="tokens"):
         plan(tiny_cfg, tokens=-1)
@@ -271,3 +272,14 @@ def test_load_refuses_what_cannot_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_module, "available_memory", lambda device: streamed // 2)
     with pytest.raises(NotEnoughMemoryError, match="streamed needs about"):
         ll.load(path, stream=True, index_cache=False, progress=False)
+
+
+def test_load_and_plan_take_the_path_then_the_same_keywords(tiny_cfg):
+    load_params, plan_params = inspect.signature(ll.load).parameters, inspect.signature(ll.plan).parameters
+    for params in (load_params, plan_params):
+        first, *rest = params.values()
+        assert first.name == "path" and all(param.kind is param.KEYWORD_ONLY for param in rest)
+    for name in ("dtype", "device", "layers", "stream", "unembed"):
+        assert load_params[name].default == plan_params[name].default, name
+    with pytest.raises(TypeError, match="positional"):
+        ll.plan(tiny_cfg, torch.bfloat16)  # as ll.load(path, torch.bfloat16): dtype is a keyword in both
