@@ -1,6 +1,6 @@
 """Where the dataset runner's shards are processed: in this process, or on Ray actors.
 
-Both executors call `dataset_tasks.process_shard` on the same shards (planned by the driver, the same whatever
+Both executors call `tasks.process_shard` on the same shards (planned by the driver, the same whatever
 the executor), so they write the same rows. A shard's files are written by whoever processes it, straight into
 the run's folder: on a cluster that folder must be on a filesystem every node sees.
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..model.protocols import LanguageModel
 from .tasks import Shard, ShardJob, process_shard
 
 
@@ -35,10 +36,14 @@ class ModelSpec:
 
 
 def run_local(
-    model, job: ShardJob, shards: Sequence[Shard], on_batch: Callable[[int, int], None] | None = None
+    model: LanguageModel,
+    job: ShardJob,
+    *,
+    shards: Sequence[Shard],
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Processes the shards one after the other in this process."""
-    return [process_shard(model, job, shard, on_batch) for shard in shards]
+    return [process_shard(model, job, shard, on_batch=on_batch) for shard in shards]
 
 
 class ShardWorker:
@@ -67,8 +72,8 @@ def import_ray():
 def run_ray(
     spec: ModelSpec,
     job: ShardJob,
-    shards: Sequence[Shard],
     *,
+    shards: Sequence[Shard],
     num_workers: int | None = None,
     ray_address: str | None = None,
     num_cpus: float = 1,
