@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArgumentError
+
 ENV_VAR = "LLAMA_LENS_CPU_MATMUL"
 MODES = ("auto", "native", "float32")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -53,7 +55,7 @@ def mode() -> str:
     """The `LLAMA_LENS_CPU_MATMUL` setting ("auto", "native" or "float32"), read once per process."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a choice: use one of {', '.join(MODES)} (default auto)")
+        raise ArgumentError(f"{ENV_VAR}={value!r} is not a choice: use one of {', '.join(MODES)} (default auto)")
     return value
 
 
