@@ -14,12 +14,12 @@ RMSNorm weights into the next matrices, so where TransformerLens' default (folde
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 import torch
 
 from ..errors import ArgumentError, UnknownNameError, did_you_mean
 from .hook_names import PosSlice, apply_pos_slice, get_act_name, ungroup_kv
+from .protocols import LanguageModel
 
 
 class ActivationCache:
@@ -36,7 +36,7 @@ class ActivationCache:
         self,
         activations: dict[str, torch.Tensor],
         layer_indices: Sequence[int],
-        model: Any = None,
+        model: LanguageModel | None = None,
         *,
         has_batch_dim: bool = True,
     ) -> None:

@@ -39,6 +39,7 @@ import torch
 from ..data.store import STORE_FOLDER, ActivationDataset, check_hook_names, write_index
 from ..data.texts import read_prompts
 from ..errors import ArgumentError, ArgumentTypeError
+from ..model.protocols import LanguageModel
 from ..validate import check_count, resolve_dtype
 from .manifest import (
     MANIFEST_FILE,
@@ -295,7 +296,7 @@ class _ModelSource:
     """The model a run uses, as the driver sees it: a loaded model (local runs) or how to load one (`spec`),
     with the config, tokenizer and hook names the driver needs to plan, and what the manifest records."""
 
-    model: Any
+    model: LanguageModel | None
     spec: Any
     cfg: Any
     tokenizer: Any
