@@ -84,7 +84,7 @@ class ActivationCapture:
         self._pos_index: torch.Tensor | None = None  # [n_rows] ... and its padded position
         self._seen: set[str] = set()
 
-    def start_batch(self, prompt_ids: Sequence[int], n_tokens: Sequence[int], positions: Sequence[Sequence[int]]):
+    def start_batch(self, prompt_ids: Sequence[int], n_tokens: Sequence[int], *, positions: Sequence[Sequence[int]]):
         """Sets the batch's layout: each prompt's index, its token count and its positions to keep."""
         pos = max(n_tokens)
         batch_index, pos_index, kept_prompts, kept_positions = [], [], [], []
@@ -122,7 +122,7 @@ class ActivationCapture:
         return out
 
 
-def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+def write_shard(folder: Path, index: int, *, tensors: dict[str, torch.Tensor]) -> Path:
     """Writes one shard atomically (a temporary file renamed into place): a file under its final name is whole."""
     from safetensors.torch import save_file
 

@@ -81,10 +81,10 @@ def computes_in_float32(x: torch.Tensor, rows: int | None = None) -> bool:
         rows: rows of the left operand (default: all but its last dimension, flattened).
     """
     rows = x.numel() // max(x.shape[-1], 1) if rows is None else rows
-    return float32_for(x.dtype, x.device, rows)
+    return float32_for(x.dtype, x.device, rows=rows)
 
 
-def float32_for(dtype: torch.dtype, device: torch.device, rows: int) -> bool:
+def float32_for(dtype: torch.dtype, device: torch.device, *, rows: int) -> bool:
     """Whether a product of `rows` rows of `dtype` on `device` runs in float32 (what ll.plan asks ahead)."""
     if torch.device(device).type != "cpu" or dtype not in HALF_DTYPES:
         return False

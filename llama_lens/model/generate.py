@@ -38,7 +38,7 @@ class Generation:
         return self.texts[0]
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, top_p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Nucleus sampling: draws from the smallest set of tokens whose probability adds up to `top_p`.
 
     Args:
@@ -91,7 +91,7 @@ class Sampling:
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]  # [batch, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return sample_top_p((logits / self.temperature).softmax(dim=-1), self.top_p, generator)
+        return sample_top_p((logits / self.temperature).softmax(dim=-1), self.top_p, generator=generator)
 
 
 @torch.no_grad()

@@ -439,11 +439,13 @@ class HookedModule(nn.Module):
         factor = (2 if incl_bwd else 1) * kept / max(pos, 1)  # every activation is linear in query positions
 
         def nbytes(selected: Iterable[str]) -> int:
-            return int(sum(hook_point_nbytes(cfg, name, batch, pos, itemsize) for name in selected) * factor)
+            return int(
+                sum(hook_point_nbytes(cfg, name, batch=batch, pos=pos, itemsize=itemsize) for name in selected) * factor
+            )
 
         cached = nbytes(names)
         written_out = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name in names)
-        working = forward_working_nbytes(cfg, batch, pos, itemsize, written_out=written_out)
+        working = forward_working_nbytes(cfg, batch=batch, pos=pos, itemsize=itemsize, written_out=written_out)
         target = torch.device(device) if device is not None else first_activation.device
         available = available_memory(target)
         if available is None or cached + working <= available:

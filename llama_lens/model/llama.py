@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- Llama
 def lm_cross_entropy_loss(
-    logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, per_token: bool = False
+    logits: torch.Tensor, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None, per_token: bool = False
 ) -> torch.Tensor:
     """Next-token cross-entropy, TransformerLens' `loss_fn`: position p predicts token p + 1.
 
@@ -250,7 +250,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         batch, pos, _ = resid.shape
         self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
         positions, mask = self.positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
-        cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
+        cos, sin = rope_cos_sin(self.cfg, positions, dtype=resid.dtype)
 
         for i in layers:
             resid = self.run_block(i, resid, cos, sin, mask, kv_cache)
@@ -275,7 +275,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
     ) -> torch.Tensor:
         """Next-token cross-entropy of `logits` [batch, pos, d_vocab] against `tokens` [batch, pos]; see
         `lm_cross_entropy_loss`. Returns [] or, with `per_token`, [batch, pos - 1]."""
-        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
+        return lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
 
     def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
         """Runs one decoder layer; the streaming model overrides this to fetch the layer's weights first."""

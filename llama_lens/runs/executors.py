@@ -43,20 +43,20 @@ def run_local(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Processes the shards one after the other in this process."""
-    return [process_shard(model, job, shard, on_batch=on_batch) for shard in shards]
+    return [process_shard(model, job, shard=shard, on_batch=on_batch) for shard in shards]
 
 
 class ShardWorker:
     """A Ray actor (see `run_ray`): holds one model and processes the shards it is sent."""
 
-    def __init__(self, spec: ModelSpec, job: ShardJob, num_threads: int | None) -> None:
+    def __init__(self, spec: ModelSpec, job: ShardJob, *, num_threads: int | None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = spec.load()
         self.job = job
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        return process_shard(self.model, self.job, shard) | {"worker": os.getpid()}
+        return process_shard(self.model, self.job, shard=shard) | {"worker": os.getpid()}
 
 
 def import_ray():
@@ -119,7 +119,7 @@ def run_ray(
             return []
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ShardWorker)
         threads = max(int(num_cpus), 1)
-        actors = [actor_class.remote(spec, job, threads) for _ in range(num_workers)]
+        actors = [actor_class.remote(spec, job, num_threads=threads) for _ in range(num_workers)]
         queue = list(reversed(shards))  # popped from the end: shards go out in order
         pending = {}
         for actor in actors:

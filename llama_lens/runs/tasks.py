@@ -127,7 +127,7 @@ class LensTask:
     def params(self) -> dict[str, Any]:
         return {"readout": list(self.readout), "positions": self.positions, "top_k": self.top_k, "layers": self.layers}
 
-    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], n_tokens: Sequence[int]) -> pa.Table:
+    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
         from ..lens.logit import logit_lens
 
         padded, keep = batch_layout(n_tokens, self.positions)
@@ -192,7 +192,7 @@ class AttributionTask:
     def params(self) -> dict[str, Any]:
         return {"positions": self.positions, "heads": self.heads}
 
-    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], n_tokens: Sequence[int]) -> pa.Table:
+    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
         from ..lens.attribution import direct_logit_attribution
 
         padded, keep = batch_layout(n_tokens, self.positions)
@@ -241,7 +241,7 @@ class ForwardTask:
     def params(self) -> dict[str, Any]:
         return {}
 
-    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], n_tokens: Sequence[int]) -> None:
+    def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> None:
         tokens, mask = model.prepare_tokens([r.text for r in records])
         if mask is not None:
             _check_padding(mask, n_tokens)
@@ -397,7 +397,7 @@ class ShardJob:
 
 
 def process_shard(
-    model: LanguageModel, job: ShardJob, shard: Shard, *, on_batch: Callable[[int, int], None] | None = None
+    model: LanguageModel, job: ShardJob, *, shard: Shard, on_batch: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
     """Runs a shard's prompts in batches and writes its files (activations first, rows last, each atomically).
 
@@ -428,16 +428,16 @@ def process_shard(
         context = nullcontext()
         if capture is not None:
             keep = [own_positions(job.activation_positions, n) for n in counts]
-            capture.start_batch([r.index for r in batch], counts, keep)
+            capture.start_batch([r.index for r in batch], counts, positions=keep)
             context = model.hooks(capture.fwd_hooks())
         with context:
-            table = job.task.run_batch(model, batch, counts)
+            table = job.task.run_batch(model, batch, n_tokens=counts)
         if table is not None:
             tables.append(table)
         if on_batch is not None:
             on_batch(len(batch), sum(counts))
     if capture is not None:
-        write_shard(Path(job.out) / STORE_FOLDER, shard.index, capture.tensors())
+        write_shard(Path(job.out) / STORE_FOLDER, shard.index, tensors=capture.tensors())
     if job.writes_rows:
         import pyarrow as pa
 
