@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import LlamaConfig
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -38,6 +39,7 @@ from ..errors import (
 )
 from .activation_cache import ActivationCache
 from .hook_names import PosSlice, apply_pos_slice
+from .memory import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
 
 HookFn = Callable[..., torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -427,9 +429,6 @@ class HookedModule(nn.Module):
         """Raises NotEnoughMemoryError when caching the hook points `names` for the batch that
         `first_activation` [batch, pos, ...] starts, plus the forward pass's working memory, would not fit in the
         memory available where the cache goes. Models without a `cfg` (a LlamaConfig) are not checked."""
-        from ..config import LlamaConfig
-        from .memory import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
-
         cfg = getattr(self, "cfg", None)
         if not isinstance(cfg, LlamaConfig) or first_activation.dim() < 2:
             return

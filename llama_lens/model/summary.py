@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ArgumentError
+from .hooks import HookPoint
 
 
 def module_summary(model: nn.Module, *, depth: int = 2):
@@ -18,8 +19,6 @@ def module_summary(model: nn.Module, *, depth: int = 2):
         pandas DataFrame with columns module, parameters, bytes, share (of the total parameters).
     """
     import pandas as pd
-
-    from .hooks import HookPoint
 
     if depth < 1:
         raise ArgumentError(f"depth must be at least 1, got {depth}")

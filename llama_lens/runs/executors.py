@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..loading.load import load
 from ..model.protocols import LanguageModel
 from .tasks import Shard, ShardJob, process_shard
 
@@ -30,8 +31,6 @@ class ModelSpec:
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def load(self):
-        from ..loading.load import load
-
         return load(self.path, progress=False, **self.load_kwargs)
 
 

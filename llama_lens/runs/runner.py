@@ -32,15 +32,20 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..data.store import STORE_FOLDER, ActivationDataset, check_hook_names, write_index
 from ..data.texts import read_prompts
 from ..errors import ArgumentError, ArgumentTypeError
+from ..io.checkpoint import Checkpoint
+from ..lens.logit import READOUTS
+from ..model.llama import HookedLlama
 from ..model.protocols import LanguageModel
-from ..validate import check_count, resolve_dtype
+from ..tokenizer.load import as_tokenizer, load_tokenizer
+from ..validate import check_count, check_layers, resolve_dtype
+from .executors import ModelSpec, run_local, run_ray
 from .manifest import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
@@ -53,9 +58,6 @@ from .options import EXECUTORS, RunOptions
 from .prompts import count_tokens, make_records, plan_shards
 from .result import SUMMARY_FILE, DatasetResult, write_summary
 from .tasks import AttributionTask, ForwardTask, LensTask, Positions, ShardJob, parse_positions
-
-if TYPE_CHECKING:
-    from ..model.llama import HookedLlama
 
 # Names that lived here before the runner was split, for code that imports them from this module.
 __all__ = [
@@ -116,8 +118,6 @@ def lens_dataset(
         ArgumentError (a ValueError): bad arguments, a prompt with no tokens, a target that is not one token.
         ArgumentTypeError (a TypeError): a keyword that is neither an argument nor a run option.
     """
-    from ..lens.logit import READOUTS
-
     kinds = (readout,) if isinstance(readout, str) else tuple(readout)
     unknown = [k for k in kinds if k not in READOUTS]
     if unknown or not kinds:
@@ -305,8 +305,6 @@ class _ModelSource:
 
     @classmethod
     def of(cls, path_or_model: Any, options: RunOptions) -> _ModelSource:
-        from .executors import ModelSpec
-
         if isinstance(path_or_model, (str, os.PathLike)):
             load_kwargs = dict(options.load_kwargs or {})
             if isinstance(load_kwargs.get("tokenizer"), (str, os.PathLike)):
@@ -346,8 +344,6 @@ class _ModelSource:
 
 def _execute(source: _ModelSource, job: ShardJob, todo: list, *, options: RunOptions, progress: tuple[int, int]):
     """Processes the shards not yet done with the chosen executor, behind a progress bar; their stats."""
-    from .executors import run_local, run_ray
-
     if not todo:
         return []
     bar = _ProgressBar(*progress, enabled=options.progress)
@@ -367,11 +363,6 @@ def _execute(source: _ModelSource, job: ShardJob, todo: list, *, options: RunOpt
 def _describe_checkpoint(spec) -> tuple[Any, Any, list[str]]:
     """(config, tokenizer, hook names) of a checkpoint, without reading its weights: the driver of a Ray run
     tokenizes (to sort prompts by length) and checks names, while the workers load the model."""
-    from ..io.checkpoint import Checkpoint
-    from ..model.llama import HookedLlama
-    from ..tokenizer.load import as_tokenizer, load_tokenizer
-    from ..validate import check_layers
-
     ckpt = Checkpoint(spec.path)
     tokenizer = spec.load_kwargs.get("tokenizer")
     if tokenizer is None:

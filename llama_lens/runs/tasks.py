@@ -25,9 +25,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..data.store import STORE_FOLDER, ActivationCapture, temporary_name, write_shard
+from ..data.store import STORE_FOLDER, ActivationCapture, shard_file, temporary_name, write_shard
 from ..errors import ArgumentError, UsageError
+from ..lens.attribution import direct_logit_attribution
+from ..lens.logit import logit_lens
 from ..model.protocols import LanguageModel
+from ..validate import resolve_dtype
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,8 +131,6 @@ class LensTask:
         return {"readout": list(self.readout), "positions": self.positions, "top_k": self.top_k, "layers": self.layers}
 
     def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
-        from ..lens.logit import logit_lens
-
         padded, keep = batch_layout(n_tokens, self.positions)
         targets = None if records[0].target is None else [list(r.target) for r in records]
         result = logit_lens(
@@ -193,8 +194,6 @@ class AttributionTask:
         return {"positions": self.positions, "heads": self.heads}
 
     def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
-        from ..lens.attribution import direct_logit_attribution
-
         padded, keep = batch_layout(n_tokens, self.positions)
         result = direct_logit_attribution(
             model, [r.text for r in records], [list(r.target) for r in records], positions=padded, heads=self.heads
@@ -383,8 +382,6 @@ class ShardJob:
 
     def files(self, shard: int) -> list[Path]:
         """The shard's output files; it is finished when all exist (each is renamed into place when whole)."""
-        from ..data.store import shard_file
-
         paths = []
         if self.activations:
             paths.append(Path(self.out) / STORE_FOLDER / shard_file(shard))
@@ -411,8 +408,6 @@ def process_shard(
         {"shard", "n_prompts", "n_tokens", "seconds"}.
     """
     import pyarrow.parquet as pq
-
-    from ..validate import resolve_dtype
 
     start = time.perf_counter()
     if model.tokenizer is None:
