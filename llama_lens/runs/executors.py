@@ -1,6 +1,6 @@
 """Where the dataset runner's shards are processed: in this process, or on Ray actors.
 
-Both executors call `tasks.process_shard` on the same shards (planned by the driver, the same whatever
+Both executors call `shards.process_shard` on the same shards (planned by the driver, the same whatever
 the executor), so they write the same rows. A shard's files are written by whoever processes it, straight into
 the run's folder: on a cluster that folder must be on a filesystem every node sees.
 
@@ -20,7 +20,8 @@ import torch
 
 from ..loading.load import load
 from ..model.protocols import LanguageModel
-from .tasks import Shard, ShardJob, process_shard
+from .prompts import Shard
+from .shards import ShardJob, process_shard
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..data.store import STORE_FOLDER, temporary_name
 from ..errors import ManifestMismatchError
-from .tasks import SHARD_FOLDER
+from .shards import SHARD_FOLDER
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -1,15 +1,38 @@
-"""A run's prompts as records, their token counts, and the shard plan cut from them.
+"""A run's prompts as records, their token counts, the shard plan cut from them, and their positions.
 
 The plan depends only on the prompts and the parameters, so every executor and every rerun cuts the same shards.
+
+Positions are counted within each prompt's own tokens (0 = its first token, BOS included). A batch is
+left-padded, so a prompt of n tokens in a batch padded to `pos` holds the last n positions: its own position
+r is the batch's pos - n + r.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ArgumentError
-from .tasks import PromptRecord, Shard
+
+Positions = str | int | Sequence[int]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: its index in the input, its text and its target(s) (None without targets)."""
+
+    index: int
+    text: str
+    target: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work and of resume: prompts of similar length, written to one file (per output)."""
+
+    index: int
+    records: tuple[PromptRecord, ...]
 
 
 def make_records(texts: list[str], target: Any = None, *, targets: list[Any] | None = None) -> list[PromptRecord]:
@@ -84,3 +107,41 @@ def count_tokens(tokenizer: Any, records: Sequence[PromptRecord], *, d_vocab: in
                 )
             checked.add(t)
     return counts
+
+
+def parse_positions(positions: Positions) -> str | tuple[int, ...]:
+    """A run's `positions=` in one form: "last", "all", or a tuple of ints (negative counts from a prompt's end).
+
+    Unlike `validate.check_positions`, nothing is resolved against a length here: each prompt of a run keeps
+    those of its own positions that exist (`own_positions`).
+
+    Raises:
+        ArgumentError (a ValueError): anything else.
+    """
+    if positions in ("last", "all"):
+        return positions
+    items = [positions] if isinstance(positions, int) else positions
+    if isinstance(items, str) or not all(isinstance(p, int) and not isinstance(p, bool) for p in items) or not items:
+        raise ArgumentError(
+            f"positions must be 'last', 'all', an int or a list of ints (negative counts from each prompt's end), "
+            f"got {positions!r}"
+        )
+    return tuple(items)
+
+
+def own_positions(positions: str | tuple[int, ...], n_tokens: int) -> list[int]:
+    """A prompt's positions to keep, ascending; ints outside its n_tokens are left out."""
+    if positions == "last":
+        return [n_tokens - 1]
+    if positions == "all":
+        return list(range(n_tokens))
+    return sorted({p % n_tokens for p in positions if -n_tokens <= p < n_tokens})
+
+
+def batch_layout(n_tokens: Sequence[int], positions: str | tuple[int, ...]):
+    """(padded positions to ask for, and per prompt: [(own position, column in the padded list)])."""
+    pos = max(n_tokens)
+    own = [own_positions(positions, n) for n in n_tokens]
+    padded = sorted({pos - n + r for n, rs in zip(n_tokens, own) for r in rs})
+    column = {p: i for i, p in enumerate(padded)}
+    return padded, [[(r, column[pos - n + r]) for r in rs] for n, rs in zip(n_tokens, own)]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.store import ActivationDataset, temporary_name
-from .tasks import shard_path
+from .shards import shard_path
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -17,9 +17,10 @@ the parameters; a rerun with other parameters into the same folder is refused.
     out/summary.parquet                   per read-out (component) means, written at the end
     out/activations/                      the activation store, when asked for (`llama_lens.data.store`)
 
-The pieces: `RunOptions` (how to run, `options.py`), prompt records and the shard plan (`prompts.py`), the
-manifest (`manifest.py`), the tasks and one shard's processing (`tasks.py`), the executors (`executors.py`) and
-what a run returns (`result.py`). This module holds the entry points and the driver that joins them.
+The pieces: `RunOptions` (how to run, `options.py`), prompt records, positions and the shard plan
+(`prompts.py`), the manifest (`manifest.py`), what each batch computes (`tasks.py`), one shard's processing
+(`shards.py`), the executors (`executors.py`) and what a run returns (`result.py`). This module holds the entry
+points and the driver that joins them.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ from .manifest import (
     remove_partial_files,
 )
 from .options import EXECUTORS, RunOptions
-from .prompts import count_tokens, make_records, plan_shards
+from .prompts import Positions, count_tokens, make_records, parse_positions, plan_shards
 from .result import SUMMARY_FILE, DatasetResult, write_summary
-from .tasks import AttributionTask, ForwardTask, LensTask, Positions, ShardJob, parse_positions
+from .shards import ShardJob
+from .tasks import AttributionTask, ForwardTask, LensTask
 
 # Names that lived here before the runner was split, for code that imports them from this module.
 __all__ = [

@@ -1,102 +1,31 @@
-"""What the dataset runner computes for each batch of prompts, and how one shard of prompts is processed.
+"""What the dataset runner computes for each batch of prompts: rows (a pyarrow Table) made with the library's own
+entry points. `LensTask` calls `logit_lens`, `AttributionTask` calls `direct_logit_attribution`, `ForwardTask` only
+runs the model (for the activation store). `llama_lens.runs.shards.process_shard` runs a shard's batches through a
+task.
 
-A task turns a batch of prompts into rows (a pyarrow Table) with the library's own entry points:
-`LensTask` calls `logit_lens`, `AttributionTask` calls `direct_logit_attribution`, `ForwardTask` only runs the
-model (for the activation store). `process_shard` runs a shard's batches through a task, with the activation
-store's hooks when asked, and writes the shard's files atomically. Executors (local or Ray) call it; the
-driver (`llama_lens.runs.runner`) plans the shards and merges the summaries.
-
-Positions are counted within each prompt's own tokens (0 = its first token, BOS included). A batch is
-left-padded, so a prompt of n tokens in a batch padded to `pos` holds the last n positions: its own position
-r is the batch's pos - n + r. The lens is asked for the union of the batch's wanted positions and each prompt
-keeps its own.
+A batch is left-padded (see `llama_lens.runs.prompts.batch_layout`): the lens is asked for the union of the batch's
+wanted positions and each prompt keeps its own. Both row-writing tasks build their rows with one builder
+(`_batch_rows`): every prompt's rows are unit major (a read-out or a component), then position, then target.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..data.store import STORE_FOLDER, ActivationCapture, shard_file, temporary_name, write_shard
-from ..errors import ArgumentError, UsageError
+from ..errors import UsageError
 from ..lens.attribution import direct_logit_attribution
 from ..lens.logit import logit_lens
 from ..model.protocols import LanguageModel
-from ..validate import resolve_dtype
+from .prompts import PromptRecord, batch_layout
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
-
-SHARD_FOLDER = "shards"
-Positions = str | int | Sequence[int]
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One prompt: its index in the input, its text and its target(s) (None without targets)."""
-
-    index: int
-    text: str
-    target: tuple[str | int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A unit of work and of resume: prompts of similar length, written to one file (per output)."""
-
-    index: int
-    records: tuple[PromptRecord, ...]
-
-
-def shard_path(out: str | os.PathLike, index: int) -> Path:
-    return Path(out) / SHARD_FOLDER / f"shard-{index:05d}.parquet"
-
-
-def parse_positions(positions: Positions) -> str | tuple[int, ...]:
-    """A run's `positions=` in one form: "last", "all", or a tuple of ints (negative counts from a prompt's end).
-
-    Unlike `validate.check_positions`, nothing is resolved against a length here: each prompt of a run keeps
-    those of its own positions that exist (`own_positions`).
-
-    Raises:
-        ArgumentError (a ValueError): anything else.
-    """
-    if positions in ("last", "all"):
-        return positions
-    items = [positions] if isinstance(positions, int) else positions
-    if isinstance(items, str) or not all(isinstance(p, int) and not isinstance(p, bool) for p in items) or not items:
-        raise ArgumentError(
-            f"positions must be 'last', 'all', an int or a list of ints (negative counts from each prompt's end), "
-            f"got {positions!r}"
-        )
-    return tuple(items)
-
-
-def own_positions(positions: str | tuple[int, ...], n_tokens: int) -> list[int]:
-    """A prompt's positions to keep, ascending; ints outside its n_tokens are left out."""
-    if positions == "last":
-        return [n_tokens - 1]
-    if positions == "all":
-        return list(range(n_tokens))
-    return sorted({p % n_tokens for p in positions if -n_tokens <= p < n_tokens})
-
-
-def batch_layout(n_tokens: Sequence[int], positions: str | tuple[int, ...]):
-    """(padded positions to ask for, and per prompt: [(own position, column in the padded list)])."""
-    pos = max(n_tokens)
-    own = [own_positions(positions, n) for n in n_tokens]
-    padded = sorted({pos - n + r for n, rs in zip(n_tokens, own) for r in rs})
-    column = {p: i for i, p in enumerate(padded)}
-    return padded, [[(r, column[pos - n + r]) for r in rs] for n, rs in zip(n_tokens, own)]
 
 
 def _fixed_lists(values: np.ndarray):
@@ -353,97 +282,3 @@ def _summary(frame: pd.DataFrame, keys: list[str], metrics: dict[str, str]) -> p
     summary = summary.reset_index()
     summary["label"] = summary["label"].astype(str)
     return summary
-
-
-# --------------------------------------------------------------------------------------------------- shards
-@dataclass(frozen=True)
-class ShardJob:
-    """Everything a worker needs to process shards, besides the model (plain data: it travels to Ray actors).
-
-    Attributes:
-        out: the run's folder (on a filesystem every worker sees).
-        task: LensTask, AttributionTask or ForwardTask.
-        batch_size: prompts per forward pass.
-        activations: hook names to store, or None.
-        activation_positions: "all", "last" or ints, as for the task's positions.
-        activation_dtype: the stored dtype's name, or None for the model's.
-    """
-
-    out: str
-    task: Any
-    batch_size: int
-    activations: tuple[str, ...] | None = None
-    activation_positions: str | tuple[int, ...] = "all"
-    activation_dtype: str | None = None
-
-    @property
-    def writes_rows(self) -> bool:
-        return not isinstance(self.task, ForwardTask)
-
-    def files(self, shard: int) -> list[Path]:
-        """The shard's output files; it is finished when all exist (each is renamed into place when whole)."""
-        paths = []
-        if self.activations:
-            paths.append(Path(self.out) / STORE_FOLDER / shard_file(shard))
-        if self.writes_rows:
-            paths.append(shard_path(self.out, shard))
-        return paths
-
-    def is_done(self, shard: int) -> bool:
-        return all(path.exists() for path in self.files(shard))
-
-
-def process_shard(
-    model: LanguageModel, job: ShardJob, *, shard: Shard, on_batch: Callable[[int, int], None] | None = None
-) -> dict[str, Any]:
-    """Runs a shard's prompts in batches and writes its files (activations first, rows last, each atomically).
-
-    Args:
-        model: the model, with its tokenizer.
-        job: what to compute and where to write it.
-        shard: the prompts, sorted by token count (so batches need little padding).
-        on_batch: called with (prompts, tokens) after each batch (a progress bar).
-
-    Returns:
-        {"shard", "n_prompts", "n_tokens", "seconds"}.
-    """
-    import pyarrow.parquet as pq
-
-    start = time.perf_counter()
-    if model.tokenizer is None:
-        raise ArgumentError("the dataset runner needs a model with a tokenizer; pass tokenizer= (a path or object)")
-    records = list(shard.records)
-    n_tokens = [len(model.tokenizer.encode(r.text)) for r in records]
-    capture = None
-    if job.activations:
-        capture = ActivationCapture(job.activations, resolve_dtype(job.activation_dtype))
-    tables = []
-    for b0 in range(0, len(records), job.batch_size):
-        batch, counts = records[b0 : b0 + job.batch_size], n_tokens[b0 : b0 + job.batch_size]
-        context = nullcontext()
-        if capture is not None:
-            keep = [own_positions(job.activation_positions, n) for n in counts]
-            capture.start_batch([r.index for r in batch], counts, positions=keep)
-            context = model.hooks(capture.fwd_hooks())
-        with context:
-            table = job.task.run_batch(model, batch, n_tokens=counts)
-        if table is not None:
-            tables.append(table)
-        if on_batch is not None:
-            on_batch(len(batch), sum(counts))
-    if capture is not None:
-        write_shard(Path(job.out) / STORE_FOLDER, shard.index, tensors=capture.tensors())
-    if job.writes_rows:
-        import pyarrow as pa
-
-        path = shard_path(job.out, shard.index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_name(path)
-        pq.write_table(pa.concat_tables(tables), temporary)
-        os.replace(temporary, path)  # a file under its final name is whole: resume trusts it
-    return {
-        "shard": shard.index,
-        "n_prompts": len(records),
-        "n_tokens": sum(n_tokens),
-        "seconds": time.perf_counter() - start,
-    }

@@ -25,7 +25,8 @@ from llama_lens.data.texts import read_prompts
 from llama_lens.errors import ManifestMismatchError
 from llama_lens.runs.executors import ModelSpec, ShardWorker
 from llama_lens.runs.prompts import make_records, plan_shards
-from llama_lens.runs.tasks import LensTask, ShardJob
+from llama_lens.runs.shards import ShardJob
+from llama_lens.runs.tasks import LensTask
 from llama_lens.testing import write_hf_checkpoint
 
 TESTS = Path(__file__).resolve().parents[1]
