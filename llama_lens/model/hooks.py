@@ -37,9 +37,10 @@ from ..errors import (
     UnknownNameError,
     did_you_mean,
 )
+from . import memory  # by module: what is available is read (and patched in tests) at call time
 from .activation_cache import ActivationCache
 from .hook_names import PosSlice, apply_pos_slice
-from .memory import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
+from .memory import GIB, forward_working_nbytes, hook_point_nbytes
 
 HookFn = Callable[..., torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -446,7 +447,7 @@ class HookedModule(nn.Module):
         written_out = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name in names)
         working = forward_working_nbytes(cfg, batch=batch, pos=pos, itemsize=itemsize, written_out=written_out)
         target = torch.device(device) if device is not None else first_activation.device
-        available = available_memory(target)
+        available = memory.available_memory(target)
         if available is None or cached + working <= available:
             return
         resid = nbytes(n for n in self.hook_dict if n.endswith("hook_resid_post"))
