@@ -16,7 +16,7 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── LensFileError          (ValueError)   a saved tuned lens that cannot be read
     ├── ManifestMismatchError  (ValueError)   a dataset run's folder holds a run with other parameters
     ├── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
-    ├── RowIndexError          (IndexError)   a row index past the end of a weight read by rows
+    ├── OutOfRangeError        (IndexError)   an index (token id, row, item) past the end of what it indexes
     └── WeightOnDiskError      (TypeError)    the whole matrix asked of a weight a streamed model reads by rows
 """
 
@@ -86,8 +86,8 @@ class GroupedHeadsError(LlamaLensError, IndexError):
     """A hook indexed a key/value activation of grouped-query attention as if it had one head per query head."""
 
 
-class RowIndexError(LlamaLensError, IndexError):
-    """A row index past the end of a weight that is read by rows (`OnDiskWeight[i]`), as a list's index would be."""
+class OutOfRangeError(LlamaLensError, IndexError):
+    """An index (a token id, a row, an item) outside what it indexes; the message gives the valid range."""
 
 
 class WeightOnDiskError(LlamaLensError, TypeError):

@@ -57,9 +57,11 @@ def layer_3b(tokens: int, repeat: int) -> None:
     block = block.to(torch.bfloat16)
     x = torch.randn(1, tokens, cfg.d_model).bfloat16()
     positions = torch.arange(tokens)[None]
-    cos, sin = rope_cos_sin(cfg, positions, torch.bfloat16)
+    cos, sin = rope_cos_sin(cfg, positions, dtype=torch.bfloat16)
     with torch.no_grad():
-        exact = copy.deepcopy(block).double()(x.double(), *rope_cos_sin(cfg, positions, torch.float64), None, None)
+        exact = copy.deepcopy(block).double()(
+            x.double(), *rope_cos_sin(cfg, positions, dtype=torch.float64), None, None
+        )
         results = {}
         for mode in ("native", "float32"):
             set_mode(mode)

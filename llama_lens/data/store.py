@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnknownNameError, did_you_mean
+from ..errors import ArgumentError, MissingFileError, OutOfRangeError, UnknownNameError, UsageError, did_you_mean
 
 STORE_FOLDER = "activations"
 INDEX_FILE = "index.json"
@@ -54,12 +54,12 @@ def check_hook_names(hook_names: Sequence[str], valid: Sequence[str]) -> list[st
     """
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if not names:
-        raise ValueError("activations is empty; pass hook names, e.g. activations=['blocks.3.hook_resid_post']")
+        raise ArgumentError("activations is empty; pass hook names, e.g. activations=['blocks.3.hook_resid_post']")
     for name in names:
         if name not in valid:
             raise UnknownNameError(f"no hook {name!r}{did_you_mean(name, valid, hint='see model.hook_names')}")
         if name.endswith(NOT_PER_TOKEN):
-            raise ValueError(
+            raise ArgumentError(
                 f"{name!r} is [batch, n_heads, q_pos, k_pos], not one row per token, so it cannot go in the "
                 "activation store; store blocks.{i}.attn.hook_z or hook_result instead"
             )
@@ -84,7 +84,7 @@ class ActivationCapture:
         self._pos_index: torch.Tensor | None = None  # [n_rows] ... and its padded position
         self._seen: set[str] = set()
 
-    def start_batch(self, prompt_ids: Sequence[int], n_tokens: Sequence[int], positions: Sequence[Sequence[int]]):
+    def start_batch(self, prompt_ids: Sequence[int], n_tokens: Sequence[int], *, positions: Sequence[Sequence[int]]):
         """Sets the batch's layout: each prompt's index, its token count and its positions to keep."""
         pos = max(n_tokens)
         batch_index, pos_index, kept_prompts, kept_positions = [], [], [], []
@@ -115,16 +115,14 @@ class ActivationCapture:
         """Everything kept so far: per hook [n_rows, *shape], and "prompt", "position" [n_rows]."""
         missing = [name for name in self.hook_names if len(self.rows[name]) != len(self.prompts)]
         if missing:
-            raise RuntimeError(
-                f"hooks {missing} did not fire in every batch; is the model's forward pass stopped early?"
-            )
+            raise UsageError(f"hooks {missing} did not fire in every batch; is the model's forward pass stopped early?")
         out = {name: torch.cat(parts) for name, parts in self.rows.items()}
         out["prompt"] = torch.cat(self.prompts)
         out["position"] = torch.cat(self.positions)
         return out
 
 
-def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+def write_shard(folder: Path, index: int, *, tensors: dict[str, torch.Tensor]) -> Path:
     """Writes one shard atomically (a temporary file renamed into place): a file under its final name is whole."""
     from safetensors.torch import save_file
 
@@ -188,12 +186,12 @@ class ActivationDataset(torch.utils.data.Dataset):
             folder = folder / STORE_FOLDER
         index_path = folder / INDEX_FILE
         if not index_path.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no activation store at {folder}: {INDEX_FILE} is missing (run lens_dataset with activations=[...] "
                 "to the end; the index is written last)"
             )
         if unit not in ("token", "prompt"):
-            raise ValueError(f"unit must be 'token' or 'prompt', got {unit!r}")
+            raise ArgumentError(f"unit must be 'token' or 'prompt', got {unit!r}")
         self.folder, self.unit = folder, unit
         self.index = json.loads(index_path.read_text())
         stored = self.index["hook_names"]
@@ -245,7 +243,7 @@ class ActivationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self)
         if not -n <= i < n:
-            raise IndexError(f"item {i} is out of range for an activation store of {n} {self.unit}s")
+            raise OutOfRangeError(f"item {i} is out of range for an activation store of {n} {self.unit}s")
         i %= n
         if self.unit == "token":
             f = self._open(int(self._shard[i]))

@@ -1,54 +1,149 @@
-"""Texts to train and evaluate lenses on: read from a list, a text file or a Parquet column, or generated.
+"""The two text readers: `read_prompts` (one prompt per item, for dataset runs) and `read_texts` (running text,
+for training and evaluating lenses).
 
-`generated_texts` writes short English paragraphs from templates and word lists in this file (geography,
-animals, everyday stories, counting, recipes, weather), deterministic by seed. They belong to this project
-and carry its licence, so notebooks and tests can train a tuned lens without a download. They are simple
-text, not a web corpus: a lens trained on them transfers to everyday prose, less so to code or dialogue.
+They read the same kinds of source (a list of strings, a text file, a Parquet column) but mean different units:
+
+- a prompt is one line: `read_prompts` reads a `.txt` file as one prompt per line (blank lines skipped), and also
+  reads JSONL files (a field per line) with an optional target per prompt;
+- a text is a passage: `read_texts` reads a `.txt` or `.md` file as one text per paragraph (blank lines between
+  them, line breaks inside one folded into spaces) by default, or one per line with `split="line"`.
 """
 
 from __future__ import annotations
 
-import random
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from ..errors import ArgumentError, MissingFileError
+from ..validate import check_choice
+from .generated import generated_texts  # noqa: F401  (its home before data/generated.py)
 
 TEXT_SUFFIXES = (".txt", ".md")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+SPLITS = ("paragraph", "line")
 
 
-def read_texts(source: str | Path | Sequence[str], *, column: str = "text") -> list[str]:
+# -------------------------------------------------------------------------------------------------- prompts
+def read_prompts(
+    prompts: str | os.PathLike | Sequence[str], *, column: str = "text", target_column: str | None = None
+) -> tuple[list[str], list[Any] | None]:
+    """Prompt texts (and targets) from a list, a text file, a JSONL file or a Parquet file.
+
+    Args:
+        prompts: a list of texts; a `.txt` file (one prompt per line, blank lines skipped); a `.jsonl` file
+            (one JSON object per line, the prompt in field `column`); a `.parquet` file (column `column`).
+        column: the field or column holding the prompt (JSONL, Parquet).
+        target_column: the field or column holding each prompt's target (a token's text or id, or a list of
+            them); JSONL and Parquet only.
+
+    Returns:
+        The texts and the targets (None without `target_column`).
+
+    Raises:
+        MissingFileError (a FileNotFoundError): a file that does not exist.
+        ArgumentError (a ValueError): an unknown file type, a missing field or column (named, with its line), a
+            prompt that is not text.
+    """
+    if isinstance(prompts, (str, os.PathLike)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise MissingFileError(
+                f"prompts file {str(path)!r} does not exist; pass a list of texts, or a .txt, .jsonl or .parquet file"
+            )
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            if target_column is not None:
+                raise ArgumentError(f"{path} is a text file (one prompt per line): it has no column {target_column!r}")
+            return _checked_prompts(_lines(path), str(path)), None
+        if suffix in JSONL_SUFFIXES:
+            return _read_jsonl(path, column, target_column)
+        if suffix == ".parquet":
+            keys = [column] if target_column is None else [column, target_column]
+            values = _parquet_columns(path, keys)
+            return _checked_prompts(values[0], str(path)), (None if target_column is None else values[1])
+        raise ArgumentError(f"prompts file {path} has an unknown type {suffix!r}; use .txt, .jsonl or .parquet")
+    if target_column is not None:
+        raise ArgumentError(
+            "target_column names a field of a JSONL or Parquet file; with a list of prompts use target="
+        )
+    if not isinstance(prompts, Sequence):  # a tensor of ids is not a Sequence either
+        raise ArgumentError(f"prompts must be a list of texts or a file path, got {type(prompts).__name__}")
+    return _checked_prompts(list(prompts), "prompts"), None
+
+
+def _checked_prompts(texts: list[Any], source: str) -> list[str]:
+    if not texts:
+        raise ArgumentError(f"{source} holds no prompts")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ArgumentError(f"{source}: prompt {i} is {type(text).__name__} {text!r}, not text")
+    return texts
+
+
+def _read_jsonl(path: Path, column: str, target_column: str | None) -> tuple[list[str], list[Any] | None]:
+    texts, targets = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ArgumentError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        for key in (column, target_column):
+            if key is not None and (not isinstance(row, dict) or key not in row):
+                found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ArgumentError(
+                    f"{path}, line {number}: no field {key!r} (found {found}); pass column=/target_column="
+                )
+        texts.append(row[column])
+        if target_column is not None:
+            targets.append(row[target_column])
+    return _checked_prompts(texts, str(path)), (targets if target_column is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------------- texts
+def read_texts(source: str | Path | Sequence[str], *, column: str = "text", split: str = "paragraph") -> list[str]:
     """The texts in `source`, non-empty ones only.
 
     Args:
-        source: a list of strings; a text file (.txt, .md: paragraphs separated by blank lines, each one text);
-            or a Parquet file (.parquet, .pq: the string column `column`, one text per row).
+        source: a list of strings; a text file (.txt, .md: see `split`); or a Parquet file (.parquet, .pq: the
+            string column `column`, one text per row).
         column: the Parquet column to read.
+        split: how a text file is cut into texts: "paragraph" (the default: paragraphs separated by blank lines,
+            each one text with its line breaks folded into spaces) or "line" (each non-blank line one text, as
+            `read_prompts` reads a prompt file).
 
     Returns:
         The texts, in order.
 
     Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: a file of another kind, a missing or non-text Parquet column, or no text at all.
+        MissingFileError (a FileNotFoundError): a path that does not exist.
+        ArgumentError (a ValueError): a file of another kind, a missing or non-text Parquet column, or no text.
     """
+    split = check_choice("split", split, SPLITS, "way to split a text file")
     if isinstance(source, (str, Path)) and (isinstance(source, Path) or _looks_like_path(source)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"no text file at {path}")
+            raise MissingFileError(f"no text file at {path}")
         suffix = path.suffix.lower()
-        if suffix in TEXT_SUFFIXES:
-            paragraphs = path.read_text(encoding="utf-8").split("\n\n")
-            texts = [" ".join(p.split()) for p in paragraphs]
+        if suffix in TEXT_SUFFIXES and split == "line":
+            texts = _lines(path)
+        elif suffix in TEXT_SUFFIXES:
+            texts = [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n")]
         elif suffix in PARQUET_SUFFIXES:
-            texts = _parquet_column(path, column)
+            texts = [text for text in _parquet_columns(path, [column], text=True)[0] if text is not None]
         else:
-            raise ValueError(
-                f"{path}: read texts from {TEXT_SUFFIXES} files (paragraphs) or {PARQUET_SUFFIXES} files (a column), "
+            raise ArgumentError(
+                f"{path}: read texts from {TEXT_SUFFIXES} files ({split}s) or {PARQUET_SUFFIXES} files (a column), "
                 f"not {suffix or 'a file without suffix'}; or pass a list of strings"
             )
         where = str(path)
     elif isinstance(source, str):
-        raise ValueError(
+        raise ArgumentError(
             f"texts must be a list of strings or a path to a text or Parquet file; got the string {source[:40]!r}, "
             "which is not a path: wrap a single text in a list"
         )
@@ -56,11 +151,11 @@ def read_texts(source: str | Path | Sequence[str], *, column: str = "text") -> l
         texts = list(source)
         bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
         if bad:
-            raise ValueError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string")
+            raise ArgumentError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string")
         where = "the list"
     texts = [text for text in texts if text.strip()]
     if not texts:
-        raise ValueError(f"no text in {where}")
+        raise ArgumentError(f"no text in {where}")
     return texts
 
 
@@ -68,186 +163,25 @@ def _looks_like_path(text: str) -> bool:
     return "\n" not in text and len(text) < 4096 and (Path(text).suffix.lower() in TEXT_SUFFIXES + PARQUET_SUFFIXES)
 
 
-def _parquet_column(path: Path, column: str) -> list[str]:
+# ---------------------------------------------------------------------------------------------------- files
+def _lines(path: Path) -> list[str]:
+    """The file's non-blank lines, as they are."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _parquet_columns(path: Path, columns: Sequence[str], *, text: bool = False) -> list[list[Any]]:
+    """The named columns of a Parquet file as lists, after checking they exist (and hold strings, with `text`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
-    if column not in schema.names:
-        raise ValueError(f"{path} has no column {column!r}; its columns are {schema.names[:10]}: pass column=")
-    kind = schema.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise ValueError(f"{path}: column {column!r} holds {kind}, not text")
-    return [text for text in pq.read_table(path, columns=[column]).column(column).to_pylist() if text is not None]
-
-
-# ------------------------------------------------------------------------------------------ generated texts
-COUNTRIES = [
-    # (country, capital, language, another city, continent)
-    ("France", "Paris", "French", "Lyon", "Europe"),
-    ("Germany", "Berlin", "German", "Munich", "Europe"),
-    ("Italy", "Rome", "Italian", "Milan", "Europe"),
-    ("Spain", "Madrid", "Spanish", "Barcelona", "Europe"),
-    ("Portugal", "Lisbon", "Portuguese", "Porto", "Europe"),
-    ("Japan", "Tokyo", "Japanese", "Osaka", "Asia"),
-    ("China", "Beijing", "Chinese", "Shanghai", "Asia"),
-    ("India", "New Delhi", "Hindi", "Mumbai", "Asia"),
-    ("Egypt", "Cairo", "Arabic", "Alexandria", "Africa"),
-    ("Kenya", "Nairobi", "Swahili", "Mombasa", "Africa"),
-    ("Brazil", "Brasilia", "Portuguese", "Rio de Janeiro", "South America"),
-    ("Argentina", "Buenos Aires", "Spanish", "Cordoba", "South America"),
-    ("Canada", "Ottawa", "English", "Toronto", "North America"),
-    ("Mexico", "Mexico City", "Spanish", "Guadalajara", "North America"),
-    ("Australia", "Canberra", "English", "Sydney", "Oceania"),
-    ("Russia", "Moscow", "Russian", "Saint Petersburg", "Europe"),
-    ("Greece", "Athens", "Greek", "Thessaloniki", "Europe"),
-    ("Turkey", "Ankara", "Turkish", "Istanbul", "Asia"),
-    ("Poland", "Warsaw", "Polish", "Krakow", "Europe"),
-    ("Sweden", "Stockholm", "Swedish", "Gothenburg", "Europe"),
-]
-ANIMALS = [
-    # (animal, where it lives, what it eats, a trait)
-    ("cat", "houses", "fish and meat", "curious"),
-    ("dog", "houses", "meat", "loyal"),
-    ("horse", "farms", "grass and hay", "strong"),
-    ("cow", "farms", "grass", "calm"),
-    ("lion", "the savanna", "meat", "powerful"),
-    ("elephant", "the savanna", "leaves and fruit", "clever"),
-    ("penguin", "cold places", "fish", "playful"),
-    ("owl", "the forest", "mice", "quiet"),
-    ("rabbit", "the fields", "carrots and grass", "shy"),
-    ("dolphin", "the sea", "fish", "friendly"),
-    ("bee", "gardens", "nectar", "busy"),
-    ("fox", "the forest", "small animals and berries", "clever"),
-]
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Lily", "Max", "Nora", "Oscar", "Sam"]
-PLACES = ["park", "market", "library", "beach", "school", "museum", "garden", "station", "bakery", "river"]
-THINGS = ["a red ball", "a small book", "an old map", "a blue kite", "a warm coat", "a box of apples", "a new bike"]
-FEELINGS = ["happy", "tired", "surprised", "hungry", "excited", "calm", "proud"]
-WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = [
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-]  # fmt: skip
-NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
-]  # fmt: skip
-DISHES = [
-    ("pancakes", ["flour", "milk", "eggs", "a pinch of salt"], "fry them in a hot pan"),
-    ("tomato soup", ["tomatoes", "an onion", "water", "salt"], "let it boil for twenty minutes"),
-    ("bread", ["flour", "water", "yeast", "salt"], "bake it in the oven for forty minutes"),
-    ("a fruit salad", ["apples", "bananas", "oranges", "a little honey"], "serve it cold"),
-    ("rice with vegetables", ["rice", "carrots", "peas", "oil"], "cook the rice in boiling water"),
-]
-WEATHER = ["sunny", "rainy", "windy", "cloudy", "snowy", "foggy"]
-SEASONS = ["spring", "summer", "autumn", "winter"]
-
-
-def _geography(rng: random.Random) -> str:
-    country, capital, language, city, continent = rng.choice(COUNTRIES)
-    sentences = [
-        f"{country} is a country in {continent}.",
-        f"The capital of {country} is {capital}.",
-        f"Most people in {country} speak {language}.",
-        f"{city} is another large city in {country}.",
-        f"Many visitors travel to {capital} every year to see its museums and old streets.",
-        f"If you fly from {capital} to {city}, the trip is short.",
-    ]
-    first, rest = sentences[:2], sentences[2:]
-    rng.shuffle(rest)
-    return " ".join(first + rest[: rng.randint(2, len(rest))])
-
-
-def _animals(rng: random.Random) -> str:
-    (animal, home, food, trait), (other, _, other_food, _) = rng.sample(ANIMALS, 2)
-    article = "An" if animal[0] in "aeiou" else "A"
-    return (
-        f"{article} {animal} is a {trait} animal. It lives in {home} and eats {food}. "
-        f"Unlike the {other}, which eats {other_food}, the {animal} "
-        f"{rng.choice(['sleeps during the day', 'is active in the morning', 'likes to rest in the shade'])}. "
-        f"Children often learn about the {animal} at school."
-    )
-
-
-def _story(rng: random.Random) -> str:
-    name, friend = rng.sample(NAMES, 2)
-    place, other_place = rng.sample(PLACES, 2)
-    thing = rng.choice(THINGS)
-    feeling = rng.choice(FEELINGS)
-    day = rng.choice(WEEKDAYS)
-    return (
-        f"On {day}, {name} went to the {place} with {friend}. They found {thing} near the entrance. "
-        f'"Look at this," said {name}. {friend} smiled and said, "We should take it to the {other_place}." '
-        f"So they walked to the {other_place} together. At the end of the day, {name} felt {feeling}, "
-        f"and {friend} promised to come back next {rng.choice(WEEKDAYS)}."
-    )
-
-
-def _counting(rng: random.Random) -> str:
-    kind = rng.randrange(4)
-    if kind == 0:
-        start = rng.randrange(0, len(NUMBER_WORDS) - 6)
-        words = NUMBER_WORDS[start : start + rng.randint(4, 6)]
-        return f"Let us count: {', '.join(words)}. After {words[-1]} comes {NUMBER_WORDS[start + len(words)]}."
-    if kind == 1:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        return (
-            f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}. "
-            f"{a} + {b} = {a + b}, and {a + b} - {b} = {a}."
-        )
-    if kind == 2:
-        start = rng.randrange(7)
-        days = [WEEKDAYS[(start + i) % 7] for i in range(4)]
-        return f"The days go {', '.join(days)}. The day after {days[-1]} is {WEEKDAYS[(start + 4) % 7]}."
-    start = rng.randrange(12)
-    months = [MONTHS[(start + i) % 12] for i in range(3)]
-    return (
-        f"{months[0]}, {months[1]} and {months[2]} are months of the year. "
-        f"After {months[2]} comes {MONTHS[(start + 3) % 12]}. A year has twelve months."
-    )
-
-
-def _recipe(rng: random.Random) -> str:
-    dish, ingredients, last = rng.choice(DISHES)
-    listed = ", ".join(ingredients[:-1]) + f" and {ingredients[-1]}"
-    return (
-        f"To make {dish}, you need {listed}. First, wash your hands and put everything on the table. "
-        f"Mix the {ingredients[0]} with the {ingredients[1]}. Then {last}. "
-        f"{dish[0].upper() + dish[1:]} is a simple meal for {rng.choice(['breakfast', 'lunch', 'dinner'])}."
-    )
-
-
-def _weather(rng: random.Random) -> str:
-    season = rng.choice(SEASONS)
-    weather, later = rng.sample(WEATHER, 2)
-    country, capital, *_ = rng.choice(COUNTRIES)
-    degrees = rng.randint(-5, 35)
-    return (
-        f"In {season}, the weather in {capital} is often {weather}. Today it is {degrees} degrees. "
-        f"Tomorrow will be {later}, so people in {country} should "
-        f"{rng.choice(['take an umbrella', 'wear a hat', 'stay inside', 'go for a walk'])}."
-    )
-
-
-GENERATORS = (_geography, _animals, _story, _counting, _recipe, _weather)
-
-
-def generated_texts(n: int, *, seed: int = 0, paragraphs: int = 3) -> list[str]:
-    """`n` short English texts, each `paragraphs` generated paragraphs of mixed kinds; deterministic by seed.
-
-    Use different seeds for training and held-out texts (the paragraphs are new sentences from the same
-    templates, so held-out scores measure fit to this kind of text, not to English at large).
-
-    Args:
-        n: how many texts.
-        seed: the random seed.
-        paragraphs: paragraphs per text (each 30-70 tokens with a Llama tokenizer).
-
-    Returns:
-        [n] texts.
-    """
-    if n < 0 or paragraphs < 1:
-        raise ValueError(f"need n >= 0 and paragraphs >= 1, got n={n}, paragraphs={paragraphs}")
-    rng = random.Random(seed)
-    return ["\n\n".join(rng.choice(GENERATORS)(rng) for _ in range(paragraphs)) for _ in range(n)]
+    for column in columns:
+        if column not in schema.names:
+            raise ArgumentError(
+                f"{path} has no column {column!r} (its columns: {schema.names[:10]}); pass column=/target_column="
+            )
+        kind = schema.field(column).type
+        if text and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ArgumentError(f"{path}: column {column!r} holds {kind}, not text")
+    table = pq.read_table(path, columns=list(columns))
+    return [table.column(column).to_pylist() for column in columns]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..data.texts import read_texts
+from ..model.protocols import LanguageModel
 from .tuned import (
     DEFAULT_READOUT,
     TunedLens,
@@ -79,7 +80,7 @@ def token_rows(tokenizer: Any, texts: Iterable[str], seq_len: int, max_rows: int
 
 def kl_sums(
     lens: TunedLens,
-    model: Any,
+    model: LanguageModel,
     resid: dict[str, torch.Tensor],
     final_logits: torch.Tensor,
     chunk_size: int,
@@ -127,7 +128,7 @@ def _layer_and_readout(label: str) -> tuple[int, str]:
 
 
 def collect_streams(
-    model: Any, tokens: torch.Tensor, labels: Sequence[str]
+    model: LanguageModel, tokens: torch.Tensor, labels: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass: each label's residual stream [batch * pos, d_model] (detached) and the model's logits
     [batch * pos, d_vocab]."""
@@ -151,7 +152,7 @@ def _positive(name: str, value: Any, *, integer: bool = True, zero: bool = False
 
 
 def train_lens(
-    model: Any,
+    model: LanguageModel,
     texts: Any,
     *,
     max_steps: int = 250,
@@ -302,7 +303,7 @@ def train_lens(
 
 
 def mean_kl(
-    lens: TunedLens, model: Any, texts: Any, *, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
+    lens: TunedLens, model: LanguageModel, texts: Any, *, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
 ) -> dict[str, float]:
     """Mean KL(final || translated read-out) per token, per translator, over held-out texts or token rows
     [n_rows, pos] (no training).

@@ -226,7 +226,7 @@ def plan(
     unembed_in_flight = 0
     # On a CPU without half-precision units, half-precision products compute in float32 (cpu_matmul.py); with
     # no tokens there is no product.
-    in_float32 = rows > 0 and cpu_matmul.float32_for(dtype, device, rows)
+    in_float32 = rows > 0 and cpu_matmul.float32_for(dtype, device, rows=rows)
     layer_cast_bytes = largest_cast_elements(cfg) * 4 if in_float32 else 0
     if stream:
         # The final norm, and the unembedding when held (a tied one serves as the embedding too). The embedding

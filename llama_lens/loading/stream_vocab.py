@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, ArgumentTypeError, RowIndexError, WeightOnDiskError
+from ..errors import ArgumentError, ArgumentTypeError, OutOfRangeError, WeightOnDiskError
 from ..io.names import param_shapes
 from ..model.cpu_matmul import linear
 from .host_memory import empty_cpu_tensors, release_free_heap
@@ -119,7 +119,7 @@ class OnDiskWeight:
         if isinstance(index, int):
             row = index + self.shape[0] if index < 0 else index
             if not 0 <= row < self.shape[0]:
-                raise RowIndexError(f"row {index} of {self.name} is out of range (d_vocab={self.shape[0]})")
+                raise OutOfRangeError(f"row {index} of {self.name} is out of range (d_vocab={self.shape[0]})")
             return self.rows(row, row + 1)[0]
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
             return self.gather(index)

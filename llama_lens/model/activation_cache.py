@@ -14,12 +14,12 @@ RMSNorm weights into the next matrices, so where TransformerLens' default (folde
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 import torch
 
-from ..errors import UnknownNameError, did_you_mean
+from ..errors import ArgumentError, UnknownNameError, did_you_mean
 from .hook_names import PosSlice, apply_pos_slice, get_act_name, ungroup_kv
+from .protocols import LanguageModel
 
 
 class ActivationCache:
@@ -36,7 +36,7 @@ class ActivationCache:
         self,
         activations: dict[str, torch.Tensor],
         layer_indices: Sequence[int],
-        model: Any = None,
+        model: LanguageModel | None = None,
         *,
         has_batch_dim: bool = True,
     ) -> None:
@@ -58,7 +58,7 @@ class ActivationCache:
         if isinstance(key, str):
             return key if key in self._acts else get_act_name(key)
         if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
-            raise ValueError(f"cache keys are names or (name, layer[, layer_type]) tuples, got {key!r}")
+            raise ArgumentError(f"cache keys are names or (name, layer[, layer_type]) tuples, got {key!r}")
         name, *rest = key
         if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool) and rest[0] < 0:
             rest[0] += self.n_layers
@@ -112,7 +112,7 @@ class ActivationCache:
         if self.has_batch_dim:
             sizes = {t.shape[0] for t in self._acts.values()}
             if sizes - {1}:
-                raise ValueError(f"remove_batch_dim needs a batch of one prompt, this cache holds {max(sizes)}")
+                raise ArgumentError(f"remove_batch_dim needs a batch of one prompt, this cache holds {max(sizes)}")
             self._acts = {k: v[0] for k, v in self._acts.items()}
             self.has_batch_dim = False
         return self
@@ -124,7 +124,9 @@ class ActivationCache:
         if layer is None or layer == -1:
             return n_layers
         if not isinstance(layer, int) or not 0 <= layer <= n_layers:
-            raise ValueError(f"layer must be in [0, n_layers={n_layers}] or -1/None (the unembedding), got {layer!r}")
+            raise ArgumentError(
+                f"layer must be in [0, n_layers={n_layers}] or -1/None (the unembedding), got {layer!r}"
+            )
         return layer
 
     def stack(self, hook: str, layers: Iterable[int] | None = None) -> torch.Tensor:
@@ -271,7 +273,7 @@ class ActivationCache:
             the parts sum to the residual stream entering `layer`.
         """
         if mode not in ("all", "attn", "mlp"):
-            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+            raise ArgumentError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         layer = self._check_layer(layer)
         tensors, labels = [], []
         if incl_embeds:
@@ -288,7 +290,9 @@ class ActivationCache:
             tensors.append(self["attn_out", layer])
             labels.append(f"{layer}_attn_out")
         if not tensors:
-            raise ValueError(f"decompose_resid(layer={layer}, mode={mode!r}, incl_embeds=False) selects no component")
+            raise ArgumentError(
+                f"decompose_resid(layer={layer}, mode={mode!r}, incl_embeds=False) selects no component"
+            )
         stacked = torch.stack([apply_pos_slice(t, pos_slice, dim=-2) for t in tensors])
         if apply_ln:
             stacked = self.apply_ln_to_stack(stacked, layer, mlp_input, pos_slice)
@@ -369,7 +373,7 @@ class ActivationCache:
         if incorrect_tokens is not None:
             wrong = self.model.tokens_to_residual_directions(incorrect_tokens)
             if wrong.shape != directions.shape:
-                raise ValueError(
+                raise ArgumentError(
                     f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape)[:-1]} and "
                     f"{tuple(wrong.shape)[:-1]}"
                 )

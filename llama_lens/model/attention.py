@@ -30,7 +30,7 @@ from .norm import RMSNorm
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor:
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int, *, device: torch.device) -> torch.Tensor:
     """Inverse frequencies [d_head // 2] for the config's RoPE variant (float32)."""
     dim = cfg.d_head
     base = cfg.rope_theta
@@ -57,9 +57,9 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [batch, pos, 1, d_head] for integer `positions` [batch, pos]."""
-    inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1, positions.device)
+    inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1, device=positions.device)
     angles = positions[..., None].float() * inv_freq  # [batch, pos, d_head // 2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [batch, pos, 1, d_head]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -73,7 +73,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ------------------------------------------------------------------------------------- sliding window
 def sliding_window_mask(
-    mask: torch.Tensor | None, q_pos: int, k_pos: int, window: int, device: torch.device
+    mask: torch.Tensor | None, q_pos: int, *, k_pos: int, window: int, device: torch.device
 ) -> torch.Tensor | None:
     """`mask` narrowed to the window: a query sees itself and the `window - 1` keys before it.
 
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         # its z is zero on both paths. (A sliding window changes no row's answer: a real query sees itself.)
         has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # [batch, 1, q_pos, 1]
         if self.window is not None:
-            mask = sliding_window_mask(mask, pos, k.shape[2], self.window, x.device)
+            mask = sliding_window_mask(mask, pos, k_pos=k.shape[2], window=self.window, device=x.device)
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
             z = self._attention_written_out(q, k, v, mask, has_key)
         else:

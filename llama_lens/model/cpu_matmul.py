@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArgumentError
+
 ENV_VAR = "LLAMA_LENS_CPU_MATMUL"
 MODES = ("auto", "native", "float32")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -53,7 +55,7 @@ def mode() -> str:
     """The `LLAMA_LENS_CPU_MATMUL` setting ("auto", "native" or "float32"), read once per process."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a choice: use one of {', '.join(MODES)} (default auto)")
+        raise ArgumentError(f"{ENV_VAR}={value!r} is not a choice: use one of {', '.join(MODES)} (default auto)")
     return value
 
 
@@ -79,10 +81,10 @@ def computes_in_float32(x: torch.Tensor, rows: int | None = None) -> bool:
         rows: rows of the left operand (default: all but its last dimension, flattened).
     """
     rows = x.numel() // max(x.shape[-1], 1) if rows is None else rows
-    return float32_for(x.dtype, x.device, rows)
+    return float32_for(x.dtype, x.device, rows=rows)
 
 
-def float32_for(dtype: torch.dtype, device: torch.device, rows: int) -> bool:
+def float32_for(dtype: torch.dtype, device: torch.device, *, rows: int) -> bool:
     """Whether a product of `rows` rows of `dtype` on `device` runs in float32 (what ll.plan asks ahead)."""
     if torch.device(device).type != "cpu" or dtype not in HALF_DTYPES:
         return False

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validate import check_count
+from ..errors import ArgumentError
+from ..validate import as_index, check_count
 from .hooks import HookFn, NameFilter
 from .kv_cache import KVCache
 from .protocols import LanguageModel
@@ -33,11 +34,11 @@ class Generation:
     def text(self) -> str:
         """The continuation of a single prompt."""
         if len(self.texts) != 1:
-            raise ValueError(f"{len(self.texts)} prompts were given; read .texts")
+            raise ArgumentError(f"{len(self.texts)} prompts were given; read .texts")
         return self.texts[0]
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, top_p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Nucleus sampling: draws from the smallest set of tokens whose probability adds up to `top_p`.
 
     Args:
@@ -51,6 +52,46 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     probs_sorted /= probs_sorted.sum(dim=-1, keepdim=True)
     picked = torch.multinomial(probs_sorted, num_samples=1, generator=generator)
     return order.gather(-1, picked).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How `generate` picks each new token, checked when made (arguments as in `generate`).
+
+    Raises:
+        ArgumentError (a ValueError): a negative max_new_tokens or temperature, top_p outside (0, 1], a top_k
+            that is not a positive integer.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_new_tokens", check_count("max_new_tokens", self.max_new_tokens, 0))
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:  # written so that NaN fails too
+            raise ArgumentError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+        if self.top_k is not None:
+            top_k = as_index(self.top_k)
+            if top_k is None or top_k < 1:
+                raise ArgumentError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+            object.__setattr__(self, "top_k", top_k)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The sampler's random generator, seeded (None without a seed: torch's global one)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The next token of each prompt: logits [batch, d_vocab] -> ids [batch]."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]  # [batch, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return sample_top_p((logits / self.temperature).softmax(dim=-1), self.top_p, generator=generator)
 
 
 @torch.no_grad()
@@ -94,41 +135,26 @@ def generate(
         The new tokens and their text. Ids past the tokenizer's vocabulary (a model whose d_vocab is padded
         beyond it) are kept in `.tokens` and written as "<id>" in `.texts`, with a warning.
     """
-    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 0)
-    if not temperature >= 0 or not 0 < top_p <= 1:  # written so that NaN fails too
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop_at_eos=stop_at_eos,
+    )  # fmt: skip
     with model.hooks(fwd_hooks):
         return _generate(
-            model,
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            stop_at_eos,
-            prepend_bos,
-            use_kv_cache,
-            seed,
-            verbose,
-            on_token,
-        )
+            model, prompts, sampling, prepend_bos=prepend_bos, use_kv_cache=use_kv_cache, verbose=verbose,
+            on_token=on_token,
+        )  # fmt: skip
 
 
 def _generate(
-    model,
-    prompts,
-    max_new_tokens,
-    temperature,
-    top_p,
-    top_k,
-    stop_at_eos,
-    prepend_bos,
-    use_kv_cache,
-    seed,
-    verbose,
-    on_token,
+    model: LanguageModel,
+    prompts: str | Sequence[str] | torch.Tensor | Sequence[int],
+    sampling: Sampling,
+    *,
+    prepend_bos: bool | None,
+    use_kv_cache: bool,
+    verbose: bool,
+    on_token: Callable[[list[int | None]], None] | None,
 ) -> Generation:
     device = model.embed.weight.device
     tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)
@@ -136,7 +162,8 @@ def _generate(
         mask = torch.ones_like(tokens)
     eos_ids = sorted(set(model.cfg.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ()))
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = sampling.generator(device)
+    max_new_tokens, stop_at_eos = sampling.max_new_tokens, sampling.stop_at_eos
 
     batch = tokens.shape[0]
     kv_cache = KVCache() if use_kv_cache else None
@@ -144,14 +171,7 @@ def _generate(
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in _progress(range(max_new_tokens), verbose):
-        last = logits[:, -1].float()  # [batch, d_vocab]
-        if temperature == 0:
-            next_token = last.argmax(dim=-1)
-        else:
-            if top_k is not None and top_k < last.shape[-1]:
-                kth = last.topk(top_k, dim=-1).values[:, -1:]  # [batch, 1]
-                last = last.masked_fill(last < kth, float("-inf"))
-            next_token = sample_top_p((last / temperature).softmax(dim=-1), top_p, generator)
+        next_token = sampling.pick(logits[:, -1].float(), generator)  # [batch]
         new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
         if on_token is not None:
             stopped = finished | torch.isin(next_token, eos) if stop_at_eos else finished

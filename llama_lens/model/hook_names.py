@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ArgumentError
+
 # A position slice as TransformerLens' `Slice` takes it: None (everything), an int (that position, dimension
 # dropped), a (start, stop[, step]) tuple, a Python slice, or a list / tensor of positions.
 PosSlice = int | slice | tuple[int, ...] | Sequence[int] | torch.Tensor | None
@@ -72,7 +74,7 @@ def apply_pos_slice(tensor: torch.Tensor, pos_slice: PosSlice, dim: int) -> torc
     if pos_slice is None:
         return tensor
     if isinstance(pos_slice, bool):
-        raise ValueError(f"pos_slice must be an int, a slice, a tuple or a list of positions, got {pos_slice!r}")
+        raise ArgumentError(f"pos_slice must be an int, a slice, a tuple or a list of positions, got {pos_slice!r}")
     if isinstance(pos_slice, int):
         return tensor.select(dim, pos_slice)
     if isinstance(pos_slice, tuple):
@@ -101,5 +103,5 @@ def ungroup_kv(kv: torch.Tensor, n_heads: int, *, dim: int = -2) -> torch.Tensor
     """
     n_kv_heads = kv.shape[dim]
     if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads ({n_heads}) must be a multiple of the {n_kv_heads} key/value heads at dim {dim}")
+        raise ArgumentError(f"n_heads ({n_heads}) must be a multiple of the {n_kv_heads} key/value heads at dim {dim}")
     return kv.repeat_interleave(n_heads // n_kv_heads, dim=dim)

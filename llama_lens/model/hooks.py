@@ -28,9 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import GroupedHeadsError, NotEnoughMemoryError, UnknownNameError, did_you_mean
+from ..config import LlamaConfig
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    GroupedHeadsError,
+    NotEnoughMemoryError,
+    UnknownNameError,
+    did_you_mean,
+)
+from . import memory  # by module: what is available is read (and patched in tests) at call time
 from .activation_cache import ActivationCache
 from .hook_names import PosSlice, apply_pos_slice
+from .memory import GIB, forward_working_nbytes, hook_point_nbytes
 
 HookFn = Callable[..., torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -96,7 +106,7 @@ class HookPoint(nn.Module):
         """The block index in the name ("blocks.3.attn.hook_q" -> 3), as TransformerLens' `hook.layer()`."""
         parts = self.name.split(".")
         if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
-            raise ValueError(f"hook point {self.name!r} is not inside a block, so it has no layer")
+            raise ArgumentError(f"hook point {self.name!r} is not inside a block, so it has no layer")
         return int(parts[1])
 
     def add_hook(self, fn: HookFn, dir: str = "fwd") -> None:  # noqa: A002 - TransformerLens' argument name
@@ -120,7 +130,7 @@ class HookPoint(nn.Module):
             return self.fns
         if direction == "bwd":
             return self.bwd_fns
-        raise ValueError(f"dir must be 'fwd' or 'bwd' (or 'both' to remove), got {direction!r}")
+        raise ArgumentError(f"dir must be 'fwd' or 'bwd' (or 'both' to remove), got {direction!r}")
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         scopes = _SCOPED_HOOKS.get()
@@ -167,10 +177,10 @@ class HookPoint(nn.Module):
 
     def _checked(self, replaced: Any, tensor: torch.Tensor, verb: str) -> torch.Tensor:
         if not isinstance(replaced, torch.Tensor):
-            raise TypeError(f"hook on {self.name!r} {verb} {type(replaced).__name__}; return a tensor or None")
+            raise ArgumentTypeError(f"hook on {self.name!r} {verb} {type(replaced).__name__}; return a tensor or None")
         if (replaced.shape, replaced.dtype, replaced.device) != (tensor.shape, tensor.dtype, tensor.device):
             # Caught here, where the hook can be named, rather than later deep inside a matmul.
-            raise ValueError(
+            raise ArgumentError(
                 f"hook on {self.name!r} {verb} {_describe(replaced)}, expected {_describe(tensor)}; "
                 "return a tensor like the one the hook received (e.g. `new.to(tensor)`)"
             )
@@ -211,7 +221,7 @@ class HookedModule(nn.Module):
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, Iterable):
-            raise ValueError(
+            raise ArgumentError(
                 f"names_filter must be None, a hook name, a list of names or a predicate on names, got "
                 f"{type(names).__name__}"
             )
@@ -369,7 +379,7 @@ class HookedModule(nn.Module):
             saved = tensor.detach() if detach or suffix else tensor
             if remove_batch_dim:
                 if saved.shape[0] != 1:
-                    raise ValueError(f"remove_batch_dim=True needs a batch of one prompt, got {saved.shape[0]}")
+                    raise ArgumentError(f"remove_batch_dim=True needs a batch of one prompt, got {saved.shape[0]}")
                 saved = saved[0]
             if pos_slice is not None:
                 pos_dim = -3 if hook.name.endswith(_HEAD_POS_HOOKS) else -2
@@ -389,7 +399,7 @@ class HookedModule(nn.Module):
                         output = self(*args, **kwargs)
                         if not isinstance(output, torch.Tensor) or output.numel() != 1:
                             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                            raise ValueError(
+                            raise ArgumentError(
                                 f"incl_bwd=True backpropagates from the output, which must be one number, got "
                                 f"{shape}; pass return_type='loss' (or run the backward pass yourself inside "
                                 "`model.hooks`)"
@@ -420,9 +430,6 @@ class HookedModule(nn.Module):
         """Raises NotEnoughMemoryError when caching the hook points `names` for the batch that
         `first_activation` [batch, pos, ...] starts, plus the forward pass's working memory, would not fit in the
         memory available where the cache goes. Models without a `cfg` (a LlamaConfig) are not checked."""
-        from ..config import LlamaConfig
-        from .memory import GIB, available_memory, forward_working_nbytes, hook_point_nbytes
-
         cfg = getattr(self, "cfg", None)
         if not isinstance(cfg, LlamaConfig) or first_activation.dim() < 2:
             return
@@ -432,13 +439,15 @@ class HookedModule(nn.Module):
         factor = (2 if incl_bwd else 1) * kept / max(pos, 1)  # every activation is linear in query positions
 
         def nbytes(selected: Iterable[str]) -> int:
-            return int(sum(hook_point_nbytes(cfg, name, batch, pos, itemsize) for name in selected) * factor)
+            return int(
+                sum(hook_point_nbytes(cfg, name, batch=batch, pos=pos, itemsize=itemsize) for name in selected) * factor
+            )
 
         cached = nbytes(names)
         written_out = any(name.endswith(("hook_pattern", "hook_attn_scores")) for name in names)
-        working = forward_working_nbytes(cfg, batch, pos, itemsize, written_out=written_out)
+        working = forward_working_nbytes(cfg, batch=batch, pos=pos, itemsize=itemsize, written_out=written_out)
         target = torch.device(device) if device is not None else first_activation.device
-        available = available_memory(target)
+        available = memory.available_memory(target)
         if available is None or cached + working <= available:
             return
         resid = nbytes(n for n in self.hook_dict if n.endswith("hook_resid_post"))

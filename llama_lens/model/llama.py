@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
-from ..errors import UnknownNameError
+from ..errors import ArgumentError, UnknownNameError
 from ..validate import check_layer_bound
 from .attention import Attention, rope_cos_sin
 from .cpu_matmul import Linear
@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- Llama
 def lm_cross_entropy_loss(
-    logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, per_token: bool = False
+    logits: torch.Tensor, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None, per_token: bool = False
 ) -> torch.Tensor:
     """Next-token cross-entropy, TransformerLens' `loss_fn`: position p predicts token p + 1.
 
@@ -223,10 +223,10 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             warnings.warn("start_layer= is now start_at_layer= (TransformerLens' name)", DeprecationWarning, 2)
             start_at_layer = start_layer if start_at_layer is None else start_at_layer
         if return_type not in ("logits", "loss", "both", None):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+            raise ArgumentError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if isinstance(input, torch.Tensor) and input.is_floating_point() and input.dim() == 3:
             if resid is not None:
-                raise ValueError("pass the residual stream once: as input or as resid=, not both")
+                raise ArgumentError("pass the residual stream once: as input or as resid=, not both")
             resid, input = input, None
         if input is not None:
             input, prepared_mask = self.prepare_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
@@ -238,10 +238,10 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         weight = self.embed.weight
         if resid is None:
             if input is None:
-                raise ValueError("forward needs tokens, or a residual stream with start_at_layer=")
+                raise ArgumentError("forward needs tokens, or a residual stream with start_at_layer=")
             resid = self.hook_embed(self.embed(input))  # [batch, pos, d_model]
         elif resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model or resid.dtype != weight.dtype:
-            raise ValueError(
+            raise ArgumentError(
                 f"resid must be [batch, pos, d_model={self.cfg.d_model}] {str(weight.dtype).removeprefix('torch.')}"
                 f" like the model's weights, got {tuple(resid.shape)} {str(resid.dtype).removeprefix('torch.')}"
             )
@@ -250,7 +250,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         batch, pos, _ = resid.shape
         self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
         positions, mask = self.positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
-        cos, sin = rope_cos_sin(self.cfg, positions, resid.dtype)
+        cos, sin = rope_cos_sin(self.cfg, positions, dtype=resid.dtype)
 
         for i in layers:
             resid = self.run_block(i, resid, cos, sin, mask, kv_cache)
@@ -262,7 +262,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         if return_type is None:
             return None
         if tokens is None:
-            raise ValueError("a loss needs the token ids: pass tokens= when input is a residual stream")
+            raise ArgumentError("a loss needs the token ids: pass tokens= when input is a residual stream")
         loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -275,7 +275,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
     ) -> torch.Tensor:
         """Next-token cross-entropy of `logits` [batch, pos, d_vocab] against `tokens` [batch, pos]; see
         `lm_cross_entropy_loss`. Returns [] or, with `per_token`, [batch, pos - 1]."""
-        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
+        return lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
 
     def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:
         """Runs one decoder layer; the streaming model overrides this to fetch the layer's weights first."""
@@ -313,16 +313,16 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             return ids.to(device), mask.to(device)
         ids = torch.tensor(prompts) if isinstance(prompts, (list, tuple)) else prompts
         if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"pass a text, a list of texts or token ids, got {type(prompts).__name__}")
+            raise ArgumentError(f"pass a text, a list of texts or token ids, got {type(prompts).__name__}")
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.shape[1] == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"token ids must be integers [pos] or [batch, pos] with pos >= 1, got {ids.dtype} {tuple(ids.shape)}"
             )
         ids = ids.long().to(device)
         low, high = int(ids.min()), int(ids.max())  # checked here: past d_vocab, the embedding fails obscurely
         if low < 0 or high >= self.cfg.d_vocab:
-            raise ValueError(f"token ids must lie in [0, d_vocab={self.cfg.d_vocab}), got {low}..{high}")
+            raise ArgumentError(f"token ids must lie in [0, d_vocab={self.cfg.d_vocab}), got {low}..{high}")
         return ids, self.infer_attention_mask(ids)
 
     def _layers_to_run(self, start_layer: int | None, stop_at_layer: int | None, has_resid: bool) -> list[int]:
@@ -336,10 +336,10 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         if has_resid:
             start = loaded[0] if start_layer is None else start_layer
         elif start_layer not in (None, 0):
-            raise ValueError("start_at_layer needs the residual stream entering that layer (as input or resid=)")
+            raise ArgumentError("start_at_layer needs the residual stream entering that layer (as input or resid=)")
         elif loaded and loaded[0] != 0:
             first = loaded[0]
-            raise ValueError(
+            raise ArgumentError(
                 f"this model holds layers {first}..{loaded[-1]} only; pass resid= (the residual stream entering "
                 f"layer {first}, e.g. cache['blocks.{first}.hook_resid_pre'] of a full model) and "
                 f"start_at_layer={first}"
@@ -352,7 +352,9 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         layers = list(range(start, stop))
         missing = [i for i in layers if str(i) not in self.blocks]
         if missing:
-            raise ValueError(f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others")
+            raise ArgumentError(
+                f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others"
+            )
         return layers
 
     def _warn_past_context(self, n_positions: int) -> None:
@@ -404,7 +406,7 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         if attention_mask is None:
             attention_mask = torch.ones(batch, pos, dtype=torch.long, device=device)
         elif tuple(attention_mask.shape) != (batch, pos):
-            raise ValueError(
+            raise ArgumentError(
                 f"attention_mask must be [batch, pos] = {(batch, pos)} like the tokens, "
                 f"got {tuple(attention_mask.shape)}"
             )

@@ -55,7 +55,7 @@ def _cached_width(cfg: LlamaConfig) -> int:
     return resid + norms + attn + 3 * cfg.d_mlp  # + mlp hook_pre, hook_pre_linear, hook_post
 
 
-def hook_point_nbytes(cfg: LlamaConfig, name: str, batch: int, pos: int, itemsize: int) -> int:
+def hook_point_nbytes(cfg: LlamaConfig, name: str, *, batch: int, pos: int, itemsize: int) -> int:
     """Bytes of one hook point's activation for `batch` prompts of `pos` positions, in a dtype of `itemsize`
     bytes (the norm scales are float32 whatever the dtype); what `run_with_cache` checks before it runs."""
     point = name.rsplit(".", 1)[-1]
@@ -80,7 +80,7 @@ def hook_point_nbytes(cfg: LlamaConfig, name: str, batch: int, pos: int, itemsiz
     return batch * pos * widths.get(point, cfg.d_model) * itemsize  # the rest are residual-stream wide
 
 
-def forward_working_nbytes(cfg: LlamaConfig, batch: int, pos: int, itemsize: int, *, written_out: bool) -> int:
+def forward_working_nbytes(cfg: LlamaConfig, *, batch: int, pos: int, itemsize: int, written_out: bool) -> int:
     """Working memory of one forward pass beside what it keeps, as `plan` counts it: one layer's activations,
     the logits with their float32 softmax, and with `written_out` attention one layer's scores, float32 softmax
     and pattern."""

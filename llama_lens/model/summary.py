@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ArgumentError
+from .hooks import HookPoint
+
 
 def module_summary(model: nn.Module, *, depth: int = 2):
     """One row per module down to `depth` (1: embed, blocks.i, ln_final, unembed; 2: ln1/attn/ln2/mlp in place
@@ -17,10 +20,8 @@ def module_summary(model: nn.Module, *, depth: int = 2):
     """
     import pandas as pd
 
-    from .hooks import HookPoint
-
     if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth}")
+        raise ArgumentError(f"depth must be at least 1, got {depth}")
     seen: set[int] = set()
     rows = []
     for name, module in model.named_modules():

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ArgumentError
+
 
 def _is_texts(value: object) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
@@ -21,7 +23,7 @@ class TokenHelpers:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass tokenizer= to ll.load or give token ids")
+            raise ArgumentError("this model has no tokenizer; pass tokenizer= to ll.load or give token ids")
         return self.tokenizer
 
     def encode_texts(
@@ -33,15 +35,15 @@ class TokenHelpers:
             tokens [batch, pos] and attention_mask [batch, pos] (1 = real token), on the CPU.
         """
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise ArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not texts:
-            raise ValueError("need at least one text")
+            raise ArgumentError("need at least one text")
         tokenizer = self._need_tokenizer()
         bos = {} if prepend_bos is None else {"bos": prepend_bos}
         rows = [tokenizer.encode(text, **bos) for text in texts]
         pos = max(len(row) for row in rows)
         if pos == 0:
-            raise ValueError("every text encodes to no token at all; pass prepend_bos=True or a longer text")
+            raise ArgumentError("every text encodes to no token at all; pass prepend_bos=True or a longer text")
         tokens = torch.full((len(rows), pos), tokenizer.padding_id, dtype=torch.long)
         mask = torch.zeros((len(rows), pos), dtype=torch.long)
         for b, row in enumerate(rows):
@@ -68,7 +70,7 @@ class TokenHelpers:
             move_to_device: put the ids on the model's device (else the CPU).
         """
         if not isinstance(input, str) and not _is_texts(input):
-            raise ValueError(f"to_tokens takes a text or a list of texts, got {type(input).__name__}")
+            raise ArgumentError(f"to_tokens takes a text or a list of texts, got {type(input).__name__}")
         texts = [input] if isinstance(input, str) else list(input)
         tokens, _ = self.encode_texts(texts, prepend_bos=prepend_bos, padding_side=padding_side or "right")
         return tokens.to(self.embed.weight.device) if move_to_device else tokens
@@ -100,16 +102,16 @@ class TokenHelpers:
             ids = input
             if ids.dim() == 2:
                 if ids.shape[0] != 1:
-                    raise ValueError(
+                    raise ArgumentError(
                         f"to_str_tokens takes one prompt, got ids of shape {tuple(ids.shape)}; index the batch first"
                     )
                 ids = ids[0]
             if ids.dim() > 1 or ids.is_floating_point():
-                raise ValueError(f"to_str_tokens takes integer ids [pos], got {ids.dtype} {tuple(input.shape)}")
+                raise ArgumentError(f"to_str_tokens takes integer ids [pos], got {ids.dtype} {tuple(input.shape)}")
             return tokenizer.token_strs(ids.tolist())
         if isinstance(input, (list, tuple)) and all(isinstance(i, int) for i in input):
             return tokenizer.token_strs(list(input))
-        raise ValueError(
+        raise ArgumentError(
             f"to_str_tokens takes a text, a list of texts, token ids or one id, got {type(input).__name__}"
         )
 
@@ -137,7 +139,7 @@ class TokenHelpers:
         ids = tokenizer.encode(string, bos=False)
         if len(ids) != 1:
             pieces = ", ".join(f"{t!r}" for t in tokenizer.token_strs(ids))
-            raise ValueError(f"{string!r} is not a single token: it encodes to [{pieces}]")
+            raise ArgumentError(f"{string!r} is not a single token: it encodes to [{pieces}]")
         return ids[0]
 
     def get_token_position(
@@ -159,17 +161,17 @@ class TokenHelpers:
             ValueError: the token does not occur, or the input holds several prompts.
         """
         if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+            raise ArgumentError(f"mode must be 'first' or 'last', got {mode!r}")
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         else:
             tokens = torch.as_tensor(input)
         if tokens.dim() == 2:
             if tokens.shape[0] != 1:
-                raise ValueError(f"get_token_position takes one prompt, got a batch of {tokens.shape[0]}")
+                raise ArgumentError(f"get_token_position takes one prompt, got a batch of {tokens.shape[0]}")
             tokens = tokens[0]
         token_id = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
         found = (tokens == token_id).nonzero().flatten()
         if found.numel() == 0:
-            raise ValueError(f"token {single_token!r} (id {token_id}) does not occur in the input")
+            raise ArgumentError(f"token {single_token!r} (id {token_id}) does not occur in the input")
         return int(found[0] if mode == "first" else found[-1])

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ArgumentError, OutOfRangeError
+
 
 class FactoredMatrix:
     """A product `A @ B` kept as its two factors (TransformerLens' `FactoredMatrix`, the parts we need).
@@ -38,7 +40,7 @@ class FactoredMatrix:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:  # noqa: N803 - the conventional names
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(
+            raise ArgumentError(
                 f"FactoredMatrix needs A [..., l, m] and B [..., m, r], got {tuple(A.shape)} and {tuple(B.shape)}"
             )
         self.A, self.B = A, B
@@ -52,7 +54,7 @@ class FactoredMatrix:
     def BA(self) -> torch.Tensor:  # noqa: N802
         """The product the other way round [..., mdim, mdim] (needs ldim == rdim): same non-zero eigenvalues."""
         if self.A.shape[-2] != self.B.shape[-1]:
-            raise ValueError("BA needs a square product (ldim == rdim)")
+            raise ArgumentError("BA needs a square product (ldim == rdim)")
         return self.B @ self.A
 
     @property
@@ -82,7 +84,7 @@ class FactoredMatrix:
         index = index if isinstance(index, tuple) else (index,)
         lead = len(self.shape) - 2
         if len(index) > lead:
-            raise IndexError(f"index the {lead} leading dimensions only; read .AB to index the matrix itself")
+            raise OutOfRangeError(f"index the {lead} leading dimensions only; read .AB to index the matrix itself")
         lead_shape = self.shape[:-2]
         A = self.A.expand(*lead_shape, *self.A.shape[-2:])  # noqa: N806
         B = self.B.expand(*lead_shape, *self.B.shape[-2:])  # noqa: N806
@@ -107,7 +109,7 @@ class WeightViews:
         """One per-layer weight view stacked over every layer; the model must hold them all."""
         n_layers = self.cfg.n_layers
         if self.layer_indices != list(range(n_layers)):
-            raise ValueError(
+            raise ArgumentError(
                 f"{attr} stacks all {n_layers} layers but this model holds {self.layer_indices}; "
                 f"read model.blocks[i].attn.{attr} / .mlp.{attr} per loaded layer"
             )

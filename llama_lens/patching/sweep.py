@@ -201,7 +201,7 @@ class SuffixInputs:
             prefix = KVCache()
             prefix.attention_mask = full[:, :start]
         positions, attn_mask = model.positions_and_mask(batch, pos - start, full[:, start:], prefix, device)
-        cos, sin = rope_cos_sin(model.cfg, positions, model.dtype)  # [batch, pos - start, 1, d_head]
+        cos, sin = rope_cos_sin(model.cfg, positions, dtype=model.dtype)  # [batch, pos - start, 1, d_head]
         self.cos, self.sin = cos.repeat(copies, 1, 1, 1), sin.repeat(copies, 1, 1, 1)
         self.mask = None if attn_mask is None else attn_mask.repeat(copies, 1, 1, 1)  # [rows, 1, q_pos, k_pos]
         self.reference, self.start, self.batch = reference, start, batch

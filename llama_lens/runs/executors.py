@@ -1,6 +1,6 @@
 """Where the dataset runner's shards are processed: in this process, or on Ray actors.
 
-Both executors call `dataset_tasks.process_shard` on the same shards (planned by the driver, the same whatever
+Both executors call `shards.process_shard` on the same shards (planned by the driver, the same whatever
 the executor), so they write the same rows. A shard's files are written by whoever processes it, straight into
 the run's folder: on a cluster that folder must be on a filesystem every node sees.
 
@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from .tasks import Shard, ShardJob, process_shard
+from ..loading.load import load
+from ..model.protocols import LanguageModel
+from .prompts import Shard
+from .shards import ShardJob, process_shard
 
 
 @dataclass(frozen=True)
@@ -29,29 +32,31 @@ class ModelSpec:
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def load(self):
-        from ..loading.load import load
-
         return load(self.path, progress=False, **self.load_kwargs)
 
 
 def run_local(
-    model, job: ShardJob, shards: Sequence[Shard], on_batch: Callable[[int, int], None] | None = None
+    model: LanguageModel,
+    job: ShardJob,
+    *,
+    shards: Sequence[Shard],
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Processes the shards one after the other in this process."""
-    return [process_shard(model, job, shard, on_batch) for shard in shards]
+    return [process_shard(model, job, shard=shard, on_batch=on_batch) for shard in shards]
 
 
 class ShardWorker:
     """A Ray actor (see `run_ray`): holds one model and processes the shards it is sent."""
 
-    def __init__(self, spec: ModelSpec, job: ShardJob, num_threads: int | None) -> None:
+    def __init__(self, spec: ModelSpec, job: ShardJob, *, num_threads: int | None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = spec.load()
         self.job = job
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        return process_shard(self.model, self.job, shard) | {"worker": os.getpid()}
+        return process_shard(self.model, self.job, shard=shard) | {"worker": os.getpid()}
 
 
 def import_ray():
@@ -67,8 +72,8 @@ def import_ray():
 def run_ray(
     spec: ModelSpec,
     job: ShardJob,
-    shards: Sequence[Shard],
     *,
+    shards: Sequence[Shard],
     num_workers: int | None = None,
     ray_address: str | None = None,
     num_cpus: float = 1,
@@ -114,7 +119,7 @@ def run_ray(
             return []
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ShardWorker)
         threads = max(int(num_cpus), 1)
-        actors = [actor_class.remote(spec, job, threads) for _ in range(num_workers)]
+        actors = [actor_class.remote(spec, job, num_threads=threads) for _ in range(num_workers)]
         queue = list(reversed(shards))  # popped from the end: shards go out in order
         pending = {}
         for actor in actors:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..lens.logit import LensResult, logit_lens
+from ..model.protocols import LanguageModel
 
 if TYPE_CHECKING:
     from ..lens.tuned import TunedLens
@@ -33,7 +34,7 @@ def hook_of(label: str) -> str:
     return f"blocks.{layer}.{SUFFIX_HOOK[suffix]}"
 
 
-def prompt_tokens(model: Any, prompt: str | Sequence[dict[str, str]]) -> torch.Tensor:
+def prompt_tokens(model: LanguageModel, prompt: str | Sequence[dict[str, str]]) -> torch.Tensor:
     """Token ids [1, pos] of a text, or of chat messages through the tokenizer's chat template.
 
     Raises:
@@ -73,7 +74,7 @@ class LensRun:
 
 
 def run_lens(
-    model: Any,
+    model: LanguageModel,
     tokens: torch.Tensor,
     readout: str,
     top_k: int,
@@ -111,7 +112,7 @@ def run_lens(
 
 
 def token_values(
-    model: Any, run: LensRun, token_id: int, positions: Sequence[int] | None = None, *, ranks: bool = True
+    model: LanguageModel, run: LensRun, token_id: int, positions: Sequence[int] | None = None, *, ranks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The probability and rank of one token at every read-out, from the kept residual streams.
 
@@ -140,7 +141,7 @@ def token_values(
         return probs, torch.cat(counts).reshape(logit.shape)
 
 
-def parse_target(model: Any, text: str) -> int | None:
+def parse_target(model: LanguageModel, text: str) -> int | None:
     """The id a target box names: "" -> None, "#1712" -> id 1712, otherwise the token whose text it is.
 
     Raises:
@@ -158,7 +159,7 @@ def parse_target(model: Any, text: str) -> int | None:
     return int(model.tokenizer.id_of(text))
 
 
-def spaced_hint(model: Any, run: LensRun, text: str, token_id: int | None) -> dict[str, Any] | None:
+def spaced_hint(model: LanguageModel, run: LensRun, text: str, token_id: int | None) -> dict[str, Any] | None:
     """A suggestion to use " text" when that token ranks better than `text` at the last read-out and position.
 
     Returns None when no suggestion applies, else {"text", "id", "rank", "rank_typed"} (rank_typed is None

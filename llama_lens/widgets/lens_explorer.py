@@ -18,6 +18,7 @@ import torch
 import traitlets
 
 from ..errors import did_you_mean
+from ..model.protocols import LanguageModel
 from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
 from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
@@ -65,7 +66,7 @@ def _check_readout(explorer: Any, value: Any) -> str:
     return value
 
 
-def _check_translators(tuned_lens: TunedLens, model: Any, readout: str) -> None:
+def _check_translators(tuned_lens: TunedLens, model: LanguageModel, readout: str) -> None:
     """Raises ValueError, naming the read-out, where the tuned lens has no translator for one of its streams."""
     tuned_lens.translator(0, "embed")  # the first row of every read-out
     for layer in model.layer_indices:
@@ -198,7 +199,7 @@ class LogitLensExplorer(Explorer):
 
     def __init__(
         self,
-        model: Any,
+        model: LanguageModel,
         prompt: str | Sequence[dict[str, str]] = "The Eiffel Tower is in the city of",
         target: str | int | None = None,
         *,
@@ -206,7 +207,7 @@ class LogitLensExplorer(Explorer):
         readout: str = "resid_post",
         top_k: int = 10,
         compare: str | Sequence[dict[str, str]] | None = None,
-        compare_model: Any = None,
+        compare_model: LanguageModel | None = None,
         tuned_lens: TunedLens | None = None,
         lens: str | None = None,
         state: dict[str, Any] | None = None,

@@ -34,7 +34,9 @@ def cached(model, text: str, names):
 
 def test_store_round_trip_per_token_and_per_prompt(model, tmp_path):
     # Batches of 3 prompts of different lengths are left-padded: each stored row must be the prompt's own.
-    data = ll.store_activations(model, PROMPTS, HOOKS, out=tmp_path / "run", batch_size=3, shard_size=4, progress=False)
+    data = ll.store_activations(
+        model, PROMPTS, hook_names=HOOKS, out=tmp_path / "run", batch_size=3, shard_size=4, progress=False
+    )
     n_tokens = [len(p) + 1 for p in PROMPTS]  # BOS + one token per character
     assert len(data) == sum(n_tokens)
     expected = {i: cached(model, text, HOOKS) for i, text in enumerate(PROMPTS)}
@@ -79,7 +81,9 @@ def test_store_beside_the_lens_keeps_the_forward_pass_tensor(model, tmp_path):
 
 
 def test_dataloader_batches_rows(model, tmp_path):
-    data = ll.store_activations(model, PROMPTS, "blocks.0.hook_resid_pre", out=tmp_path / "run", progress=False)
+    data = ll.store_activations(
+        model, PROMPTS, hook_names="blocks.0.hook_resid_pre", out=tmp_path / "run", progress=False
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     rows = torch.cat([b["blocks.0.hook_resid_pre"] for b in batches])
@@ -91,11 +95,15 @@ def test_dataloader_batches_rows(model, tmp_path):
 
 def test_refused_hooks_and_missing_store(model, tmp_path):
     with pytest.raises(ValueError, match="not one row per token"):
-        ll.store_activations(model, PROMPTS, ["blocks.0.attn.hook_pattern"], out=tmp_path / "a", progress=False)
+        ll.store_activations(
+            model, PROMPTS, hook_names=["blocks.0.attn.hook_pattern"], out=tmp_path / "a", progress=False
+        )
     with pytest.raises(UnknownNameError, match="did you mean 'blocks.0.hook_resid_post'"):
-        ll.store_activations(model, PROMPTS, ["blocks.0.hook_resid_pots"], out=tmp_path / "a", progress=False)
+        ll.store_activations(
+            model, PROMPTS, hook_names=["blocks.0.hook_resid_pots"], out=tmp_path / "a", progress=False
+        )
     with pytest.raises(FileNotFoundError, match="index.json is missing"):
         ll.ActivationDataset(tmp_path / "nothing")
-    ll.store_activations(model, PROMPTS[:2], ["hook_embed"], out=tmp_path / "b", progress=False)
+    ll.store_activations(model, PROMPTS[:2], hook_names=["hook_embed"], out=tmp_path / "b", progress=False)
     with pytest.raises(UnknownNameError, match="not in the activation store"):
         ll.ActivationDataset(tmp_path / "b", ["blocks.0.hook_resid_post"])

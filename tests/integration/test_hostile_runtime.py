@@ -221,7 +221,9 @@ def test_run_with_cache_estimate_is_the_cache_size(model, monkeypatch):
 
     def check_fits_exactly(cached_bytes: int, written_out: bool, **kwargs) -> None:
         # What the check adds for the forward pass itself; the rest must be the cache's own bytes.
-        working = memory_module.forward_working_nbytes(model.cfg, batch, pos, 4, written_out=written_out)
+        working = memory_module.forward_working_nbytes(
+            model.cfg, batch=batch, pos=pos, itemsize=4, written_out=written_out
+        )
         monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": cached_bytes + working)
         model.run_with_cache(tokens, **kwargs)  # exactly fits
         monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": cached_bytes + working - 1)
@@ -243,7 +245,9 @@ def test_run_with_cache_that_cannot_fit_raises_before_any_layer_runs(model, monk
     resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
     resid_bytes = _cache_bytes(model.run_with_cache(tokens, names_filter=resid_post)[1])
     all_bytes = _cache_bytes(model.run_with_cache(tokens)[1])
-    available = resid_bytes + memory_module.forward_working_nbytes(model.cfg, 1, tokens.shape[1], 4, written_out=False)
+    available = resid_bytes + memory_module.forward_working_nbytes(
+        model.cfg, batch=1, pos=tokens.shape[1], itemsize=4, written_out=False
+    )
     assert all_bytes > available
     monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": available)
     layers_run = []

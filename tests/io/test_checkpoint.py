@@ -231,7 +231,7 @@ def test_meta_q_after_meta_rope_equals_our_q_after_rotate_half_rope(tmp_path):
     wq_ours = ckpt.state_dict(["blocks.1.attn.q_proj.weight"])["blocks.1.attn.q_proj.weight"]
     x = torch.randn(1, 7, cfg.d_model)
     meta_q = _meta_reference_rope((x @ wq_meta.T).view(1, 7, cfg.n_heads, cfg.d_head), cfg.rope_theta)
-    cos, sin = rope_cos_sin(cfg, torch.arange(7)[None], torch.float32)
+    cos, sin = rope_cos_sin(cfg, torch.arange(7)[None], dtype=torch.float32)
     our_q = apply_rope((x @ wq_ours.T).view(1, 7, cfg.n_heads, cfg.d_head), cos, sin)
     # Meta keeps (real, imag) pairs next to each other; rotate-half puts all reals first.
     order = torch.cat([torch.arange(0, cfg.d_head, 2), torch.arange(1, cfg.d_head, 2)])

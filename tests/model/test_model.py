@@ -59,8 +59,8 @@ def test_dynamic_rope_changes_with_length():
     from llama_lens.model.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_dynamic"])
-    short, long = rope_inv_freq(cfg, 8, torch.device("cpu")), rope_inv_freq(cfg, 13, torch.device("cpu"))
-    assert torch.equal(short, rope_inv_freq(tiny_config(), 8, torch.device("cpu")))
+    short, long = rope_inv_freq(cfg, 8, device=torch.device("cpu")), rope_inv_freq(cfg, 13, device=torch.device("cpu"))
+    assert torch.equal(short, rope_inv_freq(tiny_config(), 8, device=torch.device("cpu")))
     assert not torch.allclose(short[1:], long[1:])
 
 
@@ -71,8 +71,8 @@ def test_llama3_rope_covers_its_three_bands():
     from llama_lens.model.attention import rope_inv_freq
 
     cfg = tiny_config(**SHAPES["rope_llama3"])
-    plain = rope_inv_freq(tiny_config(), 13, torch.device("cpu"))
-    scaled = rope_inv_freq(cfg, 13, torch.device("cpu"))
+    plain = rope_inv_freq(tiny_config(), 13, device=torch.device("cpu"))
+    scaled = rope_inv_freq(cfg, 13, device=torch.device("cpu"))
     scaling = cfg.rope_scaling
     wavelen = 2 * math.pi / plain
     kept = wavelen < scaling.original_max_position_embeddings / scaling.high_freq_factor
@@ -226,7 +226,7 @@ def test_sampling_is_seeded_and_top_p_restricts(tiny_cfg, device):
     from llama_lens.model.generate import sample_top_p
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    draws = {sample_top_p(probs.clone(), 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    draws = {sample_top_p(probs.clone(), 0.7, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert draws == {0, 1}
     _, model = reference_pair(tiny_cfg, device=device)
     prompt = torch.randint(3, 128, (1, 4))

@@ -21,10 +21,12 @@ import torch
 from support.models import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
+from llama_lens.data.texts import read_prompts
 from llama_lens.errors import ManifestMismatchError
 from llama_lens.runs.executors import ModelSpec, ShardWorker
-from llama_lens.runs.runner import make_records, plan_shards, read_prompts
-from llama_lens.runs.tasks import LensTask, ShardJob
+from llama_lens.runs.prompts import make_records, plan_shards
+from llama_lens.runs.shards import ShardJob
+from llama_lens.runs.tasks import LensTask
 from llama_lens.testing import write_hf_checkpoint
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -377,7 +379,7 @@ def test_shard_worker_loads_the_model_from_its_path_and_writes_the_local_shard(c
     # What each Ray actor runs, here in this process: the model loaded from the path, one shard processed.
     local = ll.lens_dataset(model, PROMPTS, out=tmp_path / "local", target=TARGETS, shard_size=6, progress=False)
     records = make_records(PROMPTS, TARGETS)
-    shard = plan_shards(records, [len(p) + 1 for p in PROMPTS], 6)[1]
+    shard = plan_shards(records, [len(p) + 1 for p in PROMPTS], shard_size=6)[1]
     job = ShardJob(out=str(tmp_path / "worker"), task=LensTask(("embed", "resid_post")), batch_size=16)
     worker = ShardWorker(ModelSpec(str(checkpoint), {"tokenizer": CharTokenizer()}), job, num_threads=1)
     stats = worker.run(shard)
