@@ -18,6 +18,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llama_lens"
 REFERENCE = "reference"  # the pages' folder in the site
+GROUND = ("errors", "validate", "files", "config_keys")  # the ground modules a face may import its tools from
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def lazy_names() -> dict[str, str]:
 
 
 def public_names(face: Face) -> list[str]:
-    """The names a face exports: its `__all__`, else (plot, config) what it defines or imports without a
-    leading underscore. Submodules of the package (`ll.plot` on the `ll` page) have pages of their own."""
+    """The names a face exports: its `__all__`, else (plot, config) what it defines, and what it imports from the
+    package's rooms, without a leading underscore. What it imports from the ground modules (config.py's errors and
+    key tables) is its tooling. Submodules (`ll.plot` on the `ll` page) have pages of their own."""
     tree = _tree(face)
     if not face.module:
         return list(lazy_names())
@@ -73,18 +75,12 @@ def public_names(face: Face) -> list[str]:
         return list(exported)
     names = []
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module != "__future__" and node.level > 0:
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module not in GROUND:
             names += [alias.asname or alias.name for alias in node.names]
         elif isinstance(node, ast.FunctionDef | ast.ClassDef):
             names.append(node.name)
         elif isinstance(node, ast.Assign):
             names += [target.id for target in node.targets if isinstance(target, ast.Name)]
-    # A face without __all__ exports what it names for its users: plot.py's imports, config.py's own definitions
-    # (its imports from config_keys and files are its tools, not its face).
-    if face.module == "config":
-        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
-        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-        names = [name for name in names if name in defined]
     return [name for name in dict.fromkeys(names) if not name.startswith("_")]
 
 
