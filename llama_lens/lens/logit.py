@@ -68,7 +68,7 @@ class LensResult(InputsView):
         layers: [n_readouts] the layer each read-out belongs to ("embed" is layer 0's input).
         readouts: [n_readouts] "embed", "resid_pre", "resid_mid" or "resid_post".
         top_ids, top_probs, top_logits: [batch, n_readouts, n_pos, top_k], most likely first.
-        top_strs: the text of `top_ids`, nested [batch][n_readouts][n_pos][top_k].
+        top_strs: the text of `top_ids`, nested `[batch][n_readouts][n_pos][top_k]`.
         entropy: [batch, n_readouts, n_pos] entropy of the read-out's distribution, in nats.
         kl_to_final: [batch, n_readouts, n_pos] KL(final || read-out) in nats: sum_v p_final(v) *
             (log p_final(v) - log p_readout(v)). The final distribution is the model's own output, i.e. the
