@@ -51,6 +51,10 @@ _LAZY = {
     "FactoredMatrix": "model.weights",
     "plan": "loading.plan",
     "Plan": "loading.plan",
+    "load_dictionary": "dictionaries.load",
+    "Dictionary": "dictionaries.dictionary",
+    "spliced": "dictionaries.splice",
+    "run_with_dictionaries": "dictionaries.splice",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

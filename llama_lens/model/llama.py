@@ -52,6 +52,9 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        # The MLP's input, after ln2 and its weight: where transcoders read (sparsify's `layers.N.mlp` input,
+        # circuit-tracer's `mlp.hook_in`). ln2.hook_normalized is the same before the weight.
+        self.hook_in = HookPoint()  # [batch, pos, d_model]
         self.hook_pre = HookPoint()  # gate, before the SiLU  [batch, pos, d_mlp]
         self.hook_pre_linear = HookPoint()  # up
         self.hook_post = HookPoint()  # silu(gate) * up
@@ -64,6 +67,7 @@ class MLP(nn.Module):
     b_out = property(lambda self: _bias_or_zeros(self.down_proj))  # [d_model]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_in(x)
         gate = self.hook_pre(self.gate_proj(x))
         up = self.hook_pre_linear(self.up_proj(x))
         return self.down_proj(self.hook_post(F.silu(gate) * up))

@@ -49,7 +49,7 @@ def _cached_width(cfg: LlamaConfig) -> int:
     """Values per position of every hook point of one block, but the attention scores and pattern (and the
     two float32 norm scales, counted apart)."""
     q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
-    resid = 5 * cfg.d_model  # resid_pre, resid_mid, resid_post, attn_out, mlp_out
+    resid = 6 * cfg.d_model  # resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp.hook_in
     norms = 2 * cfg.d_model  # ln1 / ln2 hook_normalized
     attn = q + 2 * kv + (q + kv) + q + cfg.n_heads * cfg.d_model  # q, k, v, rot_q, rot_k, z, result
     return resid + norms + attn + 3 * cfg.d_mlp  # + mlp hook_pre, hook_pre_linear, hook_post

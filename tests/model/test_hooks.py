@@ -19,6 +19,7 @@ BLOCK_HOOKS = [
     "attn.hook_result",
     "ln2.hook_scale",
     "ln2.hook_normalized",
+    "mlp.hook_in",
     "mlp.hook_pre",
     "mlp.hook_pre_linear",
     "mlp.hook_post",
