@@ -79,10 +79,10 @@ def main() -> None:
     model = ll.load(path)
     hf_model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     n_rows = args.steps * args.rows_per_step
-    rows = token_rows(model.tokenizer, generated_texts(400, seed=0), args.seq_len, max_rows=n_rows)
+    rows = token_rows(model.tokenizer, generated_texts(400, seed=0), seq_len=args.seq_len, max_rows=n_rows)
     if len(rows) < n_rows:
         raise SystemExit(f"only {len(rows)} rows of text for {n_rows}: lower --steps or --seq-len")
-    held_out = token_rows(model.tokenizer, generated_texts(50, seed=1), args.seq_len, max_rows=args.eval_rows)
+    held_out = token_rows(model.tokenizer, generated_texts(50, seed=1), seq_len=args.seq_len, max_rows=args.eval_rows)
 
     start = time.perf_counter()
     ours = TunedLens.train(
