@@ -206,7 +206,11 @@ class AttributionTask:
 
         padded, keep = batch_layout(n_tokens, self.positions)
         result = direct_logit_attribution(
-            model, [r.text for r in records], [list(r.target) for r in records], positions=padded, heads=self.heads
+            model,
+            [r.text for r in records],
+            target=[list(r.target) for r in records],
+            positions=padded,
+            heads=self.heads,
         )
         _check_padding(result.attention_mask, n_tokens)
         n_components, n_targets = len(result.labels), result.target_ids.shape[1]
