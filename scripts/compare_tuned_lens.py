@@ -103,9 +103,9 @@ def main() -> None:
         package_lens.save(folder)  # config.json + params.pt, the package's own format
         theirs = TunedLens.load(folder)
 
-    logit = mean_kl(TunedLens.for_model(model), model, held_out)
-    kl_ours = mean_kl(ours, model, held_out)
-    kl_theirs = mean_kl(theirs, model, held_out)
+    logit = mean_kl(TunedLens.for_model(model), model, texts=held_out)
+    kl_ours = mean_kl(ours, model, texts=held_out)
+    kl_theirs = mean_kl(theirs, model, texts=held_out)
     tokens = args.rows_per_step * args.seq_len
     print(f"{args.steps} steps x {tokens} tokens; ours {ours_s:.0f} s, package {package_s:.0f} s")
     print(f"held-out KL to the final distribution (nats/token, {held_out.numel()} tokens)")

@@ -143,7 +143,12 @@ def direct_logit_attribution(
     if target is None:
         raise ArgumentError("direct_logit_attribution needs a target, e.g. target=' Paris'")
     inputs = prepare_inputs(
-        model, prompt_or_tokens, target, positions, prepend_bos=prepend_bos, what="direct_logit_attribution"
+        model,
+        prompt_or_tokens,
+        target=target,
+        positions=positions,
+        prepend_bos=prepend_bos,
+        what="direct_logit_attribution",
     )
     tokens, target_ids = inputs.tokens, inputs.target_ids
     layers = model.layer_indices

@@ -144,9 +144,9 @@ class InputsView:
 def prepare_inputs(
     model: HookedLlama,
     prompt_or_tokens: Prompt,
+    *,
     target: Target,
     positions: int | Iterable[int] | None,
-    *,
     prepend_bos: bool | None,
     what: str,
 ) -> LensInputs:

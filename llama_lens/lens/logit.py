@@ -94,7 +94,9 @@ def logit_lens(
     top_k = check_count("top_k", top_k, 1, model.cfg.d_vocab, f"the vocabulary has {model.cfg.d_vocab} ids")
     if chunk_size is not None:
         chunk_size = check_count("chunk_size", chunk_size, 1)
-    inputs = prepare_inputs(model, prompt_or_tokens, target, positions, prepend_bos=prepend_bos, what="logit_lens")
+    inputs = prepare_inputs(
+        model, prompt_or_tokens, target=target, positions=positions, prepend_bos=prepend_bos, what="logit_lens"
+    )
     batch, n_tokens = inputs.tokens.shape
     pos_index = inputs.positions
 
@@ -137,8 +139,8 @@ def logit_lens(
             unique = [lens.translate_hook(tensor, first_hook[id(tensor)]) for tensor in unique]
         normed = _normed_rows(model, unique, final_rows)
         final, readouts = read_out(
-            normed, model.unembed.weight, final_rows, row_targets, top_k=top_k, keep_logits=keep_logits,
-            chunk_size=chunk_size,
+            normed, model.unembed.weight, final_logits=final_rows, targets=row_targets, top_k=top_k,
+            keep_logits=keep_logits, chunk_size=chunk_size,
         )  # fmt: skip
 
     def stacked(field: str) -> torch.Tensor | None:

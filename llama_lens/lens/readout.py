@@ -113,9 +113,9 @@ class ReadoutMetrics:
 def read_out(
     normed: torch.Tensor,
     unembed_weight: torch.Tensor,
+    *,
     final_logits: torch.Tensor,
     targets: torch.Tensor | None = None,
-    *,
     top_k: int = 5,
     keep_logits: bool = False,
     chunk_size: int | None = None,
@@ -400,7 +400,7 @@ class _Online:
         k = min(self.top_k, width)
         # Until top_k tokens have come by (the first block may be a short last one), every row merges.
         if self.top_values is None or self.top_values.shape[1] < self.top_k:
-            values, ids = top_k_largest(block, k, self.row_base)
+            values, ids = top_k_largest(block, k, row_base=self.row_base)
             self._merge(values, ids + v0, None)
             return values[:, 0]
         # A block changes a row's top-k only where its maximum beats the row's k-th best so far. After the
@@ -408,7 +408,7 @@ class _Online:
         block_max = block.amax(dim=1)
         hit = (block_max > self.top_values[:, -1]).nonzero()[:, 0]
         if len(hit) == rows:
-            values, ids = top_k_largest(block, k, self.row_base)
+            values, ids = top_k_largest(block, k, row_base=self.row_base)
             self._merge(values, ids + v0, None)
         elif len(hit):
             values, ids = top_k_largest(block.index_select(0, hit), k)
@@ -452,7 +452,7 @@ class _Online:
 
 
 def top_k_largest(
-    logits: torch.Tensor, k: int, row_base: torch.Tensor | None = None
+    logits: torch.Tensor, k: int, *, row_base: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(logits, k, dim=-1)` for logits [rows, d_vocab], a few times faster when k is small.
 

@@ -49,7 +49,7 @@ class Translating(Protocol):
 
     def to(self, device: str | torch.device) -> Any: ...
 
-    def translate(self, resid: torch.Tensor, layer: int, readout: str = "resid_post") -> torch.Tensor: ...
+    def translate(self, resid: torch.Tensor, layer: int, *, readout: str = "resid_post") -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +139,7 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def linear_decay(step: int, max_steps: int, warmup_steps: int) -> float:
+def linear_decay(step: int, *, max_steps: int, warmup_steps: int) -> float:
     """The learning-rate factor at `step`: linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at
     `max_steps` (transformers' get_linear_schedule_with_warmup, which the package uses)."""
     if step < warmup_steps:
@@ -190,6 +190,7 @@ def token_rows(tokenizer: Any, texts: Iterable[str], *, seq_len: int, max_rows: 
 def kl_sums(
     lens: Translating,
     model: Any,
+    *,
     resid: dict[str, torch.Tensor],
     final_logits: torch.Tensor,
     chunk_size: int,
@@ -219,7 +220,8 @@ def kl_sums(
             final_probs = final_logprobs.exp()
             neg_entropy = (final_probs * final_logprobs).sum()  # sum_v p log p, summed over the chunk
             for label, stream in resid.items():
-                translated = lens.translate(stream[rows].float(), *label_readout(label))
+                layer, kind = label_readout(label)
+                translated = lens.translate(stream[rows].float(), layer, readout=kind)
                 logits = torch.nn.functional.linear(model.ln_final(translated).to(weight.dtype), weight).float()
                 # KL(p || q) = sum_v p log p - sum_v p logits_q + logsumexp(logits_q), summed over the chunk
                 kl = neg_entropy - (final_probs * logits).sum() + logits.logsumexp(dim=-1).sum()
@@ -230,7 +232,7 @@ def kl_sums(
 
 
 def collect_streams(
-    model: Any, tokens: torch.Tensor, labels: Sequence[str]
+    model: Any, tokens: torch.Tensor, *, labels: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass: each label's residual stream [batch * pos, d_model] (detached) and the model's logits
     [batch * pos, d_vocab]."""
@@ -253,7 +255,7 @@ def _positive(name: str, value: Any, *, integer: bool = True, zero: bool = False
     return value
 
 
-def fit(lens: Translating, model: Any, texts: Any, config: TrainConfig) -> Translating:
+def fit(lens: Translating, model: Any, *, texts: Any, config: TrainConfig) -> Translating:
     """Trains `lens` (in place) on `model`'s own predictions over `texts`; `TunedLens.train` is the entry point.
 
     Args:
@@ -322,7 +324,7 @@ def fit(lens: Translating, model: Any, texts: Any, config: TrainConfig) -> Trans
         weight_decay=config.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_decay(step, max_steps, config.warmup_steps)
+        optimizer, lambda step: linear_decay(step, max_steps=max_steps, warmup_steps=config.warmup_steps)
     )
     n_step_tokens = rows_per_step * seq_len
     bar = tqdm(range(max_steps), desc="tuned lens", disable=not config.progress, unit="step")
@@ -334,8 +336,15 @@ def fit(lens: Translating, model: Any, texts: Any, config: TrainConfig) -> Trans
             totals = dict.fromkeys(labels, 0.0)
             for start in range(0, rows_per_step, rows_per_batch):
                 tokens = step_rows[start : start + rows_per_batch].to(device)
-                resid, final_logits = collect_streams(model, tokens, labels)
-                sums = kl_sums(lens, model, resid, final_logits, config.chunk_size, scale=1.0 / n_step_tokens)
+                resid, final_logits = collect_streams(model, tokens, labels=labels)
+                sums = kl_sums(
+                    lens,
+                    model,
+                    resid=resid,
+                    final_logits=final_logits,
+                    chunk_size=config.chunk_size,
+                    scale=1.0 / n_step_tokens,
+                )
                 del resid, final_logits
                 for label, value in sums.items():
                     totals[label] += value
@@ -359,7 +368,7 @@ def fit(lens: Translating, model: Any, texts: Any, config: TrainConfig) -> Trans
 
 
 def mean_kl(
-    lens: Translating, model: Any, texts: Any, *, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
+    lens: Translating, model: Any, *, texts: Any, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
 ) -> dict[str, float]:
     """Mean KL(final || translated read-out) per token, per translator, over held-out texts or token rows
     [n_rows, pos] (no training).
@@ -376,7 +385,7 @@ def mean_kl(
     totals = dict.fromkeys(lens.labels, 0.0)
     device = model.embed.weight.device
     for row in rows:
-        resid, final_logits = collect_streams(model, row[None].to(device), lens.labels)
-        for label, value in kl_sums(lens, model, resid, final_logits, chunk_size).items():
+        resid, final_logits = collect_streams(model, row[None].to(device), labels=lens.labels)
+        for label, value in kl_sums(lens, model, resid=resid, final_logits=final_logits, chunk_size=chunk_size).items():
             totals[label] += value
     return {label: value / rows.numel() for label, value in totals.items()}

@@ -92,8 +92,8 @@ class TunedLens:
         self,
         d_model: int,
         n_layers: int,
-        labels: Sequence[str] | None = None,
         *,
+        labels: Sequence[str] | None = None,
         bias: bool = True,
         info: dict[str, Any] | None = None,
     ) -> None:
@@ -131,7 +131,7 @@ class TunedLens:
     @classmethod
     def for_model(cls, model: HookedLlama, readout: str | Sequence[str] = DEFAULT_READOUT) -> TunedLens:
         """An identity lens with a translator for each of `model`'s residual streams that `readout` names."""
-        return cls(model.cfg.d_model, model.cfg.n_layers, translator_labels(model.cfg.n_layers, readout))
+        return cls(model.cfg.d_model, model.cfg.n_layers, labels=translator_labels(model.cfg.n_layers, readout))
 
     # ------------------------------------------------------------------ translating
     @property
@@ -168,7 +168,7 @@ class TunedLens:
             )
         return self.translators[label]
 
-    def translate(self, resid: torch.Tensor, layer: int, readout: str = "resid_post") -> torch.Tensor:
+    def translate(self, resid: torch.Tensor, layer: int, *, readout: str = "resid_post") -> torch.Tensor:
         """resid + A resid + b: the residual stream moved to where the last layer would read it out.
 
         Apply before ln_final: `logits = model.unembed(model.ln_final(lens.translate(resid, layer)))`.
@@ -197,7 +197,7 @@ class TunedLens:
     def translate_hook(self, resid: torch.Tensor, hook_name: str) -> torch.Tensor:
         """`translate` for a residual stream named by its hook point ("hook_embed", "blocks.3.hook_resid_post")."""
         layer, kind = hook_readout(hook_name)
-        return self.translate(resid, layer, kind)
+        return self.translate(resid, layer, readout=kind)
 
     def check_model(self, model: HookedLlama) -> None:
         """Raises ArgumentError unless `model` has this lens's d_model and number of layers."""
@@ -239,7 +239,7 @@ class TunedLens:
             lens = cls.for_model(model, config.readout)
         else:
             lens.check_model(model)
-        return fit(lens, model, texts, config)
+        return fit(lens, model, texts=texts, config=config)
 
     # ------------------------------------------------------------------ saving and loading
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -339,7 +339,7 @@ def _load_ours(folder: Path, config: dict) -> TunedLens:
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise LensFileError(f"{config_path}: key 'labels' must be a list of strings, got {labels!r}")
     try:
-        lens = TunedLens(d_model, n_layers, labels, bias=bool(config.get("bias", True)), info=config.get("info"))
+        lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=config.get("info"))
     except ValueError as err:
         raise LensFileError(f"{config_path}: {err}") from None
     params_path = folder / PARAMS_FILE
@@ -388,7 +388,7 @@ def _load_package(folder: Path, config: dict) -> TunedLens:
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "unembed_hash": config.get("unembed_hash"),
     }
-    lens = TunedLens(d_model, n_layers, labels, bias=bool(config.get("bias", True)), info=info)
+    lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=info)
     _assign(lens, state, params_path)
     return lens
 

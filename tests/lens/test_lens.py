@@ -679,8 +679,8 @@ def test_engine_without_a_model_matches_float64(flat, monkeypatch):
     targets = torch.tensor([[0, 1500, 2299]] * n_rows)
     if flat:
         normed = normed[:, 0]
-    final, out = readout_module.read_out(normed, weight, final_logits, targets, top_k=top_k, chunk_size=7,
-                                         keep_logits=True)  # fmt: skip
+    final, out = readout_module.read_out(normed, weight, final_logits=final_logits, targets=targets, top_k=top_k,
+                                         chunk_size=7, keep_logits=True)  # fmt: skip
 
     logits = normed.double() @ weight.double().T  # [n_rows, (n_readouts,) d_vocab]
     final64 = final_logits.double()
@@ -717,15 +717,15 @@ def test_engine_without_a_model_matches_float64(flat, monkeypatch):
 def test_engine_refuses_tensors_that_do_not_fit():
     normed, weight, final = torch.randn(4, 2, 8), torch.randn(50, 8), torch.randn(4, 50)
     with pytest.raises(ValueError, match=r"shapes do not fit: normed \(4, 2, 8\)"):
-        readout_module.read_out(normed, torch.randn(50, 9), final)
+        readout_module.read_out(normed, torch.randn(50, 9), final_logits=final)
     with pytest.raises(ValueError, match=r"final_logits \(3, 50\)"):
-        readout_module.read_out(normed, weight, final[:3])
+        readout_module.read_out(normed, weight, final_logits=final[:3])
     with pytest.raises(ValueError, match=r"targets=\[\[0\], \[1\], \[50\], \[2\]\] is out of range: .* \(0..49\)"):
-        readout_module.read_out(normed, weight, final, torch.tensor([[0], [1], [50], [2]]))
+        readout_module.read_out(normed, weight, final_logits=final, targets=torch.tensor([[0], [1], [50], [2]]))
     with pytest.raises(ValueError, match=r"top_k=51 is out of range: the vocabulary has 50 ids \(1..50\)"):
-        readout_module.read_out(normed, weight, final, top_k=51)
+        readout_module.read_out(normed, weight, final_logits=final, top_k=51)
     with pytest.raises(ValueError, match="chunk_size=0 is out of range: it must be at least 1"):
-        readout_module.read_out(normed, weight, final, chunk_size=0)
+        readout_module.read_out(normed, weight, final_logits=final, chunk_size=0)
 
 
 def test_lens_results_are_the_engines_on_normed_residuals():
@@ -739,7 +739,9 @@ def test_lens_results_are_the_engines_on_normed_residuals():
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         normed = model.ln_final(torch.stack([cache[h] for h in hooks], dim=2)).flatten(0, 1)  # [rows, 2, d_model]
     targets = torch.full((12, 1), 5)
-    final, out = readout_module.read_out(normed, model.unembed.weight, logits.flatten(0, 1), targets)
+    final, out = readout_module.read_out(
+        normed, model.unembed.weight, final_logits=logits.flatten(0, 1), targets=targets
+    )
     torch.testing.assert_close(result.entropy[:, :2], out.entropy.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,
                                rtol=0)  # fmt: skip
     torch.testing.assert_close(result.kl_to_final[:, :2], out.kl.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,

@@ -109,7 +109,7 @@ def test_loss_is_the_logit_lens_kl(model):
     lens = TunedLens.for_model(model)
     ref = ll.logit_lens(model, rows)
     expected = ref.kl_to_final.mean(dim=(0, 2))  # [n_readouts]: embed, 0_post, 1_post, 2_post
-    got = mean_kl(lens, model, generated_texts(4, seed=2), seq_len=24, max_rows=2)
+    got = mean_kl(lens, model, texts=generated_texts(4, seed=2), seq_len=24, max_rows=2)
     torch.testing.assert_close(torch.tensor([got[label] for label in lens.labels]), expected[:-1], atol=1e-4, rtol=1e-4)
 
 
@@ -120,8 +120,8 @@ def test_training_lowers_the_held_out_kl(model):
     assert len(lens.losses) == 30 and lens.info["steps"] == 30
     assert sum(lens.losses[-5:]) < 0.8 * sum(lens.losses[:5])
     held_out = generated_texts(10, seed=1)
-    before = mean_kl(TunedLens.for_model(model), model, held_out, seq_len=32, max_rows=4)
-    after = mean_kl(lens, model, held_out, seq_len=32, max_rows=4)
+    before = mean_kl(TunedLens.for_model(model), model, texts=held_out, seq_len=32, max_rows=4)
+    after = mean_kl(lens, model, texts=held_out, seq_len=32, max_rows=4)
     for label in lens.labels:
         assert after[label] < 0.8 * before[label], (label, before[label], after[label])
     assert not any(p.requires_grad for p in lens.parameters())
@@ -138,8 +138,8 @@ def test_one_step_moves_the_translators_as_sgd_says(model):
     fresh.translators.requires_grad_(True)
     from llama_lens.lens.train import collect_streams
 
-    resid, final = collect_streams(model, rows, fresh.labels)
-    kl_sums(fresh, model, resid, final, 16, scale=1.0 / rows.numel())
+    resid, final = collect_streams(model, rows, labels=fresh.labels)
+    kl_sums(fresh, model, resid=resid, final_logits=final, chunk_size=16, scale=1.0 / rows.numel())
     for name, param in fresh.translators.named_parameters():
         expected = -1.0 * (1 - 0.9) * (1 + 0.9) * param.grad
         torch.testing.assert_close(lens.state_dict()[name], expected, atol=1e-6, rtol=1e-4, msg=name)
@@ -215,7 +215,11 @@ def test_a_tuned_lens_package_file_loads_and_translates_the_same(model, tmp_path
     with torch.no_grad():
         for k, stream in enumerate(streams):
             expected = stream + translators[k](stream)
-            got = lens.translate(stream, 0, "embed") if k == 0 else lens.translate(stream, k - 1, "resid_post")
+            got = (
+                lens.translate(stream, 0, readout="embed")
+                if k == 0
+                else lens.translate(stream, k - 1, readout="resid_post")
+            )
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
             assert torch.equal(lens.translate_hook(stream, f"blocks.{k}.hook_resid_pre"), got)
     # Saved again in our format, it reloads identical.
