@@ -85,8 +85,8 @@ def lens_readout(tokens: int, fraction: int, repeat: int) -> None:
     results = {}
     for mode in ("native", "float32"):
         set_mode(mode)
-        _, metrics = read_out(normed, weight, final_logits, top_k=5, keep_logits=True)
-        seconds = best_time(lambda: read_out(normed, weight, final_logits, top_k=5), repeat)
+        _, metrics = read_out(normed, weight, final_logits=final_logits, top_k=5, keep_logits=True)
+        seconds = best_time(lambda: read_out(normed, weight, final_logits=final_logits, top_k=5), repeat)
         results[mode] = seconds * fraction, (metrics.logits.double() - exact).abs().max().item()
     flops = 2 * tokens * n_readouts * 128256 * d_model
     (native, native_err), (ours, our_err) = results["native"], results["float32"]

@@ -79,10 +79,10 @@ def main() -> None:
     model = ll.load(path)
     hf_model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     n_rows = args.steps * args.rows_per_step
-    rows = token_rows(model.tokenizer, generated_texts(400, seed=0), args.seq_len, max_rows=n_rows)
+    rows = token_rows(model.tokenizer, generated_texts(400, seed=0), seq_len=args.seq_len, max_rows=n_rows)
     if len(rows) < n_rows:
         raise SystemExit(f"only {len(rows)} rows of text for {n_rows}: lower --steps or --seq-len")
-    held_out = token_rows(model.tokenizer, generated_texts(50, seed=1), args.seq_len, max_rows=args.eval_rows)
+    held_out = token_rows(model.tokenizer, generated_texts(50, seed=1), seq_len=args.seq_len, max_rows=args.eval_rows)
 
     start = time.perf_counter()
     ours = TunedLens.train(
@@ -103,9 +103,9 @@ def main() -> None:
         package_lens.save(folder)  # config.json + params.pt, the package's own format
         theirs = TunedLens.load(folder)
 
-    logit = mean_kl(TunedLens.for_model(model), model, held_out)
-    kl_ours = mean_kl(ours, model, held_out)
-    kl_theirs = mean_kl(theirs, model, held_out)
+    logit = mean_kl(TunedLens.for_model(model), model, texts=held_out)
+    kl_ours = mean_kl(ours, model, texts=held_out)
+    kl_theirs = mean_kl(theirs, model, texts=held_out)
     tokens = args.rows_per_step * args.seq_len
     print(f"{args.steps} steps x {tokens} tokens; ours {ours_s:.0f} s, package {package_s:.0f} s")
     print(f"held-out KL to the final distribution (nats/token, {held_out.numel()} tokens)")

@@ -49,8 +49,8 @@ def main() -> None:
     folder = lens.save(home / "tuned_lens" / args.name)
 
     held_out = generated_texts(50, seed=1)
-    tuned = mean_kl(lens, model, held_out, seq_len=args.seq_len, max_rows=args.eval_rows)
-    logit = mean_kl(TunedLens.for_model(model), model, held_out, seq_len=args.seq_len, max_rows=args.eval_rows)
+    tuned = mean_kl(lens, model, texts=held_out, seq_len=args.seq_len, max_rows=args.eval_rows)
+    logit = mean_kl(TunedLens.for_model(model), model, texts=held_out, seq_len=args.seq_len, max_rows=args.eval_rows)
     print(f"{'translator':>10} {'logit KL':>9} {'tuned KL':>9} {'ratio':>6}")
     for label in lens.labels:
         print(f"{label:>10} {logit[label]:9.3f} {tuned[label]:9.3f} {tuned[label] / logit[label]:6.3f}")

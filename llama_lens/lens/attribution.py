@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..validate import check_choice
+from ..errors import ArgumentError
+from ..validate import check_choice, renamed_keywords
+from ..viz.bars import LayerBars, draw_bars
+from ..viz.tokens import visible_token
 from .inputs import InputsView, LensInputs, Prompt, Target, index_grid, make_frame, on_cpu, prepare_inputs
 
 if TYPE_CHECKING:
@@ -70,10 +73,10 @@ class AttributionResult(InputsView):
         """A tidy pandas DataFrame.
 
         Args:
-            kind: "components": one row per prompt × component × position × target, columns prompt (the batch
-                index), label, layer, component ("embed" / "attn" / "mlp"), position, token, target, target_id,
+            kind: "components": one row per prompt × component × position × target, columns batch_index,
+                label, layer, component ("embed" / "attn" / "mlp"), position, token, target, target_id,
                 contribution, final_logit. "heads": one row per prompt × layer × head × position × target,
-                columns prompt, layer, head, position, token, target, target_id, contribution, final_logit.
+                columns batch_index, layer, head, position, token, target, target_id, contribution, final_logit.
         """
         import pandas as pd
 
@@ -83,17 +86,17 @@ class AttributionResult(InputsView):
             b, c, p, t = index_grid(*values.shape)
             c = c.tolist()
             columns: dict[str, Any] = {
-                "prompt": b,
+                "batch_index": b,
                 "label": pd.Categorical([self.labels[i] for i in c], categories=self.labels, ordered=True),
                 "layer": [self.layers[i] for i in c],
                 "component": [self.kinds[i] for i in c],
             }
         else:
             if self.heads is None:
-                raise ValueError("this result has no per-head contributions; run with heads=True")
+                raise ArgumentError("this result has no per-head contributions; run with heads=True")
             values = self.heads
             b, layer_index, head, p, t = index_grid(*values.shape)
-            columns = {"prompt": b, "layer": torch.tensor(self.head_layers)[layer_index], "head": head}
+            columns = {"batch_index": b, "layer": torch.tensor(self.head_layers)[layer_index], "head": head}
         columns |= self.inputs.position_columns(b, p)
         columns |= self.inputs.target_columns(b, t)
         columns["contribution"] = values.reshape(-1)
@@ -101,20 +104,16 @@ class AttributionResult(InputsView):
         return make_frame(columns)
 
     def plot(self, **kwargs: Any) -> Figure:
-        """Bars per layer (attention, MLP) and a layer × head heatmap; see `llama_lens.plot.logit_attribution`.
-
-        A convenience, as `LensResult.plot` is: the drawing module is imported when it is called.
-        """
-        from ..viz.heatmap import logit_attribution
-
+        """Bars per layer (attention, MLP) and a layer × head heatmap; see `logit_attribution`
+        (`ll.plot.logit_attribution`)."""
         return logit_attribution(self, **kwargs)
 
 
 def direct_logit_attribution(
     model: HookedLlama,
     prompt_or_tokens: Prompt,
-    target: Target,
     *,
+    target: Target,
     positions: int | Iterable[int] | None = -1,
     heads: bool = True,
     prepend_bos: bool | None = None,
@@ -142,9 +141,14 @@ def direct_logit_attribution(
         An AttributionResult.
     """
     if target is None:
-        raise ValueError("direct_logit_attribution needs a target, e.g. target=' Paris'")
+        raise ArgumentError("direct_logit_attribution needs a target, e.g. target=' Paris'")
     inputs = prepare_inputs(
-        model, prompt_or_tokens, target, positions, prepend_bos=prepend_bos, what="direct_logit_attribution"
+        model,
+        prompt_or_tokens,
+        target=target,
+        positions=positions,
+        prepend_bos=prepend_bos,
+        what="direct_logit_attribution",
     )
     tokens, target_ids = inputs.tokens, inputs.target_ids
     layers = model.layer_indices
@@ -206,4 +210,68 @@ def direct_logit_attribution(
         head_layers=list(layers) if heads else [],
         final_logits=final_logits.cpu(),
         scale=scale.cpu(),
+    )
+
+
+@renamed_keywords(prompt="batch_index", target="target_index")
+def logit_attribution(
+    result: AttributionResult,
+    *,
+    batch_index: int = 0,
+    position: int | None = None,
+    target_index: int = 0,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Direct logit attribution at one position: bars for the embedding and each layer's attention and MLP
+    output, and (when the result has them) a layer × head heatmap, all in logits of the target.
+
+    Args:
+        result: an AttributionResult from `direct_logit_attribution`.
+        batch_index: which prompt of the batch (negative counts from the end); formerly `prompt=`.
+        position: the token position (must be among those attributed; default the last of them).
+        target_index: which of the prompt's targets; formerly `target=`.
+        figsize: (width, height) in inches.
+
+    Returns:
+        The Figure: axes 0 the bars, axes 1 the head heatmap (if any), plus its colour bar.
+
+    Raises:
+        ArgumentError: a batch index, position or target index out of range.
+    """
+    return draw_bars(attribution_bars(result, batch_index=batch_index, position=position, target_index=target_index),
+                     figsize=figsize)  # fmt: skip
+
+
+def attribution_bars(
+    result: AttributionResult, *, batch_index: int = 0, position: int | None = None, target_index: int = 0
+) -> LayerBars:
+    """What `logit_attribution` draws: one group of bars for the embedding and one per layer (attention, MLP),
+    and the per-head terms at the same position."""
+    prompt = result.inputs.check_batch_index(batch_index)
+    target = result.inputs.check_target_index(target_index)
+    column = result.inputs.column_of(position, prompt)
+    values = result.components[prompt, :, column, target].tolist()  # [n_components]
+    layer_list = sorted({layer for layer, kind in zip(result.layers, result.kinds) if kind != "embed"})
+    has_embed = "embed" in result.kinds
+    group_of = {layer: i + has_embed for i, layer in enumerate(layer_list)}
+    series: dict[str, dict[int, float]] = {"attn": {}, "mlp": {}}
+    for value, layer, kind in zip(values, result.layers, result.kinds):
+        series.setdefault(kind, {})[0 if kind == "embed" else group_of[layer]] = value
+    has_heads = result.heads is not None and len(result.head_layers) > 0
+    p = result.positions[column]
+    total = float(result.final_logits[prompt, column, target])
+    target_text = visible_token(result.target_strs[prompt][target], 16)
+    token = visible_token(result.str_tokens[prompt][p], 16)
+    return LayerBars(
+        groups=(["embed"] if has_embed else []) + [str(layer) for layer in layer_list],
+        series=series,
+        colours={"attn": "tab:blue", "mlp": "tab:orange", "embed": "tab:gray"},
+        title=f"logit of {target_text} at position {p} ({token}): {total:.2f}",
+        xlabel="layer",
+        ylabel="direct contribution to the logit",
+        heads=result.heads[prompt, :, :, column, target] if has_heads else None,  # [n_layers, n_heads]
+        head_rows=[str(layer) for layer in result.head_layers],
+        heads_title="per head",
+        heads_xlabel="head",
+        heads_ylabel="layer",
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ArgumentError
 from ..validate import check_index, check_position, check_positions, check_targets
 
 if TYPE_CHECKING:
@@ -64,14 +65,14 @@ class LensInputs:
             batch_index: with it, a padding position of that prompt is refused.
 
         Raises:
-            ValueError: for a position out of range, not read out, or padding.
+            ArgumentError: for a position out of range, not read out, or padding.
         """
         n_tokens = self.tokens.shape[1]
         position = max(self.positions) if position is None else check_position(position, n_tokens)
         if position not in self.positions:
-            raise ValueError(f"position {position} was not read out; this result holds positions {self.positions}")
+            raise ArgumentError(f"position {position} was not read out; this result holds positions {self.positions}")
         if batch_index is not None and not self.attention_mask[batch_index, position]:
-            raise ValueError(f"position {position} of prompt {batch_index} is padding (the batch is left-padded)")
+            raise ArgumentError(f"position {position} of prompt {batch_index} is padding (the batch is left-padded)")
         return self.positions.index(position)
 
     def check_batch_index(self, batch_index: Any) -> int:
@@ -81,7 +82,7 @@ class LensInputs:
     def check_target_index(self, target_index: Any) -> int:
         """`target_index` as an index into each prompt's targets (negative counts from the end)."""
         if self.target_ids is None:
-            raise ValueError("this result has no target: pass target=' Paris' when computing it")
+            raise ArgumentError("this result has no target: pass target=' Paris' when computing it")
         return check_index("target_index", target_index, self.n_targets, "targets")
 
     # -------------------------------------------------------------------------------------- table columns
@@ -143,9 +144,9 @@ class InputsView:
 def prepare_inputs(
     model: HookedLlama,
     prompt_or_tokens: Prompt,
+    *,
     target: Target,
     positions: int | Iterable[int] | None,
-    *,
     prepend_bos: bool | None,
     what: str,
 ) -> LensInputs:
@@ -158,7 +159,7 @@ def prepare_inputs(
         what: the calling function's name, for messages.
 
     Raises:
-        ValueError: for a model that cannot run from tokens, a position out of range or a bad target.
+        ArgumentError: for a model that cannot run from tokens, a position out of range or a bad target.
     """
     check_runs_from_tokens(model, what)
     options = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
@@ -199,7 +200,7 @@ def check_runs_from_tokens(model: HookedLlama, what: str) -> None:
     """
     loaded = model.layer_indices
     if loaded and loaded[0] != 0:
-        raise ValueError(
+        raise ArgumentError(
             f"this model holds layers {loaded[0]}..{loaded[-1]} only; {what} runs the model from the tokens, which "
             f"needs every layer from 0: load it with layers=range(0, {loaded[-1] + 1})"
         )

@@ -20,183 +20,30 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..validate import check_choice, check_count, check_loaded_layers
-from .inputs import (
-    InputsView,
-    LensInputs,
-    Prompt,
-    Target,
-    index_grid,
-    make_frame,
-    on_cpu,
-    prepare_inputs,
-    repeat_rows,
-    token_texts,
-)
+from ..errors import ArgumentError
+from ..validate import check_count, check_loaded_layers
+from .inputs import Prompt, Target, on_cpu, prepare_inputs, token_texts
+from .logit_result import LensResult
 from .readout import read_out
+from .readouts import DEFAULT_READOUT, READOUTS, readout_hook, readout_kinds, readout_label
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from matplotlib.figure import Figure
-
     from ..model.llama import HookedLlama
     from .tuned import TunedLens
 
-READOUTS = ("embed", "resid_pre", "resid_mid", "resid_post")
-DEFAULT_READOUT = ("embed", "resid_post")
-TABLE_KINDS = ("summary", "top_k")
-
-
-# ----------------------------------------------------------------------------------------------- result
-@dataclass(repr=False)
-class LensResult(InputsView):
-    """What every read-out predicts, at every asked-for position of every prompt.
-
-    Shapes use `n_readouts` (rows of the lens, in forward order: "embed", then per layer "{i}_pre",
-    "{i}_mid", "{i}_post" as asked), `n_pos` (the asked-for positions) and `n_targets`.
-
-    Attributes:
-        inputs: the prompts and what was asked of them (`LensInputs`); its fields read as the result's own:
-            `tokens` [batch, pos], `attention_mask` [batch, pos], `str_tokens`, `positions` [n_pos],
-            `target_ids` [batch, n_targets] or None, `target_strs`.
-        labels: [n_readouts] e.g. "embed", "3_mid", "3_post".
-        layers: [n_readouts] the layer each read-out belongs to ("embed" is layer 0's input).
-        readouts: [n_readouts] "embed", "resid_pre", "resid_mid" or "resid_post".
-        top_ids, top_probs, top_logits: [batch, n_readouts, n_pos, top_k], most likely first.
-        top_strs: the text of `top_ids`, nested `[batch][n_readouts][n_pos][top_k]`.
-        entropy: [batch, n_readouts, n_pos] entropy of the read-out's distribution, in nats.
-        kl_to_final: [batch, n_readouts, n_pos] KL(final || read-out) in nats: sum_v p_final(v) *
-            (log p_final(v) - log p_readout(v)). The final distribution is the model's own output, i.e. the
-            read-out of the last loaded layer's resid_post (for a partial model, that of its last layer).
-        target_probs, target_logits: [batch, n_readouts, n_pos, n_targets] or None.
-        target_ranks: [batch, n_readouts, n_pos, n_targets] tokens with a strictly higher logit (0 = top); -1
-            where the read-out's logits are not finite (NaN or inf, so there is no rank), NaN in `to_frame()`.
-        logits: [batch, n_readouts, n_pos, d_vocab] when `keep_logits=True`, else None.
-        lens: which lens made it: "logit" (the residual streams read out as they are) or "tuned" (each first
-            moved by its tuned-lens translator, see `ll.TunedLens`).
-    """
-
-    inputs: LensInputs
-    labels: list[str]
-    layers: list[int]
-    readouts: list[str]
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
-    top_logits: torch.Tensor
-    top_strs: list[list[list[list[str]]]]
-    entropy: torch.Tensor
-    kl_to_final: torch.Tensor
-    target_probs: torch.Tensor | None = None
-    target_logits: torch.Tensor | None = None
-    target_ranks: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    lens: str = "logit"
-
-    @property
-    def n_readouts(self) -> int:
-        return len(self.labels)
-
-    def __repr__(self) -> str:
-        targets = "" if self.target_strs is None else f", targets={self.target_strs}"
-        lens = "" if self.lens == "logit" else f", lens={self.lens!r}"
-        return (
-            f"LensResult(batch={self.batch}, read-outs={self.labels[0]}..{self.labels[-1]} ({self.n_readouts}), "
-            f"positions={len(self.positions)}, top_k={self.top_ids.shape[-1]}{targets}{lens})"
-        )
-
-    def to_frame(self, kind: str = "summary", *, drop_padding: bool = True) -> pd.DataFrame:
-        """A tidy pandas DataFrame.
-
-        Args:
-            kind: "summary": one row per prompt × read-out × position (× target when there are several),
-                columns prompt (the batch index), label, layer, readout, position, token, top_token, top_id,
-                top_prob, entropy, kl_to_final, and with targets: target, target_id, target_prob, target_logit,
-                target_rank (float with NaN where a read-out's logits are not finite, as pandas does for missing
-                integers; else integers). "top_k": one row per prompt × read-out × position × k, columns prompt, label,
-                layer, readout, position, token, k, top_token, top_id, top_prob, top_logit.
-            drop_padding: leave out rows at padding positions of a left-padded batch.
-
-        Returns:
-            The DataFrame; `label` is an ordered categorical (forward order), so sorting and pivoting keep the
-            read-outs in order.
-        """
-        import pandas as pd
-
-        check_choice("kind", kind, TABLE_KINDS, "table kind")
-        batch, n_readouts, n_pos, top_k = self.top_ids.shape
-        b, r, p = index_grid(batch, n_readouts, n_pos)
-        columns = {
-            "prompt": b,
-            "label": pd.Categorical([self.labels[i] for i in r.tolist()], categories=self.labels, ordered=True),
-            "layer": torch.tensor(self.layers)[r],
-            "readout": [self.readouts[i] for i in r.tolist()],
-            **self.inputs.position_columns(b, p),
-        }
-        keep = self.inputs.is_real(b, p) if drop_padding else None
-
-        if kind == "top_k":
-            columns = {name: repeat_rows(values, top_k) for name, values in columns.items()}
-            columns["k"] = torch.arange(top_k).repeat(len(b))
-            columns["top_token"] = [s for row in _flatten3(self.top_strs) for s in row]
-            columns["top_id"] = self.top_ids.reshape(-1)
-            columns["top_prob"] = self.top_probs.reshape(-1)
-            columns["top_logit"] = self.top_logits.reshape(-1)
-            return make_frame(columns, None if keep is None else repeat_rows(keep, top_k))
-
-        columns["top_token"] = [row[0] for row in _flatten3(self.top_strs)]
-        columns["top_id"] = self.top_ids[..., 0].reshape(-1)
-        columns["top_prob"] = self.top_probs[..., 0].reshape(-1)
-        columns["entropy"] = self.entropy.reshape(-1)
-        columns["kl_to_final"] = self.kl_to_final.reshape(-1)
-        if self.target_ids is None:
-            return make_frame(columns, keep)
-        n_targets = self.n_targets
-        # One row per target: repeat every row n_targets times, targets varying fastest.
-        columns = {name: repeat_rows(values, n_targets) for name, values in columns.items()}
-        columns |= self.inputs.target_columns(repeat_rows(b, n_targets), torch.arange(n_targets).repeat(len(b)))
-        columns["target_prob"] = self.target_probs.reshape(-1)
-        columns["target_logit"] = self.target_logits.reshape(-1)
-        ranks = self.target_ranks.reshape(-1)
-        if bool((ranks < 0).any()):
-            ranks = ranks.double().masked_fill(ranks < 0, float("nan"))
-        columns["target_rank"] = ranks
-        return make_frame(columns, None if keep is None else repeat_rows(keep, n_targets))
-
-    # Drawing is plot_lens's job; these two are conveniences (as tuned-lens' PredictionTrajectory has), so the
-    # drawing module is imported when they are called. Nothing else in the lens imports upward.
-    def plot(self, metric: str = "prob", **kwargs: Any) -> Figure:
-        """The layer × position heatmap with the top token in each cell; see `llama_lens.plot.lens_heatmap`.
-
-        Args:
-            metric: colour by "prob" (of the top token), "entropy", "kl", "target_prob" or "rank" (the target's).
-            kwargs: `batch_index=`, `target_index=` and the rest of `lens_heatmap`'s options.
-        """
-        from ..viz.heatmap import lens_heatmap
-
-        return lens_heatmap(self, metric=metric, **kwargs)
-
-    def plot_trajectory(self, **kwargs: Any) -> Figure:
-        """The target's probability and rank across read-outs; see `llama_lens.plot.lens_trajectory`."""
-        from ..viz.heatmap import lens_trajectory
-
-        return lens_trajectory(self, **kwargs)
-
-
-def _flatten3(nested: list) -> list:
-    return [row for prompt in nested for readout in prompt for row in readout]
+__all__ = ["DEFAULT_READOUT", "READOUTS", "LensResult", "logit_lens", "tuned_lens_readout"]
 
 
 # ------------------------------------------------------------------------------------------------ logit lens
 def logit_lens(
     model: HookedLlama,
     prompt_or_tokens: Prompt,
-    target: Target = None,
     *,
+    target: Target = None,
     readout: str | Sequence[str] = DEFAULT_READOUT,
     positions: int | Iterable[int] | None = None,
     top_k: int = 5,
@@ -238,8 +85,8 @@ def logit_lens(
         A LensResult.
 
     Raises:
-        ValueError: for an unknown read-out, a position out of range, a layer that is not loaded, or a target
-            that is not a single token.
+        ArgumentError: for an unknown read-out, a position out of range, a layer that is not loaded, a target
+            that is not a single token, or a tuned lens made for another model or lacking a read-out's translator.
     """
     points = _readout_points(model, readout, layers)
     if lens is not None:
@@ -247,7 +94,9 @@ def logit_lens(
     top_k = check_count("top_k", top_k, 1, model.cfg.d_vocab, f"the vocabulary has {model.cfg.d_vocab} ids")
     if chunk_size is not None:
         chunk_size = check_count("chunk_size", chunk_size, 1)
-    inputs = prepare_inputs(model, prompt_or_tokens, target, positions, prepend_bos=prepend_bos, what="logit_lens")
+    inputs = prepare_inputs(
+        model, prompt_or_tokens, target=target, positions=positions, prepend_bos=prepend_bos, what="logit_lens"
+    )
     batch, n_tokens = inputs.tokens.shape
     pos_index = inputs.positions
 
@@ -290,8 +139,8 @@ def logit_lens(
             unique = [lens.translate_hook(tensor, first_hook[id(tensor)]) for tensor in unique]
         normed = _normed_rows(model, unique, final_rows)
         final, readouts = read_out(
-            normed, model.unembed.weight, final_rows, row_targets, top_k=top_k, keep_logits=keep_logits,
-            chunk_size=chunk_size,
+            normed, model.unembed.weight, final_logits=final_rows, targets=row_targets, top_k=top_k,
+            keep_logits=keep_logits, chunk_size=chunk_size,
         )  # fmt: skip
 
     def stacked(field: str) -> torch.Tensor | None:
@@ -324,7 +173,7 @@ def logit_lens(
         target_logits=stacked("target_logits"),
         target_ranks=stacked("target_ranks"),
         logits=stacked("logits"),
-        lens="logit" if lens is None else "tuned",
+        lens_kind="logit" if lens is None else "tuned",
     )
 
 
@@ -351,7 +200,7 @@ def _check_tuned_lens(lens: TunedLens, model: HookedLlama, points: list[tuple[st
     """Before the model runs: the lens fits the model, is for a whole model, and has every read-out's translator."""
     lens.check_model(model)
     if model.layer_indices != list(range(model.cfg.n_layers)):
-        raise ValueError(
+        raise ArgumentError(
             f"lens= needs the whole model, and this one holds layers {model.layer_indices} only: the tuned lens's "
             "read-outs are trained towards the last layer's output; load every layer (stream=True keeps memory low)"
         )
@@ -372,19 +221,37 @@ def _readout_points(
     model: HookedLlama, readout: str | Sequence[str], layers: Iterable[int] | None
 ) -> list[tuple[str, int, str, str]]:
     """(label, layer, kind, hook name) for each read-out, in forward order."""
-    kinds = [readout] if isinstance(readout, str) else list(readout)
-    if not kinds:
-        raise ValueError(f"readout= is empty: choose from {list(READOUTS)} (or a list of them)")
-    for kind in kinds:
-        check_choice("readout", kind, READOUTS, "read-out")
+    kinds = readout_kinds(readout)
     layers = check_loaded_layers(layers, model.layer_indices)
     points = []
     if "embed" in kinds and not ("resid_pre" in kinds and 0 in layers):
         points.append(("embed", 0, "embed", "hook_embed"))
     for i in layers:
-        for kind, suffix in (("resid_pre", "pre"), ("resid_mid", "mid"), ("resid_post", "post")):
+        for kind in READOUTS[1:]:
             if kind in kinds:
-                points.append((f"{i}_{suffix}", i, kind, f"blocks.{i}.hook_{kind}"))
+                points.append((readout_label(i, kind), i, kind, readout_hook(i, kind)))
     if not points:
-        raise ValueError(f"nothing to read out: read-outs {kinds} over layers {list(layers)}")
+        raise ArgumentError(f"nothing to read out: read-outs {kinds} over layers {list(layers)}")
     return points
+
+
+def tuned_lens_readout(
+    model: HookedLlama,
+    prompt_or_tokens: Prompt,
+    *,
+    lens: TunedLens,
+    target: Target = None,
+    **kwargs: Any,
+) -> LensResult:
+    """Deprecated: `ll.logit_lens(model, prompt_or_tokens, lens=lens, ...)`, which it calls.
+
+    Raises:
+        ArgumentError: as `logit_lens`.
+    """
+    warnings.warn(
+        "tuned_lens_readout is deprecated and will be removed in the next release; use "
+        "ll.logit_lens(model, prompt, lens=tuned_lens, ...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return logit_lens(model, prompt_or_tokens, target=target, lens=lens, **kwargs)

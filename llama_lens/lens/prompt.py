@@ -21,6 +21,9 @@ def test_prompt(
 ) -> list[dict[str, float | int | str]]:
     """Prints how the model ranks `answer` after `prompt`, token by token, as TransformerLens' `test_prompt`.
 
+    The model comes third, in TransformerLens' order: the one function here whose third argument is not
+    keyword-only, so that calls written for TransformerLens run unchanged.
+
     The answer is appended to the prompt (with a space first unless `prepend_space_to_answer=False`) and, for each
     of its tokens, the rank, logit and probability the model gave it are printed, with the top `top_k` tokens.
 

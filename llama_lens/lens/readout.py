@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..errors import ArgumentError
 from ..model.cpu_matmul import computes_in_float32
 from ..validate import check_count
 
@@ -112,9 +113,9 @@ class ReadoutMetrics:
 def read_out(
     normed: torch.Tensor,
     unembed_weight: torch.Tensor,
+    *,
     final_logits: torch.Tensor,
     targets: torch.Tensor | None = None,
-    *,
     top_k: int = 5,
     keep_logits: bool = False,
     chunk_size: int | None = None,
@@ -142,13 +143,13 @@ def read_out(
         the inputs' device.
 
     Raises:
-        ValueError: for shapes that do not fit together, a target id out of range, or a bad top_k / chunk_size.
+        ArgumentError: for shapes that do not fit together, a target id out of range, or a bad top_k / chunk_size.
     """
     flat = normed.dim() == 2
     if flat:
         normed = normed[:, None]
     if normed.dim() != 3 or unembed_weight.dim() != 2 or final_logits.dim() != 2:
-        raise ValueError(
+        raise ArgumentError(
             f"read_out takes normed [n_rows, n_readouts, d_model], unembed_weight [d_vocab, d_model] and "
             f"final_logits [n_rows, d_vocab]; got {tuple(normed.shape)}, {tuple(unembed_weight.shape)}, "
             f"{tuple(final_logits.shape)}"
@@ -156,16 +157,16 @@ def read_out(
     n_rows, n_readouts, d_model = normed.shape
     d_vocab = unembed_weight.shape[0]
     if unembed_weight.shape[1] != d_model or tuple(final_logits.shape) != (n_rows, d_vocab):
-        raise ValueError(
+        raise ArgumentError(
             f"shapes do not fit: normed {tuple(normed.shape)} [n_rows, n_readouts, d_model], unembed_weight "
             f"{tuple(unembed_weight.shape)} [d_vocab, d_model], final_logits {tuple(final_logits.shape)} "
             f"[n_rows, d_vocab]"
         )
     if targets is not None:
         if targets.dim() != 2 or targets.shape[0] != n_rows or targets.dtype.is_floating_point:
-            raise ValueError(f"targets must be integer ids [n_rows={n_rows}, n_targets], got {tuple(targets.shape)}")
+            raise ArgumentError(f"targets must be integer ids [n_rows={n_rows}, n_targets], got {tuple(targets.shape)}")
         if len(targets) and not bool(((targets >= 0) & (targets < d_vocab)).all()):
-            raise ValueError(f"targets={targets.tolist()} is out of range: the vocabulary has {d_vocab} ids "
+            raise ArgumentError(f"targets={targets.tolist()} is out of range: the vocabulary has {d_vocab} ids "
                              f"(0..{d_vocab - 1})")  # fmt: skip
     top_k = check_count("top_k", top_k, 1, d_vocab, f"the vocabulary has {d_vocab} ids")
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else check_count("chunk_size", chunk_size, 1)
@@ -399,7 +400,7 @@ class _Online:
         k = min(self.top_k, width)
         # Until top_k tokens have come by (the first block may be a short last one), every row merges.
         if self.top_values is None or self.top_values.shape[1] < self.top_k:
-            values, ids = top_k_largest(block, k, self.row_base)
+            values, ids = top_k_largest(block, k, row_base=self.row_base)
             self._merge(values, ids + v0, None)
             return values[:, 0]
         # A block changes a row's top-k only where its maximum beats the row's k-th best so far. After the
@@ -407,7 +408,7 @@ class _Online:
         block_max = block.amax(dim=1)
         hit = (block_max > self.top_values[:, -1]).nonzero()[:, 0]
         if len(hit) == rows:
-            values, ids = top_k_largest(block, k, self.row_base)
+            values, ids = top_k_largest(block, k, row_base=self.row_base)
             self._merge(values, ids + v0, None)
         elif len(hit):
             values, ids = top_k_largest(block.index_select(0, hit), k)
@@ -451,7 +452,7 @@ class _Online:
 
 
 def top_k_largest(
-    logits: torch.Tensor, k: int, row_base: torch.Tensor | None = None
+    logits: torch.Tensor, k: int, *, row_base: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(logits, k, dim=-1)` for logits [rows, d_vocab], a few times faster when k is small.
 

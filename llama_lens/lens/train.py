@@ -3,7 +3,7 @@
 The loss at a position is KL(final || read-out): the model's own next-token distribution there against the
 translated read-out of one residual stream (the package's default, shift 0: the same position, not the next
 token). Summed over translators and averaged over the step's tokens, it is minimised with the recipe of the
-tuned-lens package (see tuned_lens.py): SGD, Nesterov momentum 0.9, lr * (1 - momentum), weight decay 1e-3,
+tuned-lens package (see tuned.py): SGD, Nesterov momentum 0.9, lr * (1 - momentum), weight decay 1e-3,
 gradients clipped to norm 1, linear decay to zero.
 
 How a step runs, and why memory stays bounded on a streamed model (`ll.load(path, stream=True)`):
@@ -22,23 +22,133 @@ residuals and the model's logits), plus a few [chunk_size, d_vocab] blocks, plus
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..data.texts import read_texts
+from ..errors import ArgumentError, ArgumentTypeError, did_you_mean
 from ..model.protocols import LanguageModel
-from .tuned import (
-    DEFAULT_READOUT,
-    TunedLens,
-    frozen,
-    linear_decay,
-    stream_hook,
-)
+from .readouts import DEFAULT_READOUT, label_readout, readout_kinds, stream_hook
 
 
-def token_rows(tokenizer: Any, texts: Iterable[str], seq_len: int, max_rows: int | None = None) -> torch.Tensor:
+class Translating(Protocol):
+    """What the trainer needs of a lens (`ll.TunedLens` has it): its translators and where to note results."""
+
+    translators: nn.ModuleDict
+    info: dict[str, Any]
+    losses: list[float]
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def to(self, device: str | torch.device) -> Any: ...
+
+    def translate(self, resid: torch.Tensor, layer: int, *, readout: str = "resid_post") -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How a tuned lens is trained; the defaults are the tuned-lens package's recipe (SGD for a CPU budget).
+
+    Attributes:
+        max_steps: optimiser steps; the learning rate decays linearly to zero at the last.
+        readout: which residual streams get translators ("embed", "resid_post" by default; add "resid_mid").
+        tokens_per_step: tokens per optimiser step (rounded to whole rows of `seq_len`). The package uses 2**18
+            on GPUs; on a CPU, fewer tokens and more steps go further in the same time.
+        seq_len: tokens per row (each row starts with BOS).
+        batch_tokens: tokens per forward pass (rounded down to whole rows, at least one): bounds memory.
+        lr: learning rate before the (1 - momentum) factor; 1.0 is the package's default for SGD.
+        momentum: Nesterov momentum, in [0, 1).
+        weight_decay: SGD weight decay (pulls the translators towards the identity).
+        warmup_steps: linear warm-up steps (0 for SGD, as in the package).
+        max_grad_norm: gradients are clipped to this total norm.
+        chunk_size: positions read out at once in the loss ([chunk_size, d_vocab] blocks).
+        column: the Parquet column when the texts are a Parquet file.
+        seed: seed of the order in which rows are drawn (the texts are cycled through again if they run out).
+        shuffle: draw rows in a random order (False: in the order of the texts).
+        progress: show a tqdm bar with the running loss (mean KL per translator and token, in nats).
+
+    Raises:
+        ArgumentError: a setting out of range, named with what it accepts.
+    """
+
+    max_steps: int = 250
+    readout: str | Sequence[str] = DEFAULT_READOUT
+    tokens_per_step: int = 4096
+    seq_len: int = 256
+    batch_tokens: int = 1024
+    lr: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    chunk_size: int = 256
+    column: str = "text"
+    seed: int = 0
+    shuffle: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        readout_kinds(self.readout)
+        for name in ("max_steps", "tokens_per_step", "batch_tokens", "chunk_size"):
+            _positive(name, getattr(self, name))
+        _positive("warmup_steps", self.warmup_steps, zero=True)
+        _positive("lr", self.lr, integer=False)
+        _positive("weight_decay", self.weight_decay, integer=False, zero=True)
+        _positive("max_grad_norm", self.max_grad_norm, integer=False)
+        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
+            raise ArgumentError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ArgumentError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TrainConfig:
+        """A config from keyword options, naming any option it does not have (with the nearest that it has)."""
+        known = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in known:
+                hint = "the options are TrainConfig's fields"
+                raise ArgumentTypeError(f"unknown training option {name!r}{did_you_mean(name, known, hint=hint)}")
+        return cls(**options)
+
+    def info(self) -> dict[str, Any]:
+        """The settings as JSON-serialisable values, for `lens.info`."""
+        values = asdict(self)
+        values["readout"] = readout_kinds(self.readout)
+        return values
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Sets requires_grad False on the modules' parameters for the block, restoring each flag after, so that a
+    backward pass through them leaves no gradient on the model."""
+    params = [p for module in modules for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def linear_decay(step: int, *, max_steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor at `step`: linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at
+    `max_steps` (transformers' get_linear_schedule_with_warmup, which the package uses)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def token_rows(tokenizer: Any, texts: Iterable[str], *, seq_len: int, max_rows: int | None = None) -> torch.Tensor:
     """The texts as rows of `seq_len` token ids, each starting with BOS (where the tokenizer has one).
 
     The texts are tokenized one after another (each with its BOS) into one stream, cut into consecutive rows:
@@ -49,7 +159,7 @@ def token_rows(tokenizer: Any, texts: Iterable[str], seq_len: int, max_rows: int
         [n_rows, seq_len] token ids.
 
     Raises:
-        ValueError: when the texts hold fewer than `seq_len` tokens.
+        ArgumentError: when the texts hold fewer than `seq_len` tokens.
     """
     bos = tokenizer.bos_id
     stream: list[int] = []
@@ -72,15 +182,16 @@ def token_rows(tokenizer: Any, texts: Iterable[str], seq_len: int, max_rows: int
         if max_rows is not None and len(rows) >= max_rows:
             break
     if not rows:
-        raise ValueError(
+        raise ArgumentError(
             f"the texts hold {n_tokens} tokens, fewer than seq_len={seq_len}: pass more text or a smaller seq_len"
         )
     return torch.tensor(rows[:max_rows], dtype=torch.long)
 
 
 def kl_sums(
-    lens: TunedLens,
+    lens: Translating,
     model: LanguageModel,
+    *,
     resid: dict[str, torch.Tensor],
     final_logits: torch.Tensor,
     chunk_size: int,
@@ -110,7 +221,8 @@ def kl_sums(
             final_probs = final_logprobs.exp()
             neg_entropy = (final_probs * final_logprobs).sum()  # sum_v p log p, summed over the chunk
             for label, stream in resid.items():
-                translated = lens.translate(stream[rows].float(), *_layer_and_readout(label))
+                layer, kind = label_readout(label)
+                translated = lens.translate(stream[rows].float(), layer, readout=kind)
                 logits = torch.nn.functional.linear(model.ln_final(translated).to(weight.dtype), weight).float()
                 # KL(p || q) = sum_v p log p - sum_v p logits_q + logsumexp(logits_q), summed over the chunk
                 kl = neg_entropy - (final_probs * logits).sum() + logits.logsumexp(dim=-1).sum()
@@ -120,15 +232,8 @@ def kl_sums(
     return sums
 
 
-def _layer_and_readout(label: str) -> tuple[int, str]:
-    if label == "embed":
-        return 0, "embed"
-    layer, kind = label.split("_")
-    return int(layer), f"resid_{kind}"
-
-
 def collect_streams(
-    model: LanguageModel, tokens: torch.Tensor, labels: Sequence[str]
+    model: LanguageModel, tokens: torch.Tensor, *, labels: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass: each label's residual stream [batch * pos, d_model] (detached) and the model's logits
     [batch * pos, d_vocab]."""
@@ -147,109 +252,66 @@ def _positive(name: str, value: Any, *, integer: bool = True, zero: bool = False
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not (value >= 0 if zero else value > 0) or value != value:
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if zero else '> 0'}, got {value!r}")
+        raise ArgumentError(f"{name} must be {kind} {'>= 0' if zero else '> 0'}, got {value!r}")
     return value
 
 
-def train_lens(
-    model: LanguageModel,
-    texts: Any,
-    *,
-    max_steps: int = 250,
-    readout: str | Sequence[str] = DEFAULT_READOUT,
-    tokens_per_step: int = 4096,
-    seq_len: int = 256,
-    batch_tokens: int = 1024,
-    lr: float = 1.0,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-3,
-    warmup_steps: int = 0,
-    max_grad_norm: float = 1.0,
-    chunk_size: int = 256,
-    column: str = "text",
-    seed: int = 0,
-    shuffle: bool = True,
-    lens: TunedLens | None = None,
-    progress: bool = True,
-) -> TunedLens:
-    """Trains a tuned lens on `model`'s own predictions over `texts`.
+def fit(lens: Translating, model: LanguageModel, *, texts: Any, config: TrainConfig) -> Translating:
+    """Trains `lens` (in place) on `model`'s own predictions over `texts`; `TunedLens.train` is the entry point.
 
     Args:
+        lens: the lens to train, made for `model` (an identity lens to start afresh).
         model: a HookedLlama holding every layer (streamed or not); it is not changed.
-        texts: a list of strings, a text file (paragraphs) or a Parquet file (its `column`), see `read_texts`;
-            or token ids [n_rows, seq_len] (a LongTensor, e.g. from `token_rows`), used as they are.
-        max_steps: optimiser steps; the learning rate decays linearly to zero at the last.
-        readout: which residual streams get translators ("embed", "resid_post" by default; add "resid_mid").
-        tokens_per_step: tokens per optimiser step (rounded to whole rows of `seq_len`). The package uses 2**18
-            on GPUs; on a CPU, fewer tokens and more steps go further in the same time.
-        seq_len: tokens per row (each row starts with BOS).
-        batch_tokens: tokens per forward pass (rounded down to whole rows, at least one): bounds memory.
-        lr: learning rate before the (1 - momentum) factor; 1.0 is the package's default for SGD.
-        momentum: Nesterov momentum.
-        weight_decay: SGD weight decay (pulls the translators towards the identity).
-        warmup_steps: linear warm-up steps (0 for SGD, as in the package).
-        max_grad_norm: gradients are clipped to this total norm.
-        chunk_size: positions read out at once in the loss ([chunk_size, d_vocab] blocks).
-        column: the Parquet column when `texts` is a Parquet file.
-        seed: seed of the order in which rows are drawn (the texts are cycled through again if they run out).
-        shuffle: draw rows in a random order (False: in the order of the texts).
-        lens: a lens to go on training (default: a new identity lens for `readout`).
-        progress: show a tqdm bar with the running loss (mean KL per translator and token, in nats).
+        texts: a list of strings, a text file (paragraphs) or a Parquet file (its `config.column`), see
+            `read_texts`; or token ids [n_rows, seq_len] (a LongTensor, e.g. from `token_rows`), used as they are.
+        config: the settings.
 
     Returns:
-        The trained lens; `lens.losses` holds each step's loss and `lens.info` the settings.
+        The lens; `lens.losses` holds each step's loss and `lens.info` the settings (`config.info()`, plus
+        what the run found: steps, tokens per step, rows available, the model's shape).
 
     Raises:
-        ValueError: for a partial model, a model without tokenizer, bad settings or too little text.
+        ArgumentError: for a partial model, a model without tokenizer or too little text.
     """
     from tqdm.auto import tqdm
 
     cfg = model.cfg
     if list(model.layer_indices) != list(range(cfg.n_layers)):
-        raise ValueError(
+        raise ArgumentError(
             f"training a tuned lens needs every layer's output (the final distribution is the target); this model "
             f"holds layers {model.layer_indices[:1]}..{model.layer_indices[-1:]} of {cfg.n_layers}: load it whole "
             "(stream=True keeps memory low)"
         )
     if model.tokenizer is None and not isinstance(texts, torch.Tensor):
-        raise ValueError("this model has no tokenizer, which training needs to tokenize the texts")
-    for name, value in (("max_steps", max_steps), ("tokens_per_step", tokens_per_step), ("batch_tokens", batch_tokens)):
-        _positive(name, value)
-    _positive("chunk_size", chunk_size)
-    _positive("warmup_steps", warmup_steps, zero=True)
-    _positive("lr", lr, integer=False)
-    _positive("weight_decay", weight_decay, integer=False, zero=True)
-    _positive("max_grad_norm", max_grad_norm, integer=False)
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-    if lens is None:
-        lens = TunedLens.for_model(model, readout)
-    else:
-        lens.check_model(model)
+        raise ArgumentError("this model has no tokenizer, which training needs to tokenize the texts")
+    max_steps, seq_len, momentum = config.max_steps, config.seq_len, config.momentum
     labels = lens.labels
     device = model.embed.weight.device
     lens.to(device)
 
-    rows_per_step = max(1, round(tokens_per_step / seq_len))
-    rows_per_batch = max(1, min(rows_per_step, batch_tokens // seq_len))
+    rows_per_step = max(1, round(config.tokens_per_step / seq_len))
+    rows_per_batch = max(1, min(rows_per_step, config.batch_tokens // seq_len))
     if isinstance(texts, torch.Tensor):
         if texts.dim() != 2 or texts.dtype != torch.long or texts.shape[1] != seq_len:
-            raise ValueError(
+            raise ArgumentError(
                 f"token rows must be a LongTensor [n_rows, seq_len={seq_len}], got {texts.dtype} {tuple(texts.shape)}"
             )
         rows = texts
     else:
         rows = token_rows(
-            model.tokenizer, read_texts(texts, column=column), seq_len, max_rows=rows_per_step * max_steps
+            model.tokenizer,
+            read_texts(texts, column=config.column),
+            seq_len=seq_len,
+            max_rows=rows_per_step * max_steps,
         )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
 
     def next_rows(n: int) -> torch.Tensor:
         while len(order) < n:  # cycle through the rows again, in a new order, when they run out
-            order.extend(torch.randperm(len(rows), generator=generator).tolist() if shuffle else range(len(rows)))
+            order.extend(
+                torch.randperm(len(rows), generator=generator).tolist() if config.shuffle else range(len(rows))
+            )
         picked = order[:n]
         del order[:n]
         return rows[picked]
@@ -257,14 +319,16 @@ def train_lens(
     params = list(lens.parameters())
     optimizer = torch.optim.SGD(
         params,
-        lr=lr * (1 - momentum),  # PyTorch's momentum scales the step by 1 / (1 - momentum): undone here
+        lr=config.lr * (1 - momentum),  # PyTorch's momentum scales the step by 1 / (1 - momentum): undone here
         momentum=momentum,
         nesterov=momentum > 0,
-        weight_decay=weight_decay,
+        weight_decay=config.weight_decay,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_decay(step, max_steps, warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_decay(step, max_steps=max_steps, warmup_steps=config.warmup_steps)
+    )
     n_step_tokens = rows_per_step * seq_len
-    bar = tqdm(range(max_steps), desc="tuned lens", disable=not progress, unit="step")
+    bar = tqdm(range(max_steps), desc="tuned lens", disable=not config.progress, unit="step")
     lens.translators.requires_grad_(True)
     try:
         for _ in bar:
@@ -273,12 +337,19 @@ def train_lens(
             totals = dict.fromkeys(labels, 0.0)
             for start in range(0, rows_per_step, rows_per_batch):
                 tokens = step_rows[start : start + rows_per_batch].to(device)
-                resid, final_logits = collect_streams(model, tokens, labels)
-                sums = kl_sums(lens, model, resid, final_logits, chunk_size, scale=1.0 / n_step_tokens)
+                resid, final_logits = collect_streams(model, tokens, labels=labels)
+                sums = kl_sums(
+                    lens,
+                    model,
+                    resid=resid,
+                    final_logits=final_logits,
+                    chunk_size=config.chunk_size,
+                    scale=1.0 / n_step_tokens,
+                )
                 del resid, final_logits
                 for label, value in sums.items():
                     totals[label] += value
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             loss = sum(totals.values()) / n_step_tokens / len(labels)
@@ -288,22 +359,17 @@ def train_lens(
         lens.translators.requires_grad_(False)
         bar.close()
     lens.info.update(
+        config.info(),
         steps=len(lens.losses),
         tokens_per_step=n_step_tokens,
-        seq_len=seq_len,
         rows_available=len(rows),
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        max_grad_norm=max_grad_norm,
         model={"d_model": cfg.d_model, "n_layers": cfg.n_layers, "d_vocab": cfg.d_vocab},
     )
     return lens
 
 
 def mean_kl(
-    lens: TunedLens, model: LanguageModel, texts: Any, *, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
+    lens: Translating, model: LanguageModel, *, texts: Any, seq_len: int = 256, max_rows: int = 8, chunk_size: int = 256
 ) -> dict[str, float]:
     """Mean KL(final || translated read-out) per token, per translator, over held-out texts or token rows
     [n_rows, pos] (no training).
@@ -316,11 +382,11 @@ def mean_kl(
     if isinstance(texts, torch.Tensor):
         rows = texts[:max_rows]  # token rows [n_rows, pos]
     else:
-        rows = token_rows(model.tokenizer, read_texts(texts), seq_len, max_rows=max_rows)
+        rows = token_rows(model.tokenizer, read_texts(texts), seq_len=seq_len, max_rows=max_rows)
     totals = dict.fromkeys(lens.labels, 0.0)
     device = model.embed.weight.device
     for row in rows:
-        resid, final_logits = collect_streams(model, row[None].to(device), lens.labels)
-        for label, value in kl_sums(lens, model, resid, final_logits, chunk_size).items():
+        resid, final_logits = collect_streams(model, row[None].to(device), labels=lens.labels)
+        for label, value in kl_sums(lens, model, resid=resid, final_logits=final_logits, chunk_size=chunk_size).items():
             totals[label] += value
     return {label: value / rows.numel() for label, value in totals.items()}

@@ -32,23 +32,21 @@ docs/tuned_lens.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import LensFileError
+from ..errors import ArgumentError, LensFileError, MissingFileError
+from .readouts import DEFAULT_READOUT, READOUTS, hook_readout, readout_kinds, stream_label
+from .train import TrainConfig, fit
 
 if TYPE_CHECKING:
     from ..model.llama import HookedLlama
-    from .logit import LensResult
 
-TRANSLATED_READOUTS = ("embed", "resid_pre", "resid_mid", "resid_post")
-DEFAULT_READOUT = ("embed", "resid_post")
 FORMAT_NAME = "llama_lens.lens.tuned"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -64,12 +62,9 @@ def translator_labels(n_layers: int, readout: str | Sequence[str] = DEFAULT_READ
     The last layer's resid_post has no translator: its read-out is the model's output.
 
     Raises:
-        ValueError: for an unknown read-out.
+        ArgumentError: for an unknown read-out.
     """
-    kinds = [readout] if isinstance(readout, str) else list(readout)
-    unknown = [k for k in kinds if k not in TRANSLATED_READOUTS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown read-out {unknown or kinds!r}; choose from {list(TRANSLATED_READOUTS)}")
+    kinds = readout_kinds(readout)
     labels = ["embed"] if {"embed", "resid_pre"} & set(kinds) else []
     for i in range(n_layers):
         if "resid_mid" in kinds:
@@ -77,26 +72,6 @@ def translator_labels(n_layers: int, readout: str | Sequence[str] = DEFAULT_READ
         if {"resid_post", "resid_pre"} & set(kinds) and i < n_layers - 1:
             labels.append(f"{i}_post")
     return labels
-
-
-def stream_label(layer: int, readout: str) -> str:
-    """The label of the residual stream a (layer, read-out) names: resid_pre of layer i is "{i-1}_post"."""
-    if readout == "embed" or (readout == "resid_pre" and layer == 0):
-        return "embed"
-    if readout == "resid_pre":
-        return f"{layer - 1}_post"
-    if readout in ("resid_mid", "resid_post"):
-        return f"{layer}_{readout.removeprefix('resid_')}"
-    raise ValueError(f"unknown read-out {readout!r}; choose from {list(TRANSLATED_READOUTS)}")
-
-
-def stream_hook(label: str) -> str:
-    """The hook point a translator's residual stream is taken from: "embed" -> "hook_embed", "3_post" ->
-    "blocks.3.hook_resid_post"."""
-    if label == "embed":
-        return "hook_embed"
-    layer, kind = label.split("_")
-    return f"blocks.{layer}.hook_resid_{kind}"
 
 
 class TunedLens:
@@ -117,8 +92,8 @@ class TunedLens:
         self,
         d_model: int,
         n_layers: int,
-        labels: Sequence[str] | None = None,
         *,
+        labels: Sequence[str] | None = None,
         bias: bool = True,
         info: dict[str, Any] | None = None,
     ) -> None:
@@ -135,10 +110,10 @@ class TunedLens:
         self.d_model = int(d_model)
         self.n_layers = int(n_layers)
         labels = translator_labels(self.n_layers) if labels is None else list(labels)
-        valid = set(translator_labels(self.n_layers, TRANSLATED_READOUTS))
+        valid = set(translator_labels(self.n_layers, READOUTS))
         bad = [label for label in labels if label not in valid]
         if bad:
-            raise ValueError(
+            raise ArgumentError(
                 f"no residual stream {bad} in a {self.n_layers}-layer model; labels are 'embed', '{{i}}_mid' and "
                 f"'{{i}}_post' with i < {self.n_layers} (none for the last layer's resid_post)"
             )
@@ -156,7 +131,7 @@ class TunedLens:
     @classmethod
     def for_model(cls, model: HookedLlama, readout: str | Sequence[str] = DEFAULT_READOUT) -> TunedLens:
         """An identity lens with a translator for each of `model`'s residual streams that `readout` names."""
-        return cls(model.cfg.d_model, model.cfg.n_layers, translator_labels(model.cfg.n_layers, readout))
+        return cls(model.cfg.d_model, model.cfg.n_layers, labels=translator_labels(model.cfg.n_layers, readout))
 
     # ------------------------------------------------------------------ translating
     @property
@@ -179,21 +154,21 @@ class TunedLens:
         """The translator of layer `layer`'s `readout` stream; None where the lens has none (the identity).
 
         Raises:
-            ValueError: for a layer outside the model or an unknown read-out.
+            ArgumentError: for a layer outside the model or an unknown read-out.
         """
         if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(f"layer {layer} is outside this lens's model, which has {self.n_layers} layers")
+            raise ArgumentError(f"layer {layer} is outside this lens's model, which has {self.n_layers} layers")
         label = stream_label(int(layer), readout)
         if label == f"{self.n_layers - 1}_post":
             return None  # the model's own output
         if label not in self.translators:
-            raise ValueError(
+            raise ArgumentError(
                 f"this tuned lens has no translator for {readout} of layer {layer} ({label!r}); it has "
                 f"{self._labels_summary()}: train one with TunedLens.train(..., readout=[..., {readout!r}])"
             )
         return self.translators[label]
 
-    def translate(self, resid: torch.Tensor, layer: int, readout: str = "resid_post") -> torch.Tensor:
+    def translate(self, resid: torch.Tensor, layer: int, *, readout: str = "resid_post") -> torch.Tensor:
         """resid + A resid + b: the residual stream moved to where the last layer would read it out.
 
         Apply before ln_final: `logits = model.unembed(model.ln_final(lens.translate(resid, layer)))`.
@@ -210,7 +185,7 @@ class TunedLens:
         """
         translator = self.translator(layer, readout)
         if resid.shape[-1] != self.d_model:
-            raise ValueError(f"resid must be [..., d_model={self.d_model}], got {tuple(resid.shape)}")
+            raise ArgumentError(f"resid must be [..., d_model={self.d_model}], got {tuple(resid.shape)}")
         if translator is None:
             return resid
         weight = translator.weight
@@ -221,17 +196,13 @@ class TunedLens:
 
     def translate_hook(self, resid: torch.Tensor, hook_name: str) -> torch.Tensor:
         """`translate` for a residual stream named by its hook point ("hook_embed", "blocks.3.hook_resid_post")."""
-        if hook_name == "hook_embed":
-            return self.translate(resid, 0, "embed")
-        parts = hook_name.split(".")
-        if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2][5:] not in TRANSLATED_READOUTS:
-            raise ValueError(f"{hook_name!r} is not a residual stream hook ('hook_embed' or 'blocks.i.hook_resid_*')")
-        return self.translate(resid, int(parts[1]), parts[2].removeprefix("hook_"))
+        layer, kind = hook_readout(hook_name)
+        return self.translate(resid, layer, readout=kind)
 
     def check_model(self, model: HookedLlama) -> None:
-        """Raises ValueError unless `model` has this lens's d_model and number of layers."""
+        """Raises ArgumentError unless `model` has this lens's d_model and number of layers."""
         if (model.cfg.d_model, model.cfg.n_layers) != (self.d_model, self.n_layers):
-            raise ValueError(
+            raise ArgumentError(
                 f"this tuned lens was made for a model with d_model={self.d_model} and {self.n_layers} layers; "
                 f"this model has d_model={model.cfg.d_model} and {model.cfg.n_layers} layers"
             )
@@ -243,58 +214,32 @@ class TunedLens:
     def __repr__(self) -> str:
         return f"TunedLens(d_model={self.d_model}, n_layers={self.n_layers}, {self._labels_summary()})"
 
-    # ------------------------------------------------------------------ reading out
-    def lens(self, model: HookedLlama, prompt_or_tokens: Any, target: Any = None, **kwargs: Any) -> LensResult:
-        """The tuned lens's LensResult for a prompt: `ll.logit_lens(model, ..., lens=self)`."""
-        return tuned_lens_readout(model, prompt_or_tokens, target, lens=self, **kwargs)
-
     # ------------------------------------------------------------------ training
     @classmethod
-    def train(
-        cls,
-        model: HookedLlama,
-        texts: Any,
-        *,
-        max_steps: int = 250,
-        readout: str | Sequence[str] = DEFAULT_READOUT,
-        tokens_per_step: int = 4096,
-        seq_len: int = 256,
-        batch_tokens: int = 1024,
-        lr: float = 1.0,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-3,
-        warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
-        chunk_size: int = 256,
-        column: str = "text",
-        seed: int = 0,
-        shuffle: bool = True,
-        lens: TunedLens | None = None,
-        progress: bool = True,
-    ) -> TunedLens:
-        """Trains a tuned lens on `model`'s own predictions over `texts` (see `tuned_lens_train.train_lens`)."""
-        from .train import train_lens
+    def train(cls, model: HookedLlama, texts: Any, *, lens: TunedLens | None = None, **options: Any) -> TunedLens:
+        """Trains a tuned lens on `model`'s own predictions over `texts`.
 
-        return train_lens(
-            model,
-            texts,
-            max_steps=max_steps,
-            readout=readout,
-            tokens_per_step=tokens_per_step,
-            seq_len=seq_len,
-            batch_tokens=batch_tokens,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            chunk_size=chunk_size,
-            column=column,
-            seed=seed,
-            shuffle=shuffle,
-            lens=lens,
-            progress=progress,
-        )
+        Args:
+            model: a HookedLlama holding every layer (streamed or not); it is not changed.
+            texts: a list of strings, a text file (paragraphs) or a Parquet file, see `ll.read_texts`; or token
+                ids [n_rows, seq_len] (a LongTensor), used as they are.
+            lens: a lens to go on training (default: a new identity lens for `readout=`).
+            options: the settings of `TrainConfig` (`max_steps=`, `readout=`, `lr=`, `seq_len=`, ...), with
+                its defaults: the tuned-lens package's recipe.
+
+        Returns:
+            The trained lens; `lens.losses` holds each step's loss and `lens.info` the settings.
+
+        Raises:
+            ArgumentError: a partial model, a model without tokenizer, bad settings or too little text.
+            ArgumentTypeError: a setting `TrainConfig` does not have.
+        """
+        config = TrainConfig.from_options(options)
+        if lens is None:
+            lens = cls.for_model(model, config.readout)
+        else:
+            lens.check_model(model)
+        return fit(lens, model, texts=texts, config=config)
 
     # ------------------------------------------------------------------ saving and loading
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -339,7 +284,7 @@ class TunedLens:
             device: where the translators go.
 
         Raises:
-            FileNotFoundError: no such folder, or neither params file beside config.json.
+            MissingFileError: no such folder, or neither params file beside config.json.
             LensFileError: a config or params file that is not a tuned lens, naming the file and key.
         """
         folder = Path(path)
@@ -347,7 +292,7 @@ class TunedLens:
             folder = folder.parent
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no tuned lens at {folder}: {CONFIG_FILE} is missing (a lens folder holds {CONFIG_FILE} and "
                 f"{PARAMS_FILE}, or the tuned-lens package's {PACKAGE_PARAMS_FILE})"
             )
@@ -394,12 +339,12 @@ def _load_ours(folder: Path, config: dict) -> TunedLens:
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise LensFileError(f"{config_path}: key 'labels' must be a list of strings, got {labels!r}")
     try:
-        lens = TunedLens(d_model, n_layers, labels, bias=bool(config.get("bias", True)), info=config.get("info"))
+        lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=config.get("info"))
     except ValueError as err:
         raise LensFileError(f"{config_path}: {err}") from None
     params_path = folder / PARAMS_FILE
     if not params_path.is_file():
-        raise FileNotFoundError(f"{params_path} is missing: the tuned lens's weights are saved beside {CONFIG_FILE}")
+        raise MissingFileError(f"{params_path} is missing: the tuned lens's weights are saved beside {CONFIG_FILE}")
     try:
         state = load_file(str(params_path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -418,7 +363,7 @@ def _load_package(folder: Path, config: dict) -> TunedLens:
     n_layers = _config_int(config, "num_hidden_layers", config_path)
     params_path = folder / PACKAGE_PARAMS_FILE
     if not params_path.is_file():
-        raise FileNotFoundError(f"{params_path} is missing: a tuned-lens package lens keeps its weights there")
+        raise MissingFileError(f"{params_path} is missing: a tuned-lens package lens keeps its weights there")
     try:
         raw = torch.load(params_path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle and zip errors come in many types; weights_only refusals too
@@ -443,7 +388,7 @@ def _load_package(folder: Path, config: dict) -> TunedLens:
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "unembed_hash": config.get("unembed_hash"),
     }
-    lens = TunedLens(d_model, n_layers, labels, bias=bool(config.get("bias", True)), info=info)
+    lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=info)
     _assign(lens, state, params_path)
     return lens
 
@@ -464,60 +409,3 @@ def _assign(lens: TunedLens, state: dict[str, torch.Tensor], path: Path) -> None
     with torch.no_grad():
         for name, param in lens.translators.named_parameters():
             param.copy_(state[name].float())
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Sets requires_grad False on the modules' parameters for the block, restoring each flag after, so that a
-    backward pass through them leaves no gradient on the model."""
-    params = [p for module in modules for p in module.parameters()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
-def linear_decay(step: int, max_steps: int, warmup_steps: int) -> float:
-    """The learning-rate factor at `step`: linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at
-    `max_steps` (transformers' get_linear_schedule_with_warmup, which the package uses)."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-
-def tuned_lens_readout(
-    model: HookedLlama,
-    prompt_or_tokens: Any,
-    target: Any = None,
-    *,
-    lens: TunedLens,
-    readout: str | Sequence[str] = DEFAULT_READOUT,
-    positions: int | Iterable[int] | None = None,
-    top_k: int = 5,
-    **kwargs: Any,
-) -> LensResult:
-    """Reads out the translated residual stream at every layer: `ll.logit_lens(model, ..., lens=lens)`.
-
-    Args:
-        model: the whole HookedLlama the lens was trained for (loaded or streamed).
-        prompt_or_tokens, target, positions, top_k: as in `ll.logit_lens`.
-        lens: the TunedLens; it must have a translator for every read-out asked for.
-        readout: "embed", "resid_pre", "resid_mid", "resid_post" or a list of them (default: the lens's).
-        kwargs: the rest of `ll.logit_lens`'s options (`keep_logits`, `chunk_size`, `prepend_bos`, ...).
-
-    Returns:
-        A LensResult whose metrics are the tuned read-outs' (`kl_to_final` against the model's own output).
-
-    Raises:
-        ValueError: a lens made for another model or a partial model, a read-out the lens has no translator
-            for, a bad position, target or top_k.
-    """
-    from .logit import logit_lens
-
-    return logit_lens(
-        model, prompt_or_tokens, target, readout=readout, positions=positions, top_k=top_k, lens=lens, **kwargs
-    )

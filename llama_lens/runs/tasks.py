@@ -125,7 +125,11 @@ class AttributionTask:
     def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
         padded, keep = batch_layout(n_tokens, self.positions)
         result = direct_logit_attribution(
-            model, [r.text for r in records], [list(r.target) for r in records], positions=padded, heads=self.heads
+            model,
+            [r.text for r in records],
+            target=[list(r.target) for r in records],
+            positions=padded,
+            heads=self.heads,
         )
         _check_padding(result.attention_mask, n_tokens)
 

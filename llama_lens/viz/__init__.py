@@ -1,3 +1,3 @@
-"""Drawing only: matplotlib figures from tensors, grids and caches. Knows no result type; results build what
-they show and call down into here.
+"""Drawing only: matplotlib figures from tensors, caches and neutral values (`heatmap.Grid`, `lines.Trajectory`,
+`bars.LayerBars`). Knows no result type; results build what they show and call down into here.
 """

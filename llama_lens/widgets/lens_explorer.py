@@ -333,8 +333,6 @@ class LogitLensExplorer(Explorer):
 
     def to_figure(self, panel: int = 0) -> Figure:
         """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""
-        from ..viz.heatmap import lens_heatmap
-
         result = self._result_with_token(panel)
         # The target's or the colouring token's values are filled in as the LensResult's target.
         metric = {"token_prob": "target_prob", "target_rank": "rank", "token_rank": "rank"}.get(
@@ -343,7 +341,7 @@ class LogitLensExplorer(Explorer):
         if metric in ("target_prob", "rank") and result.target_ids is None:
             metric = "prob"  # no token chosen yet: the top token's probability
         n_cells = result.n_readouts * len(result.positions)
-        return lens_heatmap(result, metric, annotate=n_cells <= 1500, max_figsize=(16.0, 12.0))
+        return result.plot(metric, annotate=n_cells <= 1500, max_figsize=(16.0, 12.0))
 
     def _result_with_token(self, panel: int) -> Any:
         """The panel's LensResult with the target (or the colouring token) filled in as its target."""

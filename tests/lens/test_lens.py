@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 import llama_lens as ll
 from llama_lens.lens import logit as lens_module
 from llama_lens.lens import readout as readout_module
-from llama_lens.viz.heatmap import visible_token
+from llama_lens.viz.tokens import visible_token
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -102,7 +102,7 @@ def test_metrics_match_an_independent_computation(d_vocab, vocab_block, chunk_si
         top = model(tokens)[:, -1].argmax(-1).tolist()  # rank 0 at the last read-out
     target = [[top[0], d_vocab - 1], [d_vocab // 2, top[1]]]  # two per prompt, in different blocks
     readout = list(lens_module.READOUTS)
-    result = ll.logit_lens(model, tokens, target, readout=readout, top_k=top_k, chunk_size=chunk_size)
+    result = ll.logit_lens(model, tokens, target=target, readout=readout, top_k=top_k, chunk_size=chunk_size)
     hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
              "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]  # fmt: skip
     assert result.labels == ["0_pre", "0_mid", "0_post", "1_pre", "1_mid", "1_post"]
@@ -384,9 +384,9 @@ def test_batch_of_texts_with_padding_and_text_targets(text_model, tokenizer):
     frame = result.to_frame()
     assert len(frame) == sum(n_real) * result.n_readouts  # padding rows left out
     assert len(result.to_frame(drop_padding=False)) == 2 * max(n_real) * result.n_readouts
-    first = frame[frame.prompt == 0]
+    first = frame[frame.batch_index == 0]
     assert first.position.min() == max(n_real) - n_real[0]  # left padding: prompt 0 starts later
-    row = frame[(frame.prompt == 1) & (frame.label == "1_post") & (frame.position == 4)].iloc[0]
+    row = frame[(frame.batch_index == 1) & (frame.label == "1_post") & (frame.position == 4)].iloc[0]
     assert row.token == result.str_tokens[1][4] and row.layer == 1 and row.readout == "resid_post"
     assert row.top_token == result.top_strs[1][2][4][0]
     assert row.target_prob == pytest.approx(float(result.target_probs[1, 2, 4, 0]))
@@ -401,17 +401,17 @@ def test_to_frame_columns_and_rows():
     result = ll.logit_lens(model, tokens, target=[[1, 2, 3], [4, 5, 6]], top_k=3)
     frame = result.to_frame()
     assert list(frame.columns) == [
-        "prompt", "label", "layer", "readout", "position", "token", "top_token", "top_id", "top_prob", "entropy",
+        "batch_index", "label", "layer", "readout", "position", "token", "top_token", "top_id", "top_prob", "entropy",
         "kl_to_final", "target", "target_id", "target_prob", "target_logit", "target_rank",
     ]  # fmt: skip
     assert len(frame) == 2 * 3 * 4 * 3  # prompt × read-out × position × target
-    assert frame.target_id[frame.prompt == 1].unique().tolist() == [4, 5, 6]
+    assert frame.target_id[frame.batch_index == 1].unique().tolist() == [4, 5, 6]
     assert frame.token.iloc[0] == f"<{int(tokens[0, 0])}>"  # no tokenizer: ids in angle brackets
     top = result.to_frame("top_k")
-    assert list(top.columns) == ["prompt", "label", "layer", "readout", "position", "token", "k", "top_token",
+    assert list(top.columns) == ["batch_index", "label", "layer", "readout", "position", "token", "k", "top_token",
                                  "top_id", "top_prob", "top_logit"]  # fmt: skip
     assert len(top) == 2 * 3 * 4 * 3 and top.k.tolist()[:4] == [0, 1, 2, 0]
-    assert (top.groupby(["prompt", "label", "position"], observed=True).top_prob.apply(
+    assert (top.groupby(["batch_index", "label", "position"], observed=True).top_prob.apply(
         lambda p: p.is_monotonic_decreasing)).all()  # fmt: skip
     assert list(frame.sort_values("label").label.unique()) == ["embed", "0_post", "1_post"]
     with pytest.raises(ValueError, match="kind"):
@@ -448,20 +448,20 @@ def test_components_sum_to_the_final_logit():
 
 
 def test_attribution_frames_and_last_position(text_model):
-    result = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", " Paris")
+    result = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", target=" Paris")
     assert result.positions == [result.tokens.shape[1] - 1]
     frame = result.to_frame()
-    assert list(frame.columns) == ["prompt", "label", "layer", "component", "position", "token", "target",
+    assert list(frame.columns) == ["batch_index", "label", "layer", "component", "position", "token", "target",
                                    "target_id", "contribution", "final_logit"]  # fmt: skip
     assert len(frame) == 5 and frame.contribution.sum() == pytest.approx(frame.final_logit.iloc[0], abs=1e-4)
     heads = result.to_frame("heads")
     assert len(heads) == 2 * 4 and set(heads["head"]) == {0, 1, 2, 3} and set(heads.target) == {" Paris"}
-    no_heads = ll.direct_logit_attribution(text_model, "The capital of France is", " Paris", heads=False)
+    no_heads = ll.direct_logit_attribution(text_model, "The capital of France is", target=" Paris", heads=False)
     assert no_heads.heads is None
     with pytest.raises(ValueError, match="heads=True"):
         no_heads.to_frame("heads")
     with pytest.raises(ValueError, match="needs a target"):
-        ll.direct_logit_attribution(text_model, "The capital", None)
+        ll.direct_logit_attribution(text_model, "The capital", target=None)
 
 
 def test_results_are_ordinary_tensors():
@@ -596,7 +596,7 @@ def test_trajectory_and_attribution_plots(text_model):
     with pytest.raises(ValueError, match="was not read out"):
         ll.logit_lens(text_model, "The city of", target=" Paris", positions=0).plot_trajectory(position=-1)
 
-    attribution = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", " Paris")
+    attribution = ll.direct_logit_attribution(text_model, "The Eiffel Tower is located in the city of", target=" Paris")
     fig = attribution.plot()
     bars, heads = fig.axes[:2]
     assert len(bars.patches) == 1 + 2 * 2  # embed, then attn and mlp per layer
@@ -621,7 +621,7 @@ def test_paris_rises_to_the_top_in_smollm2(demo_path):
     assert result.labels[-1] == "29_post" and ranks[-1] == 0
     assert result.top_strs[0][-1][0][0] == " Paris"
     assert ranks[:20].min() > 100 and (ranks[-4:] < 30).all()  # absent early, rising through the last layers
-    attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", " Paris")
+    attribution = ll.direct_logit_attribution(model, "The Eiffel Tower is located in the city of", target=" Paris")
     assert float(attribution.components.sum()) == pytest.approx(float(attribution.final_logits), abs=1e-3)
 
 
@@ -631,7 +631,7 @@ def test_bfloat16_ranks_count_only_strictly_higher_logits(chunk_size):
     model = tiny_model(tiny_config(d_vocab=5000)).to(torch.bfloat16)
     tokens = torch.randint(0, 5000, (2, 6))
     target = [[7, 4000], [2100, 4999]]  # in three different vocabulary blocks, one of them the short last one
-    result = ll.logit_lens(model, tokens, target, keep_logits=True, chunk_size=chunk_size)
+    result = ll.logit_lens(model, tokens, target=target, keep_logits=True, chunk_size=chunk_size)
     hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     _, logits = reference_readouts(model, tokens, hooks)
     logits = logits.transpose(0, 1)  # [batch, n_readouts, pos, d_vocab], in bfloat16
@@ -679,8 +679,8 @@ def test_engine_without_a_model_matches_float64(flat, monkeypatch):
     targets = torch.tensor([[0, 1500, 2299]] * n_rows)
     if flat:
         normed = normed[:, 0]
-    final, out = readout_module.read_out(normed, weight, final_logits, targets, top_k=top_k, chunk_size=7,
-                                         keep_logits=True)  # fmt: skip
+    final, out = readout_module.read_out(normed, weight, final_logits=final_logits, targets=targets, top_k=top_k,
+                                         chunk_size=7, keep_logits=True)  # fmt: skip
 
     logits = normed.double() @ weight.double().T  # [n_rows, (n_readouts,) d_vocab]
     final64 = final_logits.double()
@@ -717,15 +717,15 @@ def test_engine_without_a_model_matches_float64(flat, monkeypatch):
 def test_engine_refuses_tensors_that_do_not_fit():
     normed, weight, final = torch.randn(4, 2, 8), torch.randn(50, 8), torch.randn(4, 50)
     with pytest.raises(ValueError, match=r"shapes do not fit: normed \(4, 2, 8\)"):
-        readout_module.read_out(normed, torch.randn(50, 9), final)
+        readout_module.read_out(normed, torch.randn(50, 9), final_logits=final)
     with pytest.raises(ValueError, match=r"final_logits \(3, 50\)"):
-        readout_module.read_out(normed, weight, final[:3])
+        readout_module.read_out(normed, weight, final_logits=final[:3])
     with pytest.raises(ValueError, match=r"targets=\[\[0\], \[1\], \[50\], \[2\]\] is out of range: .* \(0..49\)"):
-        readout_module.read_out(normed, weight, final, torch.tensor([[0], [1], [50], [2]]))
+        readout_module.read_out(normed, weight, final_logits=final, targets=torch.tensor([[0], [1], [50], [2]]))
     with pytest.raises(ValueError, match=r"top_k=51 is out of range: the vocabulary has 50 ids \(1..50\)"):
-        readout_module.read_out(normed, weight, final, top_k=51)
+        readout_module.read_out(normed, weight, final_logits=final, top_k=51)
     with pytest.raises(ValueError, match="chunk_size=0 is out of range: it must be at least 1"):
-        readout_module.read_out(normed, weight, final, chunk_size=0)
+        readout_module.read_out(normed, weight, final_logits=final, chunk_size=0)
 
 
 def test_lens_results_are_the_engines_on_normed_residuals():
@@ -739,7 +739,9 @@ def test_lens_results_are_the_engines_on_normed_residuals():
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         normed = model.ln_final(torch.stack([cache[h] for h in hooks], dim=2)).flatten(0, 1)  # [rows, 2, d_model]
     targets = torch.full((12, 1), 5)
-    final, out = readout_module.read_out(normed, model.unembed.weight, logits.flatten(0, 1), targets)
+    final, out = readout_module.read_out(
+        normed, model.unembed.weight, final_logits=logits.flatten(0, 1), targets=targets
+    )
     torch.testing.assert_close(result.entropy[:, :2], out.entropy.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,
                                rtol=0)  # fmt: skip
     torch.testing.assert_close(result.kl_to_final[:, :2], out.kl.unflatten(0, (2, 6)).transpose(1, 2), atol=1e-5,
@@ -751,7 +753,7 @@ def test_lens_results_are_the_engines_on_normed_residuals():
 def test_results_share_their_inputs(text_model):
     prompt = "The Eiffel Tower is located in the city of"
     lens = ll.logit_lens(text_model, prompt, target=" Paris", positions=[-2, -1])
-    dla = ll.direct_logit_attribution(text_model, prompt, " Paris", positions=[-2, -1])
+    dla = ll.direct_logit_attribution(text_model, prompt, target=" Paris", positions=[-2, -1])
     for result in (lens, dla):
         assert isinstance(result.inputs, ll.LensInputs)
         inputs = result.inputs
@@ -802,7 +804,7 @@ def test_old_plot_keywords_warn_and_give_the_same_figure(text_model):
     with pytest.raises(TypeError, match=r"got both prompt= and batch_index=; pass batch_index= only"):
         result.plot(prompt=0, batch_index=0)
 
-    dla = ll.direct_logit_attribution(text_model, prompts, [[" Paris", " of"]] * 2)
+    dla = ll.direct_logit_attribution(text_model, prompts, target=[[" Paris", " of"]] * 2)
     new = [p.get_height() for p in dla.plot(batch_index=1, target_index=1).axes[0].patches]
     with (
         pytest.warns(DeprecationWarning, match=r"logit_attribution\(prompt=...\)"),
@@ -821,10 +823,10 @@ def test_positions_and_layers_take_any_iterable():
         result = ll.logit_lens(model, tokens, positions=positions, layers=layers)
         assert result.positions == [1, 6] and result.labels == ["embed", "0_post", "2_post"]
         torch.testing.assert_close(result.entropy, expected.entropy, atol=1e-6, rtol=0)
-    dla = ll.direct_logit_attribution(model, tokens, 3, positions=range(1, 7, 5))
+    dla = ll.direct_logit_attribution(model, tokens, target=3, positions=range(1, 7, 5))
     assert dla.positions == [1, 6]
-    assert ll.direct_logit_attribution(model, tokens, 3).positions == [6]  # default: the last position
-    assert ll.direct_logit_attribution(model, tokens, 3, positions=None).positions == list(range(7))
+    assert ll.direct_logit_attribution(model, tokens, target=3).positions == [6]  # default: the last position
+    assert ll.direct_logit_attribution(model, tokens, target=3, positions=None).positions == list(range(7))
     with pytest.raises(ValueError, match=r"layers must hold ints, got 1.0"):
         ll.logit_lens(model, tokens, layers=[1.0])
     with pytest.raises(ValueError, match=r"layers=range\(2, 5\) is out of range: layers \[3, 4\] are not loaded; "

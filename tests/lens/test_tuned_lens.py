@@ -11,8 +11,10 @@ from support.models import CharTokenizer, assert_same_top_k, char_model
 
 import llama_lens as ll
 from llama_lens.data.texts import generated_texts, read_texts
+from llama_lens.errors import ArgumentError, ArgumentTypeError
+from llama_lens.lens.logit import tuned_lens_readout
 from llama_lens.lens.train import kl_sums, mean_kl, token_rows
-from llama_lens.lens.tuned import TunedLens, translator_labels, tuned_lens_readout
+from llama_lens.lens.tuned import TunedLens, translator_labels
 from llama_lens.testing import write_hf_checkpoint
 
 PROMPTS = ["The cat sat on the mat.", "Paris is in France"]
@@ -54,8 +56,8 @@ def test_identity_translators_return_the_residual_stream_bit_for_bit(model):
 def test_identity_lens_reads_out_what_the_logit_lens_does(model):
     lens = TunedLens.for_model(model, ALL_READOUTS)
     readout = ["embed", "resid_mid", "resid_post"]
-    ours = tuned_lens_readout(model, PROMPTS, "e", lens=lens, readout=readout, top_k=5)
-    ref = ll.logit_lens(model, PROMPTS, "e", readout=readout, top_k=5, keep_logits=True)
+    ours = ll.logit_lens(model, PROMPTS, target="e", lens=lens, readout=readout, top_k=5)
+    ref = ll.logit_lens(model, PROMPTS, target="e", readout=readout, top_k=5, keep_logits=True)
     assert ours.labels == ref.labels and ours.layers == ref.layers and ours.readouts == ref.readouts
     assert torch.equal(ours.tokens, ref.tokens) and ours.str_tokens == ref.str_tokens
     # Same vectors, same ln_final and unembedding; the logit lens multiplies in vocabulary blocks, so values
@@ -71,14 +73,18 @@ def test_identity_lens_reads_out_what_the_logit_lens_does(model):
     # The last read-out is the model's own output in both.
     assert torch.equal(ours.top_logits[:, -1], ref.top_logits[:, -1])
     assert bool((ours.kl_to_final[:, -1] == 0).all())
-    # The method is the same function.
-    again = lens.lens(model, PROMPTS, "e", readout=readout)
+    assert ours.lens_kind == "tuned" and ref.lens_kind == "logit"
+    # The old entry point is the same call, with a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="tuned_lens_readout is deprecated"):
+        again = tuned_lens_readout(model, PROMPTS, target="e", lens=lens, readout=readout, top_k=5)
     assert torch.equal(again.top_ids, ours.top_ids)
+    with pytest.warns(DeprecationWarning, match="LensResult.lens is deprecated"):
+        assert again.lens == "tuned"
 
 
 def test_a_trained_translator_changes_the_readout_as_its_formula_says(model):
     lens = random_lens(model)
-    result = tuned_lens_readout(model, PROMPTS[0], lens=lens, top_k=3, positions=[-1])
+    result = ll.logit_lens(model, PROMPTS[0], lens=lens, top_k=3, positions=[-1])
     _, cache = model.run_with_cache(model.to_tokens(PROMPTS[0]))
     x = cache["blocks.0.hook_resid_post"][0, -1]
     translator = lens.translators["0_post"]
@@ -92,18 +98,18 @@ def test_a_trained_translator_changes_the_readout_as_its_formula_says(model):
 def test_readout_refuses_what_the_lens_lacks(model):
     lens = TunedLens.for_model(model)
     with pytest.raises(ValueError, match="no translator for resid_mid of layer 0"):
-        tuned_lens_readout(model, PROMPTS[0], lens=lens, readout="resid_mid")
+        ll.logit_lens(model, PROMPTS[0], lens=lens, readout="resid_mid")
     with pytest.raises(ValueError, match="d_model=64 and 3 layers"):
-        tuned_lens_readout(char_model(n_layers=2), PROMPTS[0], lens=lens)
+        ll.logit_lens(char_model(n_layers=2), PROMPTS[0], lens=lens)
 
 
 def test_loss_is_the_logit_lens_kl(model):
     # kl_sums with an identity lens against logit_lens's kl_to_final: two implementations of the same KL.
-    rows = token_rows(model.tokenizer, generated_texts(4, seed=2), 24, max_rows=2)
+    rows = token_rows(model.tokenizer, generated_texts(4, seed=2), seq_len=24, max_rows=2)
     lens = TunedLens.for_model(model)
     ref = ll.logit_lens(model, rows)
     expected = ref.kl_to_final.mean(dim=(0, 2))  # [n_readouts]: embed, 0_post, 1_post, 2_post
-    got = mean_kl(lens, model, generated_texts(4, seed=2), seq_len=24, max_rows=2)
+    got = mean_kl(lens, model, texts=generated_texts(4, seed=2), seq_len=24, max_rows=2)
     torch.testing.assert_close(torch.tensor([got[label] for label in lens.labels]), expected[:-1], atol=1e-4, rtol=1e-4)
 
 
@@ -114,8 +120,8 @@ def test_training_lowers_the_held_out_kl(model):
     assert len(lens.losses) == 30 and lens.info["steps"] == 30
     assert sum(lens.losses[-5:]) < 0.8 * sum(lens.losses[:5])
     held_out = generated_texts(10, seed=1)
-    before = mean_kl(TunedLens.for_model(model), model, held_out, seq_len=32, max_rows=4)
-    after = mean_kl(lens, model, held_out, seq_len=32, max_rows=4)
+    before = mean_kl(TunedLens.for_model(model), model, texts=held_out, seq_len=32, max_rows=4)
+    after = mean_kl(lens, model, texts=held_out, seq_len=32, max_rows=4)
     for label in lens.labels:
         assert after[label] < 0.8 * before[label], (label, before[label], after[label])
     assert not any(p.requires_grad for p in lens.parameters())
@@ -127,13 +133,13 @@ def test_one_step_moves_the_translators_as_sgd_says(model):
     # moves each parameter by -lr * (1 - momentum) * (1 + momentum) * grad (after clipping, here not reached).
     texts = generated_texts(4, seed=5)
     lens = TunedLens.train(model, texts, max_steps=1, weight_decay=0.0, max_grad_norm=1e9, **TRAIN)
-    rows = token_rows(model.tokenizer, texts, 32, max_rows=2)
+    rows = token_rows(model.tokenizer, texts, seq_len=32, max_rows=2)
     fresh = TunedLens.for_model(model)
     fresh.translators.requires_grad_(True)
     from llama_lens.lens.train import collect_streams
 
-    resid, final = collect_streams(model, rows, fresh.labels)
-    kl_sums(fresh, model, resid, final, 16, scale=1.0 / rows.numel())
+    resid, final = collect_streams(model, rows, labels=fresh.labels)
+    kl_sums(fresh, model, resid=resid, final_logits=final, chunk_size=16, scale=1.0 / rows.numel())
     for name, param in fresh.translators.named_parameters():
         expected = -1.0 * (1 - 0.9) * (1 + 0.9) * param.grad
         torch.testing.assert_close(lens.state_dict()[name], expected, atol=1e-6, rtol=1e-4, msg=name)
@@ -209,7 +215,11 @@ def test_a_tuned_lens_package_file_loads_and_translates_the_same(model, tmp_path
     with torch.no_grad():
         for k, stream in enumerate(streams):
             expected = stream + translators[k](stream)
-            got = lens.translate(stream, 0, "embed") if k == 0 else lens.translate(stream, k - 1, "resid_post")
+            got = (
+                lens.translate(stream, 0, readout="embed")
+                if k == 0
+                else lens.translate(stream, k - 1, readout="resid_post")
+            )
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
             assert torch.equal(lens.translate_hook(stream, f"blocks.{k}.hook_resid_pre"), got)
     # Saved again in our format, it reloads identical.
@@ -275,14 +285,14 @@ def test_generated_texts_are_deterministic_and_ascii():
 
 def test_token_rows_start_with_bos():
     tokenizer = CharTokenizer()
-    rows = token_rows(tokenizer, ["abcdef", "ghij"], 4)
+    rows = token_rows(tokenizer, ["abcdef", "ghij"], seq_len=4)
     # stream: <s> a b c d e f <s> g h i j -> [<s> a b c] [<s> d e f] [<s> g h i]; "j" is left over
     assert rows.tolist() == [[1, 97, 98, 99], [1, 100, 101, 102], [1, 103, 104, 105]]
 
 
 def test_token_rows_train_as_the_texts_they_come_from(model):
     texts = generated_texts(6, seed=4)
-    rows = token_rows(model.tokenizer, texts, 32, max_rows=4)
+    rows = token_rows(model.tokenizer, texts, seq_len=32, max_rows=4)
     settings = TRAIN | dict(shuffle=False)
     from_texts = TunedLens.train(model, texts, max_steps=2, **settings)
     from_rows = TunedLens.train(model, rows, max_steps=2, **settings)
@@ -290,3 +300,30 @@ def test_token_rows_train_as_the_texts_they_come_from(model):
         assert torch.equal(from_rows.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match=r"LongTensor \[n_rows, seq_len=32\]"):
         TunedLens.train(model, rows[:, :16], max_steps=1, **settings)
+
+
+def test_train_config_holds_the_settings_once(model):
+    from llama_lens.lens.train import TrainConfig
+
+    with pytest.raises(ArgumentTypeError, match="unknown training option 'max_step'; did you mean 'max_steps'"):
+        TunedLens.train(model, ["some text here"], max_step=1)
+    with pytest.raises(ValueError, match="unknown read-out"):
+        TrainConfig(readout="resid_postt")
+    with pytest.raises(ArgumentError, match="momentum must lie in"):
+        TrainConfig(momentum=1.0)
+    rows = torch.randint(0, model.cfg.d_vocab, (4, 16))
+    lens = TunedLens.train(model, rows, max_steps=2, seq_len=16, tokens_per_step=32, batch_tokens=32, progress=False)
+    assert lens.info["max_steps"] == 2 and lens.info["readout"] == ["embed", "resid_post"] and lens.info["lr"] == 1.0
+    assert lens.info["steps"] == 2 and lens.info["tokens_per_step"] == 32
+
+
+def test_readout_labels_and_hooks_name_each_other():
+    from llama_lens.lens.readouts import READOUTS, hook_readout, label_readout, readout_hook, readout_label
+
+    for layer in (0, 3):
+        for kind in READOUTS:
+            layer_of = 0 if kind == "embed" else layer
+            assert label_readout(readout_label(layer_of, kind)) == (layer_of, kind)
+            assert hook_readout(readout_hook(layer_of, kind)) == (layer_of, kind)
+    with pytest.raises(ArgumentError, match="not a residual stream hook"):
+        hook_readout("blocks.0.attn.hook_z")

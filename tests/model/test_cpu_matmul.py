@@ -183,7 +183,7 @@ def test_read_out_casts_each_vocabulary_block_once_for_every_read_out(matmul_mod
 
     matmul_mode("float32")
     monkeypatch.setattr(torch, "mm", spy)
-    _, metrics = read_out(normed, weight, final_logits, top_k=4, keep_logits=True)
+    _, metrics = read_out(normed, weight, final_logits=final_logits, top_k=4, keep_logits=True)
     monkeypatch.undo()
     n_blocks = -(-2500 // 1024)
     assert casts == [(torch.float32, torch.float32)] * n_blocks  # one product per block, all read-outs at once

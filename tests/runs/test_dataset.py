@@ -203,7 +203,7 @@ def test_attribution_rows_match_direct_logit_attribution(model, tmp_path):
     )
     frame = run.frame()
     for i, text in enumerate(PROMPTS):
-        direct = ll.direct_logit_attribution(model, text, TARGETS[i], heads=True)
+        direct = ll.direct_logit_attribution(model, text, target=TARGETS[i], heads=True)
         rows = lens_rows(frame, i)
         assert rows["label"].tolist() == direct.labels
         torch.testing.assert_close(

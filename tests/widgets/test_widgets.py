@@ -274,10 +274,10 @@ def test_tuned_lens_switch_reads_through_the_translators(model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o", tuned_lens=tuned)
     assert explorer.lens == "tuned" and explorer.has_tuned_lens
     assert "tuned lens" in explorer.titles[0] and "tuned lens" in explorer.status
-    expected = ll.logit_lens(model, "hello world", "o", lens=tuned, top_k=10, keep_logits=True)
-    plain = ll.logit_lens(model, "hello world", "o", top_k=10)
+    expected = ll.logit_lens(model, "hello world", target="o", lens=tuned, top_k=10, keep_logits=True)
+    plain = ll.logit_lens(model, "hello world", target="o", top_k=10)
     # The translators change the read-outs below the last layer (else this test could not tell the lenses apart).
-    assert expected.lens == "tuned" and (expected.top_ids[0, :-1, :, 0] != plain.top_ids[0, :-1, :, 0]).any()
+    assert expected.lens_kind == "tuned" and (expected.top_ids[0, :-1, :, 0] != plain.top_ids[0, :-1, :, 0]).any()
     assert (expected.target_probs[0, :-1] - plain.target_probs[0, :-1]).abs().max() > 1e-3  # >> the tolerance
     _assert_panel_is(explorer, expected)
     # The target and pins are read from the kept residual streams: through the same translators.
@@ -292,7 +292,7 @@ def test_tuned_lens_switch_reads_through_the_translators(model):
     counter, runs = _forwards(model)
     with model.hooks([counter]):
         explorer.lens = "logit"
-    assert len(runs) == 1 and explorer.result.lens == "logit" and "logit lens" in explorer.titles[0]
+    assert len(runs) == 1 and explorer.result.lens_kind == "logit" and "logit lens" in explorer.titles[0]
     _assert_panel_is(explorer, plain)
     target_probs = np.reshape(explorer.target_data["panels"][0]["probs"], (3, 12))
     np.testing.assert_allclose(target_probs, plain.target_probs[0, :, :, 0].numpy(), atol=2e-5)
@@ -304,9 +304,9 @@ def test_tuned_lens_state_round_trip(model):
     state = json.loads(json.dumps(explorer.state))
     assert state["lens"] == "tuned"
     other = ll_widgets.LogitLensExplorer(model, "abc", tuned_lens=tuned, lens="logit")
-    assert other.result.lens == "logit"
+    assert other.result.lens_kind == "logit"
     other.state = state
-    assert other.state == state and other.result.lens == "tuned"
+    assert other.state == state and other.result.lens_kind == "tuned"
     timeless = lambda panels: [{k: v for k, v in panel.items() if k != "seconds"} for panel in panels]
     assert timeless(other.panels) == timeless(explorer.panels)
     assert other.target_data["panels"] == explorer.target_data["panels"]
@@ -318,7 +318,7 @@ def test_tuned_lens_errors(model):
     assert not plain.has_tuned_lens
     with pytest.raises(ValueError, match='lens="tuned" needs a tuned lens'):
         plain.lens = "tuned"
-    assert plain.lens == "logit" and plain.result.lens == "logit"
+    assert plain.lens == "logit" and plain.result.lens_kind == "logit"
     with pytest.raises(ValueError, match='lens="tuned" needs a tuned lens'):
         ll_widgets.LogitLensExplorer(model, "hello", lens="tuned")
     tuned = _tuned_lens(model)
@@ -385,7 +385,7 @@ def test_exports_from_python(model, tmp_path):
     import pandas as pd
 
     table = pd.read_csv(explorer.save_csv(tmp_path / "lens.csv"), keep_default_na=False)
-    assert list(table.columns[:3]) == ["panel", "prompt", "label"] and len(table) == 3 * 6
+    assert list(table.columns[:3]) == ["panel", "batch_index", "label"] and len(table) == 3 * 6
     np.testing.assert_allclose(table["target_prob"], explorer.target_data["panels"][0]["probs"])
     assert ll_widgets.figure_png(fig).startswith(b"\x89PNG")
 
