@@ -16,6 +16,7 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── LensFileError          (ValueError)   a saved tuned lens that cannot be read
     ├── ManifestMismatchError  (ValueError)   a dataset run's folder holds a run with other parameters
     ├── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
+    ├── OutOfRangeError        (IndexError)   an index (token id, row, item) past the end of what it indexes
     └── WeightOnDiskError      (TypeError)    the whole matrix asked of a weight a streamed model reads by rows
 """
 
@@ -83,6 +84,10 @@ class ManifestMismatchError(LlamaLensError, ValueError):
 
 class GroupedHeadsError(LlamaLensError, IndexError):
     """A hook indexed a key/value activation of grouped-query attention as if it had one head per query head."""
+
+
+class OutOfRangeError(LlamaLensError, IndexError):
+    """An index (a token id, a row, an item) outside what it indexes; the message gives the valid range."""
 
 
 class WeightOnDiskError(LlamaLensError, TypeError):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ArgumentError
 from ..lens.logit import LensResult, logit_lens
 
 if TYPE_CHECKING:
@@ -37,16 +38,16 @@ def prompt_tokens(model: Any, prompt: str | Sequence[dict[str, str]]) -> torch.T
     """Token ids [1, pos] of a text, or of chat messages through the tokenizer's chat template.
 
     Raises:
-        ValueError: for messages without "role"/"content", or a tokenizer without a chat template.
+        ArgumentError: for messages without "role"/"content", or a tokenizer without a chat template.
     """
     if isinstance(prompt, str):
         return model.to_tokens(prompt)
     messages = list(prompt)
     if not messages or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-        raise ValueError('prompt must be a text or a list of {"role": ..., "content": ...} chat messages')
+        raise ArgumentError('prompt must be a text or a list of {"role": ..., "content": ...} chat messages')
     template = getattr(model.tokenizer, "apply_chat_template", None)
     if template is None:
-        raise ValueError(
+        raise ArgumentError(
             "prompt is a list of chat messages but this model's tokenizer has no apply_chat_template; "
             "pass the formatted text instead"
         )
@@ -144,17 +145,17 @@ def parse_target(model: Any, text: str) -> int | None:
     """The id a target box names: "" -> None, "#1712" -> id 1712, otherwise the token whose text it is.
 
     Raises:
-        ValueError: for an id out of range or a text that is not one token (naming its pieces).
+        ArgumentError: for an id out of range or a text that is not one token (naming its pieces).
     """
     if text == "":
         return None
     if text.startswith("#") and text[1:].isdigit():
         token_id = int(text[1:])
         if not 0 <= token_id < model.cfg.d_vocab:
-            raise ValueError(f"target {text}: ids run from 0 to {model.cfg.d_vocab - 1}")
+            raise ArgumentError(f"target {text}: ids run from 0 to {model.cfg.d_vocab - 1}")
         return token_id
     if model.tokenizer is None:
-        raise ValueError(f"target {text!r} is text but the model has no tokenizer; give an id as #1712")
+        raise ArgumentError(f"target {text!r} is text but the model has no tokenizer; give an id as #1712")
     return int(model.tokenizer.id_of(text))
 
 
