@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import traitlets
 
-from ..errors import ArgumentError, did_you_mean
+from ..errors import ArgumentError, UnknownAttributeError, did_you_mean
 from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
 from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
@@ -262,7 +262,7 @@ class LogitLensExplorer(Explorer):
         ):
             settings = sorted([*self.CONTROLS, "layer"])
             hint = f"its settings are {settings} (see .state)"
-            raise AttributeError(
+            raise UnknownAttributeError(
                 f"{type(self).__name__} has no setting {name!r}{did_you_mean(name, settings, hint=hint)}"
             )
         super().__setattr__(name, value)
