@@ -149,7 +149,7 @@ def meta_header_pieces(chat_format: str, role: str) -> list[tuple[str, bool]]:
 
 
 def meta_pieces(
-    chat_format: str, messages: list[dict[str, Any]], add_generation_prompt: bool
+    chat_format: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool
 ) -> list[tuple[str, bool]]:
     """Meta's Llama 3/4 dialog (`encode_dialog_prompt`) as (text, is_special_token) pieces."""
     _, _, end_of_turn = META_HEADERS[chat_format]
@@ -203,7 +203,7 @@ def apply_chat_template(
                 ids.append(tokenizer.eos_id)
         return ids
     if chat_format in META_HEADERS:
-        pieces = meta_pieces(chat_format, messages, add_generation_prompt)
+        pieces = meta_pieces(chat_format, messages, add_generation_prompt=add_generation_prompt)
         if not tokenize:
             return "".join(text for text, _ in pieces)
         ids = []

@@ -100,7 +100,7 @@ class AttentionExplorer(Explorer):
         "layers": Control("update", _check_layers, "layers whose heads are shown"),
         "head": Control("redraw", _check_head, "the open head {layer, head}"),
         "query": Control("redraw", _check_query, "the query whose attention colours the text (-1: none)"),
-        "zoom": Control("redraw", number("zoom", 1, 64), "heatmap cell size in pixels"),
+        "zoom": Control("redraw", number("zoom", low=1, high=64), "heatmap cell size in pixels"),
     }
 
     prompt = traitlets.Any("").tag(sync=True)

@@ -313,7 +313,7 @@ def boolean(name: str) -> Callable[[Any, Any], bool]:
     return check
 
 
-def number(name: str, low: float, high: float, *, integer: bool = False) -> Callable[[Any, Any], float]:
+def number(name: str, *, low: float, high: float, integer: bool = False) -> Callable[[Any, Any], float]:
     def check(_: Any, value: Any) -> float:
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:

@@ -76,6 +76,7 @@ class LensRun:
 def run_lens(
     model: Any,
     tokens: torch.Tensor,
+    *,
     readout: str,
     top_k: int,
     check: Callable[[], None] = lambda: None,
@@ -112,7 +113,7 @@ def run_lens(
 
 
 def token_values(
-    model: Any, run: LensRun, token_id: int, positions: Sequence[int] | None = None, *, ranks: bool = True
+    model: Any, run: LensRun, *, token_id: int, positions: Sequence[int] | None = None, ranks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The probability and rank of one token at every read-out, from the kept residual streams.
 
@@ -159,7 +160,7 @@ def parse_target(model: Any, text: str) -> int | None:
     return int(model.tokenizer.id_of(text))
 
 
-def spaced_hint(model: Any, run: LensRun, text: str, token_id: int | None) -> dict[str, Any] | None:
+def spaced_hint(model: Any, run: LensRun, *, text: str, token_id: int | None) -> dict[str, Any] | None:
     """A suggestion to use " text" when that token ranks better than `text` at the last read-out and position.
 
     Returns None when no suggestion applies, else {"text", "id", "rank", "rank_typed"} (rank_typed is None
@@ -172,8 +173,9 @@ def spaced_hint(model: Any, run: LensRun, text: str, token_id: int | None) -> di
     except ValueError:
         return None
     last = [run.resid.shape[1] - 1]
-    spaced_rank = int(token_values(model, _last_row(run), spaced_id, last)[1][0, 0])
-    typed_rank = None if token_id is None else int(token_values(model, _last_row(run), token_id, last)[1][0, 0])
+    row = _last_row(run)
+    spaced_rank = int(token_values(model, row, token_id=spaced_id, positions=last)[1][0, 0])
+    typed_rank = None if token_id is None else int(token_values(model, row, token_id=token_id, positions=last)[1][0, 0])
     if typed_rank is not None and typed_rank <= spaced_rank:
         return None
     return {"text": " " + text, "id": spaced_id, "rank": spaced_rank, "rank_typed": typed_rank}

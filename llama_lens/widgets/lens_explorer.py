@@ -168,8 +168,8 @@ class LogitLensExplorer(Explorer):
         "trajectory": Control("redraw", one_of("trajectory", TRAJECTORY), "the chart's y axis"),
         "pinned_positions": Control("redraw", _check_positions, "input positions pinned"),
         "selection": Control("redraw", _check_selection, "the clicked cell"),
-        "stride": Control("redraw", number("stride", 1, 64, integer=True), "show every stride-th read-out"),
-        "zoom": Control("redraw", number("zoom", 6, 160), "cell width in pixels"),
+        "stride": Control("redraw", number("stride", low=1, high=64, integer=True), "show every stride-th read-out"),
+        "zoom": Control("redraw", number("zoom", low=6, high=160), "cell width in pixels"),
         "diff": Control("redraw", boolean("diff"), "colour by the first panel minus the second"),
     }
 
@@ -200,8 +200,8 @@ class LogitLensExplorer(Explorer):
         self,
         model: Any,
         prompt: str | Sequence[dict[str, str]] = "The Eiffel Tower is in the city of",
-        target: str | int | None = None,
         *,
+        target: str | int | None = None,
         metric: str = "prob",
         readout: str = "resid_post",
         top_k: int = 10,
@@ -392,7 +392,8 @@ class LogitLensExplorer(Explorer):
                 self.status = f"{what}running {tokens.shape[1]} tokens: layer {done} / {total}…"
 
             tuned = self.tuned_lens if self.lens == "tuned" else None
-            runs.append(run_lens(model, tokens, self.readout, self.top_k, check, progress, tuned))
+            options = dict(readout=self.readout, top_k=self.top_k, check=check, progress=progress, lens=tuned)
+            runs.append(run_lens(model, tokens, **options))
         check()
         self.runs = runs
         with self.hold_sync():
@@ -449,7 +450,7 @@ class LogitLensExplorer(Explorer):
         panels = []
         for panel, (run, values) in enumerate(zip(self.runs, data["panels"])):
             check()
-            ranks = token_values(self._panel_model(panel), run, data["id"])[1]
+            ranks = token_values(self._panel_model(panel), run, token_id=data["id"])[1]
             panels.append({**values, "ranks": ranks.reshape(-1).tolist()})
         filled = {**data, "panels": panels}
         if which == "target":
@@ -462,13 +463,13 @@ class LogitLensExplorer(Explorer):
         token_id = parse_target(self.model, box) if box else None
         suggestion = None
         if hint and box and self.model.tokenizer is not None:
-            suggestion = spaced_hint(self.model, self.runs[0], box, token_id)
+            suggestion = spaced_hint(self.model, self.runs[0], text=box, token_id=token_id)
         if token_id is None:
             return {"hint": suggestion} if suggestion else {}
         panels = []
         for panel, run in enumerate(self.runs):
             check()
-            probs, rank_values = token_values(self._panel_model(panel), run, token_id, ranks=ranks)
+            probs, rank_values = token_values(self._panel_model(panel), run, token_id=token_id, ranks=ranks)
             rank_list = None if rank_values is None else rank_values.reshape(-1).tolist()
             panels.append({"probs": _round(probs.reshape(-1)), "ranks": rank_list})
         return {"id": token_id, "text": self._token_text(token_id), "panels": panels, "hint": suggestion}
@@ -480,7 +481,7 @@ class LogitLensExplorer(Explorer):
         column = run.result.positions.index(group["position"])
         total, best = None, None
         for token_id in group["ids"]:
-            probs, ranks = token_values(self._panel_model(panel), run, token_id, [column])
+            probs, ranks = token_values(self._panel_model(panel), run, token_id=token_id, positions=[column])
             total = probs[:, 0] if total is None else total + probs[:, 0]
             best = ranks[:, 0] if best is None else torch.minimum(best, ranks[:, 0])
         texts = [self._token_text(i) for i in group["ids"]]
