@@ -8,4 +8,4 @@ test-quick:  ## offline and quick: leaves out the tests that need the embedded m
 	python -m pytest -q -m "not demo and not slow"
 
 lint:        ## lint, format check and the layering contracts
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && lint-imports

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .errors import ArgumentError, LlamaLensError, MissingFileError
+
 PROG = "llama-lens"
 
 
@@ -72,14 +74,17 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    import llama_lens as ll
+    # The rooms themselves, not the `llama_lens` face: nothing inside the package imports a face.
+    from .io.checkpoint import Checkpoint
+    from .loading.demo import demo_model_path
+    from .loading.load import load
 
-    ckpt = ll.Checkpoint(args.path if args.path is not None else ll.demo_model_path())
+    ckpt = Checkpoint(args.path if args.path is not None else demo_model_path())
     if ckpt.tokenizer_path is None:  # checked before minutes of reading weights
-        raise ValueError(
+        raise MissingFileError(
             f"{ckpt.path} has no tokenizer.json or tokenizer.model; this command needs one to read the prompt"
         )
-    return ll.load(ckpt, dtype=args.dtype, device=args.device, stream=args.stream)
+    return load(ckpt, dtype=args.dtype, device=args.device, stream=args.stream)
 
 
 # ----------------------------------------------------------------------------------------------- lens
@@ -127,7 +132,7 @@ def add_lens(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_lens(args: argparse.Namespace) -> int:
-    import llama_lens as ll
+    from .lens.logit import logit_lens
 
     if args.out:
         _check_figure_path(Path(args.out))  # before the model runs, not after
@@ -142,7 +147,7 @@ def run_lens(args: argparse.Namespace) -> int:
     readout = {} if args.readout is None else {"readout": args.readout}
     # The table shows one position; only the heatmap needs them all.
     positions = None if args.out else [args.position]
-    lens = ll.logit_lens(
+    lens = logit_lens(
         model, args.prompt, target=args.target, top_k=args.top_k, positions=positions,
         prepend_bos=args.prepend_bos, lens=tuned, **readout,
     )  # fmt: skip
@@ -160,10 +165,10 @@ def _check_figure_path(path: Path) -> None:
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix.lstrip(".").lower() not in formats:
-        raise ValueError(f"--out {path}: matplotlib cannot write {path.suffix or 'a file without a suffix'}; "
+        raise ArgumentError(f"--out {path}: matplotlib cannot write {path.suffix or 'a file without a suffix'}; "
                          f"use one of {', '.join('.' + f for f in sorted(formats))}")  # fmt: skip
     if not path.parent.is_dir():
-        raise ValueError(f"--out {path}: the folder {path.parent} does not exist")
+        raise ArgumentError(f"--out {path}: the folder {path.parent} does not exist")
 
 
 def format_lens_table(lens, position: int = -1) -> str:
@@ -217,12 +222,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    import llama_lens as ll
-
+    from .io.checkpoint import Checkpoint
+    from .loading.demo import demo_model_path
     from .model.llama import HookedLlama
     from .model.summary import module_summary
 
-    ckpt = ll.Checkpoint(args.path if args.path is not None else ll.demo_model_path())
+    ckpt = Checkpoint(args.path if args.path is not None else demo_model_path())
     cfg, table = ckpt.config, ckpt.tensors()
     # The summary is the loaded model's own (model.summary()), computed on the meta device: no weights read.
     with torch.device("meta"):
@@ -302,7 +307,7 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
 
 def run_generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
-        raise ValueError("--system needs --chat: a system message only exists in a chat")
+        raise ArgumentError("--system needs --chat: a system message only exists in a chat")
     model = _load_model(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.chat:
@@ -371,8 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `llama-lens` with `argv` (default: the process arguments) and returns the exit status."""
-    from .errors import LlamaLensError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -384,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `llama-lens inspect PATH | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except (LlamaLensError, ValueError, OSError) as err:
+    except (LlamaLensError, OSError) as err:  # OSError: the system's own (a full disk, a denied write)
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -393,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_text_arguments(args: argparse.Namespace) -> None:
-    """Raises ValueError naming the argument and the byte when PROMPT or --system is not UTF-8 (Python hands
+    """Raises ArgumentError naming the argument and the byte when PROMPT or --system is not UTF-8 (Python hands
     such bytes over as lone surrogates, which no tokenizer takes)."""
     for name, shown in (("prompt", "PROMPT"), ("system", "--system")):
         value = getattr(args, name, None)
@@ -409,7 +412,7 @@ def check_text_arguments(args: argparse.Namespace) -> None:
                 where = f"byte 0x{raw[err.start]:02x} at position {err.start}"
             else:  # a surrogate that was not a byte at all (e.g. from a UTF-16 source)
                 where = "a lone surrogate"
-            raise ValueError(
+            raise ArgumentError(
                 f"{shown} is not valid UTF-8 ({where}): the terminal or file sent another encoding; convert it, "
                 "e.g. `iconv -f latin1 -t utf-8`, or set the terminal to UTF-8"
             ) from None

@@ -17,6 +17,7 @@ name, MemoryError for a load that cannot fit), so code written against the built
     ├── ManifestMismatchError  (ValueError)   a dataset run's folder holds a run with other parameters
     ├── GroupedHeadsError      (IndexError)   a hook indexed key/value heads of grouped-query attention by query head
     ├── OutOfRangeError        (IndexError)   an index (token id, row, item) past the end of what it indexes
+    ├── UnknownAttributeError  (AttributeError)   a misspelt setting assigned on an object that refuses new ones
     └── WeightOnDiskError      (TypeError)    the whole matrix asked of a weight a streamed model reads by rows
 """
 
@@ -88,6 +89,11 @@ class GroupedHeadsError(LlamaLensError, IndexError):
 
 class OutOfRangeError(LlamaLensError, IndexError):
     """An index (a token id, a row, an item) outside what it indexes; the message gives the valid range."""
+
+
+class UnknownAttributeError(LlamaLensError, AttributeError):
+    """An attribute set (or read) that the object does not have, e.g. a misspelt explorer setting, with the
+    closest names. Still an AttributeError, so `hasattr` and `getattr(obj, name, default)` work as before."""
 
 
 class WeightOnDiskError(LlamaLensError, TypeError):

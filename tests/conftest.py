@@ -1,5 +1,8 @@
 """Fixtures and the options and markers of the suite; shared test code lives in the package tests/support/.
 
+Fixtures: `device`, `tiny_cfg`, `char_model` (a factory), `one_torch_thread`, `demo_path`, `demo_gguf`; every
+test is seeded (`_seed`).
+
 Markers (registered in pyproject.toml):
 - `demo`: needs the embedded default model, built from the package registry on first use. Added here to every
   test that uses the `demo_path` fixture, directly or through another fixture.
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import models
 from support.models import tiny_config
 
 from llama_lens.config import LlamaConfig
@@ -48,6 +52,18 @@ def device(request):
 @pytest.fixture
 def tiny_cfg() -> LlamaConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def char_model():
+    """The factory `support.models.char_model(seed=0, scale=10.0, **cfg_changes)`: a tiny model with a
+    character-level tokenizer, for tests that type prompts. A module's own fixture says which one it holds, e.g.
+
+        @pytest.fixture(scope="module")
+        def model(char_model):
+            return char_model(seed=3)
+    """
+    return models.char_model
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ArgumentError, ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,7 +122,7 @@ class Tokenizer:
                 plain text; None does what the checkpoint's tokenizer does (`parse_special`).
         """
         if not isinstance(text, str):
-            raise ValueError(f"encode takes a str, got {type(text).__name__}")
+            raise ArgumentError(f"encode takes a str, got {type(text).__name__}")
         ids = self._encode_text(text, self.parse_special if parse_special is None else bool(parse_special))
         return self.with_bos(ids, bos)
 
@@ -161,7 +163,7 @@ class Tokenizer:
         ids = list(map(int, ids))
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: C loops, no per-id Python
             bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            raise ValueError(
+            raise ArgumentError(
                 f"token ids {bad[:5]} are out of range for this tokenizer (vocab_size {self.vocab_size}, "
                 f"{self.source}); a model's d_vocab may hold unused rows past the tokenizer's vocabulary"
             )
@@ -171,10 +173,10 @@ class Tokenizer:
         """The id of the single token whose text is `token` (e.g. " Paris" with its leading space).
 
         Raises:
-            ValueError: `token` is not one token; the message lists the pieces it encodes to.
+            ArgumentError: `token` is not one token; the message lists the pieces it encodes to.
         """
         if not isinstance(token, str):
-            raise ValueError(f"id_of takes the text of a token, got {type(token).__name__}; pass an id directly")
+            raise ArgumentError(f"id_of takes the text of a token, got {type(token).__name__}; pass an id directly")
         for raw in self._lookup_candidates(token):
             token_id = self._raw_to_id(raw)
             if token_id is not None and self._token_text(token_id) == token:
@@ -182,7 +184,7 @@ class Tokenizer:
         ids = self.encode(token, bos=False)
         pieces = ", ".join(f"{text!r} (id {i})" for text, i in zip(self.token_strs(ids), ids))
         hint = f"pass the first piece ({self.token_strs(ids[:1])[0]!r}) or an id instead" if ids else "pass an id"
-        raise ValueError(f"{token!r} is not a single token: it encodes to [{pieces}]; {hint}")
+        raise ArgumentError(f"{token!r} is not a single token: it encodes to [{pieces}]; {hint}")
 
     def batch_encode(
         self,
@@ -210,7 +212,7 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) == 0:
-            raise ValueError("batch_encode needs at least one text")
+            raise ArgumentError("batch_encode needs at least one text")
         rows = [self.encode(text, bos=bos, parse_special=parse_special) for text in texts]
         if pad_id is None:
             pad_id = self.padding_id
@@ -250,7 +252,7 @@ class Tokenizer:
             token ids [pos] (BOS included where the format has one), or the text.
 
         Raises:
-            ValueError: malformed messages, a template that raises, or no chat format for this tokenizer.
+            ArgumentError: malformed messages, a template that raises, or no chat format for this tokenizer.
         """
         from .chat import apply_chat_template
 
@@ -307,7 +309,7 @@ class Tokenizer:
         def resolve(token: str, key: str) -> int:
             token_id = self._raw_to_id(token)
             if token_id is None:
-                raise ValueError(f"{where}: {key} {token!r} is not in the vocabulary; fix or remove the entry")
+                raise ConfigError(f"{where}: {key} {token!r} is not in the vocabulary; fix or remove the entry")
             return token_id
 
         if bos is not None:

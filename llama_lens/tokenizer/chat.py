@@ -22,6 +22,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from ..errors import ArgumentError
+
 LLAMA2_B_INST, LLAMA2_E_INST = "[INST]", "[/INST]"
 LLAMA2_B_SYS, LLAMA2_E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 # Meta's header and end-of-turn tokens per format; Meta writes the "tool" role as "ipython".
@@ -34,15 +36,15 @@ META_HEADERS = {
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     """`messages` as a list of dicts, each with a str "role" and "content"; a clear error otherwise."""
     if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
-        raise ValueError(
+        raise ArgumentError(
             f"messages must be a list of dicts like {{'role': 'user', 'content': 'Hi'}}, got {type(messages).__name__}"
         )
     if len(messages) == 0:
-        raise ValueError("messages is empty: give at least one {'role': ..., 'content': ...} dict")
+        raise ArgumentError("messages is empty: give at least one {'role': ..., 'content': ...} dict")
     checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{index}] must be a dict with a 'role' string, got {message!r:.80}")
+            raise ArgumentError(f"messages[{index}] must be a dict with a 'role' string, got {message!r:.80}")
         checked.append({key: value for key, value in message.items() if value is not None})
     return checked
 
@@ -89,7 +91,7 @@ def compile_chat_template(template: str) -> Any:
     try:
         return environment.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as error:
-        raise ValueError(f"the chat template does not parse (line {error.lineno}): {error.message}") from None
+        raise ArgumentError(f"the chat template does not parse (line {error.lineno}): {error.message}") from None
 
 
 def render_chat_template(
@@ -112,7 +114,7 @@ def render_chat_template(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
     except jinja2.exceptions.TemplateError as error:
-        raise ValueError(f"the chat template refused these messages: {error}") from None
+        raise ArgumentError(f"the chat template refused these messages: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- Meta formats
@@ -120,14 +122,14 @@ def llama2_segments(messages: list[dict[str, Any]]) -> list[tuple[str, bool, boo
     """Meta's Llama 2 dialog as (text, bos, eos) pieces, each encoded on its own (`chat_completion`)."""
     if messages[0]["role"] == "system":
         if len(messages) < 2:
-            raise ValueError("a Llama 2 chat needs a user message after the system message")
+            raise ArgumentError("a Llama 2 chat needs a user message after the system message")
         first = messages[1]
         content = LLAMA2_B_SYS + str(messages[0].get("content", "")) + LLAMA2_E_SYS + str(first.get("content", ""))
         messages = [{"role": first["role"], "content": content}, *messages[2:]]
     for index, message in enumerate(messages):
         expected = "user" if index % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise ValueError(
+            raise ArgumentError(
                 f"Llama 2 chats alternate user and assistant (an optional system message first); message {index} "
                 f"after the system message has role {message['role']!r}, expected {expected!r}"
             )
@@ -147,7 +149,7 @@ def meta_header_pieces(chat_format: str, role: str) -> list[tuple[str, bool]]:
 
 
 def meta_pieces(
-    chat_format: str, messages: list[dict[str, Any]], add_generation_prompt: bool
+    chat_format: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool
 ) -> list[tuple[str, bool]]:
     """Meta's Llama 3/4 dialog (`encode_dialog_prompt`) as (text, is_special_token) pieces."""
     _, _, end_of_turn = META_HEADERS[chat_format]
@@ -156,7 +158,7 @@ def meta_pieces(
         pieces += meta_header_pieces(chat_format, message["role"])
         content = message.get("content", "")
         if not isinstance(content, str):
-            raise ValueError(f"message content must be a str for the {chat_format} format, got {content!r:.80}")
+            raise ArgumentError(f"message content must be a str for the {chat_format} format, got {content!r:.80}")
         if content:
             pieces.append((content, False))
         pieces.append((end_of_turn, True))
@@ -201,7 +203,7 @@ def apply_chat_template(
                 ids.append(tokenizer.eos_id)
         return ids
     if chat_format in META_HEADERS:
-        pieces = meta_pieces(chat_format, messages, add_generation_prompt)
+        pieces = meta_pieces(chat_format, messages, add_generation_prompt=add_generation_prompt)
         if not tokenize:
             return "".join(text for text, _ in pieces)
         ids = []
@@ -211,7 +213,7 @@ def apply_chat_template(
             else:
                 ids += tokenizer.encode(text, bos=False, parse_special=False)
         return ids
-    raise ValueError(
+    raise ArgumentError(
         f"this tokenizer ({tokenizer.source}) has no chat template: its tokenizer_config.json names none. Pass "
         "chat_template= (a Jinja template, as in transformers) or format the prompt yourself"
     )

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutOfRangeError
 from .base import Tokenizer, byte_piece_for, byte_piece_text, bytes_to_text
 
 
@@ -146,7 +146,7 @@ class HFTokenizer(Tokenizer):
 
     def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         if ids and max(ids) >= self.vocab_size:  # tokenizers drops such ids silently (negative ones raise)
-            raise IndexError("token id out of range")
+            raise OutOfRangeError("token id out of range")
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     def _token_text(self, token_id: int) -> str:

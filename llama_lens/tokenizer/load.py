@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import ArgumentError, CheckpointError, MissingFileError
 from .base import Tokenizer
 from .hf import HFTokenizer, TransformersTokenizer
 from .meta_tiktoken import TiktokenTokenizer
@@ -45,7 +45,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         chat_template.jinja file; Meta's format for a Meta tokenizer.model without one).
 
     Raises:
-        FileNotFoundError: no such file, or the folder holds neither tokenizer.json nor tokenizer.model.
+        MissingFileError: no such file, or the folder holds neither tokenizer.json nor tokenizer.model.
         CheckpointError: the file is in none of the known formats (or a tiktoken file of unknown size), or
             tokenizer_config.json is not valid JSON or names unknown tokens.
     """
@@ -53,13 +53,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if path.is_dir():
         found = next((path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()), None)
         if found is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no tokenizer.json or tokenizer.model in {path}; copy the checkpoint's tokenizer there or pass "
                 "tokenizer= to load()"
             )
         path = found
     elif not path.is_file():
-        raise FileNotFoundError(f"no tokenizer file at {path}")
+        raise MissingFileError(f"no tokenizer file at {path}")
     if path.suffix.lower() == ".gguf":
         return _gguf_tokenizer(path)
 
@@ -126,7 +126,7 @@ def apply_tokenizer_config(tokenizer: Tokenizer, config: dict[str, Any], *, wher
     """Sets a tokenizer's specials, BOS default and chat template from a tokenizer_config.json dict.
 
     Raises:
-        ValueError: a special token that is not in the vocabulary (naming `where`).
+        ConfigError: a special token that is not in the vocabulary (naming `where`).
     """
     eos = config.get("eos_token")
     eos_tokens = [_config_token(t) for t in eos] if isinstance(eos, list) else [_config_token(eos)]
@@ -160,7 +160,7 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
     interface), a transformers tokenizer, or a `tokenizers.Tokenizer`.
 
     Raises:
-        ValueError: the object is none of these.
+        ArgumentError: the object is none of these.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         return load_tokenizer(tokenizer)
@@ -171,7 +171,7 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
     if hasattr(tokenizer, "id_to_token") and hasattr(tokenizer, "get_added_tokens_decoder"):
         return HFTokenizer(backend=tokenizer)
     missing = [name for name in _INTERFACE if not hasattr(tokenizer, name)]
-    raise ValueError(
+    raise ArgumentError(
         f"cannot use a {type(tokenizer).__name__} as a tokenizer: it lacks {missing}; pass a path, a transformers "
         "tokenizer, a tokenizers.Tokenizer or an object with the llama_lens Tokenizer interface"
     )

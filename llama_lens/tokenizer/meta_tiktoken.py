@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import ArgumentError, CheckpointError
 from .base import Tokenizer, bytes_to_text
 
 # tiktoken panics past this many characters (Meta's TIKTOKEN_MAX_ENCODE_CHARS) ...
@@ -211,7 +211,7 @@ class TiktokenTokenizer(Tokenizer):
         elif layout in LAYOUTS:
             self.layout = LAYOUTS[layout]
         else:
-            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+            raise ArgumentError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
         self.special_tokens = {token: n_ranks + i for i, token in enumerate(self.layout.special_tokens)}
         self.special_ids = frozenset(self.special_tokens.values())
         self.encoding = tiktoken.Encoding(

@@ -250,20 +250,9 @@ function render({ model, el }) {
   model.on("change:zoom", () => { sync(); drawHeatmap(); });
   for (const name of ["busy", "status", "error", "prompt"]) model.on("change:" + name, sync);
   full();
-  // Redraw the canvases in the front-end's colours when its theme changes (JupyterLab marks <body>).
-  const themeWatch = new MutationObserver(() => full());
-  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
-  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
-  if (scheme) scheme.addEventListener("change", full);
+  const stopWatchingTheme = watchTheme(full);
   root.dataset.ready = "1";
-  return () => {
-    themeWatch.disconnect();
-    if (scheme) scheme.removeEventListener("change", full);
-  };
-}
-
-function escapeHtml(text) {
-  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  return stopWatchingTheme;
 }
 
 export default { render };

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import traitlets
 
+from ..errors import ArgumentError
 from ..viz import attention as plot_attention
 from .base import Control, Explorer, asset, number
 from .lens_data import prompt_tokens
@@ -31,13 +32,13 @@ ATTENTION_CACHE_BUDGET = 256 * 2**20
 
 def _check_prompt(explorer: Any, value: Any) -> Any:
     if explorer.model is None:
-        raise ValueError("this explorer shows a fixed cache; build it from a model to change the prompt")
+        raise ArgumentError("this explorer shows a fixed cache; build it from a model to change the prompt")
     if isinstance(value, str) and value:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and {"role", "content"} <= set(m)
                                                          for m in value):  # fmt: skip
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    raise ValueError(f'prompt must be a non-empty text or a list of {{"role", "content"}} messages, got {value!r}')
+    raise ArgumentError(f'prompt must be a non-empty text or a list of {{"role", "content"}} messages, got {value!r}')
 
 
 def _check_layers(explorer: Any, value: Any) -> list[int]:
@@ -45,20 +46,20 @@ def _check_layers(explorer: Any, value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"layers must be a non-empty list of layer indices, got {value!r}")
+        raise ArgumentError(f"layers must be a non-empty list of layer indices, got {value!r}")
     bad = [v for v in value if v not in held]
     if bad:
-        raise ValueError(f"layers {bad} are not held; choose among {held}")
+        raise ArgumentError(f"layers {bad} are not held; choose among {held}")
     return sorted(set(value))
 
 
 def _check_head(explorer: Any, value: Any) -> dict[str, int]:
     if not isinstance(value, dict) or set(value) != {"layer", "head"}:
-        raise ValueError(f'head is {{"layer": l, "head": h}}, got {value!r}')
+        raise ArgumentError(f'head is {{"layer": l, "head": h}}, got {value!r}')
     if value["layer"] not in explorer.layers:
-        raise ValueError(f"head layer {value['layer']} is not shown; shown layers are {explorer.layers}")
+        raise ArgumentError(f"head layer {value['layer']} is not shown; shown layers are {explorer.layers}")
     if not isinstance(value["head"], int) or not 0 <= value["head"] < explorer.n_heads:
-        raise ValueError(f"head {value['head']!r} is out of range: there are {explorer.n_heads} heads")
+        raise ArgumentError(f"head {value['head']!r} is out of range: there are {explorer.n_heads} heads")
     return {"layer": value["layer"], "head": value["head"]}
 
 
@@ -67,7 +68,7 @@ def _check_query(explorer: Any, value: Any) -> int:
     if value == -1:
         return -1
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
-        raise ValueError(f"query={value!r} is out of range: the prompt has {n} positions (0..{n - 1}), -1 for none")
+        raise ArgumentError(f"query={value!r} is out of range: the prompt has {n} positions (0..{n - 1}), -1 for none")
     return value
 
 
@@ -99,7 +100,7 @@ class AttentionExplorer(Explorer):
         "layers": Control("update", _check_layers, "layers whose heads are shown"),
         "head": Control("redraw", _check_head, "the open head {layer, head}"),
         "query": Control("redraw", _check_query, "the query whose attention colours the text (-1: none)"),
-        "zoom": Control("redraw", number("zoom", 1, 64), "heatmap cell size in pixels"),
+        "zoom": Control("redraw", number("zoom", low=1, high=64), "heatmap cell size in pixels"),
     }
 
     prompt = traitlets.Any("").tag(sync=True)
@@ -135,12 +136,12 @@ class AttentionExplorer(Explorer):
         self._str_tokens: list[str] = []
         if self.model is not None:
             if attention_mask is not None:
-                raise ValueError("attention_mask= is for a cache of a padded batch; a typed prompt has no padding")
+                raise ArgumentError("attention_mask= is for a cache of a padded batch; a typed prompt has no padding")
             self.available_layers = list(self.model.layer_indices)
             self.n_heads = self.model.cfg.n_heads
         else:
             if prompt is not None:
-                raise ValueError("prompt= needs a model; for a cache, pass tokens= (the text of each position)")
+                raise ArgumentError("prompt= needs a model; for a cache, pass tokens= (the text of each position)")
             self._cache = plot_attention.as_cache(model_or_cache)
             self.available_layers = plot_attention.attention_layers(self._cache)
             if not self.available_layers:
@@ -148,14 +149,14 @@ class AttentionExplorer(Explorer):
             pattern = plot_attention.attention_pattern(self._cache, self.available_layers[0])
             batch, self.n_heads, _, k_pos = pattern.shape
             if not 0 <= prompt_index < batch:
-                raise ValueError(
+                raise ArgumentError(
                     f"prompt_index={prompt_index} is out of range: the cache holds {batch} prompts (0..{batch - 1})"
                 )
             keep = self._real_positions(k_pos)
             if tokens is not None:
                 tokens = list(tokens)
                 if len(tokens) != k_pos:
-                    raise ValueError(f"tokens= has {len(tokens)} entries but the cache covers {k_pos} positions")
+                    raise ArgumentError(f"tokens= has {len(tokens)} entries but the cache covers {k_pos} positions")
                 self._str_tokens = [tokens[p] for p in keep]
             else:
                 self._str_tokens = [str(p) for p in keep]
@@ -163,9 +164,9 @@ class AttentionExplorer(Explorer):
         if layers is None:
             layers = [self.available_layers[0] if layer is None else layer]
         elif layer is not None:
-            raise ValueError("pass layers= (several) or layer= (one), not both")
+            raise ArgumentError("pass layers= (several) or layer= (one), not both")
         if not 0 <= head < self.n_heads:
-            raise ValueError(f"head={head} is out of range: there are {self.n_heads} heads (0..{self.n_heads - 1})")
+            raise ArgumentError(f"head={head} is out of range: there are {self.n_heads} heads (0..{self.n_heads - 1})")
         self._quiet = True  # nothing to compute until the prompt is set
         try:
             self.layers = _check_layers(self, layers)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anywidget
 import traitlets
 
-from ..errors import LlamaLensError
+from ..errors import ArgumentError, LlamaLensError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,7 +42,7 @@ KINDS = ("recompute", "update", "redraw")
 class Control:
     """One control: its trait (same name), what a change costs, and the check of a new value.
 
-    `check(explorer, value)` returns the value normalised or raises ValueError naming the control.
+    `check(explorer, value)` returns the value normalised or raises ArgumentError naming the control.
     """
 
     kind: str
@@ -109,7 +109,7 @@ class Explorer(anywidget.AnyWidget):
     def state(self, values: dict[str, Any]) -> None:
         unknown = sorted(set(values) - set(self.CONTROLS))
         if unknown:
-            raise ValueError(f"unknown state key(s) {unknown}; the state holds {sorted(self.CONTROLS)}")
+            raise ArgumentError(f"unknown state key(s) {unknown}; the state holds {sorted(self.CONTROLS)}")
         # Model runs first, then the rest: pins and selections are checked against the new run's positions.
         first = {name: v for name, v in values.items() if self.CONTROLS[name].kind == "recompute"}
         for phase in (first, {name: v for name, v in values.items() if name not in first}):
@@ -133,7 +133,7 @@ class Explorer(anywidget.AnyWidget):
         control = self.CONTROLS[name]
         try:
             value = control.check(self, change["new"])
-        except ValueError as error:
+        except (LlamaLensError, ValueError) as error:
             self._quiet = True
             try:
                 setattr(self, name, change["old"])  # keep the last good value
@@ -254,7 +254,7 @@ class Explorer(anywidget.AnyWidget):
         """
         path = Path(path)
         if not path.parent.is_dir():
-            raise ValueError(f"save_html: the folder {str(path.parent)!r} does not exist")
+            raise ArgumentError(f"save_html: the folder {str(path.parent)!r} does not exist")
         script = self._esm if isinstance(self._esm, str) else str(self._esm)
         if "export default" not in script:
             raise LlamaLensError("the explorer's script has no default export")
@@ -298,7 +298,7 @@ def _plain(value: Any) -> Any:
 def one_of(name: str, options: tuple[str, ...]) -> Callable[[Any, Any], str]:
     def check(_: Any, value: Any) -> str:
         if value not in options:
-            raise ValueError(f"{name}={value!r} is not one of {list(options)}")
+            raise ArgumentError(f"{name}={value!r} is not one of {list(options)}")
         return value
 
     return check
@@ -307,18 +307,18 @@ def one_of(name: str, options: tuple[str, ...]) -> Callable[[Any, Any], str]:
 def boolean(name: str) -> Callable[[Any, Any], bool]:
     def check(_: Any, value: Any) -> bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+            raise ArgumentError(f"{name} must be True or False, got {value!r}")
         return value
 
     return check
 
 
-def number(name: str, low: float, high: float, *, integer: bool = False) -> Callable[[Any, Any], float]:
+def number(name: str, *, low: float, high: float, integer: bool = False) -> Callable[[Any, Any], float]:
     def check(_: Any, value: Any) -> float:
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
             what = "an integer" if integer else "a number"
-            raise ValueError(f"{name} must be {what} in [{low}, {high}], got {value!r}")
+            raise ArgumentError(f"{name} must be {what} in [{low}, {high}], got {value!r}")
         return value
 
     return check

@@ -124,3 +124,20 @@ function clipText(ctx, text, width) {
   while (n > 1 && ctx.measureText(text.slice(0, n) + "…").width > width) n--;
   return n > 1 ? text.slice(0, n) + "…" : "";
 }
+
+// Calls `redraw` when the front-end's theme changes (JupyterLab marks <body>; elsewhere the system's dark mode),
+// so the canvases take its colours; returns the function that stops watching (render's clean-up).
+function watchTheme(redraw) {
+  const themeWatch = new MutationObserver(() => redraw());
+  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+  if (scheme) scheme.addEventListener("change", redraw);
+  return () => {
+    themeWatch.disconnect();
+    if (scheme) scheme.removeEventListener("change", redraw);
+  };
+}
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+}

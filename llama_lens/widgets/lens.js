@@ -297,7 +297,7 @@ function render({ model, el }) {
     const pos = d.positions[cell.c];
     let html;
     if (cell.input) {
-      html = `<b>position ${pos}</b> input ${esc(visible(d.tokens[pos]))}<br><i>click to pin this position</i>`;
+      html = `<b>position ${pos}</b> input ${escapeHtml(visible(d.tokens[pos]))}<br><i>click to pin this position</i>`;
     } else {
       const which = model.get("metric");
       const v = value(p, cell.r, cell.c);
@@ -308,9 +308,9 @@ function render({ model, el }) {
         line += ` (other panel ${which.endsWith("rank") ? w : fmt(w, 4)})`;
       }
       const rows = topList(d, cell.r, cell.c, d.k).map((t, j) =>
-        `<tr><td>${j + 1}</td><td class="ll-tok">${esc(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`);
-      html = `<b>${esc(d.labels[cell.r])}</b> · position ${pos} ${esc(visible(d.tokens[pos]))}<br>` +
-        `top ${esc(visible(d.vocab[d.top[(cell.r * d.positions.length + cell.c) * d.k]]))} · ${line}` +
+        `<tr><td>${j + 1}</td><td class="ll-tok">${escapeHtml(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`);
+      html = `<b>${escapeHtml(d.labels[cell.r])}</b> · position ${pos} ${escapeHtml(visible(d.tokens[pos]))}<br>` +
+        `top ${escapeHtml(visible(d.vocab[d.top[(cell.r * d.positions.length + cell.c) * d.k]]))} · ${line}` +
         `<table>${rows.join("")}</table>`;
     }
     tooltip.innerHTML = html;
@@ -488,18 +488,18 @@ function render({ model, el }) {
     const rows = rowsShown(d.labels.length), P = d.positions.length;
     const parts = [];
     rows.forEach((r, y) => {
-      parts.push(`<text x="${LABEL_W - 4}" y="${(y + 0.7) * ROW_H}" text-anchor="end" font-size="11">${esc(d.labels[r])}</text>`);
+      parts.push(`<text x="${LABEL_W - 4}" y="${(y + 0.7) * ROW_H}" text-anchor="end" font-size="11">${escapeHtml(d.labels[r])}</text>`);
       for (let c = 0; c < P; c++) {
         const colour = colourOf(0, r, c, sc) || { css: "#eee", ink: "#000" };
         const x = LABEL_W + c * cellW;
         parts.push(`<rect x="${x}" y="${y * ROW_H}" width="${cellW - 1}" height="${ROW_H - 1}" fill="${colour.css}"/>`);
         if (cellW >= 20) {
           const text = visible(d.vocab[d.top[(r * P + c) * d.k]]).slice(0, Math.floor(cellW / 7));
-          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${colour.ink}">${esc(text)}</text>`);
+          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${colour.ink}">${escapeHtml(text)}</text>`);
         }
       }
     });
-    d.positions.forEach((pos, c) => parts.push(`<text x="${LABEL_W + (c + 0.5) * cellW}" y="${(rows.length + 0.7) * ROW_H}" text-anchor="middle" font-size="10">${esc(visible(d.tokens[pos]).slice(0, 8))}</text>`));
+    d.positions.forEach((pos, c) => parts.push(`<text x="${LABEL_W + (c + 0.5) * cellW}" y="${(rows.length + 0.7) * ROW_H}" text-anchor="middle" font-size="10">${escapeHtml(visible(d.tokens[pos]).slice(0, 8))}</text>`));
     const W = LABEL_W + P * cellW, H = (rows.length + 1) * ROW_H;
     download("logit_lens.svg", `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">${parts.join("")}</svg>`, "image/svg+xml");
   }
@@ -579,20 +579,9 @@ function render({ model, el }) {
     model.on("change:" + name, syncControls);
   }
   firstDraw();
-  // Redraw the canvases in the front-end's colours when its theme changes (JupyterLab marks <body>).
-  const themeWatch = new MutationObserver(() => redraw());
-  themeWatch.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
-  const scheme = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
-  if (scheme) scheme.addEventListener("change", redraw);
+  const stopWatchingTheme = watchTheme(redraw);
   root.dataset.ready = "1";
-  return () => {
-    themeWatch.disconnect();
-    if (scheme) scheme.removeEventListener("change", redraw);
-  };
-}
-
-function esc(text) {
-  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  return stopWatchingTheme;
 }
 
 export default { render };

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ArgumentError
 from ..lens.logit import LensResult, logit_lens
 from ..model.protocols import LanguageModel
 
@@ -38,16 +39,16 @@ def prompt_tokens(model: LanguageModel, prompt: str | Sequence[dict[str, str]]) 
     """Token ids [1, pos] of a text, or of chat messages through the tokenizer's chat template.
 
     Raises:
-        ValueError: for messages without "role"/"content", or a tokenizer without a chat template.
+        ArgumentError: for messages without "role"/"content", or a tokenizer without a chat template.
     """
     if isinstance(prompt, str):
         return model.to_tokens(prompt)
     messages = list(prompt)
     if not messages or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-        raise ValueError('prompt must be a text or a list of {"role": ..., "content": ...} chat messages')
+        raise ArgumentError('prompt must be a text or a list of {"role": ..., "content": ...} chat messages')
     template = getattr(model.tokenizer, "apply_chat_template", None)
     if template is None:
-        raise ValueError(
+        raise ArgumentError(
             "prompt is a list of chat messages but this model's tokenizer has no apply_chat_template; "
             "pass the formatted text instead"
         )
@@ -76,6 +77,7 @@ class LensRun:
 def run_lens(
     model: LanguageModel,
     tokens: torch.Tensor,
+    *,
     readout: str,
     top_k: int,
     check: Callable[[], None] = lambda: None,
@@ -112,7 +114,7 @@ def run_lens(
 
 
 def token_values(
-    model: LanguageModel, run: LensRun, token_id: int, positions: Sequence[int] | None = None, *, ranks: bool = True
+    model: LanguageModel, run: LensRun, *, token_id: int, positions: Sequence[int] | None = None, ranks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The probability and rank of one token at every read-out, from the kept residual streams.
 
@@ -145,21 +147,21 @@ def parse_target(model: LanguageModel, text: str) -> int | None:
     """The id a target box names: "" -> None, "#1712" -> id 1712, otherwise the token whose text it is.
 
     Raises:
-        ValueError: for an id out of range or a text that is not one token (naming its pieces).
+        ArgumentError: for an id out of range or a text that is not one token (naming its pieces).
     """
     if text == "":
         return None
     if text.startswith("#") and text[1:].isdigit():
         token_id = int(text[1:])
         if not 0 <= token_id < model.cfg.d_vocab:
-            raise ValueError(f"target {text}: ids run from 0 to {model.cfg.d_vocab - 1}")
+            raise ArgumentError(f"target {text}: ids run from 0 to {model.cfg.d_vocab - 1}")
         return token_id
     if model.tokenizer is None:
-        raise ValueError(f"target {text!r} is text but the model has no tokenizer; give an id as #1712")
+        raise ArgumentError(f"target {text!r} is text but the model has no tokenizer; give an id as #1712")
     return int(model.tokenizer.id_of(text))
 
 
-def spaced_hint(model: LanguageModel, run: LensRun, text: str, token_id: int | None) -> dict[str, Any] | None:
+def spaced_hint(model: LanguageModel, run: LensRun, *, text: str, token_id: int | None) -> dict[str, Any] | None:
     """A suggestion to use " text" when that token ranks better than `text` at the last read-out and position.
 
     Returns None when no suggestion applies, else {"text", "id", "rank", "rank_typed"} (rank_typed is None
@@ -172,8 +174,9 @@ def spaced_hint(model: LanguageModel, run: LensRun, text: str, token_id: int | N
     except ValueError:
         return None
     last = [run.resid.shape[1] - 1]
-    spaced_rank = int(token_values(model, _last_row(run), spaced_id, last)[1][0, 0])
-    typed_rank = None if token_id is None else int(token_values(model, _last_row(run), token_id, last)[1][0, 0])
+    row = _last_row(run)
+    spaced_rank = int(token_values(model, row, token_id=spaced_id, positions=last)[1][0, 0])
+    typed_rank = None if token_id is None else int(token_values(model, row, token_id=token_id, positions=last)[1][0, 0])
     if typed_rank is not None and typed_rank <= spaced_rank:
         return None
     return {"text": " " + text, "id": spaced_id, "rank": spaced_rank, "rank_typed": typed_rank}

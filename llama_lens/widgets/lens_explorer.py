@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import traitlets
 
-from ..errors import did_you_mean
+from ..errors import ArgumentError, UnknownAttributeError, did_you_mean
 from ..model.protocols import LanguageModel
 from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
@@ -39,20 +39,20 @@ MAX_PINS = 24
 def _check_prompt(explorer: Any, value: Any) -> Any:
     if isinstance(value, str):
         if not value:
-            raise ValueError("prompt is empty; type a prompt")
+            raise ArgumentError("prompt is empty; type a prompt")
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
         if not all({"role", "content"} <= set(m) for m in value):
-            raise ValueError('prompt: every chat message needs "role" and "content"')
+            raise ArgumentError('prompt: every chat message needs "role" and "content"')
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    raise ValueError(f'prompt must be a text or a list of {{"role", "content"}} messages, got {value!r}')
+    raise ArgumentError(f'prompt must be a text or a list of {{"role", "content"}} messages, got {value!r}')
 
 
 def _check_lens(explorer: Any, value: Any) -> str:
     one_of("lens", LENSES)(explorer, value)
     if value == "tuned":
         if explorer.tuned_lens is None:
-            raise ValueError(
+            raise ArgumentError(
                 'lens="tuned" needs a tuned lens: LogitLensExplorer(..., tuned_lens=ll.TunedLens.load(path))'
             )
         _check_translators(explorer.tuned_lens, explorer.model, explorer.readout)
@@ -80,7 +80,7 @@ def _check_compare(explorer: Any, value: Any) -> Any:
 def _check_token_box(name: str) -> Callable[[Any, Any], str]:
     def check(explorer: Any, value: Any) -> str:
         if not isinstance(value, str):
-            raise ValueError(f"{name} takes a token's text (' Paris') or an id as '#1712', got {value!r}")
+            raise ArgumentError(f"{name} takes a token's text (' Paris') or an id as '#1712', got {value!r}")
         parse_target(explorer.model, value)  # raises for a text that is not one token
         return value
 
@@ -89,21 +89,21 @@ def _check_token_box(name: str) -> Callable[[Any, Any], str]:
 
 def _check_pins(explorer: Any, value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_PINS:
-        raise ValueError(f"pins must be a list of at most {MAX_PINS} groups")
+        raise ArgumentError(f"pins must be a list of at most {MAX_PINS} groups")
     checked = []
     for group in value:
         if not isinstance(group, dict) or not isinstance(group.get("ids"), (list, tuple)) or not group["ids"]:
-            raise ValueError(f'a pin is {{"position": p, "ids": [token ids], "panel": 0}}, got {group!r}')
+            raise ArgumentError(f'a pin is {{"position": p, "ids": [token ids], "panel": 0}}, got {group!r}')
         panel = group.get("panel", 0)
         if panel not in range(len(explorer.runs)):
-            raise ValueError(f"pin panel {panel!r}: there are {len(explorer.runs)} panel(s)")
+            raise ArgumentError(f"pin panel {panel!r}: there are {len(explorer.runs)} panel(s)")
         positions = explorer.runs[panel].result.positions
         position = group.get("position", positions[-1])
         if position not in positions:
-            raise ValueError(f"pin position {position!r} is not read out (0..{positions[-1]})")
+            raise ArgumentError(f"pin position {position!r} is not read out (0..{positions[-1]})")
         ids = [int(i) for i in group["ids"]]
         if not all(0 <= i < explorer.model.cfg.d_vocab for i in ids):
-            raise ValueError(f"pin ids {ids} must lie in 0..{explorer.model.cfg.d_vocab - 1}")
+            raise ArgumentError(f"pin ids {ids} must lie in 0..{explorer.model.cfg.d_vocab - 1}")
         checked.append({"panel": panel, "position": position, "ids": ids})
     return checked
 
@@ -111,7 +111,7 @@ def _check_pins(explorer: Any, value: Any) -> list[dict[str, Any]]:
 def _check_positions(explorer: Any, value: Any) -> list[int]:
     n = len(explorer.runs[0].result.str_tokens[0]) if explorer.runs else 0
     if not isinstance(value, (list, tuple)) or not all(isinstance(p, int) and 0 <= p < n for p in value):
-        raise ValueError(f"pinned_positions must be a list of positions in 0..{n - 1}, got {value!r}")
+        raise ArgumentError(f"pinned_positions must be a list of positions in 0..{n - 1}, got {value!r}")
     return sorted(set(value))
 
 
@@ -119,13 +119,13 @@ def _check_selection(explorer: Any, value: Any) -> dict[str, int]:
     if value in (None, {}):
         return {}
     if not isinstance(value, dict) or set(value) - {"panel", "row", "position"}:
-        raise ValueError(f'selection is {{"panel", "row", "position"}} or {{}}, got {value!r}')
+        raise ArgumentError(f'selection is {{"panel", "row", "position"}} or {{}}, got {value!r}')
     panel = value.get("panel", 0)
     if panel not in range(len(explorer.runs)):
-        raise ValueError(f"selection panel {panel!r}: there are {len(explorer.runs)} panel(s)")
+        raise ArgumentError(f"selection panel {panel!r}: there are {len(explorer.runs)} panel(s)")
     result = explorer.runs[panel].result
     if value.get("row") not in range(result.n_readouts) or value.get("position") not in result.positions:
-        raise ValueError(f"selection {value} is outside the lens ({result.n_readouts} read-outs x positions)")
+        raise ArgumentError(f"selection {value} is outside the lens ({result.n_readouts} read-outs x positions)")
     return {"panel": panel, "row": value["row"], "position": value["position"]}
 
 
@@ -169,8 +169,8 @@ class LogitLensExplorer(Explorer):
         "trajectory": Control("redraw", one_of("trajectory", TRAJECTORY), "the chart's y axis"),
         "pinned_positions": Control("redraw", _check_positions, "input positions pinned"),
         "selection": Control("redraw", _check_selection, "the clicked cell"),
-        "stride": Control("redraw", number("stride", 1, 64, integer=True), "show every stride-th read-out"),
-        "zoom": Control("redraw", number("zoom", 6, 160), "cell width in pixels"),
+        "stride": Control("redraw", number("stride", low=1, high=64, integer=True), "show every stride-th read-out"),
+        "zoom": Control("redraw", number("zoom", low=6, high=160), "cell width in pixels"),
         "diff": Control("redraw", boolean("diff"), "colour by the first panel minus the second"),
     }
 
@@ -201,8 +201,8 @@ class LogitLensExplorer(Explorer):
         self,
         model: LanguageModel,
         prompt: str | Sequence[dict[str, str]] = "The Eiffel Tower is in the city of",
-        target: str | int | None = None,
         *,
+        target: str | int | None = None,
         metric: str = "prob",
         readout: str = "resid_post",
         top_k: int = 10,
@@ -214,14 +214,14 @@ class LogitLensExplorer(Explorer):
         threaded: bool | None = None,
     ) -> None:
         if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg")):
-            raise ValueError(f"LogitLensExplorer needs a HookedLlama, got {type(model).__name__}")
+            raise ArgumentError(f"LogitLensExplorer needs a HookedLlama, got {type(model).__name__}")
         if not list(model.layer_indices):
-            raise ValueError("this model holds no layers; load at least one to use the lens")
+            raise ArgumentError("this model holds no layers; load at least one to use the lens")
         if compare_model is not None and compare_model.cfg.d_vocab != model.cfg.d_vocab:
-            raise ValueError("compare_model= must share the vocabulary of model= (same d_vocab and tokenizer)")
+            raise ArgumentError("compare_model= must share the vocabulary of model= (same d_vocab and tokenizer)")
         if tuned_lens is not None:
             if compare_model is not None:
-                raise ValueError(
+                raise ArgumentError(
                     "compare_model= and tuned_lens= do not go together: a tuned lens is trained for one model; "
                     "compare prompts with compare= instead, or open one explorer per model"
                 )
@@ -236,7 +236,7 @@ class LogitLensExplorer(Explorer):
         if isinstance(target, int) and not isinstance(target, bool):
             target = f"#{target}"
         if target is not None and not isinstance(target, str):
-            raise ValueError(f"target= takes a token's text (' Paris') or an id, got {type(target).__name__}")
+            raise ArgumentError(f"target= takes a token's text (' Paris') or an id, got {type(target).__name__}")
         if compare is None and compare_model is not None:
             compare = prompt
         self.state = {
@@ -263,7 +263,7 @@ class LogitLensExplorer(Explorer):
         ):
             settings = sorted([*self.CONTROLS, "layer"])
             hint = f"its settings are {settings} (see .state)"
-            raise AttributeError(
+            raise UnknownAttributeError(
                 f"{type(self).__name__} has no setting {name!r}{did_you_mean(name, settings, hint=hint)}"
             )
         super().__setattr__(name, value)
@@ -279,13 +279,13 @@ class LogitLensExplorer(Explorer):
     @layer.setter
     def layer(self, value: int) -> None:
         if not self.runs:
-            raise ValueError("the lens has not run yet; set layer once it shows")
+            raise ArgumentError("the lens has not run yet; set layer once it shows")
         panel = self.selection.get("panel", 0)
         result = self.runs[panel].result
         layer = as_index(value)
         loaded = list(self.model.layer_indices)
         if layer not in loaded:
-            raise ValueError(f"layer must be a loaded layer ({loaded[0]}..{loaded[-1]}), got {value!r}")
+            raise ArgumentError(f"layer must be a loaded layer ({loaded[0]}..{loaded[-1]}), got {value!r}")
         rows = [
             row for row, (at, kind) in enumerate(zip(result.layers, result.readouts)) if at == layer and kind != "embed"
         ]
@@ -391,7 +391,8 @@ class LogitLensExplorer(Explorer):
                 self.status = f"{what}running {tokens.shape[1]} tokens: layer {done} / {total}…"
 
             tuned = self.tuned_lens if self.lens == "tuned" else None
-            runs.append(run_lens(model, tokens, self.readout, self.top_k, check, progress, tuned))
+            options = dict(readout=self.readout, top_k=self.top_k, check=check, progress=progress, lens=tuned)
+            runs.append(run_lens(model, tokens, **options))
         check()
         self.runs = runs
         with self.hold_sync():
@@ -448,7 +449,7 @@ class LogitLensExplorer(Explorer):
         panels = []
         for panel, (run, values) in enumerate(zip(self.runs, data["panels"])):
             check()
-            ranks = token_values(self._panel_model(panel), run, data["id"])[1]
+            ranks = token_values(self._panel_model(panel), run, token_id=data["id"])[1]
             panels.append({**values, "ranks": ranks.reshape(-1).tolist()})
         filled = {**data, "panels": panels}
         if which == "target":
@@ -461,13 +462,13 @@ class LogitLensExplorer(Explorer):
         token_id = parse_target(self.model, box) if box else None
         suggestion = None
         if hint and box and self.model.tokenizer is not None:
-            suggestion = spaced_hint(self.model, self.runs[0], box, token_id)
+            suggestion = spaced_hint(self.model, self.runs[0], text=box, token_id=token_id)
         if token_id is None:
             return {"hint": suggestion} if suggestion else {}
         panels = []
         for panel, run in enumerate(self.runs):
             check()
-            probs, rank_values = token_values(self._panel_model(panel), run, token_id, ranks=ranks)
+            probs, rank_values = token_values(self._panel_model(panel), run, token_id=token_id, ranks=ranks)
             rank_list = None if rank_values is None else rank_values.reshape(-1).tolist()
             panels.append({"probs": _round(probs.reshape(-1)), "ranks": rank_list})
         return {"id": token_id, "text": self._token_text(token_id), "panels": panels, "hint": suggestion}
@@ -479,7 +480,7 @@ class LogitLensExplorer(Explorer):
         column = run.result.positions.index(group["position"])
         total, best = None, None
         for token_id in group["ids"]:
-            probs, ranks = token_values(self._panel_model(panel), run, token_id, [column])
+            probs, ranks = token_values(self._panel_model(panel), run, token_id=token_id, positions=[column])
             total = probs[:, 0] if total is None else total + probs[:, 0]
             best = ranks[:, 0] if best is None else torch.minimum(best, ranks[:, 0])
         texts = [self._token_text(i) for i in group["ids"]]

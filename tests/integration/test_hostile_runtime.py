@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 import torch
-from support.models import char_model, tiny_config, tiny_model
+from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
 from llama_lens.errors import NotEnoughMemoryError
@@ -25,7 +25,7 @@ RESID_0 = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture
-def model():
+def model(char_model):
     return char_model(seed=5)
 
 
@@ -363,7 +363,7 @@ def test_lens_with_finite_values_does_not_warn_and_keeps_integer_ranks(model):
 
 
 # ----------------------------------------------------------------------------------------- 9. lost output
-def test_generate_keeps_ids_past_the_tokenizers_vocabulary():
+def test_generate_keeps_ids_past_the_tokenizers_vocabulary(char_model):
     # d_vocab 160 with a 128-id tokenizer: the padded rows exist in the model, not in the tokenizer.
     model = tiny_model(tiny_config(d_vocab=160), seed=1, tokenizer=char_model().tokenizer)
     chosen = [70, 150, 71]  # "F", a padded id, "G"

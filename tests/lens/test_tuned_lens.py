@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from support.models import CharTokenizer, assert_same_top_k, char_model
+from support.models import CharTokenizer, assert_same_top_k
 
 import llama_lens as ll
 from llama_lens.data.texts import generated_texts, read_texts
@@ -23,7 +23,7 @@ TRAIN = dict(tokens_per_step=64, seq_len=32, batch_tokens=32, chunk_size=16, pro
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model(seed=3, n_layers=3)
 
 
@@ -95,7 +95,7 @@ def test_a_trained_translator_changes_the_readout_as_its_formula_says(model):
     )
 
 
-def test_readout_refuses_what_the_lens_lacks(model):
+def test_readout_refuses_what_the_lens_lacks(model, char_model):
     lens = TunedLens.for_model(model)
     with pytest.raises(ValueError, match="no translator for resid_mid of layer 0"):
         ll.logit_lens(model, PROMPTS[0], lens=lens, readout="resid_mid")

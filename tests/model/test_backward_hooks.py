@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from support.models import char_model
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model(seed=3)
 
 
@@ -86,7 +85,7 @@ def test_transformer_lens_recipe_reset_hooks_end_false(model, tokens):
     assert not model.hook_dict["blocks.0.attn.hook_pattern"].has_hooks
 
 
-def test_backward_hooks_work_on_frozen_weights(tokens):
+def test_backward_hooks_work_on_frozen_weights(char_model, tokens):
     model = char_model(seed=3)
     _, expected = _autograd_reference(model, tokens)
     model.requires_grad_(False)

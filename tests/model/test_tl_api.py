@@ -6,14 +6,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import char_model
 
 import llama_lens as ll
 from llama_lens.utils import get_act_name
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model(seed=1)
 
 
@@ -201,7 +200,7 @@ def test_weight_views_reproduce_the_forward(model):
     assert torch.equal(model.tokens_to_residual_directions("a"), model.W_U[:, 97])
 
 
-def test_grouped_kv_heads_explained_and_ungrouped():
+def test_grouped_kv_heads_explained_and_ungrouped(char_model):
     model = char_model(seed=2, n_heads=9, n_kv_heads=3, d_head=8)
     tokens = model.to_tokens("grouping", prepend_bos=True)
 

@@ -3,14 +3,13 @@ written out) and attribution patching against torch.autograd.grad."""
 
 import pytest
 import torch
-from support.models import char_model
 
 import llama_lens as ll
 from llama_lens.patching.sweep import reference_names
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model(seed=4)
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support.models import CharTokenizer, assert_same_top_k, char_model
+from support.models import CharTokenizer, assert_same_top_k
 
 import llama_lens as ll
 from llama_lens.data.texts import read_prompts
@@ -59,7 +59,7 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(char_model, tmp_path_factory) -> Path:
     source = char_model()
     return write_hf_checkpoint(tmp_path_factory.mktemp("char") / "ckpt", source.cfg, source.state_dict())
 

@@ -4,7 +4,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from support.models import char_model, run_patterns
+from support.models import run_patterns
 
 from llama_lens.model.hooks import ActivationCache
 from llama_lens.viz import attention as pa
@@ -15,7 +15,7 @@ TEXT = "hello world"  # BOS + 11 characters = 12 positions
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model()
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from support.models import CharTokenizer, assert_same_top_k, char_model, run_patterns
+from support.models import CharTokenizer, assert_same_top_k, run_patterns
 
 import llama_lens as ll
 from llama_lens import widgets as ll_widgets
@@ -17,7 +17,7 @@ from llama_lens.widgets.lens_data import prompt_tokens
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(char_model):
     return char_model()
 
 
@@ -103,7 +103,7 @@ class SpacedTokenizer(CharTokenizer):
         return 5 if raw == " o" else super()._raw_to_id(raw)
 
 
-def test_target_box_suggests_the_spaced_token_when_it_ranks_higher():
+def test_target_box_suggests_the_spaced_token_when_it_ranks_higher(char_model):
     model = char_model()
     model.tokenizer = SpacedTokenizer()
     explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o")
@@ -168,7 +168,7 @@ def test_pins_are_summed_trajectories(model):
 
 
 @pytest.mark.slow
-def test_a_newer_request_cancels_an_older_one():
+def test_a_newer_request_cancels_an_older_one(char_model):
     model = char_model(n_layers=4)
     explorer = ll_widgets.LogitLensExplorer(model, "hi", threaded=True)
     finished = []
@@ -232,7 +232,7 @@ def test_chat_messages_go_through_the_chat_template(model, monkeypatch):
         explorer.prompt = [{"text": "hi"}]
 
 
-def test_comparison_panels_share_the_vocabulary(model):
+def test_comparison_panels_share_the_vocabulary(model, char_model):
     other = char_model(seed=1)
     explorer = ll_widgets.LogitLensExplorer(model, "hello", compare_model=other, target="l")
     assert len(explorer.panels) == 2 and explorer.compare_prompt == "hello"
@@ -313,7 +313,7 @@ def test_tuned_lens_state_round_trip(model):
     assert ll_widgets.LogitLensExplorer(model, "abc").state["lens"] == "logit"
 
 
-def test_tuned_lens_errors(model):
+def test_tuned_lens_errors(model, char_model):
     plain = ll_widgets.LogitLensExplorer(model, "hello")
     assert not plain.has_tuned_lens
     with pytest.raises(ValueError, match='lens="tuned" needs a tuned lens'):
