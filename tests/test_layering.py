@@ -26,9 +26,9 @@ Graph = dict[str, list[tuple[str, int]]]
 PACKAGE_DIR = Path(llama_lens.__file__).parent
 REPO = PACKAGE_DIR.parent
 
-GROUND = {"errors", "validate", "files", "config", "config_keys"}
+GROUND = {"errors", "validate", "files", "config", "config_read", "config_keys"}
 FACES = {"__init__", "plot", "utils", "testing"}
-ROOMS = {"io", "tokenizer", "model", "viz", "data", "loading", "lens", "patching", "runs", "widgets"}
+ROOMS = {"io", "tokenizer", "model", "viz", "data", "loading", "lens", "patching", "dictionaries", "runs", "widgets"}
 
 # Which rooms each room may import (its own included). "face" is the four faces; no module imports one.
 BELOW_FACES = {"ground"} | ROOMS
@@ -42,23 +42,11 @@ ALLOWED: dict[str, set[str]] = {
     "loading": {"ground", "io", "tokenizer", "model", "loading"},
     "lens": {"ground", "model", "viz", "data", "lens"},
     "patching": {"ground", "model", "viz", "patching"},
+    "dictionaries": {"ground", "io", "model", "dictionaries"},
     "runs": {"ground", "io", "tokenizer", "model", "loading", "lens", "data", "runs"},
     "widgets": {"ground", "model", "viz", "lens", "widgets"},
     "cli": BELOW_FACES,
     "face": BELOW_FACES,
-}
-
-# Imports against the rule that other branches are removing now; the checks below leave them out. Each entry
-# must still occur (a test fails once it does not, so the entry is deleted the day its import goes); nothing
-# else may be added here.
-PENDING_IMPORTS = {
-    # viz/heatmap.py types its arguments with the lens's result classes under TYPE_CHECKING (upward).
-    ("llama_lens.viz.heatmap", "llama_lens.lens.logit"),
-    ("llama_lens.viz.heatmap", "llama_lens.lens.attribution"),
-    # lens/tuned.py imports lens/logit.py (type-only and deferred) and lens/train.py (deferred), which both
-    # import lens/tuned.py: the circle of LAYOUT.md §6.3.
-    ("llama_lens.lens.tuned", "llama_lens.lens.logit"),
-    ("llama_lens.lens.tuned", "llama_lens.lens.train"),
 }
 
 
@@ -98,12 +86,11 @@ def imports_of(name: str, source: str, modules: frozenset[str]) -> list[tuple[st
     return found
 
 
-def import_graph(sources: Mapping[str, str], *, leave_out: set[tuple[str, str]] = PENDING_IMPORTS) -> Graph:
-    """{module: [(imported module, line), ...]} of the package, less the imports in `leave_out`."""
+def import_graph(sources: Mapping[str, str]) -> Graph:
+    """{module: [(imported module, line), ...]} of the package."""
     graph, modules = {}, frozenset(sources)
     for name, source in sources.items():
-        graph[name] = [(imported, line) for imported, line in imports_of(name, source, modules)
-                       if (name, imported) not in leave_out]  # fmt: skip
+        graph[name] = imports_of(name, source, modules)
     return graph
 
 
@@ -232,14 +219,6 @@ def test_no_import_circle_between_modules(graph):
 def test_no_import_circle_between_rooms(graph):
     found = circles(room_edges(graph))
     assert not found, f"rooms that import each other in a circle: {[sorted(c) for c in found]}"
-
-
-def test_pending_exceptions_still_occur():
-    """An exception to the rule lives only as long as its import: delete its entry here once it is gone."""
-    full = import_graph(package_sources(), leave_out=set())
-    imports = {(importer, imported) for importer, found in full.items() for imported, _ in found}
-    gone = sorted(PENDING_IMPORTS - imports)
-    assert not gone, f"delete {gone} from PENDING_IMPORTS in tests/test_layering.py: those imports are gone"
 
 
 # ---------------------------------------------------------------------------------------------- the checks fail
