@@ -284,3 +284,15 @@ def test_lint_imports_fails_on_an_added_upward_import(tmp_path):
     status, broken = run_on_copy(tmp_path / "broken", "\ndef late():\n    from ..widgets import base\n")
     assert status != 0
     assert message in broken and "llama_lens.model.norm -> llama_lens.widgets.base" in broken
+
+
+def test_the_drawing_counts_no_arrow_back_up_and_no_circle():
+    """scripts/draw_rooms.py (grimp's graph, the declared layers of pyproject.toml) finds the rule kept, and the
+    drawing on docs/architecture.md is the one it draws today."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "draw_rooms.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("0 back up, 0 circles"), done.stdout
+    page = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert done.stdout.strip() in page, "docs/architecture.md: paste the output of `python scripts/draw_rooms.py`"
