@@ -100,59 +100,51 @@ def _every(functions, model, corrupted_tokens, clean_cache, metric, progress, ma
     return torch.stack(results)
 
 
-def get_act_patch_attn_head_all_pos_every(
-    model: HookedLlama,
-    corrupted_tokens: torch.Tensor,
-    clean_cache: ActivationCache,
-    metric: Metric,
-    *,
-    progress: bool = True,
-    max_batch: int = 64,
-) -> torch.Tensor:
-    """TransformerLens' name: each head patched at every position, for its output (z), query, key, value and
-    pattern: [5, n_layers, n_heads]. With grouped-query attention, the key and value rows hold one score per
-    key/value head in their first n_kv_heads columns and zeros after, as TransformerLens' do."""
-    functions = [
+def _every_function(name: str, functions, doc: str):
+    def every(
+        model: HookedLlama,
+        corrupted_tokens: torch.Tensor,
+        clean_cache: ActivationCache,
+        metric: Metric,
+        *,
+        progress: bool = True,
+        max_batch: int = 64,
+    ) -> torch.Tensor:
+        return _every(functions, model, corrupted_tokens, clean_cache, metric, progress, max_batch)
+
+    every.__name__ = every.__qualname__ = name
+    every.__doc__ = doc
+    return every
+
+
+get_act_patch_attn_head_all_pos_every = _every_function(
+    "get_act_patch_attn_head_all_pos_every",
+    [
         get_act_patch_attn_head_out_all_pos,
         get_act_patch_attn_head_q_all_pos,
         get_act_patch_attn_head_k_all_pos,
         get_act_patch_attn_head_v_all_pos,
         get_act_patch_attn_head_pattern_all_pos,
-    ]
-    return _every(functions, model, corrupted_tokens, clean_cache, metric, progress, max_batch)
-
-
-def get_act_patch_attn_head_by_pos_every(
-    model: HookedLlama,
-    corrupted_tokens: torch.Tensor,
-    clean_cache: ActivationCache,
-    metric: Metric,
-    *,
-    progress: bool = True,
-    max_batch: int = 64,
-) -> torch.Tensor:
-    """TransformerLens' name: each head patched at each position, for its output (z), query, key, value and
-    pattern (query position): [5, n_layers, pos, n_heads]; key and value rows zero-padded from n_kv_heads to
-    n_heads as in `get_act_patch_attn_head_all_pos_every`."""
-    functions = [
+    ],
+    """TransformerLens' name: each head patched at every position, for its output (z), query, key, value and
+    pattern: [5, n_layers, n_heads]. With grouped-query attention, the key and value rows hold one score per
+    key/value head in their first n_kv_heads columns and zeros after, as TransformerLens' do.""",
+)
+get_act_patch_attn_head_by_pos_every = _every_function(
+    "get_act_patch_attn_head_by_pos_every",
+    [
         get_act_patch_attn_head_out_by_pos,
         get_act_patch_attn_head_q_by_pos,
         get_act_patch_attn_head_k_by_pos,
         get_act_patch_attn_head_v_by_pos,
         _tl("pattern", True, "per (layer, query position, head)"),
-    ]
-    return _every(functions, model, corrupted_tokens, clean_cache, metric, progress, max_batch)
-
-
-def get_act_patch_block_every(
-    model: HookedLlama,
-    corrupted_tokens: torch.Tensor,
-    clean_cache: ActivationCache,
-    metric: Metric,
-    *,
-    progress: bool = True,
-    max_batch: int = 64,
-) -> torch.Tensor:
-    """TransformerLens' name: resid_pre, attn_out and mlp_out patched per (layer, position): [3, n_layers, pos]."""
-    functions = [get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out]
-    return _every(functions, model, corrupted_tokens, clean_cache, metric, progress, max_batch)
+    ],
+    """TransformerLens' name: each head patched at each position, for its output (z), query, key, value and
+    pattern (query position): [5, n_layers, pos, n_heads]; key and value rows zero-padded from n_kv_heads to
+    n_heads as in `get_act_patch_attn_head_all_pos_every`.""",
+)
+get_act_patch_block_every = _every_function(
+    "get_act_patch_block_every",
+    [get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out],
+    "TransformerLens' name: resid_pre, attn_out and mlp_out patched per (layer, position): [3, n_layers, pos].",
+)
