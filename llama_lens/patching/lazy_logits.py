@@ -157,7 +157,7 @@ def _picked_positions(index: Any, pos_axis: int, pos: int) -> tuple[list[int], t
     if len(index) <= pos_axis:
         return None
     for key in index:
-        plain = isinstance(key, (int, slice)) and not isinstance(key, bool)
+        plain = isinstance(key, slice) or as_index(key) is not None  # numpy integers too
         integer_tensor = isinstance(key, torch.Tensor) and not key.is_floating_point() and key.dtype != torch.bool
         if not (plain or integer_tensor):
             return None  # None, Ellipsis, lists, masks: leave them to a whole tensor
