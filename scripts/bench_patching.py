@@ -1,19 +1,27 @@
-"""Patching speed, in one process, on the embedded SmolLM2 (fp32, CPU by default), 15-token prompts.
+"""Patching speed, in one process, on the embedded SmolLM2 (fp32, CPU by default), against the hand-written loop.
 
-Prints three ratios:
+The issue's case (`--case ioi`): an equal-length IOI pair ("When Mary and John went to the store, John/Mary gave a
+drink to"), the clean cache of `model.run_with_cache(clean)`, and a metric written the TransformerLens way,
+`lambda logits: logits[0, -1, mary] - logits[0, -1, john]`. Prints:
 
-  sweep/loop = ll.patching's resid_pre sweep (every layer x every position: each run computing only the layers
-               and positions from its patch on, batched with the runs that start at the same position) / the
-               per-(layer, position) hook loop that TransformerLens' `get_act_patch_resid_pre` runs (one full
-               hooked forward pass per patch)                                                       (aim <= 0.1)
-  sweep/loop without the no-op shortcut = the same with `skip_unchanged=False`: the 7 leading positions the two
-               prompts share (identical clean and corrupted activations) are run too, as any other
-  attr/fb    = attribution patching over the same sites / one forward + backward pass of the same prompt   (aim <= 3)
+  resid_pre  = ll.patching.get_act_patch_resid_pre over all layers x every position / the hand loop (one hooked
+               forward pass per (layer, position), TransformerLens' recipe)                         (aim <= 0.1)
+  z by pos   = ll.patching.get_act_patch_attn_head_out_by_pos / the hand loop over (layer, position, head) (aim
+               <= 0.1). The loop's n_layers x pos x n_heads passes all cost the same, so it is timed on one head
+               per (layer, position), cycling through the heads, and scaled by n_heads (`--full-loop`: every pass;
+               `--loop-every k` times every k-th pass of both loops, scaled by k, for a busy machine)
+  attr/fb    = ll.patching.attribution_patching (clean forward, corrupted forward + backward) / one forward +
+               backward pass (`model(tokens, return_type="loss").backward()`)                      (aim <= 1.0)
 
-Both sweeps are checked to agree before anything is timed. Times are medians over `--repeats` turns; the loop
-is timed once per turn (it is the slow one).
+The older case (`--case eiffel`): 15-token prompts with the ready `logit_diff_metric`, the resid_pre sweep with and
+without the no-op shortcut (`skip_unchanged=False` also runs the 7 shared leading positions).
 
-Usage: python scripts/bench_patching.py [PATH] [--repeats 3] [--threads N]
+Every sweep is checked against its loop (max |difference| <= 1e-4) before anything is timed. Times are medians over
+`--repeats` turns; each loop is timed once (it is the slow one). The load average is printed with the ratios: on a
+shared machine, rerun when it is high.
+
+Usage: python scripts/bench_patching.py [PATH] [--case ioi|eiffel|all] [--repeats 3] [--threads N] [--full-loop]
+       [--loop-every K]
 """
 
 from __future__ import annotations
@@ -27,9 +35,122 @@ import torch
 
 import llama_lens as ll
 
-CLEAN = "The Eiffel Tower is in the city of"
-CORRUPTED = "The Colosseum is in the city of"
-N_POS = 15
+TOLERANCE = 1e-4
+
+
+def hand_loop(model, corrupted, clean_cache, metric, hook_suffix, patches) -> list[float]:
+    """TransformerLens' recipe: one full forward pass per patch (layer, position[, head]) with a hook that writes
+    the clean activation there."""
+    scores = []
+    for patch in patches:
+        layer, where = patch[0], patch[1:]
+        name = f"blocks.{layer}.{hook_suffix}"
+
+        def hook(act, *, hook, where=where, name=name):
+            act[(slice(None), *where)] = clean_cache[name][(slice(None), *where)]
+
+        with torch.no_grad():
+            scores.append(float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))))
+    return scores
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def load_average() -> str:
+    return f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)"
+
+
+def check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    diff = float((got - expected).abs().max())
+    print(f"  {name}: max |sweep - loop| = {diff:.2e}")
+    if diff > TOLERANCE:
+        raise SystemExit(f"{name}: the sweep differs from the loop by {diff:.2e} > {TOLERANCE}")
+
+
+def forward_backward(model, tokens) -> None:
+    model(tokens, return_type="loss").backward()
+    model.zero_grad(set_to_none=True)
+
+
+def ioi_case(model, repeats: int, full_loop: bool, loop_every: int) -> None:
+    clean = model.to_tokens("When Mary and John went to the store, John gave a drink to")
+    corrupted = model.to_tokens("When Mary and John went to the store, Mary gave a drink to")
+    assert clean.shape == corrupted.shape
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+
+    def metric(logits):
+        return logits[0, -1, mary] - logits[0, -1, john]
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    n_layers, pos, n_heads = model.cfg.n_layers, clean.shape[1], model.cfg.n_heads
+    print(f"IOI: {n_layers} layers x {pos} positions; clean {model.to_str_tokens(clean)}")
+
+    def resid_pre():
+        return ll.patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+
+    def z_by_pos():
+        return ll.patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
+
+    def attribution():
+        return ll.patching.attribution_patching(model, clean, corrupted, metric, sites="resid_pre")
+
+    # Every `loop_every`-th patch (each pass of a loop costs the same: one full forward pass), scaled back up.
+    resid_patches = [(layer, p) for layer in range(n_layers) for p in range(pos)][::loop_every]
+    z_patches = [
+        (layer, p, h)
+        for layer in range(n_layers)
+        for p in range(pos)
+        for h in range(n_heads)
+        if full_loop or h == (layer + p) % n_heads
+    ][::loop_every]
+    resid_scale = loop_every
+    z_scale = (1 if full_loop else n_heads) * loop_every
+
+    def resid_loop():
+        return hand_loop(model, corrupted, cache, metric, "hook_resid_pre", resid_patches)
+
+    def z_loop():
+        return hand_loop(model, corrupted, cache, metric, "attn.hook_z", z_patches)
+
+    # Agreement first (and a warm-up of every path).
+    resid_loop_time, expected = timed(resid_loop)
+    got = resid_pre()
+    check("resid_pre", torch.stack([got[patch] for patch in resid_patches]), torch.tensor(expected))
+    resid_loop_time *= resid_scale
+    z_loop_time, expected_z = timed(z_loop)
+    got_z = z_by_pos()
+    check("z by pos", torch.stack([got_z[patch] for patch in z_patches]), torch.tensor(expected_z))
+    attribution()
+    forward_backward(model, corrupted)
+
+    sweeps, z_sweeps, attrs, fbs = [], [], [], []
+    for _ in range(repeats):
+        sweeps.append(timed(resid_pre)[0])
+        z_sweeps.append(timed(z_by_pos)[0])
+        attrs.append(timed(attribution)[0])
+        fbs.append(timed(lambda: forward_backward(model, corrupted))[0])
+    swept, z_swept = statistics.median(sweeps), statistics.median(z_sweeps)
+    attr, fb = statistics.median(attrs), statistics.median(fbs)
+    z_loop_full = z_loop_time * z_scale
+    print(
+        f"  resid_pre: get_act_patch_resid_pre {swept:.2f} s, hand loop {resid_loop_time:.2f} s "
+        f"({len(resid_patches)} passes timed x {resid_scale}) -> sweep/loop = {swept / resid_loop_time:.3f}"
+    )
+    print(
+        f"  z by pos: get_act_patch_attn_head_out_by_pos {z_swept:.2f} s, hand loop {z_loop_full:.2f} s "
+        f"({len(z_patches)} passes timed x {z_scale}) -> sweep/loop = "
+        f"{z_swept / z_loop_full:.3f}"
+    )
+    print(f"  attribution patching {attr:.3f} s, forward+backward {fb:.3f} s -> attr/fb = {attr / fb:.2f}")
+    print(f"  {load_average()}")
+
+
+EIFFEL_CLEAN, EIFFEL_CORRUPTED, N_POS = "The Eiffel Tower is in the city of", "The Colosseum is in the city of", 15
 
 
 def fifteen_tokens(model, text: str) -> torch.Tensor:
@@ -42,43 +163,14 @@ def fifteen_tokens(model, text: str) -> torch.Tensor:
     return ids[None]
 
 
-def naive_loop(model, corrupted, clean_cache, metric) -> torch.Tensor:
-    """TransformerLens' recipe: one full forward pass per (layer, position) with a hook that patches it."""
-    n_layers, pos = model.cfg.n_layers, corrupted.shape[1]
-    scores = torch.empty(n_layers, pos)
-    for layer in range(n_layers):
-        name = f"blocks.{layer}.hook_resid_pre"
-        for p in range(pos):
-
-            def hook(act, *, hook, p=p, name=name):
-                act[:, p] = clean_cache[name][:, p]
-
-            with torch.no_grad():
-                scores[layer, p] = float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)])))
-    return scores
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", nargs="?", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = ll.load(args.path or ll.demo_model_path())
-    clean, corrupted = fifteen_tokens(model, CLEAN), fifteen_tokens(model, CORRUPTED)
+def eiffel_case(model, repeats: int) -> None:
+    clean, corrupted = fifteen_tokens(model, EIFFEL_CLEAN), fifteen_tokens(model, EIFFEL_CORRUPTED)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
         corrupted_logits = model(corrupted)
-    metric = ll.patching.logit_diff_metric(model, clean_logits, corrupted_logits, " Paris", " Rome")
-    print(f"{model.cfg.n_layers} layers x {N_POS} positions; clean {model.to_str_tokens(clean)}")
+    metric = ll.patching.logit_diff_metric(model, clean_logits, corrupted_logits, answer=" Paris", wrong=" Rome")
+    n_layers = model.cfg.n_layers
+    print(f"Eiffel: {n_layers} layers x {N_POS} positions, logit_diff_metric; clean {model.to_str_tokens(clean)}")
 
     def sweep():
         return ll.patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False)
@@ -88,37 +180,37 @@ def main() -> None:
             model, corrupted, clean_cache, metric, "resid_pre", skip_unchanged=False, progress=False
         )[0]
 
-    def attribution():
-        return ll.patching.attribution_patching(model, clean, corrupted, metric, sites="resid_pre")
+    patches = [(layer, p) for layer in range(n_layers) for p in range(N_POS)]
+    loop_time, expected = timed(lambda: hand_loop(model, corrupted, clean_cache, metric, "hook_resid_pre", patches))
+    expected = torch.tensor(expected).view(n_layers, N_POS)
+    check("resid_pre", sweep(), expected)
+    check("resid_pre, every run", sweep_every_run(), expected)
+    swept = statistics.median(timed(sweep)[0] for _ in range(repeats))
+    every_run = statistics.median(timed(sweep_every_run)[0] for _ in range(repeats))
+    print(f"  resid_pre sweep {swept:.2f} s, hand loop {loop_time:.2f} s -> sweep/loop = {swept / loop_time:.3f}")
+    print(f"  without the no-op shortcut: {every_run:.2f} s -> sweep/loop = {every_run / loop_time:.3f}")
+    print(f"  {load_average()}")
 
-    def forward_backward():
-        model(corrupted, return_type="loss").backward()
-        model.zero_grad(set_to_none=True)
 
-    # Agreement first (and a warm-up of every path).
-    loop_time, expected = timed(lambda: naive_loop(model, corrupted, clean_cache, metric))
-    got, got_every_run = sweep(), sweep_every_run()
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(got_every_run, expected, atol=1e-3, rtol=1e-3)
-    diff = max(float((got - expected).abs().max()), float((got_every_run - expected).abs().max()))
-    print(f"both sweeps agree with the loop (max |diff| {diff:.2e})")
-    attribution()
-    forward_backward()
-
-    loops, sweeps, every_runs, attrs, fbs = [loop_time], [], [], [], []
-    for turn in range(args.repeats):
-        sweeps.append(timed(sweep)[0])
-        every_runs.append(timed(sweep_every_run)[0])
-        attrs.append(timed(attribution)[0])
-        fbs.append(timed(forward_backward)[0])
-        if turn < args.repeats - 1:
-            loops.append(timed(lambda: naive_loop(model, corrupted, clean_cache, metric))[0])
-    loop, swept, every_run = statistics.median(loops), statistics.median(sweeps), statistics.median(every_runs)
-    attr, fb = statistics.median(attrs), statistics.median(fbs)
-    print(f"resid_pre sweep: ll.patching {swept:.2f} s, hook loop {loop:.2f} s -> sweep/loop = {swept / loop:.3f}")
-    print(f"  without the no-op shortcut: {every_run:.2f} s -> sweep/loop = {every_run / loop:.3f}")
-    print(f"attribution patching {attr:.3f} s, forward+backward {fb:.3f} s -> attr/fb = {attr / fb:.2f}")
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs="?", default=None)
+    parser.add_argument("--case", choices=["ioi", "eiffel", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full-loop", action="store_true", help="time every pass of the per-head loop")
+    parser.add_argument(
+        "--loop-every", type=int, default=1, help="time every k-th pass of the IOI loops, scaled by k (busy machines)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ll.load(args.path or ll.demo_model_path())
+    print(load_average())
+    if args.case in ("ioi", "all"):
+        ioi_case(model, args.repeats, args.full_loop, args.loop_every)
+    if args.case in ("eiffel", "all"):
+        eiffel_case(model, args.repeats)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,27 @@ Sites (scores' shapes; `by_pos=False` patches every position of a head at once):
 
 For `pattern`, `pos` is the query (destination) position. A patched run recomputes only what its patch can
 change: the layers from the patched one, the positions from the patched one (causal attention), batched with the
-runs that start at the same position (the engine: sweep.py; the metrics: metrics.py).
+runs that start at the same position (the engine: sweep.py; the metrics: metrics.py; the logits a metric reads,
+computed where it reads them: lazy_logits.py).
+
+Modules: sites.py (what a patch is), sweep.py (activation patching), scoring.py and lazy_logits.py (the metric
+of each patched run), attribution.py, api.py (the one-call entry points), result.py (PatchingResult), tl_names.py
+(TransformerLens' `get_act_patch_*`), signature.py (old call forms kept for one release).
 """
 
-from .api import (
-    PatchingResult,
-    activation_patching,
-    attribution_patching,
-    attribution_sweep,
+from .api import activation_patching, attribution_patching
+from .attribution import attribution_sweep
+from .metrics import (
+    BatchedMetric,
+    Metric,
+    PositionMetric,
+    logit_diff_metric,
+    target_prob_metric,
+)
+from .result import PatchingResult
+from .sites import SITES
+from .sweep import patch_sweep
+from .tl_names import (
     get_act_patch_attn_head_all_pos_every,
     get_act_patch_attn_head_by_pos_every,
     get_act_patch_attn_head_k_all_pos,
@@ -45,19 +58,10 @@ from .api import (
     get_act_patch_resid_post,
     get_act_patch_resid_pre,
 )
-from .metrics import (
-    Metric,
-    PositionMetric,
-    logit_diff_metric,
-    target_prob_metric,
-)
-from .sweep import (
-    SITES,
-    patch_sweep,
-)
 
 __all__ = [
     "SITES",
+    "BatchedMetric",
     "Metric",
     "PatchingResult",
     "PositionMetric",

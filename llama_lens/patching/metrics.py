@@ -1,17 +1,24 @@
-"""Metrics for activation and attribution patching: the normalised logit difference and the target probability.
+"""Metrics for activation and attribution patching: the normalised logit difference and the target probability,
+and the forms a sweep runs batched.
 
-A metric maps logits [batch, pos, d_vocab] to one number []. The ready metrics are `PositionMetric`s: they read one
-position per prompt, so the patching sweeps hand them the logits of that position only and compute the final norm
-and unembedding (49,152 x d_model per position for SmolLM2) there alone. Any other callable gets full logits.
+A metric maps one run's logits [batch, pos, d_vocab] to one number []. Three forms:
+
+- any callable, e.g. TransformerLens' `lambda logits: logits[0, -1, mary] - logits[0, -1, john]`: a sweep calls it
+  once per patched run, on logits that compute only the positions it indexes (lazy_logits.py);
+- `BatchedMetric(fn)`: fn(logits [runs, batch, pos, d_vocab]) -> [runs], called once per group of runs;
+- `PositionMetric` (the ready metrics): reads one position per prompt, so a sweep unembeds that position alone.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import ArgumentError
 from ..model.llama import HookedLlama
+from .signature import keyword_only_after
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -20,23 +27,23 @@ def answer_ids(model: HookedLlama, answer: int | str | Sequence[int] | torch.Ten
     """A token (text or id) or one id per prompt, as ids on the model's device: [] or [batch].
 
     Raises:
-        ValueError: not integers (3.7 would become id 3), more than one dimension, or an id outside [0, d_vocab).
+        ArgumentError: not integers (3.7 would become id 3), more than one dimension, or an id outside [0, d_vocab).
     """
     if isinstance(answer, str):
         answer = model.to_single_token(answer)
     ids = torch.as_tensor(answer)
     d_vocab = model.cfg.d_vocab
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() > 1:
-        raise ValueError(f"an answer is a token (text or id) or one token id per prompt, got {answer!r}")
+        raise ArgumentError(f"an answer is a token (text or id) or one token id per prompt, got {answer!r}")
     if ids.numel() and bool(((ids < 0) | (ids >= d_vocab)).any()):
-        raise ValueError(f"answer token ids must lie in [0, d_vocab={d_vocab}), got {ids.tolist()}")
+        raise ArgumentError(f"answer token ids must lie in [0, d_vocab={d_vocab}), got {ids.tolist()}")
     return ids.to(dtype=torch.long, device=model.device)
 
 
 def per_prompt(ids: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """`ids` ([] or [batch]) expanded to [batch]; a ValueError when one is given per prompt for another count."""
+    """`ids` ([] or [batch]) expanded to [batch]; an ArgumentError when one is given per prompt for another count."""
     if ids.dim() and len(ids) != batch:
-        raise ValueError(f"{what} gives {len(ids)} values, one per prompt, but there are {batch} prompts")
+        raise ArgumentError(f"{what} gives {len(ids)} values, one per prompt, but there are {batch} prompts")
     return ids.expand(batch)
 
 
@@ -52,9 +59,9 @@ class PositionMetric:
         """The position read in each prompt, counted from the start: [batch] in [0, pos)."""
         positions = per_prompt(torch.as_tensor(self.position, device=device), batch, "the metric's position")
         if positions.is_floating_point() or positions.dtype == torch.bool:
-            raise ValueError(f"the metric's position must be an integer or one per prompt, got {self.position!r}")
+            raise ArgumentError(f"the metric's position must be an integer or one per prompt, got {self.position!r}")
         if bool(((positions < -pos) | (positions >= pos)).any()):
-            raise ValueError(f"the metric reads position {self.position}, outside the prompts' {pos} positions")
+            raise ArgumentError(f"the metric reads position {self.position}, outside the prompts' {pos} positions")
         return positions % pos
 
     def rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -69,10 +76,35 @@ class PositionMetric:
         return self._score(self.rows(logits))
 
 
+class BatchedMetric:
+    """A metric that scores many runs in one call: `fn(logits [runs, batch, pos, d_vocab]) -> [runs]`, e.g.
+    `BatchedMetric(lambda logits: logits[:, 0, -1, mary] - logits[:, 0, -1, john])`. A sweep calls it once per
+    group of runs that start at the same position; called on one run's logits [batch, pos, d_vocab], it is a
+    metric as any other (attribution patching, a hand loop)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def runs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[runs, batch, pos, d_vocab] -> [runs]"""
+        scores = torch.as_tensor(self.fn(logits))
+        if scores.shape != (logits.shape[0],):
+            raise ArgumentError(
+                f"a BatchedMetric returns one score per run, shape ({logits.shape[0]},), got {tuple(scores.shape)}"
+            )
+        return scores
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.runs(logits[None])[0]
+
+
+@keyword_only_after(3, "answer", "wrong", "position")
 def logit_diff_metric(
     model: HookedLlama,
     clean_logits: torch.Tensor,
     corrupted_logits: torch.Tensor,
+    *,
     answer: int | str | Sequence[int] | torch.Tensor,
     wrong: int | str | Sequence[int] | torch.Tensor,
     position: int | torch.Tensor = -1,
@@ -99,12 +131,13 @@ def logit_diff_metric(
     raw = PositionMetric(position, diff)
     clean, corrupted = float(raw(clean_logits)), float(raw(corrupted_logits))
     if clean == corrupted:
-        raise ValueError(f"the clean and corrupted logit differences are equal ({clean:.4g}): nothing to normalise")
+        raise ArgumentError(f"the clean and corrupted logit differences are equal ({clean:.4g}): nothing to normalise")
     return PositionMetric(position, lambda rows: (diff(rows) - corrupted) / (clean - corrupted))
 
 
+@keyword_only_after(2, "position")
 def target_prob_metric(
-    model: HookedLlama, answer: int | str | Sequence[int] | torch.Tensor, position: int | torch.Tensor = -1
+    model: HookedLlama, answer: int | str | Sequence[int] | torch.Tensor, *, position: int | torch.Tensor = -1
 ) -> PositionMetric:
     """The probability of `answer` at `position`, averaged over prompts: metric(logits [batch, pos, d_vocab]) -> []."""
     answer_id = answer_ids(model, answer)
@@ -114,16 +147,3 @@ def target_prob_metric(
         return rows.float().softmax(-1).gather(-1, answers[:, None]).mean()
 
     return PositionMetric(position, prob)
-
-
-def metric_forward_kwargs(model: HookedLlama, metric: Metric) -> dict[str, int]:
-    """Forward arguments for a metric: a PositionMetric takes the final residual stream, any other the logits."""
-    return {"stop_at_layer": model.cfg.n_layers} if isinstance(metric, PositionMetric) else {}
-
-
-def apply_metric(model: HookedLlama, metric: Metric, output: torch.Tensor) -> torch.Tensor:
-    """metric of one run's forward output (logits, or the final residual stream for a PositionMetric)."""
-    if not isinstance(metric, PositionMetric):
-        return metric(output)
-    rows = metric.rows(output)  # [batch, d_model]
-    return metric.at_position(model.unembed(model.ln_final(rows)))

@@ -3,6 +3,7 @@ written out) and attribution patching against torch.autograd.grad."""
 
 import pytest
 import torch
+from support.patching_loop import HOOKS, naive_sweep
 
 import llama_lens as ll
 from llama_lens.patching.sweep import reference_names
@@ -25,67 +26,6 @@ def pair(model):
     return clean, corrupted, clean_cache, clean_logits, corrupted_logits, metric
 
 
-def _naive_setter(site, act, clean, index, by_pos):
-    """TransformerLens' patch setters, written out: which part of the activation a patch replaces."""
-    if site == "pattern":
-        if by_pos == "dest_src":
-            h, dest, src = index
-            act[:, h, dest, src] = clean[:, h, dest, src]
-        elif by_pos:
-            p, h = index
-            act[:, h, p, :] = clean[:, h, p, :]
-        else:
-            act[:, index[0], :, :] = clean[:, index[0], :, :]
-    elif site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-        act[:, index[0], :] = clean[:, index[0], :]
-    elif by_pos:
-        p, h = index
-        act[:, p, h, :] = clean[:, p, h, :]
-    else:
-        act[:, :, index[0], :] = clean[:, :, index[0], :]
-
-
-HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "z": "attn.hook_z",
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "pattern": "attn.hook_pattern",
-}
-
-
-def _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos, attention_mask=None):
-    cfg = model.cfg
-    pos = corrupted.shape[1]
-    heads = cfg.n_kv_heads if site in ("k", "v") else cfg.n_heads
-    if by_pos == "dest_src":
-        indices = [(h, dest, src) for h in range(heads) for dest in range(pos) for src in range(pos)]
-        shape = (cfg.n_layers, heads, pos, pos)
-    elif site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-        indices, shape = [(p,) for p in range(pos)], (cfg.n_layers, pos)
-    elif by_pos:
-        indices, shape = [(p, h) for p in range(pos) for h in range(heads)], (cfg.n_layers, pos, heads)
-    else:
-        indices, shape = [(h,) for h in range(heads)], (cfg.n_layers, heads)
-    scores = []
-    for layer in range(cfg.n_layers):
-        name = f"blocks.{layer}.{HOOKS[site]}"
-        for index in indices:
-
-            def hook(act, *, hook, index=index, name=name):
-                _naive_setter(site, act, clean_cache[name], index, by_pos)
-
-            with torch.no_grad():
-                logits = model.run_with_hooks(corrupted, attention_mask=attention_mask, fwd_hooks=[(name, hook)])
-                scores.append(float(metric(logits)))
-    return torch.tensor(scores).view(shape)
-
-
 CASES = [
     ("resid_pre", True),
     ("resid_mid", True),
@@ -105,7 +45,7 @@ CASES = [
 @pytest.mark.parametrize(("site", "by_pos"), CASES)
 def test_batched_prefix_sweep_matches_the_naive_loop(model, pair, site, by_pos):
     clean, corrupted, clean_cache, *_, metric = pair
-    expected = _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos)
+    expected = naive_sweep(model, corrupted, clean_cache, metric, site, by_pos)
     got, axes = ll.patching.patch_sweep(
         model, corrupted, clean_cache, metric, site, by_pos=by_pos, max_batch=6, progress=False
     )
@@ -115,13 +55,13 @@ def test_batched_prefix_sweep_matches_the_naive_loop(model, pair, site, by_pos):
 
 def test_transformer_lens_names_and_signatures(model, pair):
     clean, corrupted, clean_cache, *_, metric = pair
-    expected = _naive_sweep(model, corrupted, clean_cache, metric, "resid_pre", True)
+    expected = naive_sweep(model, corrupted, clean_cache, metric, "resid_pre", True)
     got = ll.patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
     assert got.shape == (model.cfg.n_layers, corrupted.shape[1])
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     heads = ll.patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric, progress=False)
     torch.testing.assert_close(
-        heads, _naive_sweep(model, corrupted, clean_cache, metric, "z", False), atol=1e-4, rtol=1e-4
+        heads, naive_sweep(model, corrupted, clean_cache, metric, "z", False), atol=1e-4, rtol=1e-4
     )
     assert ll.patching.get_act_patch_attn_head_v_by_pos(model, corrupted, clean_cache, metric).shape == (2, 6, 2)
     every = ll.patching.get_act_patch_block_every(model, corrupted, clean_cache, metric)
@@ -266,8 +206,10 @@ def test_prefix_reuse_matches_the_naive_loop_with_padding(model, padded_pairs, s
         metric = _every_position_metric
     else:
         last = mask.sum(-1) - 1  # [batch]
-        metric = ll.patching.logit_diff_metric(model, clean_logits, corrupted_logits, "n", "e", position=last)
-    expected = _naive_sweep(model, corrupted, clean_cache, metric, site, by_pos, attention_mask=mask)
+        metric = ll.patching.logit_diff_metric(
+            model, clean_logits, corrupted_logits, answer="n", wrong="e", position=last
+        )
+    expected = naive_sweep(model, corrupted, clean_cache, metric, site, by_pos, attention_mask=mask)
     for skip_unchanged in (True, False):
         got, _ = ll.patching.patch_sweep(
             model,
@@ -322,7 +264,7 @@ def test_patched_runs_start_at_the_patched_layer_and_position(model, pair):
 def test_transformer_lens_head_layouts(model, pair):
     clean, corrupted, clean_cache, *_, metric = pair
     cfg = model.cfg
-    pattern_by_pos = _naive_sweep(model, corrupted, clean_cache, metric, "pattern", True)  # [n_layers, pos, n_heads]
+    pattern_by_pos = naive_sweep(model, corrupted, clean_cache, metric, "pattern", True)  # [n_layers, pos, n_heads]
     got = ll.patching.get_act_patch_attn_head_pattern_by_pos(model, corrupted, clean_cache, metric, progress=False)
     torch.testing.assert_close(got, pattern_by_pos.permute(0, 2, 1), atol=1e-4, rtol=1e-4)  # TL: head, then dest
 
@@ -331,13 +273,13 @@ def test_transformer_lens_head_layouts(model, pair):
     )
     assert dest_src.shape == (cfg.n_layers, cfg.n_heads, 6, 6)
     torch.testing.assert_close(
-        dest_src, _naive_sweep(model, corrupted, clean_cache, metric, "pattern", "dest_src"), atol=1e-4, rtol=1e-4
+        dest_src, naive_sweep(model, corrupted, clean_cache, metric, "pattern", "dest_src"), atol=1e-4, rtol=1e-4
     )
 
     every = ll.patching.get_act_patch_attn_head_all_pos_every(model, corrupted, clean_cache, metric, progress=False)
     assert every.shape == (5, cfg.n_layers, cfg.n_heads)
     for row, site in enumerate(["z", "q", "k", "v", "pattern"]):
-        expected = _naive_sweep(model, corrupted, clean_cache, metric, site, False)
+        expected = naive_sweep(model, corrupted, clean_cache, metric, site, False)
         heads = expected.shape[-1]  # n_kv_heads for k and v, zero-padded to n_heads as TransformerLens does
         torch.testing.assert_close(every[row, :, :heads], expected, atol=1e-4, rtol=1e-4)
         assert bool((every[row, :, heads:] == 0).all())
@@ -346,7 +288,7 @@ def test_transformer_lens_head_layouts(model, pair):
     torch.testing.assert_close(by_pos[4], pattern_by_pos, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
         by_pos[2, ..., : cfg.n_kv_heads],
-        _naive_sweep(model, corrupted, clean_cache, metric, "k", True),
+        naive_sweep(model, corrupted, clean_cache, metric, "k", True),
         atol=1e-4,
         rtol=1e-4,
     )
