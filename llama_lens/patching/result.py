@@ -32,7 +32,7 @@ class PatchingResult:
                 raise ArgumentError(f"scores of {site!r} are {tuple(score.shape)}, expected axes {self.axes[site]}")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per patched site: method, site, layer, pos, token, head (-1 where not per head), score."""
+        """One row per patched site: method, site, layer, position, token, head (-1 where not per head), score."""
         import pandas as pd
 
         rows = []
@@ -46,7 +46,7 @@ class PatchingResult:
                         "method": self.method,
                         "site": site,
                         "layer": self.layers[named["layer"]],
-                        "pos": pos,
+                        "position": pos,
                         "token": self.tokens[pos] if 0 <= pos < len(self.tokens) else "",
                         "head": named.get("head", -1),
                         "score": float(score[tuple(index)]),

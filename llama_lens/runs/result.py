@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ class DatasetResult:
     def prompts_per_second(self) -> float:
         return sum(s["n_prompts"] for s in self.stats) / self.seconds if self.seconds else 0.0
 
-    def frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    def to_frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Every shard's rows as one DataFrame, ordered by prompt (each prompt's rows in forward order)."""
         import pandas as pd
         import pyarrow.parquet as pq
@@ -51,6 +52,11 @@ class DatasetResult:
         if "prompt" in frame:
             frame = frame.sort_values("prompt", kind="stable").reset_index(drop=True)
         return frame
+
+    def frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Deprecated spelling of `to_frame`, the name every result of llama_lens uses; kept for one release."""
+        warnings.warn("DatasetResult.frame() is deprecated; use .to_frame()", DeprecationWarning, stacklevel=2)
+        return self.to_frame(columns)
 
     def summary(self) -> pd.DataFrame:
         """out/summary.parquet: per read-out (or component) means over prompts."""

@@ -1,7 +1,7 @@
 """The lens (and attribution, and an activation store) over a dataset of prompts, written to disk as it goes.
 
     run = ll.lens_dataset("path/to/checkpoint", "questions.jsonl", out="runs/lens", target_column="answer")
-    run.frame()        # one row per prompt × read-out × position (× target), from out/shards/*.parquet
+    run.to_frame()     # one row per prompt × read-out × position (× target), from out/shards/*.parquet
     run.summary()      # means over prompts per read-out, from out/summary.parquet
 
 The driver (this module) reads the prompts, tokenizes them to count their tokens, sorts them by length and
@@ -110,7 +110,7 @@ def lens_dataset(
             `RunOptions` existed; each overrides its field of `options`.
 
     Returns:
-        A DatasetResult: `.frame()` holds one row per prompt × read-out × position (× target) with columns
+        A DatasetResult: `.to_frame()` holds one row per prompt × read-out × position (× target) with columns
         prompt (its index in the input), label, layer, readout, position, token, top_token, top_id, top_prob,
         entropy, kl_to_final, top_ids, top_probs, top_tokens (lists of top_k), and with targets target,
         target_id, target_prob, target_logit, target_rank. `.summary()`: their means per read-out.

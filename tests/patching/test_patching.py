@@ -121,7 +121,7 @@ def test_activation_patching_result_frame_and_plot(model):
     assert result.scores["resid_pre"].shape == (2, 11) and result.scores["z"].shape == (2, 11, 4)
     frame = result.to_frame()
     assert len(frame) == 2 * 11 + 2 * 11 * 4
-    row = frame[(frame.site == "z") & (frame.layer == 1) & (frame.pos == 3) & (frame["head"] == 2)]
+    row = frame[(frame.site == "z") & (frame.layer == 1) & (frame.position == 3) & (frame["head"] == 2)]
     assert float(row.score.iloc[0]) == float(result.scores["z"][1, 3, 2])
     assert frame[frame.site == "resid_pre"].token.tolist()[:3] == ["<s>", "P", "a"]
     fig = result.plot()

@@ -173,7 +173,7 @@ def test_lens_rows_match_logit_lens_per_prompt(model, tmp_path):
         model, PROMPTS, out=tmp_path / "run", target=TARGETS, batch_size=4, shard_size=7, progress=False
     )
     assert (run.n_shards, run.n_skipped) == (3, 0)
-    frame = run.frame()
+    frame = run.to_frame()
     assert_matches_logit_lens(model, frame, PROMPTS, TARGETS, lambda n: [n - 1])
 
     summary = run.summary()
@@ -190,10 +190,12 @@ def test_positions_all_and_from_start(model, tmp_path):
     run = ll.lens_dataset(
         model, PROMPTS, out=tmp_path / "all", positions="all", readout="resid_mid", top_k=3, progress=False
     )
-    assert_matches_logit_lens(model, run.frame(), PROMPTS, None, lambda n: list(range(n)), top_k=3, readout="resid_mid")
+    assert_matches_logit_lens(
+        model, run.to_frame(), PROMPTS, None, lambda n: list(range(n)), top_k=3, readout="resid_mid"
+    )
     # Ints count from each prompt's first token (BOS included); past a prompt's end they are left out.
     run = ll.lens_dataset(model, PROMPTS, out=tmp_path / "ints", positions=[1, -1], progress=False)
-    frame = run.frame()
+    frame = run.to_frame()
     assert_matches_logit_lens(model, frame, PROMPTS, None, lambda n: sorted({1 % n, n - 1} if n > 1 else {0}))
 
 
@@ -201,7 +203,7 @@ def test_attribution_rows_match_direct_logit_attribution(model, tmp_path):
     run = ll.attribution_dataset(
         model, PROMPTS, out=tmp_path / "attr", target=TARGETS, heads=True, batch_size=5, progress=False
     )
-    frame = run.frame()
+    frame = run.to_frame()
     for i, text in enumerate(PROMPTS):
         direct = ll.direct_logit_attribution(model, text, target=TARGETS[i], heads=True)
         rows = lens_rows(frame, i)
@@ -295,10 +297,10 @@ def test_resume_after_sigkill_gives_the_uninterrupted_files(model, checkpoint, t
     resumed = ll.lens_dataset(model, prompts, out=out, target=targets, **kwargs)
     assert resumed.n_skipped == finished and len(resumed.stats) == n_shards - finished
     assert not list(shards.glob(".*.tmp-*"))
-    assert len(pd.read_parquet(shards)) == len(resumed.frame())  # the folder reads as one table
+    assert len(pd.read_parquet(shards)) == len(resumed.to_frame())  # the folder reads as one table
     whole = ll.lens_dataset(model, prompts, out=tmp_path / "whole", target=targets, **kwargs)
     assert sorted(p.name for p in shards.iterdir()) == sorted(p.name for p in (tmp_path / "whole/shards").iterdir())
-    assert_same_rows(resumed.frame(), whole.frame())
+    assert_same_rows(resumed.to_frame(), whole.to_frame())
     assert_same_rows(resumed.summary(), whole.summary())
 
 
@@ -365,7 +367,7 @@ def test_ray_writes_the_local_rows(ray_cluster, checkpoint, tmp_path):
     assert len({s["worker"] for s in distributed.stats}) == 2
     local = ll.lens_dataset(checkpoint, PROMPTS, out=tmp_path / "local", **kwargs)
     assert distributed.manifest == local.manifest
-    assert_same_rows(distributed.frame(), local.frame())
+    assert_same_rows(distributed.to_frame(), local.to_frame())
     stored, expected = distributed.activations(), local.activations()
     assert len(stored) == len(expected) == sum(len(p) + 1 for p in PROMPTS)
     for i in range(0, len(stored), 7):

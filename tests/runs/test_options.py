@@ -46,7 +46,7 @@ def test_entry_points_take_options_or_keywords_alike(tmp_path):
     by_keywords = ll.lens_dataset(model, prompts, out=tmp_path / "keywords", batch_size=2, shard_size=3, progress=False)
     assert by_options.manifest["shard_size"] == by_keywords.manifest["shard_size"] == 3
     assert by_options.n_shards == by_keywords.n_shards == 2
-    assert by_options.frame().equals(by_keywords.frame())
+    assert by_options.to_frame().equals(by_keywords.to_frame())
     with pytest.raises(LlamaLensError, match="unexpected keyword argument 'shardsize'"):
         ll.attribution_dataset(model, prompts, out=tmp_path / "bad", target="a", shardsize=3)
 
@@ -59,3 +59,10 @@ def test_store_activations_takes_hook_names_by_keyword(tmp_path):
     assert len(old) == len(new) == 5  # tokens: BOS + 2, BOS + 1
     with pytest.raises(ArgumentTypeError, match="needs hook_names="):
         ll.store_activations(model, ["ab"], out=tmp_path / "none", progress=False)
+
+
+def test_frame_is_the_deprecated_spelling_of_to_frame(tmp_path):
+    model = char_model(seed=2)
+    result = ll.lens_dataset(model, ["abc", "abd"], out=tmp_path / "run", progress=False)
+    with pytest.warns(DeprecationWarning, match=r"use \.to_frame\(\)"):
+        assert result.frame().equals(result.to_frame())
