@@ -129,10 +129,13 @@ def logit_lens(
             fwd_hooks=[(names, capture)] if names else [],
         )
         previous.clear()
-        kept = final_resid if every_position else final_resid[:, pos_index]
+        # ln_final runs over every position, as in the model's forward (its hooks see what they always saw; it
+        # is d_model wide); only the unembedding, d_vocab wide, is limited to the asked-for positions.
+        normed_final = model.ln_final(final_resid.to(model.ln_final.weight.device))
         del final_resid
-        final_rows = model.unembed(model.ln_final(kept.to(model.ln_final.weight.device))).flatten(0, 1)
-        del kept  # [batch * n_pos, d_vocab]
+        kept = normed_final if every_position else normed_final[:, pos_index]
+        final_rows = model.unembed(kept).flatten(0, 1)  # [batch * n_pos, d_vocab]
+        del normed_final, kept
         targets = inputs.target_ids
         row_targets = None if targets is None else targets.to(final_rows.device).repeat_interleave(n_pos, 0)
         # Hooks that name the same tensor object are read out once: `column` maps each to its read-out.

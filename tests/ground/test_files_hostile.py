@@ -6,15 +6,16 @@ import os
 
 import pytest
 
+from llama_lens.errors import UsageError
 from llama_lens.files import atomic_path, default_file_mode, write_text_atomic
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("old")
-    with pytest.raises(OSError, match="disk full"), atomic_path(path) as temporary:
+    with pytest.raises(UsageError, match="disk full"), atomic_path(path) as temporary:
         temporary.write_text("half of the ne")
-        raise OSError("disk full")
+        raise UsageError("disk full")  # stands for the write's own failure (ENOSPC)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["config.json"]
 

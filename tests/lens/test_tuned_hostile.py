@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llama_lens.lens.tuned as tuned
-from llama_lens.errors import LensFileError
+from llama_lens.errors import LensFileError, UsageError
 from llama_lens.lens.tuned import TunedLens
 
 
@@ -73,10 +73,10 @@ def test_a_save_that_fails_half_way_keeps_the_old_lens(tmp_path, monkeypatch):
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
             handle.write(b"half a file")
-        raise OSError("No space left on device")
+        raise UsageError("disk full")  # stands for the write's own failure (ENOSPC)
 
     monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match="disk full"):
         TunedLens(8, 2).save(folder)
     monkeypatch.undo()
     reloaded = TunedLens.load(folder)
