@@ -10,6 +10,7 @@ User mistakes and failures surface as one line on stderr (`llama-lens: error: ..
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -393,6 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure llama_lens did not foresee: still one line, unless asked for more
+        if os.environ.get("LLAMA_LENS_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split())[:500]
+        print(
+            f"{PROG}: error: {type(err).__name__}: {message} (unexpected; set LLAMA_LENS_TRACEBACK=1 for the "
+            "traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def check_text_arguments(args: argparse.Namespace) -> None:

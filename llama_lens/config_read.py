@@ -6,6 +6,8 @@ and the rules by which transformers and Meta derive a value from others (sliding
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,13 @@ class ConfigValues:
 
     def int(self, key: str, default: Any = _REQUIRED, *, positive: bool = False) -> Any:
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        # inf and NaN are floats too: int() of them raises OverflowError/ValueError, so they are refused first.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+            or value != int(value)
+        ):
             if value is default:
                 return value
             raise self._wrong(key, "an integer")
@@ -51,6 +59,8 @@ class ConfigValues:
             if value is default:
                 return value
             raise self._wrong(key, "a number")
+        if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() of it: OverflowError
+            raise self._wrong(key, "a number within float range")
         if positive and not value > 0:
             raise self._wrong(key, "a positive number")
         if minimum is not None and value < minimum:

@@ -5,15 +5,19 @@
 - JSON nested too deeply for the parser is a damaged file, named as such, not a RecursionError traceback.
 - A weight holding NaN or inf (a damaged file, a bad conversion) is warned about as it is read: otherwise every
   result downstream is NaN with nothing to say where it came from.
-- Files we write get the mode `open()` would give them.
+- Files we write get the mode `open()` would give them, and appear whole or not at all (`atomic_path`): a save
+  that fails half way (disk full, killed) leaves the file it was replacing as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,38 @@ def set_default_file_mode(path: Path) -> None:
     """Gives `path` the mode `open()` would have: safetensors writes its files 0o600 (owner only), which
     locks everyone else out of a cache or checkpoint folder shared through group or world permissions."""
     os.chmod(path, default_file_mode())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the new file to; renamed over `path` when the block ends.
+
+    The rename is atomic (same folder, same file system): a reader sees the old file or the new one, never half of
+    one, and a write that fails half way (an exception, a full disk) removes the temporary and leaves `path` as it
+    was. The new file gets the mode `open()` would give it (not mkstemp's 0o600).
+
+    Example:
+        with atomic_path(folder / "params.safetensors") as temporary:
+            save_file(tensors, str(temporary))
+    """
+    path = Path(path)
+    # The temporary file keeps the final name, in a fresh folder beside it: torch.save records the name it was
+    # given inside the zip ("consolidated.00/data.pkl"), and Meta shards are ordered by it.
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temporary = folder / path.name
+    try:
+        yield temporary
+        set_default_file_mode(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` whole or not at all (see `atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def warn_if_not_finite(tensor: torch.Tensor, what: str) -> None:

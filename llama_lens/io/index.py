@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..files import write_text_atomic
 from .names import META_SPLIT_DIM, layer_template
 
 INDEX_CACHE_VERSION = 2  # 2: file digests, and a digest of the tensors' entries
@@ -264,8 +265,6 @@ def write_index_cache(cache_path: Path | None, folder: Path, layout: str, stamps
     }
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, cache_path)  # readers never see half a file
+        write_text_atomic(cache_path, json.dumps(record))  # readers never see half a file
     except OSError as err:
         warnings.warn(f"could not write the shard index cache {cache_path}: {err}", stacklevel=3)

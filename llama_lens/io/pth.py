@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,7 +71,51 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: saved in torch's legacy format (tensor {name!r} has no place in a zip record); "
                 "save it again with a recent torch.save"
             )
+    _check_stored_records(path, state)
     return state
+
+
+def _check_stored_records(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuses a shard whose tensor data could not be read with plain reads at `_checkpoint_offset`.
+
+    The data are read straight from the file, which assumes what torch.save writes: each storage an uncompressed
+    (stored) zip record, starting at the offset torch reports. A zip re-packed by another tool (Python's zipfile
+    with deflate, say) still loads with torch.load, but its compressed bytes read as weights would be garbage
+    (NaN logits). Each storage must start a stored record's data and fit inside it.
+    """
+    records: dict[int, zipfile.ZipInfo] = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb", buffering=0) as handle:
+            for info in archive.infolist():
+                local = os.pread(handle.fileno(), 30, info.header_offset)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise CheckpointError(
+                        f"{path}: zip record {info.filename!r} has no local header at byte {info.header_offset}; "
+                        "the file is corrupt"
+                    )
+                name_length, extra_length = struct.unpack_from("<HH", local, 26)
+                records[info.header_offset + 30 + name_length + extra_length] = info
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: its zip directory cannot be read ({err}); the file may be damaged") from None
+    for name, value in state.items():
+        storage = value.untyped_storage()
+        info = records.get(storage._checkpoint_offset)
+        if info is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} does not start a zip record (offset {storage._checkpoint_offset}); the "
+                "file was re-packed or is corrupt; save it again with torch.save"
+            )
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is in zip record {info.filename!r}, which is compressed; llama_lens "
+                "reads the uncompressed records torch.save writes: load it with torch.load and save it again "
+                "with torch.save"
+            )
+        if storage.nbytes() > info.file_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} needs {storage.nbytes()} bytes, but its zip record {info.filename!r} "
+                f"holds {info.file_size}; the file is corrupt"
+            )
 
 
 def saved_name(path: Path) -> str | None:

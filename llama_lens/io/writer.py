@@ -18,7 +18,7 @@ import torch
 
 from ..config import LlamaConfig, meta_d_mlp
 from ..errors import ArgumentError
-from ..files import set_default_file_mode
+from ..files import atomic_path, write_text_atomic
 from ..validate import resolve_dtype
 from .names import (
     HF_INDEX_FILE,
@@ -57,21 +57,21 @@ def write_safetensors_shards(
     folder = Path(folder)
     if len(groups) == 1:
         tensors = {name: tensor_for(name).contiguous() for name in groups[0]}
-        save_file(tensors, folder / HF_SINGLE_FILE, metadata={"format": "pt"})
-        set_default_file_mode(folder / HF_SINGLE_FILE)
+        with atomic_path(folder / HF_SINGLE_FILE) as temporary:
+            save_file(tensors, temporary, metadata={"format": "pt"})
         return folder
     weight_map: dict[str, str] = {}
     total = 0
     for k, group in enumerate(groups, start=1):
         file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         tensors = {name: tensor_for(name).contiguous() for name in group}
-        save_file(tensors, folder / file_name, metadata={"format": "pt"})
-        set_default_file_mode(folder / file_name)
+        with atomic_path(folder / file_name) as temporary:
+            save_file(tensors, temporary, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, file_name)
         total += sum(t.nbytes for t in tensors.values())
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / HF_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_text_atomic(folder / HF_INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return folder
 
 
@@ -146,7 +146,7 @@ def write_hf_checkpoint(
     write_safetensors_shards(folder, groups, tensors.__getitem__)
     stored_dtype = next(iter(tensors.values())).dtype
     config = cfg.to_hf() | {"torch_dtype": str(stored_dtype).removeprefix("torch.")}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2))
     return folder
 
 
@@ -211,8 +211,9 @@ def write_meta_checkpoint(
         for rank in ranks:
             rank["rope.freqs"] = freqs.clone()
     for k, rank in enumerate(ranks):
-        torch.save(rank, folder / f"consolidated.{k:02d}.pth")
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
+        with atomic_path(folder / f"consolidated.{k:02d}.pth") as temporary:
+            torch.save(rank, temporary)
+    write_text_atomic(folder / "params.json", json.dumps(params, indent=2))
     return folder
 
 

@@ -118,14 +118,24 @@ def logit_lens(
         resid[hook.name] = previous[1]
 
     with torch.inference_mode():
-        final_logits = model.run_with_hooks(
-            inputs.tokens, attention_mask=inputs.attention_mask, fwd_hooks=[(names, capture)] if names else []
+        # The forward stops at the final residual stream, and the model's logits are made at the asked-for
+        # positions only: [batch, pos, d_vocab] at every position is 8.7 GB for a 44k-token prompt when one
+        # position was asked for.
+        stop = model.layer_indices[-1] + 1 if model.layer_indices else 0
+        final_resid = model.run_with_hooks(
+            inputs.tokens,
+            attention_mask=inputs.attention_mask,
+            stop_at_layer=stop,
+            fwd_hooks=[(names, capture)] if names else [],
         )
         previous.clear()
-        # [batch * n_pos, d_vocab]: a view when every position is asked for, else a copy, and the model's full
-        # logits are let go.
-        final_rows = final_logits.flatten(0, 1) if every_position else final_logits[:, pos_index].flatten(0, 1)
-        del final_logits
+        # ln_final runs over every position, as in the model's forward (its hooks see what they always saw; it
+        # is d_model wide); only the unembedding, d_vocab wide, is limited to the asked-for positions.
+        normed_final = model.ln_final(final_resid.to(model.ln_final.weight.device))
+        del final_resid
+        kept = normed_final if every_position else normed_final[:, pos_index]
+        final_rows = model.unembed(kept).flatten(0, 1)  # [batch * n_pos, d_vocab]
+        del normed_final, kept
         targets = inputs.target_ids
         row_targets = None if targets is None else targets.to(final_rows.device).repeat_interleave(n_pos, 0)
         # Hooks that name the same tensor object are read out once: `column` maps each to its read-out.

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, LensFileError, MissingFileError
+from ..files import atomic_path, read_json_file, write_text_atomic
 from .readouts import DEFAULT_READOUT, READOUTS, hook_readout, readout_kinds, stream_label
 from .train import TrainConfig, fit
 
@@ -267,8 +268,12 @@ class TunedLens:
             "losses": self.losses,
         }
         tensors = {name: t.contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(folder / PARAMS_FILE), metadata={"format": FORMAT_NAME})
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        # Both files are written whole before either replaces a lens saved there before: a save that fails half
+        # way (disk full) leaves the old lens loadable.
+        text = json.dumps(config, indent=1) + "\n"
+        with atomic_path(folder / PARAMS_FILE) as temporary:
+            save_file(tensors, str(temporary), metadata={"format": FORMAT_NAME})
+        write_text_atomic(folder / CONFIG_FILE, text)
         return folder
 
     @classmethod
@@ -296,10 +301,7 @@ class TunedLens:
                 f"no tuned lens at {folder}: {CONFIG_FILE} is missing (a lens folder holds {CONFIG_FILE} and "
                 f"{PARAMS_FILE}, or the tuned-lens package's {PACKAGE_PARAMS_FILE})"
             )
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LensFileError(f"{config_path} is not valid JSON: {err}") from None
+        config = read_json_file(config_path, LensFileError)
         if not isinstance(config, dict):
             raise LensFileError(f"{config_path} holds {type(config).__name__}, not a JSON object")
         if config.get("format") == FORMAT_NAME:
@@ -315,11 +317,40 @@ class TunedLens:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _config_int(config: dict, key: str, path: Path) -> int:
+# Far beyond any model, and small enough that the tables built from them (labels, translators) stay small: a config
+# saying 10**9 layers is refused before anything is allocated for it.
+MAX_LAYERS = 10_000
+MAX_D_MODEL = 2**17
+
+
+def _config_int(config: dict, key: str, path: Path, maximum: int) -> int:
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LensFileError(f"{path}: key {key!r} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise LensFileError(f"{path}: key {key!r} must be an integer from 1 to {maximum}, got {value!r}")
     return value
+
+
+def _config_bool(config: dict, key: str, path: Path) -> bool:
+    value = config.get(key, True)
+    if not isinstance(value, bool):
+        raise LensFileError(f"{path}: key {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _check_sizes(state: dict[str, Any], labels: list[str], d_model: int, bias: bool, path: Path) -> None:
+    """Refuses a params file whose tensors do not match the config, before any translator is allocated."""
+    for label in labels:
+        weight = state.get(f"{label}.weight")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (d_model, d_model):
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+            raise LensFileError(
+                f"{path}: tensor '{label}.weight' is {shape}, expected ({d_model}, {d_model}) (d_model in the config)"
+            )
+    expected = len(labels) * (2 if bias else 1)
+    if len(state) != expected:
+        raise LensFileError(
+            f"{path}: holds {len(state)} tensors, expected {expected} for the config's {len(labels)} translators"
+        )
 
 
 def _load_ours(folder: Path, config: dict) -> TunedLens:
@@ -333,24 +364,32 @@ def _load_ours(folder: Path, config: dict) -> TunedLens:
             f"{config_path}: format_version {version!r} is not one this llama_lens reads ({FORMAT_VERSION}); "
             "upgrade llama_lens"
         )
-    d_model = _config_int(config, "d_model", config_path)
-    n_layers = _config_int(config, "n_layers", config_path)
+    d_model = _config_int(config, "d_model", config_path, MAX_D_MODEL)
+    n_layers = _config_int(config, "n_layers", config_path, MAX_LAYERS)
     labels = config.get("labels")
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise LensFileError(f"{config_path}: key 'labels' must be a list of strings, got {labels!r}")
-    try:
-        lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=config.get("info"))
-    except ValueError as err:
-        raise LensFileError(f"{config_path}: {err}") from None
+    bias = _config_bool(config, "bias", config_path)
+    info = config.get("info")
+    if info is not None and not isinstance(info, dict):
+        raise LensFileError(f"{config_path}: key 'info' must be a JSON object, got {type(info).__name__}")
+    losses = config.get("losses") or []
+    if not isinstance(losses, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in losses):
+        raise LensFileError(f"{config_path}: key 'losses' must be a list of numbers")
     params_path = folder / PARAMS_FILE
     if not params_path.is_file():
         raise MissingFileError(f"{params_path} is missing: the tuned lens's weights are saved beside {CONFIG_FILE}")
     try:
-        state = load_file(str(params_path))
+        state = load_file(str(params_path))  # no bigger than the file
     except (SafetensorError, OSError, ValueError) as err:
         raise LensFileError(f"{params_path} is not a readable safetensors file: {err}") from None
+    _check_sizes(state, labels, d_model, bias, params_path)
+    try:
+        lens = TunedLens(d_model, n_layers, labels=labels, bias=bias, info=info)
+    except ValueError as err:
+        raise LensFileError(f"{config_path}: {err}") from None
     _assign(lens, state, params_path)
-    lens.losses = [float(x) for x in config.get("losses") or []]
+    lens.losses = [float(x) for x in losses]
     return lens
 
 
@@ -359,8 +398,9 @@ def _load_package(folder: Path, config: dict) -> TunedLens:
     lens_type = config.get("lens_type", PACKAGE_LENS_TYPE)
     if lens_type != PACKAGE_LENS_TYPE:
         raise LensFileError(f"{config_path}: lens_type {lens_type!r} is not {PACKAGE_LENS_TYPE!r}, the only one read")
-    d_model = _config_int(config, "d_model", config_path)
-    n_layers = _config_int(config, "num_hidden_layers", config_path)
+    d_model = _config_int(config, "d_model", config_path, MAX_D_MODEL)
+    n_layers = _config_int(config, "num_hidden_layers", config_path, MAX_LAYERS)
+    bias = _config_bool(config, "bias", config_path)
     params_path = folder / PACKAGE_PARAMS_FILE
     if not params_path.is_file():
         raise MissingFileError(f"{params_path} is missing: a tuned-lens package lens keeps its weights there")
@@ -388,7 +428,8 @@ def _load_package(folder: Path, config: dict) -> TunedLens:
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "unembed_hash": config.get("unembed_hash"),
     }
-    lens = TunedLens(d_model, n_layers, labels=labels, bias=bool(config.get("bias", True)), info=info)
+    _check_sizes(state, labels, d_model, bias, params_path)
+    lens = TunedLens(d_model, n_layers, labels=labels, bias=bias, info=info)
     _assign(lens, state, params_path)
     return lens
 

@@ -91,7 +91,11 @@ class Sampling:
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]  # [batch, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return sample_top_p((logits / self.temperature).softmax(dim=-1), self.top_p, generator=generator)
+        # Shifted so the largest logit is 0 before dividing: a tiny temperature (1e-45) then sends the others to
+        # -inf (greedy in the limit) instead of every logit to +-inf and the probabilities to NaN.
+        logits = logits.float()
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / self.temperature
+        return sample_top_p(scaled.softmax(dim=-1), self.top_p, generator=generator)
 
 
 @torch.no_grad()

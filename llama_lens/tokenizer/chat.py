@@ -17,6 +17,8 @@ Meta folders have no template; their chat formats are Meta's code (`llama` `gene
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -26,6 +28,10 @@ from ..errors import ArgumentError
 
 LLAMA2_B_INST, LLAMA2_E_INST = "[INST]", "[/INST]"
 LLAMA2_B_SYS, LLAMA2_E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+# A template is a stranger's program: its render is stopped past these (nested loops can run for hours without
+# writing a character; the sandbox only bounds each range() to 100k items).
+RENDER_SECONDS = 10.0
+RENDER_CHARS = 2**24  # 16M characters: thousands of times a real chat
 # Meta's header and end-of-turn tokens per format; Meta writes the "tool" role as "ipython".
 META_HEADERS = {
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
@@ -109,12 +115,64 @@ def render_chat_template(
     variables = {**special_tokens_map, **template_kwargs}
     variables.setdefault("tools", None)
     variables.setdefault("documents", None)
+    compiled = compile_chat_template(template)
     try:
-        return compile_chat_template(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        return _render_within_budget(
+            compiled, dict(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         )
+    except ArgumentError:
+        raise
     except jinja2.exceptions.TemplateError as error:
         raise ArgumentError(f"the chat template refused these messages: {error}") from None
+    except RecursionError:
+        raise ArgumentError("the chat template recurses without end (RecursionError while rendering it)") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, OverflowError) as error:
+        raise ArgumentError(f"the chat template failed on these messages: {type(error).__name__}: {error}") from None
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _render_within_budget(compiled: Any, variables: dict[str, Any]) -> str:
+    """Renders chunk by chunk, stopping past RENDER_SECONDS or RENDER_CHARS with an ArgumentError.
+
+    Time is checked on the template's own lines (a trace on frames of the compiled "<template>" code only, so
+    the rest runs untraced): a loop that writes nothing is stopped as surely as one that writes too much.
+    """
+    deadline = time.monotonic() + RENDER_SECONDS
+    counter = [0]
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        counter[0] += 1
+        if counter[0] % 1024 == 0 and time.monotonic() > deadline:
+            raise _OverBudget
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    chunks, size = [], 0
+    try:
+        for chunk in compiled.generate(**variables):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > RENDER_CHARS:
+                raise ArgumentError(
+                    f"the chat template wrote more than {RENDER_CHARS} characters for these messages; it was stopped"
+                )
+            if time.monotonic() > deadline:
+                raise _OverBudget
+    except _OverBudget:
+        raise ArgumentError(
+            f"the chat template ran longer than {RENDER_SECONDS:g} s on these messages and was stopped (a loop "
+            "without end?)"
+        ) from None
+    finally:
+        sys.settrace(previous)
+    return "".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------- Meta formats

@@ -166,19 +166,32 @@ def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float]) -> lis
     return [(left, right) for left, right, _ in merges]
 
 
-def gguf_tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
+def gguf_tokenizer_config(meta: dict[str, Any], source: str = "the GGUF file") -> dict[str, Any]:
     """The tokenizer_config.json a GGUF's metadata imply: special tokens (as strings), add_bos_token, chat template.
 
     llama.cpp adds BOS to a sentencepiece ("llama") vocabulary whose file does not say otherwise, and not to a
     byte-level one.
+
+    Raises:
+        CheckpointError: naming the file and key, for a special token id that is not a token of the vocabulary
+            (a BOS id past the end would make `prepend_bos=True` add nothing) or a flag that is not a bool.
     """
     tokens = meta["tokenizer.ggml.tokens"]
 
     def token(key: str) -> str | None:
         token_id = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+        if token_id is None:
+            return None
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < len(tokens):
+            raise CheckpointError(
+                f"{source}: metadata key 'tokenizer.ggml.{key}' is {token_id!r}, not the id of one of its "
+                f"{len(tokens)} tokens; the file is corrupt"
+            )
+        return tokens[token_id]
 
     add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    if not isinstance(add_bos, bool | int):
+        raise CheckpointError(f"{source}: metadata key 'tokenizer.ggml.add_bos_token' is {add_bos!r}, expected a bool")
     config = {
         "add_bos_token": bool(add_bos),
         "bos_token": token("bos_token_id"),

@@ -87,7 +87,7 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
     meta = read_gguf_header(path).metadata
     tokenizer = HFTokenizer(backend=gguf_backend_tokenizer(meta, str(path)))
     tokenizer.source = str(path)
-    apply_tokenizer_config(tokenizer, gguf_tokenizer_config(meta), where=str(path))
+    apply_tokenizer_config(tokenizer, gguf_tokenizer_config(meta, str(path)), where=str(path))
     tokenizer.guess_specials()
     return tokenizer
 
