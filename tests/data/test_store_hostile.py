@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import llama_lens as ll
-from llama_lens.data.safe_files import read_record, write_atomic
 from llama_lens.data.shard_reader import ShardReader
-from llama_lens.errors import ArgumentError, LlamaLensError, MissingFileError
+from llama_lens.errors import ArgumentError, MissingFileError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -186,21 +185,3 @@ def test_reader_matches_safetensors_and_survives_pickling(store):
 
     data = pickle.loads(pickle.dumps(ll.ActivationDataset(store)))
     assert torch.equal(data[0][HOOK], ll.ActivationDataset(store)[0][HOOK])
-
-
-def test_atomic_write_that_fails_keeps_the_old_file_and_no_leftover(tmp_path):
-    path = tmp_path / "index.json"
-    write_atomic(path, lambda p: p.write_text("old"), record=True)
-
-    def half_then_fail(temporary):
-        temporary.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, half_then_fail, record=True)
-    assert path.read_text() == "old" and read_record(path)["size"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.json.digest", "index.json"]
-
-
-def test_every_store_error_is_a_llama_lens_error():
-    assert issubclass(ArgumentError, LlamaLensError) and issubclass(MissingFileError, LlamaLensError)
