@@ -28,17 +28,14 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError, MissingFileError, OutOfRangeError, UnknownNameError, UsageError, did_you_mean
+from .safe_files import digest, read_record, temporary_name, write_atomic  # noqa: F401  (temporary_name: its old home)
+from .shard_reader import ShardReader
+from .store_index import read_index
 
 STORE_FOLDER = "activations"
 INDEX_FILE = "index.json"
 # Hooks whose tensors are [batch, n_heads, q_pos, k_pos]: a token's row would be as long as its prompt.
 NOT_PER_TOKEN = ("hook_attn_scores", "hook_pattern")
-
-
-def temporary_name(path: Path) -> Path:
-    """Where a file is written before it is renamed into place: hidden (a leading dot), so that readers of the
-    folder (pyarrow, `pd.read_parquet(folder)`) skip a killed run's leftovers."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def shard_file(index: int) -> str:
@@ -123,31 +120,33 @@ class ActivationCapture:
 
 
 def write_shard(folder: Path, index: int, *, tensors: dict[str, torch.Tensor]) -> Path:
-    """Writes one shard atomically (a temporary file renamed into place): a file under its final name is whole."""
+    """Writes one shard atomically (a temporary file renamed into place), with its digest record beside it: a file
+    under its final name is whole, and a later change to it is seen (`safe_files.matches_record`)."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / shard_file(index)
-    temporary = temporary_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata={"format": "pt"})
-    os.replace(temporary, path)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda temporary: save_file(contiguous, temporary, metadata={"format": "pt"}), record=True)
     return path
 
 
 def write_index(folder: Path, n_shards: int, *, hook_names: Sequence[str], positions: Any) -> dict[str, Any]:
-    """Writes index.json from the shards' headers (read without loading their tensors)."""
-    from safetensors import safe_open
-
+    """Writes index.json from the shards' headers (read without loading their tensors), with each shard's size
+    and SHA-256 (from its digest record, written with the shard), which every reader checks."""
     shards, shapes, dtype = [], {}, None
     for k in range(n_shards):
-        with safe_open(folder / shard_file(k), framework="pt") as f:
-            n_rows = f.get_slice("prompt").get_shape()[0]
-            prompts = f.get_tensor("prompt")
+        path = folder / shard_file(k)
+        reader = ShardReader(path)
+        try:
+            n_rows = reader.shape("prompt")[0]
+            prompts = reader.rows("prompt")
             for name in hook_names:
-                piece = f.get_slice(name)
-                shapes[name] = list(piece.get_shape()[1:])
-                dtype = str(piece.get_dtype())
-        shards.append({"file": shard_file(k), "n_tokens": n_rows, "n_prompts": len(prompts.unique())})
+                shapes[name] = list(reader.shape(name)[1:])
+                dtype = reader.dtype_name(name)
+        finally:
+            reader.close()
+        checksum = read_record(path) or digest(path)
+        shards.append({"file": shard_file(k), "n_tokens": n_rows, "n_prompts": len(prompts.unique())} | checksum)
     index = {
         "format": 1,
         "hook_names": list(hook_names),
@@ -158,9 +157,7 @@ def write_index(folder: Path, n_shards: int, *, hook_names: Sequence[str], posit
         "n_prompts": sum(s["n_prompts"] for s in shards),
         "shards": shards,
     }
-    temporary = temporary_name(folder / INDEX_FILE)
-    temporary.write_text(json.dumps(index, indent=2))
-    os.replace(temporary, folder / INDEX_FILE)
+    write_atomic(folder / INDEX_FILE, lambda temporary: temporary.write_text(json.dumps(index, indent=2)))
     return index
 
 
@@ -174,8 +171,10 @@ class ActivationDataset(torch.utils.data.Dataset):
             "prompt": one item per prompt, {hook: [n_stored, *shape], "prompt": int, "position": [n_stored]}.
             Items come in (prompt, position) order either way; shuffle in the DataLoader.
 
-    Rows are read from the memory-mapped shards as items are asked for; nothing is loaded up front except
-    each shard's prompt and position columns.
+    Rows are read from the shards (with `pread`, not a memory map: a shard cut short while open is an error, not a
+    SIGBUS) as items are asked for; nothing is loaded up front except each shard's prompt and position columns.
+    Each shard's size is checked against the index on open and its SHA-256 on first use; file names in the index
+    that lead out of the store's folder are refused.
     """
 
     def __init__(
@@ -193,7 +192,7 @@ class ActivationDataset(torch.utils.data.Dataset):
         if unit not in ("token", "prompt"):
             raise ArgumentError(f"unit must be 'token' or 'prompt', got {unit!r}")
         self.folder, self.unit = folder, unit
-        self.index = json.loads(index_path.read_text())
+        self.index = read_index(index_path)
         stored = self.index["hook_names"]
         if hook_names is None:
             self.hook_names = list(stored)
@@ -207,13 +206,14 @@ class ActivationDataset(torch.utils.data.Dataset):
                     )
             self.hook_names = names
         self.shapes = {name: tuple(self.index["shapes"][name]) for name in self.hook_names}
-        self._files = [folder / shard["file"] for shard in self.index["shards"]]
-        self._handles: dict[int, Any] = {}
+        self._files = [shard["path"] for shard in self.index["shards"]]
+        self._handles: dict[int, ShardReader] = {}
+        self._verified: set[int] = set()
         # (prompt, position, shard, row) of every stored token, sorted by (prompt, position).
         prompts, positions, shards, rows = [], [], [], []
         for k in range(len(self._files)):
-            f = self._open(k)
-            prompt, position = f.get_tensor("prompt"), f.get_tensor("position")
+            f = self._open(k, verify=False)  # only two columns are read here: the digest is checked on first use
+            prompt, position = f.rows("prompt"), f.rows("position")
             prompts.append(prompt)
             positions.append(position)
             shards.append(torch.full_like(prompt, k))
@@ -226,15 +226,26 @@ class ActivationDataset(torch.utils.data.Dataset):
         self.prompt_ids, counts = torch.unique_consecutive(self.prompt, return_counts=True)
         self._starts = [0] + torch.cumsum(counts, 0).tolist()
 
-    def _open(self, k: int):
-        from safetensors import safe_open
-
+    def _open(self, k: int, *, verify: bool = True) -> ShardReader:
+        """Shard k's reader, its size checked against the index; with `verify`, its SHA-256 too, once per process
+        (a full read of the shard, so a damaged one is refused by name before any of its rows is served)."""
+        shard = self.index["shards"][k]
         if k not in self._handles:
-            self._handles[k] = safe_open(self._files[k], framework="pt")
+            if not self._files[k].is_file():
+                raise MissingFileError(f"{self._files[k]} (shards[{k}] of {self.folder / INDEX_FILE}) is missing")
+            self._handles[k] = ShardReader(self._files[k], size=shard["size"])
+        if verify and k not in self._verified and shard["sha256"] is not None:
+            found = digest(self._files[k])
+            if found != {"size": shard["size"], "sha256": shard["sha256"]}:
+                raise ArgumentError(
+                    f"{self._files[k]} does not match its digest in {self.folder / INDEX_FILE} (shards[{k}].sha256): "
+                    "the shard was changed after it was written; rerun the dataset run into its folder to recompute it"
+                )
+            self._verified.add(k)
         return self._handles[k]
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers reopen the files themselves: open safetensors handles do not pickle.
+        # DataLoader workers reopen the files themselves: open file descriptors do not pickle.
         return self.__dict__ | {"_handles": {}}
 
     def __len__(self) -> int:
@@ -248,13 +259,13 @@ class ActivationDataset(torch.utils.data.Dataset):
         if self.unit == "token":
             f = self._open(int(self._shard[i]))
             row = int(self._row[i])
-            item = {name: f.get_slice(name)[row : row + 1][0] for name in self.hook_names}
+            item = {name: f.rows(name, row, row + 1)[0] for name in self.hook_names}
             return item | {"prompt": int(self.prompt[i]), "position": int(self.position[i])}
         start, stop = self._starts[i], self._starts[i + 1]
         # One prompt's tokens sit in one shard, in consecutive rows (the runner writes them so).
         f = self._open(int(self._shard[start]))
         row0, row1 = int(self._row[start]), int(self._row[stop - 1]) + 1
-        item = {name: f.get_slice(name)[row0:row1] for name in self.hook_names}
+        item = {name: f.rows(name, row0, row1) for name in self.hook_names}
         return item | {"prompt": int(self.prompt_ids[i]), "position": self.position[start:stop].clone()}
 
     def __repr__(self) -> str:

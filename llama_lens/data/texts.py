@@ -7,12 +7,18 @@ They read the same kinds of source (a list of strings, a text file, a Parquet co
   reads JSONL files (a field per line) with an optional target per prompt;
 - a text is a passage: `read_texts` reads a `.txt` or `.md` file as one text per paragraph (blank lines between
   them, line breaks inside one folded into spaces) by default, or one per line with `split="line"`.
+
+Every reader cuts a file into lines with `split_lines`, whose only separators are "\n", "\r\n" and "\r".
+`str.splitlines` also cuts at form feed, vertical tab, NEL (U+0085), U+2028, U+2029 and the file separators:
+characters that may sit inside a prompt (and, raw, inside a JSON string), where a cut would shift the index of
+every later prompt.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SPLITS = ("paragraph", "line")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the only line separators of a text file (see the module docstring)
+BLANK_LINES = re.compile(r"\n[ \t]*\n")  # between paragraphs (after line breaks are made "\n")
 
 
 # -------------------------------------------------------------------------------------------------- prompts
@@ -81,12 +89,20 @@ def _checked_prompts(texts: list[Any], source: str) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ArgumentError(f"{source}: prompt {i} is {type(text).__name__} {text!r}, not text")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate, from a JSON escape such as "\ud800"
+                raise ArgumentError(
+                    f"{source}: prompt {i} holds {text[err.start]!r} at character {err.start}, a lone surrogate, "
+                    "which is not text any tokenizer can encode"
+                ) from None
     return texts
 
 
 def _read_jsonl(path: Path, column: str, target_column: str | None) -> tuple[list[str], list[Any] | None]:
     texts, targets = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(split_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -133,7 +149,8 @@ def read_texts(source: str | Path | Sequence[str], *, column: str = "text", spli
         if suffix in TEXT_SUFFIXES and split == "line":
             texts = _lines(path)
         elif suffix in TEXT_SUFFIXES:
-            texts = [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n")]
+            text = "\n".join(split_lines(_read_text(path)))
+            texts = [" ".join(p.split()) for p in BLANK_LINES.split(text)]
         elif suffix in PARQUET_SUFFIXES:
             texts = [text for text in _parquet_columns(path, [column], text=True)[0] if text is not None]
         else:
@@ -164,9 +181,28 @@ def _looks_like_path(text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- files
+def split_lines(text: str) -> list[str]:
+    """`text` cut at "\n", "\r\n" and "\r" only (not at form feed, NEL, U+2028, ...: see the module docstring);
+    a final line break ends the last line rather than starting an empty one."""
+    lines = LINE_BREAK.split(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark dropped).
+
+    Raises:
+        ArgumentError (a ValueError): bytes that are not UTF-8, with their offset.
+    """
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ArgumentError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+
+
 def _lines(path: Path) -> list[str]:
     """The file's non-blank lines, as they are."""
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in split_lines(_read_text(path)) if line.strip()]
 
 
 def _parquet_columns(path: Path, columns: Sequence[str], *, text: bool = False) -> list[list[Any]]:

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..data.store import STORE_FOLDER, temporary_name
+from ..data.safe_files import write_atomic
+from ..data.store import STORE_FOLDER
 from ..errors import ManifestMismatchError
 from .shards import SHARD_FOLDER
 
@@ -49,7 +50,7 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     path = out / MANIFEST_FILE
     manifest = jsonable(manifest)
     if path.exists():
-        found, wanted = _flat(json.loads(path.read_text())), _flat(manifest)
+        found, wanted = _flat(read_manifest(path)), _flat(manifest)
         differ = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
         if differ:
             details = "; ".join(f"{k}: {_short(found.get(k))} there, {_short(wanted.get(k))} now" for k in differ[:5])
@@ -58,10 +59,26 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
                 "must repeat the run's parameters to resume it: choose another out= folder, or delete this one"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, path)
+    write_atomic(path, lambda temporary: temporary.write_text(json.dumps(manifest, indent=2)))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """out/manifest.json as written.
+
+    Raises:
+        ManifestMismatchError (a ValueError): a file that is not a JSON object (named), so not this run's.
+    """
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        found = err
+    if not isinstance(found, dict):
+        kind = type(found).__name__
+        what = f"not JSON ({found})" if isinstance(found, Exception) else f"a JSON {kind}, not an object"
+        raise ManifestMismatchError(
+            f"{path} is {what}: the folder does not hold a dataset run; choose another out= folder, or delete it"
+        )
+    return found
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -138,6 +138,28 @@ def own_positions(positions: str | tuple[int, ...], n_tokens: int) -> list[int]:
     return sorted({p % n_tokens for p in positions if -n_tokens <= p < n_tokens})
 
 
+def drop_prompts_without_positions(
+    records: Sequence[PromptRecord], n_tokens: Sequence[int], positions: str | tuple[int, ...] | None
+) -> tuple[list[PromptRecord], list[int], list[int]]:
+    """The prompts that have at least one of the asked positions (`positions=[k]` asks for more tokens than a
+    short prompt has), their token counts, and the indices of those left out: a short prompt gives no rows (and
+    no stored activations), it does not stop the run. The result counts them (`DatasetResult.prompts_without_
+    positions`).
+
+    Raises:
+        ArgumentError (a ValueError): no prompt has any of the positions (the run would write nothing).
+    """
+    if positions is None:
+        return list(records), list(n_tokens), []
+    kept = [i for i, n in enumerate(n_tokens) if own_positions(positions, n)]
+    if not kept:
+        raise ArgumentError(
+            f"no prompt has any of positions={list(positions)}: the longest has {max(n_tokens)} tokens (BOS included)"
+        )
+    without = sorted(set(range(len(records))) - set(kept))
+    return [records[i] for i in kept], [n_tokens[i] for i in kept], [records[i].index for i in without]
+
+
 def batch_layout(n_tokens: Sequence[int], positions: str | tuple[int, ...]):
     """(padded positions to ask for, and per prompt: [(own position, column in the padded list)])."""
     pos = max(n_tokens)

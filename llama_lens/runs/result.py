@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.store import ActivationDataset, temporary_name
+from ..data.safe_files import write_atomic
+from ..data.store import ActivationDataset
 from .shards import shard_path
 
 if TYPE_CHECKING:
@@ -37,6 +37,12 @@ class DatasetResult:
     n_skipped: int
     stats: list[dict[str, Any]]
     seconds: float
+
+    @property
+    def prompts_without_positions(self) -> list[int]:
+        """Indices of the prompts left out because they have none of the asked positions (too short for
+        `positions=[k]`): they have no rows."""
+        return list(self.manifest["prompts"].get("without_positions", []))
 
     @property
     def prompts_per_second(self) -> float:
@@ -86,6 +92,4 @@ def write_summary(out: Path, task: Any, *, n_shards: int) -> None:
         [pq.read_table(shard_path(out, k), columns=columns).to_pandas() for k in range(n_shards)], ignore_index=True
     )
     summary = task.summarize(frame)
-    temporary = temporary_name(out / SUMMARY_FILE)
-    summary.to_parquet(temporary, index=False)
-    os.replace(temporary, out / SUMMARY_FILE)
+    write_atomic(out / SUMMARY_FILE, lambda temporary: summary.to_parquet(temporary, index=False))

@@ -53,10 +53,18 @@ from .manifest import (
     check_manifest,
     describe_tokenizer,
     load_info,
+    read_manifest,
     remove_partial_files,
 )
 from .options import EXECUTORS, RunOptions
-from .prompts import Positions, count_tokens, make_records, parse_positions, plan_shards
+from .prompts import (
+    Positions,
+    count_tokens,
+    drop_prompts_without_positions,
+    make_records,
+    parse_positions,
+    plan_shards,
+)
 from .result import SUMMARY_FILE, DatasetResult, write_summary
 from .shards import ShardJob
 from .tasks import AttributionTask, ForwardTask, LensTask
@@ -100,7 +108,9 @@ def lens_dataset(
         readout, top_k, layers: as in `ll.logit_lens`.
         positions: which token positions of each prompt to read out: "last" (the last real token, where the next
             token is predicted), "all", an int or a list of ints (0 = the prompt's first token, BOS included;
-            negative counts from its end). Positions past a prompt's length are left out for that prompt.
+            negative counts from its end). Positions past a prompt's length are left out for that prompt; a
+            prompt with none of them is left out of the run (no rows, no stored activations) and listed in
+            `result.prompts_without_positions`.
         activations: hook names to store per token for probes or SAEs (`llama_lens.data.store`), or None.
         activation_positions: which positions to store ("all" by default; as `positions`).
         activation_dtype: the stored dtype (default the model's).
@@ -253,9 +263,10 @@ def run_dataset(
     if activations is not None:
         activations = tuple(check_hook_names(activations, source.hook_names))
     n_tokens = count_tokens(source.tokenizer, records, d_vocab=source.cfg.d_vocab)
+    fingerprint = hashlib.sha256(json.dumps([(r.text, r.target) for r in records]).encode()).hexdigest()
+    records, n_tokens, without = drop_prompts_without_positions(records, n_tokens, getattr(task, "positions", None))
     shards = plan_shards(records, n_tokens, shard_size=options.shard_size)
 
-    fingerprint = hashlib.sha256(json.dumps([(r.text, r.target) for r in records]).encode()).hexdigest()
     stored = None
     if activations is not None:
         dtype_name = None if activation_dtype is None else str(activation_dtype)
@@ -265,7 +276,7 @@ def run_dataset(
         "task": task.kind,
         "task_params": task.params(),
         "model": source.info,
-        "prompts": {"count": len(records), "sha256": fingerprint},
+        "prompts": {"count": len(records) + len(without), "sha256": fingerprint, "without_positions": without},
         "batch_size": options.batch_size,
         "shard_size": options.shard_size,
         "activations": stored,
@@ -289,7 +300,7 @@ def run_dataset(
         write_summary(out, task, n_shards=len(shards))
     if activations is not None:
         write_index(out / STORE_FOLDER, len(shards), hook_names=activations, positions=activation_positions)
-    return DatasetResult(out, json.loads((out / MANIFEST_FILE).read_text()), len(shards), len(shards) - len(todo),
+    return DatasetResult(out, read_manifest(out / MANIFEST_FILE), len(shards), len(shards) - len(todo),
                          stats, seconds)  # fmt: skip
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.store import STORE_FOLDER, ActivationCapture, shard_file, temporary_name, write_shard
+from ..data.safe_files import inside, matches_record, write_atomic
+from ..data.store import STORE_FOLDER, ActivationCapture, shard_file, write_shard
 from ..errors import ArgumentError
 from ..model.protocols import LanguageModel
 from ..validate import resolve_dtype
@@ -52,7 +53,8 @@ class ShardJob:
         return not isinstance(self.task, ForwardTask)
 
     def files(self, shard: int) -> list[Path]:
-        """The shard's output files; it is finished when all exist (each is renamed into place when whole)."""
+        """The shard's output files; it is finished when each is there and matches its digest record (written
+        with it: a file cut, changed or replaced since is recomputed, not trusted)."""
         paths = []
         if self.activations:
             paths.append(Path(self.out) / STORE_FOLDER / shard_file(shard))
@@ -61,7 +63,9 @@ class ShardJob:
         return paths
 
     def is_done(self, shard: int) -> bool:
-        return all(path.exists() for path in self.files(shard))
+        for path in self.files(shard):  # a symlink out of the run's folder is refused, not read as this run's
+            inside(Path(self.out), str(path.relative_to(self.out)), source=path.parent, key=path.name)
+        return all(matches_record(path) for path in self.files(shard))
 
 
 def process_shard(
@@ -107,11 +111,9 @@ def process_shard(
     if job.writes_rows:
         import pyarrow as pa
 
-        path = shard_path(job.out, shard.index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_name(path)
-        pq.write_table(pa.concat_tables(tables), temporary)
-        os.replace(temporary, path)  # a file under its final name is whole: resume trusts it
+        rows = pa.concat_tables(tables)
+        # A file under its final name is whole, and its digest record says so: resume trusts it while they match.
+        write_atomic(shard_path(job.out, shard.index), lambda temporary: pq.write_table(rows, temporary), record=True)
     return {
         "shard": shard.index,
         "n_prompts": len(records),
