@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import ArgumentError, ArgumentTypeError, OutOfRangeError, WeightOnDiskError
 from ..io.names import param_shapes
 from ..model.cpu_matmul import linear
+from ..model.weights import EmbedViews, UnembedViews
 from .host_memory import empty_cpu_tensors, release_free_heap
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ class OnDiskWeight:
         return block.to(self.device), read_bytes
 
 
-class StreamedEmbedding(nn.Module):
+class StreamedEmbedding(EmbedViews, nn.Module):
     """The token embedding read by rows: `forward(ids)` reads the rows of `ids` only (see `OnDiskWeight`).
 
     Args:
@@ -216,7 +217,7 @@ class StreamedEmbedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, read by rows from the checkpoint"
 
 
-class StreamedUnembed(nn.Module):
+class StreamedUnembed(UnembedViews, nn.Module):
     """The unembedding streamed in vocabulary blocks: `forward(x)` makes the logits a block at a time.
 
     Args:

@@ -38,7 +38,7 @@ from .kv_cache import KVCache
 from .norm import RMSNorm
 from .summary import module_summary
 from .tokens import TokenHelpers
-from .weights import WeightViews
+from .weights import Embed, Unembed, WeightViews
 
 
 # ------------------------------------------------------------------------------------------------ MLP
@@ -162,11 +162,11 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
             # nn.Embedding's own init. Skipped on the meta device (the loader's), where normal_ imports sympy:
             # about 2 s of every first load.
             nn.init.normal_(embed_weight)
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model, _weight=embed_weight)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, _weight=embed_weight)
         self.hook_embed = HookPoint()
         self.blocks = Blocks({str(i): Block(cfg, i) for i in self.layer_indices}, cfg.n_layers)
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.unembed = Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, bias=False)
         self.hook_logits = HookPoint()
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight

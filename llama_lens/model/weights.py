@@ -26,8 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ArgumentError, OutOfRangeError
+from .cpu_matmul import Linear
 
 
 class FactoredMatrix:
@@ -100,6 +102,43 @@ class FactoredMatrix:
 
     def __repr__(self) -> str:
         return f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.A.shape[-1]})"
+
+
+class EmbedViews:
+    """TransformerLens' name on an embedding module: `model.embed.W_E` [d_vocab, d_model], the weight itself.
+
+    On a streamed model (`loading/stream_vocab.py`) `W_E` is its `OnDiskWeight`: rows read by index
+    (`W_E[ids]`, `W_E[v0:v1]`), the whole matrix by `W_E.read()`.
+    """
+
+    @property
+    def W_E(self) -> torch.Tensor:  # noqa: N802
+        return self.weight
+
+
+class UnembedViews:
+    """TransformerLens' names on an unembedding module: `model.unembed.W_U` [d_model, d_vocab] (a view) and
+    `model.unembed.b_U` [d_vocab] (zeros: a Llama's unembedding has no bias).
+
+    On a streamed model `W_U` raises `WeightOnDiskError` (the transpose needs the whole matrix) saying how to
+    read it, as `model.W_U` does.
+    """
+
+    @property
+    def W_U(self) -> torch.Tensor:  # noqa: N802
+        return self.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor:  # noqa: N802
+        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+
+
+class Embed(EmbedViews, nn.Embedding):
+    """The token embedding (nn.Embedding: same parameter, name and init) with `W_E`."""
+
+
+class Unembed(UnembedViews, Linear):
+    """The unembedding (Linear: same parameter, name and init) with `W_U` and `b_U`."""
 
 
 class WeightViews:

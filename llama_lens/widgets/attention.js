@@ -43,7 +43,13 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- data
   let words = null; // Uint16Array of every shown layer's heads' lower triangles
+  let thumbs = null; // "layer:head" -> its thumbnail's element, drawn once per data (and theme)
+  let spans = []; // the prompt's tokens as text, built once per data; hovering only recolours them
+  let shownText = null; // the (layer, head, query) the text is coloured for
   function decode() {
+    thumbs = null;
+    spans = [];
+    shownText = null;
     const raw = model.get("patterns");
     if (typeof raw === "string") {
       const bytes = Uint8Array.from(atob(raw), (c) => c.charCodeAt(0));
@@ -82,10 +88,17 @@ function render({ model, el }) {
   }
 
   // ---------------------------------------------------------------- drawing
+  // Opening a head only moves the outline: the thumbnails are drawn when the data (or the theme) changes.
   function drawGrid() {
     const started = performance.now();
-    grid.replaceChildren();
     const open = model.get("head");
+    if (thumbs) {
+      for (const [name, thumb] of thumbs) thumb.classList.toggle("ll-open", name === `${open.layer}:${open.head}`);
+      timing("grid", performance.now() - started);
+      return;
+    }
+    thumbs = new Map();
+    grid.replaceChildren();
     const colour = { masked: masked() };
     for (const layer of meta().layers) {
       for (let head = 0; head < meta().n_heads; head++) {
@@ -98,9 +111,11 @@ function render({ model, el }) {
         ctx.imageSmoothingEnabled = n() > size;
         ctx.drawImage(small, 0, 0, size, size);
         const isOpen = open.layer === layer && open.head === head;
-        grid.append(h("div", { class: "ll-thumb" + (isOpen ? " ll-open" : ""), "data-layer": layer, "data-head": head,
+        const thumb = h("div", { class: "ll-thumb" + (isOpen ? " ll-open" : ""), "data-layer": layer, "data-head": head,
           title: `layer ${layer}, head ${head}: click to open`,
-          onclick: () => { put(model, "head", { layer, head }); } }, [canvas, `L${layer} H${head}`]));
+          onclick: () => { put(model, "head", { layer, head }); } }, [canvas, `L${layer} H${head}`]);
+        thumbs.set(`${layer}:${head}`, thumb);
+        grid.append(thumb);
       }
     }
     timing("grid", performance.now() - started);
@@ -138,20 +153,29 @@ function render({ model, el }) {
     title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)`;
   }
 
+  // The prompt as text coloured by one query's attention. The spans stay: rebuilding them under a resting pointer
+  // fired a new mouseover at every rebuild (about 60 a second).
   function drawText(query) {
     const { layer, head } = model.get("head");
     const tokens = meta().tokens;
-    text.replaceChildren();
+    const key = `${layer}:${head}:${query}`;
+    if (spans.length !== tokens.length) {
+      spans = tokens.map((t, k) => h("span", { "data-pos": k, text: t.replace(/\n/g, "\u21b5\n") }));
+      text.replaceChildren(...spans);
+      shownText = null;
+    }
+    if (shownText === key) return;
+    shownText = key;
     let max = 1e-9;
     if (query >= 0) for (let k = 0; k <= query; k++) max = Math.max(max, weight(layer, head, query, k));
-    tokens.forEach((t, k) => {
+    spans.forEach((span, k) => {
       const w = query >= 0 && k <= query ? weight(layer, head, query, k) : 0;
       const c = ramp(VIRIDIS, w / max);
-      const span = h("span", { "data-pos": k, text: t.replace(/\n/g, "\u21b5\n") ,
-        title: query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "" });
-      if (query >= 0 && k <= query && w > 0) { span.style.background = rgb(c); span.style.color = inkOn(c); }
-      if (k === query) span.classList.add("ll-query");
-      text.append(span);
+      span.title = query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "";
+      const coloured = query >= 0 && k <= query && w > 0;
+      span.style.background = coloured ? rgb(c) : "";
+      span.style.color = coloured ? inkOn(c) : "";
+      span.classList.toggle("ll-query", k === query);
     });
     textTitle.textContent = query >= 0
       ? `attention from query ${query} ${visible(tokens[query])} (hover a token to preview, click to fix)`

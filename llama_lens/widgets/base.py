@@ -217,12 +217,16 @@ class Explorer(anywidget.AnyWidget):
         raise NotImplementedError
 
     def static_bundle(self) -> dict[str, Any]:
-        """The static picture as a display bundle: a PNG, and HTML that the live view hides."""
+        """The static picture as a display bundle: HTML holding the PNG, which the live view hides, and a text.
+
+        The PNG is sent once, inside the HTML: an "image/png" entry beside it would be stored (and exported) a
+        second time, and the HTML is what carries the marker the live view hides.
+        """
         png = base64.b64encode(figure_png(self.to_figure(), dpi=80)).decode("ascii")
         marker = f"llama-lens-static llama-lens-static-{self.static_id}"
         alt = html.escape(f"{type(self).__name__} (static picture)")
         page = f'<div class="{marker}"><img alt="{alt}" style="max-width:100%" src="data:image/png;base64,{png}"></div>'
-        return {"text/html": page, "image/png": png, "text/plain": alt}
+        return {"text/html": page, "text/plain": alt}
 
     def _ipython_display_(self) -> None:
         # Two outputs: the live view, then a static picture. The live view hides the picture by a CSS rule on
@@ -259,7 +263,7 @@ class Explorer(anywidget.AnyWidget):
         if "export default" not in script:
             raise LlamaLensError("the explorer's script has no default export")
         script = script.replace("export default", "const explorerModule =", 1)
-        state = json.dumps(self.page_state()).replace("</", "<\\/")
+        state = script_json(self.page_state())
         css = self._css if isinstance(self._css, str) else str(self._css)
         name = html.escape(title or type(self).__name__)
         path.write_text(PAGE.format(title=name, css=css, state=state, script=script), encoding="utf-8")
@@ -288,6 +292,21 @@ const model = {{
 explorerModule.render({{ model, el: document.getElementById("llama-lens-root") }});
 </script></body></html>
 """
+
+
+# Characters that could end or change an inline <script> ("</script", "<!--", "<script") or a JavaScript line
+# (U+2028, U+2029 before ES2019), written as JSON escapes: the parsed value is the same.
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(value: Any) -> str:
+    """JSON of `value` that is safe inside an inline <script> whatever text it holds.
+
+    Only JSON strings can hold these characters, and in a string each escape reads back as the character itself,
+    so `JSON.parse` (or a JavaScript literal) gives `value` unchanged.
+    """
+    text = json.dumps(value)
+    return text.translate(str.maketrans(_SCRIPT_ESCAPES))
 
 
 def _plain(value: Any) -> Any:

@@ -105,7 +105,20 @@ function render({ model, el }) {
     if (which === "kl") return d.kl[i];
     const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
     if (!source || !source.panels || !source.panels[p]) return null;
-    return which.endsWith("rank") ? source.panels[p].ranks[i] : source.panels[p].probs[i];
+    // Ranks are computed when a rank colouring first asks for them: null until they arrive.
+    const values = which.endsWith("rank") ? source.panels[p].ranks : source.panels[p].probs;
+    return values ? values[i] : null;
+  }
+
+  // Why the metric has no values to show, or "" when it has them.
+  function missingData(which) {
+    if (!which.startsWith("target") && !which.startsWith("token")) return "";
+    const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
+    if (!source || !source.panels) return which.startsWith("target") ? "set a target" : "choose a colour token";
+    if (which.endsWith("rank") && source.panels.some((s) => !s.ranks)) {
+      return offline ? "ranks were not saved with this page" : "ranking…";
+    }
+    return "";
   }
 
   // Scale shared by the panels: value -> t in [0, 1] (or [-1, 1] for a difference).
@@ -120,7 +133,7 @@ function render({ model, el }) {
     if (which.endsWith("rank")) {
       const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
       let max = 1;
-      for (const s of (source && source.panels) || []) for (const v of s.ranks) if (v > max) max = v;
+      for (const s of (source && source.panels) || []) for (const v of s.ranks || []) if (v > max) max = v;
       const lmax = Math.log1p(max);
       return { max, f: (v) => 1 - Math.log1p(v) / lmax, label: [max, 0], rank: true };
     }
@@ -224,6 +237,10 @@ function render({ model, el }) {
       canvas.addEventListener("mousemove", (e) => hover(e, p));
       canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
       canvas.addEventListener("click", (e) => click(e, p));
+      canvas.tabIndex = 0;
+      canvas.setAttribute("aria-label", `${titles[p] || "logit lens"}: arrow keys move the selected cell, Enter pins its top token`);
+      canvas.addEventListener("keydown", (e) => key(e, p));
+      canvas.addEventListener("blur", () => { tooltip.style.display = "none"; });
     });
     drawLegend(sc);
     drawMarks();
@@ -260,8 +277,10 @@ function render({ model, el }) {
       ctx.fillStyle = rgb(divergent ? ramp(DIVERGING, x / 239) : ramp(VIRIDIS, x / 239));
       ctx.fillRect(x, 0, 1, 12);
     }
-    const name = METRIC_NAMES[model.get("metric")];
-    legendText.textContent = divergent
+    const which = model.get("metric");
+    const name = METRIC_NAMES[which];
+    const missing = missingData(which);
+    legendText.textContent = missing ? ` ${name}: ${missing}` : divergent
       ? ` ${name}: panel 2 higher ← → panel 1 higher (shared scale)`
       : ` ${name}: ${sc.rank ? "rank " + sc.label[0] : fmt(sc.label[0], 2)} … ${sc.rank ? "rank 0" : fmt(sc.label[1], 2)}`;
   }
@@ -293,6 +312,13 @@ function render({ model, el }) {
     const started = performance.now();
     const cell = cellAt(e, p);
     if (!cell) { tooltip.style.display = "none"; return; }
+    const box = root.getBoundingClientRect();
+    showTip(p, cell, e.clientX - box.left, e.clientY - box.top);
+    timing("hover", performance.now() - started);
+  }
+
+  // The tooltip of a cell at (x, y) in the explorer's box.
+  function showTip(p, cell, x, y) {
     const d = views[p].d;
     const pos = d.positions[cell.c];
     let html;
@@ -301,11 +327,11 @@ function render({ model, el }) {
     } else {
       const which = model.get("metric");
       const v = value(p, cell.r, cell.c);
-      let line = `${METRIC_NAMES[which]}: <b>${which.endsWith("rank") ? v : fmt(v, 4)}</b>`;
+      let line = `${METRIC_NAMES[which]}: <b>${which.endsWith("rank") ? (v ?? "–") : fmt(v, 4)}</b>`;
       const other = model.get("diff") ? partner(p, cell.c) : null;
       if (other) {
         const w = value(other[0], cell.r, other[1]);
-        line += ` (other panel ${which.endsWith("rank") ? w : fmt(w, 4)})`;
+        line += ` (other panel ${which.endsWith("rank") ? (w ?? "–") : fmt(w, 4)})`;
       }
       const rows = topList(d, cell.r, cell.c, d.k).map((t, j) =>
         `<tr><td>${j + 1}</td><td class="ll-tok">${escapeHtml(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`);
@@ -315,10 +341,10 @@ function render({ model, el }) {
     }
     tooltip.innerHTML = html;
     tooltip.style.display = "block";
-    const box = root.getBoundingClientRect();
-    tooltip.style.left = Math.min(e.clientX - box.left + 14, box.width - 260) + "px";
-    tooltip.style.top = e.clientY - box.top + 14 + "px";
-    timing("hover", performance.now() - started);
+    // Inside the explorer's box: a notebook's output area cuts off what hangs below it (the top-20 list did).
+    const width = tooltip.offsetWidth, height = tooltip.offsetHeight;
+    tooltip.style.left = Math.max(0, Math.min(x + 14, root.clientWidth - width)) + "px";
+    tooltip.style.top = Math.max(0, Math.min(y + 14, root.clientHeight - height)) + "px";
   }
 
   function click(e, p) {
@@ -345,6 +371,38 @@ function render({ model, el }) {
     }
     drawMarks();
     timing("click", performance.now() - started);
+  }
+
+  // Keyboard access: arrows move the selected cell (up = a later read-out, as drawn), Enter pins its top token.
+  function key(e, p) {
+    const view = views[p];
+    const moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+    if (!view || !(e.key in moves || e.key === "Enter")) return;
+    e.preventDefault();
+    const { d, rows, cellW } = view;
+    const s = model.get("selection") || {};
+    let y = s.panel === p ? rows.indexOf(s.row) : -1;
+    let c = s.panel === p ? d.positions.indexOf(s.position) : -1;
+    if (y < 0 || c < 0) { y = 0; c = d.positions.length - 1; } // start at the last read-out, last position
+    else if (e.key in moves) {
+      y = Math.max(0, Math.min(rows.length - 1, y + moves[e.key][0]));
+      c = Math.max(0, Math.min(d.positions.length - 1, c + moves[e.key][1]));
+    }
+    const r = rows[y], pos = d.positions[c];
+    if (e.key === "Enter" && s.panel === p && s.row === r && s.position === pos) {
+      addPin(p, pos, topList(d, r, c, 1)[0].id, e.shiftKey);
+      model.save_changes();
+      drawChart();
+      return;
+    }
+    put(model, "selection", { panel: p, row: r, position: pos });
+    drawMarks();
+    drawPopup();
+    const left = c * cellW, scroll = view.scroll; // keep the cell in sight
+    if (left < scroll.scrollLeft) scroll.scrollLeft = left;
+    else if (left + cellW > scroll.scrollLeft + scroll.clientWidth) scroll.scrollLeft = left + cellW - scroll.clientWidth;
+    const canvasBox = view.canvas.getBoundingClientRect(), box = root.getBoundingClientRect();
+    showTip(p, { c, r }, canvasBox.left - box.left + (c + 1) * cellW, canvasBox.top - box.top + (y + 2) * ROW_H);
   }
 
   function addPin(p, pos, id, extend) {
@@ -513,7 +571,7 @@ function render({ model, el }) {
         const i = r * P + c;
         const t = target.panels ? target.panels[p] : null;
         lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k] / d.prob_scale,
-          d.entropy[i], d.kl[i], t ? t.probs[i] : "", t ? t.ranks[i] : ""].map(csvCell).join(","));
+          d.entropy[i], d.kl[i], t && t.probs ? t.probs[i] : "", t && t.ranks ? t.ranks[i] : ""].map(csvCell).join(","));
       }
     });
     download("logit_lens.csv", lines.join("\n"), "text/csv");

@@ -21,6 +21,7 @@ from ..errors import ArgumentError, UnknownAttributeError, did_you_mean
 from ..model.protocols import LanguageModel
 from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
+from .lens_checks import check_pins, check_positions, check_selection
 from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ READOUTS = ("resid_post", "resid_pre", "resid_mid")
 LENSES = ("logit", "tuned")
 METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
 TRAJECTORY = ("prob", "rank")
-MAX_PINS = 24
 
 
 def _check_prompt(explorer: Any, value: Any) -> Any:
@@ -87,48 +87,6 @@ def _check_token_box(name: str) -> Callable[[Any, Any], str]:
     return check
 
 
-def _check_pins(explorer: Any, value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, (list, tuple)) or len(value) > MAX_PINS:
-        raise ArgumentError(f"pins must be a list of at most {MAX_PINS} groups")
-    checked = []
-    for group in value:
-        if not isinstance(group, dict) or not isinstance(group.get("ids"), (list, tuple)) or not group["ids"]:
-            raise ArgumentError(f'a pin is {{"position": p, "ids": [token ids], "panel": 0}}, got {group!r}')
-        panel = group.get("panel", 0)
-        if panel not in range(len(explorer.runs)):
-            raise ArgumentError(f"pin panel {panel!r}: there are {len(explorer.runs)} panel(s)")
-        positions = explorer.runs[panel].result.positions
-        position = group.get("position", positions[-1])
-        if position not in positions:
-            raise ArgumentError(f"pin position {position!r} is not read out (0..{positions[-1]})")
-        ids = [int(i) for i in group["ids"]]
-        if not all(0 <= i < explorer.model.cfg.d_vocab for i in ids):
-            raise ArgumentError(f"pin ids {ids} must lie in 0..{explorer.model.cfg.d_vocab - 1}")
-        checked.append({"panel": panel, "position": position, "ids": ids})
-    return checked
-
-
-def _check_positions(explorer: Any, value: Any) -> list[int]:
-    n = len(explorer.runs[0].result.str_tokens[0]) if explorer.runs else 0
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, int) and 0 <= p < n for p in value):
-        raise ArgumentError(f"pinned_positions must be a list of positions in 0..{n - 1}, got {value!r}")
-    return sorted(set(value))
-
-
-def _check_selection(explorer: Any, value: Any) -> dict[str, int]:
-    if value in (None, {}):
-        return {}
-    if not isinstance(value, dict) or set(value) - {"panel", "row", "position"}:
-        raise ArgumentError(f'selection is {{"panel", "row", "position"}} or {{}}, got {value!r}')
-    panel = value.get("panel", 0)
-    if panel not in range(len(explorer.runs)):
-        raise ArgumentError(f"selection panel {panel!r}: there are {len(explorer.runs)} panel(s)")
-    result = explorer.runs[panel].result
-    if value.get("row") not in range(result.n_readouts) or value.get("position") not in result.positions:
-        raise ArgumentError(f"selection {value} is outside the lens ({result.n_readouts} read-outs x positions)")
-    return {"panel": panel, "row": value["row"], "position": value["position"]}
-
-
 class LogitLensExplorer(Explorer):
     """The logit lens of a prompt in the browser: hover, click, pin, colour, zoom, compare.
 
@@ -164,11 +122,11 @@ class LogitLensExplorer(Explorer):
         "lens": Control("recompute", _check_lens, '"logit", or "tuned" (through the tuned_lens= translators)'),
         "target": Control("update", _check_token_box("target"), "the target token (text or #id), '' for none"),
         "token": Control("update", _check_token_box("token"), "a token to colour by (text or #id)"),
-        "pins": Control("update", _check_pins, "pinned token groups, one chart line each"),
+        "pins": Control("update", check_pins, "pinned token groups, one chart line each"),
         "metric": Control("redraw", one_of("metric", METRICS), "what colours the cells"),
         "trajectory": Control("redraw", one_of("trajectory", TRAJECTORY), "the chart's y axis"),
-        "pinned_positions": Control("redraw", _check_positions, "input positions pinned"),
-        "selection": Control("redraw", _check_selection, "the clicked cell"),
+        "pinned_positions": Control("redraw", check_positions, "input positions pinned"),
+        "selection": Control("redraw", check_selection, "the clicked cell"),
         "stride": Control("redraw", number("stride", low=1, high=64, integer=True), "show every stride-th read-out"),
         "zoom": Control("redraw", number("zoom", low=6, high=160), "cell width in pixels"),
         "diff": Control("redraw", boolean("diff"), "colour by the first panel minus the second"),
@@ -330,6 +288,14 @@ class LogitLensExplorer(Explorer):
         path = Path(path)
         self.to_frame().to_csv(path, index=False)
         return path
+
+    def page_state(self) -> dict[str, Any]:
+        # A saved page has no kernel to rank a token when its colouring switches to a rank: it carries the ranks.
+        status = self.status
+        for which in ("target", "token"):
+            self._fill_ranks(which, lambda: None)
+        self.status = status
+        return super().page_state()
 
     def to_figure(self, panel: int = 0) -> Figure:
         """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""

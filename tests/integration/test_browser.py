@@ -27,6 +27,17 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "widgets_smoke.ipynb"
 REPO_ROOT = NOTEBOOK.parent.parent
 TOKEN = "llama-lens-browser-test"
+METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+# Prompts that end or change an inline <script> were it not escaped (the character model takes ASCII only).
+INJECTIONS = [
+    "<!--<script",
+    "</script><script>window.injected = 1</script>",
+    "<!-- x",
+    "-->",
+    "<img src=x onerror='window.injected = 1'>",
+    "a & b &amp; ]]>",
+    "'\"`${window.injected = 1}`",
+]
 
 pytestmark = [
     pytest.mark.browser,
@@ -242,6 +253,7 @@ def _fail_on_errors(driver) -> None:
 
 def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     driver = chromium
     _open_notebook(driver, jupyter_lab)
@@ -329,6 +341,17 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     assert len(compare.find_elements(By.CSS_SELECTOR, "canvas.ll-cells")) == 2
     _shoot(driver, compare, "widgets_compare.png", tmp_path)
 
+    # ---------------------------------------------------------------- every metric and the CSV, with a target
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", lens)
+    for metric in METRICS:
+        _drive_metric(driver, lens, metric)
+    # Keyboard: from the clicked cell (top row, position 3) Left moves the selection, Enter pins its top token.
+    canvas = lens.find_element(By.CSS_SELECTOR, "canvas.ll-cells")
+    canvas.send_keys(Keys.ARROW_LEFT)
+    canvas.send_keys(Keys.ENTER)
+    _wait("the pin made by Enter", lambda: " @2" in lens.find_element(By.CSS_SELECTOR, ".ll-chart").text, timeout=10)
+    _fail_on_console_errors(driver)
+
     # ---------------------------------------------------------------- the timings, measured in the page
     timings = _timings(driver)
     report = {
@@ -397,6 +420,49 @@ def test_default_nbconvert_html_shows_every_widget_offline(chromium, tmp_path):
         )
         assert image.is_displayed() and width > 200 and height > 50, f"picture {index}: {width} px wide, {height} high"
     _shoot(driver, images[0], "widgets_nbconvert_static.png", tmp_path)
+
+
+def _drive_metric(driver, root, metric: str) -> None:
+    """Chooses a colouring in the page, hovers a cell and clicks CSV: the heatmap stays, nothing throws."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(root.find_element(By.CSS_SELECTOR, "select.ll-metric")).select_by_value(metric)
+    legend = root.find_element(By.CSS_SELECTOR, ".ll-legend-text")
+    # Rank colourings wait for the kernel's ranks (a live page) or read the saved ones.
+    _wait(f"the {metric} colouring", lambda: "ranking" not in legend.text, timeout=60)
+    assert len(root.find_elements(By.CSS_SELECTOR, "canvas.ll-cells")) >= 1
+    _hover(driver, root.find_element(By.CSS_SELECTOR, ".ll-scroll"), 10, 18 * 1.5)
+    root.find_element(By.XPATH, ".//button[text()='CSV']").click()
+    _fail_on_console_errors(driver)
+
+
+def _fail_on_console_errors(driver) -> None:
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    assert not errors, errors
+
+
+def test_saved_pages_in_every_mode_with_injected_prompts(chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+    from support.models import char_model
+
+    import llama_lens as ll
+
+    model = char_model()
+    driver = chromium
+    for index, text in enumerate(INJECTIONS):
+        for target in ("", "o"):  # the CSV with and without a target
+            explorer = ll.widgets.LogitLensExplorer(model, "hi " + text, target=target)
+            explorer.token = "h"
+            page = explorer.save_html(tmp_path / f"lens{index}{target}.html")
+            driver.get(page.as_uri())
+            ready = ".ll-root[data-ready='1']"
+            root = _wait("the saved page", lambda: driver.find_elements(By.CSS_SELECTOR, ready), timeout=10)
+            assert driver.find_element(By.CSS_SELECTOR, "input.ll-prompt").get_attribute("value") == "hi " + text
+            for metric in METRICS:
+                _drive_metric(driver, root[0], metric)
+                assert "not saved" not in root[0].find_element(By.CSS_SELECTOR, ".ll-legend-text").text
+            assert driver.execute_script("return window.injected") is None
 
 
 def test_saved_page_works_offline(chromium, tmp_path):

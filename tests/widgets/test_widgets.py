@@ -354,7 +354,8 @@ def test_static_picture_is_a_separate_output_the_view_hides(model, monkeypatch):
     page = static[0]["text/html"]
     assert f"llama-lens-static-{explorer.static_id}" in page
     assert re.search(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)
-    assert static[0]["image/png"] in page
+    assert "image/png" not in static[0]  # the PNG is sent once, inside the HTML
+    assert page.count("data:image/png;base64,") == 1
     assert "llama-lens-static-${id}" in ll_widgets.LogitLensExplorer._esm
 
 

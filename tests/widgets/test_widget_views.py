@@ -1,0 +1,214 @@
+"""The explorers' views run in Node on a stand-in DOM (tests/widgets/view_harness.mjs): every metric with and
+without its data, the CSV button with and without a target, keyboard access, saved pages in every mode, and
+the inlined state safe against any text (an injection corpus). Assertions are on widget state, not pixels;
+tests/integration/test_browser.py drives the same controls in Chromium."""
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llama_lens import widgets as ll_widgets
+from llama_lens.widgets.base import script_json
+from llama_lens.widgets.lens_explorer import METRICS
+
+NODE = shutil.which("node")
+HARNESS = Path(__file__).with_name("view_harness.mjs")
+WIDGETS = Path(ll_widgets.__file__).parent
+needs_node = pytest.mark.skipif(NODE is None, reason="needs node to run the views")
+
+# Texts that end or change an inline <script> or a JavaScript line, as prompts and targets would carry them.
+INJECTIONS = [
+    "<!--<script",
+    "</script><script>alert(1)</script>",
+    "</SCRIPT >",
+    "<!-- a comment",
+    "-->",
+    "<script>",
+    "]]>",
+    "a & b &amp; c",
+    "x\u2028y\u2029z",
+    "<\\/script>",
+    "'\"`${1}`",
+    "\\u003c",
+    "<img src=x onerror=alert(1)>",
+]
+
+
+@pytest.fixture(scope="module")
+def model(char_model):
+    return char_model()
+
+
+def run_view(tmp_path, state, steps, which="lens"):
+    state_path, script_path = tmp_path / "state.json", tmp_path / "script.json"
+    state_path.write_text(json.dumps(state))
+    script_path.write_text(json.dumps(steps))
+    command = [NODE, str(HARNESS), str(WIDGETS), which, str(state_path), str(script_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+def csv_rows(text: str) -> list[list[str]]:
+    # Split by the CSV reader: top tokens of a random model include control characters that splitlines() splits at.
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def n_cells(explorer) -> int:
+    return explorer.result.n_readouts * len(explorer.result.positions)
+
+
+def saved_state(page: str) -> dict:
+    return json.loads(re.search(r"const state = (.*);\n", page).group(1))
+
+
+# ------------------------------------------------------------------------------------------ the inlined state
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_script_json_is_inert_in_a_script_and_reads_back(text):
+    value = {"prompt": text, "list": [text, {"k": text}]}
+    inlined = script_json(value)
+    assert not set(inlined) & set("<>&\u2028\u2029")
+    assert json.loads(inlined) == value
+
+
+def test_saved_pages_survive_the_injection_corpus(model, tmp_path):
+    ascii_only = [text for text in INJECTIONS if text.isascii()]  # what the character model's tokenizer takes
+    for index, text in enumerate(ascii_only):
+        explorer = ll_widgets.LogitLensExplorer(model, "hi " + text, target="o")
+        page = explorer.save_html(tmp_path / f"lens{index}.html").read_text()
+        # One script, opened and closed once; no comment opened inside it.
+        assert page.lower().count("<script") == 1 and page.lower().count("</script") == 1, text
+        assert "<!--" not in page
+        assert saved_state(page)["prompt"] == "hi " + text
+
+
+@needs_node
+def test_javascript_reads_the_inlined_state_as_python_wrote_it(tmp_path):
+    # What the page's script evaluates, compared with the value: the escapes change no character.
+    value = {"corpus": INJECTIONS}
+    source = tmp_path / "read.js"
+    source.write_text(f"process.stdout.write(JSON.stringify({script_json(value)}));")
+    done = subprocess.run([NODE, str(source)], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(done.stdout) == value
+
+
+# ------------------------------------------------------------------------------------------ every control
+@needs_node
+@pytest.mark.parametrize("target", ["", "o"])
+def test_every_metric_and_the_csv_without_errors(model, tmp_path, target):
+    # As the kernel sends it: a target's ranks are computed only when a rank colouring asks for them.
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target=target)
+    state = explorer.page_state()
+    if target:
+        state["target_data"]["panels"][0]["ranks"] = None  # what the page holds before the ranks arrive
+    steps = []
+    for metric in METRICS:
+        steps += [{"set": "metric", "value": metric}, {"hover": [2.5 * 36, 18 * 1.5]}, {"report": metric}]
+        steps += [{"click": "text:CSV"}, {"report": metric + " csv"}]
+    out = run_view(tmp_path, state, steps)
+    assert out["errors"] == []
+    reports = out["reports"]
+    assert all(reports[m]["cells"] == 1 for m in METRICS)  # the heatmap stays
+    assert all(reports[m + " csv"]["downloads"] == ["logit_lens.csv"] for m in METRICS)
+    if target:
+        assert "ranking" in reports["target_rank"]["legend"]
+        assert "target probability: 0" in reports["target_prob"]["legend"]
+    else:
+        assert "set a target" in reports["target_rank"]["legend"]
+    assert "choose a colour token" in reports["token_prob"]["legend"]
+    header, *rows = csv_rows(out["csv"][0])
+    assert header[-2:] == ["target_prob", "target_rank"] and len(rows) == n_cells(explorer)
+    if target:  # the probability is there, the rank left empty until computed
+        assert all(row[-2] and row[-1] == "" for row in rows)
+
+
+@needs_node
+def test_ranks_arriving_redraw_the_rank_colouring(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
+    state = explorer.page_state()
+    filled = state["target_data"]
+    waiting = json.loads(json.dumps(filled))
+    waiting["panels"][0]["ranks"] = None
+    state["target_data"] = waiting
+    steps = [{"set": "metric", "value": "target_rank"}, {"report": "waiting"}]
+    steps += [{"set": "target_data", "value": filled}, {"report": "ranked"}, {"click": "text:CSV"}]
+    out = run_view(tmp_path, state, steps)
+    assert out["errors"] == []
+    assert "ranking" in out["reports"]["waiting"]["legend"]
+    assert "rank 0" in out["reports"]["ranked"]["legend"]
+    rows = csv_rows(out["csv"][0])[1:]
+    assert [int(row[-1]) for row in rows] == filled["panels"][0]["ranks"]
+
+
+@needs_node
+def test_saved_pages_carry_what_every_mode_needs(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
+    explorer.token = "l"
+    status = explorer.status
+    state = saved_state(explorer.save_html(tmp_path / "lens.html").read_text())
+    assert explorer.status == status  # saving changes nothing shown
+    for key, token in (("target_data", "o"), ("token_data", "l")):
+        ranks = state[key]["panels"][0]["ranks"]
+        assert ranks is not None and len(ranks) == n_cells(explorer)
+        assert state[key]["id"] == ord(token)
+    state["offline"] = True
+    steps = []
+    for metric in METRICS:
+        steps += [{"set": "metric", "value": metric}, {"hover": [2.5 * 36, 18 * 1.5]}, {"report": metric}]
+    out = run_view(tmp_path, state, steps)
+    assert out["errors"] == []
+    for metric in METRICS:
+        assert "not saved" not in out["reports"][metric]["legend"] and "ranking" not in out["reports"][metric]["legend"]
+    assert "target rank: <b>" in out["reports"]["target_rank"]["tooltip"]
+    assert "–" not in out["reports"]["target_rank"]["tooltip"].split("</b>")[1].split("<table>")[0]
+
+
+@needs_node
+def test_keyboard_moves_the_selected_cell_and_enter_pins(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", target="o")
+    state = explorer.page_state() | {"offline": True}
+    steps = [{"key": "ArrowUp"}, {"report": "first"}, {"key": "ArrowLeft"}, {"key": "ArrowDown"}, {"report": "moved"}]
+    steps += [{"key": "Enter"}, {"report": "pinned"}, {"key": "ArrowDown"}, {"key": "ArrowDown"}, {"report": "floor"}]
+    out = run_view(tmp_path, state, steps)
+    assert out["errors"] == []
+    reports, last, top_row = out["reports"], explorer.result.positions[-1], explorer.result.n_readouts - 1
+    # The first key selects the top row (the last read-out) at the last position, and shows its tooltip.
+    assert reports["first"]["selection"] == {"panel": 0, "row": top_row, "position": last}
+    assert explorer.result.labels[top_row] in reports["first"]["tooltip"]
+    assert reports["moved"]["selection"] == {"panel": 0, "row": top_row - 1, "position": last - 1}
+    top = explorer.result.top_ids[0, top_row - 1, last - 1, 0].item()
+    assert reports["pinned"]["pins"] == [{"panel": 0, "position": last - 1, "ids": [top]}]
+    assert reports["floor"]["selection"]["row"] == 0  # clamped at the bottom row
+
+
+@needs_node
+def test_tooltip_stays_inside_the_explorer(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello", top_k=20)
+    steps = [{"root_height": 150}, {"hover": [36 * 2.5, 18 * 1.5]}, {"report": "low"}]
+    out = run_view(tmp_path, explorer.page_state(), steps)
+    assert out["errors"] == []
+    # The tooltip (120 px in the stand-in DOM) would hang below a 150 px explorer from y = 27 + 14: it moves up to
+    # fit, where a notebook's output area would otherwise cut off its last rows.
+    assert out["reports"]["low"]["tooltip_top"] == f"{150 - 120}px"
+
+
+@needs_node
+def test_attention_thumbnails_drawn_once_and_text_kept(model, tmp_path):
+    explorer = ll_widgets.AttentionExplorer(model, "hello world")
+    state = explorer.page_state()
+    layers, n_heads = state["meta"]["layers"], state["meta"]["n_heads"]
+    steps = [{"report": "start"}, {"set": "head", "value": {"layer": layers[-1], "head": 1}}, {"report": "opened"}]
+    out = run_view(tmp_path, state, steps, which="attention")
+    assert out["errors"] == []
+    start, opened = out["reports"]["start"], out["reports"]["opened"]
+    assert start["thumbs"] == opened["thumbs"] == len(layers) * n_heads
+    assert start["open_thumbs"] == opened["open_thumbs"] == 1
+    assert opened["text_spans"] == len(state["meta"]["tokens"])
+    # Opening a head drew one canvas (the heatmap's image), no thumbnail and no token of the text again.
+    assert opened["made"]["canvas"] - start["made"]["canvas"] == 1
+    assert opened["made"]["span"] == start["made"]["span"]

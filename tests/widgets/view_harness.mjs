@@ -1,0 +1,137 @@
+// Runs an explorer's view (common.js + lens.js or attention.js) in Node on a stand-in DOM, drives its controls and
+// prints what it shows as JSON: the widget state a test asserts on (texts, values, downloads), never pixels.
+//
+//   node view_harness.mjs <widgets folder> <lens|attention> <state.json> <script.json>
+//
+// state.json: the synced traits (an explorer's page_state()); script.json: a list of steps, each
+// {"set": name, "value": v} (a change from the kernel), {"click": selector} (a button by its text, "text:CSV"),
+// {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"root_height": px} (the explorer's
+// height) or {"report": label}. Errors thrown
+// anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
+import fs from "node:fs";
+import vm from "node:vm";
+
+const [folder, which, statePath, scriptPath] = process.argv.slice(2);
+const state = JSON.parse(fs.readFileSync(statePath, "utf8"));
+const script = JSON.parse(fs.readFileSync(scriptPath, "utf8"));
+
+class ClassList {
+  constructor(node) { this.node = node; }
+  get set() { return new Set(this.node.className.split(/\s+/).filter(Boolean)); }
+  contains(c) { return this.set.has(c); }
+  add(c) { const s = this.set; s.add(c); this.node.className = [...s].join(" "); }
+  remove(c) { const s = this.set; s.delete(c); this.node.className = [...s].join(" "); }
+  toggle(c, on) { if (on === undefined) on = !this.contains(c); on ? this.add(c) : this.remove(c); return on; }
+}
+
+const context2d = new Proxy({}, {
+  get: (target, name) => (name in target ? target[name] : name === "measureText" ? (t) => ({ width: 6 * String(t).length }) : () => {}),
+  set: (target, name, value) => { target[name] = value; return true; },
+});
+
+class Node {
+  constructor(tag) {
+    this.tagName = tag.toUpperCase(); this.children = []; this.parent = null; this.style = {}; this.dataset = {};
+    this.attributes = {}; this.listeners = {}; this.className = ""; this.classList = new ClassList(this);
+    this._text = ""; this.innerHTML = ""; this.value = ""; this.checked = false; this.disabled = false;
+    this.scrollLeft = 0; this.clientWidth = 800; this.clientHeight = 2000; this.offsetWidth = 200; this.offsetHeight = 120;
+  }
+  set textContent(t) { this._text = String(t); this.children = []; }
+  get textContent() { return this._text + this.children.map((c) => (typeof c === "string" ? c : c.textContent)).join(""); }
+  append(...nodes) { for (const n of nodes) { if (n instanceof Node) { n.remove(); n.parent = this; } this.children.push(n); } }
+  replaceChildren(...nodes) { for (const c of this.children) if (c instanceof Node) c.parent = null; this.children = []; this._text = ""; this.append(...nodes); }
+  remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); this.parent = null; }
+  setAttribute(k, v) { this.attributes[k] = String(v); }
+  getAttribute(k) { return this.attributes[k] ?? null; }
+  addEventListener(type, fn) { (this.listeners[type] = this.listeners[type] || []).push(fn); }
+  removeEventListener() {}
+  dispatch(type, event = {}) {
+    for (const fn of this.listeners[type] || []) fn({ target: this, preventDefault() {}, shiftKey: false, ...event });
+  }
+  click() { this.dispatch("click"); if (this.tagName === "A" && this.attributes.download) downloads.push(this.attributes.download); }
+  getBoundingClientRect() { return { left: 0, top: 0, width: 800, height: 2000 }; }
+  getContext() { return context2d; }
+  toBlob(cb) { cb(new Blob(["png"])); }
+  *walk() { yield this; for (const c of this.children) if (c instanceof Node) yield* c.walk(); }
+  all(predicate) { return [...this.walk()].filter(predicate); }
+}
+
+const downloads = [];
+const made = {}; // elements created, by tag: what a redraw rebuilt
+const blobs = [];
+const documentStub = {
+  createElement: (tag) => { made[tag] = (made[tag] || 0) + 1; return new Node(tag); },
+  createElementNS: (ns, tag) => new Node(tag),
+  getElementById: () => null,
+  body: new Node("body"),
+  head: new Node("head"),
+};
+const errors = [];
+const sandbox = {
+  document: documentStub, console, performance, Blob, atob, Uint8Array, Uint16Array, Set, Map, JSON, Math,
+  getComputedStyle: () => ({ color: "rgb(0, 0, 0)", backgroundColor: "rgb(255, 255, 255)", fontFamily: "sans-serif",
+    getPropertyValue: () => "" }),
+  MutationObserver: class { observe() {} disconnect() {} },
+  ImageData: class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } },
+  URL: { createObjectURL: (blob) => { blobs.push(blob); return "blob:" + blobs.length; }, revokeObjectURL() {} },
+  setTimeout: () => 0,
+};
+sandbox.window = sandbox;
+vm.createContext(sandbox);
+const source = fs.readFileSync(`${folder}/common.js`, "utf8") + fs.readFileSync(`${folder}/${which}.js`, "utf8");
+vm.runInContext(source.replace("export default", "globalThis.explorerModule ="), sandbox);
+
+// The stand-in widget model of save_html's page (base.py PAGE), recording what the view sends.
+const listeners = {};
+const sent = [];
+const model = {
+  get: (name) => state[name],
+  set: (name, value) => { const old = state[name]; state[name] = value;
+    for (const cb of listeners["change:" + name] || []) guard(() => cb({ name, old, new: value })); },
+  save_changes: () => sent.push("save"),
+  on: (event, cb) => { (listeners[event] = listeners[event] || []).push(cb); },
+  off: () => {},
+  send: () => {},
+};
+function guard(fn) {
+  try { fn(); } catch (error) { errors.push(String(error && error.stack ? error.stack.split("\n").slice(0, 2).join(" ") : error)); }
+}
+
+const el = new Node("div");
+guard(() => sandbox.explorerModule.render({ model, el }));
+const find = (cls) => el.all((n) => n.classList.contains(cls));
+const reports = {};
+for (const step of script) {
+  if (step.set !== undefined) model.set(step.set, step.value);
+  else if (step.root_height !== undefined) el.children[0].clientHeight = step.root_height;
+  else if (step.click !== undefined) {
+    const [kind, text] = step.click.split(":");
+    const node = el.all((n) => n.tagName === "BUTTON" && n.textContent === text)[0];
+    if (!node) errors.push(`no button ${text}`); else guard(() => node.dispatch("click"));
+  } else if (step.key !== undefined) {
+    const canvas = find("ll-cells")[step.panel || 0];
+    guard(() => canvas.dispatch("keydown", { key: step.key }));
+  } else if (step.hover !== undefined) {
+    const canvas = find("ll-cells")[0] || find("ll-att-canvas")[0];
+    guard(() => canvas.dispatch("mousemove", { clientX: step.hover[0], clientY: step.hover[1] }));
+  } else if (step.report !== undefined) {
+    reports[step.report] = {
+      legend: (find("ll-legend-text")[0] || { textContent: "" }).textContent,
+      tooltip: (find("ll-tooltip")[0] || {}).innerHTML || "",
+      tooltip_top: (find("ll-tooltip")[0] || { style: {} }).style.top || "",
+      cells: find("ll-cells").length,
+      selection: state.selection,
+      pins: state.pins,
+      downloads: downloads.splice(0),
+      blobs: blobs.length,
+      made: { ...made },
+      thumbs: find("ll-thumb").length,
+      open_thumbs: find("ll-open").length,
+      text_spans: (find("ll-text")[0] || { children: [] }).children.length,
+    };
+  }
+}
+// The text of every download, read at the end (Blob.text is asynchronous).
+const csv = [];
+for (const blob of blobs) csv.push(await blob.text());
+process.stdout.write(JSON.stringify({ errors, reports, csv, sent: sent.length }));
