@@ -1,8 +1,8 @@
 """Files the dataset runner and the activation store write and trust again: written atomically, each with a digest
 record, and found only inside their own folder.
 
-- `write_atomic(path, write)`: `write` fills a hidden temporary file, which is renamed into place only when whole
-  (a killed run leaves no half file under a final name).
+- `write_atomic(path, write)`: `write` fills a temporary file in a hidden folder beside `path`
+  (`files.atomic_path`), renamed into place only when whole (a killed run leaves no half file under a final name).
 - With `record=True` the temporary file's size and SHA-256 are written first to a hidden record beside it,
   `.<name>.digest` (hidden, so readers of the folder such as `pd.read_parquet(folder)` skip it). A file under its
   final name that does not match its record was damaged after it was written (`matches_record`): a rerun
@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArgumentError
+from ..files import atomic_path, write_text_atomic
 
 CHUNK = 1 << 20  # bytes hashed per read: the digest of a large shard costs no more memory than this
-
-
-def temporary_name(path: Path) -> Path:
-    """Where a file is written before it is renamed into place: hidden (a leading dot), so that readers of the
-    folder (pyarrow, `pd.read_parquet(folder)`) skip a killed run's leftovers."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def record_name(path: Path) -> Path:
@@ -48,23 +42,20 @@ def digest(path: Path) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any], *, record: bool = False) -> dict[str, Any] | None:
-    """Calls `write(temporary)` and renames the temporary file to `path`; with `record`, first writes the digest
-    record (so a file under its final name always has one). The temporary file is removed when `write` fails.
+    """Calls `write(temporary)` and renames the temporary file to `path` (`files.atomic_path`); with `record`,
+    first writes the digest record (so a file under its final name always has one). The temporary file is removed
+    when `write` fails.
 
     Returns:
         The digest with `record`, else None.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
-    try:
+    found = None
+    with atomic_path(path) as temporary:
         write(temporary)
-        found = None
         if record:
             found = digest(temporary)
-            write_atomic(record_name(path), lambda p: p.write_text(json.dumps(found)))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+            write_text_atomic(record_name(path), json.dumps(found))
     return found
 
 

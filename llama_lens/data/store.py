@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError, MissingFileError, OutOfRangeError, UnknownNameError, UsageError, did_you_mean
-from .safe_files import digest, read_record, temporary_name, write_atomic  # noqa: F401  (temporary_name: its old home)
+from .safe_files import digest, read_record, write_atomic
 from .shard_reader import ShardReader
 from .store_index import read_index
 

@@ -54,11 +54,11 @@ DAMAGE = {
 @pytest.mark.parametrize("kind", ["shards/shard-00001.parquet", "activations/shard-00001.safetensors"])
 def test_a_damaged_finished_shard_is_recomputed(model, tmp_path, damage, kind):
     first = run(model, tmp_path / "run")
-    expected, rows = first.frame(), first.activations()[5][HOOK]
+    expected, rows = first.to_frame(), first.activations()[5][HOOK]
     DAMAGE[damage](tmp_path / "run" / kind)
     again = run(model, tmp_path / "run")
     assert again.n_skipped == first.n_shards - 1 and [s["shard"] for s in again.stats] == [1]
-    same_frame(again.frame(), expected)
+    same_frame(again.to_frame(), expected)
     data = again.activations()
     assert torch.equal(data[5][HOOK], rows) and len(data) == len(first.activations())
     assert run(model, tmp_path / "run").n_skipped == first.n_shards  # whole again: trusted again
@@ -87,11 +87,11 @@ def test_positions_past_short_prompts_leave_them_out_and_the_run_goes_on(model, 
     lengths = [len(model.to_tokens(p)[0]) for p in PROMPTS]
     short = [i for i, n in enumerate(lengths) if n <= 5]
     assert short and result.prompts_without_positions == short
-    frame = result.frame()
+    frame = result.to_frame()
     assert sorted(set(frame["prompt"])) == [i for i in range(len(PROMPTS)) if i not in short]
     assert set(frame["position"]) == {5}
     # The rows of a long prompt are those of its run alone.
-    alone = ll.lens_dataset(model, [PROMPTS[0]], out=tmp_path / "alone", positions=[5], **KWARGS).frame()
+    alone = ll.lens_dataset(model, [PROMPTS[0]], out=tmp_path / "alone", positions=[5], **KWARGS).to_frame()
     same_frame(frame[frame["prompt"] == 0].reset_index(drop=True), alone)
     assert ll.lens_dataset(model, PROMPTS, out=tmp_path / "run", positions=[5], **KWARGS).n_skipped == result.n_shards
 
