@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -111,6 +112,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         temporary.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def file_sha256(path: str | Path) -> tuple[int, str]:
+    """(bytes, SHA-256 hex digest) of a file, read in blocks by `hashlib.file_digest`: no copy of the file in
+    memory, and the size is what was hashed."""
+    with open(path, "rb") as handle:
+        sha = hashlib.file_digest(handle, "sha256")
+        return handle.tell(), sha.hexdigest()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

