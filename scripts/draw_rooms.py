@@ -1,5 +1,5 @@
 """Draws the package's import graph with its subpackages as rooms, floor by floor, and counts what a reader of the
-layering rule wants to know: rooms, floors, arrows, arrows that run back up, and circles.
+layering rule wants to know: rooms, floors, arrows, arrows that run back up, and circles (one is named).
 
     python scripts/draw_rooms.py            # the drawing and the counts
     python scripts/draw_rooms.py --dot      # Graphviz DOT of the rooms (dot -Tsvg -o rooms.svg)
@@ -15,6 +15,7 @@ goes from a room to one of the same or a higher floor of the declared layers in 
 from __future__ import annotations
 
 import argparse
+import graphlib
 import tomllib
 from pathlib import Path
 
@@ -54,54 +55,20 @@ def declared_layers() -> list[tuple[set[str], bool]]:
     return out
 
 
-def floors(rooms: set[str], edges: set[tuple[str, str]]) -> dict[str, int]:
-    """Floor 1 for rooms that import no room; else one above the highest room imported (on a DAG)."""
+def floors(rooms: set[str], edges: set[tuple[str, str]]) -> tuple[dict[str, int], list[str]]:
+    """Floor 1 for rooms that import no room, else one above the highest room imported; and a circle of rooms
+    ([] when there is none, as the rule wants; with a circle there are no floors to count)."""
+    imports = {room: {t for s, t in edges if s == room} for room in rooms}
+    try:
+        order = list(graphlib.TopologicalSorter(imports).static_order())  # imported rooms first
+        circle: list[str] = []
+    except graphlib.CycleError as error:
+        circle = error.args[1]
+        order = []
     floor: dict[str, int] = {}
-
-    def visit(room: str, seen: tuple[str, ...]) -> int:
-        if room in floor:
-            return floor[room]
-        below = [t for s, t in edges if s == room and t not in seen]
-        floor[room] = 1 + max((visit(t, (*seen, room)) for t in below), default=0)
-        return floor[room]
-
-    for room in rooms:
-        visit(room, ())
-    return floor
-
-
-def circles(rooms: set[str], edges: set[tuple[str, str]]) -> list[set[str]]:
-    """Strongly connected sets of two or more rooms (Tarjan's algorithm)."""
-    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
-
-    def strong(room: str) -> None:
-        index[room] = low[room] = counter[0]
-        counter[0] += 1
-        stack.append(room)
-        on_stack.add(room)
-        for source, target in edges:
-            if source != room:
-                continue
-            if target not in index:
-                strong(target)
-                low[room] = min(low[room], low[target])
-            elif target in on_stack:
-                low[room] = min(low[room], index[target])
-        if low[room] == index[room]:
-            group = set()
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                group.add(member)
-                if member == room:
-                    break
-            if len(group) > 1:
-                found.append(group)
-
-    for room in sorted(rooms):
-        if room not in index:
-            strong(room)
-    return found
+    for room in order:
+        floor[room] = 1 + max((floor[t] for t in imports[room]), default=0)
+    return floor, circle
 
 
 def upward(edges: set[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -131,14 +98,16 @@ def main() -> None:
         print("\n".join(f'  "{s}" -> "{t}";' for s, t in sorted(edges)))
         print("}")
         return
-    floor = floors(rooms, edges)
-    for number in range(max(floor.values()), 0, -1):
-        for room in sorted(r for r in rooms if floor[r] == number):
+    floor, circle = floors(rooms, edges)
+    if circle:
+        print(f"circle: {' -> '.join(circle)}")
+    for number in range(max(floor.values(), default=0), 0, -1):
+        for room in sorted(r for r in rooms if floor.get(r) == number):
             targets = sorted(t for s, t in edges if s == room)
             print(f"floor {number}  {room:<13} -> {', '.join(targets) or '(nothing)'}")
     print(
-        f"\n{len(rooms)} rooms, {max(floor.values())} floors, {len(edges)} arrows, {len(upward(edges))} back up, "
-        f"{len(circles(rooms, edges))} circles"
+        f"\n{len(rooms)} rooms, {max(floor.values(), default=0)} floors, {len(edges)} arrows, "
+        f"{len(upward(edges))} back up, {'a circle' if circle else '0 circles'}"
     )
     for source, target in upward(edges):
         print(f"back up: {source} -> {target}")
