@@ -28,7 +28,10 @@ REPO = PACKAGE_DIR.parent
 
 GROUND = {"errors", "validate", "files", "config", "config_read", "config_keys"}
 FACES = {"__init__", "plot", "utils", "testing"}
-ROOMS = {"io", "tokenizer", "model", "viz", "data", "loading", "lens", "patching", "dictionaries", "runs", "widgets"}
+ROOMS = {
+    "io", "tokenizer", "model", "viz", "data", "loading", "lens", "patching", "dictionaries", "features", "graphs",
+    "runs", "widgets",
+}  # fmt: skip
 
 # Which rooms each room may import (its own included). "face" is the four faces; no module imports one.
 BELOW_FACES = {"ground"} | ROOMS
@@ -42,9 +45,11 @@ ALLOWED: dict[str, set[str]] = {
     "loading": {"ground", "io", "tokenizer", "model", "loading"},
     "lens": {"ground", "model", "viz", "data", "lens"},
     "patching": {"ground", "model", "viz", "patching"},
-    "dictionaries": {"ground", "io", "model", "dictionaries"},
-    "runs": {"ground", "io", "tokenizer", "model", "loading", "lens", "data", "runs"},
-    "widgets": {"ground", "model", "viz", "lens", "widgets"},
+    "dictionaries": {"ground", "io", "model", "data", "dictionaries"},
+    "features": {"ground", "io", "model", "viz", "data", "lens", "patching", "dictionaries", "features"},
+    "graphs": {"ground", "io", "model", "viz", "data", "lens", "dictionaries", "features", "graphs"},
+    "runs": {"ground", "io", "tokenizer", "model", "loading", "lens", "data", "dictionaries", "features", "runs"},
+    "widgets": {"ground", "model", "viz", "lens", "dictionaries", "features", "graphs", "widgets"},
     "cli": BELOW_FACES,
     "face": BELOW_FACES,
 }

@@ -1,4 +1,4 @@
 """Sparse dictionaries (SAEs and transcoders): loading the published formats, and splicing them into the model.
 
-Imports ground, io and model only.
+Imports ground, io, model and data (training reads the activation store).
 """
