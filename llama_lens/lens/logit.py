@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ArgumentError
+from ..model.limits import check_context_length, check_fits, forward_nbytes
 from ..validate import check_count, check_loaded_layers
 from .inputs import Prompt, Target, on_cpu, prepare_inputs, token_texts
 from .logit_result import LensResult
@@ -99,6 +100,7 @@ def logit_lens(
     )
     batch, n_tokens = inputs.tokens.shape
     pos_index = inputs.positions
+    _check_lens_fits(model, batch, n_tokens, len(pos_index), len(points), keep_logits)
 
     # The final read-out is the model's output itself; the hook point it would come from is not captured.
     final_hook = f"blocks.{model.layer_indices[-1]}.hook_resid_post" if model.layer_indices else "hook_embed"
@@ -134,7 +136,9 @@ def logit_lens(
         normed_final = model.ln_final(final_resid.to(model.ln_final.weight.device))
         del final_resid
         kept = normed_final if every_position else normed_final[:, pos_index]
-        final_rows = model.unembed(kept).flatten(0, 1)  # [batch * n_pos, d_vocab]
+        # hook_logits fires as in the forward, on the logits at the asked-for positions [batch, n_pos, d_vocab]
+        # (every position when none were picked); what a hook returns is the final read-out.
+        final_rows = model.hook_logits(model.unembed(kept)).flatten(0, 1)  # [batch * n_pos, d_vocab]
         del normed_final, kept
         targets = inputs.target_ids
         row_targets = None if targets is None else targets.to(final_rows.device).repeat_interleave(n_pos, 0)
@@ -184,6 +188,28 @@ def logit_lens(
         target_ranks=stacked("target_ranks"),
         logits=stacked("logits"),
         lens_kind="logit" if lens is None else "tuned",
+    )
+
+
+def _check_lens_fits(model: HookedLlama, batch: int, n_tokens: int, n_pos: int, n_points: int, keep: bool) -> None:
+    """Before the model runs: its forward pass (up to the final residual stream) plus what the lens keeps, the
+    read-out residual vectors with their normed copies and the logits at the asked-for positions, fit in memory."""
+    check_context_length(
+        model, n_tokens, what="logit_lens", advice=f"keep the prompt within {model.cfg.max_position_embeddings} tokens"
+    )
+    cfg, itemsize = model.cfg, model.unembed.weight.element_size()
+    rows = batch * n_pos
+    kept = 3 * n_points * rows * cfg.d_model * itemsize + rows * cfg.d_vocab * 4
+    if keep:
+        kept += n_points * rows * cfg.d_vocab * 4
+    need = kept + forward_nbytes(cfg, batch=batch, pos=n_tokens, itemsize=itemsize, written_out=False, logits_pos=0)
+    check_fits(
+        need,
+        model.unembed.weight.device,
+        what=f"logit_lens over {batch} x {n_tokens} positions ({n_pos} read out at {n_points} read-outs)",
+        advice="read out fewer positions (positions=[-1]) or layers (layers=), "
+        + ("leave keep_logits off, " if keep else "")
+        + "or run fewer or shorter prompts",
     )
 
 

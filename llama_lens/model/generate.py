@@ -12,6 +12,7 @@ from ..errors import ArgumentError
 from ..validate import as_index, check_count
 from .hooks import HookFn, NameFilter
 from .kv_cache import KVCache
+from .limits import check_generation_fits
 from .protocols import LanguageModel
 
 
@@ -135,6 +136,11 @@ def generate(
         on_token: called after each step with the token chosen for each prompt [batch] (None for a prompt
             that has stopped at EOS), e.g. to print the text as it comes; `decode_generated` turns ids into text.
 
+    Raises:
+        ArgumentError: the prompt plus `max_new_tokens` is past the model's context length (see
+            `model.allow_past_context`).
+        NotEnoughMemoryError: the prompt's forward pass and the KV cache would not fit in the memory available.
+
     Returns:
         The new tokens and their text. Ids past the tokenizer's vocabulary (a model whose d_vocab is padded
         beyond it) are kept in `.tokens` and written as "<id>" in `.texts`, with a warning.
@@ -162,6 +168,7 @@ def _generate(
 ) -> Generation:
     device = model.embed.weight.device
     tokens, mask = model.prepare_tokens(prompts, prepend_bos=prepend_bos)
+    check_generation_fits(model, tokens, sampling.max_new_tokens, use_kv_cache=use_kv_cache)
     if mask is None:
         mask = torch.ones_like(tokens)
     eos_ids = sorted(set(model.cfg.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ()))

@@ -35,6 +35,7 @@ from .cpu_matmul import Linear
 from .generate import generate
 from .hooks import HookedModule, HookPoint
 from .kv_cache import KVCache
+from .limits import check_context_length, check_forward_fits
 from .norm import RMSNorm
 from .summary import module_summary
 from .tokens import TokenHelpers
@@ -156,7 +157,9 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         self.cfg = cfg
         self.layer_indices = sorted(range(cfg.n_layers) if layers is None else layers)
         self.tokenizer = None  # set by the loader
-        self.warned_past_context = False  # the warning comes once per model, not once per generated token
+        # Past max_position_embeddings forward raises, or with allow_past_context warns once (limits.py).
+        self.allow_past_context = False
+        self.warned_past_context = False
         embed_weight = torch.empty(cfg.d_vocab, cfg.d_model)
         if not embed_weight.is_meta:
             # nn.Embedding's own init. Skipped on the meta device (the loader's), where normal_ imports sympy:
@@ -222,6 +225,11 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
 
         Returns:
             As `return_type` says, or resid [batch, pos, d_model] when `stop_at_layer` is given.
+
+        Raises:
+            ArgumentError: bad arguments, or more positions than `cfg.max_position_embeddings` (unless
+                `model.allow_past_context = True`, which warns once instead).
+            NotEnoughMemoryError: the pass's working memory (`limits.forward_nbytes`) is more than is available.
         """
         if start_layer is not None:
             warnings.warn("start_layer= is now start_at_layer= (TransformerLens' name)", DeprecationWarning, 2)
@@ -252,7 +260,13 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
         else:
             resid = resid.to(weight.device)
         batch, pos, _ = resid.shape
-        self._warn_past_context(pos + (0 if kv_cache is None else kv_cache.length))
+        k_pos = pos + (0 if kv_cache is None else kv_cache.length)
+        check_context_length(self, k_pos)
+        logits_pos = 0 if stop_at_layer is not None else pos
+        check_forward_fits(
+            self, batch=batch, pos=pos, k_pos=k_pos, logits_pos=logits_pos, itemsize=resid.element_size(),
+            device=resid.device,
+        )  # fmt: skip
         positions, mask = self.positions_and_mask(batch, pos, attention_mask, kv_cache, resid.device)
         cos, sin = rope_cos_sin(self.cfg, positions, dtype=resid.dtype)
 
@@ -360,22 +374,6 @@ class HookedLlama(TokenHelpers, WeightViews, HookedModule):
                 f"layers {missing} are not loaded (this model holds {loaded}); load them or pick others"
             )
         return layers
-
-    def _warn_past_context(self, n_positions: int) -> None:
-        limit = self.cfg.max_position_embeddings
-        scaling = self.cfg.rope_scaling
-        if scaling is not None and scaling.kind == "dynamic":
-            return  # dynamic NTK scaling is made to stretch RoPE past the trained length
-        if n_positions > limit and not getattr(self, "warned_past_context", False):
-            self.warned_past_context = True
-            warnings.warn(
-                f"{n_positions} positions is past the model's context length (max_position_embeddings {limit}): "
-                "positions beyond it were never trained, so what the model computes there is unreliable, and "
-                f"attention's time and memory grow with the square of the length. Keep prompts (plus generated "
-                f"tokens) within {limit} positions.",
-                RuntimeWarning,
-                stacklevel=5,  # the caller of model(...): past forward and nn.Module's two call wrappers
-            )
 
     def infer_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """1 for real tokens, 0 for left padding: leading tokens equal to the id the tokenizer pads with. None

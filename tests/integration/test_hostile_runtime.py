@@ -287,6 +287,7 @@ def test_failed_run_with_cache_lets_the_partial_cache_go(model):
 
 def test_prompt_past_the_context_length_warns_once():
     model = tiny_model(tiny_config(max_position_embeddings=16))
+    model.allow_past_context = True  # without it, an error (tests/model/test_limits.py)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(torch.randint(3, 128, (1, 16)))

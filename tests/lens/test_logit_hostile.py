@@ -3,8 +3,9 @@ never holds [pos, d_vocab] logits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from support.models import tiny_model
+from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
 
@@ -22,3 +23,26 @@ def test_only_the_asked_positions_are_unembedded_and_the_answer_is_unchanged():
     every = ll.logit_lens(model, tokens, keep_logits=True)
     torch.testing.assert_close(last.logits[:, :, 0], every.logits[:, :, -1])
     torch.testing.assert_close(last.top_probs[:, :, 0], every.top_probs[:, :, -1])
+
+
+# ------------------------------------------------------------------------- hook_logits in the lens
+@pytest.mark.parametrize("positions", [None, [-1], [0, 2]])
+def test_hook_logits_fires_in_the_lens_at_the_asked_positions(positions):
+    model = tiny_model(tiny_config(), embed_scale=20.0)
+    tokens = torch.tensor([[1, 40, 50, 60, 70]])
+    seen = []
+
+    def boost(logits, *, hook):
+        seen.append(tuple(logits.shape))
+        logits = logits.clone()
+        logits[..., 33] += 100.0  # every final read-out now predicts 33
+        return logits
+
+    model.add_hook("hook_logits", boost)
+    try:
+        result = ll.logit_lens(model, tokens, positions=positions)
+    finally:
+        model.reset_hooks()
+    n_pos = 5 if positions is None else len(positions)
+    assert seen == [(1, n_pos, model.cfg.d_vocab)]
+    assert (result.top_ids[:, -1, :, 0] == 33).all()  # the last read-out is what the hook returned
