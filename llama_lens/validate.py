@@ -308,6 +308,10 @@ def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
     """
 
     def decorate(function: Callable) -> Callable:
+        # A class's __init__ is named by its class: AttentionExplorer(prompt_index=...).
+        is_init = function.__name__ == "__init__"
+        name = function.__qualname__.removesuffix(".__init__") if is_init else function.__name__
+
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             for old, new in old_to_new.items():
@@ -317,8 +321,7 @@ def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
                     raise ArgumentTypeError(f"{function.__name__}() got both {old}= and {new}=; pass {new}= only")
                 meaning = f" (`{old}` now always means {_MEANING[old]})" if old in _MEANING else ""
                 warnings.warn(
-                    f"{function.__name__}({old}=...) is deprecated and will be removed in the next release; use "
-                    f"{new}={meaning}",
+                    f"{name}({old}=...) is deprecated and will be removed in the next release; use {new}={meaning}",
                     DeprecationWarning,
                     stacklevel=2,
                 )

@@ -16,6 +16,7 @@ import torch
 import traitlets
 
 from ..errors import ArgumentError
+from ..validate import renamed_keywords
 from ..viz import attention as plot_attention
 from .base import Control, Explorer, asset, number
 from .lens_data import prompt_tokens
@@ -85,7 +86,7 @@ class AttentionExplorer(Explorer):
         tokens: text of each position, for a cache (`model.to_str_tokens(tokens)`); numbered when omitted.
         layers: the layers whose heads are shown (default: the first held); `layer=` picks one.
         head: the head opened first.
-        prompt_index: which prompt of a cached batch to show.
+        batch_index: which prompt of a cached batch to show (`prompt_index=`, its former name, is deprecated).
         attention_mask: [batch, pos] 1 for real tokens, 0 for padding, for a cache of a padded batch.
         cache_budget: bytes of patterns kept for all layers at once (model only); past it only the shown
             layers' patterns are kept and showing another layer reruns the model.
@@ -112,6 +113,7 @@ class AttentionExplorer(Explorer):
     meta = traitlets.Dict({}).tag(sync=True)
     patterns = traitlets.Bytes(b"").tag(sync=True)
 
+    @renamed_keywords(prompt_index="batch_index")
     def __init__(
         self,
         model_or_cache: Any,
@@ -121,7 +123,7 @@ class AttentionExplorer(Explorer):
         layers: Sequence[int] | None = None,
         layer: int | None = None,
         head: int = 0,
-        prompt_index: int = 0,
+        batch_index: int = 0,
         attention_mask: torch.Tensor | None = None,
         cache_budget: int = ATTENTION_CACHE_BUDGET,
         threaded: bool | None = None,
@@ -129,7 +131,7 @@ class AttentionExplorer(Explorer):
         is_model = hasattr(model_or_cache, "run_with_cache") and hasattr(model_or_cache, "cfg")
         self.model = model_or_cache if is_model else None
         self.cache_budget = cache_budget
-        self.prompt_index = prompt_index
+        self.batch_index = batch_index
         self._attention_mask = attention_mask
         self._cache: Any = None
         self._kept: list[int] = []
@@ -148,9 +150,9 @@ class AttentionExplorer(Explorer):
                 plot_attention.attention_pattern(self._cache, 0)  # raises: says how to cache patterns
             pattern = plot_attention.attention_pattern(self._cache, self.available_layers[0])
             batch, self.n_heads, _, k_pos = pattern.shape
-            if not 0 <= prompt_index < batch:
+            if not 0 <= batch_index < batch:
                 raise ArgumentError(
-                    f"prompt_index={prompt_index} is out of range: the cache holds {batch} prompts (0..{batch - 1})"
+                    f"batch_index={batch_index} is out of range: the cache holds {batch} prompts (0..{batch - 1})"
                 )
             keep = self._real_positions(k_pos)
             if tokens is not None:
@@ -187,7 +189,7 @@ class AttentionExplorer(Explorer):
     def pattern(self, layer: int | None = None) -> torch.Tensor:
         """The pattern of a shown layer, [n_heads, q_pos, k_pos] (padding left out); default the open head's."""
         layer = self.head["layer"] if layer is None else layer
-        pattern = plot_attention.attention_pattern(self._cache, layer)[self.prompt_index]
+        pattern = plot_attention.attention_pattern(self._cache, layer)[self.batch_index]
         keep = self._real_positions(pattern.shape[-1])
         return pattern[:, keep][:, :, keep].detach().float().cpu()
 
@@ -223,16 +225,21 @@ class AttentionExplorer(Explorer):
             self.head["layer"],
             self.head["head"],
             tokens=self._all_tokens(),
-            batch_index=self.prompt_index,
+            batch_index=self.batch_index,
             attention_mask=self._attention_mask,
             **kwargs,
         )
 
     # ------------------------------------------------------------------ computing
+    @property
+    def prompt_index(self) -> int:
+        """The former name of `batch_index` (read-only)."""
+        return self.batch_index
+
     def _real_positions(self, k_pos: int) -> list[int]:
         if self._attention_mask is None:
             return list(range(k_pos))
-        return [p for p in range(k_pos) if bool(self._attention_mask[self.prompt_index, p])]
+        return [p for p in range(k_pos) if bool(self._attention_mask[self.batch_index, p])]
 
     def _padded(self, position: int) -> int:
         """A shown position as an index into the cache's pos axis (past the padding)."""
@@ -267,7 +274,7 @@ class AttentionExplorer(Explorer):
         check()
         self._cache, self._kept = cache, keep
         self._str_tokens = model.to_str_tokens(tokens[0])
-        self.prompt_index = 0
+        self.batch_index = 0
         self._ship(check)
 
     def _update(self, names: list[str], check: Callable[[], None]) -> None:

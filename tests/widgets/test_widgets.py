@@ -453,14 +453,20 @@ def test_attention_from_a_padded_cache(model):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask)
     names = model.to_str_tokens(tokens[0])
-    explorer = ll_widgets.AttentionExplorer(cache, tokens=names, prompt_index=0, attention_mask=mask, head=1)
+    explorer = ll_widgets.AttentionExplorer(cache, tokens=names, batch_index=0, attention_mask=mask, head=1)
     assert explorer.tokens == ["<s>", "a", "b"]
     np.testing.assert_allclose(_unpack(explorer, 0, 1), cache["blocks.0.attn.hook_pattern"][0, 1, 1:, 1:].numpy(),
                                atol=1 / 65535)  # fmt: skip
     with pytest.raises(ValueError, match="fixed cache"):
         explorer.prompt = "other"
-    with pytest.raises(ValueError, match=r"prompt_index=2 is out of range: the cache holds 2 prompts"):
-        ll_widgets.AttentionExplorer(cache, prompt_index=2)
+    with pytest.raises(ValueError, match=r"batch_index=2 is out of range: the cache holds 2 prompts"):
+        ll_widgets.AttentionExplorer(cache, batch_index=2)
+    # The former name keeps working for one release, with a warning naming the new one.
+    with pytest.warns(
+        DeprecationWarning, match=r"^AttentionExplorer\(prompt_index=...\) is deprecated .*use batch_index="
+    ):
+        second = ll_widgets.AttentionExplorer(cache, tokens=model.to_str_tokens(tokens[1]), prompt_index=1)
+    assert second.batch_index == second.prompt_index == 1 and second.tokens == model.to_str_tokens(tokens[1])
     with pytest.raises(ValueError, match="attention_mask= is for a cache of a padded batch"):
         ll_widgets.AttentionExplorer(model, "ab", attention_mask=mask)
 
