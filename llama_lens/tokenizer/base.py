@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArgumentError, ConfigError
+from .unicode import check_text
 
 if TYPE_CHECKING:
     import torch
@@ -120,9 +121,13 @@ class Tokenizer:
                 second BOS to a text whose tokens already start with it.
             parse_special: read special-token text (e.g. "<|eot_id|>") as the special token rather than as
                 plain text; None does what the checkpoint's tokenizer does (`parse_special`).
+
+        Raises:
+            ArgumentError: `text` is not a str, or holds a lone surrogate (named with its position).
         """
         if not isinstance(text, str):
             raise ArgumentError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         ids = self._encode_text(text, self.parse_special if parse_special is None else bool(parse_special))
         return self.with_bos(ids, bos)
 

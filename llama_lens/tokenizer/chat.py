@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import ArgumentError
+from .unicode import check_text
 
 LLAMA2_B_INST, LLAMA2_E_INST = "[INST]", "[/INST]"
 LLAMA2_B_SYS, LLAMA2_E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -51,6 +52,9 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ArgumentError(f"messages[{index}] must be a dict with a 'role' string, got {message!r:.80}")
+        for key, value in message.items():
+            if isinstance(value, str):
+                check_text(value, f"messages[{index}][{key!r}]")
         checked.append({key: value for key, value in message.items() if value is not None})
     return checked
 
