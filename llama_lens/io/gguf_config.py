@@ -68,7 +68,7 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
     """
     meta, source = header.metadata, str(header.path)
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
             f"{source}: general.architecture is {arch!r}; llama_lens reads GGUF files of the "
             f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} architectures (Llama 1-3, SmolLM, TinyLlama, Mistral "
@@ -88,11 +88,14 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
         value = meta.get(prefix + key, default)
         if value is None:
             raise ConfigError(f"{source}: required metadata key {prefix + key!r} is missing")
-        # A float32 inf or NaN is not an integer either (and int() of one raises an unrelated error).
-        integral = isinstance(value, int) or (math.isfinite(value) and value == int(value))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not integral):
+        # The type first (a string or an array has no isfinite); a float32 inf or NaN is not an integer either
+        # (and int() of one raises an unrelated error).
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        integral = is_number and (isinstance(value, int) or (math.isfinite(value) and value == int(value)))
+        if not is_number or (kind is int and not integral):
             raise ConfigError(
-                f"{source}: {prefix + key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+                f"{source}: {prefix + key} must be {'an integer' if kind is int else 'a number'}, got {value!r:.60} "
+                f"(a {type(value).__name__})"
             )
         return kind(value)
 
@@ -156,7 +159,7 @@ def gguf_config(header: GGUFHeader) -> LlamaConfig:
 def _token_id(meta: dict[str, Any], key: str, source: str) -> int | None:
     value = meta.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigError(f"{source}: {key} must be a token id, got {value!r}")
+        raise ConfigError(f"{source}: metadata key {key!r} must be a token id (an integer >= 0), got {value!r:.60}")
     return value
 
 

@@ -41,6 +41,40 @@ QWEN2_PATTERN = (
 )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _typed(meta: dict[str, Any], key: str, source: str, check: Any, expected: str, default: Any = None) -> Any:
+    """`meta[key]` (or `default` when absent), checked: a CheckpointError naming the file, the key and the type
+    expected where a damaged or hand-made file holds another (the tokenizers backend would fail on it with a
+    TypeError of its own, or silently build another tokenizer). For "an array of ..." `check` is each item's."""
+    value = meta.get(key, default)
+    if value is None:
+        return None
+    if expected.startswith("an array"):
+        if not isinstance(value, list):
+            shown = f"{value!r:.60} (a {type(value).__name__})"
+        else:
+            index = next((i for i, item in enumerate(value) if not check(item)), None)
+            if index is None:
+                return value
+            shown = f"an array whose item {index} is {value[index]!r:.60} (a {type(value[index]).__name__})"
+    elif check(value):
+        return value
+    else:
+        shown = f"{value!r:.60} (a {type(value).__name__})"
+    raise CheckpointError(f"{source}: metadata key {key!r} is {shown}, expected {expected}; the file is corrupt")
+
+
+_STRS = (lambda item: isinstance(item, str), "an array of strings")
+_INTS = (_is_int, "an array of integers")
+_NUMBERS = (lambda item: isinstance(item, (int, float)) and not isinstance(item, bool), "an array of numbers")
+_MERGES = (lambda item: isinstance(item, str) and " " in item, "an array of 'left right' strings")
+_STR = (lambda value: isinstance(value, str), "a string")
+_BOOL = (lambda value: isinstance(value, bool), "a bool")
+
+
 def gguf_backend_tokenizer(meta: dict[str, Any], source: str) -> Any:
     """The `tokenizers.Tokenizer` of a GGUF's vocabulary.
 
@@ -50,13 +84,13 @@ def gguf_backend_tokenizer(meta: dict[str, Any], source: str) -> Any:
 
     Raises:
         CheckpointError: naming the file and key, for a tokenizer model or pre-tokenizer llama_lens does not
-            build, or metadata that do not fit together.
+            build, metadata of the wrong type (naming the type expected), or metadata that do not fit together.
     """
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
+    kind = _typed(meta, "tokenizer.ggml.model", source, *_STR)
+    tokens = _typed(meta, "tokenizer.ggml.tokens", source, *_STRS)
+    if not tokens:
         raise CheckpointError(f"{source}: no tokenizer.ggml.tokens in its metadata; pass tokenizer= to load()")
-    token_types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    token_types = _typed(meta, "tokenizer.ggml.token_type", source, *_INTS, default=[1] * len(tokens))
     if len(token_types) != len(tokens):
         raise CheckpointError(
             f"{source}: tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
@@ -83,12 +117,12 @@ def gguf_backend_tokenizer(meta: dict[str, Any], source: str) -> Any:
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list):
+    merges = _typed(meta, "tokenizer.ggml.merges", source, *_MERGES)
+    if merges is None:
         raise CheckpointError(f"{source}: a 'gpt2' tokenizer needs tokenizer.ggml.merges, which is missing")
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False))
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = _typed(meta, "tokenizer.ggml.pre", source, *_STR, default="default")
     if pre in GPT2_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     elif pre in DIGITS_THEN_GPT2_PRE:
@@ -124,11 +158,11 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any
 def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    scores = meta.get("tokenizer.ggml.scores")
-    if not isinstance(scores, list) or len(scores) != len(tokens):
+    scores = _typed(meta, "tokenizer.ggml.scores", source, *_NUMBERS)
+    if scores is None or len(scores) != len(tokens):
         raise CheckpointError(f"{source}: a 'llama' tokenizer needs one tokenizer.ggml.scores entry per token")
     vocab = {token: index for index, token in enumerate(tokens)}
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    unk_id = _typed(meta, "tokenizer.ggml.unknown_token_id", source, _is_int, "a token id", default=0)
     tokenizer = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -140,7 +174,7 @@ def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> 
     )
     # Llama 2's tokenizer.json: a space before the text (sentencepiece's dummy prefix) unless the file says not,
     # spaces spelled "▁"; decoding undoes both.
-    add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    add_prefix = _typed(meta, "tokenizer.ggml.add_space_prefix", source, *_BOOL, default=True)
     steps = [normalizers.Prepend("▁")] if add_prefix else []
     tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     strip = [decoders.Strip(" ", 1, 0)] if add_prefix else []
@@ -176,7 +210,7 @@ def gguf_tokenizer_config(meta: dict[str, Any], source: str = "the GGUF file") -
         CheckpointError: naming the file and key, for a special token id that is not a token of the vocabulary
             (a BOS id past the end would make `prepend_bos=True` add nothing) or a flag that is not a bool.
     """
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = _typed(meta, "tokenizer.ggml.tokens", source, *_STRS) or []
 
     def token(key: str) -> str | None:
         token_id = meta.get(f"tokenizer.ggml.{key}")
@@ -199,6 +233,7 @@ def gguf_tokenizer_config(meta: dict[str, Any], source: str = "the GGUF file") -
         "pad_token": token("padding_token_id"),
         "unk_token": token("unknown_token_id"),
     }
-    if isinstance(meta.get("tokenizer.chat_template"), str):
-        config["chat_template"] = meta["tokenizer.chat_template"]
+    template = _typed(meta, "tokenizer.chat_template", source, *_STR)
+    if template is not None:
+        config["chat_template"] = template
     return config

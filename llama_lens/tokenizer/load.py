@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArgumentError, CheckpointError, MissingFileError
+from ..errors import ArgumentError, CheckpointError, ConfigError, MissingFileError
 from .base import Tokenizer
 from .hf import HFTokenizer, TransformersTokenizer
 from .meta_tiktoken import TiktokenTokenizer
@@ -111,11 +111,42 @@ def _open_tokenizer_file(path: Path) -> Tokenizer:
         ) from None
 
 
-def _config_token(value: Any) -> str | None:
-    """tokenizer_config.json writes tokens as a string, as {"content": ...} (an AddedToken), or null."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+def _config_token(config: dict[str, Any], key: str, where: str, value: Any = None) -> str | None:
+    """tokenizer_config.json writes a token as a string, as {"content": ...} (an AddedToken), or null; anything
+    else is a ConfigError naming the file and key (`value`, when given, is one entry of the key's list)."""
+    value = config.get(key) if value is None else value
+    if value is None:
+        return None
+    content = value.get("content") if isinstance(value, dict) else value
+    if isinstance(content, str):
+        return content
+    raise ConfigError(
+        f"{where}: key {key!r} is {value!r:.60} (a {type(value).__name__}), expected a token string, "
+        '{"content": "<token>"} or null; fix or remove the entry'
+    )
+
+
+def _config_flag(config: dict[str, Any], key: str, where: str) -> bool | None:
+    value = config.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: key {key!r} is {value!r:.60} (a {type(value).__name__}), expected true, false or null")
+
+
+def _config_template(config: dict[str, Any], where: str) -> str | None:
+    """The chat template: a string, or the "default" of a list of named templates ([{"name", "template"}])."""
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)
+        for entry in template
+    ):
+        return {entry["name"]: entry["template"] for entry in template}.get("default")
+    raise ConfigError(
+        f"{where}: key 'chat_template' is {template!r:.60} (a {type(template).__name__}), expected a Jinja template "
+        'string or a list of {"name": ..., "template": ...} objects'
+    )
 
 
 # The special-token strings transformers passes to a chat template (its `special_tokens_map`).
@@ -126,29 +157,39 @@ def apply_tokenizer_config(tokenizer: Tokenizer, config: dict[str, Any], *, wher
     """Sets a tokenizer's specials, BOS default and chat template from a tokenizer_config.json dict.
 
     Raises:
-        ConfigError: a special token that is not in the vocabulary (naming `where`).
+        ConfigError: naming `where` and the key: a special token that is not in the vocabulary, or a value of the
+            wrong type (naming the type expected), or a top level that is not a JSON object.
     """
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: the top level is a {type(config).__name__}, expected a JSON object")
     eos = config.get("eos_token")
-    eos_tokens = [_config_token(t) for t in eos] if isinstance(eos, list) else [_config_token(eos)]
+    eos_tokens = (
+        [_config_token(config, "eos_token", where, t) for t in eos]
+        if isinstance(eos, list)
+        else [_config_token(config, "eos_token", where)]
+    )
     tokenizer.set_specials(
-        bos=_config_token(config.get("bos_token")),
+        bos=_config_token(config, "bos_token", where),
         eos=[t for t in eos_tokens if t is not None],
-        pad=_config_token(config.get("pad_token")),
+        pad=_config_token(config, "pad_token", where),
         where=where,
     )
-    if isinstance(config.get("add_bos_token"), bool):
-        tokenizer.add_bos = config["add_bos_token"]
-    if config.get("split_special_tokens") is True:
+    add_bos = _config_flag(config, "add_bos_token", where)
+    if add_bos is not None:
+        tokenizer.add_bos = add_bos
+    if _config_flag(config, "split_special_tokens", where) is True:
         tokenizer.parse_special = False
     tokenizer.special_tokens_map = {
         **tokenizer.special_tokens_map,
-        **{key: token for key in _SPECIAL_KEYS if (token := _config_token(config.get(key))) is not None},
+        **{
+            key: token
+            for key in _SPECIAL_KEYS
+            if not isinstance(config.get(key), list)  # a list of EOS tokens (checked above) has no one string
+            and (token := _config_token(config, key, where)) is not None
+        },
     }
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
-        template = named.get("default")
-    if isinstance(template, str):
+    template = _config_template(config, where)
+    if template is not None:
         tokenizer.chat_template = template
 
 
