@@ -415,14 +415,17 @@ def check_text_arguments(args: argparse.Namespace) -> None:
             continue
         try:
             value.encode("utf-8")
-        except UnicodeEncodeError:
-            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as encode_error:
+            # Python hands undecodable argv bytes over as U+DC80..U+DCFF (surrogateescape): name the byte. Any
+            # other surrogate (U+D800, e.g. from a UTF-16 source) was never a byte and cannot be escaped back.
+            where = f"a lone surrogate U+{ord(value[encode_error.start]):04X} at character {encode_error.start}"
             try:
+                raw = value.encode("utf-8", "surrogateescape")
                 raw.decode("utf-8")
+            except UnicodeEncodeError:
+                pass
             except UnicodeDecodeError as err:
                 where = f"byte 0x{raw[err.start]:02x} at position {err.start}"
-            else:  # a surrogate that was not a byte at all (e.g. from a UTF-16 source)
-                where = "a lone surrogate"
             raise ArgumentError(
                 f"{shown} is not valid UTF-8 ({where}): the terminal or file sent another encoding; convert it, "
                 "e.g. `iconv -f latin1 -t utf-8`, or set the terminal to UTF-8"
