@@ -87,7 +87,20 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- data access
   let views = []; // per panel: {canvas, labels, scroll, rows, colX}
-  const panels = () => model.get("panels") || [];
+  // A panel's long arrays come packed (base64 little-endian binary, `packed` names each dtype): read once per
+  // panel object into typed arrays, which index and iterate as the lists they stand for.
+  const unpacked = new WeakMap();
+  const unpack = (d) => {
+    if (!d || !d.packed) return d;
+    let out = unpacked.get(d);
+    if (!out) {
+      out = { ...d };
+      for (const [key, dtype] of Object.entries(d.packed)) out[key] = fromBase64(d[key], dtype);
+      unpacked.set(d, out);
+    }
+    return out;
+  };
+  const panels = () => (model.get("panels") || []).map(unpack);
   const rowsShown = (R) => {
     const s = model.get("stride") || 1;
     const rows = [];

@@ -13,7 +13,7 @@ from support.models import CharTokenizer, assert_same_top_k, run_patterns
 
 import llama_lens as ll
 from llama_lens import widgets as ll_widgets
-from llama_lens.widgets.lens_data import prompt_tokens
+from llama_lens.widgets.lens_data import prompt_tokens, unpack_panel
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,10 @@ def _assert_ranks(ranks, logits, token_id, slack=1e-4):
 # ------------------------------------------------------------------------------------------ the lens's data
 def test_lens_payload_holds_the_lens_compactly(model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", top_k=4)
-    (data,) = explorer.panels
+    (packed,) = explorer.panels
+    assert packed["packed"] == {"top": "u2", "probs": "u2", "entropy": "f4", "kl": "f4"}
+    assert all(isinstance(packed[key], str) for key in packed["packed"])  # base64 in the JSON
+    data = unpack_panel(packed)
     result = ll.logit_lens(model, "hello world", readout=("embed", "resid_post"), top_k=4)
     assert data["labels"] == result.labels == ["embed", "0_post", "1_post"]
     assert data["tokens"] == result.str_tokens[0] and data["k"] == 4
@@ -59,9 +62,9 @@ def test_lens_payload_holds_the_lens_compactly(model):
     texts = np.array(data["vocab"], dtype=object)[data["top"]].reshape(3, 12, 4)
     assert texts.tolist() == result.top_strs[0]
     probs = np.reshape(data["probs"], (3, 12, 4)) / data["prob_scale"]
-    np.testing.assert_allclose(probs, result.top_probs[0].numpy(), atol=6e-5)
-    np.testing.assert_allclose(np.reshape(data["entropy"], (3, 12)), result.entropy[0].numpy(), atol=6e-5)
-    np.testing.assert_allclose(np.reshape(data["kl"], (3, 12)), result.kl_to_final[0].numpy(), atol=6e-5)
+    np.testing.assert_allclose(probs, result.top_probs[0].numpy(), atol=1 / 65535)
+    np.testing.assert_allclose(np.reshape(data["entropy"], (3, 12)), result.entropy[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.reshape(data["kl"], (3, 12)), result.kl_to_final[0].numpy(), atol=1e-6)
     assert explorer.result.labels == result.labels
 
 
@@ -238,7 +241,7 @@ def test_comparison_panels_share_the_vocabulary(model, char_model):
     assert len(explorer.panels) == 2 and explorer.compare_prompt == "hello"
     second = ll.logit_lens(other, "hello", readout=("embed", "resid_post"))
     np.testing.assert_array_equal(
-        np.array(explorer.panels[1]["vocab_ids"])[explorer.panels[1]["top"]].reshape(3, 6, 10)[..., 0],
+        np.array(explorer.panels[1]["vocab_ids"])[unpack_panel(explorer.panels[1])["top"]].reshape(3, 6, 10)[..., 0],
         second.top_ids[0, :, :, 0].numpy(),
     )
     _, probs = _reference(other, "hello", ord("l"))
@@ -261,7 +264,7 @@ def _tuned_lens(model, scale=0.3):
 
 def _assert_panel_is(explorer, result, panel=0):
     """The panel's top tokens and probabilities are the LensResult's (ties in any order)."""
-    data = explorer.panels[panel]
+    data = unpack_panel(explorer.panels[panel])
     shape = tuple(result.top_ids[0].shape)
     ids = torch.tensor(data["vocab_ids"])[torch.tensor(data["top"])].reshape(shape)
     probs = torch.tensor(data["probs"], dtype=torch.float32).reshape(shape) / data["prob_scale"]
