@@ -59,11 +59,24 @@ def asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """The figure rendered to PNG bytes (through the Agg canvas; pyplot is not involved)."""
+def figure_png(fig: Figure, dpi: int = 100, *, palette: bool = False) -> bytes:
+    """The figure rendered to PNG bytes (through the Agg canvas; pyplot is not involved).
+
+    With `palette`, the picture is reduced to 256 colours (an indexed PNG): a heatmap's smooth colour ramp
+    then costs a byte per pixel before compression instead of four, about a third of the file. The explorers'
+    static pictures use it: a notebook stores one per explorer.
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    if not palette:
+        return buffer.getvalue()
+    from PIL import Image
+
+    with Image.open(buffer) as image:
+        indexed = image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    out = io.BytesIO()
+    indexed.save(out, format="png", optimize=True)
+    return out.getvalue()
 
 
 def in_kernel() -> bool:
@@ -222,7 +235,7 @@ class Explorer(anywidget.AnyWidget):
         The PNG is sent once, inside the HTML: an "image/png" entry beside it would be stored (and exported) a
         second time, and the HTML is what carries the marker the live view hides.
         """
-        png = base64.b64encode(figure_png(self.to_figure(), dpi=80)).decode("ascii")
+        png = base64.b64encode(figure_png(self.to_figure(), dpi=80, palette=True)).decode("ascii")
         marker = f"llama-lens-static llama-lens-static-{self.static_id}"
         alt = html.escape(f"{type(self).__name__} (static picture)")
         page = f'<div class="{marker}"><img alt="{alt}" style="max-width:100%" src="data:image/png;base64,{png}"></div>'

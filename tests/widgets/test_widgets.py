@@ -394,6 +394,29 @@ def test_exports_from_python(model, tmp_path):
     assert ll_widgets.figure_png(fig).startswith(b"\x89PNG")
 
 
+def test_static_pictures_are_indexed_pngs_a_fraction_of_the_size(model):
+    import base64
+    import io
+
+    from PIL import Image
+
+    explorer = ll_widgets.AttentionExplorer(model, "a prompt long enough for a heatmap, " * 3)
+    fig = explorer.to_figure()
+    full = ll_widgets.figure_png(fig, dpi=80)
+    indexed = ll_widgets.figure_png(fig, dpi=80, palette=True)
+    assert len(indexed) < len(full) / 2
+    with Image.open(io.BytesIO(indexed)) as image, Image.open(io.BytesIO(full)) as reference:
+        assert image.mode == "P" and image.size == reference.size
+        # Each pixel within a few levels of the full-colour picture (256 colours for a ramp and the text).
+        difference = np.abs(
+            np.asarray(image.convert("RGB"), dtype=int) - np.asarray(reference.convert("RGB"), dtype=int)
+        )
+        assert np.percentile(difference, 99) <= 16
+    html = explorer.static_bundle()["text/html"]
+    png = base64.b64decode(re.search(r"base64,([^\"]+)", html).group(1))
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).mode == "P"
+
+
 # ------------------------------------------------------------------------------------------ attention
 def _unpack(explorer, layer, head):
     """The open layer/head's pattern from the bytes the page gets (lower triangle, uint16)."""
