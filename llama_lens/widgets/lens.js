@@ -5,11 +5,12 @@
 const ROW_H = 18;
 const LABEL_W = 64;
 const METRIC_NAMES = {
-  prob: "top-1 probability", target_prob: "target probability", target_rank: "target rank",
+  prob: "top-1 probability", logit: "top-1 logit (raw)", target_prob: "target probability", target_rank: "target rank",
   token_prob: "token probability", token_rank: "token rank", entropy: "entropy (nats)", kl: "KL to final (nats)",
 };
 
-const SEQUENTIAL = palette(VIRIDIS);
+const SEQUENTIALS = {}; // colour map name -> its 256-entry palette, made when first shown
+const sequential = (name) => SEQUENTIALS[name] || (SEQUENTIALS[name] = palette(COLORMAPS[name] || VIRIDIS));
 const DIVERGENT = palette(DIVERGING);
 
 function render({ model, el }) {
@@ -33,6 +34,8 @@ function render({ model, el }) {
   const stride = h("input", { class: "ll-stride", type: "number", min: 1, max: 64, title: "show every n-th read-out" });
   const zoom = h("input", { class: "ll-zoom", type: "range", min: 6, max: 160, title: "cell width" });
   const diff = h("input", { class: "ll-diff", type: "checkbox" });
+  const colormap = h("select", { class: "ll-colormap", title: "colour map" },
+    Object.keys(COLORMAPS).map((v) => h("option", { value: v, text: v })));
   const trajectory = h("select", { class: "ll-trajectory" },
     ["prob", "rank"].map((v) => h("option", { value: v, text: "chart: " + v })));
   const hint = h("span", { class: "ll-hint" });
@@ -48,7 +51,7 @@ function render({ model, el }) {
     h("div", { class: "ll-bar" }, [promptBox, compareBox]),
     h("div", { class: "ll-bar" }, [
       h("label", {}, ["read-out ", readout]), lensLabel, h("label", {}, ["target ", targetBox]), hint,
-      h("label", {}, ["colour ", metric]), h("label", {}, ["token ", tokenBox]),
+      h("label", {}, ["colour ", metric]), colormap, h("label", {}, ["token ", tokenBox]),
     ]),
     h("div", { class: "ll-bar" }, [
       h("label", {}, ["stride ", stride]), h("label", {}, ["zoom ", zoom]), diffLabel, trajectory, buttons,
@@ -80,6 +83,7 @@ function render({ model, el }) {
     if (e.key === "Enter") { send("token", tokenBox.value); send("metric", "token_prob"); }
   });
   metric.addEventListener("change", () => send("metric", metric.value));
+  colormap.addEventListener("change", () => send("colormap", colormap.value));
   stride.addEventListener("change", () => send("stride", Math.max(1, Math.min(64, parseInt(stride.value) || 1))));
   zoom.addEventListener("input", () => send("zoom", Number(zoom.value)));
   diff.addEventListener("change", () => send("diff", diff.checked));
@@ -114,6 +118,7 @@ function render({ model, el }) {
     const P = d.positions.length;
     const i = r * P + c;
     if (which === "prob") return d.probs[i * d.k] / d.prob_scale;
+    if (which === "logit") return d.logit ? d.logit[i] : null; // pages saved before it was sent have none
     if (which === "entropy") return d.entropy[i];
     if (which === "kl") return d.kl[i];
     const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
@@ -142,6 +147,13 @@ function render({ model, el }) {
       let max = 1e-9;
       for (const d of ps) for (const v of which === "kl" ? d.kl : d.entropy) if (v > max) max = v;
       return { max, f: (v) => v / max, label: [0, max] };
+    }
+    if (which === "logit") {
+      // Raw logits are not normalised: the scale runs from the least to the greatest shown.
+      let min = Infinity, max = -Infinity;
+      for (const d of ps) for (const v of d.logit || []) { if (v < min) min = v; if (v > max) max = v; }
+      if (!(max > min)) { min = Number.isFinite(min) ? min : 0; max = min + 1; }
+      return { max, f: (v) => (v - min) / (max - min), label: [min, max] };
     }
     if (which.endsWith("rank")) {
       const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
@@ -176,7 +188,7 @@ function render({ model, el }) {
       const b = p === 0 ? sc.f(w) : sc.f(v);
       return shade(DIVERGENT, 0.5 + (a - b) / 2);
     }
-    return shade(SEQUENTIAL, sc.f(v));
+    return shade(sequential(model.get("colormap")), sc.f(v));
   }
 
   // ---------------------------------------------------------------- drawing
@@ -287,7 +299,7 @@ function render({ model, el }) {
     const ctx = canvasFor(legend, 240, 12);
     const divergent = model.get("diff") && panels().length === 2;
     for (let x = 0; x < 240; x++) {
-      ctx.fillStyle = rgb(divergent ? ramp(DIVERGING, x / 239) : ramp(VIRIDIS, x / 239));
+      ctx.fillStyle = rgb(divergent ? ramp(DIVERGING, x / 239) : ramp(COLORMAPS[model.get("colormap")] || VIRIDIS, x / 239));
       ctx.fillRect(x, 0, 1, 12);
     }
     const which = model.get("metric");
@@ -614,6 +626,7 @@ function render({ model, el }) {
     targetBox.value = model.get("target");
     tokenBox.value = model.get("token");
     metric.value = model.get("metric");
+    colormap.value = model.get("colormap") || "viridis";
     stride.value = model.get("stride");
     zoom.value = model.get("zoom");
     diff.checked = model.get("diff");
@@ -639,7 +652,7 @@ function render({ model, el }) {
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   };
-  const names = ["panels", "target_data", "token_data", "metric", "stride", "zoom", "diff", "titles"];
+  const names = ["panels", "target_data", "token_data", "metric", "colormap", "stride", "zoom", "diff", "titles"];
   for (const name of names) model.on("change:" + name, name === "panels" ? firstDraw : redraw);
   model.on("change:selection", () => { drawMarks(); drawPopup(); });
   model.on("change:pinned_positions", drawMarks);

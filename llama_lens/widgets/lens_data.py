@@ -193,7 +193,8 @@ def payload(run: LensRun) -> dict[str, Any]:
 
     Keys: tokens [pos] (input text), positions [P], labels [R], layers [R], k, vocab (texts), vocab_ids; packed:
     top (indices into vocab, [R * P * k] row-major, uint16, uint32 past 65535 texts), probs ([R * P * k] uint16:
-    divide by prob_scale), entropy and kl ([R * P] float32); `packed` names each one's dtype; seconds.
+    divide by prob_scale), logit (the top token's raw logit), entropy and kl ([R * P] float32); `packed` names
+    each one's dtype; seconds.
     """
     result = run.result
     top_ids = result.top_ids[0]  # [R, P, k]
@@ -212,11 +213,12 @@ def payload(run: LensRun) -> dict[str, Any]:
         "k": top_ids.shape[-1],
         "vocab": [first[i] for i in range(len(unique))],
         "vocab_ids": unique.tolist(),
-        "packed": {"top": top_dtype, "probs": "u2", "entropy": "f4", "kl": "f4"},
+        "packed": {"top": top_dtype, "probs": "u2", "logit": "f4", "entropy": "f4", "kl": "f4"},
         "top": _pack(inverse.reshape(-1).numpy(), top_dtype),
         # Probabilities in units of 1/65535: finer than the page shows them, at two bytes each.
         "prob_scale": PROB_SCALE,
         "probs": _pack(probs.numpy(), "u2"),
+        "logit": _pack(result.top_logits[0, :, :, 0].reshape(-1).float().numpy(), "f4"),  # the top token's
         "entropy": _pack(result.entropy[0].reshape(-1).float().numpy(), "f4"),
         "kl": _pack(result.kl_to_final[0].reshape(-1).float().numpy(), "f4"),
         "seconds": round(run.seconds, 3),

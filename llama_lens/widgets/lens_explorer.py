@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 READOUTS = ("resid_post", "resid_pre", "resid_mid")
 LENSES = ("logit", "tuned")
-METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+METRICS = ("prob", "logit", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+# The cells' colour maps (matplotlib's, sampled in common.js); the difference view keeps its diverging map.
+COLORMAPS = ("viridis", "magma", "cividis", "greys", "blues")
 TRAJECTORY = ("prob", "rank")
 
 
@@ -99,8 +101,10 @@ class LogitLensExplorer(Explorer):
         model: a HookedLlama with a tokenizer.
         prompt: a text, or chat messages [{"role", "content"}, ...] (through the tokenizer's chat template).
         target: the target token: its text (" Paris", with its leading space) or an id as "#1712".
-        metric: the colouring, one of METRICS ("prob" of the top token, the target's or a chosen token's
-            probability or rank, entropy, KL to the final read-out).
+        metric: the colouring, one of METRICS ("prob" of the top token, "logit" its raw logit (not normalised:
+            how strongly a read-out predicts, on the scale of the logits shown), the target's or a chosen
+            token's probability or rank, entropy, KL to the final read-out).
+        colormap: the cells' colour map, one of COLORMAPS.
         readout: "resid_post", "resid_pre" or "resid_mid" (each with the embedding).
         top_k: top tokens kept per cell.
         compare: a second prompt shown beside the first (None: one panel).
@@ -124,6 +128,7 @@ class LogitLensExplorer(Explorer):
         "token": Control("update", _check_token_box("token"), "a token to colour by (text or #id)"),
         "pins": Control("update", check_pins, "pinned token groups, one chart line each"),
         "metric": Control("redraw", one_of("metric", METRICS), "what colours the cells"),
+        "colormap": Control("redraw", one_of("colormap", COLORMAPS), "the cells' colour map"),
         "trajectory": Control("redraw", one_of("trajectory", TRAJECTORY), "the chart's y axis"),
         "pinned_positions": Control("redraw", check_positions, "input positions pinned"),
         "selection": Control("redraw", check_selection, "the clicked cell"),
@@ -140,6 +145,7 @@ class LogitLensExplorer(Explorer):
     token = traitlets.Unicode("").tag(sync=True)
     pins = traitlets.List([]).tag(sync=True)
     metric = traitlets.Unicode("prob").tag(sync=True)
+    colormap = traitlets.Unicode("viridis").tag(sync=True)
     trajectory = traitlets.Unicode("prob").tag(sync=True)
     pinned_positions = traitlets.List([]).tag(sync=True)
     selection = traitlets.Dict({}).tag(sync=True)
@@ -162,6 +168,7 @@ class LogitLensExplorer(Explorer):
         *,
         target: str | int | None = None,
         metric: str = "prob",
+        colormap: str = "viridis",
         readout: str = "resid_post",
         top_k: int = 10,
         compare: str | Sequence[dict[str, str]] | None = None,
@@ -204,6 +211,7 @@ class LogitLensExplorer(Explorer):
             "lens": lens or ("logit" if tuned_lens is None else "tuned"),
             "target": target or "",
             "metric": metric,
+            "colormap": colormap,
         }
         if not self.runs:  # the state above equalled the defaults: nothing triggered the first run
             self._submit(self._recompute)
@@ -301,7 +309,8 @@ class LogitLensExplorer(Explorer):
         """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""
         result = self._result_with_token(panel)
         # The target's or the colouring token's values are filled in as the LensResult's target.
-        metric = {"token_prob": "target_prob", "target_rank": "rank", "token_rank": "rank"}.get(
+        # The static plot has no raw-logit colouring: a "logit" page pictures the top token's probability.
+        metric = {"token_prob": "target_prob", "target_rank": "rank", "token_rank": "rank", "logit": "prob"}.get(
             self.metric, self.metric
         )
         if metric in ("target_prob", "rank") and result.target_ids is None:

@@ -11,11 +11,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llama_lens import widgets as ll_widgets
 from llama_lens.widgets.base import script_json
-from llama_lens.widgets.lens_explorer import METRICS
+from llama_lens.widgets.lens_data import unpack_panel
+from llama_lens.widgets.lens_explorer import COLORMAPS, METRICS
 
 NODE = shutil.which("node")
 HARNESS = Path(__file__).with_name("view_harness.mjs")
@@ -125,6 +127,34 @@ def test_every_metric_and_the_csv_without_errors(model, tmp_path, target):
     assert header[-2:] == ["target_prob", "target_rank"] and len(rows) == n_cells(explorer)
     if target:  # the probability is there, the rank left empty until computed
         assert all(row[-2] and row[-1] == "" for row in rows)
+
+
+@needs_node
+def test_colour_maps_and_raw_logits_colour_the_cells(model, tmp_path):
+    explorer = ll_widgets.LogitLensExplorer(model, "hello world", colormap="magma")
+    state = explorer.page_state()
+    assert state["colormap"] == "magma"
+    steps = [{"report": "magma"}]
+    for name in COLORMAPS:
+        steps += [{"set": "colormap", "value": name}, {"report": name}]
+    steps += [{"set": "metric", "value": "logit"}, {"hover": [2.5 * 36, 18 * 1.5]}, {"report": "logit"}]
+    out = run_view(tmp_path, state, steps)
+    assert out["errors"] == []
+    reports = out["reports"]
+    # Each map draws its own colours: the maps' cell colours (the redraw after the switch) differ pairwise.
+    colours = {name: set(reports[name]["fills"]) for name in COLORMAPS}
+    for a in COLORMAPS:
+        for b in COLORMAPS:
+            if a < b:
+                assert colours[a] != colours[b], (a, b)
+    with pytest.raises(ValueError, match="colormap"):
+        explorer.colormap = "jet"
+    # Raw logits: the legend spans the least to the greatest top-1 logit shown.
+    logits = explorer.result.top_logits[0, :, :, 0]
+    low, high = (float(x) for x in reports["logit"]["legend"].split(": ")[1].split(" … "))
+    assert low == pytest.approx(float(logits.min()), abs=0.01) and high == pytest.approx(float(logits.max()), abs=0.01)
+    assert "top-1 logit (raw)" in reports["logit"]["legend"]
+    np.testing.assert_array_equal(np.reshape(unpack_panel(explorer.panels[0])["logit"], logits.shape), logits.numpy())
 
 
 @needs_node

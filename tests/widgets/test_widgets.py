@@ -51,7 +51,7 @@ def _assert_ranks(ranks, logits, token_id, slack=1e-4):
 def test_lens_payload_holds_the_lens_compactly(model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", top_k=4)
     (packed,) = explorer.panels
-    assert packed["packed"] == {"top": "u2", "probs": "u2", "entropy": "f4", "kl": "f4"}
+    assert packed["packed"] == {"top": "u2", "probs": "u2", "logit": "f4", "entropy": "f4", "kl": "f4"}
     assert all(isinstance(packed[key], str) for key in packed["packed"])  # base64 in the JSON
     data = unpack_panel(packed)
     result = ll.logit_lens(model, "hello world", readout=("embed", "resid_post"), top_k=4)

@@ -6,7 +6,7 @@
 // state.json: the synced traits (an explorer's page_state()); script.json: a list of steps, each
 // {"set": name, "value": v} (a change from the kernel), {"click": selector} (a button by its text, "text:CSV"),
 // {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"root_height": px} (the explorer's
-// height) or {"report": label}. Errors thrown
+// height) or {"report": label} (`fills`: the canvas colours drawn since the last report). Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
 import fs from "node:fs";
 import vm from "node:vm";
@@ -24,9 +24,10 @@ class ClassList {
   toggle(c, on) { if (on === undefined) on = !this.contains(c); on ? this.add(c) : this.remove(c); return on; }
 }
 
+const fills = new Set(); // every fillStyle drawn with since the last report: the colours a colour map gave
 const context2d = new Proxy({}, {
   get: (target, name) => (name in target ? target[name] : name === "measureText" ? (t) => ({ width: 6 * String(t).length }) : () => {}),
-  set: (target, name, value) => { target[name] = value; return true; },
+  set: (target, name, value) => { if (name === "fillStyle") fills.add(String(value)); target[name] = value; return true; },
 });
 
 class Node {
@@ -128,7 +129,9 @@ for (const step of script) {
       thumbs: find("ll-thumb").length,
       open_thumbs: find("ll-open").length,
       text_spans: (find("ll-text")[0] || { children: [] }).children.length,
+      fills: [...fills],
     };
+    fills.clear();
   }
 }
 // The text of every download, read at the end (Blob.text is asynchronous).
