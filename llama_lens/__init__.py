@@ -61,6 +61,8 @@ _LAZY = {
     "Dictionary": "dictionaries.dictionary",
     "spliced": "dictionaries.splice",
     "run_with_dictionaries": "dictionaries.splice",
+    "feature_lens": "features.lens",
+    "FeatureLensResult": "features.lens_result",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
