@@ -242,8 +242,9 @@ def _readouts(weight, norm_weight: torch.Tensor, found: list[_SiteFound], n_read
         best_ids = torch.zeros((n, 0), dtype=torch.long, device=normed.device)
         for start in range(0, d_vocab, block):
             logits = normed @ weight[start : start + block].float().to(normed.device).T  # [N, block]
-            ids = torch.arange(start, start + logits.shape[1], device=normed.device).expand(n, -1)
-            merged, merged_ids = torch.cat([best, logits], 1), torch.cat([best_ids, ids], 1)
+            # The block's own top tokens first, then merged with the best so far: [N, 2 * n_readout] at most.
+            values, ids = logits.topk(min(n_readout, logits.shape[1]), dim=-1)
+            merged, merged_ids = torch.cat([best, values], 1), torch.cat([best_ids, ids + start], 1)
             best, pick = merged.topk(min(n_readout, merged.shape[1]), dim=-1)
             best_ids = merged_ids.gather(1, pick)
         all_ids, all_logits = best_ids.cpu(), best.cpu()
