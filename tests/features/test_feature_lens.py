@@ -159,7 +159,7 @@ def test_frame_and_plot(model, tmp_path):
     torch.testing.assert_close(torch.tensor(values.data[0]), result.dla[0].sum(-1), check_dtype=False)
 
 
-def test_explore_needs_the_widgets_room_or_builds_the_explorer(model, tmp_path):
+def test_explore_opens_the_explorer_through_the_face_or_says_what_to_import(model, tmp_path):
     from llama_lens.features import lens_result
 
     sae = ll.load_dictionary(write_saelens(tmp_path / "s", "blocks.1.hook_resid_post"))
@@ -169,6 +169,11 @@ def test_explore_needs_the_widgets_room_or_builds_the_explorer(model, tmp_path):
     try:
         with pytest.raises(UsageError, match="llama_lens.widgets"):
             result.explore()
+        # Reaching the lens through the face (`ll.feature_lens`) hands the features room the explorer's factory.
+        vars(ll).pop("feature_lens", None)
+        assert ll.feature_lens is feature_lens
+        explorer = result.explore()
+        assert type(explorer).__name__ == "FeatureExplorer" and explorer.meta["labels"] == result.labels
     finally:
         lens_result._EXPLORERS[:] = registered
 
