@@ -1,4 +1,4 @@
-"""Explorers for notebooks: the logit lens and attention patterns, as anywidget instruments.
+"""Explorers for notebooks: the logit lens, attention patterns and the feature lens, as anywidget instruments.
 
 Each explorer runs the model in Python and ships the numbers to the page once per model run; hovering,
 clicking, pinning, zooming and colouring happen in the browser. The JavaScript and CSS are files in this
@@ -7,12 +7,21 @@ picture shows instead, and `.save_html(path)` writes a standalone page that work
 
     ll.widgets.LogitLensExplorer(model, "The Eiffel Tower is in the city of", target=" Paris")
     ll.widgets.AttentionExplorer(model, "When Mary and John went to the store, John gave a drink to")
+    ll.widgets.FeatureExplorer(ll.feature_lens(model, prompt, dictionaries, target=" Paris"))
 """
 
 from __future__ import annotations
 
+from ..features.lens_result import register_explorer
 from .attention_explorer import AttentionExplorer
 from .base import Control, Explorer, figure_png
+from .feature_explorer import FeatureExplorer, explore
 from .lens_explorer import METRICS, READOUTS, LogitLensExplorer
 
-__all__ = ["AttentionExplorer", "Control", "Explorer", "LogitLensExplorer", "METRICS", "READOUTS", "figure_png"]
+# FeatureLensResult.explore() builds this room's explorer; the features room below cannot import it.
+register_explorer(explore)
+
+__all__ = [
+    "AttentionExplorer", "Control", "Explorer", "FeatureExplorer", "LogitLensExplorer", "METRICS", "READOUTS",
+    "figure_png",
+]  # fmt: skip

@@ -95,7 +95,7 @@ function download(name, data, type) {
 
 function csvCell(value) {
   const text = String(value ?? "");
-  return /[",\n]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
+  return /[",\n\r]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
 }
 
 // Handling times, read by tests and by anyone curious: window.llamaLensTimings.hover etc. (milliseconds).

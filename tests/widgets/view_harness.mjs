@@ -1,12 +1,14 @@
 // Runs an explorer's view (common.js + lens.js or attention.js) in Node on a stand-in DOM, drives its controls and
 // prints what it shows as JSON: the widget state a test asserts on (texts, values, downloads), never pixels.
 //
-//   node view_harness.mjs <widgets folder> <lens|attention> <state.json> <script.json>
+//   node view_harness.mjs <widgets folder> <lens|attention|features> <state.json> <script.json>
 //
 // state.json: the synced traits (an explorer's page_state()); script.json: a list of steps, each
 // {"set": name, "value": v} (a change from the kernel), {"click": selector} (a button by its text, "text:CSV"),
-// {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"root_height": px} (the explorer's
-// height) or {"report": label} (`fills`: the canvas colours drawn since the last report). Errors thrown
+// {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"click_at": [x, y]} (on the heatmap),
+// {"click_item": [class, n]} (the n-th element of that class), {"root_height": px} (the explorer's height) or
+// {"report": label} (`fills`: the canvas colours drawn since the last report). A view whose render returns a
+// promise (it inflates its data) is awaited first. Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
 import fs from "node:fs";
 import vm from "node:vm";
@@ -69,7 +71,8 @@ const documentStub = {
 };
 const errors = [];
 const sandbox = {
-  document: documentStub, console, performance, Blob, atob, Uint8Array, Uint16Array, Set, Map, JSON, Math,
+  document: documentStub, console, performance, Blob, atob, Uint8Array, Uint16Array, Uint32Array, Float32Array, Set, Map,
+  JSON, Math, Response, DecompressionStream, TextDecoder,
   getComputedStyle: () => ({ color: "rgb(0, 0, 0)", backgroundColor: "rgb(255, 255, 255)", fontFamily: "sans-serif",
     getPropertyValue: () => "" }),
   MutationObserver: class { observe() {} disconnect() {} },
@@ -99,7 +102,11 @@ function guard(fn) {
 }
 
 const el = new Node("div");
-guard(() => sandbox.explorerModule.render({ model, el }));
+let rendered;
+guard(() => { rendered = sandbox.explorerModule.render({ model, el }); });
+if (rendered && typeof rendered.then === "function") {
+  try { await rendered; } catch (error) { errors.push(String(error && error.stack ? error.stack.split("\n").slice(0, 2).join(" ") : error)); }
+}
 const find = (cls) => el.all((n) => n.classList.contains(cls));
 const reports = {};
 for (const step of script) {
@@ -112,6 +119,12 @@ for (const step of script) {
   } else if (step.key !== undefined) {
     const canvas = find("ll-cells")[step.panel || 0];
     guard(() => canvas.dispatch("keydown", { key: step.key }));
+  } else if (step.click_at !== undefined) {
+    const canvas = find("ll-cells")[0];
+    guard(() => canvas.dispatch("click", { clientX: step.click_at[0], clientY: step.click_at[1] }));
+  } else if (step.click_item !== undefined) {
+    const node = find(step.click_item[0])[step.click_item[1]];
+    if (!node) errors.push(`no element ${step.click_item}`); else guard(() => node.dispatch("click"));
   } else if (step.hover !== undefined) {
     const canvas = find("ll-cells")[0] || find("ll-att-canvas")[0];
     guard(() => canvas.dispatch("mousemove", { clientX: step.hover[0], clientY: step.hover[1] }));
@@ -130,6 +143,10 @@ for (const step of script) {
       open_thumbs: find("ll-open").length,
       text_spans: (find("ll-text")[0] || { children: [] }).children.length,
       fills: [...fills],
+      marks: find("ll-mark").map((n) => n.className),
+      popup: find("ll-popup").map((n) => n.textContent),
+      legend_bar: (find("ll-legendbar")[0] || { textContent: "" }).textContent,
+      feature: state.feature,
     };
     fills.clear();
   }
@@ -137,4 +154,4 @@ for (const step of script) {
 // The text of every download, read at the end (Blob.text is asynchronous).
 const csv = [];
 for (const blob of blobs) csv.push(await blob.text());
-process.stdout.write(JSON.stringify({ errors, reports, csv, sent: sent.length }));
+process.stdout.write(JSON.stringify({ errors, reports, csv, sent: sent.length, timings: sandbox.llamaLensTimings || {} }));
