@@ -61,6 +61,10 @@ _LAZY = {
     "Dictionary": "dictionaries.dictionary",
     "spliced": "dictionaries.splice",
     "run_with_dictionaries": "dictionaries.splice",
+    "steer": "features.steer",
+    "Steering": "features.steer",
+    "SteeringVector": "features.steer",
+    "steering_vector": "features.steer_vector",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
