@@ -65,6 +65,9 @@ _LAZY = {
     "Steering": "features.steer",
     "SteeringVector": "features.steer",
     "steering_vector": "features.steer_vector",
+    "feature_attribution": "features.attribute",
+    "ablate_features": "features.attribute_ablate",
+    "FeatureAttribution": "features.attribute_result",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
