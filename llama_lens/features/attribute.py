@@ -109,16 +109,16 @@ def _nodes(records: dict[str, SiteRecord], grads: Sequence[torch.Tensor | None])
         acts_grad = grads[2 * index] if grads[2 * index] is not None else torch.zeros_like(acts)
         error_grad = grads[2 * index + 1] if grads[2 * index + 1] is not None else torch.zeros_like(error)
         positions, features = acts.nonzero(as_tuple=True)  # the active features
-        active = acts[positions, features].double()
-        feature_attr = active * acts_grad[positions, features].double()
-        error_pos = torch.arange(error.shape[0], device=error.device)
-        error_attr = (error.double() * error_grad.double()).sum(-1)  # [pos]
+        active = acts[positions, features].double().cpu()
+        feature_attr = active * acts_grad[positions, features].double().cpu()
+        error_pos = torch.arange(error.shape[0])
+        error_attr = (error.double() * error_grad.double()).sum(-1).cpu()  # [pos]
         count = len(positions) + len(error_pos)
         columns["site_index"].append(torch.full((count,), index, dtype=torch.long))
-        columns["positions"].append(torch.cat([positions, error_pos]).cpu())
-        columns["features"].append(torch.cat([features, torch.full_like(error_pos, ERROR)]).cpu())
-        values["activations"].append(torch.cat([active, error.double().norm(dim=-1)]).cpu())
-        values["attributions"].append(torch.cat([feature_attr, error_attr]).cpu())
+        columns["positions"].append(torch.cat([positions.cpu(), error_pos]))
+        columns["features"].append(torch.cat([features.cpu(), torch.full_like(error_pos, ERROR)]))
+        values["activations"].append(torch.cat([active, error.double().norm(dim=-1).cpu()]))
+        values["attributions"].append(torch.cat([feature_attr, error_attr]))
     return {name: torch.cat(parts) for name, parts in (columns | values).items()}
 
 

@@ -96,12 +96,14 @@ def node_deltas(record: SiteRecord, positions: torch.Tensor, features: torch.Ten
     deltas[is_error] = -error[positions[is_error]]
     chosen = ~is_error
     if bool(chosen.any()):
-        acts = record.acts.detach()[positions[chosen]]  # [m, d_sae]
+        device = record.acts.device  # the dictionary's, which may not be the model's
+        rows, picked = positions[chosen].to(device), features[chosen].to(device)
+        acts = record.acts.detach()[rows]  # [m, d_sae]
         zeroed = acts.clone()
-        zeroed[torch.arange(len(acts)), features[chosen]] = 0
-        source = record.source[positions[chosen]]
+        zeroed[torch.arange(len(acts), device=device), picked] = 0
+        source = record.source[rows]
         dictionary = record.dictionary
-        deltas[chosen] = (dictionary.decode(zeroed, source) - dictionary.decode(acts, source)).to(deltas.dtype)
+        deltas[chosen] = (dictionary.decode(zeroed, source) - dictionary.decode(acts, source)).to(deltas)
     return deltas
 
 
@@ -117,7 +119,7 @@ def run_ablations(
 ) -> tuple[float, torch.Tensor]:
     """(the clean run's metric, [len(nodes)] metric(clean) - metric(ablated)) from batched rows: the clean row,
     then one row per node, at most `max_batch` rows a forward pass."""
-    max_batch = check_count("max_batch", max_batch, 2)
+    max_batch = check_count("max_batch", max_batch)
     n_layers, pos = model.cfg.n_layers, tokens.shape[1]
     deltas = [None] * len(nodes)
     for site, record in records.items():

@@ -104,7 +104,7 @@ def _site_hooks(record: SiteRecord) -> list[tuple[str, object]]:
             flat_in, pre = dictionary.encode_pre(record.source)
             acts = dictionary._activate(flat_in, pre)
         acts = acts.requires_grad_(torch.is_grad_enabled())
-        recons = dictionary.decode(acts, record.source)  # [pos, d_out], differentiable in acts
+        recons = dictionary.decode(acts, record.source).to(x.device)  # [pos, d_out], differentiable in acts
         target = x[0].flatten(-2) if x.shape[-1] != recons.shape[-1] else x[0]  # hook_z: [pos, n_heads * d_head]
         dtype = torch.promote_types(recons.dtype, target.dtype)
         error = (target.detach().to(dtype) - recons.detach().to(dtype)).requires_grad_(torch.is_grad_enabled())

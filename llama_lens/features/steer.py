@@ -245,7 +245,7 @@ def _add_hook(total: torch.Tensor, positions: str | list[int]):
     def add(act: torch.Tensor, *, hook) -> torch.Tensor:
         key = (act.dtype, act.device)
         if key not in converted:  # once per dtype and device, not once per step
-            converted[key] = total.to(device=act.device, dtype=act.dtype)
+            converted[key] = total.to(dtype=act.dtype).to(act.device)  # cast first: not every device has float64
         delta = converted[key].view(act.shape[2:])  # [width] or, at hook_z, [n_heads, d_head]
         where = steered_columns(positions, act.shape[1], act.device)
         if where is None:
