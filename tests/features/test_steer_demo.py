@@ -48,10 +48,13 @@ def test_a_vector_toward_a_tokens_unembedding_raises_its_logit(model):
     prompt = _chat(model, "Where should I travel this summer?")
     direction = model.unembed.weight[token].detach()
     direction = direction / direction.norm()
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     with torch.no_grad():
-        plain = model(prompt)[0, -1]
-        with ll.steer(model, direction, layers=[20], scale=20.0):
+        plain, cache = model.run_with_cache(prompt, names_filter=last)
+        scale = 0.25 * float(cache[last][0, -1].norm())  # a quarter of the residual stream's own size
+        with ll.steer(model, direction, hooks=last, scale=scale):
             steered = model(prompt)[0, -1]
-    gain = steered - plain
-    assert gain[token] > gain.mean() + 5 * gain.std()
-    assert steered.softmax(-1)[token] > 10 * plain.softmax(-1)[token]
+    plain = plain[0, -1]
+    assert plain.argmax() != token and steered.argmax() == token
+    assert steered.softmax(-1)[token] > 100 * plain.softmax(-1)[token]
+    assert (steered - plain)[token] > (steered - plain).mean()
