@@ -63,6 +63,13 @@ _LAZY = {
     "run_with_dictionaries": "dictionaries.splice",
     "feature_lens": "features.lens",
     "FeatureLensResult": "features.lens_result",
+    "steer": "features.steer",
+    "Steering": "features.steer",
+    "SteeringVector": "features.steer",
+    "steering_vector": "features.steer_vector",
+    "feature_attribution": "features.attribute",
+    "ablate_features": "features.attribute_ablate",
+    "FeatureAttribution": "features.attribute_result",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,34 @@ def _progress(steps: range, verbose: bool):
     from tqdm.auto import tqdm
 
     return tqdm(steps, desc="generating", unit="token")
+
+
+@dataclass(frozen=True)
+class DecodingStep:
+    """Where `generate`'s current forward pass sits in the sequence, for hooks that act on some positions only
+    (steering the generated tokens alone, say): columns of the left-padded batch, so every prompt's last token
+    is at column `prompt_pos - 1` and its first generated token at `prompt_pos`."""
+
+    prompt_pos: int  # columns of the prompt batch
+    start: int  # the column of this pass's first position: 0 without a KV cache, the new token's with one
+
+
+# The step of the `generate` call the calling thread (or task) is inside; None outside `generate`.
+_DECODING_STEP: ContextVar[DecodingStep | None] = ContextVar("llama_lens_decoding_step", default=None)
+
+
+def decoding_step() -> DecodingStep | None:
+    """The `DecodingStep` of the forward pass running now inside `generate`, or None outside it."""
+    return _DECODING_STEP.get()
+
+
+@contextmanager
+def _at_step(prompt_pos: int, start: int) -> Iterator[None]:
+    token = _DECODING_STEP.set(DecodingStep(prompt_pos, start))
+    try:
+        yield
+    finally:
+        _DECODING_STEP.reset(token)
 
 
 @dataclass
@@ -176,9 +206,10 @@ def _generate(
     generator = sampling.generator(device)
     max_new_tokens, stop_at_eos = sampling.max_new_tokens, sampling.stop_at_eos
 
-    batch = tokens.shape[0]
+    batch, prompt_pos = tokens.shape
     kv_cache = KVCache() if use_kv_cache else None
-    logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)
+    with _at_step(prompt_pos, 0):
+        logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in _progress(range(max_new_tokens), verbose):
@@ -195,10 +226,12 @@ def _generate(
             break  # the last token is chosen: no forward pass for a token that will not be sampled
         step_mask = torch.ones(batch, 1, dtype=torch.long, device=device)
         if kv_cache is not None:
-            logits = model(next_token[:, None], attention_mask=step_mask, kv_cache=kv_cache)
+            with _at_step(prompt_pos, prompt_pos + step):  # the new token's column
+                logits = model(next_token[:, None], attention_mask=step_mask, kv_cache=kv_cache)
         else:
             tokens, mask = torch.cat([tokens, next_token[:, None]], dim=1), torch.cat([mask, step_mask], dim=1)
-            logits = model(tokens, attention_mask=mask)
+            with _at_step(prompt_pos, 0):
+                logits = model(tokens, attention_mask=mask)
 
     out_tokens = []
     for row in new_tokens.tolist():
