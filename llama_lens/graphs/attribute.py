@@ -117,6 +117,10 @@ class _RowComputer:
         self.frozen, self.nodes = frozen, nodes
         self.n_layers, self.n_pos, _ = nodes.errors.shape
         self.n_columns = nodes.n_features + (self.n_layers + 1) * self.n_pos
+        self.writes_by_pos = {
+            layer: [(pos, ids[positions == pos], writes[positions == pos]) for pos in positions.unique().tolist()]
+            for layer, (ids, positions, writes) in nodes.writes.items()
+        }
 
     def __call__(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows [k, n_columns] of targets reading `vectors` [k, d_model] at (layer, pos); layer n_layers
@@ -135,9 +139,9 @@ class _RowComputer:
             final = (ids[mask], positions[mask], vectors[mask])
 
         def on_mlp_out(layer: int, grad: torch.Tensor) -> None:
-            if layer in nodes.writes:
-                feature_ids, feature_pos, writes = nodes.writes[layer]
-                out[:, feature_ids] += (grad[:, feature_pos] * writes).sum(-1)
+            # One matmul per position: gathering grad at every feature's position would copy [rows, k, d_model].
+            for pos, feature_ids, writes in self.writes_by_pos.get(layer, ()):
+                out[:, feature_ids] += grad[:, pos] @ writes.T
             start = n_features + layer * n_pos
             out[:, start : start + n_pos] = (grad * nodes.errors[layer]).sum(-1)
 
