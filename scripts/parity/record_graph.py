@@ -11,8 +11,8 @@ calibrated here on the prompt so that about `ACTIVE` features fire per token. Th
 biases, circuit-tracer's active and selected features, the feature and logit rows of its adjacency matrix,
 its logit targets, replacement and completeness scores and pruned node mask (tests/graphs/data/graph_parity.npz).
 
-It also writes our `.pt` export back through circuit-tracer's `Graph.from_pt` and our JSON through its pydantic
-`Model` when given `--check-export DIR` (a folder the test suite wrote; see docs/graphs.md).
+With `--check-export DIR` it instead reads our exports back with circuit-tracer: DIR/graph.pt (written by
+`AttributionGraph.to_pt`) through `Graph.from_pt`, and DIR/graph.json (`to_json`) through its pydantic `Model`.
 """
 
 from __future__ import annotations
