@@ -9,6 +9,8 @@ import importlib
 
 # public name -> module that defines it
 _LAZY = {
+    "attribution_graph": "graphs.attribute",
+    "AttributionGraph": "graphs.result",
     "LlamaConfig": "config",
     "RopeScaling": "config",
     "HookedLlama": "model.llama",

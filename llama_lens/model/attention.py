@@ -214,7 +214,8 @@ class Attention(nn.Module):
         if has_key is not None:
             # Rows with no key: softmax over zeros (not over -inf, which is NaN in value and gradient), then zeroed.
             scores = scores.masked_fill(~has_key, 0.0)
-        # Softmax in float32 as transformers does, then back to the activations' dtype.
-        pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        # Softmax in float32 at least, as transformers does (float64 stays float64), then back to the activations'
+        # dtype.
+        pattern = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         pattern = self.hook_pattern(pattern if has_key is None else pattern * has_key)
         return matmul(pattern, v)

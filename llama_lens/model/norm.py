@@ -26,8 +26,8 @@ class RMSNorm(nn.Module):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 whatever the activations' dtype, as transformers does.
-        x32 = x.float()
+        # Statistics in float32 at least, as transformers does (float64 stays float64: exact tests run in it).
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         normalized = self.hook_normalized((x32 / scale).to(x.dtype))
         return self.weight * normalized
