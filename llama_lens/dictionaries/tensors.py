@@ -7,6 +7,7 @@ what the reads since then cost, so a test (or a user) can see that a feature len
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,19 +55,20 @@ class TensorFile:
     def read_rows(
         self, name: str, rows: Iterable[int] | torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Rows `rows` of the 2-D tensor `name` ([len(rows), n_columns]), reading only their bytes.
+        """Rows `rows` (along the first dimension) of tensor `name`: [len(rows), *shape[1:]], reading only their
+        bytes. A cross-layer decoder [d_sae, n_out_layers, d_model] gives each feature's directions at once.
 
         Runs of consecutive rows are read in one call each, so reading every row costs one read."""
         info = self._info(name)
         shape = info["shape"]
-        if len(shape) != 2:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}; rows are read from 2-D tensors")
+        if len(shape) < 2:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}; rows are read from 2-D or wider")
         stored = getattr(torch, info["dtype"])
         ids = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= shape[0]):
             raise CheckpointError(f"{self.path}: rows of {name!r} must lie in [0, {shape[0]}), got {ids.tolist()}")
-        out = torch.empty(len(ids), shape[1], dtype=dtype or stored)
-        row_bytes = shape[1] * stored.itemsize
+        out = torch.empty(len(ids), *shape[1:], dtype=dtype or stored)
+        row_bytes = math.prod(shape[1:]) * stored.itemsize
         order = torch.argsort(ids)
         sorted_ids = ids[order].tolist()
         with open(self.path, "rb", buffering=0) as file:
@@ -76,7 +78,7 @@ class TensorFile:
                 last = first
                 while last + 1 < len(sorted_ids) and sorted_ids[last + 1] == sorted_ids[last] + 1:
                     last += 1
-                block = torch.empty(last - first + 1, shape[1], dtype=out.dtype)
+                block = torch.empty(last - first + 1, *shape[1:], dtype=out.dtype)
                 file.seek(info["offsets"][0] + sorted_ids[first] * row_bytes)
                 read_stored_into(file, block.view(-1), stored, f"rows of {name!r}")
                 out[order[first : last + 1]] = block
