@@ -2,8 +2,10 @@
 
 An SAE at hook h replaces the activation x there with decode(encode(x)); a transcoder reading h_in and writing
 h_out replaces the activation at h_out with its reconstruction from h_in. With the error term, the
-replacement is recons + (x - recons), which equals x but for rounding, and through which gradients reach the
-features: the reference for attribution, and a check that splicing is wired right.
+replacement is recons + (x - recons) with the error detached, as in SAELens: gradients reach the features
+through recons, and the forward pass is the model's own (the reference for attribution, and a check that
+splicing is wired right). It is computed as x + (recons - recons.detach()), which has those gradients and
+equals x exactly, where recons + error would differ from x by rounding.
 
 The cache gets SAELens' names under the site each dictionary replaces (hook_out):
     <site>.hook_sae_input      x the dictionary read                 [batch, pos, d_in]
@@ -78,6 +80,11 @@ def splice_hooks(
     return hooks
 
 
+def _with_error_term(target: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
+    """recons + (target - recons).detach() in value and gradient, but exactly `target` in value."""
+    return target.detach().to(recons.dtype) + (recons - recons.detach())
+
+
 def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dict | None):
     site = dictionary.hook_out
     inputs: list[torch.Tensor] = []  # a transcoder's input, from hook_in to hook_out of the same forward
@@ -93,7 +100,7 @@ def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dic
             values = (dictionary._flat(source, dictionary.d_in, "x"), pre, acts, recons, error)
             for point, value in zip(SAE_POINTS, values):
                 records[f"{site}.{point}"] = value.detach()
-        out = recons + error.detach() if use_error_term else recons
+        out = _with_error_term(target, recons) if use_error_term else recons
         return out.reshape(x.shape).to(x.dtype)
 
     if not dictionary.is_transcoder:
@@ -143,7 +150,7 @@ def _cross_layer_hooks(clt: CrossLayerTranscoder, use_error_term: bool, records:
                 x, pre, acts = state[layer][:3]
                 for point, value in zip(SAE_POINTS, (x, pre, acts, recons, error)):
                     records[f"{clt.hooks_out[layer]}.{point}"] = value.detach()
-            out = recons + error.detach() if use_error_term else recons
+            out = _with_error_term(y, recons) if use_error_term else recons
             return out.to(y.dtype)
 
         return hook
