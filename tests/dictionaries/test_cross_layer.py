@@ -44,7 +44,9 @@ def test_clt_sites_math_and_lazy_rows(tmp_path):
     before = clt.bytes_read
     rows = clt.W_dec_rows(0, [7])
     assert rows.shape == (1, 2, 64) and clt.bytes_read - before == 2 * 64 * 4
-    torch.testing.assert_close(rows[0], load_file(folder / "W_dec_0.safetensors")["W_dec_0"][7])
+    W_dec_0 = load_file(folder / "W_dec_0.safetensors")["W_dec_0"]
+    torch.testing.assert_close(rows[0], W_dec_0[7])
+    torch.testing.assert_close(clt.W_dec_rows(0, [7, 2, 7, 3]), W_dec_0[[7, 2, 7, 3]])  # any order, repeats
 
 
 def test_clt_without_config_uses_circuit_tracers_defaults(tmp_path):
