@@ -61,6 +61,7 @@ _LAZY = {
     "Plan": "loading.plan",
     "load_dictionary": "dictionaries.load",
     "Dictionary": "dictionaries.dictionary",
+    "CrossLayerTranscoder": "dictionaries.cross_layer",
     "spliced": "dictionaries.splice",
     "run_with_dictionaries": "dictionaries.splice",
     "feature_lens": "features.lens",

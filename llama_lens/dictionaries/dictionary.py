@@ -11,8 +11,8 @@ Shapes (the model's glossary, plus):
 The math is one function for every format, with the switches the formats differ by (each file format in
 formats/ says how its files set them):
 
-    x' = normalize(x) * input_scale             (SAELens' normalize_activations; Llama Scope's dataset norm)
-    pre = (x' - b_dec if apply_b_dec_to_input else x') @ W_enc + b_enc
+    x' = normalize(x)                           (SAELens' normalize_activations)
+    pre = (x' - b_dec if apply_b_dec_to_input else x') @ (W_enc * input_scale) + b_enc   (Llama Scope's norm)
     acts = activation(pre)     relu | jumprelu (relu, pre > threshold) | threshold | topk (k largest) | gated
     out = denormalize((acts @ W_dec + b_dec) / output_scale) + x @ W_skip.T
 
@@ -72,7 +72,7 @@ class Dictionary:
     k: int | None = None
     apply_b_dec_to_input: bool = False
     normalize_activations: str = "none"
-    input_scale: float = 1.0  # x is multiplied by it before encoding...
+    input_scale: float = 1.0  # x is multiplied by it before encoding (folded into W_enc, and the threshold)...
     output_scale: float = 1.0  # ...and the reconstruction divided by this after decoding
     rescale_acts_by_decoder_norm: bool = False  # SAELens TopK: rank pre * |W_dec row|, decode acts / |W_dec row|
     dtype: torch.dtype = torch.float32
@@ -171,12 +171,20 @@ class Dictionary:
         """(the encoder's input after normalization, the pre-activations [..., d_sae])."""
         x = self._flat(x, self.d_in, "x")
         x, _ = self._normalize(x)
-        x = x * self.input_scale
         if self.apply_b_dec_to_input:
             x = x - self.param("b_dec")
         if self.activation == "gated":
             return x, x @ (self.W_enc * self.param("r_mag").exp()) + self.param("b_mag")
-        return x, x @ self.W_enc + self._bias("b_enc", self.d_sae)
+        return x, x @ self._scaled_W_enc() + self._bias("b_enc", self.d_sae)
+
+    def _scaled_W_enc(self) -> torch.Tensor:
+        """W_enc with input_scale folded in, as SAELens folds Llama Scope's dataset norm into its encoder (the
+        same rounding as theirs, so a pre-activation at the threshold falls on the same side)."""
+        if self.input_scale == 1.0:
+            return self.W_enc
+        if "W_enc_scaled" not in self._loaded:
+            self._loaded["W_enc_scaled"] = self.W_enc * self.input_scale
+        return self._loaded["W_enc_scaled"]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [..., d_sae] of activations x [..., d_in] read at `hook_in`."""

@@ -4,6 +4,7 @@
     sparsify                cfg.json + sae.safetensors, in a folder named after its hookpoint ("layers.3.mlp")
     Llama Scope             hyperparams.json + checkpoints/final.safetensors
     circuit-tracer          config.yaml + layer_{i}.safetensors (one transcoder per layer)
+    circuit-tracer CLT      config.yaml + W_enc_{i}.safetensors + W_dec_{i}.safetensors (a cross-layer transcoder)
 
 Each reader names the file and key of anything it cannot map (ConfigError) and checks tensor shapes against
 the config (CheckpointError) before any weight is read.
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, MissingFileError
 from ..files import read_json_file
+from .cross_layer import CrossLayerTranscoder
 from .dictionary import Dictionary, TensorRef
 from .sites import circuit_tracer_site, our_hook, sparsify_sites
 from .tensors import TensorFile
@@ -44,7 +46,7 @@ def detect_format(path: Path) -> str | None:
         return "sparsify"
     if (path / "hyperparams.json").is_file() and (path / "checkpoints" / "final.safetensors").is_file():
         return "llama_scope"
-    if (path / "config.yaml").is_file() and (path / "W_enc_0.safetensors").is_file():
+    if (path / "W_enc_0.safetensors").is_file():  # config.yaml is optional, as for circuit-tracer's load_clt
         return "circuit_tracer_clt"
     if (path / "config.yaml").is_file() or (path / "layer_0.safetensors").is_file():
         return "circuit_tracer"
@@ -298,6 +300,73 @@ def read_circuit_tracer(path: Path) -> list[Dictionary]:
             )
         )
     return dictionaries
+
+
+def read_circuit_tracer_clt(path: Path) -> CrossLayerTranscoder:
+    """A cross-layer transcoder as circuit-tracer's `CrossLayerTranscoder.to_safetensors` writes it."""
+    cfg_path = path / "config.yaml"
+    cfg = _read_yaml(cfg_path) if cfg_path.is_file() else {}
+    kind = cfg.get("model_kind", "cross_layer_transcoder")
+    if kind != "cross_layer_transcoder":
+        raise ConfigError(
+            f"{cfg_path}: model_kind {kind!r}, but the folder holds W_enc_{{i}}.safetensors files, which only a "
+            "'cross_layer_transcoder' has"
+        )
+    layers = sorted(int(re.sub(r"\D", "", p.stem) or -1) for p in path.glob("W_enc_*.safetensors"))
+    if layers != list(range(len(layers))):
+        missing = sorted(set(range(max(layers) + 1)) - set(layers))
+        raise MissingFileError(f"{path}: a CLT needs W_enc_{{i}}.safetensors for every layer; missing i = {missing}")
+    n_layers = len(layers)
+    # circuit-tracer's load_clt reads from the residual stream before the MLP's norm unless told otherwise.
+    where = f"{cfg_path} key 'feature_input_hook'"
+    hooks_in = [circuit_tracer_site(cfg.get("feature_input_hook", "hook_resid_mid"), i, where=where) for i in layers]
+    where = f"{cfg_path} key 'feature_output_hook'"
+    hooks_out = [circuit_tracer_site(cfg.get("feature_output_hook", "hook_mlp_out"), i, where=where) for i in layers]
+    first = TensorFile(path / "W_enc_0.safetensors")
+    _check_present(first, "W_enc_0", "b_dec_0")
+    (d_sae, d_in), (d_out,) = first.shape("W_enc_0"), first.shape("b_dec_0")
+    jumprelu = "threshold_0" in first
+    encoders, decoders = [], []
+    for i in layers:
+        enc = first if i == 0 else TensorFile(path / f"W_enc_{i}.safetensors")
+        shapes = {f"W_enc_{i}": (d_sae, d_in), f"b_enc_{i}": (d_sae,), f"b_dec_{i}": (d_out,)}
+        if jumprelu:
+            shapes[f"threshold_{i}"] = (d_sae,)
+        for name, shape in shapes.items():
+            _check_shape(enc, name, shape, path / "W_enc_0.safetensors")
+        encoders.append(
+            {
+                "W_enc": TensorRef(enc, f"W_enc_{i}", transposed=True),  # [d_sae, d_in], used as x @ W_enc.T
+                "b_enc": TensorRef(enc, f"b_enc_{i}"),
+                "b_dec": TensorRef(enc, f"b_dec_{i}"),
+            }
+            | ({"threshold": TensorRef(enc, f"threshold_{i}")} if jumprelu else {})
+        )
+        dec_path = path / f"W_dec_{i}.safetensors"
+        if not dec_path.is_file():
+            raise MissingFileError(f"{dec_path}: no such file; a CLT needs W_dec_{{i}}.safetensors beside each W_enc")
+        dec = TensorFile(dec_path)
+        _check_shape(dec, f"W_dec_{i}", (d_sae, n_layers - i, d_out), path / "W_enc_0.safetensors")
+        decoders.append(TensorRef(dec, f"W_dec_{i}"))
+    return CrossLayerTranscoder(
+        format="circuit_tracer_clt",
+        path=path,
+        n_layers=n_layers,
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out,
+        hooks_in=hooks_in,
+        hooks_out=hooks_out,
+        encoders=encoders,
+        decoders=decoders,
+        activation="threshold" if jumprelu else "relu",
+    )
+
+
+def _check_present(file: TensorFile, *names: str) -> None:
+    for name in names:
+        if name not in file:
+            raise CheckpointError(f"{file.path}: no tensor {name!r}; it holds {file.names()}")
 
 
 def _read_yaml(path: Path) -> dict:

@@ -8,8 +8,16 @@ from pathlib import Path
 import torch
 
 from ..errors import ArgumentError, ConfigError, MissingFileError
+from .cross_layer import CrossLayerTranscoder
 from .dictionary import Dictionary
-from .formats import detect_format, read_circuit_tracer, read_llama_scope, read_saelens, read_sparsify
+from .formats import (
+    detect_format,
+    read_circuit_tracer,
+    read_circuit_tracer_clt,
+    read_llama_scope,
+    read_saelens,
+    read_sparsify,
+)
 
 
 def load_dictionary(
@@ -19,13 +27,15 @@ def load_dictionary(
     hookpoint: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Dictionary | list[Dictionary]:
+) -> Dictionary | list[Dictionary] | CrossLayerTranscoder:
     """Opens a sparse dictionary (SAE or transcoder) folder; reads headers only, weights on first use.
 
     Formats, detected from the files: SAELens (cfg.json + sae_weights.safetensors, 6.x and pre-6.0 configs),
     sparsify (cfg.json + sae.safetensors, in a folder named after its hookpoint, or a folder of such
     folders), Llama Scope (hyperparams.json + checkpoints/final.safetensors) and circuit-tracer transcoder
-    sets (config.yaml + layer_{i}.safetensors). A folder holding several dictionaries gives a list.
+    sets (config.yaml + layer_{i}.safetensors), and circuit-tracer cross-layer transcoders (config.yaml +
+    W_enc_{i} / W_dec_{i}.safetensors), opened as one CrossLayerTranscoder. A folder holding several
+    dictionaries gives a list.
 
     Args:
         path: the folder.
@@ -51,10 +61,8 @@ def load_dictionary(
         raise ConfigError(
             f"{path}: no dictionary format llama_lens reads (SAELens cfg.json + sae_weights.safetensors, sparsify "
             "cfg.json + sae.safetensors, Llama Scope hyperparams.json + checkpoints/final.safetensors, "
-            "circuit-tracer config.yaml + layer_{i}.safetensors)"
+            "circuit-tracer config.yaml + layer_{i}.safetensors or W_enc_{i} / W_dec_{i}.safetensors)"
         )
-    if found == "circuit_tracer_clt":
-        raise ConfigError(f"{path}: circuit-tracer cross-layer transcoders (W_enc_{{i}} files) are not read yet")
     if hook_out is not None and found != "saelens":
         raise ArgumentError(f"hook_out= is for SAELens transcoders; {path} is a {found} folder")
     if hookpoint is not None and found != "sparsify":
@@ -65,4 +73,6 @@ def load_dictionary(
         return read_sparsify(path, hookpoint=hookpoint).to(device, dtype)
     if found == "llama_scope":
         return read_llama_scope(path).to(device, dtype)
+    if found == "circuit_tracer_clt":
+        return read_circuit_tracer_clt(path).to(device, dtype)
     return [d.to(device, dtype) for d in read_circuit_tracer(path)]

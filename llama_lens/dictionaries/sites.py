@@ -86,6 +86,7 @@ def sparsify_sites(hookpoint: str, transcode: bool, *, where: str) -> tuple[str,
 
 def circuit_tracer_site(name: str, layer: int, *, where: str) -> str:
     """Our hook for circuit-tracer's feature_input_hook / feature_output_hook at `layer` ("hook_resid_mid",
-    "mlp.hook_in", "ln2.hook_normalized", "hook_mlp_out"; its nnsight names "mlp.input" / "mlp.output")."""
-    nnsight = {"mlp.input": "mlp.hook_in", "mlp.output": "hook_mlp_out"}
-    return our_hook(f"blocks.{layer}.{nnsight.get(name, name)}", where=where)
+    "mlp.hook_in", "ln2.hook_normalized", "hook_mlp_out"; its nnsight names "mlp.input" / "mlp.output"; and
+    "mlp.hook_out", the hook its replacement MLP puts on the MLP's output, which its CLT configs name)."""
+    aliases = {"mlp.input": "mlp.hook_in", "mlp.output": "hook_mlp_out", "mlp.hook_out": "hook_mlp_out"}
+    return our_hook(f"blocks.{layer}.{aliases.get(name, name)}", where=where)

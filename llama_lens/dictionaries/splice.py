@@ -2,8 +2,10 @@
 
 An SAE at hook h replaces the activation x there with decode(encode(x)); a transcoder reading h_in and writing
 h_out replaces the activation at h_out with its reconstruction from h_in. With the error term, the
-replacement is recons + (x - recons), which equals x but for rounding, and through which gradients reach the
-features: the reference for attribution, and a check that splicing is wired right.
+replacement is recons + (x - recons) with the error detached, as in SAELens: gradients reach the features
+through recons, and the forward pass is the model's own (the reference for attribution, and a check that
+splicing is wired right). It is computed as x + (recons - recons.detach()), which has those gradients and
+equals x exactly, where recons + error would differ from x by rounding.
 
 The cache gets SAELens' names under the site each dictionary replaces (hook_out):
     <site>.hook_sae_input      x the dictionary read                 [batch, pos, d_in]
@@ -11,6 +13,10 @@ The cache gets SAELens' names under the site each dictionary replaces (hook_out)
     <site>.hook_sae_acts_post  feature activations                   [batch, pos, d_sae]
     <site>.hook_sae_recons     reconstruction                        [batch, pos, d_out]
     <site>.hook_sae_error      activation - reconstruction           [batch, pos, d_out]
+
+A cross-layer transcoder replaces the MLP output of every layer it spans: layer j's output is rebuilt from the
+features of layers 0..j, each encoded at its own layer's input earlier in the same forward pass; the cache
+names are those above at each layer's output hook, acts being the features read at that layer.
 
 Splices are ordinary forward hooks, so they work with other hooks, `generate` and its KV cache.
 """
@@ -25,14 +31,25 @@ import torch
 from ..errors import ArgumentError, UnknownNameError, did_you_mean
 from ..model.activation_cache import ActivationCache
 from ..model.hooks import HookedModule, HookPoint
+from .cross_layer import CrossLayerTranscoder
 from .dictionary import Dictionary
 
 SAE_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error")
 
 
+AnyDictionary = Dictionary | CrossLayerTranscoder
+
+
+def _sites(dictionary: AnyDictionary) -> tuple[list[str], list[str]]:
+    """(the hooks a dictionary reads, the hooks it writes)."""
+    if isinstance(dictionary, CrossLayerTranscoder):
+        return dictionary.hooks_in, dictionary.hooks_out
+    return [dictionary.hook_in], [dictionary.hook_out]
+
+
 def splice_hooks(
     model: HookedModule,
-    dictionaries: Dictionary | Iterable[Dictionary],
+    dictionaries: AnyDictionary | Iterable[AnyDictionary],
     *,
     use_error_term: bool = False,
     records: dict[str, torch.Tensor] | None = None,
@@ -43,19 +60,29 @@ def splice_hooks(
         use_error_term: add back what each dictionary misses, so the model's output is unchanged.
         records: where to put each dictionary's activations under SAELens' names (see the module docstring).
     """
-    dictionaries = [dictionaries] if isinstance(dictionaries, Dictionary) else list(dictionaries)
-    sites = [d.hook_out for d in dictionaries]
+    single = isinstance(dictionaries, (Dictionary, CrossLayerTranscoder))
+    dictionaries = [dictionaries] if single else list(dictionaries)
+    sites = [site for d in dictionaries for site in _sites(d)[1]]
     if len(set(sites)) != len(sites):
         raise ArgumentError(f"two dictionaries replace the same hook point: {sorted(sites)}")
     hooks: list[tuple[str, object]] = []
     for dictionary in dictionaries:
-        for name in {dictionary.hook_in, dictionary.hook_out}:
+        hooks_in, hooks_out = _sites(dictionary)
+        for name in dict.fromkeys(hooks_in + hooks_out):
             if name not in model.hook_dict:
                 raise UnknownNameError(
                     f"{dictionary.path}: the model has no hook point {name!r}{did_you_mean(name, model.hook_dict)}"
                 )
-        hooks.extend(_dictionary_hooks(dictionary, use_error_term, records))
+        if isinstance(dictionary, CrossLayerTranscoder):
+            hooks.extend(_cross_layer_hooks(dictionary, use_error_term, records))
+        else:
+            hooks.extend(_dictionary_hooks(dictionary, use_error_term, records))
     return hooks
+
+
+def _with_error_term(target: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
+    """recons + (target - recons).detach() in value and gradient, but exactly `target` in value."""
+    return target.detach().to(recons.dtype) + (recons - recons.detach())
 
 
 def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dict | None):
@@ -73,7 +100,7 @@ def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dic
             values = (dictionary._flat(source, dictionary.d_in, "x"), pre, acts, recons, error)
             for point, value in zip(SAE_POINTS, values):
                 records[f"{site}.{point}"] = value.detach()
-        out = recons + error.detach() if use_error_term else recons
+        out = _with_error_term(target, recons) if use_error_term else recons
         return out.reshape(x.shape).to(x.dtype)
 
     if not dictionary.is_transcoder:
@@ -90,9 +117,51 @@ def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dic
     return [(dictionary.hook_in, save_input), (site, write_output)]
 
 
+def _cross_layer_hooks(clt: CrossLayerTranscoder, use_error_term: bool, records: dict | None):
+    # Per layer of the current forward pass: (input, pre-activations, activations, and the active features'
+    # activations with their decoder rows to this and every later layer), filled at hooks_in[layer].
+    state: dict[int, tuple] = {}
+
+    def read_input(layer: int):
+        def hook(x: torch.Tensor, *, hook: HookPoint) -> None:
+            for stale in [i for i in state if i >= layer]:  # left from an earlier forward pass
+                del state[stale]
+            pre = clt.encode_pre(x, layer)
+            acts = clt.activate(pre, layer)
+            state[layer] = (x, pre, acts, *clt.decoded_rows(acts, layer))
+
+        return hook
+
+    def write_output(layer: int):
+        def hook(y: torch.Tensor, *, hook: HookPoint) -> torch.Tensor:
+            missing = [i for i in range(layer + 1) if i not in state]
+            if missing:
+                raise ArgumentError(
+                    f"{clt.path}: {clt.hooks_out[layer]} ran before the CLT read layers {missing} "
+                    f"({clt.hooks_in[missing[0]]}) in this forward pass"
+                )
+            recons = clt.param(layer, "b_dec")
+            for source in range(layer + 1):
+                values, rows = state[source][3], state[source][4]
+                recons = recons + values @ rows[:, layer - source]
+            recons = recons.expand(*y.shape[:-1], clt.d_out)
+            error = y.to(recons.dtype) - recons
+            if records is not None:
+                x, pre, acts = state[layer][:3]
+                for point, value in zip(SAE_POINTS, (x, pre, acts, recons, error)):
+                    records[f"{clt.hooks_out[layer]}.{point}"] = value.detach()
+            out = _with_error_term(y, recons) if use_error_term else recons
+            return out.to(y.dtype)
+
+        return hook
+
+    hooks = [(name, read_input(layer)) for layer, name in enumerate(clt.hooks_in)]
+    return hooks + [(name, write_output(layer)) for layer, name in enumerate(clt.hooks_out)]
+
+
 @contextmanager
 def spliced(
-    model: HookedModule, dictionaries: Dictionary | Iterable[Dictionary], *, use_error_term: bool = False
+    model: HookedModule, dictionaries: AnyDictionary | Iterable[AnyDictionary], *, use_error_term: bool = False
 ) -> Iterator[HookedModule]:
     """`with ll.spliced(model, dictionaries): model(tokens)` runs the model with the dictionaries in place."""
     with model.hooks(splice_hooks(model, dictionaries, use_error_term=use_error_term)):
@@ -102,7 +171,7 @@ def spliced(
 def run_with_dictionaries(
     model: HookedModule,
     *args,
-    dictionaries: Dictionary | Iterable[Dictionary],
+    dictionaries: AnyDictionary | Iterable[AnyDictionary],
     use_error_term: bool = False,
     names_filter=None,
     **kwargs,

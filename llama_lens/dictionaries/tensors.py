@@ -7,6 +7,7 @@ what the reads since then cost, so a test (or a user) can see that a feature len
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,21 +55,25 @@ class TensorFile:
     def read_rows(
         self, name: str, rows: Iterable[int] | torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Rows `rows` of the 2-D tensor `name` ([len(rows), n_columns]), reading only their bytes.
+        """Rows `rows` (along the first dimension) of tensor `name`: [len(rows), *shape[1:]], reading only their
+        bytes. A cross-layer decoder [d_sae, n_out_layers, d_model] gives each feature's directions at once.
 
         Runs of consecutive rows are read in one call each, so reading every row costs one read."""
         info = self._info(name)
         shape = info["shape"]
-        if len(shape) != 2:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}; rows are read from 2-D tensors")
+        if len(shape) < 2:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}; rows are read from 2-D or wider")
         stored = getattr(torch, info["dtype"])
         ids = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= shape[0]):
             raise CheckpointError(f"{self.path}: rows of {name!r} must lie in [0, {shape[0]}), got {ids.tolist()}")
-        out = torch.empty(len(ids), shape[1], dtype=dtype or stored)
-        row_bytes = shape[1] * stored.itemsize
+        row_bytes = math.prod(shape[1:]) * stored.itemsize
         order = torch.argsort(ids)
         sorted_ids = ids[order].tolist()
+        # Read in file order, as stored, into one tensor (no torch op per run: on a busy machine each costs
+        # a thread-pool round trip); then one cast and one scatter back into the order asked for.
+        raw = torch.empty(len(ids), *shape[1:], dtype=stored)
+        raw_bytes = memoryview(raw.view(-1).view(torch.uint8).numpy()).cast("B")
         with open(self.path, "rb", buffering=0) as file:
             first = 0
             while first < len(sorted_ids):
@@ -76,12 +81,12 @@ class TensorFile:
                 last = first
                 while last + 1 < len(sorted_ids) and sorted_ids[last + 1] == sorted_ids[last] + 1:
                     last += 1
-                block = torch.empty(last - first + 1, shape[1], dtype=out.dtype)
                 file.seek(info["offsets"][0] + sorted_ids[first] * row_bytes)
-                read_stored_into(file, block.view(-1), stored, f"rows of {name!r}")
-                out[order[first : last + 1]] = block
-                self.bytes_read += block.shape[0] * row_bytes
+                _read_exactly(file, raw_bytes[first * row_bytes : (last + 1) * row_bytes], name)
+                self.bytes_read += (last - first + 1) * row_bytes
                 first = last + 1
+        out = torch.empty(raw.shape, dtype=dtype or stored)
+        out[order] = raw.to(out.dtype)
         return out
 
     def _info(self, name: str) -> dict:
@@ -90,3 +95,13 @@ class TensorFile:
                 f"{self.path}: no tensor {name!r}{did_you_mean(name, self.header, hint=f'it holds {self.names()}')}"
             )
         return self.header[name]
+
+
+def _read_exactly(file, view: memoryview, name: str) -> None:
+    """Fills `view` with the next bytes of `file`."""
+    done = 0
+    while done < len(view):
+        count = file.readinto(view[done:])
+        if not count:
+            raise CheckpointError(f"{file.name}: ended early while reading rows of {name!r}; the file is truncated")
+        done += count

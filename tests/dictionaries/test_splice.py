@@ -76,3 +76,28 @@ def test_spliced_generation_agrees_with_and_without_kv_cache(tmp_path):
         cached = model.generate(tokens, max_new_tokens=6, temperature=0.0, use_kv_cache=True)
         uncached = model.generate(tokens, max_new_tokens=6, temperature=0.0, use_kv_cache=False)
     assert torch.equal(torch.as_tensor(cached.tokens), torch.as_tensor(uncached.tokens))
+
+
+def test_error_term_is_exact_and_passes_saelens_gradients(tmp_path):
+    # The spliced activation equals the model's own exactly, and gradients reach the decoder as through
+    # SAELens' recons + (x - recons).detach().
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (2, 6))
+    site = "blocks.0.hook_resid_post"
+    sae = _dictionaries(tmp_path, site, 64)
+    W_dec = sae.param("W_dec").requires_grad_(True)  # decode then reads the rows of this tensor
+    _, cache = model.run_with_cache(tokens, names_filter=site)
+    with ll.spliced(model, sae, use_error_term=True):
+        _, spliced = model.run_with_cache(tokens, names_filter=site)
+        model(tokens).logsumexp(-1).sum().backward()
+    assert torch.equal(spliced[site], cache[site])
+    ours, W_dec.grad = W_dec.grad.clone(), None
+
+    def saelens_error_term(x, *, hook):
+        recons = sae(x)
+        return recons + (x - recons).detach()
+
+    with model.hooks([(site, saelens_error_term)]):
+        model(tokens).logsumexp(-1).sum().backward()
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, W_dec.grad, atol=1e-6, rtol=1e-5)

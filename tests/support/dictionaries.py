@@ -117,3 +117,34 @@ def write_circuit_tracer(folder: Path, n_layers: int = 2, *, d_model: int = 64, 
         "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: hook_mlp_out\n"
     )
     return folder
+
+
+def write_clt(
+    folder: Path,
+    n_layers: int = 2,
+    *,
+    d_model: int = 64,
+    d_sae: int = 32,
+    jumprelu=True,
+    input_hook: str | None = "mlp.hook_in",
+    output_hook: str = "hook_mlp_out",
+) -> Path:
+    """A cross-layer transcoder in circuit-tracer's layout (W_enc_{i} / W_dec_{i}.safetensors); no config.yaml
+    when `input_hook` is None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer in range(n_layers):
+        encoder = {
+            f"W_enc_{layer}": _randn(d_sae, d_model),
+            f"b_enc_{layer}": _randn(d_sae, scale=0.1),
+            f"b_dec_{layer}": _randn(d_model, scale=0.1),
+        }
+        if jumprelu:
+            encoder[f"threshold_{layer}"] = torch.rand(d_sae) * 0.3
+        save_file(encoder, folder / f"W_enc_{layer}.safetensors")
+        save_file({f"W_dec_{layer}": _randn(d_sae, n_layers - layer, d_model)}, folder / f"W_dec_{layer}.safetensors")
+    if input_hook is not None:
+        (folder / "config.yaml").write_text(
+            "model_kind: cross_layer_transcoder\n"
+            f"feature_input_hook: {input_hook}\nfeature_output_hook: {output_hook}\n"
+        )
+    return folder
