@@ -61,6 +61,9 @@ _LAZY = {
     "Dictionary": "dictionaries.dictionary",
     "spliced": "dictionaries.splice",
     "run_with_dictionaries": "dictionaries.splice",
+    "evaluate_dictionary": "features.evaluate",
+    "DictionaryEvaluation": "features.evaluate",
+    "evaluate_dataset": "runs.evaluate",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

@@ -97,14 +97,18 @@ class Dictionary:
         """A whole parameter, read on first use and kept: W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_out],
         threshold [d_sae], W_skip [d_out, d_in], W_dec [d_sae, d_out] (the whole decoder: prefer W_dec_rows)."""
         if name not in self._loaded:
-            ref = self.params[name]
-            tensor = ref.file.read(ref.name, torch.float32)
-            if ref.exp:
-                tensor = tensor.exp()
-            if ref.transposed:
-                tensor = tensor.T.contiguous()
-            self._loaded[name] = tensor.to(self.device, self.dtype)
+            with torch.inference_mode(False):  # kept for later passes, which may track gradients
+                self._loaded[name] = self._read(name)
         return self._loaded[name]
+
+    def _read(self, name: str) -> torch.Tensor:
+        ref = self.params[name]
+        tensor = ref.file.read(ref.name, torch.float32)
+        if ref.exp:
+            tensor = tensor.exp()
+        if ref.transposed:
+            tensor = tensor.T.contiguous()
+        return tensor.to(self.device, self.dtype)
 
     def has_param(self, name: str) -> bool:
         return name in self.params
