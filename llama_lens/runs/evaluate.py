@@ -66,8 +66,12 @@ class EvaluateTask:
     summary_columns = ("prompt", *ROW_COLUMNS)
 
     def params(self) -> dict[str, Any]:
+        # The folder's files and sizes: a rerun with a dictionary rewritten in place (another size) is refused
+        # rather than resumed with shards of the old one. Hashing the weights would cost a read of them all.
+        folder = Path(self.dictionary)
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         exclude = self.exclude_special_tokens
-        return {"dictionary": self.dictionary, "hook": self.hook, "exclude_special_tokens": exclude}
+        return {"dictionary": self.dictionary, "files": files, "hook": self.hook, "exclude_special_tokens": exclude}
 
     def run_batch(self, model: LanguageModel, records: Sequence[PromptRecord], *, n_tokens: Sequence[int]) -> pa.Table:
         import pyarrow as pa

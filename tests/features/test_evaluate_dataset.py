@@ -64,6 +64,8 @@ def test_local_run_equals_evaluate_dictionary_and_resumes(model, sae_folder, exp
     again = ll.evaluate_dataset(model, PROMPTS, dictionary=ll.load_dictionary(sae_folder), out=tmp_path / "r",
                                 batch_size=2, shard_size=4, progress=False)  # fmt: skip
     assert again.n_skipped == 3
+    sizes = {name: (sae_folder / name).stat().st_size for name in ("cfg.json", "sae_weights.safetensors")}
+    assert run.manifest["task_params"]["files"] == sizes  # a dictionary rewritten in place is not resumed
 
 
 def test_streamed_checkpoint_equals_the_loaded_model(checkpoint, sae_folder, expected, tmp_path):
