@@ -73,6 +73,9 @@ _LAZY = {
     "feature_attribution": "features.attribute",
     "ablate_features": "features.attribute_ablate",
     "FeatureAttribution": "features.attribute_result",
+    "evaluate_dictionary": "features.evaluate",
+    "DictionaryEvaluation": "features.evaluate",
+    "evaluate_dataset": "runs.evaluate",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

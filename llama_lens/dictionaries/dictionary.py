@@ -23,6 +23,7 @@ read whole on first use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,14 +98,18 @@ class Dictionary:
         """A whole parameter, read on first use and kept: W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_out],
         threshold [d_sae], W_skip [d_out, d_in], W_dec [d_sae, d_out] (the whole decoder: prefer W_dec_rows)."""
         if name not in self._loaded:
-            ref = self.params[name]
-            tensor = ref.file.read(ref.name, torch.float32)
-            if ref.exp:
-                tensor = tensor.exp()
-            if ref.transposed:
-                tensor = tensor.T.contiguous()
-            self._loaded[name] = tensor.to(self.device, self.dtype)
+            with torch.inference_mode(False):  # kept for later passes, which may track gradients
+                self._loaded[name] = self._read(name)
         return self._loaded[name]
+
+    def _read(self, name: str) -> torch.Tensor:
+        ref = self.params[name]
+        tensor = ref.file.read(ref.name, torch.float32)
+        if ref.exp:
+            tensor = tensor.exp()
+        if ref.transposed:
+            tensor = tensor.T.contiguous()
+        return tensor.to(self.device, self.dtype)
 
     def has_param(self, name: str) -> bool:
         return name in self.params
@@ -125,6 +130,27 @@ class Dictionary:
         if ref.transposed or "W_dec" in self._loaded:
             return self.param("W_dec")[ids.to(self.device)]
         return ref.file.read_rows(ref.name, ids, torch.float32).to(self.device, self.dtype)
+
+    def splice_memory(self, rows: int, active_features: int | None = None) -> tuple[int, int]:
+        """(bytes held once spliced, bytes of one splice's working tensors) for `rows` tokens per pass, as
+        `ll.plan(..., dictionaries=[...])` counts them: held are the encoder, the biases and thresholds (and the
+        whole decoder where it is read whole: stored transposed, or ranked by its row norms); a pass reads the
+        decoder rows of the features that fired, `active_features` (default: at most rows * k for TopK, every
+        feature otherwise: an upper bound)."""
+        size = self.dtype.itemsize
+        whole_decoder = self.params["W_dec"].transposed or self.rescale_acts_by_decoder_norm
+        held = sum(
+            math.prod(ref.file.shape(ref.name)) for name, ref in self.params.items() if name != "W_dec" or whole_decoder
+        )
+        active = active_features if active_features is not None else self.d_sae
+        if active_features is None and self.k:
+            active = min(self.d_sae, rows * self.k)
+        active = 0 if whole_decoder else min(active, self.d_sae)
+        # pre-activations, activations and the activation's own temporaries (ReLU, mask or TopK's scatter), the
+        # fired-feature mask, the decoder rows (and their float32 read), the active columns, inputs and outputs.
+        working = 3 * rows * self.d_sae * size + rows * self.d_sae + active * self.d_out * (size + 4)
+        working += rows * active * size + rows * (2 * self.d_in + 2 * self.d_out) * size
+        return held * size, working
 
     def _bias(self, name: str, width: int) -> torch.Tensor:
         if name in self.params:

@@ -96,6 +96,7 @@ class Plan:
     activations_bytes: int
     cache_bytes: int
     pattern_bytes: int
+    dictionary_bytes: int
     peak_bytes: int
     process_bytes: int | None
     available_bytes: int | None
@@ -111,6 +112,7 @@ class Plan:
         ("activations", "activations_bytes"),
         ("cache", "cache_bytes"),
         ("patterns", "pattern_bytes"),
+        ("dictionaries", "dictionary_bytes"),
         ("peak", "peak_bytes"),
         ("process", "process_bytes"),
         ("peak RSS", "peak_rss_bytes"),
@@ -126,7 +128,9 @@ class Plan:
         """The estimate as a pandas DataFrame: one row per item, columns bytes and GiB."""
         import pandas as pd
 
-        rows = [(label, getattr(self, field)) for label, field in self._ROWS]
+        # The dictionaries' row only where some are planned (as in the printed plan).
+        shown = [(label, f) for label, f in self._ROWS if f != "dictionary_bytes" or self.dictionary_bytes]
+        rows = [(label, getattr(self, f)) for label, f in shown]
         frame = pd.DataFrame(rows, columns=["item", "bytes"]).set_index("item")
         frame["bytes"] = frame["bytes"].astype("Int64")
         frame["GiB"] = (frame["bytes"].astype("Float64") / GIB).round(3)
@@ -139,8 +143,10 @@ class Plan:
             f"tokens={self.tokens}, batch={self.batch}, cache={self.cache!r}, patterns={self.patterns})"
         )
         lines = [head]
-        for label, field in self._ROWS[:6]:
-            if field != "unembed_in_flight_bytes" or self.unembed == "stream":
+        for label, field in self._ROWS[:7]:
+            if (field != "unembed_in_flight_bytes" or self.unembed == "stream") and (
+                field != "dictionary_bytes" or self.dictionary_bytes
+            ):
                 lines.append(f"  {label:<18}{_gib(getattr(self, field))}")
         verdict = "fits" if self.fits else "does NOT fit"
         if self.available_bytes is None:
@@ -173,6 +179,8 @@ def plan(
     cache: str | None = "resid",
     patterns: bool = False,
     read_bandwidth: float | None = None,
+    dictionaries: Iterable[Any] = (),
+    active_features: int | None = None,
 ) -> Plan:
     """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
 
@@ -196,6 +204,11 @@ def plan(
         unembed: with `stream=True`, as `ll.load`'s: "memory" (hold the unembedding), "stream" (read it a
             vocabulary block at a time at each pass) or "auto" (`choose_unembed` decides from the memory
             available, as `ll.load` will). Without streaming the unembedding is held ("stream" is refused).
+        dictionaries: dictionaries to be spliced in (`ll.load_dictionary`'s, opened: only their headers are read):
+            each holds its encoder and biases, and reads the decoder rows of the features that fire
+            (`Dictionary.splice_memory`); `dictionary_bytes` counts them.
+        active_features: features that fire per pass, for the decoder rows read (default: a bound, see
+            `Dictionary.splice_memory`).
 
     Returns:
         Plan (print it, or `.to_frame()`).
@@ -269,8 +282,10 @@ def plan(
     pattern_bytes = 0
     if computes_pattern:
         pattern_bytes = n_layers * batch * cfg.n_heads * tokens**2 * act * (2 if cache == "all" else 1)
+    dictionary_bytes = _dictionary_bytes(dictionaries, rows, active_features)
     # The layers are read and run before the unembedding is: the larger of the two is in flight at the peak.
     peak = weights_resident + max(in_flight, unembed_in_flight) + activations + cache_bytes + pattern_bytes
+    peak += dictionary_bytes
 
     if embed == "rows":  # the prompt's rows of the embedding, the final norm, the unembedding (at load or per pass)
         outside = rows * cfg.d_model + cfg.d_model + embed_params
@@ -295,6 +310,7 @@ def plan(
         activations_bytes=activations,
         cache_bytes=cache_bytes,
         pattern_bytes=pattern_bytes,
+        dictionary_bytes=dictionary_bytes,
         peak_bytes=peak,
         process_bytes=process_memory() if device.type == "cpu" else None,
         available_bytes=available,
@@ -303,6 +319,22 @@ def plan(
         est_read_seconds=read_bytes / bandwidth,
         fits=available is None or peak <= available,
     )
+
+
+def _dictionary_bytes(dictionaries: Iterable[Any], rows: int, active_features: int | None) -> int:
+    """What spliced dictionaries add: each one's held weights, and the largest one's working tensors."""
+    if hasattr(dictionaries, "splice_memory"):
+        dictionaries = [dictionaries]
+    held, working = 0, 0
+    for dictionary in dictionaries:
+        if not hasattr(dictionary, "splice_memory"):
+            raise ArgumentError(
+                f"dictionaries= takes dictionaries opened with ll.load_dictionary (it reads only their headers), "
+                f"got {type(dictionary).__name__}"
+            )
+        kept, used = dictionary.splice_memory(rows, active_features)
+        held, working = held + kept, max(working, used)
+    return held + working
 
 
 def choose_unembed(
