@@ -8,6 +8,10 @@ prompt length this prints
   lse/mm    = the same blocked matmul followed by nothing but each block's logsumexp (max, exponentials, their
               sum), / bare matmul time: what the least of the lens's metrics costs on this machine
 
+and a roofline line: the lens's matmul FLOPs (forward and read-outs, llama_lens.loading.roofline) over its time,
+against the float32 GEMM peak measured here on a [read-outs x tokens, d_model] x [d_model, d_mlp] product
+(`roofline.measure_gemm_rate`), so that a regression shows as a share of the machine's own peak.
+
 Read-outs: the embedding and every layer's resid_post (31 for SmolLM2, as many as transformers' hidden_states).
 The bare matmul is F.linear over all those rows (normed), timed as one call, in the lens's own blocks
 ([chunk_size rows] × [VOCAB_BLOCK ids]) and in blocks of 1024 × 2048 and 1024 × 4096; the fastest counts. The
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 import llama_lens as ll
 from llama_lens.lens import readout
+from llama_lens.loading import roofline
 
 
 def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:
@@ -159,6 +164,21 @@ def main() -> None:
         spread = f"(turns: beyond/mm {min(beyond):.3f}-{max(beyond):.3f})"
         print(f"{length:>6} {gflop:>6.0f} {cells} {statistics.median(beyond):>9.3f} "
               f"{statistics.median(versus_hf):>7.3f} {statistics.median(least):>6.3f}   {spread}")  # fmt: skip
+        roofline_line(cfg, length, n_readouts, median["lens"], median["forward"])
+
+
+def roofline_line(cfg, length: int, n_readouts: int, lens_seconds: float, forward_seconds: float) -> None:
+    """Achieved GFLOP/s of the forward pass and of the lens, against the GEMM peak measured now."""
+    peak = roofline.measure_gemm_rate(n_readouts * length, cfg.d_model, cfg.d_mlp)
+    forward = roofline.layer_flops(cfg, tokens=length) + roofline.unembed_flops(cfg, rows=length)
+    # The last read-out is the model's own output: n_readouts - 1 more through the unembedding.
+    lens = roofline.layer_flops(cfg, tokens=length) + roofline.unembed_flops(cfg, rows=length, readouts=n_readouts - 1)
+    lens_rate, forward_rate = lens / lens_seconds, forward / forward_seconds
+    print(
+        f"{'':>6} roofline: forward {forward_rate / 1e9:.1f} GFLOP/s, lens {lens_rate / 1e9:.1f} GFLOP/s = "
+        f"{lens_rate / peak:.0%} of the float32 GEMM peak measured here, {peak / 1e9:.1f} GFLOP/s on "
+        f"[{n_readouts * length}, {cfg.d_model}] x [{cfg.d_model}, {cfg.d_mlp}]"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ drink to"), the clean cache of `model.run_with_cache(clean)`, and a metric writt
 The older case (`--case eiffel`): 15-token prompts with the ready `logit_diff_metric`, the resid_pre sweep with and
 without the no-op shortcut (`skip_unchanged=False` also runs the 7 shared leading positions).
 
+A roofline line follows each case: GFLOP/s against the float32 GEMM peak measured here on a [pos x n_layers,
+d_model] x [d_model, d_mlp] product (llama_lens.loading.roofline). For the sweeps the FLOPs are the hand loop's
+(one whole forward pass per patch: what the sweep stands in for, so its "loop-equivalent" rate may pass the peak
+where it skips work); for forward + backward they are its own (3 x a forward pass's matmuls).
+
 Every sweep is checked against its loop (max |difference| <= 1e-4) before anything is timed. Times are medians over
 `--repeats` turns; each loop is timed once (it is the slow one). The load average is printed with the ratios: on a
 shared machine, rerun when it is high.
@@ -34,6 +39,7 @@ import time
 import torch
 
 import llama_lens as ll
+from llama_lens.loading import roofline
 
 TOLERANCE = 1e-4
 
@@ -147,7 +153,18 @@ def ioi_case(model, repeats: int, full_loop: bool, loop_every: int) -> None:
         f"{z_swept / z_loop_full:.3f}"
     )
     print(f"  attribution patching {attr:.3f} s, forward+backward {fb:.3f} s -> attr/fb = {attr / fb:.2f}")
+    roofline_line(model.cfg, pos, {"resid_pre sweep": (swept, n_layers * pos), "z sweep": (z_swept, n_layers * pos *
+                  n_heads), "forward+backward": (fb, 3)})  # fmt: skip
     print(f"  {load_average()}")
+
+
+def roofline_line(cfg, pos: int, runs: dict[str, tuple[float, int]]) -> None:
+    """Each run's GFLOP/s, (seconds, forward passes' worth of matmuls), against the GEMM peak measured now."""
+    peak = roofline.measure_gemm_rate(pos * cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    per_pass = roofline.layer_flops(cfg, tokens=pos) + roofline.unembed_flops(cfg, rows=pos)
+    rate = {name: passes * per_pass / seconds for name, (seconds, passes) in runs.items()}
+    rates = ", ".join(f"{name} {value / 1e9:.1f} GFLOP/s ({value / peak:.0%})" for name, value in rate.items())
+    print(f"  roofline: {rates} of the float32 GEMM peak measured here, {peak / 1e9:.1f} GFLOP/s")
 
 
 EIFFEL_CLEAN, EIFFEL_CORRUPTED, N_POS = "The Eiffel Tower is in the city of", "The Colosseum is in the city of", 15
@@ -189,6 +206,7 @@ def eiffel_case(model, repeats: int) -> None:
     every_run = statistics.median(timed(sweep_every_run)[0] for _ in range(repeats))
     print(f"  resid_pre sweep {swept:.2f} s, hand loop {loop_time:.2f} s -> sweep/loop = {swept / loop_time:.3f}")
     print(f"  without the no-op shortcut: {every_run:.2f} s -> sweep/loop = {every_run / loop_time:.3f}")
+    roofline_line(model.cfg, N_POS, {"sweep": (swept, len(patches)), "without the shortcut": (every_run, len(patches))})
     print(f"  {load_average()}")
 
 

@@ -1,32 +1,36 @@
-"""Streaming at the memory floor: peak RSS and wall time of a streamed logit lens, against the checkpoint's size,
-a cold sequential read of its files, and ll.plan's estimate.
+"""The streamed logit lens against its floor: peak RSS and wall time, against the checkpoint's size, a cold read of
+its files, the lens's FLOPs at this machine's float32 GEMM rate, and ll.plan's estimates.
 
 Run on a Llama-3.2-3B-shaped Meta MP2 bf16 checkpoint with a separate unembedding (7.2 GB):
 
     python scripts/make_synthetic_checkpoint.py /work/bigckpt/meta3b --layout meta --shards 2 --untied \\
         --embed-split d_model
-    python scripts/bench_stream_floor.py /work/bigckpt/meta3b [--tokens 32] [--unembed stream] [--repeat 1]
+    python scripts/bench_stream_floor.py /work/bigckpt/meta3b [--tokens 32] [--unembed stream] [--repeat 1] [--warm]
 
 Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own:
 
   cold read   every weight file read once, in order, after evicting it from the page cache
-  streamed    ll.plan(path, stream=True, unembed=...), then ll.load(path, stream=True, unembed=...) and
-              ll.logit_lens over a prompt of --tokens ids, timed from before the load to the lens's result,
-              the files evicted first
-  warm        the same with the files left in the page cache: the compute alone (on a CPU without bfloat16
-              matrix instructions the lens's matmuls, not the disk, can set the pace)
+  GEMM rate   float32 [rows, d_model] x [d_model, d_mlp] products, rows = tokens x read-outs (the read-out
+              sweep's shape), best of about a second; and at rows = tokens (the forward pass's shape)
+  streamed    ll.load(path, stream=True, unembed=...) and ll.logit_lens over a prompt of --tokens ids, timed
+              from before the load to the lens's result, the files evicted first
+  warm        (--warm) the same with the files left in the page cache: the compute alone
 
 and prints:
 
+  FLOPs       the matmuls of the lens (llama_lens.loading.roofline: layers, the model's own unembedding, the
+              read-outs)
+  floor       max(cold read, FLOPs / GEMM rate): no pipelined run can be faster
+  wall / floor                                                 (target <= 1.3 streamed, <= 1.2 held)
+  achieved    FLOPs / wall, against the GEMM rate
   peak RSS / checkpoint bytes                                  (target <= 15%)
-  streamed wall / cold read                                    (target <= 1.3)
-  streamed wall / max(cold read, warm)                         (what streaming adds over its floor)
-  ll.plan's peak RSS estimate / measured peak RSS              (target within 10%)
+  ll.plan     its peak RSS estimate / measured, and its wall estimate from the same two rates / measured
+              (target 0.75 .. 1.25)
 
 "Cold": each file is evicted with posix_fadvise(POSIX_FADV_DONTNEED) (its pages leave the page cache unless
-another process maps them); the script also says whether /proc/sys/vm/drop_caches is writable here, and how
-much of the files stayed cached (util-linux `fincore`, where installed). The CPUs may be shared: the load
-average is printed beside each run, and wall times are noisy when it is above the CPU count.
+another process maps them); the script also says how much of the files stayed cached (util-linux `fincore`,
+where installed). The CPUs may be shared: the load average is printed beside each run, and wall times are
+noisy when it is above the CPU count.
 """
 
 from __future__ import annotations
@@ -66,6 +70,28 @@ def child_cold_read(path: Path) -> dict:
     return {"bytes": total, "seconds": time.perf_counter() - start, "cached_before": left}
 
 
+def child_gemm(path: Path, tokens: int) -> dict:
+    import torch
+
+    from llama_lens.io.checkpoint import Checkpoint
+    from llama_lens.lens.logit import _readout_points
+    from llama_lens.loading import roofline
+    from llama_lens.model.llama import HookedLlama
+
+    cfg = Checkpoint(path).config
+    with torch.device("meta"):
+        n_readouts = len(_readout_points(HookedLlama(cfg), ("embed", "resid_post"), None))
+    rows = tokens * n_readouts
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "rate": roofline.measure_gemm_rate(rows, cfg.d_model, cfg.d_mlp),
+        "forward_rate": roofline.measure_gemm_rate(tokens, cfg.d_model, cfg.d_mlp),
+        "shape": [cfg.d_model, cfg.d_mlp],
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> dict:
     import torch
 
@@ -83,7 +109,14 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
     with torch.inference_mode():
         result = ll.logit_lens(model, ids, target=int(ids[0, -1]))
     seconds = time.perf_counter() - start
+    from llama_lens.loading import roofline
+
+    rows, readouts = tokens, result.n_readouts - 1  # the last read-out is the model's own output
+    flops = roofline.layer_flops(model.cfg, tokens=tokens) + roofline.unembed_flops(
+        model.cfg, rows=rows, readouts=readouts
+    )
     return {
+        "flops": flops,
         "seconds": seconds,
         "load_seconds": load_seconds,
         "cached_before": cached,
@@ -100,6 +133,18 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
     }
 
 
+def plan_child(path: Path, tokens: int, unembed: str, readouts: int, gemm_rate: float, bandwidth: float) -> dict:
+    import torch
+
+    import llama_lens as ll
+
+    estimate = ll.plan(
+        path, tokens=tokens, stream=True, dtype=torch.bfloat16, unembed=unembed, cache="resid",
+        readouts=readouts, gemm_rate=gemm_rate, read_bandwidth=bandwidth,
+    )  # fmt: skip
+    return {"est_wall_seconds": estimate.est_wall_seconds, "flops": estimate.flops}
+
+
 def run_child(args: argparse.Namespace, kind: str) -> dict:
     command = [sys.executable, __file__, str(args.path), "--child", kind, "--tokens", str(args.tokens)]
     command += ["--unembed", args.unembed]
@@ -113,10 +158,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="prompt length (pos)")
     parser.add_argument("--unembed", default="stream", choices=["stream", "memory", "auto"], help="ll.load's unembed=")
     parser.add_argument("--repeat", type=int, default=1, help="cold read + streamed lens pairs to run")
-    parser.add_argument("--child", choices=["cold_read", "streamed", "streamed_warm"], help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help="also run the lens with the files in the page cache")
+    parser.add_argument("--child", choices=["cold_read", "gemm", "streamed", "streamed_warm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "cold_read":
         print(json.dumps(child_cold_read(args.path)))
+        return
+    if args.child == "gemm":
+        print(json.dumps(child_gemm(args.path, args.tokens)))
         return
     if args.child in ("streamed", "streamed_warm"):
         print(json.dumps(child_streamed(args.path, args.tokens, args.unembed, cold=args.child == "streamed")))
@@ -130,38 +179,61 @@ def main() -> None:
         "posix_fadvise evicts only these files)"
     )
     for turn in range(args.repeat):
-        load = os.getloadavg()[0]
+        load = os.getloadavg()
         cold = run_child(args, "cold_read")
+        gemm = run_child(args, "gemm")
         streamed = run_child(args, "streamed")
-        warm = run_child(args, "streamed_warm")
-        load_after = os.getloadavg()[0]
-        print(f"\nrun {turn + 1}: load average {load:.1f} before, {load_after:.1f} after")
+        warm = run_child(args, "streamed_warm") if args.warm else None
+        load_after = os.getloadavg()
+        bandwidth = cold["bytes"] / cold["seconds"]
+        readouts = streamed["readouts"] - 1
+        estimate = plan_child(args.path, args.tokens, args.unembed, readouts, gemm["rate"], bandwidth)
+        flops, wall = streamed["flops"], streamed["seconds"]
+        compute = flops / gemm["rate"]
+        floor = max(cold["seconds"], compute)
         print(
-            f"  cold read   {cold['bytes'] / 1e9:.2f} GB in {cold['seconds']:.1f} s = "
-            f"{cold['bytes'] / cold['seconds'] / 1e9:.2f} GB/s   ({_gb(cold['cached_before'])} cached before)"
+            f"\nrun {turn + 1}: load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min) before, "
+            f"{load_after[0]:.1f} / {load_after[1]:.1f} after"
         )
         print(
-            f"  streamed    load {streamed['load_seconds']:.1f} s, load + lens {streamed['seconds']:.1f} s "
-            f"({streamed['readouts']} read-outs; embed {streamed['model_embed']}, unembed "
-            f"{streamed['model_unembed']}; {_gb(streamed['cached_before'])} cached before; embedding rows read: "
-            f"{streamed['embed_read_bytes']} bytes)"
+            f"  cold read   {cold['bytes'] / 1e9:.2f} GB in {cold['seconds']:.1f} s = {bandwidth / 1e9:.2f} GB/s   "
+            f"({_gb(cold['cached_before'])} cached before)"
+        )
+        print(
+            f"  GEMM rate   {gemm['rate'] / 1e9:.1f} GFLOP/s float32 on [{gemm['rows']}, {gemm['shape'][0]}] x "
+            f"{gemm['shape']} ({gemm['threads']} threads, {gemm['capability']}); "
+            f"{gemm['forward_rate'] / 1e9:.1f} GFLOP/s at the forward pass's {args.tokens} rows"
+        )
+        print(
+            f"  FLOPs       {flops / 1e12:.3f} TFLOP ({streamed['readouts']} read-outs x {args.tokens} tokens, "
+            f"the forward pass included) = {compute:.1f} s at the GEMM rate"
+        )
+        print(f"  floor       max(cold read, FLOPs / GEMM rate) = {floor:.1f} s")
+        print(
+            f"  streamed    load {streamed['load_seconds']:.1f} s, load + lens {wall:.1f} s (embed "
+            f"{streamed['model_embed']}, unembed {streamed['model_unembed']}; {_gb(streamed['cached_before'])} "
+            "cached before)"
+        )
+        target = 1.3 if args.unembed == "stream" else 1.2
+        print(f"  wall / floor = {wall / floor:.2f}   (target <= {target})")
+        print(
+            f"  achieved    {flops / wall / 1e9:.1f} GFLOP/s = {flops / wall / gemm['rate']:.0%} of the measured "
+            "GEMM rate"
         )
         print(
             f"  peak RSS    {streamed['peak_rss'] / 1e9:.3f} GB = {streamed['peak_rss'] / checkpoint_bytes:.1%} of the "
             "checkpoint   (target <= 15%)"
         )
+        if warm is not None:
+            print(
+                f"  warm        the same with the files in the page cache: {warm['seconds']:.1f} s "
+                f"({_gb(warm['cached_before'])} cached before), {flops / warm['seconds'] / 1e9:.1f} GFLOP/s"
+            )
         print(
-            f"  warm        the same with the files in the page cache (the compute, no disk wait): "
-            f"{warm['seconds']:.1f} s ({_gb(warm['cached_before'])} cached before)"
-        )
-        print(f"  wall / cold read = {streamed['seconds'] / cold['seconds']:.2f}   (target <= 1.3)")
-        floor = max(cold["seconds"], warm["seconds"])
-        print(f"  wall / max(cold read, warm) = {streamed['seconds'] / floor:.2f}   (the part streaming adds)")
-        print(
-            f"  ll.plan     embed={streamed['embed']!r}, unembed={streamed['unembed']!r}: peak RSS "
-            f"{streamed['estimate_peak_rss'] / 1e9:.3f} GB (process {streamed['estimate_process'] / 1e9:.3f} GB "
-            f"+ peak {streamed['estimate_peak'] / 1e9:.3f} GB); estimate / measured = "
-            f"{streamed['estimate_peak_rss'] / streamed['peak_rss']:.3f}   (target 0.9 .. 1.1)"
+            f"  ll.plan     peak RSS {streamed['estimate_peak_rss'] / 1e9:.3f} GB, estimate / measured = "
+            f"{streamed['estimate_peak_rss'] / streamed['peak_rss']:.3f}   (target 0.9 .. 1.1); wall "
+            f"{estimate['est_wall_seconds']:.1f} s from the same two rates, estimate / measured = "
+            f"{estimate['est_wall_seconds'] / wall:.2f}   (target 0.75 .. 1.25)"
         )
 
 

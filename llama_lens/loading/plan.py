@@ -34,7 +34,7 @@ from ..model.memory import (
     available_memory,
     process_memory,
 )
-from . import stream_vocab
+from . import roofline, stream_vocab
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
 # (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
@@ -79,6 +79,10 @@ class Plan:
             every pass).
         est_read_seconds: `read_bytes` at `read_bandwidth` bytes per second.
         fits: whether `peak_bytes` is within `available_bytes` (True when unknown).
+        flops: the matmul FLOPs of one pass: the layers, the model's own unembedding and `readouts` read-outs.
+        gemm_rate: float32 FLOP/s the compute is assumed to run at (measured with `roofline.measure_gemm_rate`,
+            or `roofline.DEFAULT_GEMM_RATE`).
+        est_wall_seconds: the load and one pass, from the read and GEMM rates (`roofline.predicted_wall_seconds`).
     """
 
     stream: bool
@@ -104,6 +108,9 @@ class Plan:
     read_bandwidth: float
     est_read_seconds: float
     fits: bool
+    flops: int = 0
+    gemm_rate: float = roofline.DEFAULT_GEMM_RATE
+    est_wall_seconds: float = 0.0
 
     _ROWS = (
         ("weights resident", "weights_resident_bytes"),
@@ -163,6 +170,10 @@ class Plan:
             f"  {'read from disk':<18}{self.read_bytes / 1e9:.2f} GB{per_pass}, ~{self.est_read_seconds:.1f} s "
             f"at {self.read_bandwidth / 1e9:.1f} GB/s"
         )
+        lines.append(
+            f"  {'compute':<18}{self.flops / 1e12:.3f} TFLOP at {self.gemm_rate / 1e9:.0f} GFLOP/s; "
+            f"wall ~{self.est_wall_seconds:.1f} s"
+        )
         return "\n".join(lines)
 
 
@@ -181,6 +192,8 @@ def plan(
     read_bandwidth: float | None = None,
     dictionaries: Iterable[Any] = (),
     active_features: int | None = None,
+    readouts: int = 0,
+    gemm_rate: float | None = None,
 ) -> Plan:
     """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
 
@@ -201,6 +214,11 @@ def plan(
         patterns: also keep every layer's attention pattern.
         device: where the weights go; its free memory is `available_bytes`.
         read_bandwidth: disk read speed in bytes per second (default `DEFAULT_READ_BANDWIDTH`).
+        readouts: residual streams a logit lens reads out beyond the model's own output (`ll.logit_lens`'s
+            default over n layers reads n: the embedding and every layer's resid_post but the last), for the
+            FLOPs and the wall time; 0 for a plain forward pass.
+        gemm_rate: float32 FLOP/s of this machine (`roofline.measure_gemm_rate`; default
+            `roofline.DEFAULT_GEMM_RATE`), for `est_wall_seconds`.
         unembed: with `stream=True`, as `ll.load`'s: "memory" (hold the unembedding), "stream" (read it a
             vocabulary block at a time at each pass) or "auto" (`choose_unembed` decides from the memory
             available, as `ll.load` will). Without streaming the unembedding is held ("stream" is refused).
@@ -221,6 +239,7 @@ def plan(
     if cache is not None:
         check_choice("cache", cache, [kind for kind in CACHE_KINDS if kind], "kind of activation cache")
     tokens, batch = check_count("tokens", tokens, 0), check_count("batch", batch, 1)
+    readouts = check_count("readouts", readouts, 0)
     source = _open_source(path)
     cfg = _config_of(source)
     dtype, device = weights_dtype(source, resolve_dtype(dtype)), resolve_device(device)
@@ -293,6 +312,14 @@ def plan(
         outside = embed_params + head_params
     read_bytes = round((outside + n_layers * layer_params) * stored_size)
     bandwidth = float(read_bandwidth or DEFAULT_READ_BANDWIDTH)
+    rate = float(gemm_rate or roofline.DEFAULT_GEMM_RATE)
+    layer_flops = roofline.layer_flops(cfg, tokens=tokens, batch=batch, n_layers=n_layers)
+    head_flops = roofline.unembed_flops(cfg, rows=rows, readouts=readouts)
+    head_read_bytes = round(embed_params * stored_size)
+    wall = roofline.predicted_wall_seconds(
+        layer_read_seconds=(read_bytes - head_read_bytes) / bandwidth, head_read_seconds=head_read_bytes / bandwidth,
+        layer_flops=layer_flops, head_flops=head_flops, gemm_rate=rate, stream=stream, unembed=unembed,
+    )  # fmt: skip
     available = available_memory(device)
     return Plan(
         stream=stream,
@@ -318,6 +345,9 @@ def plan(
         read_bandwidth=bandwidth,
         est_read_seconds=read_bytes / bandwidth,
         fits=available is None or peak <= available,
+        flops=layer_flops + head_flops,
+        gemm_rate=rate,
+        est_wall_seconds=wall,
     )
 
 

@@ -11,10 +11,14 @@ multiply, and round the result back to the inputs' dtype. This changes nothing b
 so both paths give the float32-accumulated product rounded once, and differ only where a different order of
 the float32 additions crosses a rounding boundary (one unit in the last place of the output, now and then).
 
-The cast of the weight is a transient float32 copy (100 MB for a [8192, 3072] matrix; a larger one, such as an
-unembedding, is cast in blocks of rows of that size), paid on every call and freed after it. It costs more than it
-saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows of input on (the product's work grows
-with the rows, the cast's does not). Hook values, parameters and outputs all stay in the model's dtype.
+The weight is cast a block of rows at a time (`WEIGHT_BLOCK_ELEMENTS`, 6 MB in float32) into one buffer that
+each thread reuses, and each block is multiplied while it is still in the CPU's cache: a whole-matrix float32 copy
+(100 MB for a [8192, 3072] matrix) would be fresh pages to fault in and a trip through main memory on every call.
+On this AVX2 machine (2 cores, quiet) a [rows, 3072] x [3072, 8192] product ran at 38 GFLOP/s this way against
+14 for a whole-matrix cast and 16 for the native kernel at 32 rows, and at 134 against 103 and 17 at 928 rows.
+The cast still costs more than it saves for a few rows, so the float32 path is taken from `MIN_ROWS` rows of
+input on (the product's work grows with the rows, the cast's does not). Hook values, parameters and outputs
+all stay in the model's dtype.
 
 The fused attention kernel (`F.scaled_dot_product_attention`) is left as it is: it already computes in float32
 inside, and was faster in bfloat16 than on float32 copies (71 ms against 101 ms at 512 positions, 24 heads).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +46,15 @@ ENV_VAR = "LLAMA_LENS_CPU_MATMUL"
 MODES = ("auto", "native", "float32")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Rows of input from which "auto" computes in float32. Both the native product and the float32 one grow with the
-# rows, the weight's cast does not. With scripts/bench_cpu_matmul.py on an AVX2 machine (2 busy CPUs), for a
-# [8192, 3072] bfloat16 weight, native / float32 time was 0.4-0.7 at 32 rows, 0.9-1.2 at 64 and 1.9-2.1 at 128;
-# for the lens read-out's 896 rows, 5.8.
-MIN_ROWS = 64
-# Weight elements cast to float32 at a time by `linear` (100 MB): every layer matrix of a 3B Llama at once, an
-# unembedding or a 70B's [8192, 28672] down_proj in blocks of rows (not a 1.6 GB copy of a [128256, 3072] one).
-WEIGHT_BLOCK_ELEMENTS = 8192 * 3072
+# rows, the weight's cast does not. With whole-matrix casts (scripts/bench_cpu_matmul.py, AVX2, 2 busy CPUs),
+# native / float32 time for a [8192, 3072] bfloat16 weight was 0.4-0.7 at 32 rows and 0.9-1.2 at 64; with the
+# cache-sized blocks below it was 2.3 at 32 rows (quiet machine), so a streamed lens's 32-token forward pass
+# runs in float32 too.
+MIN_ROWS = 32
+# Weight elements cast to float32 at a time by `linear` (6 MB): small enough that the block is still in the
+# cache (1 MB L2 per core, 32 MB L3 here) when the product reads it, large enough that the product of a few
+# dozen rows is not all call overhead. Every weight, an unembedding included, goes through in such blocks.
+WEIGHT_BLOCK_ELEMENTS = 512 * 3072
 
 
 @functools.cache
@@ -107,15 +114,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if not computes_in_float32(x):
         return F.linear(x, weight, bias)
-    # The float32 copies live for this call only: nothing keeps them. A large weight (an unembedding) is cast a
-    # block of rows at a time, so that its copy is at most WEIGHT_BLOCK_ELEMENTS, not the whole matrix.
-    x_float, parts = x.float(), []
-    block_rows = block_rows_of(weight.shape[1])
-    for start in range(0, weight.shape[0], block_rows):
-        rows = slice(start, start + block_rows)
-        block_bias = None if bias is None else bias[rows].float()
-        parts.append(F.linear(x_float, weight[rows].float(), block_bias).to(x.dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    d_out, d_in = weight.shape
+    block_rows = block_rows_of(d_in)
+    x_float = x.float()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        # Autograd keeps each block for the backward pass, so each is a copy of its own (no reused buffer).
+        parts = []
+        for start in range(0, d_out, block_rows):
+            rows = slice(start, start + block_rows)
+            block_bias = None if bias is None else bias[rows].float()
+            parts.append(F.linear(x_float, weight[rows].float(), block_bias).to(x.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    # Each block of weight rows is cast into this thread's reused buffer and multiplied at once, while it is in
+    # the cache; the float32 product of the block is rounded into the output as it comes.
+    out = x.new_empty(*x.shape[:-1], d_out)
+    buffer = _cast_buffer(min(d_out, block_rows) * d_in)
+    for start in range(0, d_out, block_rows):
+        stop = min(start + block_rows, d_out)
+        block = buffer[: (stop - start) * d_in].view(stop - start, d_in).copy_(weight[start:stop])
+        block_bias = None if bias is None else bias[start:stop].float()
+        out[..., start:stop] = F.linear(x_float, block, block_bias)
+    return out
+
+
+_buffers = threading.local()
+
+
+def _cast_buffer(elements: int) -> torch.Tensor:
+    """This thread's float32 buffer for weight blocks, at least `elements` long (kept: a fresh one would be fresh
+    pages to fault in at every call). One per thread, as a streamed model's reader may multiply too."""
+    buffer = getattr(_buffers, "float32", None)
+    if buffer is None or buffer.numel() < elements:
+        # An ordinary tensor even when made under inference_mode, so that later calls outside it may write it.
+        with torch.inference_mode(False):
+            buffer = _buffers.float32 = torch.empty(elements, dtype=torch.float32)
+    return buffer
 
 
 def block_rows_of(d_in: int) -> int:
