@@ -61,6 +61,8 @@ _LAZY = {
     "Dictionary": "dictionaries.dictionary",
     "spliced": "dictionaries.splice",
     "run_with_dictionaries": "dictionaries.splice",
+    "train_dictionary": "dictionaries.train",
+    "TrainDictionaryConfig": "dictionaries.train_config",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}
