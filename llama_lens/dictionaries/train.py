@@ -138,12 +138,11 @@ def fit(batches: StoreBatches, config: TrainDictionaryConfig, *, out: Path) -> S
         "steps": n_steps,
     }
     since_fired = torch.zeros(config.d_sae, dtype=torch.long)  # tokens since each latent last fired
-    step = _resume(out, run, coder, optimizer, since_fired)
+    step, last_l0 = _resume(out, run, coder, optimizer, since_fired)
     if step == 0:
         coder.initialize(seed=config.seed, transcoder=config.is_transcoder, standard=not topk)
     bar = tqdm(total=n_steps, initial=step, desc=f"training {config.architecture}", unit="step",
                disable=not config.progress)  # fmt: skip
-    last_l0 = float("nan")
     try:
         with torch_threads(config.resolved_threads()):
             while step < n_steps:
@@ -158,7 +157,7 @@ def fit(batches: StoreBatches, config: TrainDictionaryConfig, *, out: Path) -> S
                 bar.update()
                 bar.set_postfix(fvu=f"{loss:.4f}")
                 if step % config.checkpoint_every == 0 or step == n_steps:
-                    _checkpoint(out, run, coder, optimizer, since_fired, step)
+                    _checkpoint(out, run, coder, optimizer, since_fired, step, l0=last_l0)
     finally:
         bar.close()
     final = optimizer.averaged()
@@ -232,21 +231,24 @@ def _auxk(
     return scale * (e_hat - error.detach()).pow(2).sum() / total_variance
 
 
-def _checkpoint(out: Path, run: dict, coder: SparseCoder, optimizer: Any, since_fired: torch.Tensor, step: int) -> None:
+def _checkpoint(
+    out: Path, run: dict, coder: SparseCoder, optimizer: Any, since_fired: torch.Tensor, step: int, *, l0: float
+) -> None:
     tensors = {f"param.{name}": getattr(coder, name) for name in PARAMETERS}
     tensors |= optimizer.state_tensors() | {"since_fired": since_fired}
-    write_checkpoint(out, tensors, state={"run": run, "step": step, "losses": coder.losses})
+    write_checkpoint(out, tensors, state={"run": run, "step": step, "losses": coder.losses, "l0_last_step": l0})
 
 
-def _resume(out: Path, run: dict, coder: SparseCoder, optimizer: Any, since_fired: torch.Tensor) -> int:
-    """Loads `out`'s checkpoint into the run (returning its step), or returns 0 when there is none.
+def _resume(out: Path, run: dict, coder: SparseCoder, optimizer: Any, since_fired: torch.Tensor) -> tuple[int, float]:
+    """Loads `out`'s checkpoint into the run, returning (its step, the L0 of its last step); (0, nan) when there
+    is none.
 
     Raises:
         UsageError: the checkpoint is of a run with other settings or data (named).
     """
     found = read_checkpoint(out)
     if found is None:
-        return 0
+        return 0, float("nan")
     tensors, state = found
     if state.get("run") != run:
         saved = state.get("run") or {}
@@ -266,4 +268,4 @@ def _resume(out: Path, run: dict, coder: SparseCoder, optimizer: Any, since_fire
     optimizer.load_state_tensors(tensors)
     since_fired.copy_(tensors["since_fired"])
     coder.losses = list(state["losses"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("l0_last_step", float("nan")))

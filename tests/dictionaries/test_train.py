@@ -128,6 +128,7 @@ def test_a_finished_run_returns_without_training(store, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_step", lambda *a, **k: pytest.fail("a finished run trained again"))
     again = ll.train_dictionary(store, out=tmp_path, **options | {"progress": False, "checkpoint_every": 7})
     assert again.losses == first.losses and torch.equal(again.W_dec, first.W_dec)
+    assert 0 < again.info["l0_last_step"] == first.info["l0_last_step"] <= 6
 
 
 def test_out_with_another_run_is_refused_by_name(store, tmp_path):
