@@ -76,6 +76,8 @@ _LAZY = {
     "evaluate_dictionary": "features.evaluate",
     "DictionaryEvaluation": "features.evaluate",
     "evaluate_dataset": "runs.evaluate",
+    "train_dictionary": "dictionaries.train",
+    "TrainDictionaryConfig": "dictionaries.train_config",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

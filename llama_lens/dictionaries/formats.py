@@ -105,7 +105,10 @@ def read_saelens(path: Path, *, hook_out: str | None = None) -> Dictionary:
     if "hook_name" not in cfg:
         raise ConfigError(f"{cfg_path}: no key 'hook_name' (nor metadata.hook_name): the site it reads")
     hook_in = our_hook(cfg["hook_name"], where=f"{cfg_path} key 'hook_name'")
-    transcoder = "transcoder" in architecture
+    # SAELens has no TopK transcoder architecture: one is written as "topk" (the same math) with the hook it
+    # writes in hook_name_out (as ll.train_dictionary writes it).
+    out_name = cfg.get("hook_name_out")
+    transcoder = "transcoder" in architecture or (architecture == "topk" and out_name not in (None, cfg["hook_name"]))
     if transcoder:
         out = hook_out or cfg.get("hook_name_out")
         if out is None:
