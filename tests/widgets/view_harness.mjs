@@ -130,6 +130,7 @@ for (const step of script) {
       open_thumbs: find("ll-open").length,
       text_spans: (find("ll-text")[0] || { children: [] }).children.length,
       fills: [...fills],
+      tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
     };
     fills.clear();
   }
