@@ -197,7 +197,8 @@ def _check_lens_fits(model: HookedLlama, batch: int, n_tokens: int, n_pos: int, 
     check_context_length(
         model, n_tokens, what="logit_lens", advice=f"keep the prompt within {model.cfg.max_position_embeddings} tokens"
     )
-    cfg, itemsize = model.cfg, model.unembed.weight.element_size()
+    weight = model.unembed.weight  # a streamed model's may stay on disk: its dtype and device are known
+    cfg, itemsize = model.cfg, weight.dtype.itemsize
     rows = batch * n_pos
     kept = 3 * n_points * rows * cfg.d_model * itemsize + rows * cfg.d_vocab * 4
     if keep:
@@ -205,7 +206,7 @@ def _check_lens_fits(model: HookedLlama, batch: int, n_tokens: int, n_pos: int, 
     need = kept + forward_nbytes(cfg, batch=batch, pos=n_tokens, itemsize=itemsize, written_out=False, logits_pos=0)
     check_fits(
         need,
-        model.unembed.weight.device,
+        weight.device,
         what=f"logit_lens over {batch} x {n_tokens} positions ({n_pos} read out at {n_points} read-outs)",
         advice="read out fewer positions (positions=[-1]) or layers (layers=), "
         + ("leave keep_logits off, " if keep else "")

@@ -129,7 +129,8 @@ def check_generation_fits(model, tokens: torch.Tensor, max_new_tokens: int, *, u
         what=f"generate (a prompt of {pos} tokens + max_new_tokens={max_new_tokens})",
         advice=f"lower max_new_tokens to {max(cfg.max_position_embeddings - pos + 1, 0)} or shorten the prompt",
     )
-    itemsize = model.embed.weight.element_size()
+    weight = model.embed.weight  # a streamed model's may stay on disk: its dtype and device are known
+    itemsize = weight.dtype.itemsize
     n_layers = len(getattr(model, "layer_indices", range(cfg.n_layers)))
     kv = 2 * n_layers * batch * cfg.n_kv_heads * cfg.d_head * (run if use_kv_cache else 0) * itemsize
     working = forward_nbytes(
@@ -137,7 +138,7 @@ def check_generation_fits(model, tokens: torch.Tensor, max_new_tokens: int, *, u
     )
     check_fits(
         kv + working,
-        model.embed.weight.device,
+        weight.device,
         what=f"generate over {batch} x {run} positions (KV cache {kv / GIB:.2f} GiB)",
         advice="generate for fewer prompts at a time, fewer new tokens or shorter prompts",
     )

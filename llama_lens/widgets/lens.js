@@ -536,6 +536,17 @@ function render({ model, el }) {
     add("text", { x: L - 4, y: H - B, "text-anchor": "end", class: "ll-axis-text" }, byRank ? String(maxRank) : "0");
     add("text", { x: (W + L) / 2, y: H - 6, "text-anchor": "middle", class: "ll-axis-text" },
       `read-out (${d.labels[0]} … ${d.labels[d.labels.length - 1]}); y: ${byRank ? "best rank (log)" : "summed probability"}`);
+    // Per-layer ticks on the read-out axis: a mark at every read-out, the layer's number under every step-th
+    // (about ten numbers whatever the depth, the last read-out's always), "emb" for the embedding.
+    const step = Math.max(1, Math.ceil(R / 10));
+    for (let r = 0; r < R; r++) {
+      const labelled = r % step === 0 || r === R - 1;
+      if (r === R - 1 && r % step !== 0 && r % step < step / 2) continue; // too close to the last number
+      add("line", { x1: x(r), y1: H - B, x2: x(r), y2: H - B + (labelled ? 5 : 3), class: "ll-axis ll-tick" });
+      if (!labelled || r >= d.labels.length) continue;
+      const text = d.labels[r] === "embed" ? "emb" : String(d.layers[r]);
+      add("text", { x: x(r), y: H - B + 15, "text-anchor": "middle", class: "ll-axis-text ll-tick-label" }, text);
+    }
     const colours = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131", "#5c940d"];
     lines.forEach((line, i) => {
       if (!line) return;

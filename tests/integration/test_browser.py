@@ -27,7 +27,8 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "widgets_smoke.ipynb"
 REPO_ROOT = NOTEBOOK.parent.parent
 TOKEN = "llama-lens-browser-test"
-METRICS = ("prob", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+METRICS = ("prob", "logit", "target_prob", "target_rank", "token_prob", "token_rank", "entropy", "kl")
+COLORMAPS = ("viridis", "magma", "cividis", "greys", "blues")
 # Prompts that end or change an inline <script> were it not escaped (the character model takes ASCII only).
 INJECTIONS = [
     "<!--<script",
@@ -486,5 +487,19 @@ def test_saved_page_works_offline(chromium, tmp_path):
     assert line.get_attribute("stroke-dasharray") and line.get_attribute("d").startswith("M")
     assert driver.find_element(By.CSS_SELECTOR, "input.ll-prompt").get_attribute("disabled")
     assert not driver.find_element(By.CSS_SELECTOR, "select.ll-lens-kind").is_displayed()  # no tuned lens given
+    # Each colour map repaints the cells: the first cell's colour (a corner, clear of its text) differs per map.
+    from selenium.webdriver.support.ui import Select
+
+    cells = driver.find_element(By.CSS_SELECTOR, "canvas.ll-cells")
+    corner = (
+        "const c = arguments[0], s = c.width / c.clientWidth;"
+        "return Array.from(c.getContext('2d').getImageData(Math.round(3 * s), Math.round(21 * s), 1, 1).data);"
+    )
+    seen = {}
+    for name in COLORMAPS:
+        Select(driver.find_element(By.CSS_SELECTOR, "select.ll-colormap")).select_by_value(name)
+        cells = driver.find_element(By.CSS_SELECTOR, "canvas.ll-cells")  # the redraw makes a new canvas
+        seen[name] = tuple(driver.execute_script(corner, cells))
+    assert len(set(seen.values())) == len(COLORMAPS), seen
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors

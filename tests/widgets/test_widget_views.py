@@ -158,6 +158,23 @@ def test_colour_maps_and_raw_logits_colour_the_cells(model, tmp_path):
 
 
 @needs_node
+@pytest.mark.parametrize(
+    ("n_layers", "expected"), [(2, ["emb", "0", "1"]), (23, ["emb", "2", "5", "8", "11", "14", "17", "20", "22"])]
+)
+def test_the_trajectory_chart_has_per_layer_ticks(tmp_path, n_layers, expected):
+    from support.models import char_model
+
+    model = char_model(n_layers=n_layers)
+    explorer = ll_widgets.LogitLensExplorer(model, "hello")
+    top = int(explorer.result.top_ids[0, -1, -1, 0])
+    steps = [{"set": "pins", "value": [{"panel": 0, "position": 2, "ids": [top]}]}, {"report": "pinned"}]
+    out = run_view(tmp_path, explorer.page_state(), steps)
+    assert out["errors"] == []
+    # R = n_layers + 1 read-outs; a number every ceil(R / 10)-th, the last one's unless too close to another.
+    assert out["reports"]["pinned"]["tick_labels"] == expected
+
+
+@needs_node
 def test_ranks_arriving_redraw_the_rank_colouring(model, tmp_path):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", target="o")
     state = explorer.page_state()

@@ -147,6 +147,7 @@ for (const step of script) {
       popup: find("ll-popup").map((n) => n.textContent),
       legend_bar: (find("ll-legendbar")[0] || { textContent: "" }).textContent,
       feature: state.feature,
+      tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
     };
     fills.clear();
   }
