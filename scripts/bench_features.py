@@ -47,7 +47,7 @@ def child(repeats: int, top_n: int, threads: int | None) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's package, and the tests' dictionary writer
     from support.dictionaries import write_saelens
 
     import llama_lens as ll
@@ -119,8 +119,10 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", "--repeats", str(args.repeats), "--top-n", str(args.top_n)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
-    figures = json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if run.returncode != 0:
+        sys.exit(f"the benchmark's process failed:\n{run.stderr[-3000:]}")
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
     load_after = os.getloadavg()
     for key, value in figures.items():
         print(f"{key:>14}  {value:.3f}" if isinstance(value, float) else f"{key:>14}  {value}")

@@ -55,6 +55,7 @@ def test_a_vector_toward_a_tokens_unembedding_raises_its_logit(model):
         with ll.steer(model, direction, hooks=last, scale=scale):
             steered = model(prompt)[0, -1]
     plain = plain[0, -1]
-    assert plain.argmax() != token and steered.argmax() == token
+    # The top token becomes a Paris ("Paris" and " Paris" have near-equal unembeddings); " Paris" joins the top 10.
+    assert token not in plain.topk(10).indices and token in steered.topk(10).indices
     assert steered.softmax(-1)[token] > 100 * plain.softmax(-1)[token]
     assert (steered - plain)[token] > (steered - plain).mean()
