@@ -78,9 +78,9 @@ class CrossLayerTranscoder:
         return sum(file.bytes_read for file in {ref.file for ref in refs})
 
     def _check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        if isinstance(layer, bool) or not hasattr(layer, "__index__") or not 0 <= layer.__index__() < self.n_layers:
             raise ArgumentError(f"layer must be an int in [0, {self.n_layers}) for the CLT {self.path}; got {layer!r}")
-        return layer
+        return layer.__index__()
 
     def param(self, layer: int, name: str) -> torch.Tensor:
         """Layer `layer`'s W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_out] or threshold [d_sae], read on first
