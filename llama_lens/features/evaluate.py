@@ -265,7 +265,12 @@ def _batches(model: Any, prompts: Any, batch_size: int, prepend_bos: bool | None
         for b0 in range(0, len(prompts), batch_size):
             yield model.prepare_tokens(list(prompts[b0 : b0 + batch_size]), prepend_bos=prepend_bos)
         return
-    tokens = torch.as_tensor(prompts) if not isinstance(prompts, torch.Tensor) else prompts
+    try:
+        tokens = torch.as_tensor(prompts) if not isinstance(prompts, torch.Tensor) else prompts
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(
+            "prompts must be texts, or token ids [batch, pos] of one length (pad texts, not ids: pass the texts)"
+        ) from None
     if tokens.dim() == 1:
         tokens = tokens[None]
     if tokens.dim() != 2 or tokens.dtype.is_floating_point:

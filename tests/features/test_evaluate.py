@@ -141,6 +141,14 @@ def test_transcoder_and_frame(tmp_path):
     assert result["kl_div_with_sae"] > 0 and result["kl_div_with_ablation"] > 0
 
 
+def test_a_dictionary_at_hook_z_reads_the_heads_flattened(model, tmp_path):
+    sae = ll.load_dictionary(write_saelens(tmp_path / "z", "blocks.0.attn.hook_z", architecture="topk", k=4))
+    result = ll.evaluate_dictionary(model, sae, TEXTS)
+    assert result["l0"] == 4 and result.sums.n_tokens == sum(len(t) for t in TEXTS)
+    exact = ll.evaluate_dictionary(model, identity_sae(tmp_path / "id", "blocks.0.attn.hook_z"), TEXTS)
+    assert exact["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and exact["mse"] == pytest.approx(0.0, abs=1e-8)
+
+
 def test_hostile_input_is_refused_by_name(model, tmp_path):
     wide = ll.load_dictionary(write_saelens(tmp_path / "w", SITE, d_in=32))
     with pytest.raises(ArgumentError, match=r"blocks\.1\.hook_resid_pre with width 32, the model's is 64"):
@@ -155,5 +163,7 @@ def test_hostile_input_is_refused_by_name(model, tmp_path):
         ll.evaluate_dictionary(model, sae, torch.zeros(0, 4, dtype=torch.long))
     with pytest.raises(ArgumentError, match="integers"):
         ll.evaluate_dictionary(model, sae, torch.zeros(2, 4))
+    with pytest.raises(ArgumentError, match="of one length"):
+        ll.evaluate_dictionary(model, sae, [[5, 6, 7], [5, 6]])
     with pytest.raises(UnknownNameError, match="explained_variance"):
         ll.evaluate_dictionary(model, sae, TEXTS)["explained_varaince"]
