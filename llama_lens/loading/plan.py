@@ -16,7 +16,6 @@ see `choose_unembed`): `plan(path, stream=True)` says which (`embed`, `unembed`)
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from ..model.memory import (
     available_memory,
     process_memory,
 )
-from . import roofline, stream_vocab
+from . import plan_sizes, roofline, stream_vocab
+from .plan_sizes import largest_cast_elements, largest_layer_tensor, layer_param_count
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
 # (~0.5 GB/s) and an NVMe one (2-7 GB/s). scripts/bench_stream.py measures the real figure.
@@ -301,7 +301,7 @@ def plan(
     pattern_bytes = 0
     if computes_pattern:
         pattern_bytes = n_layers * batch * cfg.n_heads * tokens**2 * act * (2 if cache == "all" else 1)
-    dictionary_bytes = _dictionary_bytes(dictionaries, rows, active_features)
+    dictionary_bytes = plan_sizes.dictionary_bytes(dictionaries, rows, active_features)
     # The layers are read and run before the unembedding is: the larger of the two is in flight at the peak.
     peak = weights_resident + max(in_flight, unembed_in_flight) + activations + cache_bytes + pattern_bytes
     peak += dictionary_bytes
@@ -351,22 +351,6 @@ def plan(
     )
 
 
-def _dictionary_bytes(dictionaries: Iterable[Any], rows: int, active_features: int | None) -> int:
-    """What spliced dictionaries add: each one's held weights, and the largest one's working tensors."""
-    if hasattr(dictionaries, "splice_memory"):
-        dictionaries = [dictionaries]
-    held, working = 0, 0
-    for dictionary in dictionaries:
-        if not hasattr(dictionary, "splice_memory"):
-            raise ArgumentError(
-                f"dictionaries= takes dictionaries opened with ll.load_dictionary (it reads only their headers), "
-                f"got {type(dictionary).__name__}"
-            )
-        kept, used = dictionary.splice_memory(rows, active_features)
-        held, working = held + kept, max(working, used)
-    return held + working
-
-
 def choose_unembed(
     source: Any,
     unembed: str,
@@ -407,27 +391,6 @@ def choose_unembed(
     if held.available_bytes is None or held.peak_bytes <= AUTO_UNEMBED_MEMORY_SHARE * held.available_bytes:
         return "memory"
     return "stream"
-
-
-def layer_param_count(cfg: LlamaConfig) -> int:
-    """Parameters of one decoder layer."""
-    from ..io.names import block_param_shapes
-
-    return sum(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
-
-
-def largest_layer_tensor(cfg: LlamaConfig) -> int:
-    """Values in the largest parameter of a decoder layer."""
-    from ..io.names import block_param_shapes
-
-    return max(math.prod(shape) for shape in block_param_shapes(cfg, 0).values())
-
-
-def largest_cast_elements(cfg: LlamaConfig) -> int:
-    """Elements of the largest float32 copy of a layer weight that cpu_matmul.linear makes at a time."""
-    q_width = cfg.n_heads * cfg.d_head
-    matrices = [(q_width, cfg.d_model), (cfg.d_model, q_width), (cfg.d_mlp, cfg.d_model), (cfg.d_model, cfg.d_mlp)]
-    return max(cpu_matmul.cast_elements(d_out, d_in) for d_out, d_in in matrices)
 
 
 def weights_dtype(source: Any, dtype: torch.dtype | None) -> torch.dtype:
