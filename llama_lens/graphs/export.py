@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..files import atomic_path
 
 
@@ -120,7 +121,7 @@ class _Call:
         self.func, self.args = func, args
 
     def __call__(self, *args):  # pickle wants a callable as the function of a reduce
-        raise TypeError("a placeholder for pickling only")
+        raise UsageError("a placeholder for pickling only: circuit-tracer builds the object when it loads the file")
 
     def __reduce__(self):
         return self.func, self.args
