@@ -93,24 +93,7 @@ def __getattr__(name: str):
     else:
         raise AttributeError(f"module 'llama_lens' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip __getattr__
-    if name in ("feature_lens", "FeatureLensResult"):
-        _wire_feature_explorer()
     return value
-
-
-def _wire_feature_explorer() -> None:
-    """Lets `FeatureLensResult.explore()` open `ll.widgets.FeatureExplorer`: the explorer's room sits above the
-    features room, which may not import it, so this face (which may import any room) hands features a factory
-    that imports the widgets (anywidget and all) only when first called."""
-    from .features.lens_result import _EXPLORERS, register_explorer
-
-    def explore(result, **kwargs):
-        from .widgets.feature_explorer import FeatureExplorer
-
-        return FeatureExplorer(result, **kwargs)
-
-    if not _EXPLORERS:
-        register_explorer(explore)
 
 
 def __dir__() -> list[str]:

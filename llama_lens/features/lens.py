@@ -69,7 +69,7 @@ def feature_lens(
         prepend_bos: as in `ll.logit_lens`.
 
     Returns:
-        A FeatureLensResult (`.to_frame()`, `.plot()`, `.explore()`).
+        A FeatureLensResult (`.to_frame()`, `.plot()`; `ll.widgets.FeatureExplorer(result)` explores it).
 
     Raises:
         ArgumentTypeError: `dictionaries` holds something that is not a Dictionary.

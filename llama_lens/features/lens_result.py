@@ -6,13 +6,12 @@ Shapes: S sites (forward order), P positions read, k = top_k, n_u a site's disti
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ArgumentError, UsageError
+from ..errors import ArgumentError
 from ..lens.inputs import InputsView, LensInputs
 from ..validate import check_choice
 from ..viz.heatmap import Grid, draw_grid
@@ -23,15 +22,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PLOT_METRICS = ("activation", "dla", "l0")
-
-# The explorer lives in widgets/, a room above this one: it registers itself here when `llama_lens.widgets` is
-# imported, so that `explore()` can build it without this room importing the room above.
-_EXPLORERS: list[Callable[..., Any]] = []
-
-
-def register_explorer(factory: Callable[..., Any]) -> None:
-    """Makes `factory(result, **kwargs)` what `FeatureLensResult.explore()` returns (called by llama_lens.widgets)."""
-    _EXPLORERS[:] = [factory]
 
 
 @dataclass
@@ -189,16 +179,3 @@ class FeatureLensResult(InputsView):
             ylabel="site",
         )
         return draw_grid(grid, annotate=annotate, figsize=figsize)
-
-    def explore(self, **kwargs: Any) -> Any:
-        """The FeatureExplorer widget of this result (`ll.widgets.FeatureExplorer(result, **kwargs)`).
-
-        Raises:
-            UsageError: `llama_lens.widgets` has not been imported (it registers the explorer).
-        """
-        if not _EXPLORERS:
-            raise UsageError(
-                "the feature explorer lives in llama_lens.widgets: `import llama_lens.widgets` (or touch "
-                "ll.widgets) once, or build it as ll.widgets.FeatureExplorer(result)"
-            )
-        return _EXPLORERS[0](self, **kwargs)

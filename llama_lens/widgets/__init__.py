@@ -12,14 +12,10 @@ picture shows instead, and `.save_html(path)` writes a standalone page that work
 
 from __future__ import annotations
 
-from ..features.lens_result import register_explorer
 from .attention_explorer import AttentionExplorer
 from .base import Control, Explorer, figure_png
-from .feature_explorer import FeatureExplorer, explore
+from .feature_explorer import FeatureExplorer
 from .lens_explorer import METRICS, READOUTS, LogitLensExplorer
-
-# FeatureLensResult.explore() builds this room's explorer; the features room below cannot import it.
-register_explorer(explore)
 
 __all__ = [
     "AttentionExplorer", "Control", "Explorer", "FeatureExplorer", "LogitLensExplorer", "METRICS", "READOUTS",

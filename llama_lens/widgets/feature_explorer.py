@@ -202,8 +202,3 @@ class FeatureExplorer(Explorer):
             n_sites, n_pos = len(self.result.sites), len(self.result.positions)
             self.status = f"{n_sites} sites x {n_pos} positions, top {self.result.top_k} ({len(data) / 1e3:.0f} kB)"
         self._data_changed()
-
-
-def explore(result: FeatureLensResult, **kwargs: Any) -> FeatureExplorer:
-    """`FeatureLensResult.explore()`: the explorer of a fixed result."""
-    return FeatureExplorer(result, **kwargs)

@@ -9,7 +9,7 @@ from support.dictionaries import write_saelens
 from support.models import CharTokenizer, char_model, tiny_model
 
 import llama_lens as ll
-from llama_lens.errors import ArgumentError, ArgumentTypeError, UnknownNameError, UsageError
+from llama_lens.errors import ArgumentError, ArgumentTypeError, UnknownNameError
 from llama_lens.features.lens import feature_lens
 from llama_lens.features.lens_result import FeatureLensResult
 
@@ -157,25 +157,6 @@ def test_frame_and_plot(model, tmp_path):
         assert texts == [str(int(f)) for f in result.feature_ids[0, :, 0]]
     values = result.plot("dla").axes[0].images[0].get_array()
     torch.testing.assert_close(torch.tensor(values.data[0]), result.dla[0].sum(-1), check_dtype=False)
-
-
-def test_explore_opens_the_explorer_through_the_face_or_says_what_to_import(model, tmp_path):
-    from llama_lens.features import lens_result
-
-    sae = ll.load_dictionary(write_saelens(tmp_path / "s", "blocks.1.hook_resid_post"))
-    result = feature_lens(model, "hi", sae, top_k=2)
-    registered = list(lens_result._EXPLORERS)
-    lens_result._EXPLORERS.clear()
-    try:
-        with pytest.raises(UsageError, match="llama_lens.widgets"):
-            result.explore()
-        # Reaching the lens through the face (`ll.feature_lens`) hands the features room the explorer's factory.
-        vars(ll).pop("feature_lens", None)
-        assert ll.feature_lens is feature_lens
-        explorer = result.explore()
-        assert type(explorer).__name__ == "FeatureExplorer" and explorer.meta["labels"] == result.labels
-    finally:
-        lens_result._EXPLORERS[:] = registered
 
 
 # ------------------------------------------------------------------------------------------------ hostile

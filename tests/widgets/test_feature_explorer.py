@@ -163,7 +163,7 @@ def test_hover_timing_on_the_full_size_payload(tmp_path):
 
 # ------------------------------------------------------------------------------------------ Python side
 def test_saved_page_is_offline_and_carries_the_data(result, tmp_path):
-    explorer = result.explore()
+    explorer = ll.widgets.FeatureExplorer(result)
     assert isinstance(explorer, ll_widgets.FeatureExplorer)
     page = explorer.save_html(tmp_path / "features.html").read_text()
     assert page.lower().count("<script") == 1 and "http" not in page.split("<script", 1)[1]
