@@ -19,6 +19,7 @@ Old spellings of renamed keywords keep working for one release with a Deprecatio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import warnings
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError, did_you_mean
 
 # The dtypes a model can be loaded in: every op of the forward pass has CPU and CUDA kernels for these (float8
 # and other floating types do not).
@@ -299,6 +300,16 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, n_pos: int) -
 
 
 # ----------------------------------------------------------------------------------------------- renamed keywords
+def check_option_names(options: Iterable[str], config_class: type, what: str) -> None:
+    """Refuses an option that is not a field of the dataclass `config_class`, naming the nearest that is (the
+    trainers' `**options`)."""
+    known = [f.name for f in dataclasses.fields(config_class)]
+    for name in options:
+        if name not in known:
+            hint = f"the options are {config_class.__name__}'s fields"
+            raise ArgumentTypeError(f"unknown {what} option {name!r}{did_you_mean(name, known, hint=hint)}")
+
+
 def renamed_keywords(**old_to_new: str) -> Callable[[Callable], Callable]:
     """Keeps the old spelling of renamed keyword arguments working, with a DeprecationWarning naming the new
     one, for one release. Passing both spellings is an ArgumentTypeError (a TypeError), as a repeated keyword would be.

@@ -16,10 +16,11 @@ Three kinds, each with the recipe of the package that made it popular:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ArgumentError, ArgumentTypeError, did_you_mean
+from ..validate import check_option_names
 from .sites import our_hook
 
 ARCHITECTURES = ("topk", "standard")
@@ -136,11 +137,7 @@ class TrainDictionaryConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainDictionaryConfig:
         """A config from keyword options, naming any option it does not have (with the nearest that it has)."""
-        known = [f.name for f in fields(cls)]
-        for name in options:
-            if name not in known:
-                hint = "the options are TrainDictionaryConfig's fields"
-                raise ArgumentTypeError(f"unknown training option {name!r}{did_you_mean(name, known, hint=hint)}")
+        check_option_names(options, cls, "training")
         return cls(**options)
 
     def info(self) -> dict[str, Any]:

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..data.texts import read_texts
-from ..errors import ArgumentError, ArgumentTypeError, did_you_mean
+from ..errors import ArgumentError
 from ..model.protocols import LanguageModel
+from ..validate import check_option_names
 from .readouts import DEFAULT_READOUT, label_readout, readout_kinds, stream_hook
 
 
@@ -111,11 +112,7 @@ class TrainConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainConfig:
         """A config from keyword options, naming any option it does not have (with the nearest that it has)."""
-        known = [f.name for f in fields(cls)]
-        for name in options:
-            if name not in known:
-                hint = "the options are TrainConfig's fields"
-                raise ArgumentTypeError(f"unknown training option {name!r}{did_you_mean(name, known, hint=hint)}")
+        check_option_names(options, cls, "training")
         return cls(**options)
 
     def info(self) -> dict[str, Any]:
