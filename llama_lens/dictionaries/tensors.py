@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UnknownNameError, did_you_mean
-from ..io.safetensors import read_safetensors_header, read_stored_into
+from ..io.safetensors import read_exactly, read_safetensors_header, read_stored_into
 
 
 class TensorFile:
@@ -82,7 +82,7 @@ class TensorFile:
                 while last + 1 < len(sorted_ids) and sorted_ids[last + 1] == sorted_ids[last] + 1:
                     last += 1
                 file.seek(info["offsets"][0] + sorted_ids[first] * row_bytes)
-                _read_exactly(file, raw_bytes[first * row_bytes : (last + 1) * row_bytes], name)
+                read_exactly(file, raw_bytes[first * row_bytes : (last + 1) * row_bytes], f"rows of {name!r}")
                 self.bytes_read += (last - first + 1) * row_bytes
                 first = last + 1
         out = torch.empty(raw.shape, dtype=dtype or stored)
@@ -95,13 +95,3 @@ class TensorFile:
                 f"{self.path}: no tensor {name!r}{did_you_mean(name, self.header, hint=f'it holds {self.names()}')}"
             )
         return self.header[name]
-
-
-def _read_exactly(file, view: memoryview, name: str) -> None:
-    """Fills `view` with the next bytes of `file`."""
-    done = 0
-    while done < len(view):
-        count = file.readinto(view[done:])
-        if not count:
-            raise CheckpointError(f"{file.name}: ended early while reading rows of {name!r}; the file is truncated")
-        done += count

@@ -149,7 +149,11 @@ def read_stored_into(file: BinaryIO, flat: torch.Tensor, stored: torch.dtype, wh
 
 def read_exactly_into(file: BinaryIO, tensor: torch.Tensor, what: str) -> None:
     """Fills a contiguous CPU tensor with the next bytes of `file` (readinto releases the GIL)."""
-    view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    read_exactly(file, memoryview(tensor.view(torch.uint8).numpy()).cast("B"), what)
+
+
+def read_exactly(file: BinaryIO, view: memoryview, what: str) -> None:
+    """Fills the byte view `view` with the next bytes of `file`; a short file is a CheckpointError."""
     done = 0
     while done < len(view):
         count = file.readinto(view[done:])
