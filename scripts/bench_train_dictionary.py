@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 import llama_lens as ll
-from llama_lens.dictionaries.train_data import chunk_texts, collect_activations
+from llama_lens.data.token_rows import token_rows
+from llama_lens.dictionaries.train_data import collect_activations
 
 LAYER = 15
 HOOK_IN, HOOK_OUT = f"blocks.{LAYER}.mlp.hook_in", f"blocks.{LAYER}.hook_mlp_out"
@@ -169,7 +170,7 @@ def main() -> None:
     n_texts, rows = 500, None
     while rows is None or len(rows) < train_rows + args.heldout_rows:
         n_texts *= 2
-        rows = chunk_texts(model.tokenizer, ll.generated_texts(n_texts, seed=0), seq_len=SEQ_LEN)
+        rows = token_rows(model.tokenizer, ll.generated_texts(n_texts, seed=0), seq_len=SEQ_LEN)
     train_tokens, heldout_tokens = rows[:train_rows], rows[train_rows : train_rows + args.heldout_rows]
     torch.save(train_tokens, work / "train_tokens.pt")
     print(f"{train_rows} training rows ({train_tokens.numel():,} tokens, {train_rows // BATCH_ROWS} steps), "

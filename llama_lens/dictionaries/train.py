@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from ..data.store import STORE_FOLDER, ActivationDataset
+from ..data.token_rows import token_rows
 from ..errors import ArgumentError, ArgumentTypeError, UsageError
 from .train_coder import SparseCoder, decode_sparse, fvu
 from .train_config import RUN_ONLY, TrainDictionaryConfig
-from .train_data import StoreBatches, chunk_texts, collect_activations
+from .train_data import StoreBatches, collect_activations
 from .train_files import read_checkpoint, saelens_cfg, write_checkpoint, write_saelens
 from .train_optim import Adam, ScheduleFreeSignum
 
@@ -83,7 +84,7 @@ def train_dictionary(
             raise ArgumentError("training from a model needs tokens= (token ids [n_rows, pos]) or texts=, one of them")
         if texts is not None:
             if model_tokenizer := getattr(source, "tokenizer", None):
-                tokens = chunk_texts(model_tokenizer, texts, seq_len=seq_len)
+                tokens = token_rows(model_tokenizer, texts, seq_len=seq_len)
             else:
                 raise ArgumentError("this model has no tokenizer to cut texts= into rows; pass tokens= instead")
         source = collect_activations(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +26,6 @@ from ..files import write_text_atomic
 
 TOKENS_FILE = "tokens.json"  # beside the store's index: which tokens it holds, so a rerun can reuse it
 SHARD_TOKENS = 65536  # tokens per shard written by `collect_activations`
-
-
-def chunk_texts(tokenizer: Any, texts: Iterable[str], *, seq_len: int, max_rows: int | None = None) -> torch.Tensor:
-    """The texts as rows of `seq_len` token ids [n_rows, seq_len]: tokenized one after another (each with its BOS)
-    into one stream, cut into consecutive rows, each row starting with BOS. A last partial row is dropped.
-
-    Raises:
-        ArgumentError: the texts hold fewer than `seq_len` tokens.
-    """
-    bos = tokenizer.bos_id
-    stream: list[int] = []
-    rows: list[list[int]] = []
-    for text in texts:
-        stream.extend(tokenizer.encode(text, bos=bos is not None))
-        while True:
-            prefix = [bos] if bos is not None and stream and stream[0] != bos else []
-            take = seq_len - len(prefix)
-            if len(stream) < take:
-                break
-            rows.append(prefix + stream[:take])
-            del stream[:take]
-        if max_rows is not None and len(rows) >= max_rows:
-            break
-    if not rows:
-        raise ArgumentError(f"the texts hold fewer than seq_len={seq_len} tokens: pass more text or a smaller seq_len")
-    return torch.tensor(rows[:max_rows], dtype=torch.long)
 
 
 def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str]) -> dict[str, Any]:

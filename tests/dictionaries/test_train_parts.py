@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from support.models import CharTokenizer, tiny_config, tiny_model
 
+from llama_lens.data.token_rows import token_rows
 from llama_lens.dictionaries.train_coder import SparseCoder, decode_sparse
-from llama_lens.dictionaries.train_data import StoreBatches, chunk_texts, collect_activations
+from llama_lens.dictionaries.train_data import StoreBatches, collect_activations
 from llama_lens.dictionaries.train_optim import ScheduleFreeSignum
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,9 +117,9 @@ def test_collect_reuses_a_store_of_the_same_tokens(tmp_path, monkeypatch):
     torch.testing.assert_close(changed[0]["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"][0])
 
 
-def test_chunk_texts_cuts_rows_that_start_with_bos():
+def test_token_rows_cuts_rows_that_start_with_bos():
     tokenizer = CharTokenizer()
-    rows = chunk_texts(tokenizer, ["abcdefghij", "klmnopq", "rstuvwxyz" * 3], seq_len=8)
+    rows = token_rows(tokenizer, ["abcdefghij", "klmnopq", "rstuvwxyz" * 3], seq_len=8)
     assert rows.shape[1] == 8 and bool((rows[:, 0] == tokenizer.bos_id).all())
     stream = [i for text in ["abcdefghij", "klmnopq", "rstuvwxyz" * 3] for i in tokenizer.encode(text, bos=True)]
     body = [i for row in rows.tolist() for i in row]
@@ -127,4 +128,4 @@ def test_chunk_texts_cuts_rows_that_start_with_bos():
         : len([i for i in body if i != tokenizer.bos_id])
     ]
     with pytest.raises(ValueError, match="fewer than seq_len=64"):
-        chunk_texts(tokenizer, ["ab"], seq_len=64)
+        token_rows(tokenizer, ["ab"], seq_len=64)
