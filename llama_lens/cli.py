@@ -378,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `llama-lens` with `argv` (default: the process arguments) and returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and _prompt_after_options(args, extra):
+        args.path, args.prompt = args.prompt, extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
@@ -404,6 +408,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _prompt_after_options(args: argparse.Namespace, extra: list[str]) -> bool:
+    """True for `COMMAND PATH --option PROMPT`: argparse fills "[PATH] PROMPT" from the positionals before the
+    first option only, so it takes PATH for the prompt and leaves PROMPT over."""
+    return (
+        hasattr(args, "prompt")
+        and getattr(args, "path", "") is None
+        and len(extra) == 1
+        and not extra[0].startswith("-")
+    )
 
 
 def check_text_arguments(args: argparse.Namespace) -> None:

@@ -129,12 +129,21 @@ class LlamaConfig:
             )
         scaling = self.rope_scaling
         if scaling is not None:
+            if scaling.kind not in ("linear", "dynamic", "llama3"):
+                raise ConfigError(
+                    f"config: rope scaling kind must be 'linear', 'dynamic' or 'llama3', got {scaling.kind!r}"
+                )
             if not 0 < scaling.factor < math.inf:
                 raise ConfigError(f"config: the rope scaling factor must be positive and finite, got {scaling.factor}")
             if scaling.kind == "llama3" and not 0 < (scaling.low_freq_factor or 0) < (scaling.high_freq_factor or 0):
                 raise ConfigError(
                     "config: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}"
+                )
+            if scaling.kind == "llama3" and not (scaling.original_max_position_embeddings or 0) > 0:
+                raise ConfigError(
+                    "config: llama3 rope scaling needs a positive original_max_position_embeddings, got "
+                    f"{scaling.original_max_position_embeddings}"
                 )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")

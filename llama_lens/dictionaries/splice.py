@@ -82,7 +82,7 @@ def splice_hooks(
 
 def _with_error_term(target: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
     """recons + (target - recons).detach() in value and gradient, but exactly `target` in value."""
-    return target.detach().to(recons.dtype) + (recons - recons.detach())
+    return target.detach().to(recons.device, recons.dtype) + (recons - recons.detach())
 
 
 def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dict | None):
@@ -95,13 +95,14 @@ def _dictionary_hooks(dictionary: Dictionary, use_error_term: bool, records: dic
         acts = dictionary._activate(flat_in, pre)
         recons = dictionary.decode(acts, source)
         target = x.flatten(-2) if x.shape[-1] != recons.shape[-1] else x
-        error = target.to(recons.dtype) - recons
+        # The dictionary computes on its own device and dtype; what goes back to the model takes the model's.
+        error = target.to(recons.device, recons.dtype) - recons
         if records is not None:
             values = (dictionary._flat(source, dictionary.d_in, "x"), pre, acts, recons, error)
             for point, value in zip(SAE_POINTS, values):
                 records[f"{site}.{point}"] = value.detach()
         out = _with_error_term(target, recons) if use_error_term else recons
-        return out.reshape(x.shape).to(x.dtype)
+        return out.reshape(x.shape).to(x.device, x.dtype)
 
     if not dictionary.is_transcoder:
         return [(site, lambda x, *, hook: replace(x, x))]
@@ -145,13 +146,13 @@ def _cross_layer_hooks(clt: CrossLayerTranscoder, use_error_term: bool, records:
                 values, rows = state[source][3], state[source][4]
                 recons = recons + values @ rows[:, layer - source]
             recons = recons.expand(*y.shape[:-1], clt.d_out)
-            error = y.to(recons.dtype) - recons
+            error = y.to(recons.device, recons.dtype) - recons
             if records is not None:
                 x, pre, acts = state[layer][:3]
                 for point, value in zip(SAE_POINTS, (x, pre, acts, recons, error)):
                     records[f"{clt.hooks_out[layer]}.{point}"] = value.detach()
             out = _with_error_term(y, recons) if use_error_term else recons
-            return out.to(y.dtype)
+            return out.to(y.device, y.dtype)
 
         return hook
 

@@ -35,9 +35,11 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int, *, device: torch.device) -> to
     dim = cfg.d_head
     base = cfg.rope_theta
     scaling = cfg.rope_scaling
-    if scaling is not None and scaling.kind == "dynamic" and seq_len > scaling.original_max_position_embeddings:
+    # A dynamic scaling built in Python may leave the original length out; transformers grows the base past
+    # max_position_embeddings then, and so do we (config.json's reader fills it in the same way).
+    original = None if scaling is None else scaling.original_max_position_embeddings or cfg.max_position_embeddings
+    if scaling is not None and scaling.kind == "dynamic" and seq_len > original:
         # NTK-aware: grow the base with the context so low frequencies stretch and high ones stay.
-        original = scaling.original_max_position_embeddings
         base = base * ((scaling.factor * seq_len / original) - (scaling.factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (base**exponents)

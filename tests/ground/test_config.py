@@ -6,6 +6,7 @@ import pytest
 from support.models import tiny_config
 
 from llama_lens.config import LlamaConfig, RopeScaling, meta_d_mlp
+from llama_lens.errors import ConfigError
 
 # config.json files as published (values abridged to what matters), written by transformers 4.x.
 LLAMA_2_7B_HF = {
@@ -346,3 +347,13 @@ def test_meta_values_of_the_wrong_type_are_named():
 def test_invalid_numbers_are_refused():
     with pytest.raises(ValueError, match=r"n_heads \(32\) must be a multiple of n_kv_heads \(5\)"):
         LlamaConfig.from_meta(LLAMA_3_8B_META | {"n_kv_heads": 5})
+
+
+def test_rope_scaling_built_in_python_is_checked():
+    shape = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_vocab=100)
+    with pytest.raises(ConfigError, match="rope scaling kind must be 'linear', 'dynamic' or 'llama3', got 'yarn'"):
+        LlamaConfig(**shape, rope_scaling=RopeScaling(kind="yarn", factor=2.0))
+    with pytest.raises(ConfigError, match="llama3 rope scaling needs a positive original_max_position_embeddings"):
+        LlamaConfig(
+            **shape, rope_scaling=RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+        )

@@ -119,6 +119,16 @@ def test_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
     assert err.count("\n") == 1 and "no tokenizer.json or tokenizer.model" in err
 
 
+@pytest.mark.parametrize("options", [["--chat"], ["--dtype", "bfloat16"], ["--chat", "--max-new-tokens", "4"]])
+def test_path_and_prompt_may_sit_on_either_side_of_the_options(tmp_path, capsys, options):
+    # `generate PATH --chat PROMPT` read PATH as the prompt and refused PROMPT as an unrecognized argument.
+    assert main(["generate", str(tmp_path / "nowhere"), *options, "What is rain?"]) == 1
+    assert "checkpoint folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path / "nowhere"), "--chat", "What is rain?", "one too many"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: What is rain? one too many" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["lens", "inspect", "generate", "demo-model"])
 def test_each_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

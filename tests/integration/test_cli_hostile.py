@@ -18,9 +18,15 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys, error):
         raise error
 
     parser = cli.build_parser()
-    real_parse = parser.parse_args
+    real_parse = parser.parse_known_args
+
+    def parse_known_args(argv):
+        args, extra = real_parse(argv)
+        args.run = run
+        return args, extra
+
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    monkeypatch.setattr(parser, "parse_args", lambda argv: (lambda a: (setattr(a, "run", run), a)[1])(real_parse(argv)))
+    monkeypatch.setattr(parser, "parse_known_args", parse_known_args)
     monkeypatch.delenv("LLAMA_LENS_TRACEBACK", raising=False)
     assert cli.main(["inspect", "nowhere"]) == 1
     err = capsys.readouterr().err

@@ -95,3 +95,46 @@ def test_streamed_model_holds_at_most_a_few_layers_on_cuda(ckpt_path):
     assert peak < 4 * one_layer, f"{peak} bytes at the peak, {one_layer} bytes a layer"
     del logits
     assert allocated_after_collecting() == after_load  # every layer went back to the meta device
+
+
+def test_a_dictionary_left_on_the_cpu_splices_into_a_model_on_cuda():
+    # The dictionary computes where it lives; what it writes back goes to the model's device (it raised a device
+    # mismatch from inside torch).
+    from pathlib import Path
+
+    from support.models import tiny_model
+
+    from llama_lens.dictionaries.dictionary import Dictionary, TensorRef
+
+    model = tiny_model(tiny_config()).to("cuda")
+    d_model, d_sae = model.cfg.d_model, 32
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "W_enc": torch.randn(d_model, d_sae, generator=generator) * d_model**-0.5,
+        "b_enc": torch.zeros(d_sae),
+        "W_dec": torch.randn(d_sae, d_model, generator=generator) * 0.3,
+        "b_dec": torch.zeros(d_model),
+    }
+    transcoder = Dictionary(
+        format="test",
+        architecture="relu",
+        path=Path("random/layer_1"),
+        hook_in="blocks.1.mlp.hook_in",
+        hook_out="blocks.1.hook_mlp_out",
+        d_in=d_model,
+        d_sae=d_sae,
+        d_out=d_model,
+        params={name: TensorRef(None, name) for name in tensors},
+        activation="relu",
+        dtype=torch.float32,
+        _loaded=tensors,
+    )
+    tokens = tokens_for().cuda()
+    with torch.no_grad():
+        plain = model(tokens)
+        with ll.spliced(model, transcoder, use_error_term=True):
+            spliced = model(tokens)
+        with ll.spliced(model, transcoder):
+            replaced = model(tokens)
+    assert spliced.device == plain.device and (spliced - plain).abs().max() <= 1e-4
+    assert replaced.device == plain.device and (replaced - plain).abs().max() > 1e-3

@@ -62,6 +62,10 @@ def test_dynamic_rope_changes_with_length():
     short, long = rope_inv_freq(cfg, 8, device=torch.device("cpu")), rope_inv_freq(cfg, 13, device=torch.device("cpu"))
     assert torch.equal(short, rope_inv_freq(tiny_config(), 8, device=torch.device("cpu")))
     assert not torch.allclose(short[1:], long[1:])
+    # Built in Python without the original length, dynamic scaling grows past max_position_embeddings, as
+    # transformers does (it was a TypeError comparing with None).
+    bare = tiny_config(max_position_embeddings=8, rope_scaling=RopeScaling(kind="dynamic", factor=2.0))
+    assert torch.equal(rope_inv_freq(bare, 13, device=torch.device("cpu")), long)
 
 
 def test_llama3_rope_covers_its_three_bands():
