@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llama_lens as ll
+from llama_lens.model.generate import _at_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -26,20 +27,39 @@ def _chat(model, question: str) -> str:
     return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def test_steered_chat_generations_agree_with_and_without_kv_cache(model):
-    prompts = [_chat(model, q) for q in QUESTIONS]
-    vector = ll.steering_vector(
+@pytest.fixture(scope="module")
+def wedding_vector(model):
+    return ll.steering_vector(
         model,
         [_chat(model, "Talk about weddings."), _chat(model, "Describe a wedding.")],
         [_chat(model, "Talk about the weather."), _chat(model, "Describe a road.")],
         layer=12,
     )
+
+
+def test_steered_chat_generations_agree_with_and_without_kv_cache(model, wedding_vector):
+    """20 prompts x 32 tokens. An uncached greedy step is one pass over the prompt and the tokens so far, whose
+    last logits pick the next token; by causality those are the logits at that column of one pass over the
+    whole generated sequence. So one pass checks every uncached step of all 20 generations, and a short real
+    uncached `generate` (3 prompts x 16 tokens) checks that path itself."""
+    prompts = [_chat(model, q) for q in QUESTIONS]
     plain = model.generate(prompts, max_new_tokens=32, temperature=0, stop_at_eos=False)
-    with ll.steer(model, vector, scale=4.0, positions="generated"):
+    with ll.steer(model, wedding_vector, scale=4.0, positions="generated"):
         cached = model.generate(prompts, max_new_tokens=32, temperature=0, stop_at_eos=False)
-        uncached = model.generate(prompts, max_new_tokens=32, temperature=0, stop_at_eos=False, use_kv_cache=False)
-    assert len(prompts) == 20 and all(len(row) == 32 for row in cached.tokens)
-    assert cached.tokens == uncached.tokens
+        uncached = model.generate(prompts[:3], max_new_tokens=16, temperature=0, stop_at_eos=False, use_kv_cache=False)
+        tokens, mask = model.prepare_tokens(prompts)
+        generated = torch.tensor(cached.tokens)
+        with torch.no_grad(), _at_step(tokens.shape[1], 0):  # what the uncached generate runs at its last step
+            logits = model(
+                torch.cat([tokens, generated[:, :-1]], 1),
+                attention_mask=torch.cat([mask, torch.ones_like(generated[:, :-1])], 1),
+            )[:, tokens.shape[1] - 1 :]
+    assert len(prompts) == 20 and generated.shape == (20, 32)
+    assert [row[:16] for row in cached.tokens[:3]] == uncached.tokens
+    # Each cached token is the uncached pass's greedy choice: its logit is the row's largest, to rounding.
+    chosen = logits.gather(-1, generated[..., None])[..., 0]
+    assert (chosen >= logits.max(-1).values - 1e-4).all()
+    assert (logits.argmax(-1) == generated).float().mean() >= 0.99  # ties within rounding are all it allows
     assert sum(a != b for a, b in zip(cached.tokens, plain.tokens)) >= 10  # the vector steers most answers
 
 
