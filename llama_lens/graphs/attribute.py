@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError
-from .frozen import FrozenReplacement
+from .frozen import FrozenReplacement, block_weights
 from .influence import partial_influences
 from .nodes import CACHED, Nodes, find_nodes
 from .result import AttributionGraph
@@ -70,10 +70,20 @@ def attribution_graph(
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     transcoders = as_transcoder_set(transcoders, cfg.n_layers, dtype=dtype)
 
+    # A streamed model's blocks hold their weights only while they run: what the replacement model needs of each
+    # is copied out then, by a hook at the block's last hook point (see frozen.block_weights).
+    streamed = any(param.is_meta for block in model.blocks.values() for param in block.parameters())
+    weights: dict[int, dict] = {}
+
+    def keep_weights(tensor, *, hook):
+        layer = int(hook.name.split(".")[1])
+        weights[layer] = block_weights(model.blocks[layer], dtype, copy=True)
+
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             tokens,
             names_filter=lambda name: name.endswith(CACHED) or name in ("hook_embed", "ln_final.hook_scale"),
+            fwd_hooks=[(lambda name: name.endswith("hook_resid_post"), keep_weights)] if streamed else (),
             check_memory=False,
         )
         nodes = find_nodes(
@@ -86,7 +96,7 @@ def attribution_graph(
             max_n_logits=min(max_n_logits, cfg.d_vocab),
             desired_logit_prob=desired_logit_prob,
         )
-        frozen = FrozenReplacement.from_cache(model, cache, transcoders, dtype)
+        frozen = FrozenReplacement.from_cache(model, cache, transcoders, dtype, weights if streamed else None)
         del cache
         rows = _RowComputer(frozen, nodes)
         adjacency, selected = _attribute(rows, nodes, max_feature_nodes, batch_size, update_interval)
