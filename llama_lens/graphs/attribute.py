@@ -6,6 +6,9 @@ feature rows in batches, the next features chosen by their influence on the logi
 far, until the feature budget is spent. A row is one transposed pass of the linear replacement model
 (`FrozenReplacement.backward`); each batch starts at its highest target layer, and the queue of features is
 sorted by layer before it is cut into batches, so low layers do not pay for the layers above them.
+
+A streamed model's layers are read once, by the clean run, which keeps of each what the transposed passes use
+(frozen.block_weights); long prompts' rows can go to disk (`offload`, see offload.py).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ float64 model). The phases and what each holds beyond the model's resident weigh
                 encoder rows and writes + one batch: its row block [K, C] and ~5 gradients [K, P, d_model];
                 the rows [B + G, C + G] held in memory unless offloaded (and twice more while ranking)
 
-The per-layer lists of the nodes phase are freed once joined, but the C allocator keeps most of that memory in
-the process: the rows phase is counted on top of it (scripts/bench_graph_long.py measures the result).
+The per-layer lists of the nodes phase are freed once joined, but where each layer's list is small enough for
+glibc's heap (under 32 MiB: short prompts) the allocator keeps that memory in the process, and the rows phase
+is counted on top of it. scripts/bench_graph_long.py measures the result.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ GRAPH_KEYS = ("transcoders", "max_feature_nodes", "batch_size", "offload", "max_
 # Gradients [K, P, d_model] alive at once in a batch's transposed pass (grad, its product with W_O, the
 # attention's permuted copies, the product with W_V).
 BATCH_GRADIENTS = 5
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest block its malloc serves from the heap.
+MMAP_THRESHOLD_MAX = 32 * 2**20
 # ll.attribution_graph's offload="auto": offloaded when the rows take more than this share of the memory available.
 AUTO_OFFLOAD_SHARE = 0.25
 
@@ -72,7 +75,10 @@ def graph_bytes(graph: Mapping[str, Any], cfg: LlamaConfig, *, tokens: int, act:
     vo = L * (cfg.n_kv_heads * cfg.d_head * D + D * cfg.n_heads * cfg.d_head) * it if stream else 0
     frozen = patterns + 2 * per_position + vo + 2 * per_position  # patterns, gains, V/O, errors and held outputs
     batch = min(K, B + G) * (C + BATCH_GRADIENTS * P * D) * it
-    retained = 2 * A * D * it  # the nodes phase's per-layer lists, kept by the allocator
+    # The nodes phase's per-layer lists, once freed, stay in the process where glibc served them from its heap:
+    # blocks under its largest mmap threshold (32 MiB on 64-bit); larger ones are mapped and given back.
+    per_layer = A / max(L, 1) * D * it
+    retained = 2 * A * D * it if per_layer < MMAP_THRESHOLD_MAX else 0
     rows_held = (B + G) * (C + G) * it
     offload = graph.get("offload", "auto")
     if offload == "auto":
