@@ -6,16 +6,22 @@ feature rows in batches, the next features chosen by their influence on the logi
 far, until the feature budget is spent. A row is one transposed pass of the linear replacement model
 (`FrozenReplacement.backward`); each batch starts at its highest target layer, and the queue of features is
 sorted by layer before it is cut into batches, so low layers do not pay for the layers above them.
+
+A streamed model's layers are read once, by the clean run, which keeps of each what the transposed passes use
+(frozen.block_weights); long prompts' rows can go to disk (`offload`, see offload.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import ArgumentError
-from .frozen import FrozenReplacement
-from .influence import partial_influences
+from .frozen import FrozenReplacement, block_weights
+from .influence import partial_influences, partial_influences_by_chunks
 from .nodes import CACHED, Nodes, find_nodes
+from .offload import DiskRows, mapped_zeros, resolve_offload
 from .result import AttributionGraph
 from .transcoders import as_transcoder_set
 
@@ -31,11 +37,14 @@ def attribution_graph(
     batch_size: int = 256,
     update_interval: int = 4,
     leave_out_first_position: bool = True,
+    offload: bool | str = "auto",
+    offload_dir: str | os.PathLike | None = None,
 ) -> AttributionGraph:
     """Builds the attribution graph of `prompt` with the model's MLPs replaced by `transcoders`.
 
     Args:
-        model: a HookedLlama holding all its layers.
+        model: a HookedLlama with all its layers, loaded or streamed (`ll.load(path, stream=True)`: the clean run
+            reads each layer once, and keeps of it only what the transposed passes use).
         prompt: a text, or token ids [pos] / [1, pos].
         transcoders: one transcoder per layer (`ll.load_dictionary` of a circuit-tracer set, or SAELens /
             sparsify transcoders from mlp.hook_in to hook_mlp_out), or any `graphs.transcoders.TranscoderSet`.
@@ -46,6 +55,11 @@ def attribution_graph(
         update_interval: batches between re-rankings of the features by influence.
         leave_out_first_position: zero the features and error of position 0 (BOS, an attention sink) and hold
             its MLP output constant, as circuit-tracer does.
+        offload: write the rows to a file while they are computed and return the adjacency as a memory map
+            of another (see graphs/offload.py), for long prompts; "auto" (default) does so when the rows would
+            take more than a quarter of the memory available. The graph is the same either way.
+        offload_dir: the folder for those files (default: the system's temporary folder); they are unlinked
+            at once, and gone when the graph is.
 
     Returns:
         An AttributionGraph (adjacency [n_nodes, n_nodes], target rows by source columns).
@@ -61,19 +75,35 @@ def attribution_graph(
         raise ArgumentError(f"desired_logit_prob must lie in (0, 1], got {desired_logit_prob}")
     if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
         raise ArgumentError(f"max_feature_nodes must be a non-negative integer or None, got {max_feature_nodes!r}")
+    if not (isinstance(offload, bool) or offload == "auto"):
+        raise ArgumentError(f"offload must be True, False or 'auto', got {offload!r}")
+    if offload_dir is not None and not os.path.isdir(offload_dir):
+        raise ArgumentError(f"offload_dir must be an existing folder, got {str(offload_dir)!r}")
     cfg = model.cfg
     if len(model.layer_indices) != cfg.n_layers:
-        raise ArgumentError("an attribution graph needs every layer of the model; load it whole")
+        raise ArgumentError(
+            "an attribution graph needs every layer of the model; load it whole, or stream it (stream=True)"
+        )
     tokens, _ = model.prepare_tokens(prompt)
     if tokens.shape[0] != 1:
         raise ArgumentError(f"an attribution graph is of one prompt; got a batch of {tokens.shape[0]}")
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     transcoders = as_transcoder_set(transcoders, cfg.n_layers, dtype=dtype)
 
+    # A streamed model's blocks hold their weights only while they run: what the replacement model needs of each
+    # is copied out then, by a hook at the block's last hook point (see frozen.block_weights).
+    streamed = any(param.is_meta for block in model.blocks.values() for param in block.parameters())
+    weights: dict[int, dict] = {}
+
+    def keep_weights(tensor, *, hook):
+        layer = int(hook.name.split(".")[1])
+        weights[layer] = block_weights(model.blocks[layer], dtype, copy=True)
+
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             tokens,
             names_filter=lambda name: name.endswith(CACHED) or name in ("hook_embed", "ln_final.hook_scale"),
+            fwd_hooks=[(lambda name: name.endswith("hook_resid_post"), keep_weights)] if streamed else (),
             check_memory=False,
         )
         nodes = find_nodes(
@@ -86,10 +116,12 @@ def attribution_graph(
             max_n_logits=min(max_n_logits, cfg.d_vocab),
             desired_logit_prob=desired_logit_prob,
         )
-        frozen = FrozenReplacement.from_cache(model, cache, transcoders, dtype)
+        frozen = FrozenReplacement.from_cache(model, cache, transcoders, dtype, weights if streamed else None)
         del cache
         rows = _RowComputer(frozen, nodes)
-        adjacency, selected = _attribute(rows, nodes, max_feature_nodes, batch_size, update_interval)
+        adjacency, selected = _attribute(
+            rows, nodes, max_feature_nodes, batch_size, update_interval, offload, offload_dir
+        )
         constants = _constant_terms(frozen, nodes, selected)
     return AttributionGraph(
         tokens=tokens[0].cpu(),
@@ -117,10 +149,7 @@ class _RowComputer:
         self.frozen, self.nodes = frozen, nodes
         self.n_layers, self.n_pos, _ = nodes.errors.shape
         self.n_columns = nodes.n_features + (self.n_layers + 1) * self.n_pos
-        self.writes_by_pos = {
-            layer: [(pos, ids[positions == pos], writes[positions == pos]) for pos in positions.unique().tolist()]
-            for layer, (ids, positions, writes) in nodes.writes.items()
-        }
+        self.writes_by_pos = {layer: _by_position(*writes) for layer, writes in nodes.writes.items()}
 
     def __call__(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows [k, n_columns] of targets reading `vectors` [k, d_model] at (layer, pos); layer n_layers
@@ -151,22 +180,56 @@ class _RowComputer:
         return out
 
 
+def _by_position(ids: torch.Tensor, positions: torch.Tensor, writes: torch.Tensor) -> list:
+    """[(pos, ids [k], writes [k, d_model])] for each position written: views of `writes` when its rows are
+    sorted by position (a per-layer transcoder's are), copies otherwise (a cross-layer transcoder's)."""
+    if len(positions) > 1 and not bool((positions[1:] >= positions[:-1]).all()):
+        return [(pos, ids[positions == pos], writes[positions == pos]) for pos in positions.unique().tolist()]
+    out, start = [], 0
+    for pos, count in zip(*(t.tolist() for t in torch.unique_consecutive(positions, return_counts=True))):
+        out.append((pos, ids[start : start + count], writes[start : start + count]))
+        start += count
+    return out
+
+
 def _attribute(
-    rows: _RowComputer, nodes: Nodes, max_feature_nodes: int | None, batch_size: int, update_interval: int
+    rows: _RowComputer,
+    nodes: Nodes,
+    max_feature_nodes: int | None,
+    batch_size: int,
+    update_interval: int,
+    offload: bool | str,
+    offload_dir,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """circuit-tracer's phases 3-5: logit rows, feature rows chosen by influence, the square adjacency."""
+    """circuit-tracer's phases 3-5: logit rows, feature rows chosen by influence, the square adjacency. The rows
+    are held in memory, or written to disk and read back in chunks (`offload`, see offload.py)."""
     n_features, n_columns = nodes.n_features, rows.n_columns
     n_logits = len(nodes.logit_ids)
     budget = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
-    edge_matrix = nodes.embed.new_zeros(budget + n_logits, n_columns + n_logits)
+    dtype = nodes.embed.dtype
+    offload = resolve_offload(offload, (budget + n_logits) * (n_columns + n_logits) * dtype.itemsize)
+    if offload:
+        disk = DiskRows(budget + n_logits, n_columns, dtype, offload_dir)
+        write = disk.write
+
+        def influences(filled: int) -> torch.Tensor:
+            chunks = lambda: disk.chunks(filled)  # noqa: E731
+            return partial_influences_by_chunks(chunks, n_columns, nodes.logit_probabilities, row_to_node[:filled])
+    else:
+        edge_matrix = nodes.embed.new_zeros(budget + n_logits, n_columns + n_logits)
+
+        def write(start: int, block: torch.Tensor) -> None:
+            edge_matrix[start : start + len(block), :n_columns] = block
+
+        def influences(filled: int) -> torch.Tensor:
+            return partial_influences(edge_matrix[:filled], nodes.logit_probabilities, row_to_node[:filled])
+
     row_to_node = torch.zeros(budget + n_logits, dtype=torch.long)
     last_pos = rows.n_pos - 1
     for start in range(0, n_logits, batch_size):
         vectors = nodes.logit_vectors[start : start + batch_size]
         k = len(vectors)
-        edge_matrix[start : start + k, :n_columns] = rows(
-            torch.full((k,), rows.n_layers), torch.full((k,), last_pos), vectors
-        )
+        write(start, rows(torch.full((k,), rows.n_layers), torch.full((k,), last_pos), vectors))
         row_to_node[start : start + k] = torch.arange(start, start + k) + n_columns
 
     feature_layers, feature_pos = nodes.active_features[:, 0], nodes.active_features[:, 1]
@@ -177,28 +240,37 @@ def _attribute(
         if budget == n_features:
             pending = torch.arange(n_features)
         else:
-            influence = partial_influences(edge_matrix[:filled], nodes.logit_probabilities, row_to_node[:filled])
-            ranked = torch.argsort(influence[:n_features], descending=True)
+            ranked = torch.argsort(influences(filled)[:n_features], descending=True)
             pending = ranked[~visited[ranked]][: min(update_interval * batch_size, budget - n_visited)]
         # Features of one layer together: a batch's pass starts at its highest layer.
         pending = pending[torch.sort(feature_layers[pending], stable=True).indices]
         for chunk in pending.split(batch_size):
             k = len(chunk)
-            edge_matrix[filled : filled + k, :n_columns] = rows(
-                feature_layers[chunk], feature_pos[chunk], nodes.encoders[chunk]
-            )
+            write(filled, rows(feature_layers[chunk], feature_pos[chunk], nodes.encoders[chunk]))
             row_to_node[filled : filled + k] = chunk
             visited[chunk] = True
             filled += k
             n_visited += k
 
     selected = visited.nonzero().squeeze(-1)
-    if budget < n_features:
-        keep = torch.cat([selected, torch.arange(n_features, n_columns + n_logits)])
-        edge_matrix = edge_matrix[:, keep]
-    edge_matrix = edge_matrix[row_to_node.argsort()]  # features in node order, then logits
+    order = row_to_node.argsort()  # features in node order, then logits
+    if offload:
+        # Only the selected features' columns (and the errors' and tokens'), a chunk of rows at a time.
+        keep = torch.cat([selected, torch.arange(n_features, n_columns)])
+        kept = nodes.embed.new_zeros(budget + n_logits, len(keep) + n_logits)
+        for start, block in disk.chunks(filled):
+            kept[start : start + len(block), : len(keep)] = block[:, keep]
+        disk.close()
+        edge_matrix = kept[order]
+        del kept
+        adjacency = mapped_zeros(edge_matrix.shape[1], edge_matrix.shape[1], dtype, offload_dir)
+    else:
+        if budget < n_features:
+            keep = torch.cat([selected, torch.arange(n_features, n_columns + n_logits)])
+            edge_matrix = edge_matrix[:, keep]
+        edge_matrix = edge_matrix[order]
+        adjacency = edge_matrix.new_zeros(edge_matrix.shape[1], edge_matrix.shape[1])
     n_nodes = edge_matrix.shape[1]
-    adjacency = edge_matrix.new_zeros(n_nodes, n_nodes)
     adjacency[:budget] = edge_matrix[:budget]
     adjacency[n_nodes - n_logits :] = edge_matrix[budget:]
     return adjacency, selected

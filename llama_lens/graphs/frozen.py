@@ -44,6 +44,25 @@ class FrozenLayer:
     b_dec: torch.Tensor  # [d_model]
 
 
+def block_weights(block, dtype: torch.dtype, *, copy: bool = False) -> dict[str, torch.Tensor | None]:
+    """What the replacement model keeps of one decoder block: the norm weights, V and O (and their biases), in
+    `dtype`. `copy=True` copies them out of the block, so that a streamed layer's memory can go once it ran
+    (its tensors are views of one block of memory: a view kept would keep the whole layer)."""
+
+    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().to(dtype, copy=copy)
+
+    attn = block.attn
+    return {
+        "ln1": take(block.ln1.weight),
+        "ln2": take(block.ln2.weight),
+        "W_V": take(attn.v_proj.weight),
+        "b_V": take(attn.v_proj.bias),
+        "W_O": take(attn.o_proj.weight),
+        "b_O": take(attn.o_proj.bias),
+    }
+
+
 class FrozenReplacement:
     """The linear replacement model of one prompt (see the module docstring).
 
@@ -59,34 +78,41 @@ class FrozenReplacement:
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
 
     @classmethod
-    def from_cache(cls, model, cache: dict[str, torch.Tensor], transcoders: TranscoderSet, dtype: torch.dtype):
-        """Freezes the clean run's `cache` (ln scales and patterns, batch 1) around `transcoders`."""
+    def from_cache(
+        cls,
+        model,
+        cache: dict[str, torch.Tensor],
+        transcoders: TranscoderSet,
+        dtype: torch.dtype,
+        weights: dict[int, dict[str, torch.Tensor | None]] | None = None,
+    ):
+        """Freezes the clean run's `cache` (ln scales and patterns, batch 1) around `transcoders`.
+
+        `weights`: each layer's `block_weights`, taken while the layer was in memory (a streamed model's blocks
+        hold no weights after its pass); by default they are read from the model's blocks."""
         cfg = model.cfg
 
-        def gain(norm, scale_name: str) -> torch.Tensor:
-            return (norm.weight.to(dtype) / cache[scale_name][0].to(dtype)).detach()  # [pos, d_model]
-
-        def bias(linear) -> torch.Tensor | None:
-            return None if linear.bias is None else linear.bias.detach().to(dtype)
+        def gain(weight: torch.Tensor, scale_name: str) -> torch.Tensor:
+            return (weight.to(dtype) / cache[scale_name][0].to(dtype)).detach()  # [pos, d_model]
 
         layers = []
         for layer in range(cfg.n_layers):
-            block = model.blocks[layer]
+            held = weights[layer] if weights is not None else block_weights(model.blocks[layer], dtype)
             skip = transcoders.skip_weight(layer)
             layers.append(
                 FrozenLayer(
-                    ln1_gain=gain(block.ln1, f"blocks.{layer}.ln1.hook_scale"),
-                    ln2_gain=gain(block.ln2, f"blocks.{layer}.ln2.hook_scale"),
+                    ln1_gain=gain(held["ln1"], f"blocks.{layer}.ln1.hook_scale"),
+                    ln2_gain=gain(held["ln2"], f"blocks.{layer}.ln2.hook_scale"),
                     pattern=cache[f"blocks.{layer}.attn.hook_pattern"][0].to(dtype),
-                    W_V=block.attn.v_proj.weight.detach().to(dtype),
-                    b_V=bias(block.attn.v_proj),
-                    W_O=block.attn.o_proj.weight.detach().to(dtype),
-                    b_O=bias(block.attn.o_proj),
+                    W_V=held["W_V"],
+                    b_V=held["b_V"],
+                    W_O=held["W_O"],
+                    b_O=held["b_O"],
                     W_skip=None if skip is None else skip.detach().to(dtype),
                     b_dec=transcoders.output_bias(layer).detach().to(dtype),
                 )
             )
-        return cls(layers, gain(model.ln_final, "ln_final.hook_scale"), cfg.n_heads, cfg.n_kv_heads, cfg.d_head)
+        return cls(layers, gain(model.ln_final.weight, "ln_final.hook_scale"), cfg.n_heads, cfg.n_kv_heads, cfg.d_head)
 
     # ------------------------------------------------------------------------------------------ forward
     def _attention(self, frozen: FrozenLayer, x: torch.Tensor, with_bias: bool) -> torch.Tensor:

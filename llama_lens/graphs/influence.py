@@ -57,6 +57,51 @@ def partial_influences(
     raise UsageError(f"influence did not converge in {max_iter} steps")
 
 
+def partial_influences_by_chunks(
+    chunks, n_columns: int, logit_probabilities: torch.Tensor, row_to_node: torch.Tensor, max_iter: int = 128
+) -> torch.Tensor:
+    """`partial_influences` with the rows read a chunk at a time (the offloaded rows, see offload.py), in two
+    passes over them and without a copy of them in memory.
+
+    The influence only ever flows through nodes that have a row: with N the normalized rows and S = N[:, nodes
+    with rows] (square, rows x rows), the weights q_0 of the logit rows give q_t = q_0 S^t, and the influence is
+    (q_0 + q_1 + ...) N. The first pass builds S and each row's normalizer, the second multiplies by N.
+
+    Args:
+        chunks: a callable returning an iterator of (first row, rows [c, n_columns]) over the rows so far; the
+            rows hold no logit columns (nothing reads a logit: they would be zero).
+        n_columns: the source columns; logit nodes are n_columns, n_columns + 1, ...
+        logit_probabilities: [n_logits], the weights of the logit rows.
+        row_to_node: the node (column) index of each row [rows].
+
+    Returns:
+        [n_columns + n_logits] as `partial_influences` (zero at the logits).
+    """
+    n_rows, n_logits = len(row_to_node), len(logit_probabilities)
+    is_logit = row_to_node >= n_columns
+    sums = logit_probabilities.new_zeros(n_rows)
+    square = logit_probabilities.new_zeros(n_rows, n_rows)  # S; a logit node's column stays zero
+    for start, rows in chunks():
+        stop = start + len(rows)
+        sums[start:stop] = rows.abs().sum(1).clamp(min=1e-8)
+        square[start:stop, ~is_logit] = rows[:, row_to_node[~is_logit]].abs() / sums[start:stop, None]
+    weights = logit_probabilities.new_zeros(n_rows)  # q_0: the logit rows' probabilities
+    weights[is_logit] = logit_probabilities[row_to_node[is_logit] - n_columns]
+    total = weights.clone()
+    for _ in range(max_iter):
+        weights = weights @ square
+        if not weights.any():
+            break
+        total += weights
+    else:
+        raise UsageError(f"influence did not converge in {max_iter} steps")
+    influences = logit_probabilities.new_zeros(n_columns + n_logits)
+    for start, rows in chunks():
+        stop = start + len(rows)
+        influences[:n_columns] += (total[start:stop] / sums[start:stop]) @ rows.abs()
+    return influences
+
+
 def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """The score above which the highest scores hold `threshold` of the total."""
     sorted_scores = torch.sort(scores, descending=True).values

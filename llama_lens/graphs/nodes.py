@@ -105,7 +105,7 @@ def find_nodes(
     top_p, top_ids = probs.topk(max_n_logits)
     cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=top_p.dtype))) + 1
     top_ids = top_ids[:cutoff]
-    unembed = model.unembed.weight.detach().to(dtype)  # [d_vocab, d_model]
+    logit_vectors = _demeaned_unembed_rows(model.unembed.weight, top_ids, dtype)
     return Nodes(
         active_features=torch.stack([torch.cat(layer_ids), torch.cat(pos_ids), torch.cat(feature_ids)], dim=1),
         activation_values=torch.cat(values),
@@ -118,6 +118,20 @@ def find_nodes(
         frozen_out=torch.stack(frozen_out),
         logit_ids=top_ids,
         logit_probabilities=probs[top_ids],
-        logit_vectors=unembed[top_ids] - unembed.mean(0),
+        logit_vectors=logit_vectors,
         logit_values=last[top_ids] - last.mean(),
     )
+
+
+def _demeaned_unembed_rows(weight, ids: torch.Tensor, dtype: torch.dtype, block_rows: int = 16384) -> torch.Tensor:
+    """The unembedding's rows of `ids` minus its mean row [len(ids), d_model]. A streamed model's unembedding may
+    be on disk (read by ranges of rows and gathered by ids, see loading/stream_vocab.py): its mean is summed a
+    block of rows at a time."""
+    if isinstance(weight, torch.Tensor):
+        unembed = weight.detach().to(dtype)  # [d_vocab, d_model]
+        return unembed[ids] - unembed.mean(0)
+    d_vocab = weight.shape[0]
+    total = torch.zeros(weight.shape[1], dtype=dtype)
+    for start in range(0, d_vocab, block_rows):
+        total += weight[start : start + block_rows].to(dtype).sum(0)
+    return weight[ids].to(dtype) - total / d_vocab

@@ -17,7 +17,7 @@ see `choose_unembed`): `plan(path, stream=True)` says which (`embed`, `unembed`)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +26,8 @@ import torch
 from ..config import LlamaConfig
 from ..errors import ArgumentError, NotEnoughMemoryError
 from ..model import cpu_matmul
-from ..model.memory import (
-    GIB,
-    _cached_width,
-    _working_width,
-    available_memory,
-    process_memory,
-)
-from . import plan_sizes, roofline, stream_vocab
+from ..model.memory import GIB, _cached_width, _working_width, available_memory, process_memory
+from . import plan_graph, plan_sizes, roofline, stream_vocab
 from .plan_sizes import largest_cast_elements, largest_layer_tensor, layer_param_count
 
 # Bytes per second a disk is assumed to read at when `read_bandwidth` is not given: between a SATA SSD
@@ -49,6 +43,7 @@ UNEMBED_MODES = ("auto", "memory", "stream")
 AUTO_UNEMBED_MEMORY_SHARE = 0.5
 
 CACHE_KINDS = ("resid", "all", None)
+_OPTIONAL_ROWS = ("dictionary_bytes", "graph_bytes")  # shown only where planned
 
 
 @dataclass(frozen=True)
@@ -111,6 +106,7 @@ class Plan:
     flops: int = 0
     gemm_rate: float = roofline.DEFAULT_GEMM_RATE
     est_wall_seconds: float = 0.0
+    graph_bytes: int = 0
 
     _ROWS = (
         ("weights resident", "weights_resident_bytes"),
@@ -120,6 +116,7 @@ class Plan:
         ("cache", "cache_bytes"),
         ("patterns", "pattern_bytes"),
         ("dictionaries", "dictionary_bytes"),
+        ("attribution graph", "graph_bytes"),
         ("peak", "peak_bytes"),
         ("process", "process_bytes"),
         ("peak RSS", "peak_rss_bytes"),
@@ -135,8 +132,8 @@ class Plan:
         """The estimate as a pandas DataFrame: one row per item, columns bytes and GiB."""
         import pandas as pd
 
-        # The dictionaries' row only where some are planned (as in the printed plan).
-        shown = [(label, f) for label, f in self._ROWS if f != "dictionary_bytes" or self.dictionary_bytes]
+        # The dictionaries' and the graph's rows only where planned (as in the printed plan).
+        shown = [(label, f) for label, f in self._ROWS if f not in _OPTIONAL_ROWS or getattr(self, f)]
         rows = [(label, getattr(self, f)) for label, f in shown]
         frame = pd.DataFrame(rows, columns=["item", "bytes"]).set_index("item")
         frame["bytes"] = frame["bytes"].astype("Int64")
@@ -150,10 +147,9 @@ class Plan:
             f"tokens={self.tokens}, batch={self.batch}, cache={self.cache!r}, patterns={self.patterns})"
         )
         lines = [head]
-        for label, field in self._ROWS[:7]:
-            if (field != "unembed_in_flight_bytes" or self.unembed == "stream") and (
-                field != "dictionary_bytes" or self.dictionary_bytes
-            ):
+        for label, field in self._ROWS[:8]:
+            shown = field not in _OPTIONAL_ROWS or getattr(self, field)
+            if shown and (field != "unembed_in_flight_bytes" or self.unembed == "stream"):
                 lines.append(f"  {label:<18}{_gib(getattr(self, field))}")
         verdict = "fits" if self.fits else "does NOT fit"
         if self.available_bytes is None:
@@ -194,6 +190,7 @@ def plan(
     active_features: int | None = None,
     readouts: int = 0,
     gemm_rate: float | None = None,
+    graph: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Estimates the peak memory and disk reading of loading a checkpoint and running one forward pass.
 
@@ -227,6 +224,8 @@ def plan(
             (`Dictionary.splice_memory`); `dictionary_bytes` counts them.
         active_features: features that fire per pass, for the decoder rows read (default: a bound, see
             `Dictionary.splice_memory`).
+        graph: `ll.attribution_graph`'s keywords (transcoders, max_feature_nodes, batch_size, offload, ...) for
+            a graph of one prompt; `graph_bytes` is what it adds (see `plan_graph`). Pass cache=None.
 
     Returns:
         Plan (print it, or `.to_frame()`).
@@ -305,6 +304,9 @@ def plan(
     # The layers are read and run before the unembedding is: the larger of the two is in flight at the peak.
     peak = weights_resident + max(in_flight, unembed_in_flight) + activations + cache_bytes + pattern_bytes
     peak += dictionary_bytes
+    held = weights_resident + dictionary_bytes
+    graph_extra = 0 if graph is None else plan_graph.added_bytes(graph, cfg, tokens, batch, act, stream, peak, held)
+    peak += graph_extra
 
     if embed == "rows":  # the prompt's rows of the embedding, the final norm, the unembedding (at load or per pass)
         outside = rows * cfg.d_model + cfg.d_model + embed_params
@@ -348,6 +350,7 @@ def plan(
         flops=layer_flops + head_flops,
         gemm_rate=rate,
         est_wall_seconds=wall,
+        graph_bytes=graph_extra,
     )
 
 

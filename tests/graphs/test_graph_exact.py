@@ -4,7 +4,9 @@ transcoders (ReLU, JumpReLU, TopK; with and without skip):
 - each feature and logit node's incoming edges plus its constant term sum to its value in the clean run;
 - every edge equals the direct effect computed by `torch.autograd.functional.jacobian` through the model
   itself, run with hooks that freeze its patterns and norm scales and replace each MLP output by the
-  transcoder's skip, bias and fixed sources: an oracle that shares no code with the graph's transposed pass.
+  transcoder's skip, bias and fixed sources: an oracle that shares no code with the graph's transposed pass;
+- both hold for the model saved to disk and streamed (`ll.load(path, stream=True)`), whose graph is the one of
+  the model in memory.
 """
 
 import pytest
@@ -13,6 +15,7 @@ from random_transcoders import random_transcoders
 from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
+from llama_lens.testing import write_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,6 +120,29 @@ def test_edges_and_constants_sum_to_each_node_value(activation, skip):
 @pytest.mark.parametrize(("activation", "skip"), [("relu", True), ("jumprelu", False), ("topk", True)])
 def test_every_edge_is_the_jacobians_direct_effect(activation, skip):
     model, transcoders, tokens = _setup(activation, skip, seed=1)
+    _assert_edges_are_the_jacobians(model, transcoders, tokens, skip)
+
+
+def _streamed(model, folder):
+    """`model` saved as a Hugging Face checkpoint in `folder` (float64) and loaded back with stream=True."""
+    path = write_hf_checkpoint(folder, model.cfg, {k: v.detach() for k, v in model.state_dict().items()}, shards=2)
+    return ll.load(path, stream=True, dtype=torch.float64, progress=False, index_cache=False)
+
+
+def test_a_streamed_model_gives_the_graph_of_the_model_in_memory(tmp_path):
+    model, transcoders, tokens = _setup("relu", True, seed=1)
+    streamed = _streamed(model, tmp_path / "hf")
+    assert all(param.is_meta for param in streamed.blocks.parameters())
+    held = ll.attribution_graph(model, tokens, transcoders, batch_size=8, max_feature_nodes=40)
+    graph = _assert_edges_are_the_jacobians(streamed, transcoders, tokens, skip=True)
+    assert torch.equal(graph.selected_features, held.selected_features)
+    torch.testing.assert_close(graph.adjacency, held.adjacency, rtol=0, atol=1e-12)
+    torch.testing.assert_close(graph.node_constants, held.node_constants, rtol=0, atol=1e-12)
+    assert all(param.is_meta for param in streamed.blocks.parameters())  # no layer left in memory
+
+
+def _assert_edges_are_the_jacobians(model, transcoders, tokens, skip):
+    """Every edge of the graph equals the oracle's jacobian along its source; returns the graph."""
     graph = ll.attribution_graph(model, tokens, transcoders, batch_size=8, max_feature_nodes=40)
     run, _ = _oracle(model, transcoders, tokens, graph)
     n_pos = len(tokens)
@@ -124,7 +150,7 @@ def test_every_edge_is_the_jacobians_direct_effect(activation, skip):
     # The sources in the clean run: what each MLP output holds beyond skip and b_dec.
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("mlp.hook_in", "hook_mlp_out")))
-    embed = model.embed.weight[tokens].detach()
+    embed = model.embed.weight[tokens].detach().clone()
     sources = torch.stack(
         [
             cache[f"blocks.{i}.hook_mlp_out"][0]
@@ -163,6 +189,7 @@ def test_every_edge_is_the_jacobians_direct_effect(activation, skip):
     actual = graph.adjacency[rows][:, : graph.n_nodes - graph.n_logits]
     assert actual.abs().max() > 1e-2
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-8)
+    return graph
 
 
 def _errors(transcoders, cache, graph, skip):
