@@ -285,8 +285,8 @@ function render({ model, el }) {
     put(model, "selected", []);
   }
 
-  // circuit-tracer's graph JSON of the pruned graph, its qParams holding the pins and supernodes (as Python's
-  // GraphExplorer.export writes it, edge weights to 6 significant digits).
+  // circuit-tracer's graph JSON of the pruned graph, its qParams holding the pins and supernodes: what Python's
+  // GraphExplorer.export writes (graph_data.circuit_json), with the edge weights to 6 significant digits.
   function exportJson() {
     const m = meta(), nL = m.n_layers;
     const nodes = (m.nodes || []).map((n) => {
@@ -296,7 +296,7 @@ function render({ model, el }) {
       const js = n.kind === "feature" ? `${n.layer}_${n.feature}-0` : n.kind === "error" ? `${n.layer}_${n.pos}-0`
         : n.kind === "embedding" ? `E_${n.feature}-${n.pos}` : `L_${n.feature}-${n.pos}`;
       return { node_id: n.id, feature, layer, ctx_idx: n.pos, feature_type: GRAPH_CT_TYPES[n.kind],
-        token_prob: n.kind === "logit" ? n.prob : 0.0, is_target_logit: n.kind === "logit" && n.id === firstLogit(m),
+        token_prob: n.kind === "logit" ? n.prob : 0.0, is_target_logit: n.rank === 0,
         run_idx: 0, reverse_ctx_idx: 0, jsNodeId: js, clerp: n.clerp || "", influence: n.infl ?? null,
         activation: n.act ?? null };
     });
@@ -305,7 +305,6 @@ function render({ model, el }) {
       supernodes: model.get("supernodes") || [], linkType: "both", clickedId: "", sg_pos: "" }, nodes, links };
     download("graph.json", JSON.stringify(data, null, 2), "application/json");
   }
-  const firstLogit = (m) => (m.nodes.find((n) => n.kind === "logit" && n.rank === 0) || {}).id;
 
   function sync() {
     view.value = model.get("view");

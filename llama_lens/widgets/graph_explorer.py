@@ -18,9 +18,8 @@ import traitlets
 
 from ..errors import ArgumentError
 from ..files import atomic_path
-from ..graphs.export import graph_json
 from .base import Control, Explorer, asset, number, one_of
-from .graph_data import graph_payload
+from .graph_data import circuit_json, graph_payload
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -114,7 +113,7 @@ class GraphExplorer(Explorer):
         max_edges: int = 1500,
         threaded: bool | None = None,
     ) -> None:
-        payload = graph_payload(
+        payload, self._indices = graph_payload(
             graph, model=model, transcoders=transcoders, contexts=contexts, node_threshold=node_threshold,
             edge_threshold=edge_threshold, n_readout=n_readout, n_contexts=n_contexts,
         )  # fmt: skip
@@ -150,18 +149,19 @@ class GraphExplorer(Explorer):
         return pd.DataFrame(rows)
 
     def export(self, path: str | Path | None = None, *, pinned_only: bool = False) -> dict[str, Any]:
-        """circuit-tracer's graph JSON of the pruned graph (`AttributionGraph.to_json`), with the pinned ids and the
-        supernodes in its qParams, as its frontend keeps them; written to `path` when given.
+        """circuit-tracer's graph JSON of the pruned graph (as `AttributionGraph.to_json` writes it), with the pinned
+        ids and the supernodes in its qParams, as its frontend keeps them; written to `path` when given.
+
+        circuit-tracer's node ids collide where a layer-0 feature's index is below the layer count ("0_L_pos"
+        names both feature L at layer 0 and the error node of layer L); here the second one gets "~error" added,
+        so every id names one node.
 
         Args:
             pinned_only: keep only the pinned nodes and the supernodes' members, and the links between them.
         """
-        data = graph_json(self.graph, **self.thresholds)
-        data["qParams"] |= {"pinnedIds": list(self.pinned), "supernodes": [list(s) for s in self.supernodes]}
-        if pinned_only:
-            keep = set(self.pinned) | {node_id for _, *ids in self.supernodes for node_id in ids}
-            data["nodes"] = [node for node in data["nodes"] if node["node_id"] in keep]
-            data["links"] = [link for link in data["links"] if link["source"] in keep and link["target"] in keep]
+        at = self._indices
+        weights = [float(self.graph.adjacency[at[t], at[s]]) for s, t, _ in self.meta["edges"]]
+        data = circuit_json(self.meta, weights, self.pinned, self.supernodes, pinned_only=pinned_only)
         if path is not None:
             path = Path(path)
             if not path.parent.is_dir():

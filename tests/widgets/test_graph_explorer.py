@@ -56,15 +56,23 @@ def first(explorer, kind):
 
 
 # ------------------------------------------------------------------------------------------ the payload
-def test_payload_holds_the_pruned_graph_only(setup, explorer):
+def test_payload_holds_the_pruned_graph_only(setup, explorer, tmp_path):
     _, _, graph = setup
     meta = explorer.meta
-    pruned = graph.to_json(Path("/dev/null"))
-    assert [n["id"] for n in meta["nodes"]] == [n["node_id"] for n in pruned["nodes"]]
+    pruned = graph.to_json(tmp_path / "graph.json")
+    # circuit-tracer's ids, but unique: an error node named as a layer-0 feature is marked.
+    assert [n["id"].split("~")[0] for n in meta["nodes"]] == [n["node_id"] for n in pruned["nodes"]]
+    assert len(set(explorer.node_ids)) == len(explorer.node_ids)
+    assert all(n["kind"] == "error" for n in meta["nodes"] if "~" in n["id"])
     assert len(meta["edges"]) == len(pruned["links"]) < int((graph.adjacency != 0).sum())
-    ids = explorer.node_ids
+    ids = [i.split("~")[0] for i in explorer.node_ids]
     for (s, t, w), link in zip(meta["edges"], pruned["links"]):
         assert (ids[s], ids[t]) == (link["source"], link["target"]) and w == pytest.approx(link["weight"], rel=1e-5)
+    # The export is to_json's, with the ids made unique and the state in qParams.
+    exported = explorer.export()
+    assert [{**n, "node_id": n["node_id"].split("~")[0]} for n in exported["nodes"]] == pruned["nodes"]
+    assert [x["weight"] for x in exported["links"]] == [x["weight"] for x in pruned["links"]]
+    assert exported["metadata"] == pruned["metadata"] | {"slug": "graph"}
     kinds = {n["kind"] for n in meta["nodes"]}
     assert kinds == {"feature", "error", "embedding", "logit"}
     assert meta["tokens"] == graph.str_tokens and meta["n_layers"] == graph.n_layers
@@ -199,6 +207,17 @@ def test_saved_page_is_offline_and_escapes_prompt_text(setup, tmp_path):
     state = json.loads(re.search(r"const state = (.*);\n", page).group(1))
     assert state["meta"]["tokens"] == graph.str_tokens and "<!--<script" in state["meta"]["prompt"]
     assert "llama-lens-static" in explorer.static_bundle()["text/html"]
+    if NODE is None:
+        return
+    # Every tooltip keeps the prompts' text as text: "<" arrives as "&lt;", and only the view's own tags appear.
+    steps = []
+    for i in range(len(explorer.node_ids)):
+        steps += [{"dispatch": ["ll-gnode", i, "mouseenter"]}, {"report": str(i)}]
+    out = run_view(tmp_path, state | {"offline": True}, steps)
+    assert out["errors"] == []
+    tips = [r["tooltip"] for r in out["reports"].values()]
+    assert all(set(re.findall(r"</?([a-zA-Z]+)", tip)) <= {"b", "br", "span", "div"} for tip in tips)
+    assert any("&lt;" in tip for tip in tips)
 
 
 def test_export_writes_pins_and_supernodes(explorer, tmp_path):
