@@ -81,6 +81,7 @@ function render({ model, el }) {
   let g = null; // the drawn graph (graphModel)
   let place = new Map(); // key -> {x, y}
   let edgeEls = new Map(); // key -> the edge elements touching it
+  let nodeEls = new Map(); // key -> its node element
   let focused = null, redrawing = false; // the node with the keyboard focus, kept across redraws
 
   // ---------------------------------------------------------------- layout
@@ -163,12 +164,17 @@ function render({ model, el }) {
     redrawing = false;
     const again = made.get(focused); // keyboard users keep their place across a redraw
     if (again && again.focus) again.focus();
+    nodeEls = made;
+    legend.textContent = legendText();
+    timing("draw", performance.now() - started);
+  }
+
+  function legendText() {
     const counts = { feature: 0, error: 0, embedding: 0, logit: 0 };
-    for (const n of m.nodes || []) counts[n.kind]++;
-    legend.textContent = `${counts.feature} features, ${counts.error} errors, ${counts.embedding} tokens, ${counts.logit} logits · ` +
+    for (const n of meta().nodes || []) counts[n.kind]++;
+    return `${counts.feature} features, ${counts.error} errors, ${counts.embedding} tokens, ${counts.logit} logits · ` +
       `${g.edges.length} of ${g.total} edges drawn (blue: positive, red: negative; width: |weight|) · ` +
       `${g.pinnedKeys.size} pinned, ${(model.get("supernodes") || []).length} supernodes`;
-    timing("draw", performance.now() - started);
   }
 
   function nodeEl(key, at, isSelected) {
@@ -314,7 +320,22 @@ function render({ model, el }) {
     status.classList.toggle("ll-error", !!error);
   }
 
-  for (const name of ["meta", "pinned", "selected", "supernodes", "view", "max_edges"]) model.on("change:" + name, draw);
+  // Pins and selection restyle the drawn nodes where the drawing stays (the whole graph); the pinned view redraws.
+  function restyle() {
+    if (model.get("view") === "pinned") { draw(); return; }
+    const started = performance.now();
+    const pinned = new Set((model.get("pinned") || []).map((id) => g.keyOf[g.indexOf.get(id)]));
+    const selected = new Set((model.get("selected") || []).map((id) => g.keyOf[g.indexOf.get(id)]));
+    g.pinnedKeys = pinned;
+    for (const [key, node] of nodeEls) {
+      node.classList.toggle("ll-gnode-pinned", pinned.has(key));
+      node.classList.toggle("ll-gnode-selected", selected.has(key));
+    }
+    legend.textContent = legendText();
+    timing("restyle", performance.now() - started);
+  }
+  for (const name of ["meta", "supernodes", "view", "max_edges"]) model.on("change:" + name, draw);
+  for (const name of ["pinned", "selected"]) model.on("change:" + name, restyle);
   for (const name of ["status", "error"]) model.on("change:" + name, sync);
   const stopWatchingTheme = watchTheme(draw);
   draw();

@@ -117,10 +117,14 @@ def test_hover_pin_select_group_and_export_in_the_page(explorer, tmp_path):
     steps = [{"report": "start", "attrs": ["ll-gnode", "data-id"]}]
     steps += [{"dispatch": ["ll-gnode", feature_index, "mouseenter", {"clientX": 5, "clientY": 5}]}]
     steps += [{"report": "hover"}]
-    steps += [{"dispatch": ["ll-gnode", feature_index, "click"]}, {"report": "pinned", "keys": keys}]
+    steps += [
+        {"dispatch": ["ll-gnode", feature_index, "click"]},
+        {"report": "pinned", "keys": keys, "attrs": ["ll-gnode-pinned", "data-id"]},
+    ]
     steps += [{"set": "view", "value": "pinned"}, {"report": "pinned_view", "attrs": ["ll-gnode", "data-id"]}]
     steps += [{"set": "view", "value": "all"}, {"dispatch": ["ll-gnode", 0, "click", {"shiftKey": True}]}]
-    steps += [{"dispatch": ["ll-gnode", 1, "keydown", {"key": " "}]}, {"report": "selected", "keys": keys}]
+    steps += [{"dispatch": ["ll-gnode", 1, "keydown", {"key": " "}]}]
+    steps += [{"report": "selected", "keys": keys, "attrs": ["ll-gnode-selected", "data-id"]}]
     steps += [{"input": ["ll-group-label", "pair"]}, {"click": "text:group"}]
     steps += [{"report": "grouped", "keys": keys, "attrs": ["ll-gnode", "data-id"]}]
     steps += [{"dispatch": ["ll-gnode-supernode", 0, "mouseenter"]}, {"report": "super_hover"}]
@@ -136,12 +140,12 @@ def test_hover_pin_select_group_and_export_in_the_page(explorer, tmp_path):
     assert set(re.findall(r"</?([a-zA-Z]+)", tip)) <= {"b", "br", "span", "div"}  # the prompts' text stays text
     if any("<" in t for c in node["ctx"] for t in c["tokens"]):
         assert "&lt;" in tip
-    assert reports["pinned"]["state"]["pinned"] == [node["id"]]
+    assert reports["pinned"]["state"]["pinned"] == [node["id"]] and reports["pinned"]["attrs"] == [node["id"]]
     shown = set(reports["pinned_view"]["attrs"])
     neighbours = {explorer.node_ids[s] for s, t, _ in explorer.meta["edges"] if explorer.node_ids[t] == node["id"]}
     neighbours |= {explorer.node_ids[t] for s, t, _ in explorer.meta["edges"] if explorer.node_ids[s] == node["id"]}
     assert shown == neighbours | {node["id"]}
-    assert reports["selected"]["state"]["selected"] == [a, b]
+    assert reports["selected"]["state"]["selected"] == [a, b] and reports["selected"]["attrs"] == [a, b]
     grouped = reports["grouped"]
     assert grouped["state"]["supernodes"] == [["pair", a, b]] and grouped["state"]["selected"] == []
     assert a not in grouped["attrs"] and b not in grouped["attrs"] and "pair" in grouped["attrs"]
