@@ -7,7 +7,7 @@ The explorer is built without and with activating contexts (`--contexts N` promp
 - in Node on the stand-in DOM of tests/widgets/view_harness.mjs (the view's own work: building the SVG
   elements and the tooltips, no layout or paint);
 - with `--browser`, as a saved page in headless Chromium (/usr/bin/chromium), where the SVG is laid out and
-  painted: first draw, hover (mouse moved onto nodes) and pin (a click, which redraws).
+  painted: first draw, hover (mouse moved onto nodes), pin (a click, which restyles the nodes) and the next frame.
 
 Timings are measured, never asserted; the machine is shared, so the load average is printed beside them.
 
@@ -93,14 +93,14 @@ def browser_timings(explorer, folder: Path) -> dict:
         nodes = driver.find_elements(By.CSS_SELECTOR, ".ll-gnode")
         for node in nodes[:: max(1, len(nodes) // 60)]:
             ActionChains(driver).move_to_element(node).perform()
-        for k in range(5):  # each click redraws: the nodes are found again
+        for k in range(5):  # by index, in the page: a click may redraw
             driver.execute_script(
                 "const all = document.querySelectorAll('.ll-gnode');"
                 "all[arguments[0] % all.length].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
                 k * 13,
             )
         timings = driver.execute_script("return window.llamaLensTimings")
-        # The paint after the last redraw: two animation frames after it.
+        # The paint after the last click: two animation frames after it.
         paint = driver.execute_async_script(
             "const done = arguments[0], t = performance.now();"
             "requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - t)));"
@@ -166,12 +166,12 @@ def main() -> None:
                 continue
             timings = node_timings(explorer, folder)
             print(f"  Node stand-in DOM: draw {timings['draw'][0]:.0f} ms; {summary('hover', timings['hover'])}; "
-                  f"{summary('pin (redraw)', timings['click'])} (load {load()})")  # fmt: skip
+                  f"{summary('pin', timings['click'])} (load {load()})")  # fmt: skip
             if args.browser:
                 timings = browser_timings(explorer, folder)
                 print(f"  Chromium (headless): page ready {timings['page_load_s'][0]:.2f} s, first draw "
                       f"{timings['draw'][0]:.0f} ms; {summary('hover', timings['hover'])}; "
-                      f"{summary('pin (redraw)', timings['click'])}; the next frame {timings['frame_ms'][0]:.0f} ms "
+                      f"{summary('pin', timings['click'])}; the next frame {timings['frame_ms'][0]:.0f} ms "
                       f"(load {load()})")  # fmt: skip
 
 

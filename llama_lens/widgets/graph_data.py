@@ -11,7 +11,7 @@ Only the pruned graph travels (`AttributionGraph.prune`, circuit-tracer's prunin
                           (the transcoder feature, the token id of an embedding or a logit, -1 for an error),
                           act (a feature's), infl (not a logit's), and where known:
                           readout (the top tokens of its decoder direction, as the feature lens reads one),
-                          ctx (activating contexts: {tokens, at, acts, max}), text (an embedding's or logit's
+                          ctx (activating contexts: {tokens, at, acts (3 digits), max}), text (an embedding's or logit's
                           token), prob, rank and clerp (a logit's)
     edges                 [source, target, weight] with indices into nodes, weights to 6 significant digits
 
@@ -206,7 +206,7 @@ def _add_contexts(
         node["ctx"] = []
         for value, p, pos in sorted(best[f], key=lambda t: -t[0])[:n_contexts]:
             lo, hi = max(0, pos - window), min(len(tokens_of[p]), pos + 3)
-            acts = [_short(a) for a in acts_of[p][lo:hi, f].tolist()]
+            acts = [float(f"{a:.3g}") + 0.0 for a in acts_of[p][lo:hi, f].tolist()]  # for shading: 3 digits
             node["ctx"].append({"tokens": tokens_of[p][lo:hi], "at": pos - lo, "acts": acts, "max": _short(value)})
 
 

@@ -104,7 +104,8 @@ def test_contexts_are_where_the_feature_fires_most(setup, explorer):
     shown = [c["max"] for c in node["ctx"]]
     assert shown == pytest.approx(sorted([b for b in best if b > 0], reverse=True)[:3], rel=1e-4)
     for ctx in node["ctx"]:
-        assert ctx["acts"][ctx["at"]] == pytest.approx(ctx["max"]) and len(ctx["tokens"]) == len(ctx["acts"])
+        assert ctx["acts"][ctx["at"]] == pytest.approx(ctx["max"], rel=1e-2) and len(ctx["tokens"]) == len(ctx["acts"])
+        assert max(ctx["acts"]) == ctx["acts"][ctx["at"]]
 
 
 # ------------------------------------------------------------------------------------------ the view
