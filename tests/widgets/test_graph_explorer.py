@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,60 @@ def test_without_a_model_the_graph_alone_is_shown(setup):
     features = [n for n in explorer.meta["nodes"] if n["kind"] == "feature"]
     assert features and all("readout" not in n and "ctx" not in n for n in features)
     assert explorer.to_figure().axes[0].get_yticklabels()[0].get_text() == "emb"
+
+
+# ------------------------------------------------------------------------------------------ Chromium
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs chromium and chromedriver")
+def test_saved_page_in_chromium_hovers_pins_and_groups(explorer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    page = explorer.save_html(tmp_path / "graph.html")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--window-size=1600,1200",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    css = driver.find_elements
+    try:
+        driver.get(page.as_uri())
+        deadline = time.monotonic() + 30
+        while not css(By.CSS_SELECTOR, ".ll-root[data-ready='1']"):
+            assert time.monotonic() < deadline, "the saved page did not render in 30 s"
+            time.sleep(0.1)
+        nodes = css(By.CSS_SELECTOR, ".ll-gnode")
+        assert [n.get_attribute("data-id") for n in nodes] == explorer.node_ids
+        feature = next(i for i, n in enumerate(explorer.meta["nodes"]) if n["kind"] == "feature")
+        ActionChains(driver).move_to_element(nodes[feature]).perform()
+        tooltip = driver.find_element(By.CSS_SELECTOR, ".ll-tooltip")
+        assert tooltip.is_displayed() and "read-out" in tooltip.text
+        ActionChains(driver).click(nodes[feature]).perform()
+        driver.execute_script("arguments[0].focus()", nodes[-1])
+        ActionChains(driver).send_keys(Keys.ENTER).perform()  # the focused node is pinned too
+        pinned = [n.get_attribute("data-id") for n in css(By.CSS_SELECTOR, ".ll-gnode-pinned")]
+        assert sorted(pinned) == sorted([explorer.node_ids[feature], explorer.node_ids[-1]])
+        for n in nodes[1:3]:
+            ActionChains(driver).key_down(Keys.SHIFT).click(n).key_up(Keys.SHIFT).perform()
+        assert len(css(By.CSS_SELECTOR, ".ll-gnode-selected")) == 2
+        driver.find_element(By.CSS_SELECTOR, ".ll-group-label").send_keys("pair")
+        next(b for b in css(By.TAG_NAME, "button") if b.text == "group").click()
+        supernode = driver.find_element(By.CSS_SELECTOR, ".ll-gnode-supernode")
+        assert supernode.get_attribute("data-id") == "pair" and not css(By.CSS_SELECTOR, ".ll-gnode-selected")
+        timings = driver.execute_script("return window.llamaLensTimings")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    print(f"\ngraph explorer in Chromium, tiny graph: first draw {timings['draw'][0]:.1f} ms, hover "
+          f"{timings['hover'][0]:.2f} ms")  # fmt: skip
