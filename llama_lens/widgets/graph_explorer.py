@@ -172,6 +172,8 @@ class GraphExplorer(Explorer):
 
     def to_figure(self) -> Figure:
         """A matplotlib picture of the pruned graph: nodes at (position, layer), the drawn edges as lines."""
+        from matplotlib.collections import LineCollection
+        from matplotlib.colors import to_rgba
         from matplotlib.figure import Figure
 
         meta = self.meta
@@ -185,12 +187,11 @@ class GraphExplorer(Explorer):
         for (layer, pos), members in spread.items():
             for k, i in enumerate(members):
                 xy[i] = (pos - 0.4 + 0.8 * (k + 0.5) / len(members), layer)
-        edges = sorted(meta["edges"], key=lambda e: -abs(e[2]))[: self.max_edges]
+        edges = sorted(meta["edges"], key=lambda e: -abs(e[2]))[: self.max_edges][::-1]  # the strongest on top
         top = max((abs(e[2]) for e in edges), default=1.0) or 1.0
-        for s, t, w in edges:
-            (x0, y0), (x1, y1) = xy[s], xy[t]
-            colour = "#1c7ed6" if w >= 0 else "#e03131"
-            ax.plot([x0, x1], [y0, y1], color=colour, alpha=0.1 + 0.5 * abs(w) / top, lw=0.3 + 2 * abs(w) / top)
+        colours = [to_rgba("#1c7ed6" if w >= 0 else "#e03131", 0.1 + 0.5 * abs(w) / top) for _, _, w in edges]
+        widths = [0.3 + 2 * abs(w) / top for _, _, w in edges]
+        ax.add_collection(LineCollection([[xy[s], xy[t]] for s, t, _ in edges], colors=colours, linewidths=widths))
         for kind, (marker, colour) in KIND_STYLE.items():
             points = [xy[i] for i, node in enumerate(nodes) if node["kind"] == kind]
             if points:
