@@ -227,27 +227,44 @@ def _output_gain(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return (flat - flat.mean(-1, keepdim=True)).std(-1)
 
 
+def readout_tokens(
+    model: HookedLlama, directions: torch.Tensor, n_readout: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vocabulary read-out of residual-stream directions [N, d_model], as the feature lens reads a feature's
+    decoder row: the top `n_readout` tokens of (d ⊙ ln_final.weight) @ W_Uᵀ.
+
+    Returns:
+        (token ids [N, n_readout], their logits per unit of d [N, n_readout]), on the CPU.
+    """
+    norm_weight = model.ln_final.weight.float()
+    return _top_tokens(model.unembed.weight, directions.float().to(norm_weight.device) * norm_weight, n_readout)
+
+
+def _top_tokens(weight, normed: torch.Tensor, n_readout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top tokens of normed @ weightᵀ, a block of ids at a time (the unembedding may be streamed from disk:
+    `weight[v0:v1]` reads a block)."""
+    d_vocab, n = weight.shape[0], normed.shape[0]
+    block = max(256, min(d_vocab, READOUT_TILE // max(n, 1)))
+    best = torch.full((n, 0), -torch.inf, device=normed.device)
+    best_ids = torch.zeros((n, 0), dtype=torch.long, device=normed.device)
+    for start in range(0, d_vocab, block):
+        logits = normed @ weight[start : start + block].float().to(normed.device).T  # [N, block]
+        # The block's own top tokens first, then merged with the best so far: [N, 2 * n_readout] at most.
+        values, ids = logits.topk(min(n_readout, logits.shape[1]), dim=-1)
+        merged, merged_ids = torch.cat([best, values], 1), torch.cat([best_ids, ids + start], 1)
+        best, pick = merged.topk(min(n_readout, merged.shape[1]), dim=-1)
+        best_ids = merged_ids.gather(1, pick)
+    return best_ids.cpu(), best.cpu()
+
+
 def _readouts(weight, norm_weight: torch.Tensor, found: list[_SiteFound], n_readout: int) -> list[SiteReadout]:
     """Each site's unique features' read-out: the top `n_readout` tokens of (d ⊙ ln_final.weight) @ W_Uᵀ, in one
-    sweep over the vocabulary for every site's features at once, a block of ids at a time (the unembedding may
-    be streamed from disk: `weight[v0:v1]` reads a block)."""
+    sweep over the vocabulary for every site's features at once."""
     parts = [f.directions for f in found if f.directions is not None]
-    d_vocab = weight.shape[0]
     out = []
     if parts:
         normed = torch.cat(parts).to(norm_weight.device) * norm_weight  # [N, d_model]
-        n = normed.shape[0]
-        block = max(256, min(d_vocab, READOUT_TILE // max(n, 1)))
-        best = torch.full((n, 0), -torch.inf, device=normed.device)
-        best_ids = torch.zeros((n, 0), dtype=torch.long, device=normed.device)
-        for start in range(0, d_vocab, block):
-            logits = normed @ weight[start : start + block].float().to(normed.device).T  # [N, block]
-            # The block's own top tokens first, then merged with the best so far: [N, 2 * n_readout] at most.
-            values, ids = logits.topk(min(n_readout, logits.shape[1]), dim=-1)
-            merged, merged_ids = torch.cat([best, values], 1), torch.cat([best_ids, ids + start], 1)
-            best, pick = merged.topk(min(n_readout, merged.shape[1]), dim=-1)
-            best_ids = merged_ids.gather(1, pick)
-        all_ids, all_logits = best_ids.cpu(), best.cpu()
+        all_ids, all_logits = _top_tokens(weight, normed, n_readout)
     start = 0
     for f in found:
         if f.directions is None:

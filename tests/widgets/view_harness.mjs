@@ -7,7 +7,10 @@
 // {"set": name, "value": v} (a change from the kernel), {"click": selector} (a button by its text, "text:CSV"),
 // {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"click_at": [x, y]} (on the heatmap),
 // {"click_item": [class, n]} (the n-th element of that class), {"root_height": px} (the explorer's height) or
-// {"report": label} (`fills`: the canvas colours drawn since the last report). A view whose render returns a
+// {"dispatch": [class, n, type, event]} (an event on the n-th element of that class: "mouseenter", "keydown"
+// with {"key": "Enter"}, "click" with {"shiftKey": true}), {"input": [class, text]} (types into a box) or
+// {"report": label} (`fills`: the canvas colours drawn since the last report; `state`: the synced values named
+// by the step's "keys"; `attrs`: the step's "attrs" [class, attribute] read off every such element). A view whose render returns a
 // promise (it inflates its data) is awaited first. Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
 import fs from "node:fs";
@@ -111,6 +114,11 @@ const find = (cls) => el.all((n) => n.classList.contains(cls));
 const reports = {};
 for (const step of script) {
   if (step.set !== undefined) model.set(step.set, step.value);
+  else if (step.dispatch !== undefined) {
+    const [cls, n, type, event] = step.dispatch;
+    const node = find(cls)[n];
+    if (!node) errors.push(`no element ${cls} ${n}`); else guard(() => node.dispatch(type, event || {}));
+  } else if (step.input !== undefined) find(step.input[0])[0].value = step.input[1];
   else if (step.root_height !== undefined) el.children[0].clientHeight = step.root_height;
   else if (step.click !== undefined) {
     const [kind, text] = step.click.split(":");
@@ -147,6 +155,8 @@ for (const step of script) {
       popup: find("ll-popup").map((n) => n.textContent),
       legend_bar: (find("ll-legendbar")[0] || { textContent: "" }).textContent,
       feature: state.feature,
+      state: Object.fromEntries((step.keys || []).map((k) => [k, state[k]])),
+      attrs: step.attrs ? find(step.attrs[0]).map((n) => n.getAttribute(step.attrs[1])) : [],
       tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
     };
     fills.clear();
