@@ -154,7 +154,8 @@ def test_colour_maps_and_raw_logits_colour_the_cells(model, tmp_path):
     low, high = (float(x) for x in reports["logit"]["legend"].split(": ")[1].split(" … "))
     assert low == pytest.approx(float(logits.min()), abs=0.01) and high == pytest.approx(float(logits.max()), abs=0.01)
     assert "top-1 logit (raw)" in reports["logit"]["legend"]
-    np.testing.assert_array_equal(np.reshape(unpack_panel(explorer.panels[0])["logit"], logits.shape), logits.numpy())
+    saved_logits = unpack_panel(explorer.full_panel(0))["logit"]
+    np.testing.assert_array_equal(np.reshape(saved_logits, logits.shape), logits.numpy())
 
 
 @needs_node

@@ -6,7 +6,9 @@
 // state.json: the synced traits (an explorer's page_state()); script.json: a list of steps, each
 // {"set": name, "value": v} (a change from the kernel), {"click": selector} (a button by its text, "text:CSV"),
 // {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"click_at": [x, y]} (on the heatmap),
-// {"click_item": [class, n]} (the n-th element of that class), {"root_height": px} (the explorer's height) or
+// {"click_item": [class, n]} (the n-th element of that class), {"root_height": px} (the explorer's height),
+// {"deliver": message} (a message from the kernel, as lens_data.answer writes it), {"scroll": [x, y]} (the
+// first scrolling box's offsets, then its scroll event) or
 // {"report": label} (`fills`: the canvas colours drawn since the last report). A view whose render returns a
 // promise (it inflates its data) is awaited first. Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
@@ -37,7 +39,7 @@ class Node {
     this.tagName = tag.toUpperCase(); this.children = []; this.parent = null; this.style = {}; this.dataset = {};
     this.attributes = {}; this.listeners = {}; this.className = ""; this.classList = new ClassList(this);
     this._text = ""; this.innerHTML = ""; this.value = ""; this.checked = false; this.disabled = false;
-    this.scrollLeft = 0; this.clientWidth = 800; this.clientHeight = 2000; this.offsetWidth = 200; this.offsetHeight = 120;
+    this.scrollLeft = 0; this.scrollTop = 0; this.clientWidth = 800; this.clientHeight = 2000; this.offsetWidth = 200; this.offsetHeight = 120;
   }
   set textContent(t) { this._text = String(t); this.children = []; }
   get textContent() { return this._text + this.children.map((c) => (typeof c === "string" ? c : c.textContent)).join(""); }
@@ -82,12 +84,15 @@ const sandbox = {
 };
 sandbox.window = sandbox;
 vm.createContext(sandbox);
-const source = fs.readFileSync(`${folder}/common.js`, "utf8") + fs.readFileSync(`${folder}/${which}.js`, "utf8");
+// The files in the order the explorer's _esm concatenates them.
+const files = { lens: ["common.js", "lens_parts.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
+const source = files.map((name) => fs.readFileSync(`${folder}/${name}`, "utf8")).join("");
 vm.runInContext(source.replace("export default", "globalThis.explorerModule ="), sandbox);
 
 // The stand-in widget model of save_html's page (base.py PAGE), recording what the view sends.
 const listeners = {};
 const sent = [];
+const messages = []; // what the view asked the kernel (model.send)
 const model = {
   get: (name) => state[name],
   set: (name, value) => { const old = state[name]; state[name] = value;
@@ -95,7 +100,7 @@ const model = {
   save_changes: () => sent.push("save"),
   on: (event, cb) => { (listeners[event] = listeners[event] || []).push(cb); },
   off: () => {},
-  send: () => {},
+  send: (content) => messages.push(content),
 };
 function guard(fn) {
   try { fn(); } catch (error) { errors.push(String(error && error.stack ? error.stack.split("\n").slice(0, 2).join(" ") : error)); }
@@ -112,6 +117,14 @@ const reports = {};
 for (const step of script) {
   if (step.set !== undefined) model.set(step.set, step.value);
   else if (step.root_height !== undefined) el.children[0].clientHeight = step.root_height;
+  else if (step.deliver !== undefined) {
+    for (const cb of listeners["msg:custom"] || []) guard(() => cb(step.deliver, []));
+  } else if (step.scroll !== undefined) {
+    const box = find(which === "lens" ? "ll-scroll" : "ll-text")[0];
+    box.scrollLeft = step.scroll[0];
+    box.scrollTop = step.scroll[1];
+    guard(() => box.dispatch("scroll"));
+  }
   else if (step.click !== undefined) {
     const [kind, text] = step.click.split(":");
     const node = el.all((n) => n.tagName === "BUTTON" && n.textContent === text)[0];
@@ -137,6 +150,7 @@ for (const step of script) {
       selection: state.selection,
       pins: state.pins,
       downloads: downloads.splice(0),
+      asked: messages.splice(0),
       blobs: blobs.length,
       made: { ...made },
       thumbs: find("ll-thumb").length,
