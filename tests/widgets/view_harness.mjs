@@ -8,7 +8,8 @@
 // {"key": "ArrowUp", "panel": 0} (a key on a heatmap), {"hover": [x, y]}, {"click_at": [x, y]} (on the heatmap),
 // {"click_item": [class, n]} (the n-th element of that class), {"root_height": px} (the explorer's height),
 // {"deliver": message} (a message from the kernel, as lens_data.answer writes it), {"scroll": [x, y]} (the
-// first scrolling box's offsets, then its scroll event) or
+// first scrolling box's offsets, then its scroll event), {"box": [class, width, height]} (an element's size, then
+// the ResizeObservers' calls), {"mouseover": pos} (the pointer onto the prompt's token at pos) or
 // {"report": label} (`fills`: the canvas colours drawn since the last report). A view whose render returns a
 // promise (it inflates its data) is awaited first. Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
@@ -46,7 +47,10 @@ class Node {
   append(...nodes) { for (const n of nodes) { if (n instanceof Node) { n.remove(); n.parent = this; } this.children.push(n); } }
   replaceChildren(...nodes) { for (const c of this.children) if (c instanceof Node) c.parent = null; this.children = []; this._text = ""; this.append(...nodes); }
   remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); this.parent = null; }
-  setAttribute(k, v) { this.attributes[k] = String(v); }
+  setAttribute(k, v) {
+    this.attributes[k] = String(v);
+    if (k.startsWith("data-")) this.dataset[k.slice(5).replace(/-(.)/g, (_, c) => c.toUpperCase())] = String(v);
+  }
   getAttribute(k) { return this.attributes[k] ?? null; }
   addEventListener(type, fn) { (this.listeners[type] = this.listeners[type] || []).push(fn); }
   removeEventListener() {}
@@ -81,7 +85,9 @@ const sandbox = {
   ImageData: class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } },
   URL: { createObjectURL: (blob) => { blobs.push(blob); return "blob:" + blobs.length; }, revokeObjectURL() {} },
   setTimeout: () => 0,
+  ResizeObserver: class { constructor(cb) { this.cb = cb; observers.push(this); } observe() {} disconnect() {} },
 };
+const observers = [];
 sandbox.window = sandbox;
 vm.createContext(sandbox);
 // The files in the order the explorer's _esm concatenates them.
@@ -119,6 +125,14 @@ for (const step of script) {
   else if (step.root_height !== undefined) el.children[0].clientHeight = step.root_height;
   else if (step.deliver !== undefined) {
     for (const cb of listeners["msg:custom"] || []) guard(() => cb(step.deliver, []));
+  } else if (step.box !== undefined) {
+    const node = find(step.box[0])[0];
+    [node.clientWidth, node.clientHeight] = step.box.slice(1);
+    for (const observer of observers) guard(() => observer.cb([]));
+  } else if (step.mouseover !== undefined) {
+    const span = find("ll-text")[0].all((m) => m.dataset.pos === String(step.mouseover))[0];
+    if (!span) errors.push(`no token ${step.mouseover} in the page`);
+    else guard(() => find("ll-text")[0].dispatch("mouseover", { target: span }));
   } else if (step.scroll !== undefined) {
     const box = find(which === "lens" ? "ll-scroll" : "ll-text")[0];
     box.scrollLeft = step.scroll[0];
@@ -155,7 +169,10 @@ for (const step of script) {
       made: { ...made },
       thumbs: find("ll-thumb").length,
       open_thumbs: find("ll-open").length,
-      text_spans: (find("ll-text")[0] || { children: [] }).children.length,
+      text_spans: find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN")).length,
+      text_positions: [...new Set(find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN").map((m) => Number(m.dataset.pos))))],
+      text_lines: find("ll-line").map((n) => n.textContent),
+      coloured_spans: find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN" && m.style.background)).length,
       fills: [...fills],
       marks: find("ll-mark").map((n) => n.className),
       popup: find("ll-popup").map((n) => n.textContent),
