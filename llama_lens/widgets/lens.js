@@ -93,7 +93,7 @@ function render({ model, el }) {
   let views = []; // per panel: {canvas, labels, scroll, rows, colX}
   let tip = null; // the tooltip's cell and place, shown again when its top-k arrives
   let csvWanted = false; // the CSV button waits for the metrics its table holds
-  const { panels, ask, askColumns } = lensPanels(model, offline, (reply, error) => {
+  const { panels, ask, askColumns, stop } = lensPanels(model, offline, (reply, error) => {
     if (error) {
       status.textContent = "error: " + error;
       status.classList.add("ll-error");
@@ -714,7 +714,10 @@ function render({ model, el }) {
   firstDraw();
   const stopWatchingTheme = watchTheme(redraw);
   root.dataset.ready = "1";
-  return stopWatchingTheme;
+  return () => {
+    stopWatchingTheme();
+    stop();
+  };
 }
 
 export default { render };

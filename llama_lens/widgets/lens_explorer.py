@@ -380,8 +380,8 @@ class LogitLensExplorer(Explorer):
             options = dict(readout=self.readout, top_k=self.top_k, check=check, progress=progress, lens=tuned)
             runs.append(run_lens(model, tokens, **options))
         check()
+        self._run_id += 1  # first: a request read with the new runs but the old id is answered as stale
         self.runs = runs
-        self._run_id += 1
         with self.hold_sync():
             self.panels = [frame(run, run_id=self._run_id, metric=self.metric) for run in runs]
             self.titles = [self._title(panel, prompt) for panel, prompt in enumerate(prompts)]

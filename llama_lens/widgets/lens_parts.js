@@ -80,7 +80,7 @@ function lensPanels(model, offline, onArrival) {
   }
 
   // A reply from the kernel: merged into its panel, unless it is about an older run.
-  model.on("msg:custom", (reply) => {
+  const receive = (reply) => {
     const d = panels()[reply.panel];
     if (!d || reply.run !== d.run || reply.stale) return;
     if (reply.error) {
@@ -90,7 +90,8 @@ function lensPanels(model, offline, onArrival) {
     if (reply.want === "metric") d.metrics[reply.metric] = fromBase64(reply.values, "f4");
     else merge(d, reply);
     onArrival(reply, "");
-  });
+  };
+  model.on("msg:custom", receive);
 
-  return { panels, ask, askColumns };
+  return { panels, ask, askColumns, stop: () => model.off("msg:custom", receive) };
 }
