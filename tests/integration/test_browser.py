@@ -352,12 +352,13 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     width = "return [arguments[0].scrollWidth, arguments[0].clientWidth]"
     scroll_width, client_width = driver.execute_script(width, box)
     assert scroll_width <= client_width + 1, f"the text overflows: {scroll_width} px in {client_width}"
-    assert 0 < len(driver.execute_script(spans, box)) < 300  # only the lines in sight
+    assert 0 < len(driver.execute_script(spans, box)) < 300  # only the lines in sight (of 23)
     driver.execute_script("arguments[0].scrollTop = arguments[0].scrollHeight", box)
     _wait("the last lines", lambda: box.find_elements(By.CSS_SELECTOR, "span[data-pos='299']"), timeout=5)
     for position in (299, 295, 290):
         _hover(driver, box.find_element(By.CSS_SELECTOR, f"span[data-pos='{position}']"), 2, 2)
-    _wait("the text coloured by a hovered query", lambda: driver.execute_script(coloured, wide) > 3, timeout=5)
+    marked = "return !!arguments[0].querySelector(\".ll-text span.ll-query[data-pos='290']\")"
+    _wait("the text coloured by the hovered query 290", lambda: driver.execute_script(marked, wide), timeout=5)
     wide_title = wide.find_element(By.CSS_SELECTOR, ".ll-panel .ll-title")
     for layer, head in ((29, 3), (15, 2), (0, 1), (22, 0)):
         thumb = wide.find_element(By.CSS_SELECTOR, f".ll-thumb[data-layer='{layer}'][data-head='{head}']")
