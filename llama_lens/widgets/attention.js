@@ -2,6 +2,9 @@
 // across) with a hover tooltip, and the prompt as text coloured by one query's attention.
 
 const LINE_H = 24; // px per line of the prompt's text (.ll-line in widgets.css)
+// The heatmaps' colours in 256 steps: a look-up per pixel, not a colour made per pixel (120 thumbnails of 300
+// tokens are ten million pixels).
+const WEIGHT_COLOURS = palette(VIRIDIS);
 
 function render({ model, el }) {
   const offline = model.get("offline") === true;
@@ -84,7 +87,7 @@ function render({ model, el }) {
     const img = new ImageData(Math.max(1, N), Math.max(1, N));
     for (let q = 0; q < N; q++) for (let k = 0; k < N; k++) {
       // sqrt, so small weights stay visible (as the matplotlib figure's gamma 0.5).
-      const c = k > q ? colour.masked : ramp(VIRIDIS, Math.sqrt(weight(q, k)));
+      const c = k > q ? colour.masked : shade(WEIGHT_COLOURS, Math.sqrt(weight(q, k))).rgb;
       const o = (q * N + k) * 4;
       img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
     }
@@ -344,6 +347,8 @@ function render({ model, el }) {
   model.on("change:zoom", () => { sync(); drawHeatmap(); });
   for (const name of ["busy", "status", "error", "prompt"]) model.on("change:" + name, sync);
   full();
+  const since = model.get("data_time"); // the first picture, from the data's making in the kernel
+  if (since) timing("render", Date.now() - since * 1000);
   const stopWatchingTheme = watchTheme(full);
   root.dataset.ready = "1";
   return () => {

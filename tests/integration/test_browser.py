@@ -400,7 +400,7 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     print("\nexplorer timings in Chromium:")
     for kind in ("hover", "click", "pin", "open", "render", "draw"):
         print(f"  {kind:7s} {_summary(timings[kind])}")
-    print(f"  largest WebSocket frame: {max(frames):,} bytes (the lens's data)")
+    print(f"  largest WebSocket frame: {max(frames):,} bytes (the 30-layer attention explorer's patterns)")
     for folder in _screenshot_dir(tmp_path):
         (folder / "widget_timings.json").write_text(json.dumps(report, indent=1) + "\n")
 
