@@ -3,7 +3,9 @@
 For the LogitLensExplorer and the AttentionExplorer it prints:
 
   frame        the synced state a notebook sends the page when the explorer is shown: its JSON and its binary
-               buffers (ipywidgets' `get_state`), as the kernel puts them on the wire
+               buffers (ipywidgets' `get_state`), as the kernel puts them on the wire (the lens's page asks for
+               the top-k of further positions and other metrics later; its whole panel, as a saved page holds
+               it, is printed beside)
   static       the static picture's display bundle (the PNG inside HTML, shown where the live view cannot run)
   ready        seconds from the call to the explorer until its first frame is ready to send (the model run and
                the frame's making), and for the lens the model run's own seconds and the rest (the frame's
@@ -125,6 +127,8 @@ def main() -> None:
         f"{'':<34} of which the model run and lens: {run_seconds:5.2f} s; "
         f"the rest: {lens_row['ready_s'] - run_seconds:5.2f} s"
     )
+    whole = len(json.dumps(lens.full_panel(), separators=(",", ":")).encode())
+    print(f"{'  its panel as a saved page has it':<34} {whole / MB:6.3f} MB (every top-k and metric; the frame asks)")
     lens.target = " Paris"  # a target adds its probabilities (and ranks when coloured by rank)
     json_bytes, buffer_bytes = frame_bytes(lens)
     print(f"{'  with target Paris':<34} frame {(json_bytes + buffer_bytes) / MB:6.3f} MB")

@@ -1,6 +1,11 @@
 // AttentionExplorer's view: head grid (thumbnails open a head), the open head's heatmap (queries down, keys
 // across) with a hover tooltip, and the prompt as text coloured by one query's attention.
 
+const LINE_H = 24; // px per line of the prompt's text (.ll-line in widgets.css)
+// The heatmaps' colours in 256 steps: a look-up per pixel, not a colour made per pixel (120 thumbnails of 300
+// tokens are ten million pixels).
+const WEIGHT_COLOURS = palette(VIRIDIS);
+
 function render({ model, el }) {
   const offline = model.get("offline") === true;
   const root = h("div", { class: "ll-root ll-attention" });
@@ -15,7 +20,8 @@ function render({ model, el }) {
   const heatmap = h("canvas", { class: "ll-att-canvas" });
   const scroll = h("div", { class: "ll-scroll" }, [heatmap]);
   const title = h("div", { class: "ll-title" });
-  const text = h("div", { class: "ll-text" });
+  const lineBox = h("div", { class: "ll-lines" });
+  const text = h("div", { class: "ll-text" }, [lineBox]);
   const textTitle = h("div", { class: "ll-title" });
   const tooltip = h("div", { class: "ll-tooltip" });
   root.append(
@@ -44,10 +50,14 @@ function render({ model, el }) {
   // ---------------------------------------------------------------- data
   let words = null; // Uint16Array of every shown layer's heads' lower triangles
   let thumbs = null; // "layer:head" -> its thumbnail's element, drawn once per data (and theme)
-  let spans = []; // the prompt's tokens as text, built once per data; hovering only recolours them
+  let lines = null; // the prompt laid out in lines of the text box's width: [[{pos, text}, ...], ...]
+  let shownLines = ""; // the lines in the page ("first:last"), rebuilt on scroll or resize only
+  let spans = []; // the shown lines' spans; hovering only recolours them
   let shownText = null; // the (layer, head, query) the text is coloured for
   function decode() {
     thumbs = null;
+    lines = null;
+    shownLines = "";
     spans = [];
     shownText = null;
     const raw = model.get("patterns");
@@ -63,19 +73,21 @@ function render({ model, el }) {
   const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0 };
   const n = () => meta().tokens.length;
   const tri = () => (n() * (n() + 1)) / 2;
-  function weight(layer, head, q, k) {
-    if (k > q) return 0;
-    const li = meta().layers.indexOf(layer);
-    return words[(li * meta().n_heads + head) * tri() + (q * (q + 1)) / 2 + k] / 65535;
+  // The pattern of a (layer, head) as a function of (q, k): the offsets worked out once, not per pixel (a
+  // 300-token thumbnail reads 90,000 weights, and 30 layers of heads thousands of times that).
+  function headWeights(layer, head) {
+    const base = (meta().layers.indexOf(layer) * meta().n_heads + head) * tri();
+    return (q, k) => (k > q ? 0 : words[base + (q * (q + 1)) / 2 + k] / 65535);
   }
+  const weight = (layer, head, q, k) => headWeights(layer, head)(q, k);
   const cellSize = () => model.get("zoom") || Math.max(1, Math.min(24, Math.floor(560 / Math.max(1, n()))));
 
   function image(layer, head, colour) {
-    const N = n();
+    const N = n(), weight = headWeights(layer, head);
     const img = new ImageData(Math.max(1, N), Math.max(1, N));
     for (let q = 0; q < N; q++) for (let k = 0; k < N; k++) {
       // sqrt, so small weights stay visible (as the matplotlib figure's gamma 0.5).
-      const c = k > q ? colour.masked : ramp(VIRIDIS, Math.sqrt(weight(layer, head, q, k)));
+      const c = k > q ? colour.masked : shade(WEIGHT_COLOURS, Math.sqrt(weight(q, k))).rgb;
       const o = (q * N + k) * 4;
       img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
     }
@@ -153,22 +165,66 @@ function render({ model, el }) {
     title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)`;
   }
 
-  // The prompt as text coloured by one query's attention. The spans stay: rebuilding them under a resting pointer
-  // fired a new mouseover at every rebuild (about 60 a second).
+  // The prompt as text, wrapped at the box's width by measuring each token in the box's font, so that only the
+  // lines in sight are in the page (300 tokens: a few dozen spans). Newlines show as ↵ and end the line; a token
+  // wider than the box is cut into pieces.
+  function layoutText() {
+    const width = Math.max(60, (text.clientWidth || 560) - 12);
+    const style = getComputedStyle(text);
+    const ctx = document.createElement("canvas").getContext("2d");
+    ctx.font = `${style.fontSize || "13px"} ${style.fontFamily || "monospace"}`;
+    lines = [[]];
+    let x = 0;
+    meta().tokens.forEach((token, pos) => {
+      let rest = String(token).replace(/\n/g, "\u21b5");
+      while (rest) {
+        let piece = rest, w = ctx.measureText(piece).width;
+        if (x + w > width && x > 0) { lines.push([]); x = 0; continue; }
+        while (w > width && piece.length > 1) { piece = piece.slice(0, -1); w = ctx.measureText(piece).width; }
+        lines[lines.length - 1].push({ pos, text: piece });
+        x += w;
+        rest = rest.slice(piece.length);
+        if (rest) { lines.push([]); x = 0; }
+      }
+      if (String(token).includes("\n")) { lines.push([]); x = 0; }
+    });
+    lineBox.style.height = lines.length * LINE_H + "px";
+    shownLines = "";
+  }
+
+  // Puts the lines in sight (and two either side) in the page; called on data, scroll and resize.
+  function showLines() {
+    if (!lines) layoutText();
+    const first = Math.max(0, Math.floor(text.scrollTop / LINE_H) - 2);
+    const last = Math.min(lines.length, Math.ceil((text.scrollTop + (text.clientHeight || 400)) / LINE_H) + 2);
+    if (shownLines === `${first}:${last}`) return;
+    shownLines = `${first}:${last}`;
+    spans = [];
+    const rows = [];
+    for (let i = first; i < last; i++) {
+      const row = lines[i].map((piece) => h("span", { "data-pos": piece.pos, text: piece.text }));
+      spans.push(...row);
+      rows.push(h("div", { class: "ll-line", style: `top:${i * LINE_H}px` }, row));
+    }
+    lineBox.replaceChildren(...rows);
+    shownText = null;
+    drawText(shownQuery);
+  }
+
+  // Colours the shown spans by one query's attention (-1: none).
+  let shownQuery = -1;
   function drawText(query) {
     const { layer, head } = model.get("head");
     const tokens = meta().tokens;
+    shownQuery = query;
+    if (!lines) { showLines(); return; }
     const key = `${layer}:${head}:${query}`;
-    if (spans.length !== tokens.length) {
-      spans = tokens.map((t, k) => h("span", { "data-pos": k, text: t.replace(/\n/g, "\u21b5\n") }));
-      text.replaceChildren(...spans);
-      shownText = null;
-    }
     if (shownText === key) return;
     shownText = key;
     let max = 1e-9;
     if (query >= 0) for (let k = 0; k <= query; k++) max = Math.max(max, weight(layer, head, query, k));
-    spans.forEach((span, k) => {
+    for (const span of spans) {
+      const k = Number(span.dataset.pos);
       const w = query >= 0 && k <= query ? weight(layer, head, query, k) : 0;
       const c = ramp(VIRIDIS, w / max);
       span.title = query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "";
@@ -176,7 +232,7 @@ function render({ model, el }) {
       span.style.background = coloured ? rgb(c) : "";
       span.style.color = coloured ? inkOn(c) : "";
       span.classList.toggle("ll-query", k === query);
-    });
+    }
     textTitle.textContent = query >= 0
       ? `attention from query ${query} ${visible(tokens[query])} (hover a token to preview, click to fix)`
       : "hover or click a token";
@@ -216,6 +272,16 @@ function render({ model, el }) {
     timing("hover", performance.now() - started);
   });
   text.addEventListener("mouseleave", () => drawText(model.get("query")));
+  text.addEventListener("scroll", showLines);
+  // A new width wraps the text anew (JupyterLab's panel resized, a side bar opened).
+  let textWidth = 0;
+  const resizing = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(() => {
+    if (text.clientWidth === textWidth) return;
+    textWidth = text.clientWidth;
+    lines = null;
+    showLines();
+  });
+  if (resizing) resizing.observe(text);
   text.addEventListener("click", (e) => {
     const pos = e.target.dataset && e.target.dataset.pos;
     if (pos === undefined) return;
@@ -269,14 +335,26 @@ function render({ model, el }) {
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   });
-  model.on("change:head", () => { sync(); drawGrid(); drawHeatmap(); drawText(model.get("query")); });
+  model.on("change:head", () => {
+    const started = performance.now();
+    sync();
+    drawGrid();
+    drawHeatmap();
+    drawText(model.get("query"));
+    timing("open", performance.now() - started);
+  });
   model.on("change:query", () => { drawHeatmap(); drawText(model.get("query")); });
   model.on("change:zoom", () => { sync(); drawHeatmap(); });
   for (const name of ["busy", "status", "error", "prompt"]) model.on("change:" + name, sync);
   full();
+  const since = model.get("data_time"); // the first picture, from the data's making in the kernel
+  if (since) timing("render", Date.now() - since * 1000);
   const stopWatchingTheme = watchTheme(full);
   root.dataset.ready = "1";
-  return stopWatchingTheme;
+  return () => {
+    stopWatchingTheme();
+    if (resizing) resizing.disconnect();
+  };
 }
 
 export default { render };

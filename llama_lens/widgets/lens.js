@@ -1,6 +1,6 @@
 // LogitLensExplorer's view: a heatmap per panel (read-outs up, positions across) on a canvas, hover tooltip,
-// a top-k list for the clicked cell, a chart of pinned tokens across read-outs. The data comes once per model
-// run (the `panels` trait); everything here runs in the browser.
+// a top-k list for the clicked cell, a chart of pinned tokens across read-outs. The data comes with each model
+// run (the `panels` trait) and, for what that frame left out, as the view needs it (lens_parts.js).
 
 const ROW_H = 18;
 const LABEL_W = 64;
@@ -91,20 +91,23 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- data access
   let views = []; // per panel: {canvas, labels, scroll, rows, colX}
-  // A panel's long arrays come packed (base64 little-endian binary, `packed` names each dtype): read once per
-  // panel object into typed arrays, which index and iterate as the lists they stand for.
-  const unpacked = new WeakMap();
-  const unpack = (d) => {
-    if (!d || !d.packed) return d;
-    let out = unpacked.get(d);
-    if (!out) {
-      out = { ...d };
-      for (const [key, dtype] of Object.entries(d.packed)) out[key] = fromBase64(d[key], dtype);
-      unpacked.set(d, out);
+  let tip = null; // the tooltip's cell and place, shown again when its top-k arrives
+  let csvWanted = false; // the CSV button waits for the metrics its table holds
+  const { panels, ask, askColumns, stop } = lensPanels(model, offline, (reply, error) => {
+    if (error) {
+      status.textContent = "error: " + error;
+      status.classList.add("ll-error");
+    } else if (reply.want === "metric") {
+      redraw();
+      if (csvWanted) exportCsv();
+    } else {
+      if (tip && tip.p === reply.panel && tip.cell.c >= reply.start && tip.cell.c < reply.stop) {
+        showTip(tip.p, tip.cell, tip.x, tip.y);
+      }
+      drawPopup();
+      drawChart();
     }
-    return out;
-  };
-  const panels = () => (model.get("panels") || []).map(unpack);
+  });
   const rowsShown = (R) => {
     const s = model.get("stride") || 1;
     const rows = [];
@@ -115,12 +118,11 @@ function render({ model, el }) {
   // The current metric's raw value at (panel, row, column), or null where it is not available.
   function value(p, r, c, which = model.get("metric")) {
     const d = panels()[p];
-    const P = d.positions.length;
-    const i = r * P + c;
+    const i = r * d.P + c;
     if (which === "prob") return d.probs[i * d.k] / d.prob_scale;
-    if (which === "logit") return d.logit ? d.logit[i] : null; // pages saved before it was sent have none
-    if (which === "entropy") return d.entropy[i];
-    if (which === "kl") return d.kl[i];
+    if (which === "logit" || which === "entropy" || which === "kl") {
+      return d.metrics[which] ? d.metrics[which][i] : null; // until it comes (pages saved before "logit": never)
+    }
     const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
     if (!source || !source.panels || !source.panels[p]) return null;
     // Ranks are computed when a rank colouring first asks for them: null until they arrive.
@@ -130,6 +132,10 @@ function render({ model, el }) {
 
   // Why the metric has no values to show, or "" when it has them.
   function missingData(which) {
+    if (which === "logit" || which === "entropy" || which === "kl") {
+      if (panels().every((d) => d.metrics[which])) return "";
+      return offline ? "not saved with this page" : "loading…";
+    }
     if (!which.startsWith("target") && !which.startsWith("token")) return "";
     const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
     if (!source || !source.panels) return which.startsWith("target") ? "set a target" : "choose a colour token";
@@ -145,13 +151,13 @@ function render({ model, el }) {
     const ps = panels();
     if (which === "entropy" || which === "kl") {
       let max = 1e-9;
-      for (const d of ps) for (const v of which === "kl" ? d.kl : d.entropy) if (v > max) max = v;
+      for (const d of ps) for (const v of d.metrics[which] || []) if (v > max) max = v;
       return { max, f: (v) => v / max, label: [0, max] };
     }
     if (which === "logit") {
       // Raw logits are not normalised: the scale runs from the least to the greatest shown.
       let min = Infinity, max = -Infinity;
-      for (const d of ps) for (const v of d.logit || []) { if (v < min) min = v; if (v > max) max = v; }
+      for (const d of ps) for (const v of d.metrics.logit || []) { if (v < min) min = v; if (v > max) max = v; }
       if (!(max > min)) { min = Number.isFinite(min) ? min : 0; max = min + 1; }
       return { max, f: (v) => (v - min) / (max - min), label: [min, max] };
     }
@@ -260,13 +266,19 @@ function render({ model, el }) {
       lctx.fillText("input", LABEL_W - 4, bottom + ROW_H / 2);
       views.push({ canvas, scroll, marks, rows, cellW, d, p });
       canvas.addEventListener("mousemove", (e) => hover(e, p));
-      canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
+      canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; tip = null; });
       canvas.addEventListener("click", (e) => click(e, p));
       canvas.tabIndex = 0;
       canvas.setAttribute("aria-label", `${titles[p] || "logit lens"}: arrow keys move the selected cell, Enter pins its top token`);
       canvas.addEventListener("keydown", (e) => key(e, p));
-      canvas.addEventListener("blur", () => { tooltip.style.display = "none"; });
+      canvas.addEventListener("blur", () => { tooltip.style.display = "none"; tip = null; });
+      scroll.addEventListener("scroll", () => askShown(views[p]));
     });
+    const which = model.get("metric");
+    if (which === "logit" || which === "entropy" || which === "kl") {
+      ps.forEach((d, p) => { if (!d.metrics[which]) ask(p, { want: "metric", metric: which }); });
+    }
+    views.forEach(askShown);
     drawLegend(sc);
     drawMarks();
     drawPopup();
@@ -310,6 +322,13 @@ function render({ model, el }) {
       : ` ${name}: ${sc.rank ? "rank " + sc.label[0] : fmt(sc.label[0], 2)} … ${sc.rank ? "rank 0" : fmt(sc.label[1], 2)}`;
   }
 
+  // The top-k of the positions in sight and a block beyond, asked for as the panel scrolls (not on hover).
+  function askShown(view) {
+    const first = Math.floor(view.scroll.scrollLeft / view.cellW);
+    const last = Math.ceil((view.scroll.scrollLeft + (view.scroll.clientWidth || 0)) / view.cellW);
+    askColumns(view.p, first, last + BLOCK);
+  }
+
   function cellAt(e, p) {
     const view = views[p];
     const rect = view.canvas.getBoundingClientRect();
@@ -322,9 +341,14 @@ function render({ model, el }) {
     return { c, r: view.rows[yRow] };
   }
 
-  function topList(d, r, c, n) {
-    const P = d.positions.length;
-    const base = (r * P + c) * d.k;
+  // The first n of a cell's top-k; null (and asked for) where its position's top-k has not come.
+  function topList(p, r, c, n) {
+    const d = panels()[p];
+    if (n > 1 && !d.have[c]) {
+      askColumns(p, c, c + 1);
+      return null;
+    }
+    const base = (r * d.P + c) * d.k;
     const out = [];
     for (let j = 0; j < Math.min(n, d.k); j++) {
       const v = d.top[base + j];
@@ -358,14 +382,17 @@ function render({ model, el }) {
         const w = value(other[0], cell.r, other[1]);
         line += ` (other panel ${which.endsWith("rank") ? (w ?? "–") : fmt(w, 4)})`;
       }
-      const rows = topList(d, cell.r, cell.c, d.k).map((t, j) =>
-        `<tr><td>${j + 1}</td><td class="ll-tok">${escapeHtml(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`);
+      const list = topList(p, cell.r, cell.c, d.k);
+      const rows = list ? list.map((t, j) =>
+        `<tr><td>${j + 1}</td><td class="ll-tok">${escapeHtml(visible(t.text))}</td><td>${fmt(t.prob, 3)}</td></tr>`)
+        : ["<tr><td><i>top tokens: loading…</i></td></tr>"];
       html = `<b>${escapeHtml(d.labels[cell.r])}</b> · position ${pos} ${escapeHtml(visible(d.tokens[pos]))}<br>` +
         `top ${escapeHtml(visible(d.vocab[d.top[(cell.r * d.positions.length + cell.c) * d.k]]))} · ${line}` +
         `<table>${rows.join("")}</table>`;
     }
     tooltip.innerHTML = html;
     tooltip.style.display = "block";
+    tip = { p, cell, x, y };
     // Inside the explorer's box: a notebook's output area cuts off what hangs below it (the top-20 list did).
     const width = tooltip.offsetWidth, height = tooltip.offsetHeight;
     tooltip.style.left = Math.max(0, Math.min(x + 14, root.clientWidth - width)) + "px";
@@ -385,7 +412,7 @@ function render({ model, el }) {
       model.set("pinned_positions", [...pinned].sort((a, b) => a - b));
       if (adding) {
         // The token the last read-out predicts there, followed across read-outs.
-        const top = topList(d, d.labels.length - 1, cell.c, 1)[0];
+        const top = topList(p, d.labels.length - 1, cell.c, 1)[0];
         addPin(p, pos, top.id, false);
       }
       model.save_changes();
@@ -415,7 +442,7 @@ function render({ model, el }) {
     }
     const r = rows[y], pos = d.positions[c];
     if (e.key === "Enter" && s.panel === p && s.row === r && s.position === pos) {
-      addPin(p, pos, topList(d, r, c, 1)[0].id, e.shiftKey);
+      addPin(p, pos, topList(p, r, c, 1)[0].id, e.shiftKey);
       model.save_changes();
       drawChart();
       return;
@@ -448,7 +475,9 @@ function render({ model, el }) {
     const c = d.positions.indexOf(s.position);
     if (c < 0 || s.row >= d.labels.length) return;
     const list = h("ol", { class: "ll-topk" });
-    for (const t of topList(d, s.row, c, d.k)) {
+    const top = topList(s.panel, s.row, c, d.k);
+    if (!top) list.append(h("li", { class: "ll-loading", text: "loading…" }));
+    for (const t of top || []) {
       const item = h("li", {}, [
         h("button", { class: "ll-pin", "data-id": t.id, title: "pin (shift: add to the last pin)",
           text: visible(t.text), onclick: (e) => {
@@ -486,7 +515,7 @@ function render({ model, el }) {
     const c = d.positions.indexOf(g.position);
     const probs = [], ranks = [], texts = [];
     for (let r = 0; r < d.labels.length; r++) {
-      const list = topList(d, r, c, d.k);
+      const list = topList(g.panel, r, c, d.k) || []; // gaps until the position's top-k comes
       let sum = 0, best = null;
       for (const id of g.ids) {
         const j = list.findIndex((t) => t.id === id);
@@ -496,8 +525,8 @@ function render({ model, el }) {
       ranks.push(best);
     }
     for (const id of g.ids) {
-      const v = d.vocab_ids.indexOf(id);
-      texts.push(v >= 0 ? d.vocab[v] : "#" + id);
+      const v = d.index.get(id);
+      texts.push(v !== undefined ? d.vocab[v] : "#" + id);
     }
     return { probs, ranks, texts, exact: false };
   }
@@ -599,6 +628,13 @@ function render({ model, el }) {
   }
 
   function exportCsv() {
+    // A live page asks for the metrics it has not got and writes the table when they come.
+    const missing = offline ? [] : panels().flatMap((d, p) => ["entropy", "kl"].filter((m) => !d.metrics[m]).map((m) => [p, m]));
+    csvWanted = missing.length > 0;
+    if (csvWanted) {
+      for (const [p, metric] of missing) ask(p, { want: "metric", metric });
+      return;
+    }
     const lines = [["panel", "readout", "position", "token", "top_token", "top_prob", "entropy", "kl_to_final", "target_prob", "target_rank"].join(",")];
     const target = model.get("target_data") || {};
     panels().forEach((d, p) => {
@@ -607,11 +643,13 @@ function render({ model, el }) {
         const i = r * P + c;
         const t = target.panels ? target.panels[p] : null;
         lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k] / d.prob_scale,
-          d.entropy[i], d.kl[i], t && t.probs ? t.probs[i] : "", t && t.ranks ? t.ranks[i] : ""].map(csvCell).join(","));
+          fmtMetric(d, "entropy", i), fmtMetric(d, "kl", i), t && t.probs ? t.probs[i] : "", t && t.ranks ? t.ranks[i] : ""].map(csvCell).join(","));
       }
     });
     download("logit_lens.csv", lines.join("\n"), "text/csv");
   }
+
+  const fmtMetric = (d, name, i) => (d.metrics[name] ? d.metrics[name][i] : "");
 
   function fit() {
     const d = panels()[0];
@@ -676,7 +714,10 @@ function render({ model, el }) {
   firstDraw();
   const stopWatchingTheme = watchTheme(redraw);
   root.dataset.ready = "1";
-  return stopWatchingTheme;
+  return () => {
+    stopWatchingTheme();
+    stop();
+  };
 }
 
 export default { render };

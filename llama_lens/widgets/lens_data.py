@@ -187,45 +187,134 @@ def _last_row(run: LensRun) -> LensRun:
 
 
 def payload(run: LensRun) -> dict[str, Any]:
-    """The page's data for one run, packed: a string table for the top tokens and the long arrays as base64
-    little-endian binary in the JSON (a 300-token lens of SmolLM2 is about 0.6 MB this way, 1.35 MB as JSON
-    numbers). `unpack_panel` reads it back as lists, and lens.js as typed arrays.
+    """The page's data for one run, whole: every cell's top-k and every metric (what a saved page carries, having
+    no kernel to ask). A string table for the top tokens and the long arrays as base64 little-endian binary in the
+    JSON (a 300-token lens of SmolLM2 is about 0.7 MB this way, 1.35 MB as JSON numbers). `unpack_panel` reads it
+    back as lists, and lens.js as typed arrays.
 
     Keys: tokens [pos] (input text), positions [P], labels [R], layers [R], k, vocab (texts), vocab_ids; packed:
     top (indices into vocab, [R * P * k] row-major, uint16, uint32 past 65535 texts), probs ([R * P * k] uint16:
     divide by prob_scale), logit (the top token's raw logit), entropy and kl ([R * P] float32); `packed` names
     each one's dtype; seconds.
     """
+    part = columns_part(run, 0, len(run.result.positions))
+    packed = {"top": part["packed"]["top"], "probs": "u2"} | {name: "f4" for name in METRIC_NAMES}
+    return {
+        **_outline(run),
+        "k": part["k"],
+        "vocab": part["vocab"],
+        "vocab_ids": part["vocab_ids"],
+        "packed": packed,
+        "top": part["top"],
+        "probs": part["probs"],
+        **{name: metric_part(run, name)["values"] for name in METRIC_NAMES},
+    }
+
+
+def frame(run: LensRun, *, run_id: int, metric: str) -> dict[str, Any]:
+    """The page's data for one run as a live view first needs it: what grows with the prompt's length is the
+    top-1 token of every cell (its text and colour), the top-k of the first FRAME_COLUMNS positions (the
+    tooltips of what shows first) and the chosen metric's matrix when it is not a top-1 probability. The page asks
+    for the rest (`answer`) as it scrolls, hovers or changes the colouring: a 300-token lens of SmolLM2 sends about
+    0.2 MB here instead of 0.7 MB.
+
+    Keys: those of `payload` up to k, then run (the id a request names), parts: a top-1 part of every column
+    and a top-k part of the first columns (`columns_part`), metrics: {name: metric_part} of those sent.
+    """
+    n_columns = len(run.result.positions)
+    parts = [columns_part(run, 0, min(n_columns, FRAME_COLUMNS))]
+    if n_columns > FRAME_COLUMNS:
+        parts.insert(0, columns_part(run, 0, n_columns, k=1))
+    metrics = {metric: metric_part(run, metric)} if metric in METRIC_NAMES else {}
+    return {**_outline(run), "k": run.result.top_ids.shape[-1], "run": run_id, "parts": parts, "metrics": metrics}
+
+
+def answer(runs: Sequence[LensRun], run_id: int, request: Any) -> dict[str, Any]:
+    """The reply to a page's request for more of a panel's data (a message through the widget's channel).
+
+    Requests: {"want": "columns", "run", "panel", "start", "stop"} (top-k of positions [start, stop), at most
+    REQUEST_COLUMNS of them) or {"want": "metric", "run", "panel", "metric"} (one of METRIC_NAMES). The reply
+    repeats want, run and panel and adds the part; a request about an older run gets {"stale": True} (the page
+    drops it: its new frame is on the way), a malformed one {"error": why}.
+    """
+    if not isinstance(request, dict) or request.get("want") not in ("columns", "metric"):
+        return {"error": f"unknown request {request!r}"}
+    reply = {key: request.get(key) for key in ("want", "run", "panel")}
+    if request.get("run") != run_id or not runs:
+        return reply | {"stale": True}
+    panel = request.get("panel")
+    if type(panel) is not int or not 0 <= panel < len(runs):
+        return reply | {"error": f"panel {panel!r} is not one of the {len(runs)} shown"}
+    run = runs[panel]
+    if request["want"] == "metric":
+        if request.get("metric") not in METRIC_NAMES:
+            return reply | {"error": f"metric {request.get('metric')!r} is not one of {list(METRIC_NAMES)}"}
+        return reply | metric_part(run, request["metric"])
+    start, stop, n_columns = request.get("start"), request.get("stop"), len(run.result.positions)
+    if not all(type(v) is int for v in (start, stop)) or not 0 <= start < stop <= n_columns:
+        return reply | {"error": f"columns [{start!r}, {stop!r}) are not within [0, {n_columns})"}
+    return reply | columns_part(run, start, min(stop, start + REQUEST_COLUMNS))
+
+
+def _outline(run: LensRun) -> dict[str, Any]:
     result = run.result
-    top_ids = result.top_ids[0]  # [R, P, k]
-    unique, inverse = torch.unique(top_ids.reshape(-1), return_inverse=True)
-    first = {}
-    flat_strs = [s for row in result.top_strs[0] for column in row for s in column]
-    for index, vocab_index in enumerate(inverse.tolist()):
-        first.setdefault(vocab_index, flat_strs[index])
-    top_dtype = "u2" if len(unique) <= 2**16 else "u4"
-    probs = (result.top_probs[0].reshape(-1).float().nan_to_num(0.0).clamp(0, 1) * PROB_SCALE).round()
     return {
         "tokens": result.str_tokens[0],
         "positions": result.positions,
         "labels": result.labels,
         "layers": result.layers,
-        "k": top_ids.shape[-1],
-        "vocab": [first[i] for i in range(len(unique))],
-        "vocab_ids": unique.tolist(),
-        "packed": {"top": top_dtype, "probs": "u2", "logit": "f4", "entropy": "f4", "kl": "f4"},
-        "top": _pack(inverse.reshape(-1).numpy(), top_dtype),
-        # Probabilities in units of 1/65535: finer than the page shows them, at two bytes each.
         "prob_scale": PROB_SCALE,
-        "probs": _pack(probs.numpy(), "u2"),
-        "logit": _pack(result.top_logits[0, :, :, 0].reshape(-1).float().numpy(), "f4"),  # the top token's
-        "entropy": _pack(result.entropy[0].reshape(-1).float().numpy(), "f4"),
-        "kl": _pack(result.kl_to_final[0].reshape(-1).float().numpy(), "f4"),
         "seconds": round(run.seconds, 3),
     }
 
 
 PROB_SCALE = 65535
+# Positions whose top-k the first frame carries: more than a screen of cells at the default zoom (36 px).
+FRAME_COLUMNS = 64
+# The metrics that are a matrix of their own ([R * P] float32); the others come from the top-k or a token's data.
+METRIC_NAMES = ("logit", "entropy", "kl")
+# The most positions one request gets (the page asks in blocks of 32).
+REQUEST_COLUMNS = 256
+
+
+def columns_part(run: LensRun, start: int, stop: int, *, k: int | None = None) -> dict[str, Any]:
+    """The top-k tokens and probabilities of positions [start, stop) at every read-out, packed.
+
+    Keys: start, stop, k; vocab (texts) and vocab_ids of the tokens the part names; packed; top (indices into the
+    part's vocab, [R * (stop - start) * k] row-major) and probs (uint16, in 1/PROB_SCALE).
+    """
+    result = run.result
+    k = result.top_ids.shape[-1] if k is None else k
+    top_ids = result.top_ids[0, :, start:stop, :k]  # [R, columns, k]
+    unique, inverse = torch.unique(top_ids.reshape(-1), return_inverse=True)
+    texts: dict[int, str] = {}
+    flat_strs = [s for row in result.top_strs[0] for column in row[start:stop] for s in column[:k]]
+    for index, vocab_index in enumerate(inverse.tolist()):
+        texts.setdefault(vocab_index, flat_strs[index])
+    top_dtype = "u2" if len(unique) <= 2**16 else "u4"
+    # Probabilities in units of 1/65535: finer than the page shows them, at two bytes each.
+    probs = result.top_probs[0, :, start:stop, :k].reshape(-1).float().nan_to_num(0.0).clamp(0, 1) * PROB_SCALE
+    return {
+        "start": start,
+        "stop": stop,
+        "k": k,
+        "vocab": [texts[i] for i in range(len(unique))],
+        "vocab_ids": unique.tolist(),
+        "packed": {"top": top_dtype, "probs": "u2"},
+        "top": _pack(inverse.reshape(-1).numpy(), top_dtype),
+        "probs": _pack(probs.round().numpy(), "u2"),
+    }
+
+
+def metric_part(run: LensRun, metric: str) -> dict[str, Any]:
+    """One metric of every cell, [R * P] float32 packed: "logit" (the top token's raw logit), "entropy", "kl"."""
+    result = run.result
+    values = {
+        "logit": lambda: result.top_logits[0, :, :, 0],
+        "entropy": lambda: result.entropy[0],
+        "kl": lambda: result.kl_to_final[0],
+    }[metric]()
+    return {"metric": metric, "values": _pack(values.reshape(-1).float().numpy(), "f4")}
 
 
 def _pack(values: Any, dtype: str) -> str:

@@ -1,10 +1,11 @@
 """LogitLensExplorer: the logit lens as an instrument in the browser.
 
-The model runs once per prompt and read-out; the page gets every read-out's top-k tokens, probabilities,
-entropy and KL at every position (a compact JSON, about 1 MB for 30 layers x 300 positions x top-10) and
-answers hover, click, zoom, stride and colouring by itself. The target, a colouring token and pinned tokens are
-read from the residual streams that run kept (no new forward pass). With a tuned lens the "lens" control
-switches between the logit lens and the tuned lens (a model run, like the read-out).
+The model runs once per prompt and read-out; the page gets every cell's top token and the top-k of the first
+positions (about 0.2 MB for 30 layers x 300 positions x top-10), asks for the rest as it scrolls, hovers or
+changes the colouring (`lens_data.answer`, through the widget's message channel), and answers hover, click,
+zoom, stride and colouring by itself; a saved page carries all of it. The target, a colouring token and pinned
+tokens are read from the residual streams that run kept (no new forward pass). With a tuned lens the "lens"
+control switches between the logit lens and the tuned lens (a model run, like the read-out).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..model.protocols import LanguageModel
 from ..validate import as_index
 from .base import Control, Explorer, asset, boolean, number, one_of
 from .lens_checks import check_pins, check_positions, check_selection
-from .lens_data import LensRun, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
+from .lens_data import LensRun, answer, frame, parse_target, payload, prompt_tokens, run_lens, spaced_hint, token_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,7 +117,7 @@ class LogitLensExplorer(Explorer):
         threaded: run browser-driven work in a worker thread (default: when a kernel runs).
     """
 
-    _esm = asset("common.js") + asset("lens.js")
+    _esm = asset("common.js") + asset("lens_parts.js") + asset("lens.js")
     _css = asset("widgets.css")
 
     CONTROLS = {
@@ -196,7 +197,9 @@ class LogitLensExplorer(Explorer):
         self.tuned_lens = tuned_lens
         self.top_k = int(top_k)
         self.runs: list[LensRun] = []
+        self._run_id = 0  # names the runs a page's request is about
         super().__init__(threaded=threaded)
+        self.on_msg(lambda _, request, buffers: self.send(answer(self.runs, self._run_id, request)))
         self.has_tuned_lens = tuned_lens is not None
         if isinstance(target, int) and not isinstance(target, bool):
             target = f"#{target}"
@@ -204,6 +207,9 @@ class LogitLensExplorer(Explorer):
             raise ArgumentError(f"target= takes a token's text (' Paris') or an id, got {type(target).__name__}")
         if compare is None and compare_model is not None:
             compare = prompt
+        self._quiet = True  # set before the first run, whose frame carries the metric's matrix
+        self.metric = one_of("metric", METRICS)(self, metric)
+        self._quiet = False
         self.state = {
             "prompt": prompt,
             "compare_prompt": compare,
@@ -303,7 +309,12 @@ class LogitLensExplorer(Explorer):
         for which in ("target", "token"):
             self._fill_ranks(which, lambda: None)
         self.status = status
-        return super().page_state()
+        return super().page_state() | {"panels": [self.full_panel(panel) for panel in range(len(self.runs))]}
+
+    def full_panel(self, panel: int = 0) -> dict[str, Any]:
+        """All of a panel's data (every cell's top-k, every metric), as a saved page carries it; the live page
+        starts from less (`lens_data.frame`) and asks for the rest."""
+        return payload(self.runs[panel])
 
     def to_figure(self, panel: int = 0) -> Figure:
         """The matplotlib heatmap of one panel, coloured by the current metric (`ll.plot.lens_heatmap`)."""
@@ -369,9 +380,10 @@ class LogitLensExplorer(Explorer):
             options = dict(readout=self.readout, top_k=self.top_k, check=check, progress=progress, lens=tuned)
             runs.append(run_lens(model, tokens, **options))
         check()
+        self._run_id += 1  # first: a request read with the new runs but the old id is answered as stale
         self.runs = runs
         with self.hold_sync():
-            self.panels = [payload(run) for run in runs]
+            self.panels = [frame(run, run_id=self._run_id, metric=self.metric) for run in runs]
             self.titles = [self._title(panel, prompt) for panel, prompt in enumerate(prompts)]
             self._quiet = True
             try:  # places that the new prompt may not have

@@ -270,8 +270,9 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
         return roots if len(roots) >= expected and len(drawn) >= expected + 1 and not busy else None
 
     roots = _wait(f"{expected} rendered explorers", ready, timeout=240)
-    lens, attention, compare = roots
+    lens, attention, wide, compare = roots
     assert "ll-lens" in lens.get_attribute("class") and "ll-attention" in attention.get_attribute("class")
+    assert "ll-attention" in wide.get_attribute("class")
 
     # Every explorer's static picture is in the page (it arrived as its own output) and hidden by the live view.
     statics = _wait(
@@ -295,6 +296,14 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     text = _wait("the tooltip", lambda: tooltip.is_displayed() and tooltip.text, timeout=5)
     assert "29_post" in text and "position 7" in text and "top-1 probability" in text, text
     assert len(tooltip.find_elements(By.CSS_SELECTOR, "tr")) == 10  # the top-10
+
+    # Far along the prompt: its top-k was not in the frame, and comes through the widget's channel when in sight.
+    driver.execute_script("arguments[0].scrollLeft = 250 * arguments[1]", canvas, cell_width)
+    _hover(driver, canvas, 5.5 * cell_width, 18 * 1.5)
+    _hover(driver, canvas, 6.5 * cell_width, 18 * 1.5)
+    _wait("the top-k of position 256", lambda: "position 256" in tooltip.text and "loading" not in tooltip.text, 10)
+    assert len(tooltip.find_elements(By.CSS_SELECTOR, "tr")) == 10
+    driver.execute_script("arguments[0].scrollLeft = 0", canvas)
 
     _click_at(driver, canvas, 3.5 * cell_width, 18 * 1.5)
     popup = lens.find_element(By.CSS_SELECTOR, ".ll-popup")
@@ -335,6 +344,29 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
     _wait("the text coloured by query 20", lambda: driver.execute_script(coloured, attention) > 3, timeout=5)
     _shoot(driver, attention, "widgets_attention.png", tmp_path)
 
+    # ---------------------------------------------------------------- attention at 300 positions, 30 layers
+    assert len(wide.find_elements(By.CSS_SELECTOR, ".ll-thumb")) == 30 * 4
+    box = wide.find_element(By.CSS_SELECTOR, ".ll-text")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    spans = "return arguments[0].querySelectorAll('span[data-pos]')"
+    width = "return [arguments[0].scrollWidth, arguments[0].clientWidth]"
+    scroll_width, client_width = driver.execute_script(width, box)
+    assert scroll_width <= client_width + 1, f"the text overflows: {scroll_width} px in {client_width}"
+    assert 0 < len(driver.execute_script(spans, box)) < 300  # only the lines in sight (of 23)
+    driver.execute_script("arguments[0].scrollTop = arguments[0].scrollHeight", box)
+    _wait("the last lines", lambda: box.find_elements(By.CSS_SELECTOR, "span[data-pos='299']"), timeout=5)
+    for position in (299, 295, 290):
+        _hover(driver, box.find_element(By.CSS_SELECTOR, f"span[data-pos='{position}']"), 2, 2)
+    marked = "return !!arguments[0].querySelector(\".ll-text span.ll-query[data-pos='290']\")"
+    _wait("the text coloured by the hovered query 290", lambda: driver.execute_script(marked, wide), timeout=5)
+    wide_title = wide.find_element(By.CSS_SELECTOR, ".ll-panel .ll-title")
+    for layer, head in ((29, 3), (15, 2), (0, 1), (22, 0)):
+        thumb = wide.find_element(By.CSS_SELECTOR, f".ll-thumb[data-layer='{layer}'][data-head='{head}']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", thumb)
+        thumb.click()
+        _wait("the opened head", lambda: wide_title.text.startswith(f"layer {layer}, head {head}"), timeout=10)
+    _shoot(driver, wide, "widgets_attention_wide.png", tmp_path)
+
     # ---------------------------------------------------------------- comparison: one scale, a difference
     compare.find_element(By.CSS_SELECTOR, "input.ll-diff").click()
     legend = compare.find_element(By.CSS_SELECTOR, ".ll-legend-text")
@@ -360,13 +392,15 @@ def test_explorers_in_jupyterlab(jupyter_lab, chromium, tmp_path):
         "hover_ms": timings["hover"],
         "click_ms": timings["click"],
         "pin_ms": timings["pin"],
+        "open_head_ms": timings["open"],
+        "attention": "30 layers x 4 heads x 300 positions (the open head timed on it and on the 25-token one)",
         "first_render_ms": timings["render"],
         "largest_websocket_frame_bytes": max(frames),
     }
     print("\nexplorer timings in Chromium:")
-    for kind in ("hover", "click", "pin", "render", "draw"):
+    for kind in ("hover", "click", "pin", "open", "render", "draw"):
         print(f"  {kind:7s} {_summary(timings[kind])}")
-    print(f"  largest WebSocket frame: {max(frames):,} bytes (the lens's data)")
+    print(f"  largest WebSocket frame: {max(frames):,} bytes (the 30-layer attention explorer's patterns)")
     for folder in _screenshot_dir(tmp_path):
         (folder / "widget_timings.json").write_text(json.dumps(report, indent=1) + "\n")
 
@@ -431,7 +465,8 @@ def _drive_metric(driver, root, metric: str) -> None:
     Select(root.find_element(By.CSS_SELECTOR, "select.ll-metric")).select_by_value(metric)
     legend = root.find_element(By.CSS_SELECTOR, ".ll-legend-text")
     # Rank colourings wait for the kernel's ranks (a live page) or read the saved ones.
-    _wait(f"the {metric} colouring", lambda: "ranking" not in legend.text, timeout=60)
+    # A live page asks the kernel for a metric's matrix it has not got ("loading…").
+    _wait(f"the {metric} colouring", lambda: "ranking" not in legend.text and "loading" not in legend.text, 60)
     assert len(root.find_elements(By.CSS_SELECTOR, "canvas.ll-cells")) >= 1
     _hover(driver, root.find_element(By.CSS_SELECTOR, ".ll-scroll"), 10, 18 * 1.5)
     root.find_element(By.XPATH, ".//button[text()='CSV']").click()

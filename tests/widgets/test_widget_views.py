@@ -154,7 +154,8 @@ def test_colour_maps_and_raw_logits_colour_the_cells(model, tmp_path):
     low, high = (float(x) for x in reports["logit"]["legend"].split(": ")[1].split(" … "))
     assert low == pytest.approx(float(logits.min()), abs=0.01) and high == pytest.approx(float(logits.max()), abs=0.01)
     assert "top-1 logit (raw)" in reports["logit"]["legend"]
-    np.testing.assert_array_equal(np.reshape(unpack_panel(explorer.panels[0])["logit"], logits.shape), logits.numpy())
+    saved_logits = unpack_panel(explorer.full_panel(0))["logit"]
+    np.testing.assert_array_equal(np.reshape(saved_logits, logits.shape), logits.numpy())
 
 
 @needs_node
@@ -259,3 +260,26 @@ def test_attention_thumbnails_drawn_once_and_text_kept(model, tmp_path):
     # Opening a head drew one canvas (the heatmap's image), no thumbnail and no token of the text again.
     assert opened["made"]["canvas"] - start["made"]["canvas"] == 1
     assert opened["made"]["span"] == start["made"]["span"]
+
+
+@needs_node
+def test_attention_text_wraps_and_only_the_lines_in_sight_are_in_the_page(model, tmp_path):
+    explorer = ll_widgets.AttentionExplorer(model, "hello world, " * 23)  # 299 characters and the BOS
+    assert len(explorer.tokens) == 300
+    # The stand-in measures 6 px a character: a 72 px box (12 px of margin) takes 10 a line, and 100 px of height
+    # shows 5 lines of 24 px; two more either side are kept.
+    steps = [{"box": ["ll-text", 72, 100]}, {"report": "top"}, {"mouseover": 5}, {"report": "hovered"}]
+    steps += [{"scroll": [0, 20 * 24]}, {"report": "scrolled"}, {"mouseover": 210}, {"report": "hovered below"}]
+    out = run_view(tmp_path, explorer.page_state(), steps, which="attention")
+    assert out["errors"] == []
+    top, hovered, scrolled, below = (out["reports"][k] for k in ("top", "hovered", "scrolled", "hovered below"))
+    # Lines 0..6: "<s>" and 7 characters, then 10 a line; no line wider than the box.
+    assert top["text_positions"] == list(range(68)) and top["text_spans"] == 68
+    assert all(len(line) <= 10 for line in top["text_lines"]) and top["text_lines"][1] == "orld, hell"
+    # A pointer moving over the text recolours the spans in the page and builds none.
+    assert hovered["made"].get("span") == top["made"].get("span") and hovered["coloured_spans"] == 6
+    # Scrolled to line 20: lines 18..26 are in the page, and only they.
+    assert scrolled["text_positions"] == list(range(178, 268))
+    weights = explorer.pattern(0)[0, 210, 178:211]  # query 210's keys in the page (the open head: layer 0, head 0)
+    assert below["made"].get("span") == scrolled["made"].get("span")
+    assert below["coloured_spans"] == int(((weights * 65535).round() > 0).sum()) > 0

@@ -50,7 +50,7 @@ def _assert_ranks(ranks, logits, token_id, slack=1e-4):
 # ------------------------------------------------------------------------------------------ the lens's data
 def test_lens_payload_holds_the_lens_compactly(model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world", top_k=4)
-    (packed,) = explorer.panels
+    (packed,) = [explorer.full_panel(panel) for panel in range(len(explorer.panels))]
     assert packed["packed"] == {"top": "u2", "probs": "u2", "logit": "f4", "entropy": "f4", "kl": "f4"}
     assert all(isinstance(packed[key], str) for key in packed["packed"])  # base64 in the JSON
     data = unpack_panel(packed)
@@ -204,7 +204,7 @@ def test_state_is_json_and_settable(model):
     other = ll_widgets.LogitLensExplorer(model, "abc")
     other.state = state
     assert other.state == state
-    timeless = lambda panels: [{k: v for k, v in panel.items() if k != "seconds"} for panel in panels]
+    timeless = lambda panels: [{k: v for k, v in panel.items() if k not in ("seconds", "run")} for panel in panels]
     assert timeless(other.panels) == timeless(explorer.panels) and other.traces[0]["texts"] == ["h"]
     with pytest.raises(ValueError, match=r"unknown state key\(s\) \['colour'\]"):
         other.state = {"colour": "red"}
@@ -240,8 +240,9 @@ def test_comparison_panels_share_the_vocabulary(model, char_model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello", compare_model=other, target="l")
     assert len(explorer.panels) == 2 and explorer.compare_prompt == "hello"
     second = ll.logit_lens(other, "hello", readout=("embed", "resid_post"))
+    panel = explorer.full_panel(1)
     np.testing.assert_array_equal(
-        np.array(explorer.panels[1]["vocab_ids"])[unpack_panel(explorer.panels[1])["top"]].reshape(3, 6, 10)[..., 0],
+        np.array(panel["vocab_ids"])[unpack_panel(panel)["top"]].reshape(3, 6, 10)[..., 0],
         second.top_ids[0, :, :, 0].numpy(),
     )
     _, probs = _reference(other, "hello", ord("l"))
@@ -264,7 +265,7 @@ def _tuned_lens(model, scale=0.3):
 
 def _assert_panel_is(explorer, result, panel=0):
     """The panel's top tokens and probabilities are the LensResult's (ties in any order)."""
-    data = unpack_panel(explorer.panels[panel])
+    data = unpack_panel(explorer.full_panel(panel))
     shape = tuple(result.top_ids[0].shape)
     ids = torch.tensor(data["vocab_ids"])[torch.tensor(data["top"])].reshape(shape)
     probs = torch.tensor(data["probs"], dtype=torch.float32).reshape(shape) / data["prob_scale"]
@@ -310,7 +311,7 @@ def test_tuned_lens_state_round_trip(model):
     assert other.result.lens_kind == "logit"
     other.state = state
     assert other.state == state and other.result.lens_kind == "tuned"
-    timeless = lambda panels: [{k: v for k, v in panel.items() if k != "seconds"} for panel in panels]
+    timeless = lambda panels: [{k: v for k, v in panel.items() if k not in ("seconds", "run")} for panel in panels]
     assert timeless(other.panels) == timeless(explorer.panels)
     assert other.target_data["panels"] == explorer.target_data["panels"]
     assert ll_widgets.LogitLensExplorer(model, "abc").state["lens"] == "logit"
@@ -374,7 +375,7 @@ def test_save_html_is_standalone(model, tmp_path):
     assert "<script src" not in page and "https://" not in page and "import(" not in page
     assert page.count("</script>") == 1  # the prompt's "</script>" is escaped inside the data
     state = json.loads(re.search(r"const state = (.*);\n", page).group(1))
-    assert state["panels"] == json.loads(json.dumps(explorer.panels))
+    assert state["panels"] == json.loads(json.dumps([explorer.full_panel(p) for p in range(len(explorer.panels))]))
     assert state["target_data"]["id"] == ord("o")
     with pytest.raises(ValueError, match="does not exist"):
         explorer.save_html(tmp_path / "missing" / "lens.html")

@@ -10,7 +10,11 @@
 // {"dispatch": [class, n, type, event]} (an event on the n-th element of that class: "mouseenter", "keydown"
 // with {"key": "Enter"}, "click" with {"shiftKey": true}), {"input": [class, text]} (types into a box) or
 // {"report": label} (`fills`: the canvas colours drawn since the last report; `state`: the synced values named
-// by the step's "keys"; `attrs`: the step's "attrs" [class, attribute] read off every such element). A view whose render returns a
+// by the step's "keys"; `attrs`: the step's "attrs" [class, attribute] read off every such element),
+// {"deliver": message} (a message from the kernel, as lens_data.answer writes it), {"scroll": [x, y]} (the
+// first scrolling box's offsets, then its scroll event), {"box": [class, width, height]} (an element's size, then
+// the ResizeObservers' calls), {"mouseover": pos} (the pointer onto the prompt's token at pos) or
+// {"report": label} as above. A view whose render returns a
 // promise (it inflates its data) is awaited first. Errors thrown
 // anywhere (render, listeners, clicks) are caught and reported; the test asserts there are none.
 import fs from "node:fs";
@@ -40,14 +44,17 @@ class Node {
     this.tagName = tag.toUpperCase(); this.children = []; this.parent = null; this.style = {}; this.dataset = {};
     this.attributes = {}; this.listeners = {}; this.className = ""; this.classList = new ClassList(this);
     this._text = ""; this.innerHTML = ""; this.value = ""; this.checked = false; this.disabled = false;
-    this.scrollLeft = 0; this.clientWidth = 800; this.clientHeight = 2000; this.offsetWidth = 200; this.offsetHeight = 120;
+    this.scrollLeft = 0; this.scrollTop = 0; this.clientWidth = 800; this.clientHeight = 2000; this.offsetWidth = 200; this.offsetHeight = 120;
   }
   set textContent(t) { this._text = String(t); this.children = []; }
   get textContent() { return this._text + this.children.map((c) => (typeof c === "string" ? c : c.textContent)).join(""); }
   append(...nodes) { for (const n of nodes) { if (n instanceof Node) { n.remove(); n.parent = this; } this.children.push(n); } }
   replaceChildren(...nodes) { for (const c of this.children) if (c instanceof Node) c.parent = null; this.children = []; this._text = ""; this.append(...nodes); }
   remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); this.parent = null; }
-  setAttribute(k, v) { this.attributes[k] = String(v); }
+  setAttribute(k, v) {
+    this.attributes[k] = String(v);
+    if (k.startsWith("data-")) this.dataset[k.slice(5).replace(/-(.)/g, (_, c) => c.toUpperCase())] = String(v);
+  }
   getAttribute(k) { return this.attributes[k] ?? null; }
   addEventListener(type, fn) { (this.listeners[type] = this.listeners[type] || []).push(fn); }
   removeEventListener() {}
@@ -82,15 +89,20 @@ const sandbox = {
   ImageData: class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } },
   URL: { createObjectURL: (blob) => { blobs.push(blob); return "blob:" + blobs.length; }, revokeObjectURL() {} },
   setTimeout: () => 0,
+  ResizeObserver: class { constructor(cb) { this.cb = cb; observers.push(this); } observe() {} disconnect() {} },
 };
+const observers = [];
 sandbox.window = sandbox;
 vm.createContext(sandbox);
-const source = fs.readFileSync(`${folder}/common.js`, "utf8") + fs.readFileSync(`${folder}/${which}.js`, "utf8");
+// The files in the order the explorer's _esm concatenates them.
+const files = { lens: ["common.js", "lens_parts.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
+const source = files.map((name) => fs.readFileSync(`${folder}/${name}`, "utf8")).join("");
 vm.runInContext(source.replace("export default", "globalThis.explorerModule ="), sandbox);
 
 // The stand-in widget model of save_html's page (base.py PAGE), recording what the view sends.
 const listeners = {};
 const sent = [];
+const messages = []; // what the view asked the kernel (model.send)
 const model = {
   get: (name) => state[name],
   set: (name, value) => { const old = state[name]; state[name] = value;
@@ -98,7 +110,7 @@ const model = {
   save_changes: () => sent.push("save"),
   on: (event, cb) => { (listeners[event] = listeners[event] || []).push(cb); },
   off: () => {},
-  send: () => {},
+  send: (content) => messages.push(content),
 };
 function guard(fn) {
   try { fn(); } catch (error) { errors.push(String(error && error.stack ? error.stack.split("\n").slice(0, 2).join(" ") : error)); }
@@ -120,6 +132,22 @@ for (const step of script) {
     if (!node) errors.push(`no element ${cls} ${n}`); else guard(() => node.dispatch(type, event || {}));
   } else if (step.input !== undefined) find(step.input[0])[0].value = step.input[1];
   else if (step.root_height !== undefined) el.children[0].clientHeight = step.root_height;
+  else if (step.deliver !== undefined) {
+    for (const cb of listeners["msg:custom"] || []) guard(() => cb(step.deliver, []));
+  } else if (step.box !== undefined) {
+    const node = find(step.box[0])[0];
+    [node.clientWidth, node.clientHeight] = step.box.slice(1);
+    for (const observer of observers) guard(() => observer.cb([]));
+  } else if (step.mouseover !== undefined) {
+    const span = find("ll-text")[0].all((m) => m.dataset.pos === String(step.mouseover))[0];
+    if (!span) errors.push(`no token ${step.mouseover} in the page`);
+    else guard(() => find("ll-text")[0].dispatch("mouseover", { target: span }));
+  } else if (step.scroll !== undefined) {
+    const box = find(which === "lens" ? "ll-scroll" : "ll-text")[0];
+    box.scrollLeft = step.scroll[0];
+    box.scrollTop = step.scroll[1];
+    guard(() => box.dispatch("scroll"));
+  }
   else if (step.click !== undefined) {
     const [kind, text] = step.click.split(":");
     const node = el.all((n) => n.tagName === "BUTTON" && n.textContent === text)[0];
@@ -145,11 +173,15 @@ for (const step of script) {
       selection: state.selection,
       pins: state.pins,
       downloads: downloads.splice(0),
+      asked: messages.splice(0),
       blobs: blobs.length,
       made: { ...made },
       thumbs: find("ll-thumb").length,
       open_thumbs: find("ll-open").length,
-      text_spans: (find("ll-text")[0] || { children: [] }).children.length,
+      text_spans: find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN")).length,
+      text_positions: [...new Set(find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN").map((m) => Number(m.dataset.pos))))],
+      text_lines: find("ll-line").map((n) => n.textContent),
+      coloured_spans: find("ll-text").flatMap((n) => n.all((m) => m.tagName === "SPAN" && m.style.background)).length,
       fills: [...fills],
       marks: find("ll-mark").map((n) => n.className),
       popup: find("ll-popup").map((n) => n.textContent),
