@@ -16,7 +16,10 @@ The cache gets SAELens' names under the site each dictionary replaces (hook_out)
 
 A cross-layer transcoder replaces the MLP output of every layer it spans: layer j's output is rebuilt from the
 features of layers 0..j, each encoded at its own layer's input earlier in the same forward pass; the cache
-names are those above at each layer's output hook, acts being the features read at that layer.
+names are those above at each layer's output hook, acts being the features read at that layer. A pass resumed
+at layer k > 0 (`start_at_layer=k` from a cached residual stream) is refused: it has no features of layers < k,
+and those of an earlier pass are not its own. A pass split with `stop_at_layer=k` and resumed at k (same batch
+and positions) is taken as one pass.
 
 Splices are ordinary forward hooks, so they work with other hooks, `generate` and its KV cache.
 """
@@ -122,11 +125,17 @@ def _cross_layer_hooks(clt: CrossLayerTranscoder, use_error_term: bool, records:
     # Per layer of the current forward pass: (input, pre-activations, activations, and the active features'
     # activations with their decoder rows to this and every later layer), filled at hooks_in[layer].
     state: dict[int, tuple] = {}
+    last_read = [-1]  # the layer read last; a pass reads layers in order, so a read out of order starts a new one
 
     def read_input(layer: int):
         def hook(x: torch.Tensor, *, hook: HookPoint) -> None:
-            for stale in [i for i in state if i >= layer]:  # left from an earlier forward pass
-                del state[stale]
+            previous = state.get(layer - 1)
+            continues = layer == last_read[0] + 1 and (previous is None or previous[0].shape[:-1] == x.shape[:-1])
+            if not continues:
+                # A new forward pass (from layer 0, or resumed at a later layer from a residual stream): what the
+                # CLT read before belongs to another pass, and layers this one skips have no features of it.
+                state.clear()
+            last_read[0] = layer
             pre = clt.encode_pre(x, layer)
             acts = clt.activate(pre, layer)
             state[layer] = (x, pre, acts, *clt.decoded_rows(acts, layer))
@@ -138,8 +147,12 @@ def _cross_layer_hooks(clt: CrossLayerTranscoder, use_error_term: bool, records:
             missing = [i for i in range(layer + 1) if i not in state]
             if missing:
                 raise ArgumentError(
-                    f"{clt.path}: {clt.hooks_out[layer]} ran before the CLT read layers {missing} "
-                    f"({clt.hooks_in[missing[0]]}) in this forward pass"
+                    f"{clt.path}: the CLT's output at {clt.hooks_out[layer]} is written by the features of layers "
+                    f"0..{layer}, but this forward pass did not read layers {missing} ({clt.hooks_in[missing[0]]}); "
+                    "a pass resumed at a later layer (start_at_layer=, a cached residual stream) has no features "
+                    "of the layers below, and the CLT cannot recompute them from the residual stream: run the "
+                    "spliced pass from layer 0 (patch with a hook inside it), or resume a pass split with "
+                    "stop_at_layer= from the residual stream it returned"
                 )
             recons = clt.param(layer, "b_dec")
             for source in range(layer + 1):

@@ -47,7 +47,8 @@ def attribution_graph(
             reads each layer once, and keeps of it only what the transposed passes use).
         prompt: a text, or token ids [pos] / [1, pos].
         transcoders: one transcoder per layer (`ll.load_dictionary` of a circuit-tracer set, or SAELens /
-            sparsify transcoders from mlp.hook_in to hook_mlp_out), or any `graphs.transcoders.TranscoderSet`.
+            sparsify transcoders from mlp.hook_in to hook_mlp_out), a cross-layer transcoder (`ll.load_dictionary`
+            of a circuit-tracer CLT), or any `graphs.transcoders.TranscoderSet`.
         max_n_logits: at most this many logit nodes...
         desired_logit_prob: ...the most probable next tokens until their probabilities sum to this.
         max_feature_nodes: the feature budget (all active features if None), spent on the most influential.

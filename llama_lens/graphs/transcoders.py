@@ -10,8 +10,8 @@ The graph treats the transcoders as a linear read-out and a linear write-in arou
     mlp_out[l']  = sum_f  write_f[l']  +  out_bias[l']  +  mlp_in[l'] @ W_skip[l'].T  (+ the error node)
 
 A per-layer transcoder writes only its own layer (l' = layer); a cross-layer transcoder writes every layer from
-its own up. `TranscoderSet` is the protocol (a CLT only has to provide the same five methods);
-`PerLayerTranscoders` implements it over `Dictionary` objects from `ll.load_dictionary`.
+its own up. `TranscoderSet` is the protocol; `PerLayerTranscoders` implements it over `Dictionary` objects from
+`ll.load_dictionary`, and `CrossLayerTranscoders` (graphs/transcoders_clt.py) over a `CrossLayerTranscoder`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from typing import Protocol
 
 import torch
 
+from ..dictionaries.cross_layer import CrossLayerTranscoder
 from ..dictionaries.dictionary import Dictionary
 from ..errors import ArgumentError, ArgumentTypeError
+from .transcoders_clt import CrossLayerTranscoders
 
 
 class TranscoderSet(Protocol):
@@ -125,7 +127,12 @@ def _layer_of(dictionary: Dictionary) -> int:
 
 
 def as_transcoder_set(transcoders, n_layers: int, *, dtype: torch.dtype) -> TranscoderSet:
-    """`transcoders` as a TranscoderSet: a list of Dictionary objects is wrapped, a TranscoderSet passes."""
+    """`transcoders` as a TranscoderSet: a list of Dictionary objects or a CrossLayerTranscoder is wrapped, a
+    TranscoderSet passes."""
+    if isinstance(transcoders, (list, tuple)) and len(transcoders) == 1 and _is_clt(transcoders[0]):
+        transcoders = transcoders[0]  # [clt], as ll.spliced takes it
+    if _is_clt(transcoders):
+        return CrossLayerTranscoders(transcoders, n_layers, dtype=dtype)
     if isinstance(transcoders, Dictionary):
         transcoders = [transcoders]
     if isinstance(transcoders, (list, tuple)):
@@ -134,6 +141,10 @@ def as_transcoder_set(transcoders, n_layers: int, *, dtype: torch.dtype) -> Tran
     if all(hasattr(transcoders, name) for name in needed) and getattr(transcoders, "n_layers", None) == n_layers:
         return transcoders
     raise ArgumentTypeError(
-        f"transcoders must be a list of per-layer Dictionary objects (ll.load_dictionary of a transcoder set) or "
-        f"a TranscoderSet with n_layers={n_layers}, got {type(transcoders).__name__}"
+        f"transcoders must be a list of per-layer Dictionary objects (ll.load_dictionary of a transcoder set), a "
+        f"CrossLayerTranscoder or a TranscoderSet with n_layers={n_layers}, got {type(transcoders).__name__}"
     )
+
+
+def _is_clt(transcoders) -> bool:
+    return isinstance(transcoders, CrossLayerTranscoder)

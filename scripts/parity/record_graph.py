@@ -11,6 +11,10 @@ calibrated here on the prompt so that about `ACTIVE` features fire per token. Th
 biases, circuit-tracer's active and selected features, the feature and logit rows of its adjacency matrix,
 its logit targets, replacement and completeness scores and pruned node mask (tests/graphs/data/graph_parity.npz).
 
+With `--clt` it records the same with one small random cross-layer transcoder instead (30 layers, ReLU, d_sae 64
+per layer, each feature writing every layer from its own up; circuit-tracer's `load_clt` layout) into
+tests/graphs/data/graph_parity_clt.npz.
+
 With `--check-export DIR` it instead reads our exports back with circuit-tracer: DIR/graph.pt (written by
 `AttributionGraph.to_pt`) through `Graph.from_pt`, and DIR/graph.json (`to_json`) through its pydantic `Model`.
 """
@@ -30,6 +34,8 @@ N_LAYERS, D_MODEL, D_SAE, ACTIVE, SEED = 30, 576, 128, 6, 0
 PROMPT = "The capital of France is"
 MAX_FEATURE_NODES, BATCH_SIZE = 120, 32
 OUT = Path(__file__).resolve().parents[2] / "tests" / "graphs" / "data" / "graph_parity.npz"
+CLT_D_SAE = 64
+CLT_OUT = OUT.with_name("graph_parity_clt.npz")
 
 
 def random_weights(layer: int, d_model: int = D_MODEL, d_sae: int = D_SAE, seed: int = SEED) -> dict[str, np.ndarray]:
@@ -53,11 +59,39 @@ def write_set(folder: Path, b_enc: np.ndarray, **shape) -> Path:
     return folder
 
 
-def calibrate(mlp_in: np.ndarray, active: int, **shape) -> np.ndarray:
+def random_clt_weights(layer: int, d_model: int = D_MODEL, d_sae: int = CLT_D_SAE, seed: int = SEED):
+    """W_enc_{layer} [d_sae, d_model], W_dec_{layer} [d_sae, N_LAYERS - layer, d_model], b_dec_{layer} of a CLT."""
+    rng = np.random.RandomState(seed * 1000 + 500 + layer)
+    return {
+        "W_enc": (rng.standard_normal((d_sae, d_model)) / np.sqrt(d_model)).astype(np.float32),
+        "W_dec": (rng.standard_normal((d_sae, N_LAYERS - layer, d_model)) * 0.05).astype(np.float32),
+        "b_dec": (rng.standard_normal(d_model) * 0.01).astype(np.float32),
+    }
+
+
+def write_clt(folder: Path, b_enc: np.ndarray) -> Path:
+    """A circuit-tracer CLT folder (W_enc_{i} / W_dec_{i}.safetensors + config.yaml) reading mlp.hook_in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer in range(len(b_enc)):
+        weights = random_clt_weights(layer)
+        encoder = {
+            f"W_enc_{layer}": weights["W_enc"],
+            f"b_enc_{layer}": b_enc[layer],
+            f"b_dec_{layer}": weights["b_dec"],
+        }
+        save_file(encoder, str(folder / f"W_enc_{layer}.safetensors"))
+        save_file({f"W_dec_{layer}": weights["W_dec"]}, str(folder / f"W_dec_{layer}.safetensors"))
+    (folder / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: hook_mlp_out\n"
+    )
+    return folder
+
+
+def calibrate(mlp_in: np.ndarray, active: int, weights=random_weights) -> np.ndarray:
     """Encoder biases [n_layers, d_sae] so that about `active` features fire per token (after position 0)."""
     b_enc = []
     for layer, x in enumerate(mlp_in):  # x [pos, d_model]
-        pre = x[1:] @ random_weights(layer, **shape)["W_enc"].T
+        pre = x[1:] @ weights(layer)["W_enc"].T
         b_enc.append(np.full(pre.shape[1], -np.quantile(pre, 1 - active / pre.shape[1]), dtype=np.float32))
     return np.stack(b_enc)
 
@@ -88,9 +122,11 @@ def circuit_tracer_model(model_dir: Path, hf, tokenizer, transcoders):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check-export", type=Path, help="a folder holding graph.pt and graph.json to check")
+    parser.add_argument("--clt", action="store_true", help="record with a cross-layer transcoder")
     args = parser.parse_args()
     from circuit_tracer import attribute
     from circuit_tracer.graph import Graph, compute_graph_scores, prune_graph
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
     if args.check_export:
@@ -116,22 +152,33 @@ def main() -> None:
         hf(torch.tensor([tokens]))
         for handle in handles:
             handle.remove()
-    b_enc = calibrate(np.stack(captured), ACTIVE)
+    b_enc = calibrate(np.stack(captured), ACTIVE, random_clt_weights if args.clt else random_weights)
 
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_set(Path(tmp) / "set", b_enc)
-        transcoders = load_transcoder_set(
-            {i: str(folder / f"layer_{i}.safetensors") for i in range(N_LAYERS)},
-            scan="random",
-            feature_input_hook="mlp.hook_in",
-            feature_output_hook="hook_mlp_out",
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            lazy_encoder=False,
-            lazy_decoder=False,
-        )
+        if args.clt:
+            transcoders = load_clt(
+                str(write_clt(Path(tmp) / "clt", b_enc)),
+                feature_input_hook="mlp.hook_in",
+                feature_output_hook="hook_mlp_out",
+                scan="random",
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                lazy_decoder=False,
+            )
+        else:
+            folder = write_set(Path(tmp) / "set", b_enc)
+            transcoders = load_transcoder_set(
+                {i: str(folder / f"layer_{i}.safetensors") for i in range(N_LAYERS)},
+                scan="random",
+                feature_input_hook="mlp.hook_in",
+                feature_output_hook="hook_mlp_out",
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                lazy_encoder=False,
+                lazy_decoder=False,
+            )
         model = circuit_tracer_model(model_dir, hf, tokenizer, transcoders)
         graph = attribute(
             torch.tensor(tokens),
@@ -145,9 +192,10 @@ def main() -> None:
     adjacency = graph.adjacency_matrix
     node_mask, edge_mask, cumulative = prune_graph(graph, 0.8, 0.98)
     replacement, completeness = compute_graph_scores(graph)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out = CLT_OUT if args.clt else OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        OUT,
+        out,
         tokens=np.array(tokens),
         b_enc=b_enc,
         active_features=graph.active_features.numpy().astype(np.int32),
@@ -159,9 +207,9 @@ def main() -> None:
         logit_probabilities=graph.logit_probabilities.numpy(),
         scores=np.array([replacement, completeness]),
         node_mask=node_mask.numpy(),
-        shape=np.array([N_LAYERS, D_MODEL, D_SAE, SEED, MAX_FEATURE_NODES, BATCH_SIZE]),
+        shape=np.array([N_LAYERS, D_MODEL, CLT_D_SAE if args.clt else D_SAE, SEED, MAX_FEATURE_NODES, BATCH_SIZE]),
     )
-    print(f"{OUT}: {OUT.stat().st_size / 1e3:.0f} kB; {len(graph.active_features)} active, {n_features} selected,")
+    print(f"{out}: {out.stat().st_size / 1e3:.0f} kB; {len(graph.active_features)} active, {n_features} selected,")
     print(f"{n_logits} logits, scores {replacement:.4f} {completeness:.4f}, {int(node_mask.sum())} nodes kept")
 
 

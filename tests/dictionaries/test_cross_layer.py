@@ -106,3 +106,27 @@ def test_clt_splice_with_and_without_error_term(tmp_path):
         cached = model.generate(prompt, max_new_tokens=6, temperature=0.0, use_kv_cache=True)
         uncached = model.generate(prompt, max_new_tokens=6, temperature=0.0, use_kv_cache=False)
     assert torch.equal(torch.as_tensor(cached.tokens), torch.as_tensor(uncached.tokens))
+
+
+def test_a_spliced_pass_from_a_later_layer_does_not_reuse_an_earlier_passs_features(tmp_path):
+    """A CLT's output at layer 1 holds the writes of layer 0's features. A pass resumed at layer 1 from a cached
+    residual has no layer-0 features of its own: the splice refuses it, where it used those of the pass before."""
+    model = tiny_model()
+    clt = ll.load_dictionary(write_clt(tmp_path / "clt"))
+    first, second = torch.randint(3, 128, (2, 1, 7)).unbind()
+    with ll.spliced(model, clt):
+        _, cache = model.run_with_cache(second, names_filter="blocks.1.hook_resid_pre")
+        resid = cache["blocks.1.hook_resid_pre"]
+        expected = model(second)
+        model(first)  # the pass whose layer-0 features were left behind
+        with pytest.raises(ArgumentError, match=r"features of layers 0\.\.1.*did not read layers \[0\]"):
+            model(resid, start_at_layer=1)
+        # A pass split with stop_at_layer and resumed from the residual it returned is one pass.
+        resid = model(second, stop_at_layer=1)
+        torch.testing.assert_close(model(resid, start_at_layer=1), expected, rtol=0, atol=0)
+        # Resumed with another batch, it is not.
+        model(second, stop_at_layer=1)
+        with pytest.raises(ArgumentError, match=r"did not read layers \[0\]"):
+            model(torch.cat([resid, resid]), start_at_layer=1)
+        # A full pass after a refused one runs as usual.
+        torch.testing.assert_close(model(second), expected, rtol=0, atol=0)

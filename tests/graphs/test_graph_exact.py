@@ -1,5 +1,6 @@
 """Exactness of attribution graphs on a tiny random Llama (GQA, 4 layers) in float64, with random per-layer
-transcoders (ReLU, JumpReLU, TopK; with and without skip):
+transcoders (ReLU, JumpReLU, TopK; with and without skip) and a random cross-layer transcoder (ReLU, JumpReLU;
+circuit-tracer's CLTs have no skip), whose features write every layer from their own up:
 
 - each feature and logit node's incoming edges plus its constant term sum to its value in the clean run;
 - every edge equals the direct effect computed by `torch.autograd.functional.jacobian` through the model
@@ -11,7 +12,7 @@ transcoders (ReLU, JumpReLU, TopK; with and without skip):
 
 import pytest
 import torch
-from random_transcoders import random_transcoders
+from random_transcoders import random_clt, random_transcoders
 from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
@@ -21,17 +22,74 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N_LAYERS = 4
 KINDS = [("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True), ("topk", False), ("topk", True)]
+CLT_KINDS = [("clt-relu", False), ("clt-threshold", False)]
+
+
+class PerLayerMath:
+    """The test's own statement of what per-layer transcoders compute, for the oracle and the expected edges."""
+
+    def __init__(self, transcoders):
+        self.transcoders = transcoders
+
+    def pre(self, layer, x):
+        return self.transcoders[layer].encode_pre(x)[1]
+
+    def acts(self, layer, x):
+        return self.transcoders[layer].encode(x)
+
+    def fixed_out(self, layer, x):
+        """What the MLP output holds besides the features' writes and the error: b_dec and the skip."""
+        dictionary = self.transcoders[layer]
+        out = dictionary.param("b_dec")
+        return out + x @ dictionary.param("W_skip").T if dictionary.has_skip else out + 0 * x
+
+    def writes(self, layer, feature, act):
+        """{output layer: the vector written there} by feature `feature` of `layer` with activation `act`."""
+        return {layer: act * self.transcoders[layer].W_dec[feature]}
+
+    def written(self, acts):
+        """Every layer's features' writes [n_layers, pos, d_model] from the activations of every layer."""
+        return torch.stack([a @ dictionary.W_dec for a, dictionary in zip(acts, self.transcoders, strict=True)])
+
+
+class CrossLayerMath:
+    """The same for a cross-layer transcoder: features of layer i write layers i..n_layers-1."""
+
+    def __init__(self, clt):
+        self.clt = clt
+
+    def pre(self, layer, x):
+        return self.clt.encode_pre(x, layer)
+
+    def acts(self, layer, x):
+        return self.clt.encode_layer(x, layer)
+
+    def fixed_out(self, layer, x):
+        return self.clt.param(layer, "b_dec") + 0 * x
+
+    def writes(self, layer, feature, act):
+        rows = self.clt.W_dec(layer)[feature]  # [n_layers - layer, d_model]
+        return {layer + offset: act * rows[offset] for offset in range(len(rows))}
+
+    def written(self, acts):
+        n = self.clt.n_layers
+        return torch.stack(
+            [sum(acts[i] @ self.clt.W_dec(i)[:, j - i] for i in range(j + 1)) for j in range(n)]  # type: ignore[misc]
+        )
 
 
 def _setup(activation, skip, seed=0):
     cfg = tiny_config(n_layers=N_LAYERS)  # 4 heads over 2 KV heads: GQA
     model = tiny_model(cfg, seed=seed).to(torch.float64)
-    transcoders = random_transcoders(cfg.d_model, N_LAYERS, activation=activation, skip=skip, seed=seed)
     tokens = torch.randint(3, cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(seed))
-    return model, transcoders, tokens
+    if activation.startswith("clt-"):
+        clt = random_clt(cfg.d_model, N_LAYERS, activation=activation.removeprefix("clt-"), seed=seed)
+        return model, clt, CrossLayerMath(clt), tokens
+    transcoders = random_transcoders(cfg.d_model, N_LAYERS, activation=activation, skip=skip, seed=seed)
+    return model, transcoders, PerLayerMath(transcoders), tokens
 
 
-def _oracle(model, transcoders, tokens, graph):
+def _oracle(model, math, tokens, graph):
     """f(embed [pos, d_model], sources [n_layers, pos, d_model]) -> (every active feature's pre-activation,
     the demeaned logits of the graph's logit nodes), through the hooked model with its frozen pieces."""
     frozen_names = lambda name: name.endswith(("hook_scale", "hook_pattern", "mlp.hook_in", "hook_mlp_out"))  # noqa: E731
@@ -61,10 +119,7 @@ def _oracle(model, transcoders, tokens, graph):
 
         def mlp_out(tensor, hook):
             layer = int(hook.name.split(".")[1])
-            dictionary = transcoders[layer]
-            x = mlp_in[f"blocks.{layer}.mlp.hook_in"]
-            out = dictionary.param("b_dec") + sources[layer][None]
-            return out + x @ dictionary.param("W_skip").T if dictionary.has_skip else out
+            return math.fixed_out(layer, mlp_in[f"blocks.{layer}.mlp.hook_in"]) + sources[layer][None]
 
         hooks = [("hook_embed", lambda t, hook: embed[None])]
         last = f"blocks.{N_LAYERS - 1}.hook_resid_post"
@@ -89,15 +144,15 @@ def _oracle(model, transcoders, tokens, graph):
         with model.hooks(fwd_hooks=hooks):
             logits = model(tokens[None])[0, -1]
         x = torch.stack([mlp_in[f"blocks.{i}.mlp.hook_in"][0] for i in range(N_LAYERS)])  # [n_layers, pos, d_model]
-        pre = [transcoders[layer].encode_pre(x[layer, pos])[1][feature] for layer, pos, feature in active]
+        pre = [math.pre(layer, x[layer, pos])[feature] for layer, pos, feature in active]
         return torch.stack(pre), (logits - logits.mean())[graph.logit_tokens]
 
     return run, cache
 
 
-@pytest.mark.parametrize(("activation", "skip"), KINDS)
+@pytest.mark.parametrize(("activation", "skip"), KINDS + CLT_KINDS)
 def test_edges_and_constants_sum_to_each_node_value(activation, skip):
-    model, transcoders, tokens = _setup(activation, skip)
+    model, transcoders, math, tokens = _setup(activation, skip)
     graph = ll.attribution_graph(model, tokens, transcoders, batch_size=16)
     assert graph.n_features > 20 and graph.n_logits >= 2
     rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.n_nodes - graph.n_logits, graph.n_nodes)])
@@ -109,7 +164,7 @@ def test_edges_and_constants_sum_to_each_node_value(activation, skip):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_in"))
     for node, (layer, pos, feature) in enumerate(graph.active_features[graph.selected_features].tolist()):
-        pre = transcoders[layer].encode_pre(cache[f"blocks.{layer}.mlp.hook_in"][0, pos])[1][feature]
+        pre = math.pre(layer, cache[f"blocks.{layer}.mlp.hook_in"][0, pos])[feature]
         assert graph.node_values[node] == pytest.approx(float(pre), rel=1e-12, abs=1e-12)
     # ...and the demeaned logits.
     logits = model(tokens[None])[0, -1].detach()
@@ -117,10 +172,13 @@ def test_edges_and_constants_sum_to_each_node_value(activation, skip):
     torch.testing.assert_close(graph.node_values[graph.n_features :], expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("activation", "skip"), [("relu", True), ("jumprelu", False), ("topk", True)])
+@pytest.mark.parametrize(
+    ("activation", "skip"),
+    [("relu", True), ("jumprelu", False), ("topk", True), ("clt-relu", False), ("clt-threshold", False)],
+)
 def test_every_edge_is_the_jacobians_direct_effect(activation, skip):
-    model, transcoders, tokens = _setup(activation, skip, seed=1)
-    _assert_edges_are_the_jacobians(model, transcoders, tokens, skip)
+    model, transcoders, math, tokens = _setup(activation, skip, seed=1)
+    _assert_edges_are_the_jacobians(model, transcoders, math, tokens)
 
 
 def _streamed(model, folder):
@@ -130,21 +188,21 @@ def _streamed(model, folder):
 
 
 def test_a_streamed_model_gives_the_graph_of_the_model_in_memory(tmp_path):
-    model, transcoders, tokens = _setup("relu", True, seed=1)
+    model, transcoders, math, tokens = _setup("relu", True, seed=1)
     streamed = _streamed(model, tmp_path / "hf")
     assert all(param.is_meta for param in streamed.blocks.parameters())
     held = ll.attribution_graph(model, tokens, transcoders, batch_size=8, max_feature_nodes=40)
-    graph = _assert_edges_are_the_jacobians(streamed, transcoders, tokens, skip=True)
+    graph = _assert_edges_are_the_jacobians(streamed, transcoders, math, tokens)
     assert torch.equal(graph.selected_features, held.selected_features)
     torch.testing.assert_close(graph.adjacency, held.adjacency, rtol=0, atol=1e-12)
     torch.testing.assert_close(graph.node_constants, held.node_constants, rtol=0, atol=1e-12)
     assert all(param.is_meta for param in streamed.blocks.parameters())  # no layer left in memory
 
 
-def _assert_edges_are_the_jacobians(model, transcoders, tokens, skip):
+def _assert_edges_are_the_jacobians(model, transcoders, math, tokens):
     """Every edge of the graph equals the oracle's jacobian along its source; returns the graph."""
     graph = ll.attribution_graph(model, tokens, transcoders, batch_size=8, max_feature_nodes=40)
-    run, _ = _oracle(model, transcoders, tokens, graph)
+    run, _ = _oracle(model, math, tokens, graph)
     n_pos = len(tokens)
 
     # The sources in the clean run: what each MLP output holds beyond skip and b_dec.
@@ -153,9 +211,7 @@ def _assert_edges_are_the_jacobians(model, transcoders, tokens, skip):
     embed = model.embed.weight[tokens].detach().clone()
     sources = torch.stack(
         [
-            cache[f"blocks.{i}.hook_mlp_out"][0]
-            - transcoders[i].param("b_dec")
-            - (cache[f"blocks.{i}.mlp.hook_in"][0] @ transcoders[i].param("W_skip").T if skip else 0)
+            cache[f"blocks.{i}.hook_mlp_out"][0] - math.fixed_out(i, cache[f"blocks.{i}.mlp.hook_in"][0])
             for i in range(N_LAYERS)
         ]
     )
@@ -171,14 +227,15 @@ def _assert_edges_are_the_jacobians(model, transcoders, tokens, skip):
     d_embed, d_sources = torch.autograd.functional.jacobian(targets, (embed, sources), vectorize=True)
     # d_embed [n_targets, pos, d_model], d_sources [n_targets, n_layers, pos, d_model]
 
-    # Each source node's vector: a feature writes activation * decoder row at its layer and position; an error
-    # node its layer's error; a token its embedding. Their direct effects are the jacobian along them.
+    # Each source node's vector: a feature writes activation * decoder row at its position, at its own layer
+    # (and, in a CLT, every layer above); an error node its layer's error; a token its embedding. Their direct
+    # effects are the jacobian along them.
     expected_columns = []
     for layer, pos, feature in graph.active_features[graph.selected_features].tolist():
         node = graph.active_features.tolist().index([layer, pos, feature])
-        write = graph.activation_values[node] * transcoders[layer].W_dec[feature]
-        expected_columns.append(d_sources[:, layer, pos] @ write)
-    errors = _errors(transcoders, cache, graph, skip)
+        writes = math.writes(layer, feature, graph.activation_values[node])
+        expected_columns.append(sum(d_sources[:, out, pos] @ write for out, write in writes.items()))
+    errors = _errors(math, cache)
     for layer in range(N_LAYERS):
         for pos in range(n_pos):
             expected_columns.append(d_sources[:, layer, pos] @ errors[layer, pos])
@@ -192,15 +249,17 @@ def _assert_edges_are_the_jacobians(model, transcoders, tokens, skip):
     return graph
 
 
-def _errors(transcoders, cache, graph, skip):
-    """The error nodes' vectors: MLP output minus the transcoder's reconstruction; zero at position 0."""
+def _errors(math, cache):
+    """The error nodes' vectors: MLP output minus the transcoders' reconstruction there (all the features' writes
+    to that layer, b_dec, skip); zero at position 0, whose features are left out."""
+    x = [cache[f"blocks.{layer}.mlp.hook_in"][0] for layer in range(N_LAYERS)]
+    acts = [math.acts(layer, x[layer]) for layer in range(N_LAYERS)]
+    for a in acts:
+        a[0] = 0
+    written = math.written(acts)
     out = []
-    for layer, dictionary in enumerate(transcoders):
-        x = cache[f"blocks.{layer}.mlp.hook_in"][0]
-        acts = dictionary.encode(x)
-        acts[0] = 0
-        recon = acts @ dictionary.W_dec + dictionary.param("b_dec") + (x @ dictionary.param("W_skip").T if skip else 0)
-        error = cache[f"blocks.{layer}.hook_mlp_out"][0] - recon
+    for layer in range(N_LAYERS):
+        error = cache[f"blocks.{layer}.hook_mlp_out"][0] - written[layer] - math.fixed_out(layer, x[layer])
         error[0] = 0
         out.append(error)
     return torch.stack(out)

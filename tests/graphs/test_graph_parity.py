@@ -1,9 +1,11 @@
 """Parity with circuit-tracer 0.5.0 on the embedded model (SmolLM2-135M-Instruct, float32) with 30 small random
-ReLU transcoders: the same active features, selected features and logit targets, the same adjacency rows within
-1e-4 of its largest entry, the same replacement and completeness scores and pruned node set.
+ReLU transcoders, and with a small random ReLU cross-layer transcoder over the 30 layers: the same active
+features, selected features and logit targets, the same adjacency rows within 1e-4 of its largest entry, the same
+replacement and completeness scores and pruned node set.
 
-circuit-tracer's numbers were recorded by scripts/parity/record_graph.py into data/graph_parity.npz (68 kB); the
-transcoders are rebuilt here from the same seeded numpy generator and the recorded encoder biases.
+circuit-tracer's numbers were recorded by scripts/parity/record_graph.py into data/graph_parity.npz (68 kB) and,
+with --clt, data/graph_parity_clt.npz (64 kB); the transcoders are rebuilt here from the same seeded numpy
+generator and the recorded encoder biases.
 """
 
 import importlib.util
@@ -17,7 +19,10 @@ import llama_lens as ll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FIXTURE = Path(__file__).parent / "data" / "graph_parity.npz"
+FIXTURES = {
+    "per-layer": Path(__file__).parent / "data" / "graph_parity.npz",
+    "clt": Path(__file__).parent / "data" / "graph_parity_clt.npz",
+}
 RECORDER = Path(__file__).parents[2] / "scripts" / "parity" / "record_graph.py"
 
 
@@ -28,15 +33,21 @@ def _recorder():
     return module
 
 
-@pytest.fixture(scope="module")
-def recorded():
-    return dict(np.load(FIXTURE))
+@pytest.fixture(scope="module", params=list(FIXTURES))
+def kind(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def graph(demo_path, recorded, tmp_path_factory):
+def recorded(kind):
+    return dict(np.load(FIXTURES[kind]))
+
+
+@pytest.fixture(scope="module")
+def graph(demo_path, kind, recorded, tmp_path_factory):
     recorder = _recorder()
-    folder = recorder.write_set(tmp_path_factory.mktemp("transcoders") / "set", recorded["b_enc"])
+    write = recorder.write_clt if kind == "clt" else recorder.write_set
+    folder = write(tmp_path_factory.mktemp("transcoders") / kind, recorded["b_enc"])
     model = ll.load(demo_path, dtype=torch.float32, progress=False)
     transcoders = ll.load_dictionary(folder)
     return ll.attribution_graph(
