@@ -22,6 +22,7 @@ made for the block at hand only, so that
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -45,9 +46,13 @@ VOCAB_BLOCK = 1024
 ACCELERATOR_VOCAB_BLOCK = 4096
 # Ids per block in top_k_largest's first cut, which keeps one maximum per block.
 TOP_K_BLOCK = 64
-# exp(x) = 2 ** (x * LOG2_E): exp2 costs about half of exp on CPU.
+# exp(x) = 2 ** (x * LOG2_E), for blocks whose logits need a shift before their exponentials.
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
+# A block whose every row has its maximum logit within +-EXP_SAFE_MAX takes exp(logits) unshifted: each term is
+# at most e^64 (1e28, a sum of 1e5 of them stays far below float32's 3e38) and the largest at least e^-64 (a
+# normal float32), so the block's logsumexp keeps float32's precision. Other blocks (and NaN / inf) are shifted.
+EXP_SAFE_MAX = 64.0
 
 
 @dataclass(repr=False)
@@ -369,14 +374,28 @@ class _Online:
         # Metrics in float32 whatever the model's dtype (into a reused buffer: a fresh one would be fresh pages).
         block = logits if logits.dtype == torch.float32 else scratch.get("float_logits", rows, width).copy_(logits)
         block_max = self._update_top_k(block, v0)
-        # exp(logits - max) = 2 ** (logits * log2(e) - shift), the shift being the maximum in log2 units: one
-        # fused multiply-add pass makes the exponents and exp2_ takes them in place. No softmax, whose division
-        # by the sum would be one more pass over the block.
-        shift = block_max * LOG2_E
         weights = scratch.get("probs", rows, width)
-        torch.add(-shift[:, None], block, alpha=LOG2_E, out=weights).exp2_()  # largest 1, so the sum is >= 1
-        total = weights.sum(dim=1)
-        self.block_lse.append((shift + total.log2()) * LN_2)
+        if _exp_is_safe(block_max):
+            # Every row's maximum is within EXP_SAFE_MAX of 0: exp(logits) neither overflows nor loses the
+            # largest terms, so the exponentials need no shift, one pass instead of two. As fast as the shifted
+            # exp2 below with AVX2 kernels, and 3x faster under ATEN_CPU_CAPABILITY=default, where exp2 is not
+            # vectorized.
+            total = torch.exp(block, out=weights).sum(dim=1)
+            self.block_lse.append(total.log())
+        elif block.device.type == "cpu" and not _exp2_is_vectorized():
+            # Shifted by the maximum (largest term 1, so the sum is >= 1), in exp: exp2 has no vectorized kernel
+            # at this ATen CPU capability and costs 3x exp.
+            torch.sub(block, block_max[:, None], out=weights).exp_()
+            total = weights.sum(dim=1)
+            self.block_lse.append(block_max + total.log())
+        else:
+            # exp(logits - max) = 2 ** (logits * log2(e) - shift), the shift being the maximum in log2 units: one
+            # fused multiply-add pass makes the exponents and exp2_ takes them in place (largest 1, so the sum is
+            # >= 1). No softmax, whose division by the sum would be one more pass over the block.
+            shift = block_max * LOG2_E
+            torch.add(-shift[:, None], block, alpha=LOG2_E, out=weights).exp2_()
+            total = weights.sum(dim=1)
+            self.block_lse.append((shift + total.log2()) * LN_2)
         self.block_expected.append(torch.mul(weights, block, out=weights).sum(dim=1) / total)  # spent now
         if v0 // self.width in self.target_blocks:
             found = block.gather(1, self.target_offset.clamp(max=width - 1))
@@ -449,6 +468,18 @@ class _Online:
             # are all false, which would count as rank 0, the top token. -1 says so instead.
             defined = torch.isfinite(self.target_logits) & torch.isfinite(lse)[:, None]
             metrics.target_ranks[rows] = torch.where(defined, self.above.long(), -1)
+
+
+@functools.cache
+def _exp2_is_vectorized() -> bool:
+    """Whether ATen's CPU kernels run vectorized (AVX2, AVX512, ...): not under ATEN_CPU_CAPABILITY=default."""
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+def _exp_is_safe(block_max: torch.Tensor) -> bool:
+    """Whether a block with these row maxima [rows] takes unshifted exponentials (see EXP_SAFE_MAX); False
+    where a maximum is NaN."""
+    return bool(block_max.abs().max() <= EXP_SAFE_MAX) if len(block_max) else True
 
 
 def top_k_largest(
