@@ -31,6 +31,7 @@ import torch
 from ..errors import ArgumentError
 from ..model.cpu_matmul import computes_in_float32
 from ..validate import check_count
+from .top_k import top_k_largest
 
 # Rows (residual vectors) per chunk. Each chunk sweeps the vocabulary in blocks of VOCAB_BLOCK ids, so a
 # chunk holds [DEFAULT_CHUNK_SIZE, VOCAB_BLOCK] logits (4 MB in float32) and the matmul packs each block of
@@ -44,8 +45,6 @@ VOCAB_BLOCK = 1024
 # On a GPU each per-block call is a kernel launch, and a block this size is far from filling the device: wider
 # blocks there (not tuned).
 ACCELERATOR_VOCAB_BLOCK = 4096
-# Ids per block in top_k_largest's first cut, which keeps one maximum per block.
-TOP_K_BLOCK = 64
 # exp(x) = 2 ** (x * LOG2_E), for blocks whose logits need a shift before their exponentials.
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
@@ -480,46 +479,3 @@ def _exp_is_safe(block_max: torch.Tensor) -> bool:
     """Whether a block with these row maxima [rows] takes unshifted exponentials (see EXP_SAFE_MAX); False
     where a maximum is NaN."""
     return bool(block_max.abs().max() <= EXP_SAFE_MAX) if len(block_max) else True
-
-
-def top_k_largest(
-    logits: torch.Tensor, k: int, *, row_base: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(logits, k, dim=-1)` for logits [rows, d_vocab], a few times faster when k is small.
-
-    The k largest values lie in the k blocks (of `TOP_K_BLOCK` ids) with the largest maxima: a block outside
-    them has k blocks whose maxima all beat its own. So one cheap max per block narrows the search to k
-    blocks. Values equal those of torch.topk; among tied values the ids may differ.
-
-    Args:
-        logits: [rows, d_vocab].
-        k: how many.
-        row_base: `arange(rows)[:, None]`, if the caller has it at hand.
-
-    Returns:
-        values [rows, k] (largest first) and their ids [rows, k].
-    """
-    rows, d_vocab = logits.shape
-    n_blocks = d_vocab // TOP_K_BLOCK
-    if n_blocks < 4 * k:
-        return logits.topk(k, dim=-1)
-    body = logits[:, : n_blocks * TOP_K_BLOCK].view(rows, n_blocks, TOP_K_BLOCK)
-    best_blocks = body.amax(dim=-1).topk(k, dim=-1).indices  # [rows, k]
-    if row_base is None:
-        row_base = torch.arange(rows, device=logits.device)[:, None]
-    # Row r's block b is row r * n_blocks + b of the [rows * n_blocks, TOP_K_BLOCK] view (a copy only when
-    # `logits` is a strided view, as for the model's own logits).
-    flat = (row_base * n_blocks + best_blocks).flatten()
-    candidates = body.reshape(rows * n_blocks, TOP_K_BLOCK).index_select(0, flat).view(rows, k * TOP_K_BLOCK)
-    tail = d_vocab - n_blocks * TOP_K_BLOCK
-    if tail:  # the ids past the last whole block are candidates too
-        candidates = torch.cat([candidates, logits[:, n_blocks * TOP_K_BLOCK :]], dim=1)
-    values, picked = candidates.topk(k, dim=-1)
-    if tail:
-        in_tail = picked >= k * TOP_K_BLOCK
-        block = best_blocks.gather(1, (picked // TOP_K_BLOCK).clamp(max=k - 1))
-        in_blocks = block * TOP_K_BLOCK + picked % TOP_K_BLOCK
-        ids = torch.where(in_tail, picked - k * TOP_K_BLOCK + n_blocks * TOP_K_BLOCK, in_blocks)
-    else:
-        ids = best_blocks.gather(1, picked // TOP_K_BLOCK) * TOP_K_BLOCK + picked % TOP_K_BLOCK
-    return values, ids

@@ -247,7 +247,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
-    from llama_lens.lens.readout import top_k_largest
+    from llama_lens.lens.top_k import top_k_largest
 
     logits = torch.randn(37, d_vocab)
     logits[3, :] = 0.5  # all tied
