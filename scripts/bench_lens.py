@@ -24,14 +24,22 @@ falls on all of them alike. The times are medians over the turns; the two ratios
 own ratio (its lens against its forward pass, its matmuls and its recipe, all run within seconds of each
 other), which a slow stretch of a shared machine moves less than a ratio of medians.
 
-Usage: python scripts/bench_lens.py [PATH] [--lengths 29 512] [--repeats 5] [--chunk-size N] [--vocab-block N]
-                                     [--threads N]
+At long prompts (more than LONG tokens: 512 tokens make 15,872 read-out rows, 0.9 TFLOP per lens, ~30 s each on
+2 cores) only the lens's own blocks and 1024 x 2048 blocks are timed as the bare matmul ("mm 1call" would write a
+3.1 GB [rows, d_vocab] output, and "mm 1024x4096" and "mm+lse" add a minute a turn), the turns are --long-repeats
+(3) without a separate warm-up (the short prompt's turns warmed the kernels), so that the 512-token line comes in
+about 6 minutes on a quiet 2-core machine instead of half an hour. Each line prints the load average (1 min)
+before and after its turns: above the CPU count the ratios are noisy.
+
+Usage: python scripts/bench_lens.py [PATH] [--lengths 29 512] [--repeats 5] [--long-repeats 3] [--chunk-size N]
+                                     [--vocab-block N] [--threads N]
 PATH defaults to the embedded SmolLM2-135M (ll.demo_model_path()). Threads: torch's default unless given.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -42,9 +50,13 @@ import llama_lens as ll
 from llama_lens.lens import readout
 from llama_lens.loading import roofline
 
+# Prompts longer than this run the short list of candidates, --long-repeats turns, no warm-up (see above).
+LONG = 256
+SHORT_ONLY = ("mm 1call", "mm 1024x4096", "mm+lse")
 
-def interleaved_times(candidates: dict, repeats: int) -> dict[str, list[float]]:
-    for fn in candidates.values():
+
+def interleaved_times(candidates: dict, repeats: int, *, warm_up: bool = True) -> dict[str, list[float]]:
+    for fn in candidates.values() if warm_up else ():
         fn()  # warm-up: allocator, kernels, lazy init
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
@@ -75,6 +87,8 @@ def main() -> None:
     parser.add_argument("path", nargs="?", help="checkpoint folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[29, 512])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long-repeats", type=int, default=3, help="turns for prompts over --long tokens")
+    parser.add_argument("--long", type=int, default=LONG, help="prompts longer than this run the short list")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the lens's)")
     parser.add_argument("--vocab-block", type=int, default=None, help="ids per block (default: the lens's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -97,7 +111,7 @@ def main() -> None:
           f"repeats: {args.repeats} (interleaved)")  # fmt: skip
     names = ["forward", "lens", "mm 1call", "mm blocks", "mm 1024x2048", "mm 1024x4096", "hf recipe", "mm+lse"]
     header = " ".join(f"{name:>{cell_width(name) + 2}}" for name in names)
-    print(f"{'tokens':>6} {'GFLOP':>6} {header} {'beyond/mm':>9} {'lens/hf':>7} {'lse/mm':>6}")
+    print(f"{'tokens':>6} {'GFLOP':>6} {header} {'beyond/mm':>9} {'lens/hf':>7} {'lse/mm':>6}", flush=True)
     generator = torch.Generator().manual_seed(0)
     weight = model.unembed.weight
     for length in args.lengths:
@@ -149,21 +163,32 @@ def main() -> None:
             "hf recipe": inference(lambda: transformers_recipe(hf, tokens)),
             "mm+lse": inference(matmul_and_logsumexp),
         }
-        times = interleaved_times(candidates, args.repeats)
+        long = length > args.long
+        if long:
+            candidates = {name: fn for name, fn in candidates.items() if name not in SHORT_ONLY}
+        repeats = args.long_repeats if long else args.repeats
+        load_before = os.getloadavg()[0]
+        times = interleaved_times(candidates, repeats, warm_up=not long)
+        load_after = os.getloadavg()[0]
         gflop = n_readouts * length * cfg.d_model * cfg.d_vocab * 2 / 1e9
         matmuls = [name for name in candidates if name.startswith("mm ")]
         beyond, versus_hf, least = [], [], []
-        for turn in range(args.repeats):
+        for turn in range(repeats):
             t = {name: values[turn] for name, values in times.items()}
             beyond.append((t["lens"] - t["forward"]) / min(t[name] for name in matmuls))
             versus_hf.append(t["lens"] / t["hf recipe"])
-            least.append(t["mm+lse"] / min(t[name] for name in matmuls))
+            if "mm+lse" in t:
+                least.append(t["mm+lse"] / min(t[name] for name in matmuls))
         median = {name: statistics.median(values) for name, values in times.items()}
-        assert list(candidates) == names
-        cells = " ".join(f"{median[name] * 1e3:>{cell_width(name)}.0f}ms" for name in names)
-        spread = f"(turns: beyond/mm {min(beyond):.3f}-{max(beyond):.3f})"
+        assert set(candidates) <= set(names)
+        cells = " ".join(
+            f"{median[name] * 1e3:>{cell_width(name)}.0f}ms" if name in median else f"{'-':>{cell_width(name) + 2}}"
+            for name in names
+        )
+        lse = f"{statistics.median(least):>6.3f}" if least else f"{'-':>6}"
+        spread = f"(turns: beyond/mm {min(beyond):.3f}-{max(beyond):.3f}; load {load_before:.1f} -> {load_after:.1f})"
         print(f"{length:>6} {gflop:>6.0f} {cells} {statistics.median(beyond):>9.3f} "
-              f"{statistics.median(versus_hf):>7.3f} {statistics.median(least):>6.3f}   {spread}")  # fmt: skip
+              f"{statistics.median(versus_hf):>7.3f} {lse}   {spread}", flush=True)  # fmt: skip
         roofline_line(cfg, length, n_readouts, median["lens"], median["forward"])
 
 
@@ -177,7 +202,8 @@ def roofline_line(cfg, length: int, n_readouts: int, lens_seconds: float, forwar
     print(
         f"{'':>6} roofline: forward {forward_rate / 1e9:.1f} GFLOP/s, lens {lens_rate / 1e9:.1f} GFLOP/s = "
         f"{lens_rate / peak:.0%} of the float32 GEMM peak measured here, {peak / 1e9:.1f} GFLOP/s on "
-        f"[{n_readouts * length}, {cfg.d_model}] x [{cfg.d_model}, {cfg.d_mlp}]"
+        f"[{n_readouts * length}, {cfg.d_model}] x [{cfg.d_model}, {cfg.d_mlp}]",
+        flush=True,
     )
 
 

@@ -23,6 +23,10 @@ and prints:
   floor       max(cold read, FLOPs / GEMM rate): no pipelined run can be faster
   wall / floor                                                 (target <= 1.3 streamed, <= 1.2 held)
   achieved    FLOPs / wall, against the GEMM rate
+  phases      the decoder layers' phase (and how long it waited for reads) and what follows it (the model's
+              unembedding and the read-out), each beside its FLOPs at the GEMM rate
+  schedule    (--unembed memory) read at load + max(layers' read, layers' compute) + read-out compute: the
+              least a schedule that starts the read-out after the last layer can take, as a multiple of the floor
   peak RSS / checkpoint bytes                                  (target <= 15%)
   ll.plan     its peak RSS estimate / measured, and its wall estimate from the same two rates / measured
               (target 0.75 .. 1.25)
@@ -106,6 +110,7 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
     estimate = ll.plan(path, tokens=tokens, stream=True, dtype=torch.bfloat16, unembed=unembed, cache="resid")
     model = ll.load(path, dtype=torch.bfloat16, stream=True, unembed=unembed, progress=False)
     load_seconds = time.perf_counter() - start
+    phases = _time_layer_phase(model)
     with torch.inference_mode():
         result = ll.logit_lens(model, ids, target=int(ids[0, -1]))
     seconds = time.perf_counter() - start
@@ -130,7 +135,40 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
         "model_unembed": type(model.unembed).__name__,
         "readouts": result.n_readouts,
         "embed_read_bytes": getattr(model.embed.weight, "read_bytes", None),
+        # From the lens's start: the decoder layers' phase (first block in to last block out), the seconds the
+        # compute waited there for a layer's read, and what came after (the model's unembedding and the read-out).
+        "layers_seconds": phases["last_out"] - phases["first_in"],
+        "read_wait_seconds": phases["wait"],
+        "head_seconds": time.perf_counter() - phases["last_out"],
     }
+
+
+def _time_layer_phase(model) -> dict:
+    """Wraps the streamed model's run_block and its layer stream's take (in this child process only) to time the
+    decoder layers' phase of the next forward pass."""
+    from llama_lens.loading import stream
+
+    phases = {"first_in": None, "last_out": None, "wait": 0.0}
+    run_block, take = model.run_block, stream.LayerStream.take
+
+    def timed_block(*args, **kwargs):
+        if phases["first_in"] is None:
+            phases["first_in"] = time.perf_counter()
+        try:
+            return run_block(*args, **kwargs)
+        finally:
+            phases["last_out"] = time.perf_counter()
+
+    def timed_take(self, layer):
+        begin = time.perf_counter()
+        try:
+            return take(self, layer)
+        finally:
+            phases["wait"] += time.perf_counter() - begin
+
+    model.run_block = timed_block
+    stream.LayerStream.take = timed_take
+    return phases
 
 
 def plan_child(path: Path, tokens: int, unembed: str, readouts: int, gemm_rate: float, bandwidth: float) -> dict:
@@ -142,7 +180,7 @@ def plan_child(path: Path, tokens: int, unembed: str, readouts: int, gemm_rate: 
         path, tokens=tokens, stream=True, dtype=torch.bfloat16, unembed=unembed, cache="resid",
         readouts=readouts, gemm_rate=gemm_rate, read_bandwidth=bandwidth,
     )  # fmt: skip
-    return {"est_wall_seconds": estimate.est_wall_seconds, "flops": estimate.flops}
+    return {"est_wall_seconds": estimate.est_wall_seconds, "flops": estimate.flops, "read_bytes": estimate.read_bytes}
 
 
 def run_child(args: argparse.Namespace, kind: str) -> dict:
@@ -224,6 +262,21 @@ def main() -> None:
             f"  peak RSS    {streamed['peak_rss'] / 1e9:.3f} GB = {streamed['peak_rss'] / checkpoint_bytes:.1%} of the "
             "checkpoint   (target <= 15%)"
         )
+        layer_flops = flops - roofline_head_flops(args.path, args.tokens, readouts)
+        print(
+            f"  phases      layers {streamed['layers_seconds']:.1f} s (waited {streamed['read_wait_seconds']:.1f} s "
+            f"for reads; their FLOPs at the GEMM rate {layer_flops / gemm['rate']:.1f} s, at the forward's "
+            f"{layer_flops / gemm['forward_rate']:.1f} s), then unembedding + read-out "
+            f"{streamed['head_seconds']:.1f} s ({(flops - layer_flops) / gemm['rate']:.1f} s at the GEMM rate)"
+        )
+        if args.unembed == "memory":
+            # Held, the unembedding is read at load, and the read-out starts after the last layer: this
+            # schedule cannot beat the sum below, whatever the kernels (ll.plan's estimate is this sum).
+            print(
+                f"  schedule    held unembedding: read at load + max(layers' read, layers' compute) + read-out "
+                f"compute = {estimate['est_wall_seconds']:.1f} s = {estimate['est_wall_seconds'] / floor:.2f} x the "
+                f"floor; wall / that = {wall / estimate['est_wall_seconds']:.2f}"
+            )
         if warm is not None:
             print(
                 f"  warm        the same with the files in the page cache: {warm['seconds']:.1f} s "
@@ -235,6 +288,14 @@ def main() -> None:
             f"{estimate['est_wall_seconds']:.1f} s from the same two rates, estimate / measured = "
             f"{estimate['est_wall_seconds'] / wall:.2f}   (target 0.75 .. 1.25)"
         )
+
+
+def roofline_head_flops(path: Path, tokens: int, readouts: int) -> int:
+    """FLOPs of the model's own unembedding and the read-outs (the part of the lens after the layers)."""
+    from llama_lens.io.checkpoint import Checkpoint
+    from llama_lens.loading import roofline
+
+    return roofline.unembed_flops(Checkpoint(path).config, rows=tokens, readouts=readouts)
 
 
 def _gb(nbytes: int | None) -> str:

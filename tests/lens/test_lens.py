@@ -247,7 +247,7 @@ def test_only_the_asked_positions_outlive_the_forward(monkeypatch):
 
 @pytest.mark.parametrize("d_vocab", [8192, 9000, 300])  # whole blocks, a tail past the last block, too few
 def test_blockwise_top_k_matches_torch_topk(d_vocab):
-    from llama_lens.lens.readout import top_k_largest
+    from llama_lens.lens.top_k import top_k_largest
 
     logits = torch.randn(37, d_vocab)
     logits[3, :] = 0.5  # all tied
@@ -832,3 +832,29 @@ def test_positions_and_layers_take_any_iterable():
     with pytest.raises(ValueError, match=r"layers=range\(2, 5\) is out of range: layers \[3, 4\] are not loaded; "
                                          r"this model holds layers \(0..2\)"):  # fmt: skip
         ll.logit_lens(model, tokens, layers=range(2, 5))
+
+
+@pytest.mark.parametrize("vectorized", [True, False])  # exp2 or exp for the shifted blocks
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # logits within EXP_SAFE_MAX (unshifted exp), and far beyond it
+def test_read_out_metrics_match_softmax_whether_or_not_the_block_is_shifted(scale, vectorized, monkeypatch):
+    monkeypatch.setattr(readout_module, "_exp2_is_vectorized", lambda: vectorized)
+    # Rows mixing small logits, logits far past e^64 and rows far below zero: every block's logsumexp, entropy
+    # and KL equal what torch's log_softmax gives over the whole row.
+    generator = torch.Generator().manual_seed(0)
+    n_rows, n_readouts, d_model, d_vocab = 6, 3, 32, 3000
+    weight = torch.randn(d_vocab, d_model, generator=generator)
+    normed = torch.randn(n_rows, n_readouts, d_model, generator=generator) * scale / d_model**0.5
+    normed[0] *= 10  # maxima of several hundred
+    final_logits = torch.randn(n_rows, d_vocab, generator=generator) * scale
+    final_logits[2] -= 500.0  # every logit of a row far below zero
+    final, readouts = readout_module.read_out(normed, weight, final_logits=final_logits, top_k=3)
+    logits = normed @ weight.T  # [n_rows, n_readouts, d_vocab]
+    log_p = final_logits.log_softmax(-1)
+    log_q = logits.log_softmax(-1)
+    torch.testing.assert_close(final.lse, final_logits.logsumexp(-1))
+    torch.testing.assert_close(readouts.lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(final.entropy, -(log_p.exp() * log_p).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(readouts.entropy, -(log_q.exp() * log_q).sum(-1), rtol=1e-4, atol=2e-4)
+    kl = (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(-1)
+    torch.testing.assert_close(readouts.kl, kl, rtol=1e-4, atol=2e-3 * scale)
+    assert torch.equal(readouts.top_logits, logits.topk(3, dim=-1).values)
