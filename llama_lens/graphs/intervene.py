@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArgumentError, ArgumentTypeError
-from .replacement_runs import MODES, ReplacementRuns
+from .replacement_runs import FROZEN_MODES, MODES, ReplacementRuns
 from .transcoders import as_transcoder_set
 
 Intervention = tuple[int, int, int, float]  # (layer, pos, feature, value), as circuit-tracer writes them
@@ -133,11 +133,11 @@ def intervene(
     feature_nodes = graph.active_features[graph.selected_features]
     sets = _by_layer(feature_nodes[nodes], torch.tensor(values, dtype=dtype), device)
     linear_nodes = {layer: (p, f) for layer, (p, f, _) in _by_layer(feature_nodes, None, device).items()}
-    measured = {}
-    for mode in MODES:
-        # Each run is measured against the same run without the intervention, so that a different code path
-        # (the frozen pattern turns off the fused attention) does not show up as a change.
-        measured[mode] = runs.run(mode, sets, linear_nodes) - runs.run(mode, {}, linear_nodes)
+    # Each run is measured against a run without the intervention, frozen or not as it is, so that nothing but
+    # the intervention shows up as a change. Without one, the linear and frozen runs are the same run, and so
+    # are the actual and model runs.
+    baselines = {frozen: runs.run("frozen" if frozen else "actual", {}) for frozen in (True, False)}
+    measured = {mode: runs.run(mode, sets, linear_nodes) - baselines[mode in FROZEN_MODES] for mode in MODES}
     return InterventionResult(
         interventions=[(*map(int, feature_nodes[node].tolist()), value) for node, value in zip(nodes, values)],
         clean_activations=clean,

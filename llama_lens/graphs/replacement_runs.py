@@ -24,6 +24,7 @@ import torch
 from .transcoders import TranscoderSet
 
 MODES = ("linear", "frozen", "actual", "model")
+FROZEN_MODES = ("linear", "frozen")  # attention patterns and norm scales at their clean values
 _FROZEN = ("hook_scale", "hook_pattern")
 
 
@@ -85,7 +86,7 @@ class ReplacementRuns:
 
         hooks = [(f"blocks.{layer}.mlp.hook_in", on_mlp_in) for layer in range(n_layers)]
         hooks += [(f"blocks.{layer}.hook_mlp_out", on_mlp_out) for layer in range(n_layers)]
-        if mode in ("linear", "frozen"):
+        if mode in FROZEN_MODES:
             hooks += [(name, _keep(value)) for name, value in self.frozen.items()]
         else:
             # A hook on the pattern (here one that changes nothing) keeps attention on the written-out path the
