@@ -8,6 +8,7 @@ next token); every change is of that logit minus the mean logit, as the graph's 
     predicted  the graph's linear prediction (direct + indirect effects through its feature nodes)
     linear     the model with patterns, norm scales and errors frozen, graph features linear (= predicted)
     frozen     patterns, scales and errors frozen, features through their activation function
+    frozen_attention  patterns and errors frozen, norm scales move (circuit-tracer's freeze_attention=True)
     actual     only the error nodes frozen: attention and norms move (the gap is measured against this)
     model      the model's own MLPs with the feature's change of write added (circuit-tracer's
                feature_intervention without freezing)
@@ -140,10 +141,10 @@ def main() -> None:
         target = graph.logit_strings[0]
         print(f"target logit {target!r} (p = {float(graph.logit_probabilities[0]):.3f}); top {args.top} features "
               f"by influence on it, each set to 0:")  # fmt: skip
-        columns = ("predicted", "direct", "linear", "frozen", "actual", "model")
-        print(f"{'layer':>5} {'pos':>3} {'feature':>7} {'activation':>10} " + " ".join(f"{c:>9}" for c in columns)
+        columns = ("predicted", "direct", "linear", "frozen", "frozen_attention", "actual", "model")
+        print(f"{'layer':>5} {'pos':>3} {'feature':>7} {'activation':>10} " + " ".join(f"{c[:9]:>9}" for c in columns)
               + f" {'gap':>7} {'frozen gap':>10}")  # fmt: skip
-        gaps, frozen_gaps, model_gaps = [], [], []
+        gaps, frozen_gaps, attention_gaps, model_gaps = [], [], [], []
         start = time.perf_counter()
         for layer, pos, feature in graph.top_features(args.top, logit=0):
             result = graph.intervene(model, transcoders, [(layer, pos, feature, 0.0)])
@@ -151,6 +152,7 @@ def main() -> None:
             gap, frozen_gap = float(result.gap()[0]), float(result.gap("frozen")[0])
             gaps.append(gap)
             frozen_gaps.append(frozen_gap)
+            attention_gaps.append(float(result.gap("frozen_attention")[0]))
             model_gaps.append(float(result.gap("model")[0]))
             print(f"{layer:5d} {pos:3d} {feature:7d} {result.clean_activations[0]:10.3f} "
                   + " ".join(f"{v:+9.4f}" for v in values) + f" {gap:7.1%} {frozen_gap:10.1%}")  # fmt: skip
@@ -162,6 +164,7 @@ def main() -> None:
         return (f"{statistics.median(defined):.1%}" if defined else "undefined") + tiny
 
     print(f"median gap (predicted vs actual): {median(gaps)}; vs frozen: {median(frozen_gaps)}; "
+          f"vs frozen_attention: {median(attention_gaps)}; "
           f"vs model: {median(model_gaps)}")  # fmt: skip
     print(f"({args.top} interventions in {elapsed:.1f} s; load average {load_average()})")
 

@@ -43,6 +43,8 @@ class InterventionResult:
         linear: the model with patterns, norm scales and errors frozen and the graph's features moving
             linearly: equal to `predicted` up to rounding, a check of the graph itself.
         frozen: patterns, scales and errors frozen, every feature through its activation function.
+        frozen_attention: patterns and errors frozen; norm scales move (circuit-tracer's default,
+            freeze_attention=True, with the errors frozen).
         actual: only the errors frozen; attention and norms move. The gap is measured against this.
         model: the model's own MLPs with the intervened features' change of write added (circuit-tracer's
             feature_intervention without freezing).
@@ -56,6 +58,7 @@ class InterventionResult:
     direct: torch.Tensor
     linear: torch.Tensor
     frozen: torch.Tensor
+    frozen_attention: torch.Tensor
     actual: torch.Tensor
     model: torch.Tensor
     logit_strings: list[str] = field(default_factory=list)
@@ -63,7 +66,7 @@ class InterventionResult:
 
     def gap(self, against: str = "actual") -> torch.Tensor:
         """|predicted - x| / |x| per logit node [n_logits], x the change measured in run `against` (one of
-        "linear", "frozen", "actual", "model"); NaN where |x| < min_change."""
+        "linear", "frozen", "frozen_attention", "actual", "model"); NaN where |x| < min_change."""
         if against not in MODES:
             raise ArgumentError(f"against must be one of {MODES}, got {against!r}")
         measured = getattr(self, against)
@@ -71,8 +74,8 @@ class InterventionResult:
         return torch.where(measured.abs() < self.min_change, torch.full_like(gap, math.nan), gap)
 
     def to_frame(self):
-        """One row per logit node: token, logit (its text), predicted, direct, linear, frozen, actual, model,
-        gap (against actual), frozen_gap."""
+        """One row per logit node: token, logit (its text), predicted, direct, the five runs (linear, frozen,
+        frozen_attention, actual, model), gap (against actual), frozen_gap."""
         import pandas as pd
 
         strings = self.logit_strings or [str(int(t)) for t in self.logit_tokens.tolist()]
@@ -135,7 +138,7 @@ def intervene(
     linear_nodes = {layer: (p, f) for layer, (p, f, _) in _by_layer(feature_nodes, None, device).items()}
     # Each run is measured against a run without the intervention, frozen or not as it is, so that nothing but
     # the intervention shows up as a change. Without one, the linear and frozen runs are the same run, and so
-    # are the actual and model runs.
+    # are the others (a frozen pattern is the one this run computes, on the same written-out path).
     baselines = {frozen: runs.run("frozen" if frozen else "actual", {}) for frozen in (True, False)}
     measured = {mode: runs.run(mode, sets, linear_nodes) - baselines[mode in FROZEN_MODES] for mode in MODES}
     return InterventionResult(

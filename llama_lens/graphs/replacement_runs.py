@@ -1,7 +1,7 @@
 """The model run on a graph's prompt with its MLPs replaced by transcoders, for checking a graph's predictions.
 
 Each MLP output becomes its clean value plus the change of the transcoder's reconstruction (feature writes and
-skip connection), so the error nodes keep their clean values. Four ways to run it, from the graph's own linear
+skip connection), so the error nodes keep their clean values. Five ways to run it, from the graph's own linear
 model to the model itself:
 
     linear   attention patterns and norm scales frozen; the graph's feature nodes move by exactly the change
@@ -9,6 +9,9 @@ model to the model itself:
              feature holds its clean activation. This is the graph's linear model, run through the hooked model.
     frozen   patterns and scales frozen; every feature through its activation function (features can switch
              on or off, TopK can swap).
+    frozen_attention
+             patterns frozen, norm scales move (circuit-tracer's `feature_intervention` freezes the patterns by
+             default, `freeze_attention=True`; here the errors stay frozen too).
     actual   nothing frozen but the error nodes: attention patterns and norm scales move.
     model    the model's own MLPs; the intervened features' change of write is added to their MLP output
              (circuit-tracer's `feature_intervention` with `freeze_attention=False`).
@@ -23,7 +26,7 @@ import torch
 
 from .transcoders import TranscoderSet
 
-MODES = ("linear", "frozen", "actual", "model")
+MODES = ("linear", "frozen", "frozen_attention", "actual", "model")
 FROZEN_MODES = ("linear", "frozen")  # attention patterns and norm scales at their clean values
 _FROZEN = ("hook_scale", "hook_pattern")
 
@@ -88,6 +91,8 @@ class ReplacementRuns:
         hooks += [(f"blocks.{layer}.hook_mlp_out", on_mlp_out) for layer in range(n_layers)]
         if mode in FROZEN_MODES:
             hooks += [(name, _keep(value)) for name, value in self.frozen.items()]
+        elif mode == "frozen_attention":
+            hooks += [(name, _keep(value)) for name, value in self.frozen.items() if name.endswith("hook_pattern")]
         else:
             # A hook on the pattern (here one that changes nothing) keeps attention on the written-out path the
             # clean run took to cache it, so the clean values here and the run's own agree to the last bit.

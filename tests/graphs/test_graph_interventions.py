@@ -76,13 +76,16 @@ def test_a_last_layer_feature_acts_directly_and_the_spliced_model_is_the_model()
     torch.testing.assert_close(result.actual, result.model, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(result.frozen, result.predicted, rtol=1e-9, atol=1e-12)
     assert result.actual.abs().max() > 1e-4
+    # No attention above it: freezing the patterns changes nothing, while ln_final's scale moving does.
+    torch.testing.assert_close(result.frozen_attention, result.actual, rtol=1e-9, atol=1e-12)
+    assert (result.actual - result.frozen).abs().max() > 1e-3 * result.actual.abs().max()
 
 
 def test_setting_a_feature_to_its_own_value_changes_nothing():
     model, transcoders, graph = _setup("jumprelu", False)
     result = graph.intervene(model, transcoders, [(*graph.top_features(1)[0], 1.0)], scale=True)
     assert (result.predicted == 0).all() and (result.direct == 0).all()
-    for name in ("linear", "frozen", "actual", "model"):
+    for name in ("linear", "frozen", "frozen_attention", "actual", "model"):
         assert getattr(result, name).abs().max() < 1e-8, name
     # Changes under min_change have no gap: the ratio would be rounding noise.
     assert torch.isnan(result.gap()).all()
@@ -99,7 +102,8 @@ def test_gap_and_frame():
     assert torch.isnan(result.gap()[~defined]).all()
     frame = result.to_frame()
     assert list(frame.columns) == [
-        "token", "logit", "predicted", "direct", "linear", "frozen", "actual", "model", "gap", "frozen_gap"
+        "token", "logit", "predicted", "direct", "linear", "frozen", "frozen_attention", "actual", "model", "gap",
+        "frozen_gap",
     ]  # fmt: skip
     assert len(frame) == graph.n_logits and frame["token"].tolist() == graph.logit_tokens.tolist()
     assert "gap" in repr(result)
