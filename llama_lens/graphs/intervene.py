@@ -186,10 +186,7 @@ def _parse(graph, interventions, scale: bool) -> tuple[list[int], list[float], l
         if not isinstance(item, (list, tuple)) or len(item) != 4:
             raise ArgumentError(f"each intervention is (layer, pos, feature, value), got {item!r}")
         *key, value = item
-        try:
-            key = tuple(_index(part) for part in key)
-        except (TypeError, ValueError):
-            raise ArgumentTypeError(f"layer, pos and feature must be integers, got {item!r}") from None
+        key = tuple(_index(part, item) for part in key)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -206,13 +203,11 @@ def _parse(graph, interventions, scale: bool) -> tuple[list[int], list[float], l
     return nodes, clean, values
 
 
-def _index(part) -> int:
-    if isinstance(part, bool):
-        raise TypeError(part)
+def _index(part, item) -> int:
     if isinstance(part, torch.Tensor):
-        part = part.item()
-    if isinstance(part, float) or not hasattr(part, "__index__"):
-        raise TypeError(part)
+        part = part.item() if part.numel() == 1 and not part.is_floating_point() else None
+    if isinstance(part, (bool, float)) or not hasattr(part, "__index__"):
+        raise ArgumentTypeError(f"layer, pos and feature must be integers, got {item!r}")
     return int(part)
 
 

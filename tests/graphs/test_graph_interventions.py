@@ -147,8 +147,12 @@ def test_hostile_interventions_are_refused_by_name():
     for interventions, message in cases:
         with pytest.raises(ArgumentError, match=message):
             graph.intervene(model, transcoders, interventions)
-    with pytest.raises(ArgumentTypeError, match="integers"):
-        graph.intervene(model, transcoders, [(float(layer), pos, feature, 0.0)])
+    for bad_layer in (float(layer), torch.tensor([layer, layer]), True):
+        with pytest.raises(ArgumentTypeError, match="integers"):
+            graph.intervene(model, transcoders, [(bad_layer, pos, feature, 0.0)])
+    # One-element integer tensors are indices like any other.
+    result = graph.intervene(model, transcoders, [(torch.tensor(layer), pos, torch.tensor(feature), 0.0)])
+    assert result.interventions[0][:3] == (layer, pos, feature)
     with pytest.raises(ArgumentError, match="min_change"):
         graph.intervene(model, transcoders, [(layer, pos, feature, 0.0)], min_change=-1)
     # Other transcoders (or another model) would make every comparison meaningless.
