@@ -11,6 +11,7 @@ import importlib
 _LAZY = {
     "attribution_graph": "graphs.attribute",
     "AttributionGraph": "graphs.result",
+    "InterventionResult": "graphs.intervene",
     "LlamaConfig": "config",
     "RopeScaling": "config",
     "HookedLlama": "model.llama",

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArgumentError
-from .influence import PruneResult, graph_scores, prune
+from .influence import PruneResult, compute_influence, graph_scores, normalize_matrix, prune
+from .intervene import InterventionResult, intervene
 
 
 @dataclass
@@ -98,6 +99,39 @@ class AttributionGraph:
             n_errors=self.n_errors,
             n_tokens=self.n_pos,
         )
+
+    def top_features(self, n: int = 5, *, logit: int | None = 0) -> list[tuple[int, int, int]]:
+        """The (layer, pos, feature) of the `n` feature nodes with the most influence on logit node `logit`
+        (0: the most probable token), or on all logit nodes weighted by probability if None."""
+        if not isinstance(n, int) or n < 1:
+            raise ArgumentError(f"n must be a positive integer, got {n!r}")
+        weights = self.adjacency.new_zeros(self.n_nodes)
+        first_logit = self.n_nodes - self.n_logits
+        if logit is None:
+            weights[first_logit:] = self.logit_probabilities.to(weights)
+        elif isinstance(logit, int) and -self.n_logits <= logit < self.n_logits:
+            weights[first_logit + logit % self.n_logits] = 1.0
+        else:
+            raise ArgumentError(f"logit must be a logit node index in [0, {self.n_logits}) or None, got {logit!r}")
+        influence = compute_influence(normalize_matrix(self.adjacency), weights)[: self.n_features]
+        order = torch.argsort(influence, descending=True)[:n]
+        return [tuple(row) for row in self.active_features[self.selected_features[order]].tolist()]
+
+    # ---------------------------------------------------------------------------------- interventions
+    def intervene(
+        self, model, transcoders, interventions, *, scale: bool = False, min_change: float = 1e-4
+    ) -> InterventionResult:
+        """Sets feature nodes to new activations, all at once, and compares the graph's predicted change of each
+        logit node with the model's (graphs/intervene.py).
+
+        Args:
+            model: the model the graph was built on.
+            transcoders: the transcoders it was built with.
+            interventions: (layer, pos, feature, value) tuples, each naming a feature node of this graph.
+            scale: each value multiplies the feature's activation on the prompt instead of replacing it.
+            min_change: the |change| (in logits) below which a gap is NaN.
+        """
+        return intervene(self, model, transcoders, interventions, scale=scale, min_change=min_change)
 
     # ------------------------------------------------------------------------------------------ tables
     def node_kinds(self) -> list[tuple[str, int, int, int]]:
