@@ -10,11 +10,11 @@ import random
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from support.chromium import HAVE_CHROMIUM, console_errors, saved_page_in_chromium
 from support.dictionaries import write_saelens
 from support.models import char_model
 
@@ -209,35 +209,18 @@ def test_from_a_model_the_prompt_reruns_the_lens(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ Chromium
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
 @pytest.mark.browser
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs chromium and chromedriver")
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs chromium and chromedriver")
 def test_saved_full_size_page_in_chromium(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     explorer = ll_widgets.FeatureExplorer(synthetic())
     explorer.zoom = 4
     page = explorer.save_html(tmp_path / "features.html")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--window-size=1600,1200",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
-        driver.get(page.as_uri())
-        deadline = time.monotonic() + 30
-        while not driver.find_elements(By.CSS_SELECTOR, ".ll-root[data-ready='1']"):
-            assert time.monotonic() < deadline, "the saved page did not render in 30 s"
-            time.sleep(0.1)
+    with saved_page_in_chromium(page, tmp_path / "profile") as driver:
         canvas = driver.find_element(By.CSS_SELECTOR, "canvas.ll-cells")
         width, height = driver.execute_script(
             "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas
@@ -248,10 +231,8 @@ def test_saved_full_size_page_in_chromium(tmp_path, monkeypatch):
         tooltip = driver.find_element(By.CSS_SELECTOR, ".ll-tooltip")
         assert "blocks." in tooltip.text and len(tooltip.find_elements(By.CSS_SELECTOR, "tr")) == 11
         timings = driver.execute_script("return window.llamaLensTimings")
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+        errors = console_errors(driver)
         assert not errors, errors
-    finally:
-        driver.quit()
     hover = sorted(timings["hover"])
     print(
         f"\nfeature explorer in Chromium, saved page {page.stat().st_size / 1e6:.2f} MB, 30 x 300 x top-10: hover "

@@ -7,11 +7,11 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from support.chromium import HAVE_CHROMIUM, console_errors, saved_page_in_chromium
 from support.dictionaries import write_circuit_tracer
 from support.models import char_model
 
@@ -276,35 +276,18 @@ def test_without_a_model_the_graph_alone_is_shown(setup):
 
 
 # ------------------------------------------------------------------------------------------ Chromium
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
 @pytest.mark.browser
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs chromium and chromedriver")
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs chromium and chromedriver")
 def test_saved_page_in_chromium_hovers_pins_and_groups(explorer, tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     page = explorer.save_html(tmp_path / "graph.html")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--window-size=1600,1200",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    css = driver.find_elements
-    try:
-        driver.get(page.as_uri())
-        deadline = time.monotonic() + 30
-        while not css(By.CSS_SELECTOR, ".ll-root[data-ready='1']"):
-            assert time.monotonic() < deadline, "the saved page did not render in 30 s"
-            time.sleep(0.1)
+    with saved_page_in_chromium(page, tmp_path / "profile") as driver:
+        css = driver.find_elements
         nodes = css(By.CSS_SELECTOR, ".ll-gnode")
         assert [n.get_attribute("data-id") for n in nodes] == explorer.node_ids
         feature = next(i for i, n in enumerate(explorer.meta["nodes"]) if n["kind"] == "feature")
@@ -324,9 +307,7 @@ def test_saved_page_in_chromium_hovers_pins_and_groups(explorer, tmp_path, monke
         supernode = driver.find_element(By.CSS_SELECTOR, ".ll-gnode-supernode")
         assert supernode.get_attribute("data-id") == "pair" and not css(By.CSS_SELECTOR, ".ll-gnode-selected")
         timings = driver.execute_script("return window.llamaLensTimings")
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+        errors = console_errors(driver)
         assert not errors, errors
-    finally:
-        driver.quit()
     print(f"\ngraph explorer in Chromium, tiny graph: first draw {timings['draw'][0]:.1f} ms, hover "
           f"{timings['hover'][0]:.2f} ms")  # fmt: skip
