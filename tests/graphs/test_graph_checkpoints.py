@@ -4,7 +4,7 @@ consolidated.*.pth, an F32 GGUF), loaded whole or streamed, with its unembedding
 import pytest
 import torch
 from random_transcoders import random_transcoders
-from support.llama_cpp import llama_cpp_permute
+from support.llama_cpp import write_gguf
 from support.models import tiny_config
 
 import llama_lens as ll
@@ -14,57 +14,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N_LAYERS = 3
 CFG = tiny_config(n_layers=N_LAYERS)
-# canonical name (block-relative for layers) -> llama.cpp's, for the F32 GGUF written below.
-GGUF_NAMES = {
-    "embed.weight": "token_embd.weight",
-    "ln1.weight": "attn_norm.weight",
-    "attn.q_proj.weight": "attn_q.weight",
-    "attn.k_proj.weight": "attn_k.weight",
-    "attn.v_proj.weight": "attn_v.weight",
-    "attn.o_proj.weight": "attn_output.weight",
-    "ln2.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "ln_final.weight": "output_norm.weight",
-    "unembed.weight": "output.weight",
-}
 
 
-def write_f32_gguf(path, cfg, state):
+def _f32_gguf(path, state):
     """A llama.cpp-style F32 GGUF of `state` (q/k rows permuted as convert_hf_to_gguf.py does)."""
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(cfg.n_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_mlp)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_key_length(cfg.d_head)
-    writer.add_value_length(cfg.d_head)
-    writer.add_rope_dimension_count(cfg.d_head)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.d_vocab)
-    for name, tensor in state.items():
-        if name == "unembed.weight" and cfg.tie_embeddings:
-            continue
-        values = tensor.float()
-        if name.endswith("q_proj.weight"):
-            values = llama_cpp_permute(values, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            values = llama_cpp_permute(values, cfg.n_kv_heads)
-        if name.startswith("blocks."):
-            _, layer, rest = name.split(".", 2)
-            stored = f"blk.{layer}.{GGUF_NAMES[rest]}"
-        else:
-            stored = GGUF_NAMES[name]
-        writer.add_tensor(stored, values.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    pytest.importorskip("gguf")
+    write_gguf(path, CFG, state, qtype="F32")
     return path
 
 
@@ -75,7 +30,7 @@ def checkpoints(tmp_path_factory):
     return {
         "hf": write_hf_checkpoint(folder / "hf", CFG, state, shards=2),
         "meta": write_meta_checkpoint(folder / "meta", CFG, state, mp=2),
-        "gguf": write_f32_gguf(folder / "tiny.gguf", CFG, state),
+        "gguf": _f32_gguf(folder / "tiny.gguf", state),
     }
 
 
