@@ -23,20 +23,17 @@ import numpy as np
 import torch
 
 from ..errors import ArgumentError
-from ..model.memory import available_memory
+from ..model.memory import exceeds_offload_share
 
-# offload="auto" offloads when the rows would take more than this share of the memory available now.
-AUTO_OFFLOAD_SHARE = 0.25
 # Rows are read back in chunks of about this many bytes.
 CHUNK_BYTES = 128 * 2**20
 
 
 def resolve_offload(offload: bool | str, rows_bytes: int) -> bool:
-    """Whether to offload: True, False, or "auto" (when `rows_bytes` exceeds AUTO_OFFLOAD_SHARE of the memory
-    available; never when that is unknown)."""
+    """Whether to offload: True, False, or "auto" (when `rows_bytes` exceeds `model.memory.OFFLOAD_SHARE` of the
+    memory available; never when that is unknown)."""
     if offload == "auto":
-        available = available_memory("cpu")
-        return available is not None and rows_bytes > AUTO_OFFLOAD_SHARE * available
+        return exceeds_offload_share(rows_bytes)
     if isinstance(offload, bool):
         return offload
     raise ArgumentError(f"offload must be True, False or 'auto', got {offload!r}")

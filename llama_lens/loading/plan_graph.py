@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import LlamaConfig
 from ..errors import ArgumentError
-from ..model.memory import available_memory
+from ..model.memory import exceeds_offload_share
 from .plan_sizes import dictionary_bytes
 
 GRAPH_KEYS = ("transcoders", "max_feature_nodes", "batch_size", "offload", "max_n_logits", "active_features")
@@ -37,8 +37,6 @@ GRAPH_KEYS = ("transcoders", "max_feature_nodes", "batch_size", "offload", "max_
 BATCH_GRADIENTS = 5
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest block its malloc serves from the heap.
 MMAP_THRESHOLD_MAX = 32 * 2**20
-# ll.attribution_graph's offload="auto": offloaded when the rows take more than this share of the memory available.
-AUTO_OFFLOAD_SHARE = 0.25
 
 
 def graph_bytes(graph: Mapping[str, Any], cfg: LlamaConfig, *, tokens: int, act: int, stream: bool) -> tuple[int, int]:
@@ -81,9 +79,8 @@ def graph_bytes(graph: Mapping[str, Any], cfg: LlamaConfig, *, tokens: int, act:
     retained = 2 * A * D * it if per_layer < MMAP_THRESHOLD_MAX else 0
     rows_held = (B + G) * (C + G) * it
     offload = graph.get("offload", "auto")
-    if offload == "auto":
-        available = available_memory("cpu")
-        offload = available is not None and rows_held > AUTO_OFFLOAD_SHARE * available
+    if offload == "auto":  # the choice ll.attribution_graph makes (graphs/offload.resolve_offload)
+        offload = exceeds_offload_share(rows_held)
     # Ranking by influence copies the rows twice (abs, normalized); offloaded, it holds a square of rows by rows.
     ranking = (B + G) ** 2 * it if offload else 2 * rows_held
     # A batch's pass and the ranking take turns.

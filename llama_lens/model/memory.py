@@ -183,3 +183,15 @@ def _folders_up_to(root: Path, path: str) -> list[Path]:
     while folders[-1] != root and root in folders[-1].parents:
         folders.append(folders[-1].parent)
     return [folder for folder in folders if folder.is_dir()] or [root]
+
+
+# Work that may go to disk (an attribution graph's rows under offload="auto") goes there when it would take more
+# than this share of the memory available now; ll.plan predicts the same choice with the same function.
+OFFLOAD_SHARE = 0.25
+
+
+def exceeds_offload_share(nbytes: int, device: torch.device | str = "cpu") -> bool:
+    """Whether `nbytes` is more than OFFLOAD_SHARE of the memory available on `device` now (False when that is
+    unknown)."""
+    available = available_memory(device)
+    return available is not None and nbytes > OFFLOAD_SHARE * available

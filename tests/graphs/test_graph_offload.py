@@ -13,6 +13,7 @@ from support.models import tiny_config, tiny_model
 import llama_lens as ll
 from llama_lens.graphs import offload as offload_module
 from llama_lens.graphs.influence import partial_influences, partial_influences_by_chunks
+from llama_lens.model import memory as memory_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,7 +98,7 @@ def test_bad_offload_options_are_refused_before_the_run(setup, kwargs, message):
 
 
 def test_auto_offloads_when_the_rows_would_take_a_quarter_of_the_memory_available(monkeypatch):
-    monkeypatch.setattr(offload_module, "available_memory", lambda device: 4000)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device: 4000)
     assert offload_module.resolve_offload("auto", 1001) and not offload_module.resolve_offload("auto", 1000)
-    monkeypatch.setattr(offload_module, "available_memory", lambda device: None)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device: None)
     assert not offload_module.resolve_offload("auto", 10**15)
