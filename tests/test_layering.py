@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -294,8 +295,11 @@ def test_lint_imports_fails_on_an_added_upward_import(tmp_path):
 def test_the_drawing_counts_no_arrow_back_up_and_no_circle():
     """scripts/draw_rooms.py (grimp's graph, the declared layers of pyproject.toml) finds the rule kept, and the
     drawing on docs/architecture.md is the one it draws today."""
+    # The script imports `llama_lens` to find its modules: this checkout's, not whichever one is installed
+    # (a second checkout sharing an editable install would otherwise draw the other one's graph).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "draw_rooms.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "scripts" / "draw_rooms.py")], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("0 back up, 0 circles"), done.stdout
