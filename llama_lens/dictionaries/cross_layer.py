@@ -88,7 +88,9 @@ class CrossLayerTranscoder:
         key = (self._check_layer(layer), name)
         if key not in self._loaded:
             ref = self.encoders[layer][name]
-            tensor = ref.file.read(ref.name, torch.float32)
+            # Read as stored and cast once: a float64 file read with dtype=float64 keeps every bit (a float32
+            # step between would round it), and a bf16 file widens exactly.
+            tensor = ref.file.read(ref.name)
             if ref.transposed:
                 tensor = tensor.T.contiguous()
             self._loaded[key] = tensor.to(self.device, self.dtype)
@@ -102,7 +104,7 @@ class CrossLayerTranscoder:
         [len(ids), n_layers - layer, d_out], reading only those rows from disk."""
         ref = self.decoders[self._check_layer(layer)]
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
-        return ref.file.read_rows(ref.name, ids, torch.float32).to(self.device, self.dtype)
+        return ref.file.read_rows(ref.name, ids).to(self.device, self.dtype)  # as stored, cast once (see param)
 
     def W_dec(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s whole decoder [d_sae, n_layers - layer, d_out] (prefer W_dec_rows)."""
