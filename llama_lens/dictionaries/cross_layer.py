@@ -21,6 +21,7 @@ the features that fired.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,23 @@ class CrossLayerTranscoder:
     def W_dec(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s whole decoder [d_sae, n_layers - layer, d_out] (prefer W_dec_rows)."""
         return self.W_dec_rows(layer, torch.arange(self.d_sae))
+
+    def splice_memory(self, rows: int, active_features: int | None = None) -> tuple[int, int]:
+        """(bytes held once spliced, bytes a spliced pass holds) for `rows` tokens per pass, as
+        `ll.plan(..., dictionaries=[clt])` counts them. Held: every layer's encoder, biases and thresholds. A pass
+        keeps, for every layer until its end (a later layer's output reads all earlier layers' features): the
+        input, pre-activations, activations, the active features' activations and their decoder rows to this
+        and every later layer, `active_features` per layer (default every feature: an upper bound); plus one
+        output's reconstruction and error, and the mask that finds the active features."""
+        size = self.dtype.itemsize
+        held = sum(math.prod(ref.file.shape(ref.name)) for layer in self.encoders for ref in layer.values())
+        active = self.d_sae if active_features is None else min(active_features, self.d_sae)
+        per_layer = rows * (self.d_in + 2 * self.d_sae + active) * size
+        rows_read = active * self.d_out * sum(self.n_layers - layer for layer in range(self.n_layers)) * size
+        stored = self.decoders[0].file.stored_dtype(self.decoders[0].name).itemsize
+        largest_read = active * self.n_layers * self.d_out * stored  # layer 0's rows as stored, before the cast
+        working = self.n_layers * per_layer + rows_read + largest_read + rows * (self.d_sae + 2 * self.d_out * size)
+        return held * size, working
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CrossLayerTranscoder:
         """Moves (in place) what was read, and where later reads go; returns self."""
