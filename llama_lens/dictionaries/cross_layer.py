@@ -21,6 +21,7 @@ the features that fired.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,9 @@ class CrossLayerTranscoder:
         key = (self._check_layer(layer), name)
         if key not in self._loaded:
             ref = self.encoders[layer][name]
-            tensor = ref.file.read(ref.name, torch.float32)
+            # Read as stored and cast once: a float64 file read with dtype=float64 keeps every bit (a float32
+            # step between would round it), and a bf16 file widens exactly.
+            tensor = ref.file.read(ref.name)
             if ref.transposed:
                 tensor = tensor.T.contiguous()
             self._loaded[key] = tensor.to(self.device, self.dtype)
@@ -102,11 +105,28 @@ class CrossLayerTranscoder:
         [len(ids), n_layers - layer, d_out], reading only those rows from disk."""
         ref = self.decoders[self._check_layer(layer)]
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
-        return ref.file.read_rows(ref.name, ids, torch.float32).to(self.device, self.dtype)
+        return ref.file.read_rows(ref.name, ids).to(self.device, self.dtype)  # as stored, cast once (see param)
 
     def W_dec(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s whole decoder [d_sae, n_layers - layer, d_out] (prefer W_dec_rows)."""
         return self.W_dec_rows(layer, torch.arange(self.d_sae))
+
+    def splice_memory(self, rows: int, active_features: int | None = None) -> tuple[int, int]:
+        """(bytes held once spliced, bytes a spliced pass holds) for `rows` tokens per pass, as
+        `ll.plan(..., dictionaries=[clt])` counts them. Held: every layer's encoder, biases and thresholds. A pass
+        keeps, for every layer until its end (a later layer's output reads all earlier layers' features): the
+        input, pre-activations, activations, the active features' activations and their decoder rows to this
+        and every later layer, `active_features` per layer (default every feature: an upper bound); plus one
+        output's reconstruction and error, and the mask that finds the active features."""
+        size = self.dtype.itemsize
+        held = sum(math.prod(ref.file.shape(ref.name)) for layer in self.encoders for ref in layer.values())
+        active = self.d_sae if active_features is None else min(active_features, self.d_sae)
+        per_layer = rows * (self.d_in + 2 * self.d_sae + active) * size
+        rows_read = active * self.d_out * sum(self.n_layers - layer for layer in range(self.n_layers)) * size
+        stored = self.decoders[0].file.stored_dtype(self.decoders[0].name).itemsize
+        largest_read = active * self.n_layers * self.d_out * stored  # layer 0's rows as stored, before the cast
+        working = self.n_layers * per_layer + rows_read + largest_read + rows * (self.d_sae + 2 * self.d_out * size)
+        return held * size, working
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CrossLayerTranscoder:
         """Moves (in place) what was read, and where later reads go; returns self."""

@@ -135,8 +135,9 @@ class Dictionary:
         """(bytes held once spliced, bytes of one splice's working tensors) for `rows` tokens per pass, as
         `ll.plan(..., dictionaries=[...])` counts them: held are the encoder, the biases and thresholds (and the
         whole decoder where it is read whole: stored transposed, or ranked by its row norms); a pass reads the
-        decoder rows of the features that fired, `active_features` (default: at most rows * k for TopK, every
-        feature otherwise: an upper bound)."""
+        decoder rows of the features that fired, `active_features` (default: for TopK the expected number of
+        distinct features rows * k uniform firings hit, d_sae * (1 - exp(-rows * k / d_sae)); every feature
+        otherwise: an upper bound)."""
         size = self.dtype.itemsize
         whole_decoder = self.params["W_dec"].transposed or self.rescale_acts_by_decoder_norm
         held = sum(
@@ -144,12 +145,21 @@ class Dictionary:
         )
         active = active_features if active_features is not None else self.d_sae
         if active_features is None and self.k:
-            active = min(self.d_sae, rows * self.k)
+            # rows * k firings land on this many distinct features if they fall uniformly; a real dictionary's
+            # skewed firing hits fewer (the count is concave in the firing rates), so it stays an upper bound
+            # in expectation, where rows * k alone overshoots once features repeat across rows.
+            active = math.ceil(self.d_sae * -math.expm1(-rows * self.k / self.d_sae))
         active = 0 if whole_decoder else min(active, self.d_sae)
-        # pre-activations, activations and the activation's own temporaries (ReLU, mask or TopK's scatter), the
-        # fired-feature mask, the decoder rows (and their float32 read), the active columns, inputs and outputs.
-        working = 3 * rows * self.d_sae * size + rows * self.d_sae + active * self.d_out * (size + 4)
-        working += rows * active * size + rows * (2 * self.d_in + 2 * self.d_out) * size
+        # A splice holds the most at one of two moments (measured by scripts/bench_stream_dictionary.py; their
+        # sum overshot by a quarter at 512 tokens): encoding, the pre-activations, the activations and the
+        # activation's own temporaries (ReLU, mask or TopK's scatter); decoding, the pre-activations and
+        # activations still held, the fired-feature mask, the decoder rows (and their float32 read), the
+        # active columns. The inputs and outputs are held at both.
+        inputs = rows * (2 * self.d_in + 2 * self.d_out) * size
+        encoding = 3 * rows * self.d_sae * size + rows * self.d_sae
+        decoding = 2 * rows * self.d_sae * size + rows * self.d_sae + active * self.d_out * (size + 4)
+        decoding += rows * active * size
+        working = max(encoding, decoding) + inputs
         return held * size, working
 
     def _bias(self, name: str, width: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ patched runs.
 Ablating a node changes its site's activation at its position by what the node writes there:
     feature f:   decode(acts with f set to 0) - decode(acts)      (= -acts[f] * W_dec[f] for a plain decoder)
     error term:  -error
+    a cross-layer transcoder's feature f of layer i:  -acts[f] * W_dec_i[f, j - i] at the output of every
+                 layer j >= i (all it writes, so ablating it zeroes its writes everywhere)
 with the site's other features and its error held, which is the spliced model with that node removed (the
 other dictionaries, spliced with their error terms, are the identity and are left out). Every row starts at
 the lowest layer any node sits in, from the clean run's residual stream there; row 0 is the clean run, so
@@ -17,13 +19,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..dictionaries.dictionary import Dictionary
+from ..dictionaries.cross_layer import CrossLayerTranscoder
 from ..errors import ArgumentError
 from ..patching.lazy_logits import LogitSource
 from ..patching.metrics import BatchedMetric, Metric, PositionMetric
 from ..validate import check_count, check_index
 from .attribute_result import ERROR, site_layer
-from .attribute_splice import SiteRecord, check_dictionaries, splice_recording
+from .attribute_splice import AnyDictionary, SiteRecord, check_dictionaries, splice_recording
 
 Node = tuple[str, int, int]  # (site: the dictionary's hook_out, position, feature id or -1 for the error term)
 
@@ -31,7 +33,7 @@ Node = tuple[str, int, int]  # (site: the dictionary's hook_out, position, featu
 def ablate_features(
     model,
     prompt: str | torch.Tensor | Sequence[int],
-    dictionaries: Dictionary | Iterable[Dictionary],
+    dictionaries: AnyDictionary | Iterable[AnyDictionary],
     nodes: Sequence[Node],
     metric: Metric,
     *,
@@ -44,7 +46,8 @@ def ablate_features(
     Args:
         prompt: one text or token ids [pos].
         dictionaries: the dictionaries the nodes belong to.
-        nodes: (site, position, feature) each: a dictionary's hook_out, a position of the prompt (negative counts
+        nodes: (site, position, feature) each: a dictionary's hook_out (a CLT feature's: its layer's output
+            hook, hooks_out[layer]), a position of the prompt (negative counts
             from the end), a feature id, or -1 for the dictionary's error term there.
         metric: metric(logits [1, pos, d_vocab]) -> [] as in `ll.patching`; a `PositionMetric` unembeds its
             position only, a `BatchedMetric` scores all rows of a batch in one call.
@@ -67,44 +70,66 @@ def ablate_features(
     return effects
 
 
-def prompt_tokens(model, prompt, prepend_bos: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One prompt's ids [1, pos] and mask (None when nothing is padded)."""
+def prompt_tokens(
+    model, prompt, prepend_bos: bool | None, *, batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' ids [batch, pos] and mask (None when nothing is padded); one prompt unless `batch`."""
     tokens, mask = model.prepare_tokens(prompt, prepend_bos=prepend_bos)
-    if tokens.shape[0] != 1:
-        raise ArgumentError(f"feature attribution takes one prompt, got a batch of {tokens.shape[0]}")
+    if tokens.shape[0] != 1 and not batch:
+        raise ArgumentError(
+            f"prompt: ablate_features takes one prompt, got a batch of {tokens.shape[0]} "
+            "(ll.feature_attribution takes a batch)"
+        )
     return tokens, None if mask is None or bool(mask.all()) else mask
 
 
 def check_node(node: Node, records: dict[str, SiteRecord], pos: int) -> Node:
     if not isinstance(node, (tuple, list)) or len(node) != 3:
-        raise ArgumentError(f"a node is (site, position, feature), got {node!r}")
+        raise ArgumentError(f"nodes: a node is (site, position, feature), got {node!r}")
     site, position, feature = node
     if site not in records:
-        raise ArgumentError(f"no dictionary writes {site!r}; the dictionaries' sites are {sorted(records)}")
+        raise ArgumentError(f"nodes: no dictionary writes {site!r}; the dictionaries' sites are {sorted(records)}")
     position = check_index("position", position, pos, "positions in the prompt")
-    d_sae = records[site].dictionary.d_sae
+    d_sae = records[site].d_sae
     if feature != ERROR:
         feature = check_index("feature", feature, d_sae, f"features in the dictionary at {site} (-1: its error)")
     return site, position, feature
 
 
-def node_deltas(record: SiteRecord, positions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """[n, d_out]: what removing each node adds to its site's activation at its position (module docstring)."""
-    error = record.error.detach()
-    deltas = torch.zeros(len(positions), error.shape[-1], dtype=error.dtype, device=error.device)
+def node_deltas(
+    records: dict[str, SiteRecord], prompt: int, site: str, positions: torch.Tensor, features: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """Per node of prompt `prompt` at `site`: what removing it adds to each site it writes, at its position
+    ({site: [d_out]}; a CLT feature writes to its layer's output and every later one)."""
+    record = records[site]
+    error = record.error.detach()[prompt]  # [pos, d_out]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(len(positions))]
     is_error = features == ERROR
-    deltas[is_error] = -error[positions[is_error]]
-    chosen = ~is_error
-    if bool(chosen.any()):
-        device = record.acts.device  # the dictionary's, which may not be the model's
-        rows, picked = positions[chosen].to(device), features[chosen].to(device)
-        acts = record.acts.detach()[rows]  # [m, d_sae]
-        zeroed = acts.clone()
-        zeroed[torch.arange(len(acts), device=device), picked] = 0
-        source = record.source[rows]
-        dictionary = record.dictionary
-        deltas[chosen] = (dictionary.decode(zeroed, source) - dictionary.decode(acts, source)).to(deltas)
-    return deltas
+    for i in is_error.nonzero().squeeze(-1).tolist():
+        out[i][site] = -error[positions[i]]
+    chosen = (~is_error).nonzero().squeeze(-1)
+    if not len(chosen):
+        return out
+    dictionary = record.dictionary
+    device = record.acts.device  # the dictionary's, which may not be the model's
+    rows, picked = positions[chosen].to(device), features[chosen].to(device)
+    acts = record.acts.detach()[prompt][rows]  # [m, d_sae]
+    if isinstance(dictionary, CrossLayerTranscoder):
+        # A CLT feature writes acts * W_dec[f, j - layer] to each layer j >= its own; removing it takes all back.
+        values = acts[torch.arange(len(acts), device=device), picked]  # [m]
+        directions = dictionary.W_dec_rows(record.layer, picked)  # [m, n_layers - layer, d_out]
+        written = -values[:, None, None] * directions
+        for k, i in enumerate(chosen.tolist()):
+            for offset, target in enumerate(dictionary.hooks_out[record.layer :]):
+                out[i][target] = written[k, offset]
+        return out
+    zeroed = acts.clone()
+    zeroed[torch.arange(len(acts), device=device), picked] = 0
+    source = record.source[prompt][rows]
+    deltas = dictionary.decode(zeroed, source) - dictionary.decode(acts, source)
+    for k, i in enumerate(chosen.tolist()):
+        out[i][site] = deltas[k]
+    return out
 
 
 def run_ablations(
@@ -116,18 +141,23 @@ def run_ablations(
     nodes: list[Node],
     metric: Metric,
     max_batch: int,
+    prompt: int = 0,
 ) -> tuple[float, torch.Tensor]:
-    """(the clean run's metric, [len(nodes)] metric(clean) - metric(ablated)) from batched rows: the clean row,
-    then one row per node, at most `max_batch` rows a forward pass."""
+    """(the clean run's metric, [len(nodes)] metric(clean) - metric(ablated)) for prompt `prompt` of the
+    recorded batch, from batched rows: the clean row, then one row per node, at most `max_batch` rows a
+    forward pass."""
     max_batch = check_count("max_batch", max_batch)
     n_layers, pos = model.cfg.n_layers, tokens.shape[1]
-    deltas = [None] * len(nodes)
-    for site, record in records.items():
+    tokens = tokens[prompt : prompt + 1]
+    mask = None if mask is None else mask[prompt : prompt + 1]
+    resid_in = {layer: resid[prompt : prompt + 1] for layer, resid in resid_in.items()}
+    deltas: list[dict[str, torch.Tensor]] = [{} for _ in nodes]
+    for site in records:
         picked = [i for i, node in enumerate(nodes) if node[0] == site]
         if picked:
-            positions = torch.tensor([nodes[i][1] for i in picked], device=record.error.device)
-            features = torch.tensor([nodes[i][2] for i in picked], device=record.error.device)
-            for i, delta in zip(picked, node_deltas(record, positions, features)):
+            positions = torch.tensor([nodes[i][1] for i in picked])
+            features = torch.tensor([nodes[i][2] for i in picked])
+            for i, delta in zip(picked, node_deltas(records, prompt, site, positions, features)):
                 deltas[i] = delta
     # Where every row starts: the lowest layer a node sits in (hook_embed: from the tokens).
     start = min((site_layer(site, n_layers) for site, _, _ in nodes), default=n_layers)
@@ -144,16 +174,17 @@ def run_ablations(
     return float(scores_all[0]), scores_all[0] - scores_all[1:]
 
 
-def _delta_hooks(chunk: list[int | None], nodes: list[Node], deltas: list[torch.Tensor], pos: int):
+def _delta_hooks(chunk: list[int | None], nodes: list[Node], deltas: list[dict[str, torch.Tensor]], pos: int):
     per_site: dict[str, torch.Tensor] = {}
     for row, index in enumerate(chunk):
         if index is None:
             continue
-        site, position, _ = nodes[index]
-        delta = deltas[index]
-        if site not in per_site:
-            per_site[site] = torch.zeros(len(chunk), pos, delta.shape[-1], dtype=delta.dtype, device=delta.device)
-        per_site[site][row, position] = delta
+        position = nodes[index][1]
+        for site, delta in deltas[index].items():
+            if site not in per_site:
+                shape = (len(chunk), pos, delta.shape[-1])
+                per_site[site] = torch.zeros(shape, dtype=delta.dtype, device=delta.device)
+            per_site[site][row, position] += delta
 
     def adder(added: torch.Tensor):
         def add(act: torch.Tensor, *, hook) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """What `feature_attribution` returns: one row per node (an active feature, or a dictionary's error term, at
-one position of one site), with its attribution and, for the nodes ablated, the effect measured."""
+one position of one site of one prompt), with its attribution and, for the nodes ablated, the effect measured."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -19,20 +19,24 @@ ERROR = -1  # the feature id of a dictionary's error term
 
 @dataclass
 class FeatureAttribution:
-    """Nodes of one prompt's spliced run, each a (site, position, feature) with feature -1 for the error term.
+    """Nodes of a batch of prompts' spliced runs, each a (prompt, site, position, feature) with feature -1 for
+    the error term.
 
     Attributes:
-        sites: the hook points the dictionaries replace (their hook_out); `site_index` points into it.
-        site_index, positions, features: [n_nodes] long.
+        sites: the hook points the dictionaries replace (their hook_out; a CLT's output hook of each layer, where
+            that layer's features are found); `site_index` points into it.
+        site_index, positions, features: [n_nodes] long; positions count within the node's prompt (padding
+            left out).
         activations: [n_nodes] the feature's activation; for an error node, the error's norm.
         attributions: [n_nodes] gradient x activation: d(metric)/d(node) . node, the first-order estimate of
             metric(clean) - metric(node ablated). Over a site and position, the features', the error's and the
             decoder bias' attributions add up to d(metric)/d(activation) . activation.
         effects: [n_nodes] metric(clean) - metric(node ablated), measured by `ablate_features` (the same sign as
             the attribution); NaN for the nodes not ablated.
-        metric: the metric of the clean run.
+        metrics: [n_prompts] float64, each prompt's metric in the clean run.
         n_layers: the model's, for the final norm's layer in `to_frame`.
-        tokens: the prompt's tokens, labelling positions.
+        prompts: [n_nodes] long, the prompt each node belongs to (index into the batch).
+        prompt_tokens: each prompt's tokens (without padding), labelling positions.
     """
 
     sites: list[str]
@@ -42,13 +46,16 @@ class FeatureAttribution:
     activations: torch.Tensor
     attributions: torch.Tensor
     effects: torch.Tensor
-    metric: float
+    metrics: torch.Tensor
     n_layers: int
-    tokens: list[str] = field(default_factory=list)
+    prompts: torch.Tensor | None = None
+    prompt_tokens: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.positions)
-        for name in ("site_index", "features", "activations", "attributions", "effects"):
+        if self.prompts is None:
+            self.prompts = torch.zeros(n, dtype=torch.long)
+        for name in ("site_index", "features", "activations", "attributions", "effects", "prompts"):
             if len(getattr(self, name)) != n:
                 raise ArgumentError(f"FeatureAttribution.{name} has {len(getattr(self, name))} nodes, expected {n}")
 
@@ -56,26 +63,51 @@ class FeatureAttribution:
         return len(self.positions)
 
     @property
+    def n_prompts(self) -> int:
+        return len(self.metrics)
+
+    @property
+    def metric(self) -> float:
+        """The clean run's metric, for one prompt (a batch: see `metrics`)."""
+        if self.n_prompts != 1:
+            raise UsageError(f"this attribution holds {self.n_prompts} prompts: read .metrics, one per prompt")
+        return float(self.metrics[0])
+
+    @property
+    def tokens(self) -> list[str]:
+        """The prompt's tokens, for one prompt (a batch: see `prompt_tokens`)."""
+        if self.n_prompts != 1:
+            raise UsageError(f"this attribution holds {self.n_prompts} prompts: read .prompt_tokens")
+        return self.prompt_tokens[0] if self.prompt_tokens else []
+
+    @property
     def ablated(self) -> torch.Tensor:
         """[n_nodes] bool: the nodes whose effect was measured."""
         return ~self.effects.isnan()
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per node, largest |attribution| first: site, layer (-1 for hook_embed, n_layers for the final
-        norm), position, token, feature (-1 for the error term), kind ("feature" or "error"), activation,
-        attribution, effect (NaN where not ablated)."""
+        """One row per node, by prompt, then largest |attribution| first: prompt, site, layer (-1 for hook_embed,
+        n_layers for the final norm), position, token, feature (-1 for the error term), kind ("feature" or
+        "error"), activation, attribution, effect (NaN where not ablated)."""
         import pandas as pd
 
         order = self.attributions.abs().argsort(descending=True, stable=True)
+        order = order[self.prompts[order].argsort(stable=True)]  # by prompt, each by |attribution|
         sites = [self.sites[i] for i in self.site_index[order].tolist()]
+        prompts = self.prompts[order].tolist()
         positions = self.positions[order].tolist()
         features = self.features[order]
+        tokens = [
+            self.prompt_tokens[b][p] if b < len(self.prompt_tokens) and 0 <= p < len(self.prompt_tokens[b]) else ""
+            for b, p in zip(prompts, positions)
+        ]
         return pd.DataFrame(
             {
+                "prompt": prompts,
                 "site": sites,
                 "layer": [site_layer(site, self.n_layers) for site in sites],
                 "position": positions,
-                "token": [self.tokens[p] if 0 <= p < len(self.tokens) else "" for p in positions],
+                "token": tokens,
                 "feature": features.tolist(),
                 "kind": ["error" if f == ERROR else "feature" for f in features.tolist()],
                 "activation": self.activations[order].double().numpy(),

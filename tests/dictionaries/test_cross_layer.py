@@ -130,3 +130,20 @@ def test_a_spliced_pass_from_a_later_layer_does_not_reuse_an_earlier_passs_featu
             model(torch.cat([resid, resid]), start_at_layer=1)
         # A full pass after a refused one runs as usual.
         torch.testing.assert_close(model(second), expected, rtol=0, atol=0)
+
+
+def test_clt_float64_files_keep_their_precision(tmp_path):
+    folder = write_clt(tmp_path / "clt")
+    for file in folder.glob("*.safetensors"):
+        save_file({k: (v.double() + 1e-12) for k, v in load_file(file).items()}, file)  # not float32-exact
+    clt = ll.load_dictionary(folder, dtype=torch.float64)
+    enc = load_file(folder / "W_enc_1.safetensors")
+    dec = load_file(folder / "W_dec_0.safetensors")["W_dec_0"]
+    assert clt.W_enc(1).dtype == torch.float64
+    assert torch.equal(clt.W_enc(1), enc["W_enc_1"].T)
+    assert torch.equal(clt.param(1, "threshold"), enc["threshold_1"])
+    assert torch.equal(clt.W_dec_rows(0, [3, 1]), dec[[3, 1]])
+    assert (enc["W_enc_1"].float().double() != enc["W_enc_1"]).any()  # a float32 step would have changed them
+    x = torch.randn(5, 64, dtype=torch.float64)
+    pre = x @ enc["W_enc_1"].T + enc["b_enc_1"]
+    torch.testing.assert_close(clt.encode_layer(x, 1), pre * (pre > enc["threshold_1"]), rtol=1e-14, atol=1e-14)

@@ -4,7 +4,7 @@ spliced dictionary equals a loop of full forward passes (no KV cache) step by st
 
 import pytest
 import torch
-from support.dictionaries import write_saelens, write_sparsify
+from support.dictionaries import write_clt, write_saelens, write_sparsify
 from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
@@ -103,7 +103,10 @@ def test_plan_counts_the_encoder_biases_and_the_rows_a_pass_reads(checkpoint, tm
     without = ll.plan(checkpoint, stream=True, tokens=4, cache=None)
     with_sae = ll.plan(checkpoint, stream=True, tokens=4, cache=None, dictionaries=[sae])
     held = (64 * 32 + 32 + 64) * 4  # W_enc, b_enc, b_dec in float32; the decoder is read by rows
-    working = 3 * 4 * 32 * 4 + 4 * 32 + 24 * 64 * 8 + 4 * 24 * 4 + 4 * 256 * 4  # 4 tokens * k = 24 rows read
+    # 4 tokens * k = 24 firings, on 32 * (1 - exp(-24 / 32)) = 16.9 distinct features expected: 17 rows read
+    encoding = 3 * 4 * 32 * 4 + 4 * 32  # pre-activations, activations, TopK's scatter; the mask
+    decoding = 2 * 4 * 32 * 4 + 4 * 32 + 17 * 64 * 8 + 4 * 17 * 4  # + the rows read, the active columns
+    working = max(encoding, decoding) + 4 * 256 * 4  # + inputs and outputs
     assert with_sae.dictionary_bytes == held + working
     assert with_sae.peak_bytes - without.peak_bytes == held + working
     assert "dictionaries" in repr(with_sae) and "dictionaries" not in repr(without)
@@ -114,3 +117,23 @@ def test_plan_counts_the_encoder_biases_and_the_rows_a_pass_reads(checkpoint, tm
     assert sum(t.nbytes for t in sae._loaded.values()) == held  # what a pass keeps is what the plan holds
     with pytest.raises(ll.ArgumentError, match="ll.load_dictionary"):
         ll.plan(checkpoint, stream=True, dictionaries=[str(tmp_path / "s")])
+
+
+def test_plan_counts_a_cross_layer_transcoder(checkpoint, tmp_path):
+    clt = ll.load_dictionary(write_clt(tmp_path / "clt", n_layers=3))  # 32 features a layer, width 64
+    without = ll.plan(checkpoint, stream=True, tokens=4, cache=None)
+    with_clt = ll.plan(checkpoint, stream=True, tokens=4, cache=None, dictionaries=[clt])
+    held = 3 * (32 * 64 + 32 + 64 + 32) * 4  # per layer W_enc, b_enc, b_dec, threshold in float32
+    # Kept by every layer for the pass: input, pre-activations, activations, active values (all 32 at most),
+    # the rows to this and later layers (3 + 2 + 1 layers' worth); layer 0's rows as stored; the mask, one
+    # output's reconstruction and error.
+    working = 3 * 4 * (64 + 2 * 32 + 32) * 4 + 32 * 64 * 6 * 4 + 32 * 3 * 64 * 4 + 4 * (32 + 2 * 64 * 4)
+    assert clt.splice_memory(4) == (held, working)
+    assert with_clt.dictionary_bytes == held + working
+    assert with_clt.peak_bytes - without.peak_bytes == held + working
+    streamed = ll.load(checkpoint, stream=True, index_cache=False, progress=False)
+    with ll.spliced(streamed, clt):
+        streamed(torch.randint(3, 128, (1, 4)))
+    assert sum(t.nbytes for t in clt._loaded.values()) == held  # what a pass keeps is what the plan holds
+    decoder_bytes = sum(ref.file.bytes_read for ref in clt.decoders)
+    assert 0 < decoder_bytes <= 32 * 64 * 6 * 4  # only the active rows, within the plan's bound

@@ -176,7 +176,7 @@ def test_result_frame_and_plot(tmp_path):
     sae = ll.load_dictionary(write_saelens(tmp_path / "s", "blocks.1.hook_resid_post"))
     result = ll.feature_attribution(model, _tokens(), sae, logit_diff, top_n=3)
     frame = result.to_frame()
-    columns = ["site", "layer", "position", "token", "feature", "kind", "activation", "attribution", "effect"]
+    columns = ["prompt", "site", "layer", "position", "token", "feature", "kind", "activation", "attribution", "effect"]
     assert list(frame.columns) == columns
     assert frame.attribution.abs().is_monotonic_decreasing
     assert frame.effect.notna().sum() == 3 and (frame.layer == 1).all()
@@ -190,8 +190,8 @@ def test_bad_input_is_refused_by_name(tmp_path):
     model = _model()
     sae = _sae(tmp_path, "blocks.0.hook_resid_post")
     tokens = _tokens()
-    with pytest.raises(ll.ArgumentError, match="one prompt"):
-        ll.feature_attribution(model, torch.randint(3, 128, (2, 5)), sae, logit_diff)
+    with pytest.raises(ll.ArgumentError, match="prompt: ablate_features takes one prompt"):
+        ll.ablate_features(model, torch.randint(3, 128, (2, 5)), sae, [("blocks.0.hook_resid_post", 0, 0)], logit_diff)
     narrow = _sae(tmp_path, "blocks.0.hook_resid_pre", "narrow", d_in=32)
     with pytest.raises(ll.ArgumentError, match="narrow"):
         ll.feature_attribution(model, tokens, narrow, logit_diff)
