@@ -38,6 +38,7 @@ The machine is shared: the load average is printed with the figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -62,12 +63,13 @@ def load_average() -> str:
 
 def random_set(model, tokens: list[int], folder: Path, d_sae: int = 2304, active: int = 32) -> Path:
     """bench_graph.py's set: random ReLU transcoders, encoder biases calibrated on the prompt."""
-    from record_graph import calibrate, write_set
+    from record_graph import calibrate, random_weights, write_set
 
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([tokens]), names_filter=lambda n: n.endswith("mlp.hook_in"))
     mlp_in = np.stack([cache[f"blocks.{i}.mlp.hook_in"][0].numpy() for i in range(N_LAYERS)])
-    return write_set(folder, calibrate(mlp_in, active, d_sae=d_sae), d_sae=d_sae)
+    weights = functools.partial(random_weights, d_sae=d_sae)
+    return write_set(folder, calibrate(mlp_in, active, weights), d_sae=d_sae)
 
 
 def fitted_set(model, folder: Path, *, n_texts: int = 32, d_sae: int = 1536, active: int = 32) -> Path:
