@@ -1,18 +1,25 @@
 """How well an attribution graph predicts interventions: the graph's predicted change of the target logit against
-the model's, for the top features by influence on that logit, each ablated (set to 0) in turn.
+the model's, for the top features by influence on that logit, each scaled in turn by each size (`--sizes`,
+default 0 (ablation), 0.5 and 0.9: a linear prediction should hold better as the change gets smaller).
 
 SmolLM2-135M-Instruct (the embedded model, float32), transcoders at all 30 layers, the prompt below,
 `max_feature_nodes` features (default 1024). The target logit is the graph's first logit node (the most probable
-next token); every change is of that logit minus the mean logit, as the graph's logit node is. Per feature:
+next token); every change is of that logit minus the mean logit, as the graph's logit node is. Per feature and
+size, the predicted change, the direct effect, and the change measured under each protocol (`ll.InterventionResult`):
 
     predicted  the graph's linear prediction (direct + indirect effects through its feature nodes)
     linear     the model with patterns, norm scales and errors frozen, graph features linear (= predicted)
     frozen     patterns, scales and errors frozen, features through their activation function
-    frozen_attention  patterns and errors frozen, norm scales move (circuit-tracer's freeze_attention=True)
-    actual     only the error nodes frozen: attention and norms move (the gap is measured against this)
-    model      the model's own MLPs with the feature's change of write added (circuit-tracer's
-               feature_intervention without freezing)
-    gap        |predicted - actual| / |actual|
+    frozen_attention  patterns and errors frozen, norm scales move
+    actual     only the error nodes frozen: attention and norms move
+    model      the model's own MLPs with the feature's change of write added, nothing frozen (circuit-tracer's
+               feature_intervention, freeze_attention=False)
+    model_frozen_attention  as model, attention patterns frozen (circuit-tracer's default, freeze_attention=True)
+    model_constrained  patterns, scales and MLP outputs frozen: the direct effect (circuit-tracer's
+               constrained_layers=range(30))
+
+and below it the gap |predicted - x| / |x| against each; at the end the median gap over the top features per
+protocol and size.
 
 Transcoder sets (`--transcoders`):
     random     circuit-tracer-format ReLU transcoders with random weights (scripts/parity/record_graph.py's), encoder
@@ -20,7 +27,10 @@ Transcoder sets (`--transcoders`):
     fitted     ReLU transcoders fitted to the model's MLPs on generated text in a minute or two, without gradient
                steps (see `fitted_set`), cached under $LLAMA_LENS_HOME/dictionaries.
 
-    LLAMA_LENS_HOME=... python scripts/bench_graph_interventions.py [--transcoders random|fitted] [--top 5]
+    LLAMA_LENS_HOME=... PYTHONPATH=. python scripts/bench_graph_interventions.py [--transcoders random|fitted]
+        [--top 5] [--sizes 0 0.5 0.9] [--max-feature-nodes 1024]
+
+(`--max-feature-nodes 9000` keeps every active feature of the fitted set: slower, and no indirect path is lost.)
 
 The machine is shared: the load average is printed with the figures.
 """
@@ -28,6 +38,7 @@ The machine is shared: the load average is printed with the figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -52,12 +63,13 @@ def load_average() -> str:
 
 def random_set(model, tokens: list[int], folder: Path, d_sae: int = 2304, active: int = 32) -> Path:
     """bench_graph.py's set: random ReLU transcoders, encoder biases calibrated on the prompt."""
-    from record_graph import calibrate, write_set
+    from record_graph import calibrate, random_weights, write_set
 
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([tokens]), names_filter=lambda n: n.endswith("mlp.hook_in"))
     mlp_in = np.stack([cache[f"blocks.{i}.mlp.hook_in"][0].numpy() for i in range(N_LAYERS)])
-    return write_set(folder, calibrate(mlp_in, active, d_sae=d_sae), d_sae=d_sae)
+    weights = functools.partial(random_weights, d_sae=d_sae)
+    return write_set(folder, calibrate(mlp_in, active, weights), d_sae=d_sae)
 
 
 def fitted_set(model, folder: Path, *, n_texts: int = 32, d_sae: int = 1536, active: int = 32) -> Path:
@@ -118,10 +130,26 @@ def fitted_set(model, folder: Path, *, n_texts: int = 32, d_sae: int = 1536, act
     return folder
 
 
+PROTOCOLS = ("linear", "frozen", "frozen_attention", "actual", "model", "model_frozen_attention", "model_constrained")
+SHORT = {"frozen_attention": "frz_attn", "model_frozen_attention": "mdl_frz_at", "model_constrained": "mdl_constr"}
+
+
+def size_name(size: float) -> str:
+    return "set to 0" if size == 0 else f"x{size:g}"
+
+
+def median(values: list[float]) -> str:
+    defined = [v for v in values if v == v]  # NaN: the change was under min_change (1e-4 logits)
+    left_out = len(values) - len(defined)
+    return (f"{statistics.median(defined):7.1%}" if defined else "    n/a") + (f" ({left_out} n/a)" if left_out else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--transcoders", choices=("random", "fitted"), default="fitted")
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+                        help="each feature's activation is multiplied by each size in turn (0: ablation)")  # fmt: skip
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -147,33 +175,34 @@ def main() -> None:
               f"completeness {completeness:.3f}; load average {load_average()}")  # fmt: skip
         target = graph.logit_strings[0]
         print(f"target logit {target!r} (p = {float(graph.logit_probabilities[0]):.3f}); top {args.top} features "
-              f"by influence on it, each set to 0:")  # fmt: skip
-        columns = ("predicted", "direct", "linear", "frozen", "frozen_attention", "actual", "model")
-        print(f"{'layer':>5} {'pos':>3} {'feature':>7} {'activation':>10} " + " ".join(f"{c[:9]:>9}" for c in columns)
-              + f" {'gap':>7} {'frozen gap':>10}")  # fmt: skip
-        gaps, frozen_gaps, attention_gaps, model_gaps = [], [], [], []
+              f"by influence on it; changes of that logit (minus the mean logit) in logits, "
+              f"gaps |predicted - x| / |x|")  # fmt: skip
+        features = graph.top_features(args.top, logit=0)
+        gaps = {(size, name): [] for size in args.sizes for name in PROTOCOLS}
         start = time.perf_counter()
-        for layer, pos, feature in graph.top_features(args.top, logit=0):
-            result = graph.intervene(model, transcoders, [(layer, pos, feature, 0.0)])
-            values = [float(getattr(result, c)[0]) for c in columns]
-            gap, frozen_gap = float(result.gap()[0]), float(result.gap("frozen")[0])
-            gaps.append(gap)
-            frozen_gaps.append(frozen_gap)
-            attention_gaps.append(float(result.gap("frozen_attention")[0]))
-            model_gaps.append(float(result.gap("model")[0]))
-            print(f"{layer:5d} {pos:3d} {feature:7d} {result.clean_activations[0]:10.3f} "
-                  + " ".join(f"{v:+9.4f}" for v in values) + f" {gap:7.1%} {frozen_gap:10.1%}")  # fmt: skip
+        for size in args.sizes:
+            print(f"\n-- each feature's activation {size_name(size)} --")
+            print(f"{'layer':>5} {'pos':>3} {'feature':>7} {'activation':>10} {'predicted':>10} {'direct':>9} "
+                  + " ".join(f"{SHORT.get(c, c):>10}" for c in PROTOCOLS))  # fmt: skip
+            for layer, pos, feature in features:
+                result = graph.intervene(model, transcoders, [(layer, pos, feature, size)], scale=True)
+                changes = " ".join(f"{float(getattr(result, c)[0]):+10.4f}" for c in PROTOCOLS)
+                print(f"{layer:5d} {pos:3d} {feature:7d} {result.clean_activations[0]:10.3f} "
+                      f"{float(result.predicted[0]):+10.4f} {float(result.direct[0]):+9.4f} {changes}")  # fmt: skip
+                row = []
+                for name in PROTOCOLS:
+                    gap = float(result.gap(name)[0])
+                    gaps[size, name].append(gap)
+                    row.append(f"{gap:10.1%}")
+                print(f"{'gap':>39} {'':>9} " + " ".join(row))
         elapsed = time.perf_counter() - start
 
-    def median(values: list[float]) -> str:
-        defined = [v for v in values if v == v]  # NaN: the actual change was under min_change (1e-4 logits)
-        tiny = f", {len(values) - len(defined)} left out as too small to compare" if len(defined) < len(values) else ""
-        return (f"{statistics.median(defined):.1%}" if defined else "undefined") + tiny
-
-    print(f"median gap (predicted vs actual): {median(gaps)}; vs frozen: {median(frozen_gaps)}; "
-          f"vs frozen_attention: {median(attention_gaps)}; "
-          f"vs model: {median(model_gaps)}")  # fmt: skip
-    print(f"({args.top} interventions in {elapsed:.1f} s; load average {load_average()})")
+    print(f"\nmedian gap over the top {args.top} features, by protocol (rows) and intervention size (columns); "
+          f"load average {load_average()}")  # fmt: skip
+    print(f"{'protocol':>24} " + " ".join(f"{size_name(size):>9}" for size in args.sizes))
+    for name in PROTOCOLS:
+        print(f"{name:>24} " + " ".join(f"{median(gaps[size, name]):>9}" for size in args.sizes))
+    print(f"({args.top * len(args.sizes)} interventions in {elapsed:.1f} s; load average {load_average()})")
 
 
 if __name__ == "__main__":

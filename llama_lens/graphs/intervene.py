@@ -43,11 +43,15 @@ class InterventionResult:
         linear: the model with patterns, norm scales and errors frozen and the graph's features moving
             linearly: equal to `predicted` up to rounding, a check of the graph itself.
         frozen: patterns, scales and errors frozen, every feature through its activation function.
-        frozen_attention: patterns and errors frozen; norm scales move (circuit-tracer's default,
-            freeze_attention=True, with the errors frozen).
-        actual: only the errors frozen; attention and norms move. The gap is measured against this.
-        model: the model's own MLPs with the intervened features' change of write added (circuit-tracer's
-            feature_intervention without freezing).
+        frozen_attention: patterns and errors frozen; norm scales move.
+        actual: only the errors frozen; attention and norms move. The gap is measured against this by default.
+        model: the model's own MLPs with the intervened features' change of write added, nothing frozen
+            (circuit-tracer's feature_intervention with freeze_attention=False).
+        model_frozen_attention: as `model` with the attention patterns frozen (circuit-tracer's default,
+            freeze_attention=True).
+        model_constrained: patterns, norm scales and every MLP output frozen, the intervened features' write
+            added: their direct effects (circuit-tracer's constrained_layers=range(n_layers)); equal to `direct`
+            up to rounding.
         min_change: below this |change| (in logits) a gap is not defined (NaN): the ratio would be noise.
     """
 
@@ -61,12 +65,15 @@ class InterventionResult:
     frozen_attention: torch.Tensor
     actual: torch.Tensor
     model: torch.Tensor
+    model_frozen_attention: torch.Tensor
+    model_constrained: torch.Tensor
     logit_strings: list[str] = field(default_factory=list)
     min_change: float = 1e-4
 
     def gap(self, against: str = "actual") -> torch.Tensor:
         """|predicted - x| / |x| per logit node [n_logits], x the change measured in run `against` (one of
-        "linear", "frozen", "frozen_attention", "actual", "model"); NaN where |x| < min_change."""
+        "linear", "frozen", "frozen_attention", "actual", "model", "model_frozen_attention",
+        "model_constrained"); NaN where |x| < min_change."""
         if against not in MODES:
             raise ArgumentError(f"against must be one of {MODES}, got {against!r}")
         measured = getattr(self, against)
@@ -74,8 +81,9 @@ class InterventionResult:
         return torch.where(measured.abs() < self.min_change, torch.full_like(gap, math.nan), gap)
 
     def to_frame(self):
-        """One row per logit node: token, logit (its text), predicted, direct, the five runs (linear, frozen,
-        frozen_attention, actual, model), gap (against actual), frozen_gap."""
+        """One row per logit node: token, logit (its text), predicted, direct, the seven runs (MODES: linear,
+        frozen, frozen_attention, actual, model, model_frozen_attention, model_constrained), gap (against actual),
+        frozen_gap."""
         import pandas as pd
 
         strings = self.logit_strings or [str(int(t)) for t in self.logit_tokens.tolist()]

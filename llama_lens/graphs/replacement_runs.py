@@ -1,8 +1,9 @@
 """The model run on a graph's prompt with its MLPs replaced by transcoders, for checking a graph's predictions.
 
-Each MLP output becomes its clean value plus the change of the transcoder's reconstruction (feature writes and
-skip connection), so the error nodes keep their clean values. Five ways to run it, from the graph's own linear
-model to the model itself:
+In the spliced runs each MLP output becomes its clean value plus the change of the transcoder's reconstruction
+(feature writes and skip connection), so the error nodes keep their clean values; in the model runs the model's
+own MLPs run and only the intervened features' change of write is added. Seven ways to run it, from the graph's
+own linear model to the model itself:
 
     linear   attention patterns and norm scales frozen; the graph's feature nodes move by exactly the change
              of their pre-activation (the activation function's slope at an active feature is 1), every other
@@ -10,12 +11,20 @@ model to the model itself:
     frozen   patterns and scales frozen; every feature through its activation function (features can switch
              on or off, TopK can swap).
     frozen_attention
-             patterns frozen, norm scales move (circuit-tracer's `feature_intervention` freezes the patterns by
-             default, `freeze_attention=True`; here the errors stay frozen too).
+             patterns frozen, norm scales move, errors frozen (spliced).
     actual   nothing frozen but the error nodes: attention patterns and norm scales move.
-    model    the model's own MLPs; the intervened features' change of write is added to their MLP output
-             (circuit-tracer's `feature_intervention` with `freeze_attention=False`).
+    model    the model's own MLPs; the intervened features' change of write is added to their MLP output,
+             nothing frozen: circuit-tracer's `feature_intervention(..., freeze_attention=False)`.
+    model_frozen_attention
+             as `model` with the attention patterns frozen (norm scales move): circuit-tracer's default,
+             `feature_intervention(..., freeze_attention=True)`.
+    model_constrained
+             patterns, norm scales and every MLP output frozen (a skip connection still passes on the change of
+             its input); only the intervened features' write is added: their direct effects, circuit-tracer's
+             `feature_intervention(..., constrained_layers=range(n_layers))`.
 
+In the model runs an intervened feature's change is its new value minus its activation in that run (as
+circuit-tracer computes it), except in `model_constrained`, where it is minus its clean activation.
 Interventions set features' activations; an intervened feature ignores what reaches it from below.
 Shapes: pos, d_model, d_sae (features of one layer's transcoder), n_logits.
 """
@@ -26,8 +35,10 @@ import torch
 
 from .transcoders import TranscoderSet
 
-MODES = ("linear", "frozen", "frozen_attention", "actual", "model")
-FROZEN_MODES = ("linear", "frozen")  # attention patterns and norm scales at their clean values
+MODES = ("linear", "frozen", "frozen_attention", "actual", "model", "model_frozen_attention", "model_constrained")
+MODEL_MODES = ("model", "model_frozen_attention", "model_constrained")  # the model's own MLPs, not the transcoders
+FROZEN_MODES = ("linear", "frozen", "model_constrained")  # attention patterns and norm scales at their clean values
+PATTERN_FROZEN_MODES = (*FROZEN_MODES, "frozen_attention", "model_frozen_attention")
 _FROZEN = ("hook_scale", "hook_pattern")
 
 
@@ -75,7 +86,7 @@ class ReplacementRuns:
         """
         n_layers = self.model.cfg.n_layers
         pending = [torch.zeros_like(out) for out in self.mlp_out]  # change of each MLP output [pos, d_model]
-        read = self._read_model if mode == "model" else self._read
+        read = self._read_model if mode in MODEL_MODES else self._read
 
         def on_mlp_in(tensor: torch.Tensor, *, hook) -> None:
             read(_layer_of(hook), mode, sets, linear_nodes, tensor[0].to(self.dtype), pending)
@@ -83,15 +94,16 @@ class ReplacementRuns:
         def on_mlp_out(tensor: torch.Tensor, *, hook) -> torch.Tensor:
             layer = _layer_of(hook)
             # The real MLP ran; in the spliced modes its output is replaced by the clean one plus the change,
-            # so the error (what the transcoder misses) keeps its clean value.
-            base = tensor[0].to(self.dtype) if mode == "model" else self.mlp_out[layer]
+            # so the error (what the transcoder misses) keeps its clean value; model_constrained freezes it whole.
+            live = mode in ("model", "model_frozen_attention")
+            base = tensor[0].to(self.dtype) if live else self.mlp_out[layer]
             return (base + pending[layer]).to(tensor.dtype)[None]
 
         hooks = [(f"blocks.{layer}.mlp.hook_in", on_mlp_in) for layer in range(n_layers)]
         hooks += [(f"blocks.{layer}.hook_mlp_out", on_mlp_out) for layer in range(n_layers)]
         if mode in FROZEN_MODES:
             hooks += [(name, _keep(value)) for name, value in self.frozen.items()]
-        elif mode == "frozen_attention":
+        elif mode in PATTERN_FROZEN_MODES:
             hooks += [(name, _keep(value)) for name, value in self.frozen.items() if name.endswith("hook_pattern")]
         else:
             # A hook on the pattern (here one that changes nothing) keeps attention on the written-out path the
@@ -122,10 +134,17 @@ class ReplacementRuns:
             pending[layer] += delta_in @ skip.T
 
     def _read_model(self, layer: int, mode: str, sets, linear_nodes, x: torch.Tensor, pending: list) -> None:
-        """The "model" mode: only the intervened features write a change, from their activation in this run."""
+        """The model modes: only the intervened features write a change, from their activation in this run (from
+        their clean activation in model_constrained, where the skip connection also passes on its input's change)."""
+        if mode == "model_constrained":
+            skip = self.transcoders.skip_weight(layer)
+            if skip is not None:
+                pending[layer] += (x - self.mlp_in[layer]) @ skip.T
+            acts = self.acts[layer]
+        elif layer in sets:
+            _, acts = self.transcoders.encode(layer, x)
         if layer not in sets:
             return
-        _, acts = self.transcoders.encode(layer, x)
         positions, features, values = sets[layer]
         delta = torch.zeros_like(acts)
         delta[positions, features] = values.to(acts) - acts[positions, features]

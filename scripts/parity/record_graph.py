@@ -15,6 +15,9 @@ With `--clt` it records the same with one small random cross-layer transcoder in
 per layer, each feature writing every layer from its own up; circuit-tracer's `load_clt` layout) into
 tests/graphs/data/graph_parity_clt.npz.
 
+With `--interventions` it records, on the same per-layer graph, circuit-tracer's `feature_intervention` (see
+`record_interventions`) into tests/graphs/data/graph_parity_interventions.npz.
+
 With `--check-export DIR` it instead reads our exports back with circuit-tracer: DIR/graph.pt (written by
 `AttributionGraph.to_pt`) through `Graph.from_pt`, and DIR/graph.json (`to_json`) through its pydantic `Model`.
 """
@@ -36,6 +39,13 @@ MAX_FEATURE_NODES, BATCH_SIZE = 120, 32
 OUT = Path(__file__).resolve().parents[2] / "tests" / "graphs" / "data" / "graph_parity.npz"
 CLT_D_SAE = 64
 CLT_OUT = OUT.with_name("graph_parity_clt.npz")
+INTERVENTIONS_OUT = OUT.with_name("graph_parity_interventions.npz")
+# circuit-tracer's three ways to run an intervention, by the name of our run that each should equal.
+PROTOCOLS = {
+    "model": {"freeze_attention": False},
+    "model_frozen_attention": {"freeze_attention": True},
+    "model_constrained": {"freeze_attention": True, "constrained_layers": range(N_LAYERS)},
+}
 
 
 def random_weights(layer: int, d_model: int = D_MODEL, d_sae: int = D_SAE, seed: int = SEED) -> dict[str, np.ndarray]:
@@ -123,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check-export", type=Path, help="a folder holding graph.pt and graph.json to check")
     parser.add_argument("--clt", action="store_true", help="record with a cross-layer transcoder")
+    parser.add_argument("--interventions", action="store_true", help="record feature interventions on the graph")
     args = parser.parse_args()
     from circuit_tracer import attribute
     from circuit_tracer.graph import Graph, compute_graph_scores, prune_graph
@@ -188,6 +199,9 @@ def main() -> None:
             max_feature_nodes=MAX_FEATURE_NODES,
             batch_size=BATCH_SIZE,
         )
+        if args.interventions:
+            record_interventions(model, graph, tokens)
+            return
     n_features, n_logits = len(graph.selected_features), len(graph.logit_targets)
     adjacency = graph.adjacency_matrix
     node_mask, edge_mask, cumulative = prune_graph(graph, 0.8, 0.98)
@@ -211,6 +225,66 @@ def main() -> None:
     )
     print(f"{out}: {out.stat().st_size / 1e3:.0f} kB; {len(graph.active_features)} active, {n_features} selected,")
     print(f"{n_logits} logits, scores {replacement:.4f} {completeness:.4f}, {int(node_mask.sum())} nodes kept")
+
+
+def intervention_cases(graph) -> list[list[tuple[int, int, int, float]]]:
+    """The interventions recorded: three features, each ablated (set to 0) and halved, then two of them at once
+    (the first ablated, the second five times its activation).
+
+    The features: the two selected features with the largest direct edge to the top logit, and the one of the
+    first half of the layers with the largest (so that its effect travels through many MLPs)."""
+    n_features = len(graph.selected_features)
+    edges = graph.adjacency_matrix[-len(graph.logit_targets)][:n_features].abs()
+    keys = graph.active_features[graph.selected_features]  # [n_features, 3] (layer, pos, feature)
+    values = graph.activation_values[graph.selected_features]
+    order = edges.argsort(descending=True).tolist()
+    early = next(node for node in order[2:] if keys[node, 0] < N_LAYERS // 2)
+    nodes = [*order[:2], early]
+    cases = []
+    for node in nodes:
+        layer, pos, feature = map(int, keys[node].tolist())
+        cases += [[(layer, pos, feature, 0.0)], [(layer, pos, feature, 0.5 * float(values[node]))]]
+    first, second = (tuple(map(int, keys[node].tolist())) for node in nodes[:2])
+    cases.append([(*first, 0.0), (*second, 5.0 * float(values[nodes[1]]))])
+    return cases
+
+
+def record_interventions(model, graph, tokens: list[int]) -> None:
+    """circuit-tracer's `feature_intervention` on the graph's prompt, for each case and protocol: the logits of
+    the graph's logit tokens minus the mean logit, at the last position, before and after.
+
+    Stored: cases [n_cases, 2, 4] (layer, pos, feature, value; a one-feature case repeats its row with
+    value NaN), clean [n_logits], and for each protocol an array [n_cases, n_logits]."""
+    logit_tokens = torch.tensor([t.vocab_idx for t in graph.logit_targets])
+
+    def demeaned(logits: torch.Tensor) -> np.ndarray:
+        last = logits[0, -1].double()
+        return (last - last.mean())[logit_tokens].numpy()
+
+    inputs = torch.tensor(tokens)
+    with torch.no_grad():
+        clean = demeaned(model(inputs[None]))
+    cases = intervention_cases(graph)
+    rows = np.full((len(cases), 2, 4), np.nan)
+    for i, case in enumerate(cases):
+        rows[i, : len(case)] = case
+    recorded = {name: [] for name in PROTOCOLS}
+    for case in cases:
+        for name, options in PROTOCOLS.items():
+            logits, _ = model.feature_intervention(inputs, case, return_activations=False, **options)
+            recorded[name].append(demeaned(logits))
+    INTERVENTIONS_OUT.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        INTERVENTIONS_OUT,
+        tokens=np.array(tokens),
+        logit_tokens=logit_tokens.numpy(),
+        cases=rows,
+        clean=clean,
+        **{name: np.stack(values) for name, values in recorded.items()},
+    )
+    print(f"{INTERVENTIONS_OUT}: {INTERVENTIONS_OUT.stat().st_size / 1e3:.1f} kB; {len(cases)} cases")
+    for name in PROTOCOLS:
+        print(f"  {name}: change of the top logit {np.stack(recorded[name])[:, 0] - clean[0]}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from support.models import tiny_config, tiny_model
 
 import llama_lens as ll
 from llama_lens.errors import ArgumentError, ArgumentTypeError
+from llama_lens.graphs.replacement_runs import MODES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,11 +82,36 @@ def test_a_last_layer_feature_acts_directly_and_the_spliced_model_is_the_model()
     assert (result.actual - result.frozen).abs().max() > 1e-3 * result.actual.abs().max()
 
 
+@pytest.mark.parametrize(("activation", "skip"), [("relu", False), ("jumprelu", True)])
+def test_the_constrained_model_run_is_the_direct_effect(activation, skip):
+    # circuit-tracer's constrained_layers=range(n_layers): patterns, norm scales and MLP outputs frozen, so only
+    # the intervened features' own writes (and a skip connection's linear pass) reach the logits.
+    model, transcoders, graph = _setup(activation, skip)
+    first, _, third = graph.top_features(3)
+    result = graph.intervene(model, transcoders, [(*first, 0.0), (*third, 2.0)], scale=True, min_change=0)
+    assert result.direct.abs().max() > 1e-3
+    assert _relative(result.model_constrained, result.direct) < 1e-10
+    # The unconstrained model runs let the features' effects travel through the MLPs above: not the direct effect.
+    assert _relative(result.model_frozen_attention, result.direct) > 1e-3
+
+
+def test_freezing_the_patterns_of_the_model_run_changes_it_only_through_attention():
+    model, transcoders, graph = _setup("relu", False)
+    last = [key for key in graph.top_features(graph.n_features, logit=None) if key[0] == N_LAYERS - 1][0]
+    result = graph.intervene(model, transcoders, [(*last, 0.0)], min_change=0)
+    # No attention above the last layer: freezing the patterns changes nothing.
+    torch.testing.assert_close(result.model_frozen_attention, result.model, rtol=1e-9, atol=1e-12)
+    first = graph.top_features(1)[0]
+    assert first[0] < N_LAYERS - 1
+    result = graph.intervene(model, transcoders, [(*first, 0.0)], min_change=0)
+    assert (result.model_frozen_attention - result.model).abs().max() > 1e-6 * result.model.abs().max()
+
+
 def test_setting_a_feature_to_its_own_value_changes_nothing():
     model, transcoders, graph = _setup("jumprelu", False)
     result = graph.intervene(model, transcoders, [(*graph.top_features(1)[0], 1.0)], scale=True)
     assert (result.predicted == 0).all() and (result.direct == 0).all()
-    for name in ("linear", "frozen", "frozen_attention", "actual", "model"):
+    for name in MODES:
         assert getattr(result, name).abs().max() < 1e-8, name
     # Changes under min_change have no gap: the ratio would be rounding noise.
     assert torch.isnan(result.gap()).all()
@@ -102,8 +128,8 @@ def test_gap_and_frame():
     assert torch.isnan(result.gap()[~defined]).all()
     frame = result.to_frame()
     assert list(frame.columns) == [
-        "token", "logit", "predicted", "direct", "linear", "frozen", "frozen_attention", "actual", "model", "gap",
-        "frozen_gap",
+        "token", "logit", "predicted", "direct", "linear", "frozen", "frozen_attention", "actual", "model",
+        "model_frozen_attention", "model_constrained", "gap", "frozen_gap",
     ]  # fmt: skip
     assert len(frame) == graph.n_logits and frame["token"].tolist() == graph.logit_tokens.tolist()
     assert "gap" in repr(result)
