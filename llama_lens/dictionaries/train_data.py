@@ -28,9 +28,10 @@ TOKENS_FILE = "tokens.json"  # beside the store's index: which tokens it holds, 
 SHARD_TOKENS = 65536  # tokens per shard written by `collect_activations`
 
 
-def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str]) -> dict[str, Any]:
+def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str], first_position: int = 0) -> dict[str, Any]:
     sha = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"sha256": sha, "shape": list(tokens.shape), "hook_names": sorted(hook_names)}
+    digest = {"sha256": sha, "shape": list(tokens.shape), "hook_names": sorted(hook_names)}
+    return digest | ({"first_position": first_position} if first_position else {})
 
 
 def collect_activations(
@@ -69,6 +70,7 @@ def collect_stores(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     shard_tokens: int = SHARD_TOKENS,
+    first_position: int = 0,
 ) -> dict[Path, ActivationDataset]:
     """`collect_activations` into several stores from ONE pass of the model: store `folder` gets the hooks
     `stores[folder]`. A transcoder set keeps each layer's two hooks in a store of its own, so that training a
@@ -78,6 +80,8 @@ def collect_stores(
         stores: {folder: hook names}; a folder that already holds its hooks for these tokens is reused as it is.
         dtype: what the activations are stored in (the trainer reads them back in fp32).
         shard_tokens: tokens per shard, about; all the stores' hooks for one shard are held in memory at once.
+        first_position: store each row's positions from this one on (1: leave out the BOS position, whose
+            activations, an attention sink's, are outliers that a dictionary should not spend itself on).
 
     Raises:
         ArgumentError: tokens of the wrong shape or type; UnknownNameError: a name that is not a hook point.
@@ -86,7 +90,7 @@ def collect_stores(
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ArgumentError(f"tokens must be a LongTensor [n_rows, pos] of token ids, got {shape}")
     wanted = {Path(folder): check_hook_names(names, model.hook_names) for folder, names in stores.items()}
-    done = {folder: _reuse(folder, names, tokens) for folder, names in wanted.items()}
+    done = {folder: _reuse(folder, names, tokens, first_position) for folder, names in wanted.items()}
     todo = {folder: names for folder, names in wanted.items() if done[folder] is None}
     for folder in todo:
         folder.mkdir(parents=True, exist_ok=True)
@@ -94,16 +98,16 @@ def collect_stores(
     names = list(dict.fromkeys(name for hooks in todo.values() for name in hooks))
     if names:
         _run_and_write(model, tokens, names, todo, batch_rows=batch_rows, progress=progress, dtype=dtype,
-                       shard_tokens=shard_tokens)  # fmt: skip
+                       shard_tokens=shard_tokens, first_position=first_position)  # fmt: skip
     for folder, hooks in todo.items():
-        write_text_atomic(folder / TOKENS_FILE, json.dumps(_tokens_digest(tokens, hooks)))
+        write_text_atomic(folder / TOKENS_FILE, json.dumps(_tokens_digest(tokens, hooks, first_position)))
         done[folder] = ActivationDataset(folder, hooks, unit="prompt")
     return {folder: dataset for folder, dataset in done.items() if dataset is not None}
 
 
-def _reuse(folder: Path, names: list[str], tokens: torch.Tensor) -> ActivationDataset | None:
+def _reuse(folder: Path, names: list[str], tokens: torch.Tensor, first_position: int) -> ActivationDataset | None:
     """The store at `folder` if it is finished and holds the hooks `names` for `tokens`, else None."""
-    digest = _tokens_digest(tokens, names)
+    digest = _tokens_digest(tokens, names, first_position)
     if (folder / INDEX_FILE).is_file() and (folder / TOKENS_FILE).is_file():
         try:
             if json.loads((folder / TOKENS_FILE).read_text()) == digest:
@@ -115,7 +119,7 @@ def _reuse(folder: Path, names: list[str], tokens: torch.Tensor) -> ActivationDa
 
 def _run_and_write(
     model: Any, tokens: torch.Tensor, names: list[str], stores: dict[Path, list[str]], *, batch_rows: int,
-    progress: bool, dtype: torch.dtype, shard_tokens: int,
+    progress: bool, dtype: torch.dtype, shard_tokens: int, first_position: int,
 ) -> None:  # fmt: skip
     """The forward passes, each shard's rows split among the stores as it is written."""
     from tqdm.auto import tqdm
@@ -134,7 +138,9 @@ def _run_and_write(
             for start in range(shard_start, min(shard_start + rows_per_shard, n_rows), batch_rows):
                 batch = tokens[start : min(start + batch_rows, shard_start + rows_per_shard, n_rows)]
                 capture.start_batch(
-                    range(start, start + len(batch)), [pos] * len(batch), positions=[range(pos)] * len(batch)
+                    range(start, start + len(batch)),
+                    [pos] * len(batch),
+                    positions=[range(first_position, pos)] * len(batch),
                 )
                 with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks()):
                     model(

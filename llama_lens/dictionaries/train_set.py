@@ -64,17 +64,18 @@ class TrainedTranscoders(list):
         super().__init__(transcoders)
         self.path, self.info, self.trained = path, info, trained
 
-    def held_out_fvu(self, model: Any, tokens: torch.Tensor) -> list[float]:
+    def held_out_fvu(self, model: Any, tokens: torch.Tensor, *, leave_out_first_position: bool = True) -> list[float]:
         """Each layer's fraction of variance unexplained of the MLP output on `tokens` [n_rows, pos] (text the
         set was not trained on), from one forward pass: sum |mlp_out - transcoder(mlp_in)|^2 over the
-        variance of mlp_out around its mean, per layer."""
+        variance of mlp_out around its mean, per layer; without each row's first position (BOS) unless told."""
+        first = int(leave_out_first_position)
         hooks = {name for d in self for name in (d.hook_in, d.hook_out)}
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
             out = []
             for dictionary in self:
-                x = cache[dictionary.hook_in].flatten(0, -2).to(dictionary.dtype)
-                y = cache[dictionary.hook_out].flatten(0, -2).to(x.dtype)
+                x = cache[dictionary.hook_in][:, first:].flatten(0, -2).to(dictionary.dtype)
+                y = cache[dictionary.hook_out][:, first:].flatten(0, -2).to(x.dtype)
                 error = y - dictionary.forward(x)
                 out.append(float(error.pow(2).sum() / (y - y.mean(0)).pow(2).sum()))
         return out
@@ -94,6 +95,7 @@ def train_transcoder_set(
     model_name: str | None = None,
     out: str | os.PathLike | None = None,
     batch_rows: int = 8,
+    leave_out_first_position: bool = True,
     **options: Any,
 ) -> TrainedTranscoders:
     """Trains (or loads from the cache) one TopK transcoder per layer of `model`, from `blocks.{i}.mlp.hook_in` to
@@ -107,6 +109,9 @@ def train_transcoder_set(
             and a digest of its weights).
         out: the folder that holds the set's folder, instead of `$LLAMA_LENS_HOME/dictionaries/<model_name>`.
         batch_rows: rows per forward pass while collecting activations.
+        leave_out_first_position: train on every position but each row's first (BOS): its activations, an
+            attention sink's, are outliers that would take a large share of the latents, and the attribution
+            graph leaves that position out too (its `leave_out_first_position`).
         **options: the training settings of every layer, as `ll.train_dictionary` takes them (d_sae, k,
             batch_tokens, max_tokens, lr, seed, ...; threads, progress and checkpoint_every do not change the set).
             `threads` defaults to torch's current thread count.
@@ -137,7 +142,10 @@ def train_transcoder_set(
         for i in range(n_layers)
     ]
     tokens = _token_rows(model, texts, tokens, seq_len)
-    settings = _settings(model, tokens, configs[0])
+    if not isinstance(leave_out_first_position, bool):
+        raise ArgumentTypeError(f"leave_out_first_position must be True or False, got {leave_out_first_position!r}")
+    first_position = int(leave_out_first_position)
+    settings = _settings(model, tokens, configs[0]) | {"first_position": first_position}
     if model_name is not None and (not isinstance(model_name, str) or not model_name or "/" in model_name):
         raise ArgumentError(f"model_name must be a folder name (no '/'), got {model_name!r}")
     parent = Path(out).expanduser() if out is not None else _home() / "dictionaries" / (model_name or settings["model"])
@@ -145,7 +153,7 @@ def train_transcoder_set(
     folder = parent / f"transcoders-topk-{configs[0].d_sae}-k{configs[0].k}-{key}"
     trained = not (folder / SET_FILE).is_file()
     if trained:
-        _train(model, tokens, configs, folder, settings=settings, batch_rows=batch_rows)
+        _train(model, tokens, configs, folder, settings=settings, batch_rows=batch_rows, first_position=first_position)
     return open_set(folder, settings=settings, trained=trained)
 
 
@@ -175,7 +183,7 @@ def open_set(folder: Path, *, settings: dict[str, Any] | None = None, trained: b
 # --------------------------------------------------------------------------------------------- training
 def _train(
     model: Any, tokens: torch.Tensor, configs: list[TrainDictionaryConfig], folder: Path, *, settings: dict,
-    batch_rows: int,
+    batch_rows: int, first_position: int,
 ) -> None:  # fmt: skip
     """Trains the layers not yet finished in `folder`'s .partial twin, then renames the finished set into place."""
     if folder.exists():
@@ -187,6 +195,7 @@ def _train(
     stores = collect_stores(
         model, tokens, {work / "activations" / f"layer_{i}": [c.hook_in, c.hook_out] for i, c in _pick(configs, todo)},
         batch_rows=batch_rows, progress=progress, dtype=torch.bfloat16, shard_tokens=4096,
+        first_position=first_position,
     )  # fmt: skip
     for i, config in _pick(configs, todo):
         store = work / "activations" / f"layer_{i}"
@@ -194,7 +203,8 @@ def _train(
         _write_sparsify_layer(finished / _layer_folder(i), coder, config)
         shutil.rmtree(store)  # its run is finished: free the disk while the next layers train
     layers = [_layer_info(work / "runs" / f"layer_{i}") | {"layer": i} for i in range(len(configs))]
-    info = {"format": SET_FORMAT, "settings": settings, "n_tokens": tokens.numel(), "layers": layers}
+    n_tokens = tokens.shape[0] * (tokens.shape[1] - first_position)
+    info = {"format": SET_FORMAT, "settings": settings, "n_tokens": n_tokens, "layers": layers}
     write_text_atomic(finished / SET_FILE, json.dumps(info, indent=2))
     try:
         finished.rename(folder)  # atomic: the set appears under its name whole, or not at all
