@@ -28,10 +28,10 @@ TOKENS_FILE = "tokens.json"  # beside the store's index: which tokens it holds, 
 SHARD_TOKENS = 65536  # tokens per shard written by `collect_activations`
 
 
-def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str], first_position: int = 0) -> dict[str, Any]:
+def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str], skip_token: int | None = None) -> dict[str, Any]:
     sha = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     digest = {"sha256": sha, "shape": list(tokens.shape), "hook_names": sorted(hook_names)}
-    return digest | ({"first_position": first_position} if first_position else {})
+    return digest | ({"skip_token": skip_token} if skip_token is not None else {})
 
 
 def collect_activations(
@@ -70,7 +70,7 @@ def collect_stores(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     shard_tokens: int = SHARD_TOKENS,
-    first_position: int = 0,
+    skip_token: int | None = None,
 ) -> dict[Path, ActivationDataset]:
     """`collect_activations` into several stores from ONE pass of the model: store `folder` gets the hooks
     `stores[folder]`. A transcoder set keeps each layer's two hooks in a store of its own, so that training a
@@ -80,8 +80,8 @@ def collect_stores(
         stores: {folder: hook names}; a folder that already holds its hooks for these tokens is reused as it is.
         dtype: what the activations are stored in (the trainer reads them back in fp32).
         shard_tokens: tokens per shard, about; all the stores' hooks for one shard are held in memory at once.
-        first_position: store each row's positions from this one on (1: leave out the BOS position, whose
-            activations, an attention sink's, are outliers that a dictionary should not spend itself on).
+        skip_token: a token id whose positions are not stored (BOS: an attention sink's activations are outliers,
+            up to hundreds of times the norm of the rest, that would dominate a dictionary's loss).
 
     Raises:
         ArgumentError: tokens of the wrong shape or type; UnknownNameError: a name that is not a hook point.
@@ -90,7 +90,7 @@ def collect_stores(
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ArgumentError(f"tokens must be a LongTensor [n_rows, pos] of token ids, got {shape}")
     wanted = {Path(folder): check_hook_names(names, model.hook_names) for folder, names in stores.items()}
-    done = {folder: _reuse(folder, names, tokens, first_position) for folder, names in wanted.items()}
+    done = {folder: _reuse(folder, names, tokens, skip_token) for folder, names in wanted.items()}
     todo = {folder: names for folder, names in wanted.items() if done[folder] is None}
     for folder in todo:
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,16 +98,16 @@ def collect_stores(
     names = list(dict.fromkeys(name for hooks in todo.values() for name in hooks))
     if names:
         _run_and_write(model, tokens, names, todo, batch_rows=batch_rows, progress=progress, dtype=dtype,
-                       shard_tokens=shard_tokens, first_position=first_position)  # fmt: skip
+                       shard_tokens=shard_tokens, skip_token=skip_token)  # fmt: skip
     for folder, hooks in todo.items():
-        write_text_atomic(folder / TOKENS_FILE, json.dumps(_tokens_digest(tokens, hooks, first_position)))
+        write_text_atomic(folder / TOKENS_FILE, json.dumps(_tokens_digest(tokens, hooks, skip_token)))
         done[folder] = ActivationDataset(folder, hooks, unit="prompt")
     return {folder: dataset for folder, dataset in done.items() if dataset is not None}
 
 
-def _reuse(folder: Path, names: list[str], tokens: torch.Tensor, first_position: int) -> ActivationDataset | None:
+def _reuse(folder: Path, names: list[str], tokens: torch.Tensor, skip_token: int | None) -> ActivationDataset | None:
     """The store at `folder` if it is finished and holds the hooks `names` for `tokens`, else None."""
-    digest = _tokens_digest(tokens, names, first_position)
+    digest = _tokens_digest(tokens, names, skip_token)
     if (folder / INDEX_FILE).is_file() and (folder / TOKENS_FILE).is_file():
         try:
             if json.loads((folder / TOKENS_FILE).read_text()) == digest:
@@ -119,7 +119,7 @@ def _reuse(folder: Path, names: list[str], tokens: torch.Tensor, first_position:
 
 def _run_and_write(
     model: Any, tokens: torch.Tensor, names: list[str], stores: dict[Path, list[str]], *, batch_rows: int,
-    progress: bool, dtype: torch.dtype, shard_tokens: int, first_position: int,
+    progress: bool, dtype: torch.dtype, shard_tokens: int, skip_token: int | None,
 ) -> None:  # fmt: skip
     """The forward passes, each shard's rows split among the stores as it is written."""
     from tqdm.auto import tqdm
@@ -137,11 +137,10 @@ def _run_and_write(
             capture = ActivationCapture(names, dtype=dtype)
             for start in range(shard_start, min(shard_start + rows_per_shard, n_rows), batch_rows):
                 batch = tokens[start : min(start + batch_rows, shard_start + rows_per_shard, n_rows)]
-                capture.start_batch(
-                    range(start, start + len(batch)),
-                    [pos] * len(batch),
-                    positions=[range(first_position, pos)] * len(batch),
-                )
+                keep = [range(pos)] * len(batch)
+                if skip_token is not None:
+                    keep = [(row != skip_token).nonzero().squeeze(-1).tolist() for row in batch]
+                capture.start_batch(range(start, start + len(batch)), [pos] * len(batch), positions=keep)
                 with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks()):
                     model(
                         batch.to(device),

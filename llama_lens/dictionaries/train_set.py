@@ -64,18 +64,18 @@ class TrainedTranscoders(list):
         super().__init__(transcoders)
         self.path, self.info, self.trained = path, info, trained
 
-    def held_out_fvu(self, model: Any, tokens: torch.Tensor, *, leave_out_first_position: bool = True) -> list[float]:
+    def held_out_fvu(self, model: Any, tokens: torch.Tensor, *, leave_out_bos: bool = True) -> list[float]:
         """Each layer's fraction of variance unexplained of the MLP output on `tokens` [n_rows, pos] (text the
         set was not trained on), from one forward pass: sum |mlp_out - transcoder(mlp_in)|^2 over the
-        variance of mlp_out around its mean, per layer; without each row's first position (BOS) unless told."""
-        first = int(leave_out_first_position)
+        variance of mlp_out around its mean, per layer; without the BOS tokens unless told (as the set trains)."""
+        keep = tokens != model.cfg.bos_token_id if leave_out_bos else torch.ones_like(tokens, dtype=torch.bool)
         hooks = {name for d in self for name in (d.hook_in, d.hook_out)}
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
             out = []
             for dictionary in self:
-                x = cache[dictionary.hook_in][:, first:].flatten(0, -2).to(dictionary.dtype)
-                y = cache[dictionary.hook_out][:, first:].flatten(0, -2).to(x.dtype)
+                x = cache[dictionary.hook_in][keep.to(cache[dictionary.hook_in].device)].to(dictionary.dtype)
+                y = cache[dictionary.hook_out][keep.to(x.device)].to(x.dtype)
                 error = y - dictionary.forward(x)
                 out.append(float(error.pow(2).sum() / (y - y.mean(0)).pow(2).sum()))
         return out
@@ -95,7 +95,7 @@ def train_transcoder_set(
     model_name: str | None = None,
     out: str | os.PathLike | None = None,
     batch_rows: int = 8,
-    leave_out_first_position: bool = True,
+    leave_out_bos: bool = True,
     **options: Any,
 ) -> TrainedTranscoders:
     """Trains (or loads from the cache) one TopK transcoder per layer of `model`, from `blocks.{i}.mlp.hook_in` to
@@ -109,9 +109,9 @@ def train_transcoder_set(
             and a digest of its weights).
         out: the folder that holds the set's folder, instead of `$LLAMA_LENS_HOME/dictionaries/<model_name>`.
         batch_rows: rows per forward pass while collecting activations.
-        leave_out_first_position: train on every position but each row's first (BOS): its activations, an
-            attention sink's, are outliers that would take a large share of the latents, and the attribution
-            graph leaves that position out too (its `leave_out_first_position`).
+        leave_out_bos: train on every token but BOS, wherever it falls (rows cut from a stream of texts hold one
+            at each text's start): its activations, an attention sink's, reach hundreds of times the norm of the
+            others' in some layers and would dominate the loss; the attribution graph leaves position 0 out too.
         **options: the training settings of every layer, as `ll.train_dictionary` takes them (d_sae, k,
             batch_tokens, max_tokens, lr, seed, ...; threads, progress and checkpoint_every do not change the set).
             `threads` defaults to torch's current thread count.
@@ -142,10 +142,10 @@ def train_transcoder_set(
         for i in range(n_layers)
     ]
     tokens = _token_rows(model, texts, tokens, seq_len)
-    if not isinstance(leave_out_first_position, bool):
-        raise ArgumentTypeError(f"leave_out_first_position must be True or False, got {leave_out_first_position!r}")
-    first_position = int(leave_out_first_position)
-    settings = _settings(model, tokens, configs[0]) | {"first_position": first_position}
+    if not isinstance(leave_out_bos, bool):
+        raise ArgumentTypeError(f"leave_out_bos must be True or False, got {leave_out_bos!r}")
+    skip_token = model.cfg.bos_token_id if leave_out_bos else None
+    settings = _settings(model, tokens, configs[0]) | {"skip_token": skip_token}
     if model_name is not None and (not isinstance(model_name, str) or not model_name or "/" in model_name):
         raise ArgumentError(f"model_name must be a folder name (no '/'), got {model_name!r}")
     parent = Path(out).expanduser() if out is not None else _home() / "dictionaries" / (model_name or settings["model"])
@@ -153,7 +153,7 @@ def train_transcoder_set(
     folder = parent / f"transcoders-topk-{configs[0].d_sae}-k{configs[0].k}-{key}"
     trained = not (folder / SET_FILE).is_file()
     if trained:
-        _train(model, tokens, configs, folder, settings=settings, batch_rows=batch_rows, first_position=first_position)
+        _train(model, tokens, configs, folder, settings=settings, batch_rows=batch_rows, skip_token=skip_token)
     return open_set(folder, settings=settings, trained=trained)
 
 
@@ -183,7 +183,7 @@ def open_set(folder: Path, *, settings: dict[str, Any] | None = None, trained: b
 # --------------------------------------------------------------------------------------------- training
 def _train(
     model: Any, tokens: torch.Tensor, configs: list[TrainDictionaryConfig], folder: Path, *, settings: dict,
-    batch_rows: int, first_position: int,
+    batch_rows: int, skip_token: int | None,
 ) -> None:  # fmt: skip
     """Trains the layers not yet finished in `folder`'s .partial twin, then renames the finished set into place."""
     if folder.exists():
@@ -195,7 +195,7 @@ def _train(
     stores = collect_stores(
         model, tokens, {work / "activations" / f"layer_{i}": [c.hook_in, c.hook_out] for i, c in _pick(configs, todo)},
         batch_rows=batch_rows, progress=progress, dtype=torch.bfloat16, shard_tokens=4096,
-        first_position=first_position,
+        skip_token=skip_token,
     )  # fmt: skip
     for i, config in _pick(configs, todo):
         store = work / "activations" / f"layer_{i}"
@@ -203,7 +203,7 @@ def _train(
         _write_sparsify_layer(finished / _layer_folder(i), coder, config)
         shutil.rmtree(store)  # its run is finished: free the disk while the next layers train
     layers = [_layer_info(work / "runs" / f"layer_{i}") | {"layer": i} for i in range(len(configs))]
-    n_tokens = tokens.shape[0] * (tokens.shape[1] - first_position)
+    n_tokens = int((tokens != skip_token).sum())
     info = {"format": SET_FORMAT, "settings": settings, "n_tokens": n_tokens, "layers": layers}
     write_text_atomic(finished / SET_FILE, json.dumps(info, indent=2))
     try:
