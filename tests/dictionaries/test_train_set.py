@@ -63,6 +63,23 @@ def test_one_forward_pass_fills_every_layers_store(model, tokens, tmp_path):
     assert calls == [16, 16]
 
 
+def test_bos_tokens_are_left_out_of_the_stores(model, tokens, tmp_path):
+    rows = tokens.clone()
+    rows[::3, 7] = 1  # a BOS inside some rows too, where a text starts in a stream of texts
+    hooks = ["blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out"]
+    (store,) = collect_stores(model, rows, {tmp_path / "s": hooks}, progress=False, skip_token=1).values()
+    kept = int((rows != 1).sum())
+    assert len(store.prompt) == kept
+    for i in (0, 3):  # the stored rows are the non-BOS positions, with their activations
+        positions = (rows[i] != 1).nonzero().squeeze(-1)
+        assert torch.equal(store[i]["position"], positions)
+        _, cache = model.run_with_cache(rows[i : i + 1], names_filter=lambda name: name in hooks)
+        torch.testing.assert_close(store[i][hooks[1]], cache[hooks[1]][0, positions])
+    # The same tokens stored with BOS are another store: the note of what it holds says so.
+    (again,) = collect_stores(model, rows, {tmp_path / "s": hooks}, progress=False).values()
+    assert len(again.prompt) == rows.numel()
+
+
 def test_the_set_loads_as_per_layer_topk_transcoders_and_builds_a_graph(model, tokens, trained):
     _, transcoders = trained
     assert transcoders.trained and len(transcoders) == N_LAYERS
@@ -76,6 +93,7 @@ def test_the_set_loads_as_per_layer_topk_transcoders_and_builds_a_graph(model, t
     info = json.loads((transcoders.path / "set.json").read_text())
     assert [layer["layer"] for layer in info["layers"]] == list(range(N_LAYERS))
     assert all(layer["steps"] == 40 for layer in info["layers"])
+    assert info["n_tokens"] == int((tokens != 1).sum())  # BOS left out
     # Trained, not just written: the MLP outputs are reconstructed far better than by their mean (FVU 1).
     fvus = transcoders.held_out_fvu(model, tokens[:8])
     assert len(fvus) == N_LAYERS and max(fvus) < 0.8, fvus
@@ -169,6 +187,7 @@ def test_a_half_written_folder_is_not_taken_as_a_set(model, tokens, trained, tmp
         ({"tokens": torch.zeros(4, 8)}, ArgumentError, "tokens must be a LongTensor"),
         ({"tokens": None, "texts": ["a text"]}, ArgumentError, "no tokenizer"),
         ({"tokens": None, "texts": "a text"}, ArgumentTypeError, "texts must be a list"),
+        ({"leave_out_bos": "yes"}, ArgumentTypeError, "leave_out_bos"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(model, tokens, tmp_path, arguments, error, named):
