@@ -120,8 +120,8 @@ def train_transcoder_set(
         TrainedTranscoders: a list of the layers' Dictionary objects, with `.path`, `.info` and `.trained`.
 
     Raises:
-        ArgumentError / ArgumentTypeError: bad data or settings, named; UsageError: a folder under the set's name
-        that is not a finished set.
+        ArgumentError: bad data or settings, named (ArgumentTypeError for a wrong type).
+        UsageError: a folder under the set's name that is not a finished set.
     """
     decided = [name for name in SET_DECIDES if name in options]
     if decided:
