@@ -68,6 +68,7 @@ class TrainedTranscoders(list):
         """Each layer's fraction of variance unexplained of the MLP output on `tokens` [n_rows, pos] (text the
         set was not trained on), from one forward pass: sum |mlp_out - transcoder(mlp_in)|^2 over the
         variance of mlp_out around its mean, per layer; without the BOS tokens unless told (as the set trains)."""
+        tokens = _token_rows(model, None, tokens, seq_len=0)  # checked: token ids [n_rows, pos]
         keep = tokens != model.cfg.bos_token_id if leave_out_bos else torch.ones_like(tokens, dtype=torch.bool)
         hooks = {name for d in self for name in (d.hook_in, d.hook_out)}
         with torch.no_grad():

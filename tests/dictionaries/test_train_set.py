@@ -97,6 +97,8 @@ def test_the_set_loads_as_per_layer_topk_transcoders_and_builds_a_graph(model, t
     # Trained, not just written: the MLP outputs are reconstructed far better than by their mean (FVU 1).
     fvus = transcoders.held_out_fvu(model, tokens[:8])
     assert len(fvus) == N_LAYERS and max(fvus) < 0.8, fvus
+    with pytest.raises(ArgumentError, match="tokens must be a LongTensor"):
+        transcoders.held_out_fvu(model, tokens[0])
     graph = ll.attribution_graph(model, tokens[0, :10], transcoders)
     assert graph.n_features > 0 and graph.n_errors == N_LAYERS * 10
     # The graph's linear model is the transcoders' own: incoming edges plus constants give every node's value.
