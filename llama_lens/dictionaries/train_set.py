@@ -204,7 +204,7 @@ def _train(
         _write_sparsify_layer(finished / _layer_folder(i), coder, config)
         shutil.rmtree(store)  # its run is finished: free the disk while the next layers train
     layers = [_layer_info(work / "runs" / f"layer_{i}") | {"layer": i} for i in range(len(configs))]
-    n_tokens = int((tokens != skip_token).sum())
+    n_tokens = tokens.numel() if skip_token is None else int((tokens != skip_token).sum())
     info = {"format": SET_FORMAT, "settings": settings, "n_tokens": n_tokens, "layers": layers}
     write_text_atomic(finished / SET_FILE, json.dumps(info, indent=2))
     try:

@@ -133,6 +133,11 @@ def test_the_cache_lives_under_llama_lens_home(model, tokens, tmp_path, monkeypa
     transcoders = ll.train_transcoder_set(model, tokens=tokens[:8], model_name="tiny", **FAST | {"max_tokens": 128})
     assert transcoders.path.parent == tmp_path / "dictionaries" / "tiny"
     assert transcoders.path.name.startswith("transcoders-topk-96-k6-")
+    # Keeping the BOS tokens is another set, trained on every token.
+    with_bos = ll.train_transcoder_set(
+        model, tokens=tokens[:8], model_name="tiny", leave_out_bos=False, **FAST | {"max_tokens": 128}
+    )
+    assert with_bos.path != transcoders.path and with_bos.info["n_tokens"] == tokens[:8].numel()
 
 
 def test_a_killed_run_leaves_no_set_and_resumes(model, tokens, tmp_path, monkeypatch):
