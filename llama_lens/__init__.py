@@ -79,6 +79,9 @@ _LAZY = {
     "evaluate_dataset": "runs.evaluate",
     "train_dictionary": "dictionaries.train",
     "TrainDictionaryConfig": "dictionaries.train_config",
+    # a transcoder per layer, trained for attribution graphs
+    "train_transcoder_set": "dictionaries.train_set",
+    "TrainedTranscoders": "dictionaries.train_set",
 }
 # the faces: submodules users import by these names
 _SUBMODULES = {"plot", "widgets", "testing", "utils", "patching"}

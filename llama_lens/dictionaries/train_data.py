@@ -28,9 +28,10 @@ TOKENS_FILE = "tokens.json"  # beside the store's index: which tokens it holds, 
 SHARD_TOKENS = 65536  # tokens per shard written by `collect_activations`
 
 
-def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str]) -> dict[str, Any]:
+def _tokens_digest(tokens: torch.Tensor, hook_names: Sequence[str], skip_token: int | None = None) -> dict[str, Any]:
     sha = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"sha256": sha, "shape": list(tokens.shape), "hook_names": sorted(hook_names)}
+    digest = {"sha256": sha, "shape": list(tokens.shape), "hook_names": sorted(hook_names)}
+    return digest | ({"skip_token": skip_token} if skip_token is not None else {})
 
 
 def collect_activations(
@@ -56,38 +57,90 @@ def collect_activations(
     Raises:
         ArgumentError: tokens of the wrong shape or type; UnknownNameError: a name that is not a hook point.
     """
-    from tqdm.auto import tqdm
+    stores = collect_stores(model, tokens, {Path(folder): hook_names}, batch_rows=batch_rows, progress=progress)
+    return stores[Path(folder)]
 
+
+def collect_stores(
+    model: Any,
+    tokens: torch.Tensor,
+    stores: dict[Path, Sequence[str]],
+    *,
+    batch_rows: int = 8,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    shard_tokens: int = SHARD_TOKENS,
+    skip_token: int | None = None,
+) -> dict[Path, ActivationDataset]:
+    """`collect_activations` into several stores from ONE pass of the model: store `folder` gets the hooks
+    `stores[folder]`. A transcoder set keeps each layer's two hooks in a store of its own, so that training a
+    layer reads (and checks the digest of) its own activations only, not all the layers'.
+
+    Args:
+        stores: {folder: hook names}; a folder that already holds its hooks for these tokens is reused as it is.
+        dtype: what the activations are stored in (the trainer reads them back in fp32).
+        shard_tokens: tokens per shard, about; all the stores' hooks for one shard are held in memory at once.
+        skip_token: a token id whose positions are not stored (BOS: an attention sink's activations are outliers,
+            up to hundreds of times the norm of the rest, that would dominate a dictionary's loss).
+
+    Raises:
+        ArgumentError: tokens of the wrong shape or type; UnknownNameError: a name that is not a hook point.
+    """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long or not tokens.numel():
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ArgumentError(f"tokens must be a LongTensor [n_rows, pos] of token ids, got {shape}")
-    names = check_hook_names(hook_names, model.hook_names)
-    folder = Path(folder)
-    digest = _tokens_digest(tokens, names)
+    wanted = {Path(folder): check_hook_names(names, model.hook_names) for folder, names in stores.items()}
+    done = {folder: _reuse(folder, names, tokens, skip_token) for folder, names in wanted.items()}
+    todo = {folder: names for folder, names in wanted.items() if done[folder] is None}
+    for folder in todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / INDEX_FILE).unlink(missing_ok=True)  # the index is written last: without it the store is unfinished
+    names = list(dict.fromkeys(name for hooks in todo.values() for name in hooks))
+    if names:
+        _run_and_write(model, tokens, names, todo, batch_rows=batch_rows, progress=progress, dtype=dtype,
+                       shard_tokens=shard_tokens, skip_token=skip_token)  # fmt: skip
+    for folder, hooks in todo.items():
+        write_text_atomic(folder / TOKENS_FILE, json.dumps(_tokens_digest(tokens, hooks, skip_token)))
+        done[folder] = ActivationDataset(folder, hooks, unit="prompt")
+    return {folder: dataset for folder, dataset in done.items() if dataset is not None}
+
+
+def _reuse(folder: Path, names: list[str], tokens: torch.Tensor, skip_token: int | None) -> ActivationDataset | None:
+    """The store at `folder` if it is finished and holds the hooks `names` for `tokens`, else None."""
+    digest = _tokens_digest(tokens, names, skip_token)
     if (folder / INDEX_FILE).is_file() and (folder / TOKENS_FILE).is_file():
         try:
             if json.loads((folder / TOKENS_FILE).read_text()) == digest:
                 return ActivationDataset(folder, names, unit="prompt")
         except ValueError:
             pass  # a damaged note: collect again
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / INDEX_FILE).unlink(missing_ok=True)  # the index is written last: without it the store is unfinished
+    return None
+
+
+def _run_and_write(
+    model: Any, tokens: torch.Tensor, names: list[str], stores: dict[Path, list[str]], *, batch_rows: int,
+    progress: bool, dtype: torch.dtype, shard_tokens: int, skip_token: int | None,
+) -> None:  # fmt: skip
+    """The forward passes, each shard's rows split among the stores as it is written."""
+    from tqdm.auto import tqdm
+
     layers = [int(name.split(".")[1]) for name in names if name.startswith("blocks.")]
     only_blocks = all(name.startswith("blocks.") or name == "hook_embed" for name in names)
     stop = max(layers, default=-1) + 1 if only_blocks else None
     n_rows, pos = tokens.shape
-    rows_per_shard = max(batch_rows, SHARD_TOKENS // pos // batch_rows * batch_rows)
+    rows_per_shard = max(batch_rows, shard_tokens // pos // batch_rows * batch_rows)
     device = model.embed.weight.device
     bar = tqdm(total=n_rows * pos, desc="collecting activations", unit="tok", disable=not progress)
     n_shards = 0
     try:
         for shard_start in range(0, n_rows, rows_per_shard):
-            capture = ActivationCapture(names, dtype=torch.float32)
+            capture = ActivationCapture(names, dtype=dtype)
             for start in range(shard_start, min(shard_start + rows_per_shard, n_rows), batch_rows):
                 batch = tokens[start : min(start + batch_rows, shard_start + rows_per_shard, n_rows)]
-                capture.start_batch(
-                    range(start, start + len(batch)), [pos] * len(batch), positions=[range(pos)] * len(batch)
-                )
+                keep = [range(pos)] * len(batch)
+                if skip_token is not None:
+                    keep = [(row != skip_token).nonzero().squeeze(-1).tolist() for row in batch]
+                capture.start_batch(range(start, start + len(batch)), [pos] * len(batch), positions=keep)
                 with torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks()):
                     model(
                         batch.to(device),
@@ -96,13 +149,15 @@ def collect_activations(
                         attention_mask=torch.ones_like(batch, device=device),
                     )
                 bar.update(batch.numel())
-            write_shard(folder, n_shards, tensors=capture.tensors())
+            tensors = capture.tensors()
+            for folder, hooks in stores.items():
+                part = {name: tensors[name] for name in [*hooks, "prompt", "position"]}
+                write_shard(folder, n_shards, tensors=part)
             n_shards += 1
     finally:
         bar.close()
-    write_index(folder, n_shards, hook_names=names, positions="all")
-    write_text_atomic(folder / TOKENS_FILE, json.dumps(digest))
-    return ActivationDataset(folder, names, unit="prompt")
+    for folder, hooks in stores.items():
+        write_index(folder, n_shards, hook_names=hooks, positions="all")
 
 
 class StoreBatches:

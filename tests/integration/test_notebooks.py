@@ -22,9 +22,10 @@ NOTEBOOKS = [
     "05_generation.ipynb",
     "06_tuned_lens.ipynb",
     "07_sparse_dictionaries.ipynb",
+    "08_attribution_graphs.ipynb",
 ]
 KEY_FIGURE_TAG = "key-figure"
-CELL_TIMEOUT_S = 300  # a hung cell fails the test instead of stalling the suite
+CELL_TIMEOUT_S = 600  # a hung cell fails the test instead of stalling the suite (08 trains 30 transcoders in one cell)
 
 
 def test_kernel_runs_this_interpreter():
