@@ -13,7 +13,7 @@ pattern, z, each head's result, the norms' scales, the MLP's hidden activations:
 compares like with like. Each line ends with the load average (1 min) before and after its turns: above the CPU
 count the ratios are noisy.
 
-The four candidates run in turns and each figure is a median over the turns.
+The five candidates run in turns and each figure is a median over the turns.
 
 Usage: python scripts/bench_forward.py [PATH] [--lengths 32 512] [--repeats 7] [--device cuda] [--dtype bfloat16]
 PATH defaults to the embedded SmolLM2-135M (ll.demo_model_path()). On CUDA, TF32 stays off (torch's default)
