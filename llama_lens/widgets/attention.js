@@ -48,40 +48,80 @@ function render({ model, el }) {
   zoom.addEventListener("input", () => put(model, "zoom", Number(zoom.value)));
 
   // ---------------------------------------------------------------- data
-  let words = null; // Uint16Array of every shown layer's heads' lower triangles
+  // The kernel sends every shown head's thumbnail and the open head's full pattern; opening another head asks
+  // for its pattern (by setting `head`), shown meanwhile as its thumbnail enlarged. A saved page has them all.
+  let thumbBytes = new Uint8Array(0); // every shown head's thumbnail: lower triangles of sqrt(weight) x 255
+  let heads = new Map(); // "layer:head" -> Uint16Array lower triangle (weight x 65535), the full patterns held
+  let openRaw = null; // the open_pattern value last taken into `heads`
   let thumbs = null; // "layer:head" -> its thumbnail's element, drawn once per data (and theme)
   let lines = null; // the prompt laid out in lines of the text box's width: [[{pos, text}, ...], ...]
   let shownLines = ""; // the lines in the page ("first:last"), rebuilt on scroll or resize only
   let spans = []; // the shown lines' spans; hovering only recolours them
-  let shownText = null; // the (layer, head, query) the text is coloured for
+  let shownText = null; // the (layer, head, query, full) the text is coloured for
+  function bytesOf(raw) {
+    if (typeof raw === "string") return fromBase64(raw, "u1");
+    if (raw && raw.buffer) return new Uint8Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    return new Uint8Array(0);
+  }
+  const words = (raw) => { const b = bytesOf(raw); return new Uint16Array(b.buffer, 0, b.byteLength >> 1); };
   function decode() {
     thumbs = null;
     lines = null;
     shownLines = "";
     spans = [];
     shownText = null;
-    const raw = model.get("patterns");
-    if (typeof raw === "string") {
-      const bytes = Uint8Array.from(atob(raw), (c) => c.charCodeAt(0));
-      words = new Uint16Array(bytes.buffer);
-    } else if (raw && raw.buffer) {
-      words = new Uint16Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
-    } else {
-      words = new Uint16Array(0);
+    heads = new Map();
+    openRaw = null;
+    thumbBytes = bytesOf(model.get("thumbs"));
+    const all = model.get("patterns"); // a saved page: every shown head
+    if (all) {
+      const every = words(all), size = tri();
+      meta().layers.forEach((layer, i) => {
+        for (let head = 0; head < meta().n_heads; head++) {
+          const at = (i * meta().n_heads + head) * size;
+          heads.set(`${layer}:${head}`, every.subarray(at, at + size));
+        }
+      });
     }
+    takeOpen();
   }
-  const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0 };
+  // Keeps the open head's pattern the kernel sent (unless it is about older data); true when it is new.
+  function takeOpen() {
+    const raw = model.get("open_pattern"), tag = model.get("open_head") || {};
+    if (!raw || raw === openRaw) return false;
+    openRaw = raw;
+    if (tag.run !== meta().run) return false;
+    heads.set(`${tag.layer}:${tag.head}`, words(raw));
+    return true;
+  }
+  const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0, thumb: 1 };
   const n = () => meta().tokens.length;
   const tri = () => (n() * (n() + 1)) / 2;
-  // The pattern of a (layer, head) as a function of (q, k): the offsets worked out once, not per pixel (a
-  // 300-token thumbnail reads 90,000 weights, and 30 layers of heads thousands of times that).
+  // The pattern of a (layer, head) as a function of (q, k), or null until the kernel has sent it: the offsets
+  // worked out once, not per pixel (a 300-token heatmap reads 90,000 weights).
   function headWeights(layer, head) {
-    const base = (meta().layers.indexOf(layer) * meta().n_heads + head) * tri();
-    return (q, k) => (k > q ? 0 : words[base + (q * (q + 1)) / 2 + k] / 65535);
+    const w = heads.get(`${layer}:${head}`);
+    if (!w) return null;
+    return (q, k) => (k > q ? 0 : w[(q * (q + 1)) / 2 + k] / 65535);
   }
-  const weight = (layer, head, q, k) => headWeights(layer, head)(q, k);
+  const weight = (layer, head, q, k) => { const f = headWeights(layer, head); return f ? f(q, k) : NaN; };
   const cellSize = () => model.get("zoom") || Math.max(1, Math.min(24, Math.floor(560 / Math.max(1, n()))));
 
+  // A thumbnail: side x side blocks, each the brightest weight of its block of positions (already as the colour's
+  // index), above the diagonal the background.
+  function thumbImage(layer, head, colour) {
+    const side = Math.max(1, meta().thumb || 1), size = (side * (side + 1)) / 2;
+    const base = (meta().layers.indexOf(layer) * meta().n_heads + head) * size;
+    const img = new ImageData(side, side);
+    for (let q = 0; q < side; q++) for (let k = 0; k < side; k++) {
+      const c = k > q ? colour.masked : WEIGHT_COLOURS[thumbBytes[base + (q * (q + 1)) / 2 + k] || 0].rgb;
+      const o = (q * side + k) * 4;
+      img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
+    }
+    return img;
+  }
+
+  // The full pattern of a head, N x N pixels.
   function image(layer, head, colour) {
     const N = n(), weight = headWeights(layer, head);
     const img = new ImageData(Math.max(1, N), Math.max(1, N));
@@ -118,9 +158,9 @@ function render({ model, el }) {
         const size = 64;
         const ctx = canvasFor(canvas, size, size);
         const small = document.createElement("canvas");
-        small.width = small.height = Math.max(1, n());
-        small.getContext("2d").putImageData(image(layer, head, colour), 0, 0);
-        ctx.imageSmoothingEnabled = n() > size;
+        small.width = small.height = Math.max(1, meta().thumb || 1);
+        small.getContext("2d").putImageData(thumbImage(layer, head, colour), 0, 0);
+        ctx.imageSmoothingEnabled = false;
         ctx.drawImage(small, 0, 0, size, size);
         const isOpen = open.layer === layer && open.head === head;
         const thumb = h("div", { class: "ll-thumb" + (isOpen ? " ll-open" : ""), "data-layer": layer, "data-head": head,
@@ -138,9 +178,11 @@ function render({ model, el }) {
     const N = n(), s = cellSize(), theme = themeOf(root);
     const labels = s >= 10 ? 70 : 0;
     const ctx = canvasFor(heatmap, labels + N * s, labels + N * s);
+    const full = !!headWeights(layer, head), side = full ? Math.max(1, N) : Math.max(1, meta().thumb || 1);
     const small = document.createElement("canvas");
-    small.width = small.height = Math.max(1, N);
-    small.getContext("2d").putImageData(image(layer, head, { masked: masked() }), 0, 0);
+    small.width = small.height = side;
+    const colour = { masked: masked() };
+    small.getContext("2d").putImageData(full ? image(layer, head, colour) : thumbImage(layer, head, colour), 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(small, labels, labels, N * s, N * s);
     if (labels) {
@@ -162,7 +204,10 @@ function render({ model, el }) {
       ctx.strokeRect(labels, labels + q * s, N * s, s);
     }
     heatmap.dataset.labels = labels;
-    title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)`;
+    const waiting = offline ? "the thumbnail: the full pattern needs the kernel" : "the thumbnail, the full pattern on its way";
+    title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)` +
+      (full ? "" : ` (${waiting})`);
+    return full;
   }
 
   // The prompt as text, wrapped at the box's width by measuring each token in the box's font, so that only the
@@ -218,14 +263,15 @@ function render({ model, el }) {
     const tokens = meta().tokens;
     shownQuery = query;
     if (!lines) { showLines(); return; }
-    const key = `${layer}:${head}:${query}`;
+    const weightOf = headWeights(layer, head); // null until the open head's pattern has come: no colours
+    const key = `${layer}:${head}:${query}:${!!weightOf}`;
     if (shownText === key) return;
     shownText = key;
     let max = 1e-9;
-    if (query >= 0) for (let k = 0; k <= query; k++) max = Math.max(max, weight(layer, head, query, k));
+    if (query >= 0 && weightOf) for (let k = 0; k <= query; k++) max = Math.max(max, weightOf(query, k));
     for (const span of spans) {
       const k = Number(span.dataset.pos);
-      const w = query >= 0 && k <= query ? weight(layer, head, query, k) : 0;
+      const w = query >= 0 && k <= query && weightOf ? weightOf(query, k) : 0;
       const c = ramp(VIRIDIS, w / max);
       span.title = query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "";
       const coloured = query >= 0 && k <= query && w > 0;
@@ -288,7 +334,16 @@ function render({ model, el }) {
     put(model, "query", Number(pos));
   });
 
+  // The exports need the open head's full pattern; until it has come they say so instead.
+  function notYet() {
+    const { layer, head } = model.get("head");
+    if (headWeights(layer, head)) return false;
+    status.textContent = `layer ${layer}, head ${head}: the full pattern has not come yet`;
+    return true;
+  }
+
   function exportCsv() {
+    if (notYet()) return;
     const { layer, head } = model.get("head");
     const tokens = meta().tokens;
     const lines = ["layer,head,query,query_token,key,key_token,weight"];
@@ -299,6 +354,7 @@ function render({ model, el }) {
   }
 
   function exportSvg() {
+    if (notYet()) return;
     const { layer, head } = model.get("head");
     const N = n(), s = Math.max(4, cellSize());
     const parts = [];
@@ -330,18 +386,33 @@ function render({ model, el }) {
     drawText(model.get("query"));
     timing("draw", performance.now() - started);
   }
-  model.on("change:patterns", () => {
+  // New data (a prompt, other layers): everything is drawn anew. The open head's pattern usually comes with it
+  // (full() takes it); alone, it is the answer to opening a head.
+  model.on("change:thumbs", () => {
     full();
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   });
+  model.on("change:open_pattern", () => {
+    if (!takeOpen()) return;
+    const { layer, head } = model.get("head"), tag = model.get("open_head");
+    if (tag.layer !== layer || tag.head !== head) return; // an answer overtaken by a newer click
+    drawHeatmap();
+    drawText(model.get("query"));
+    if (opening) timing("open", performance.now() - opening);
+    opening = 0;
+  });
+  // Opening a head moves the grid's outline and draws the head: at once from its pattern when the page has it,
+  // else from its thumbnail until the kernel's answer comes ("open" is timed to the full pattern drawn).
+  let opening = 0;
   model.on("change:head", () => {
     const started = performance.now();
     sync();
     drawGrid();
-    drawHeatmap();
+    const full = drawHeatmap();
     drawText(model.get("query"));
-    timing("open", performance.now() - started);
+    timing(full ? "open" : "open_thumb", performance.now() - started);
+    opening = full ? 0 : started;
   });
   model.on("change:query", () => { drawHeatmap(); drawText(model.get("query")); });
   model.on("change:zoom", () => { sync(); drawHeatmap(); });

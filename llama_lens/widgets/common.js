@@ -155,11 +155,11 @@ function escapeHtml(text) {
 }
 
 // base64 of little-endian binary (what Python's `lens_data._pack` writes) -> a typed array of `dtype`
-// ("u2", "u4" or "f4"). Every browser in use is little-endian, so the bytes are the array's own.
+// ("u1", "u2", "u4" or "f4"). Every browser in use is little-endian, so the bytes are the array's own.
 function fromBase64(text, dtype) {
   const raw = atob(text);
   const bytes = new Uint8Array(raw.length);
   for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
-  const Type = { u2: Uint16Array, u4: Uint32Array, f4: Float32Array }[dtype];
+  const Type = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, f4: Float32Array }[dtype];
   return new Type(bytes.buffer, 0, bytes.length / Type.BYTES_PER_ELEMENT);
 }

@@ -89,6 +89,7 @@ const sandbox = {
   ImageData: class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } },
   URL: { createObjectURL: (blob) => { blobs.push(blob); return "blob:" + blobs.length; }, revokeObjectURL() {} },
   setTimeout: () => 0,
+  addEventListener() {}, removeEventListener() {},
   ResizeObserver: class { constructor(cb) { this.cb = cb; observers.push(this); } observe() {} disconnect() {} },
 };
 const observers = [];
@@ -189,6 +190,8 @@ for (const step of script) {
       feature: state.feature,
       state: Object.fromEntries((step.keys || []).map((k) => [k, state[k]])),
       attrs: step.attrs ? find(step.attrs[0]).map((n) => n.getAttribute(step.attrs[1])) : [],
+      texts: { title: (find("ll-title")[0] || { textContent: "" }).textContent,
+        status: (find("ll-status")[0] || { textContent: "" }).textContent },
       tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
     };
     fills.clear();
