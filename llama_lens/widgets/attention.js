@@ -39,6 +39,7 @@ function render({ model, el }) {
     tooltip,
   );
   if (offline) promptBox.disabled = layersBox.disabled = true;
+  const places = placeCache(), tip = tooltipPlacer(tooltip, root); // hovering reads no layout
   promptBox.addEventListener("keydown", (e) => { if (e.key === "Enter") put(model, "prompt", promptBox.value); });
   layersBox.addEventListener("keydown", (e) => {
     if (e.key !== "Enter") return;
@@ -174,6 +175,7 @@ function render({ model, el }) {
   }
 
   function drawHeatmap() {
+    places.clear(); // the heatmap's size, and what is above it, may change
     const { layer, head } = model.get("head");
     const N = n(), s = cellSize(), theme = themeOf(root);
     const labels = s >= 10 ? 70 : 0;
@@ -285,9 +287,10 @@ function render({ model, el }) {
   }
 
   // ---------------------------------------------------------------- events
+  heatmap.addEventListener("mouseenter", () => places.clear()); // the page may have moved since the last visit
   heatmap.addEventListener("mousemove", (e) => {
     const started = performance.now();
-    const rect = heatmap.getBoundingClientRect();
+    const rect = places.of(heatmap);
     const labels = Number(heatmap.dataset.labels || 0), s = cellSize();
     const k = Math.floor((e.clientX - rect.left - labels) / s), q = Math.floor((e.clientY - rect.top - labels) / s);
     if (q < 0 || k < 0 || q >= n() || k >= n()) { tooltip.style.display = "none"; return; }
@@ -296,15 +299,15 @@ function render({ model, el }) {
     tooltip.innerHTML = `query ${q} <span class="ll-tok">${escapeHtml(visible(tokens[q]))}</span> → key ${k} ` +
       `<span class="ll-tok">${escapeHtml(visible(tokens[k]))}</span><br>weight <b>${k > q ? "masked" : fmt(weight(layer, head, q, k), 4)}</b>`;
     tooltip.style.display = "block";
-    const box = root.getBoundingClientRect();
-    tooltip.style.left = e.clientX - box.left + 14 + "px";
-    tooltip.style.top = e.clientY - box.top + 14 + "px";
+    const box = places.of(root);
+    tip.place(e.clientX - box.left, e.clientY - box.top);
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   });
   heatmap.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
   heatmap.addEventListener("click", (e) => {
     const started = performance.now();
-    const rect = heatmap.getBoundingClientRect();
+    const rect = places.of(heatmap);
     const labels = Number(heatmap.dataset.labels || 0);
     const q = Math.floor((e.clientY - rect.top - labels) / cellSize());
     if (q >= 0 && q < n()) { model.set("query", q); model.save_changes(); drawHeatmap(); drawText(q); }
@@ -316,6 +319,7 @@ function render({ model, el }) {
     const started = performance.now();
     drawText(Number(pos));
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   });
   text.addEventListener("mouseleave", () => drawText(model.get("query")));
   text.addEventListener("scroll", showLines);
@@ -425,6 +429,8 @@ function render({ model, el }) {
   return () => {
     stopWatchingTheme();
     if (resizing) resizing.disconnect();
+    places.stop();
+    tip.stop();
   };
 }
 

@@ -163,3 +163,57 @@ function fromBase64(text, dtype) {
   const Type = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, f4: Float32Array }[dtype];
   return new Type(bytes.buffer, 0, bytes.length / Type.BYTES_PER_ELEMENT);
 }
+
+// Where elements are on the screen, read once and kept until something scrolls or is resized (or `clear()`, when
+// the pointer comes in or the view redraws). Reading a place in every mousemove makes the browser lay the whole
+// page out whenever anything in it changed since the last frame: in JupyterLab tens of milliseconds a hover.
+function placeCache() {
+  let rects = new Map();
+  const clear = () => { rects = new Map(); };
+  window.addEventListener("scroll", clear, true); // capture: a scrolling panel's event does not bubble
+  window.addEventListener("resize", clear);
+  return {
+    of(element) {
+      let rect = rects.get(element);
+      if (!rect) rects.set(element, (rect = element.getBoundingClientRect()));
+      return rect;
+    },
+    clear,
+    stop() { window.removeEventListener("scroll", clear, true); window.removeEventListener("resize", clear); },
+  };
+}
+
+// Places a tooltip beside the pointer, inside the explorer's box (a notebook's output area cuts off what hangs
+// below it), without making the browser lay the page out in the event: the box's and the tooltip's sizes are
+// kept from ResizeObserver's reports (after the browser's own layout), and a new size moves the tooltip again.
+function tooltipPlacer(tooltip, root) {
+  let tipSize = null, rootSize = null, at = null;
+  const fit = () => {
+    if (!at || !tipSize || !rootSize) return;
+    tooltip.style.left = Math.max(0, Math.min(at.x + 14, rootSize.w - tipSize.w)) + "px";
+    tooltip.style.top = Math.max(0, Math.min(at.y + 14, rootSize.h - tipSize.h)) + "px";
+  };
+  const watch = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(() => {
+    if (tooltip.offsetWidth > 0) tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+    rootSize = { w: root.clientWidth, h: root.clientHeight };
+    fit();
+  });
+  if (watch) { watch.observe(tooltip); watch.observe(root); }
+  return {
+    place(x, y) {
+      at = { x, y };
+      // Measured once (the first tooltip); after that ResizeObserver keeps the sizes.
+      if (!rootSize) rootSize = { w: root.clientWidth, h: root.clientHeight };
+      if (!tipSize && tooltip.offsetWidth > 0) tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+      fit();
+    },
+    stop() { if (watch) watch.disconnect(); },
+  };
+}
+
+// Records `kind` as the time from `started` to the next frame drawn (the event's work, the browser's layout and
+// paint of what it changed): what the eye waits for, beside the handler's own time.
+function frameTiming(kind, started) {
+  if (typeof requestAnimationFrame === "undefined") return;
+  requestAnimationFrame(() => setTimeout(() => timing(kind, performance.now() - started), 0));
+}

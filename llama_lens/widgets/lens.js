@@ -66,6 +66,7 @@ function render({ model, el }) {
   const tooltip = h("div", { class: "ll-tooltip" });
   root.append(panelsBox, h("div", { class: "ll-legendbar" }, [legend, legendText]),
     h("div", { class: "ll-bottom" }, [popup, chart]), tooltip);
+  const places = placeCache(), placer = tooltipPlacer(tooltip, root); // hovering reads no layout
   if (offline) {
     for (const box of [promptBox, compareBox, readout, lens, targetBox, tokenBox]) box.disabled = true;
     promptBox.title = "a saved page has no kernel to run the model";
@@ -202,6 +203,7 @@ function render({ model, el }) {
     const started = performance.now();
     const ps = panels();
     const theme = themeOf(root);
+    places.clear(); // new canvases, and the page below the controls may move
     panelsBox.replaceChildren();
     views = [];
     const titles = model.get("titles") || [];
@@ -265,6 +267,7 @@ function render({ model, el }) {
       lctx.fillText("next", LABEL_W - 4, ROW_H / 2);
       lctx.fillText("input", LABEL_W - 4, bottom + ROW_H / 2);
       views.push({ canvas, scroll, marks, rows, cellW, d, p });
+      canvas.addEventListener("mouseenter", () => places.clear()); // the page may have moved since the last visit
       canvas.addEventListener("mousemove", (e) => hover(e, p));
       canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; tip = null; });
       canvas.addEventListener("click", (e) => click(e, p));
@@ -331,7 +334,7 @@ function render({ model, el }) {
 
   function cellAt(e, p) {
     const view = views[p];
-    const rect = view.canvas.getBoundingClientRect();
+    const rect = places.of(view.canvas);
     const x = e.clientX - rect.left, y = e.clientY - rect.top;
     const c = Math.floor(x / view.cellW);
     const yRow = Math.floor(y / ROW_H) - 1;
@@ -361,9 +364,10 @@ function render({ model, el }) {
     const started = performance.now();
     const cell = cellAt(e, p);
     if (!cell) { tooltip.style.display = "none"; return; }
-    const box = root.getBoundingClientRect();
+    const box = places.of(root);
     showTip(p, cell, e.clientX - box.left, e.clientY - box.top);
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   }
 
   // The tooltip of a cell at (x, y) in the explorer's box.
@@ -394,9 +398,7 @@ function render({ model, el }) {
     tooltip.style.display = "block";
     tip = { p, cell, x, y };
     // Inside the explorer's box: a notebook's output area cuts off what hangs below it (the top-20 list did).
-    const width = tooltip.offsetWidth, height = tooltip.offsetHeight;
-    tooltip.style.left = Math.max(0, Math.min(x + 14, root.clientWidth - width)) + "px";
-    tooltip.style.top = Math.max(0, Math.min(y + 14, root.clientHeight - height)) + "px";
+    placer.place(x, y);
   }
 
   function click(e, p) {
@@ -453,7 +455,8 @@ function render({ model, el }) {
     const left = c * cellW, scroll = view.scroll; // keep the cell in sight
     if (left < scroll.scrollLeft) scroll.scrollLeft = left;
     else if (left + cellW > scroll.scrollLeft + scroll.clientWidth) scroll.scrollLeft = left + cellW - scroll.clientWidth;
-    const canvasBox = view.canvas.getBoundingClientRect(), box = root.getBoundingClientRect();
+    places.clear(); // scrolled just now
+    const canvasBox = places.of(view.canvas), box = places.of(root);
     showTip(p, { c, r }, canvasBox.left - box.left + (c + 1) * cellW, canvasBox.top - box.top + (y + 2) * ROW_H);
   }
 
@@ -717,6 +720,8 @@ function render({ model, el }) {
   return () => {
     stopWatchingTheme();
     stop();
+    places.stop();
+    placer.stop();
   };
 }
 
