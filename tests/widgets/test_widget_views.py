@@ -243,3 +243,19 @@ def test_tooltip_stays_inside_the_explorer(model, tmp_path):
     # The tooltip (120 px in the stand-in DOM) would hang below a 150 px explorer from y = 27 + 14: it moves up to
     # fit, where a notebook's output area would otherwise cut off its last rows.
     assert out["reports"]["low"]["tooltip_top"] == f"{150 - 120}px"
+
+
+@needs_node
+@pytest.mark.parametrize("name", ["LogitLensExplorer", "AttentionExplorer", "FeatureExplorer", "GraphExplorer"])
+def test_the_shipped_scripts_parse_without_their_comments(name, tmp_path):
+    """The page gets each script compacted (base.compact: no comment lines, no indentation): it still parses as
+    a module, and it is smaller than the files."""
+    from llama_lens.widgets.base import compact
+
+    explorer_class = getattr(ll_widgets, name)
+    script = tmp_path / "explorer.mjs"
+    script.write_text(explorer_class._esm)
+    subprocess.run([NODE, "--check", str(script)], check=True, capture_output=True, timeout=60)
+    source = (Path(ll_widgets.__file__).parent / "common.js").read_text()
+    assert len(compact(source)) < 0.8 * len(source)
+    assert compact("a {\n  b: 1; /* why */\n}\n/* a\n rule */\n", "x.css") == "a {\nb: 1;\n}\n"
