@@ -269,8 +269,10 @@ def _outline(run: LensRun) -> dict[str, Any]:
 
 
 PROB_SCALE = 65535
-# Positions whose top-k the first frame carries: more than a screen of cells at the default zoom (36 px).
-FRAME_COLUMNS = 64
+# Positions whose top-k the first frame carries: a screen of cells at the default zoom (36 px) in a notebook's
+# output, one block of the page's requests (lens_parts.js BLOCK); the page asks for the next block as it draws.
+# Every explorer's frame is also what a notebook saved with its widget state stores, so it is kept to a screen.
+FRAME_COLUMNS = 32
 # The metrics that are a matrix of their own ([R * P] float32); the others come from the top-k or a token's data.
 METRIC_NAMES = ("logit", "entropy", "kl")
 # The most positions one request gets (the page asks in blocks of 32).
