@@ -96,7 +96,7 @@ const observers = [];
 sandbox.window = sandbox;
 vm.createContext(sandbox);
 // The files in the order the explorer's _esm concatenates them.
-const files = { lens: ["common.js", "lens_parts.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
+const files = { lens: ["common.js", "lens_parts.js", "lens_values.js", "lens_pins.js", "lens_export.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
 const source = files.map((name) => fs.readFileSync(`${folder}/${name}`, "utf8")).join("");
 vm.runInContext(source.replace("export default", "globalThis.explorerModule ="), sandbox);
 
@@ -190,6 +190,7 @@ for (const step of script) {
       feature: state.feature,
       state: Object.fromEntries((step.keys || []).map((k) => [k, state[k]])),
       attrs: step.attrs ? find(step.attrs[0]).map((n) => n.getAttribute(step.attrs[1])) : [],
+      heatmap: find("ll-att-canvas").map((n) => ({ width: n.style.width, labels: n.dataset.labels })),
       texts: { title: (find("ll-title")[0] || { textContent: "" }).textContent,
         status: (find("ll-status")[0] || { textContent: "" }).textContent },
       tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
