@@ -2,6 +2,7 @@
 // across) with a hover tooltip, and the prompt as text coloured by one query's attention.
 
 const LINE_H = 24; // px per line of the prompt's text (.ll-line in widgets.css)
+const MIN_CELL = 10; // px: the smallest default cell, the smallest that has its tokens written beside it
 // The heatmaps' colours in 256 steps: a look-up per pixel, not a colour made per pixel (120 thumbnails of 300
 // tokens are ten million pixels).
 const WEIGHT_COLOURS = palette(VIRIDIS);
@@ -106,7 +107,9 @@ function render({ model, el }) {
     return (q, k) => (k > q ? 0 : w[(q * (q + 1)) / 2 + k] / 65535);
   }
   const weight = (layer, head, q, k) => { const f = headWeights(layer, head); return f ? f(q, k) : NaN; };
-  const cellSize = () => model.get("zoom") || Math.max(1, Math.min(24, Math.floor(560 / Math.max(1, n()))));
+  // Cells of at least MIN_CELL px by default, so each has its tokens written beside it (a 300-token prompt's
+  // heatmap scrolls; the zoom slider goes down to 1 px for the whole picture at once).
+  const cellSize = () => model.get("zoom") || Math.max(MIN_CELL, Math.min(24, Math.floor(560 / Math.max(1, n()))));
 
   // A thumbnail: side x side blocks, each the brightest weight of its block of positions (already as the colour's
   // index), above the diagonal the background.
@@ -178,7 +181,7 @@ function render({ model, el }) {
     places.clear(); // the heatmap's size, and what is above it, may change
     const { layer, head } = model.get("head");
     const N = n(), s = cellSize(), theme = themeOf(root);
-    const labels = s >= 10 ? 70 : 0;
+    const labels = s >= MIN_CELL ? 70 : 0;
     const ctx = canvasFor(heatmap, labels + N * s, labels + N * s);
     const full = !!headWeights(layer, head), side = full ? Math.max(1, N) : Math.max(1, meta().thumb || 1);
     const small = document.createElement("canvas");

@@ -119,7 +119,7 @@ class AttentionExplorer(Explorer):
     layers = traitlets.List([]).tag(sync=True)
     head = traitlets.Dict({"layer": 0, "head": 0}).tag(sync=True)
     query = traitlets.Int(-1).tag(sync=True)
-    zoom = traitlets.Float(0.0).tag(sync=True)  # 0: fit about 560 px
+    zoom = traitlets.Float(0.0).tag(sync=True)  # 0: about 560 px, cells of 10 px at least (labelled, scrolling)
 
     meta = traitlets.Dict({}).tag(sync=True)  # tokens, layers, n_heads, thumb (blocks a side), run
     thumbs = traitlets.Bytes(b"").tag(sync=True)
@@ -203,9 +203,15 @@ class AttentionExplorer(Explorer):
     def pattern(self, layer: int | None = None) -> torch.Tensor:
         """The pattern of a shown layer, [n_heads, q_pos, k_pos] (padding left out); default the open head's."""
         layer = self.head["layer"] if layer is None else layer
-        pattern = plot_attention.attention_pattern(self._cache, layer)[self.batch_index]
-        keep = self._real_positions(pattern.shape[-1])
-        return pattern[:, keep][:, :, keep].detach().float().cpu()
+        return self._heads(layer, slice(None))
+
+    def _heads(self, layer: int, heads: slice) -> torch.Tensor:
+        """Some heads of a layer's pattern, [heads, q_pos, k_pos], padding left out (none to leave: no copy)."""
+        pattern = plot_attention.attention_pattern(self._cache, layer)[self.batch_index, heads]
+        if self._attention_mask is not None:
+            keep = self._real_positions(pattern.shape[-1])
+            pattern = pattern[:, keep][:, :, keep]
+        return pattern.detach().float().cpu()
 
     def to_frame(self) -> pd.DataFrame:
         """The open head's pattern as a table: query, query_token, key, key_token, weight (keys each query
@@ -350,7 +356,8 @@ class AttentionExplorer(Explorer):
 
     def _ship_open(self, check: Callable[[], None]) -> None:
         """Sends the open head's full pattern (the page asks for it by setting `head`)."""
-        packed = _packed(self.pattern(self.head["layer"])[self.head["head"] : self.head["head"] + 1])
+        head = self.head["head"]
+        packed = _packed(self._heads(self.head["layer"], slice(head, head + 1)))
         check()
         with self.hold_sync():
             self.open_pattern = packed

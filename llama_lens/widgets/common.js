@@ -119,8 +119,10 @@ function put(model, name, value) {
 }
 
 function canvasFor(canvas, width, height) {
-  // Sharp on high-density screens, within the browsers' canvas size limit.
-  const dpr = Math.max(1, Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, height, 1)));
+  // Sharp on high-density screens, within the browsers' canvas size limit and 16 million pixels (a 300-token
+  // attention heatmap of 10 px cells is 3,070 px a side: at a density of 2, 150 MB of pixels otherwise).
+  const dpr = Math.max(1, Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, height, 1),
+    Math.sqrt(16e6 / Math.max(1, width * height))));
   canvas.width = Math.round(width * dpr);
   canvas.height = Math.round(height * dpr);
   canvas.style.width = width + "px";

@@ -259,3 +259,19 @@ def _title(report):
 
 def _status(report):
     return report["texts"]["status"]
+
+
+@needs_node
+def test_long_prompts_get_labelled_cells_that_scroll(model, tmp_path):
+    explorer = ll_widgets.AttentionExplorer(model, "hello world, " * 23)  # 300 positions
+    steps = [{"report": "default"}, {"hover": [70 + 2.5 * 10, 70 + 6.5 * 10]}, {"report": "hovered"}]
+    steps += [{"set": "zoom", "value": 2}, {"report": "zoomed out"}]
+    out = run_view(tmp_path, explorer.page_state(), steps, which="attention")
+    assert out["errors"] == []
+    # 10 px cells with the tokens written beside them (70 px of labels), not 1 px cells without: 3,070 px wide.
+    assert out["reports"]["default"]["heatmap"] == [{"width": "3070px", "labels": 70}]
+    assert (
+        out["reports"]["hovered"]["tooltip"].startswith("query 6 ")
+        and "→ key 2 " in out["reports"]["hovered"]["tooltip"]
+    )
+    assert out["reports"]["zoomed out"]["heatmap"] == [{"width": "600px", "labels": 0}]  # the whole at once
