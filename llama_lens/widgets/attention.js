@@ -50,11 +50,11 @@ function render({ model, el }) {
   zoom.addEventListener("input", () => put(model, "zoom", Number(zoom.value)));
 
   // ---------------------------------------------------------------- data
-  // The kernel sends every shown head's thumbnail and the open head's full pattern; opening another head asks
-  // for its pattern (by setting `head`), shown meanwhile as its thumbnail enlarged. A saved page has them all.
+  // The kernel sends every shown head's thumbnail; the page asks for a head's full pattern when it opens it
+  // (attention_explorer.answer), showing its thumbnail enlarged meanwhile. A saved page has them all.
   let thumbBytes = new Uint8Array(0); // every shown head's thumbnail: lower triangles of sqrt(weight) x 255
   let heads = new Map(); // "layer:head" -> Uint16Array lower triangle (weight x 65535), the full patterns held
-  let openRaw = null; // the open_pattern value last taken into `heads`
+  let asked = new Set(); // the heads asked for since the data came
   let thumbs = null; // "layer:head" -> its thumbnail's element, drawn once per data (and theme)
   let lines = null; // the prompt laid out in lines of the text box's width: [[{pos, text}, ...], ...]
   let shownLines = ""; // the lines in the page ("first:last"), rebuilt on scroll or resize only
@@ -73,7 +73,7 @@ function render({ model, el }) {
     spans = [];
     shownText = null;
     heads = new Map();
-    openRaw = null;
+    asked = new Set();
     thumbBytes = bytesOf(model.get("thumbs"));
     const all = model.get("patterns"); // a saved page: every shown head
     if (all) {
@@ -85,17 +85,30 @@ function render({ model, el }) {
         }
       });
     }
-    takeOpen();
   }
-  // Keeps the open head's pattern the kernel sent (unless it is about older data); true when it is new.
-  function takeOpen() {
-    const raw = model.get("open_pattern"), tag = model.get("open_head") || {};
-    if (!raw || raw === openRaw) return false;
-    openRaw = raw;
-    if (tag.run !== meta().run) return false;
-    heads.set(`${tag.layer}:${tag.head}`, words(raw));
-    return true;
+  // Asks the kernel for the open head's pattern, once, unless the page has it (a saved page has no kernel).
+  function askOpen() {
+    const { layer, head } = model.get("head"), key = `${layer}:${head}`;
+    if (offline || heads.has(key) || asked.has(key)) return;
+    asked.add(key);
+    model.send({ want: "head", layer, head, run: meta().run });
   }
+  // A head's pattern from the kernel (a binary buffer; base64 `pattern` where there are none), unless it is
+  // about older data; the open head is drawn at once.
+  function receive(reply, buffers) {
+    if (!reply || reply.want !== "head" || reply.run !== meta().run || reply.stale) return;
+    if (reply.error) { status.textContent = "error: " + reply.error; return; }
+    const raw = buffers && buffers.length ? buffers[0] : reply.pattern;
+    heads.set(`${reply.layer}:${reply.head}`, words(raw));
+    const { layer, head } = model.get("head");
+    if (reply.layer !== layer || reply.head !== head) return; // an answer overtaken by a newer click
+    drawHeatmap();
+    drawText(model.get("query"));
+    if (opening) timing("open", performance.now() - opening);
+    opening = 0;
+  }
+  model.on("msg:custom", receive);
+  let opening = 0; // when the open head was clicked, until its pattern is drawn
   const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0, thumb: 1 };
   const n = () => meta().tokens.length;
   const tri = () => (n() * (n() + 1)) / 2;
@@ -209,7 +222,8 @@ function render({ model, el }) {
       ctx.strokeRect(labels, labels + q * s, N * s, s);
     }
     heatmap.dataset.labels = labels;
-    const waiting = offline ? "the thumbnail: the full pattern needs the kernel" : "the thumbnail, the full pattern on its way";
+    const waiting = offline ? "the thumbnail: the full pattern needs the kernel"
+      : "the thumbnail until the kernel sends the full pattern";
     title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)` +
       (full ? "" : ` (${waiting})`);
     return full;
@@ -392,26 +406,16 @@ function render({ model, el }) {
     drawHeatmap();
     drawText(model.get("query"));
     timing("draw", performance.now() - started);
+    askOpen();
   }
-  // New data (a prompt, other layers): everything is drawn anew. The open head's pattern usually comes with it
-  // (full() takes it); alone, it is the answer to opening a head.
+  // New data (a prompt, other layers): everything is drawn anew.
   model.on("change:thumbs", () => {
     full();
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   });
-  model.on("change:open_pattern", () => {
-    if (!takeOpen()) return;
-    const { layer, head } = model.get("head"), tag = model.get("open_head");
-    if (tag.layer !== layer || tag.head !== head) return; // an answer overtaken by a newer click
-    drawHeatmap();
-    drawText(model.get("query"));
-    if (opening) timing("open", performance.now() - opening);
-    opening = 0;
-  });
   // Opening a head moves the grid's outline and draws the head: at once from its pattern when the page has it,
   // else from its thumbnail until the kernel's answer comes ("open" is timed to the full pattern drawn).
-  let opening = 0;
   model.on("change:head", () => {
     const started = performance.now();
     sync();
@@ -420,6 +424,7 @@ function render({ model, el }) {
     drawText(model.get("query"));
     timing(full ? "open" : "open_thumb", performance.now() - started);
     opening = full ? 0 : started;
+    askOpen();
   });
   model.on("change:query", () => { drawHeatmap(); drawText(model.get("query")); });
   model.on("change:zoom", () => { sync(); drawHeatmap(); });
@@ -431,6 +436,7 @@ function render({ model, el }) {
   root.dataset.ready = "1";
   return () => {
     stopWatchingTheme();
+    model.off("msg:custom", receive);
     if (resizing) resizing.disconnect();
     places.stop();
     tip.stop();

@@ -7,9 +7,10 @@ whatever the layers shown (30 layers x 9 heads x 300 tokens: about 0.35 MB):
 - `thumbs`: every shown head as a small picture, at most THUMB x THUMB blocks of positions, each block the
   brightest weight in it (so a sparse head, previous-token or induction, stays visible), as one byte of
   sqrt(weight) (the colour the heatmap gives it), lower triangle only;
-- `open_pattern`: the open head's pattern at full resolution (causal triangle, 16-bit fixed point: weights to
-  1.5e-5), tagged by `open_head`. Opening another head sets `head`, and the kernel answers with its pattern
-  (the page shows the thumbnail, enlarged, in the meantime and keeps every pattern it has been sent).
+- a head's pattern at full resolution (causal triangle, 16-bit fixed point: weights to 1.5e-5) when the page
+  opens it: it asks through the widget's message channel (`answer`, as the lens's page asks for its blocks),
+  shows the thumbnail, enlarged, in the meantime and keeps every pattern it has been sent. So the synced state,
+  which a notebook saved with its widget state stores, holds the thumbnails only.
 
 A page saved by `save_html` has no kernel to ask, so it carries every shown head's full pattern (`patterns`).
 """
@@ -110,7 +111,7 @@ class AttentionExplorer(Explorer):
     CONTROLS = {
         "prompt": Control("recompute", _check_prompt, "the prompt (model only)"),
         "layers": Control("update", _check_layers, "layers whose heads are shown"),
-        "head": Control("update", _check_head, "the open head {layer, head}"),
+        "head": Control("redraw", _check_head, "the open head {layer, head} (the page asks for its pattern)"),
         "query": Control("redraw", _check_query, "the query whose attention colours the text (-1: none)"),
         "zoom": Control("redraw", number("zoom", low=1, high=64), "heatmap cell size in pixels"),
     }
@@ -123,8 +124,6 @@ class AttentionExplorer(Explorer):
 
     meta = traitlets.Dict({}).tag(sync=True)  # tokens, layers, n_heads, thumb (blocks a side), run
     thumbs = traitlets.Bytes(b"").tag(sync=True)
-    open_pattern = traitlets.Bytes(b"").tag(sync=True)
-    open_head = traitlets.Dict({}).tag(sync=True)  # {layer, head, run} of open_pattern
 
     @renamed_keywords(prompt_index="batch_index")
     def __init__(
@@ -177,6 +176,7 @@ class AttentionExplorer(Explorer):
             else:
                 self._str_tokens = [str(p) for p in keep]
         super().__init__(threaded=threaded)
+        self.on_msg(lambda _, request, buffers: self.send(*self.answer(request)))
         if layers is None:
             layers = [self.available_layers[0] if layer is None else layer]
         elif layer is not None:
@@ -298,9 +298,7 @@ class AttentionExplorer(Explorer):
         self._ship(check)
 
     def _update(self, names: list[str], check: Callable[[], None]) -> None:
-        if "layers" not in names:  # the head: the page has the thumbnails, only the open head's pattern is new
-            self._ship_open(check)
-        elif self.model is not None and not set(self.layers) <= set(self._kept):
+        if self.model is not None and not set(self.layers) <= set(self._kept):
             self._recompute(check)  # over the budget: the newly shown layers need a model run
         else:
             self._ship(check)
@@ -349,24 +347,35 @@ class AttentionExplorer(Explorer):
                 "run": self._run,
             }
             self.thumbs = thumbs
-            self._ship_open(check)
             n = len(self._str_tokens)
             self.status = f"{n} tokens, layer{'s' if len(self.layers) > 1 else ''} {self.layers}"
         self._data_changed()
 
-    def _ship_open(self, check: Callable[[], None]) -> None:
-        """Sends the open head's full pattern (the page asks for it by setting `head`)."""
-        head = self.head["head"]
-        packed = _packed(self._heads(self.head["layer"], slice(head, head + 1)))
-        check()
-        with self.hold_sync():
-            self.open_pattern = packed
-            self.open_head = {"layer": self.head["layer"], "head": self.head["head"], "run": self._run}
+    def answer(self, request: Any) -> tuple[dict[str, Any], list[bytes]]:
+        """The reply to the page's request for a head's full pattern, and its binary buffers.
+
+        Request: {"want": "head", "layer", "head", "run"}. The reply repeats them and carries the pattern as one
+        buffer (the head's lower triangle, uint16, weight x 65535); a request about older data gets
+        {"stale": True} (the page's new data is on its way), a malformed one {"error": why}.
+        """
+        if not isinstance(request, dict) or request.get("want") != "head":
+            return {"error": f"unknown request {request!r}"}, []
+        reply = {key: request.get(key) for key in ("want", "layer", "head", "run")}
+        run = self._run
+        if request.get("run") != run:
+            return reply | {"stale": True}, []
+        layer, head = request.get("layer"), request.get("head")
+        if layer not in self.layers or type(head) is not int or not 0 <= head < self.n_heads:
+            return reply | {"error": f"layer {layer!r}, head {head!r} is not shown"}, []
+        packed = _packed(self._heads(layer, slice(head, head + 1)))
+        if self._run != run:  # new data came while this was read
+            return reply | {"stale": True}, []
+        return reply, [packed]
 
     def page_state(self) -> dict[str, Any]:
         state = super().page_state()
         # The page decodes these; a saved page has no kernel to ask for the other heads, so it has them all.
-        for name in ("thumbs", "open_pattern", "patterns"):
+        for name in ("thumbs", "patterns"):
             state[name] = base64.b64encode(getattr(self, name)).decode("ascii")
         return state
 

@@ -185,26 +185,35 @@ def test_the_frame_grows_with_the_shown_heads_thumbnails_only(model):
     one = ll_widgets.AttentionExplorer(model, text, layers=[0])
     both = ll_widgets.AttentionExplorer(model, text, layers=[0, 1])
     side = one.meta["thumb"]
-    assert side <= THUMB and len(one.open_pattern) == len(both.open_pattern) == 300 * 301  # one head, uint16
-    assert len(both.thumbs) - len(one.thumbs) == model.cfg.n_heads * side * (side + 1) // 2
+    assert side <= THUMB and len(both.thumbs) - len(one.thumbs) == model.cfg.n_heads * side * (side + 1) // 2
+    state = both.get_state()  # what the page is sent, and what a notebook saved with its widget state stores
+    assert sum(len(v) for v in state.values() if isinstance(v, bytes)) == len(both.thumbs) < 300 * 301
     # The saved page still carries every shown head's full pattern: it has no kernel to ask.
     assert len(both.patterns) == 2 * model.cfg.n_heads * 300 * 301
 
 
-def test_opening_a_head_sends_its_pattern_without_a_model_run(model):
+def _pattern_of(buffer, n):
+    shown = np.zeros((n, n))
+    shown[np.tril_indices(n)] = np.frombuffer(buffer, dtype="<u2") / 65535
+    return shown
+
+
+def test_the_kernel_answers_the_pages_request_for_a_head_without_a_model_run(model):
     counter, runs = _forwards(model)
     explorer = ll_widgets.AttentionExplorer(model, "hello world", layers=[0, 1])
-    thumbs, run = explorer.thumbs, explorer.meta["run"]
+    run = explorer.meta["run"]
+    request = {"want": "head", "layer": 1, "head": 2, "run": run}
     with model.hooks([counter]):
         explorer.head = {"layer": 1, "head": 2}
-    assert runs == [] and explorer.thumbs is thumbs and explorer.meta["run"] == run
-    assert explorer.open_head == {"layer": 1, "head": 2, "run": run}
-    words = np.frombuffer(explorer.open_pattern, dtype="<u2") / 65535
-    shown = np.zeros((12, 12))
-    shown[np.tril_indices(12)] = words
-    np.testing.assert_allclose(shown, explorer.pattern(1)[2].numpy(), atol=1 / 65535)
+        reply, buffers = explorer.answer(request)
+    assert runs == [] and reply == request and len(buffers) == 1
+    np.testing.assert_allclose(_pattern_of(buffers[0], 12), explorer.pattern(1)[2].numpy(), atol=1 / 65535)
+    # Hostile or late requests get a reason, never an exception in the kernel's message handler.
+    assert explorer.answer(request | {"layer": 5})[0]["error"] == "layer 5, head 2 is not shown"
+    assert "error" in explorer.answer(request | {"head": "2"})[0]
+    assert "unknown request" in explorer.answer(["head"])[0]["error"]
     explorer.prompt = "abc"  # new data: a new run number, so the page never mixes the two
-    assert explorer.meta["run"] == explorer.open_head["run"] == run + 1
+    assert explorer.meta["run"] == run + 1 and explorer.answer(request) == (request | {"stale": True}, [])
 
 
 def _live_state(explorer):
@@ -218,27 +227,37 @@ def _live_state(explorer):
 def test_the_page_shows_the_thumbnail_until_the_kernel_sends_the_pattern(model, tmp_path):
     explorer = ll_widgets.AttentionExplorer(model, "hello world", layers=[0, 1])
     state = _live_state(explorer)
-    explorer.head = {"layer": 1, "head": 2}  # what the kernel answers when the page opens that head
-    answer = base64.b64encode(explorer.open_pattern).decode()
+    run = explorer.meta["run"]
+    first = {"want": "head", "layer": 0, "head": 0, "run": run}
+    opened = {"want": "head", "layer": 1, "head": 2, "run": run}
+    reply, buffers = explorer.answer(opened)
+    answer = reply | {"pattern": base64.b64encode(buffers[0]).decode()}  # the harness passes no buffers
     steps = [
+        {"report": "start"},
         {"set": "head", "value": {"layer": 1, "head": 2}},
         {"report": "waiting"},
         {"click": "text:CSV"},
         {"report": "csv refused"},
-        {"set": "open_head", "value": explorer.open_head},
-        {"set": "open_pattern", "value": answer},
+        {"deliver": answer | {"run": run - 1}},  # about older data: dropped
+        {"report": "stale"},
+        {"deliver": answer},
         {"click": "text:CSV"},
         {"report": "answered"},
+        {"set": "head", "value": {"layer": 1, "head": 2}},
+        {"report": "again"},
     ]
     out = run_view(tmp_path, state, steps, which="attention")
     assert out["errors"] == []
-    waiting, refused, answered = (out["reports"][k] for k in ("waiting", "csv refused", "answered"))
-    assert "the thumbnail, the full pattern on its way" in _title(waiting)
-    assert refused["downloads"] == [] and "has not come yet" in _status(refused)
-    assert "thumbnail" not in _title(answered) and answered["downloads"] == ["attention_L1H2.csv"]
+    reports = out["reports"]
+    assert reports["start"]["asked"] == [first] and reports["waiting"]["asked"] == [opened]
+    assert "the thumbnail until the kernel sends the full pattern" in _title(reports["waiting"])
+    assert reports["csv refused"]["downloads"] == [] and "has not come yet" in _status(reports["csv refused"])
+    assert "thumbnail" in _title(reports["stale"])
+    assert "thumbnail" not in _title(reports["answered"]) and reports["answered"]["downloads"] == ["attention_L1H2.csv"]
     rows = out["csv"][0].splitlines()
     assert len(rows) == 1 + 12 * 13 // 2 and rows[1].startswith("1,2,0,")
-    assert len(out["timings"]["open"]) == 1 and len(out["timings"]["open_thumb"]) == 1
+    assert len(out["timings"]["open"]) == 2 and len(out["timings"]["open_thumb"]) == 1
+    assert reports["again"]["asked"] == []  # the page keeps what it was sent
 
 
 @needs_node
@@ -249,6 +268,7 @@ def test_a_saved_page_opens_every_head_from_what_it_carries(model, tmp_path):
              {"report": "csv"}]  # fmt: skip
     out = run_view(tmp_path, state, steps, which="attention")
     assert out["errors"] == [] and "thumbnail" not in _title(out["reports"]["opened"])
+    assert out["reports"]["opened"]["asked"] == []  # a saved page has no kernel to ask
     assert out["reports"]["csv"]["downloads"] == ["attention_L1H3.csv"]
     assert out["timings"]["open"] and "open_thumb" not in out["timings"]
 
