@@ -12,7 +12,8 @@ For the LogitLensExplorer and the AttentionExplorer it prints:
                making), the part of the first picture that is the widget's before the page draws it
 
 The attention explorer is measured showing one layer and showing every layer (its frame holds every shown
-head's thumbnail and the open head's full pattern; `patterns`, what a saved page carries, is printed beside).
+head's thumbnail; the page asks for an opened head's pattern, whose answer is timed; `patterns`, what a saved page
+carries, is printed beside).
 
 and a notebook figure: `--notebook N` explorers (half lens, half attention, the states measured above), saved as
 JupyterLab saves a notebook, without and with its widget state, exported by nbconvert's default HTML exporter:
@@ -148,9 +149,11 @@ def main() -> None:
         lambda: widgets.AttentionExplorer(model, prompt, layers=every, threaded=False),
     )
     print(f"{'  its patterns as a saved page has them':<34} {len(wide.patterns) * 4 / 3 / MB:6.3f} MB (base64)")
+    request = {"want": "head", "layer": every[-1], "head": model.cfg.n_heads - 1, "run": wide.meta["run"]}
     started = time.perf_counter()
-    wide.head = {"layer": every[-1], "head": model.cfg.n_heads - 1}
-    print(f"{'  opening a head, in the kernel':<34} {(time.perf_counter() - started) * 1e3:6.1f} ms")
+    _, buffers = wide.answer(request)
+    seconds = time.perf_counter() - started
+    print(f"{'  opening a head, the kernel answers':<34} {seconds * 1e3:6.1f} ms ({len(buffers[0]) / MB:.3f} MB)")
     if args.notebook:
         for with_state in (False, True):
             size = notebook_html_bytes([lens, attention], args.notebook, with_state=with_state)
