@@ -216,7 +216,7 @@ def frame(run: LensRun, *, run_id: int, metric: str) -> dict[str, Any]:
     top-1 token of every cell (its text and colour), the top-k of the first FRAME_COLUMNS positions (the
     tooltips of what shows first) and the chosen metric's matrix when it is not a top-1 probability. The page asks
     for the rest (`answer`) as it scrolls, hovers or changes the colouring: a 300-token lens of SmolLM2 sends about
-    0.2 MB here instead of 0.7 MB.
+    0.12 MB here (0.16 MB with the view's script) instead of 0.7 MB.
 
     Keys: those of `payload` up to k, then run (the id a request names), parts: a top-1 part of every column
     and a top-k part of the first columns (`columns_part`), metrics: {name: metric_part} of those sent.
