@@ -191,9 +191,11 @@ function placeCache() {
 function tooltipPlacer(tooltip, root) {
   let tipSize = null, rootSize = null, at = null;
   const fit = () => {
-    if (!at || !tipSize || !rootSize) return;
-    tooltip.style.left = Math.max(0, Math.min(at.x + 14, rootSize.w - tipSize.w)) + "px";
-    tooltip.style.top = Math.max(0, Math.min(at.y + 14, rootSize.h - tipSize.h)) + "px";
+    if (!at) return;
+    // Until the first report (the tooltip's first showing), beside the pointer; the report moves it inside.
+    const w = tipSize ? tipSize.w : 0, h = tipSize ? tipSize.h : 0, box = rootSize || { w: Infinity, h: Infinity };
+    tooltip.style.left = Math.max(0, Math.min(at.x + 14, box.w - w)) + "px";
+    tooltip.style.top = Math.max(0, Math.min(at.y + 14, box.h - h)) + "px";
   };
   const watch = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(() => {
     if (tooltip.offsetWidth > 0) tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
@@ -204,9 +206,10 @@ function tooltipPlacer(tooltip, root) {
   return {
     place(x, y) {
       at = { x, y };
-      // Measured once (the first tooltip); after that ResizeObserver keeps the sizes.
-      if (!rootSize) rootSize = { w: root.clientWidth, h: root.clientHeight };
-      if (!tipSize && tooltip.offsetWidth > 0) tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+      if (!watch) { // no ResizeObserver: measured here (which lays the page out)
+        rootSize = { w: root.clientWidth, h: root.clientHeight };
+        tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+      }
       fit();
     },
     stop() { if (watch) watch.disconnect(); },

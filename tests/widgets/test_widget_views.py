@@ -237,11 +237,14 @@ def test_keyboard_moves_the_selected_cell_and_enter_pins(model, tmp_path):
 @needs_node
 def test_tooltip_stays_inside_the_explorer(model, tmp_path):
     explorer = ll_widgets.LogitLensExplorer(model, "hello", top_k=20)
-    steps = [{"root_height": 150}, {"hover": [36 * 2.5, 18 * 1.5]}, {"report": "low"}]
+    steps = [{"root_height": 150}, {"hover": [36 * 2.5, 18 * 1.5]}, {"report": "beside"}]
+    steps += [{"box": ["ll-tooltip", 200, 120]}, {"report": "low"}]  # the browser reports the sizes (after layout)
     out = run_view(tmp_path, explorer.page_state(), steps)
     assert out["errors"] == []
-    # The tooltip (120 px in the stand-in DOM) would hang below a 150 px explorer from y = 27 + 14: it moves up to
+    # The hover itself reads no layout: the tooltip goes beside the pointer (y = 27 + 14). Once the browser
+    # reports its size (120 px in the stand-in DOM), which would hang below the 150 px explorer, it moves up to
     # fit, where a notebook's output area would otherwise cut off its last rows.
+    assert out["reports"]["beside"]["tooltip_top"] == "41px"
     assert out["reports"]["low"]["tooltip_top"] == f"{150 - 120}px"
 
 
