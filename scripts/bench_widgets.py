@@ -11,13 +11,17 @@ For the LogitLensExplorer and the AttentionExplorer it prints:
                the frame's making), and for the lens the model run's own seconds and the rest (the frame's
                making), the part of the first picture that is the widget's before the page draws it
 
+The attention explorer is measured showing one layer and showing every layer (its frame holds every shown
+head's thumbnail; the page asks for an opened head's pattern, whose answer is timed; `patterns`, what a saved page
+carries, is printed beside).
+
 and a notebook figure: `--notebook N` explorers (half lens, half attention, the states measured above), saved as
 JupyterLab saves a notebook, without and with its widget state, exported by nbconvert's default HTML exporter:
-the HTML size.
+the HTML size; with the widget state, once with one-layer and once with every-layer attention explorers.
 
 The machine is shared: run it alone if you can, and read the load average it prints beside the figures.
 
-Usage: python scripts/bench_widgets.py [PATH] [--tokens 300] [--notebook 25] [--attention-layers 1]
+Usage: python scripts/bench_widgets.py [PATH] [--tokens 300] [--notebook 25]
 """
 
 from __future__ import annotations
@@ -112,7 +116,6 @@ def main() -> None:
     parser.add_argument("path", nargs="?", default=None)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--notebook", type=int, default=25, help="explorers in the exported notebook (0: skip)")
-    parser.add_argument("--attention-layers", type=int, default=1, help="layers the attention explorer shows")
     args = parser.parse_args()
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -137,16 +140,30 @@ def main() -> None:
     print(f"{'  coloured by target rank':<34} frame {(json_bytes + buffer_bytes) / MB:6.3f} MB")
     lens.metric, lens.target = "prob", ""
 
-    layers = list(range(args.attention_layers))
     attention, _ = measure(
-        f"AttentionExplorer ({len(layers)} layer)",
-        lambda: widgets.AttentionExplorer(model, prompt, layers=layers, threaded=False),
+        "AttentionExplorer (1 layer)", lambda: widgets.AttentionExplorer(model, prompt, threaded=False)
     )
+    every = list(model.layer_indices)
+    wide, _ = measure(
+        f"AttentionExplorer ({len(every)} layers)",
+        lambda: widgets.AttentionExplorer(model, prompt, layers=every, threaded=False),
+    )
+    print(f"{'  its patterns as a saved page has them':<34} {len(wide.patterns) * 4 / 3 / MB:6.3f} MB (base64)")
+    request = {"want": "head", "layer": every[-1], "head": model.cfg.n_heads - 1, "run": wide.meta["run"]}
+    started = time.perf_counter()
+    _, buffers = wide.answer(request)
+    seconds = time.perf_counter() - started
+    print(f"{'  opening a head, the kernel answers':<34} {seconds * 1e3:6.1f} ms ({len(buffers[0]) / MB:.3f} MB)")
     if args.notebook:
         for with_state in (False, True):
             size = notebook_html_bytes([lens, attention], args.notebook, with_state=with_state)
             saved = "widget state saved" if with_state else "no widget state (JupyterLab's default)"
             print(f"notebook of {args.notebook} explorers, nbconvert HTML, {saved}: {size / MB:.2f} MB")
+        size = notebook_html_bytes([lens, wide], args.notebook, with_state=True)
+        print(
+            f"notebook of {args.notebook} explorers, every attention explorer showing {len(every)} layers, "
+            f"widget state saved: {size / MB:.2f} MB"
+        )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -2,6 +2,7 @@
 // across) with a hover tooltip, and the prompt as text coloured by one query's attention.
 
 const LINE_H = 24; // px per line of the prompt's text (.ll-line in widgets.css)
+const MIN_CELL = 10; // px: the smallest default cell, the smallest that has its tokens written beside it
 // The heatmaps' colours in 256 steps: a look-up per pixel, not a colour made per pixel (120 thumbnails of 300
 // tokens are ten million pixels).
 const WEIGHT_COLOURS = palette(VIRIDIS);
@@ -39,6 +40,7 @@ function render({ model, el }) {
     tooltip,
   );
   if (offline) promptBox.disabled = layersBox.disabled = true;
+  const places = placeCache(), tip = tooltipPlacer(tooltip, root); // hovering reads no layout
   promptBox.addEventListener("keydown", (e) => { if (e.key === "Enter") put(model, "prompt", promptBox.value); });
   layersBox.addEventListener("keydown", (e) => {
     if (e.key !== "Enter") return;
@@ -48,40 +50,95 @@ function render({ model, el }) {
   zoom.addEventListener("input", () => put(model, "zoom", Number(zoom.value)));
 
   // ---------------------------------------------------------------- data
-  let words = null; // Uint16Array of every shown layer's heads' lower triangles
+  // The kernel sends every shown head's thumbnail; the page asks for a head's full pattern when it opens it
+  // (attention_explorer.answer), showing its thumbnail enlarged meanwhile. A saved page has them all.
+  let thumbBytes = new Uint8Array(0); // every shown head's thumbnail: lower triangles of sqrt(weight) x 255
+  let heads = new Map(); // "layer:head" -> Uint16Array lower triangle (weight x 65535), the full patterns held
+  let asked = new Set(); // the heads asked for since the data came
   let thumbs = null; // "layer:head" -> its thumbnail's element, drawn once per data (and theme)
   let lines = null; // the prompt laid out in lines of the text box's width: [[{pos, text}, ...], ...]
   let shownLines = ""; // the lines in the page ("first:last"), rebuilt on scroll or resize only
   let spans = []; // the shown lines' spans; hovering only recolours them
-  let shownText = null; // the (layer, head, query) the text is coloured for
+  let shownText = null; // the (layer, head, query, full) the text is coloured for
+  function bytesOf(raw) {
+    if (typeof raw === "string") return fromBase64(raw, "u1");
+    if (raw && raw.buffer) return new Uint8Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    return new Uint8Array(0);
+  }
+  const words = (raw) => { const b = bytesOf(raw); return new Uint16Array(b.buffer, 0, b.byteLength >> 1); };
   function decode() {
     thumbs = null;
     lines = null;
     shownLines = "";
     spans = [];
     shownText = null;
-    const raw = model.get("patterns");
-    if (typeof raw === "string") {
-      const bytes = Uint8Array.from(atob(raw), (c) => c.charCodeAt(0));
-      words = new Uint16Array(bytes.buffer);
-    } else if (raw && raw.buffer) {
-      words = new Uint16Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
-    } else {
-      words = new Uint16Array(0);
+    heads = new Map();
+    asked = new Set();
+    thumbBytes = bytesOf(model.get("thumbs"));
+    const all = model.get("patterns"); // a saved page: every shown head
+    if (all) {
+      const every = words(all), size = tri();
+      meta().layers.forEach((layer, i) => {
+        for (let head = 0; head < meta().n_heads; head++) {
+          const at = (i * meta().n_heads + head) * size;
+          heads.set(`${layer}:${head}`, every.subarray(at, at + size));
+        }
+      });
     }
   }
-  const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0 };
+  // Asks the kernel for the open head's pattern, once, unless the page has it (a saved page has no kernel).
+  function askOpen() {
+    const { layer, head } = model.get("head"), key = `${layer}:${head}`;
+    if (offline || heads.has(key) || asked.has(key)) return;
+    asked.add(key);
+    model.send({ want: "head", layer, head, run: meta().run });
+  }
+  // A head's pattern from the kernel (a binary buffer; base64 `pattern` where there are none), unless it is
+  // about older data; the open head is drawn at once.
+  function receive(reply, buffers) {
+    if (!reply || reply.want !== "head" || reply.run !== meta().run || reply.stale) return;
+    if (reply.error) { status.textContent = "error: " + reply.error; return; }
+    const raw = buffers && buffers.length ? buffers[0] : reply.pattern;
+    heads.set(`${reply.layer}:${reply.head}`, words(raw));
+    const { layer, head } = model.get("head");
+    if (reply.layer !== layer || reply.head !== head) return; // an answer overtaken by a newer click
+    drawHeatmap();
+    drawText(model.get("query"));
+    if (opening) timing("open", performance.now() - opening);
+    opening = 0;
+  }
+  model.on("msg:custom", receive);
+  let opening = 0; // when the open head was clicked, until its pattern is drawn
+  const meta = () => model.get("meta") || { tokens: [], layers: [], n_heads: 0, thumb: 1 };
   const n = () => meta().tokens.length;
   const tri = () => (n() * (n() + 1)) / 2;
-  // The pattern of a (layer, head) as a function of (q, k): the offsets worked out once, not per pixel (a
-  // 300-token thumbnail reads 90,000 weights, and 30 layers of heads thousands of times that).
+  // The pattern of a (layer, head) as a function of (q, k), or null until the kernel has sent it: the offsets
+  // worked out once, not per pixel (a 300-token heatmap reads 90,000 weights).
   function headWeights(layer, head) {
-    const base = (meta().layers.indexOf(layer) * meta().n_heads + head) * tri();
-    return (q, k) => (k > q ? 0 : words[base + (q * (q + 1)) / 2 + k] / 65535);
+    const w = heads.get(`${layer}:${head}`);
+    if (!w) return null;
+    return (q, k) => (k > q ? 0 : w[(q * (q + 1)) / 2 + k] / 65535);
   }
-  const weight = (layer, head, q, k) => headWeights(layer, head)(q, k);
-  const cellSize = () => model.get("zoom") || Math.max(1, Math.min(24, Math.floor(560 / Math.max(1, n()))));
+  const weight = (layer, head, q, k) => { const f = headWeights(layer, head); return f ? f(q, k) : NaN; };
+  // Cells of at least MIN_CELL px by default, so each has its tokens written beside it (a 300-token prompt's
+  // heatmap scrolls; the zoom slider goes down to 1 px for the whole picture at once).
+  const cellSize = () => model.get("zoom") || Math.max(MIN_CELL, Math.min(24, Math.floor(560 / Math.max(1, n()))));
 
+  // A thumbnail: side x side blocks, each the brightest weight of its block of positions (already as the colour's
+  // index), above the diagonal the background.
+  function thumbImage(layer, head, colour) {
+    const side = Math.max(1, meta().thumb || 1), size = (side * (side + 1)) / 2;
+    const base = (meta().layers.indexOf(layer) * meta().n_heads + head) * size;
+    const img = new ImageData(side, side);
+    for (let q = 0; q < side; q++) for (let k = 0; k < side; k++) {
+      const c = k > q ? colour.masked : WEIGHT_COLOURS[thumbBytes[base + (q * (q + 1)) / 2 + k] || 0].rgb;
+      const o = (q * side + k) * 4;
+      img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
+    }
+    return img;
+  }
+
+  // The full pattern of a head, N x N pixels.
   function image(layer, head, colour) {
     const N = n(), weight = headWeights(layer, head);
     const img = new ImageData(Math.max(1, N), Math.max(1, N));
@@ -118,9 +175,9 @@ function render({ model, el }) {
         const size = 64;
         const ctx = canvasFor(canvas, size, size);
         const small = document.createElement("canvas");
-        small.width = small.height = Math.max(1, n());
-        small.getContext("2d").putImageData(image(layer, head, colour), 0, 0);
-        ctx.imageSmoothingEnabled = n() > size;
+        small.width = small.height = Math.max(1, meta().thumb || 1);
+        small.getContext("2d").putImageData(thumbImage(layer, head, colour), 0, 0);
+        ctx.imageSmoothingEnabled = false;
         ctx.drawImage(small, 0, 0, size, size);
         const isOpen = open.layer === layer && open.head === head;
         const thumb = h("div", { class: "ll-thumb" + (isOpen ? " ll-open" : ""), "data-layer": layer, "data-head": head,
@@ -134,13 +191,16 @@ function render({ model, el }) {
   }
 
   function drawHeatmap() {
+    places.clear(); // the heatmap's size, and what is above it, may change
     const { layer, head } = model.get("head");
     const N = n(), s = cellSize(), theme = themeOf(root);
-    const labels = s >= 10 ? 70 : 0;
+    const labels = s >= MIN_CELL ? 70 : 0;
     const ctx = canvasFor(heatmap, labels + N * s, labels + N * s);
+    const full = !!headWeights(layer, head), side = full ? Math.max(1, N) : Math.max(1, meta().thumb || 1);
     const small = document.createElement("canvas");
-    small.width = small.height = Math.max(1, N);
-    small.getContext("2d").putImageData(image(layer, head, { masked: masked() }), 0, 0);
+    small.width = small.height = side;
+    const colour = { masked: masked() };
+    small.getContext("2d").putImageData(full ? image(layer, head, colour) : thumbImage(layer, head, colour), 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(small, labels, labels, N * s, N * s);
     if (labels) {
@@ -162,7 +222,11 @@ function render({ model, el }) {
       ctx.strokeRect(labels, labels + q * s, N * s, s);
     }
     heatmap.dataset.labels = labels;
-    title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)`;
+    const waiting = offline ? "the thumbnail: the full pattern needs the kernel"
+      : "the thumbnail until the kernel sends the full pattern";
+    title.textContent = `layer ${layer}, head ${head}: queries down, keys across (colour: √weight)` +
+      (full ? "" : ` (${waiting})`);
+    return full;
   }
 
   // The prompt as text, wrapped at the box's width by measuring each token in the box's font, so that only the
@@ -218,14 +282,15 @@ function render({ model, el }) {
     const tokens = meta().tokens;
     shownQuery = query;
     if (!lines) { showLines(); return; }
-    const key = `${layer}:${head}:${query}`;
+    const weightOf = headWeights(layer, head); // null until the open head's pattern has come: no colours
+    const key = `${layer}:${head}:${query}:${!!weightOf}`;
     if (shownText === key) return;
     shownText = key;
     let max = 1e-9;
-    if (query >= 0) for (let k = 0; k <= query; k++) max = Math.max(max, weight(layer, head, query, k));
+    if (query >= 0 && weightOf) for (let k = 0; k <= query; k++) max = Math.max(max, weightOf(query, k));
     for (const span of spans) {
       const k = Number(span.dataset.pos);
-      const w = query >= 0 && k <= query ? weight(layer, head, query, k) : 0;
+      const w = query >= 0 && k <= query && weightOf ? weightOf(query, k) : 0;
       const c = ramp(VIRIDIS, w / max);
       span.title = query >= 0 ? `key ${k}: weight ${fmt(w, 4)} from query ${query}` : "";
       const coloured = query >= 0 && k <= query && w > 0;
@@ -239,9 +304,10 @@ function render({ model, el }) {
   }
 
   // ---------------------------------------------------------------- events
+  heatmap.addEventListener("mouseenter", () => places.clear()); // the page may have moved since the last visit
   heatmap.addEventListener("mousemove", (e) => {
     const started = performance.now();
-    const rect = heatmap.getBoundingClientRect();
+    const rect = places.of(heatmap);
     const labels = Number(heatmap.dataset.labels || 0), s = cellSize();
     const k = Math.floor((e.clientX - rect.left - labels) / s), q = Math.floor((e.clientY - rect.top - labels) / s);
     if (q < 0 || k < 0 || q >= n() || k >= n()) { tooltip.style.display = "none"; return; }
@@ -250,15 +316,15 @@ function render({ model, el }) {
     tooltip.innerHTML = `query ${q} <span class="ll-tok">${escapeHtml(visible(tokens[q]))}</span> → key ${k} ` +
       `<span class="ll-tok">${escapeHtml(visible(tokens[k]))}</span><br>weight <b>${k > q ? "masked" : fmt(weight(layer, head, q, k), 4)}</b>`;
     tooltip.style.display = "block";
-    const box = root.getBoundingClientRect();
-    tooltip.style.left = e.clientX - box.left + 14 + "px";
-    tooltip.style.top = e.clientY - box.top + 14 + "px";
+    const box = places.of(root);
+    tip.place(e.clientX - box.left, e.clientY - box.top);
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   });
   heatmap.addEventListener("mouseleave", () => { tooltip.style.display = "none"; });
   heatmap.addEventListener("click", (e) => {
     const started = performance.now();
-    const rect = heatmap.getBoundingClientRect();
+    const rect = places.of(heatmap);
     const labels = Number(heatmap.dataset.labels || 0);
     const q = Math.floor((e.clientY - rect.top - labels) / cellSize());
     if (q >= 0 && q < n()) { model.set("query", q); model.save_changes(); drawHeatmap(); drawText(q); }
@@ -270,6 +336,7 @@ function render({ model, el }) {
     const started = performance.now();
     drawText(Number(pos));
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   });
   text.addEventListener("mouseleave", () => drawText(model.get("query")));
   text.addEventListener("scroll", showLines);
@@ -288,7 +355,16 @@ function render({ model, el }) {
     put(model, "query", Number(pos));
   });
 
+  // The exports need the open head's full pattern; until it has come they say so instead.
+  function notYet() {
+    const { layer, head } = model.get("head");
+    if (headWeights(layer, head)) return false;
+    status.textContent = `layer ${layer}, head ${head}: the full pattern has not come yet`;
+    return true;
+  }
+
   function exportCsv() {
+    if (notYet()) return;
     const { layer, head } = model.get("head");
     const tokens = meta().tokens;
     const lines = ["layer,head,query,query_token,key,key_token,weight"];
@@ -299,6 +375,7 @@ function render({ model, el }) {
   }
 
   function exportSvg() {
+    if (notYet()) return;
     const { layer, head } = model.get("head");
     const N = n(), s = Math.max(4, cellSize());
     const parts = [];
@@ -329,19 +406,25 @@ function render({ model, el }) {
     drawHeatmap();
     drawText(model.get("query"));
     timing("draw", performance.now() - started);
+    askOpen();
   }
-  model.on("change:patterns", () => {
+  // New data (a prompt, other layers): everything is drawn anew.
+  model.on("change:thumbs", () => {
     full();
     const since = model.get("data_time");
     if (since) timing("render", Date.now() - since * 1000);
   });
+  // Opening a head moves the grid's outline and draws the head: at once from its pattern when the page has it,
+  // else from its thumbnail until the kernel's answer comes ("open" is timed to the full pattern drawn).
   model.on("change:head", () => {
     const started = performance.now();
     sync();
     drawGrid();
-    drawHeatmap();
+    const full = drawHeatmap();
     drawText(model.get("query"));
-    timing("open", performance.now() - started);
+    timing(full ? "open" : "open_thumb", performance.now() - started);
+    opening = full ? 0 : started;
+    askOpen();
   });
   model.on("change:query", () => { drawHeatmap(); drawText(model.get("query")); });
   model.on("change:zoom", () => { sync(); drawHeatmap(); });
@@ -353,7 +436,10 @@ function render({ model, el }) {
   root.dataset.ready = "1";
   return () => {
     stopWatchingTheme();
+    model.off("msg:custom", receive);
     if (resizing) resizing.disconnect();
+    places.stop();
+    tip.stop();
   };
 }
 

@@ -1,8 +1,18 @@
 """AttentionExplorer: attention patterns as an instrument in the browser.
 
-The model runs once per prompt; the page gets the patterns of the chosen layers (every head, the causal
-triangle only, as 16-bit fixed point: weights to 1.5e-5) and draws the head grid, the open head's heatmap and
-the prompt as text coloured by the attention from a hovered or clicked query (as circuitsvis does).
+The model runs once per prompt. The page draws the head grid, the open head's heatmap and the prompt as text
+coloured by the attention from a hovered or clicked query (as circuitsvis does). What it is sent stays small
+whatever the layers shown (30 layers x 9 heads x 300 tokens: about 0.35 MB):
+
+- `thumbs`: every shown head as a small picture, at most THUMB x THUMB blocks of positions, each block the
+  brightest weight in it (so a sparse head, previous-token or induction, stays visible), as one byte of
+  sqrt(weight) (the colour the heatmap gives it), lower triangle only;
+- a head's pattern at full resolution (causal triangle, 16-bit fixed point: weights to 1.5e-5) when the page
+  opens it: it asks through the widget's message channel (`answer`, as the lens's page asks for its blocks),
+  shows the thumbnail, enlarged, in the meantime and keeps every pattern it has been sent. So the synced state,
+  which a notebook saved with its widget state stores, holds the thumbnails only.
+
+A page saved by `save_html` has no kernel to ask, so it carries every shown head's full pattern (`patterns`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+# The thumbnails' largest side in blocks of positions: 300 tokens make 43 x 43 blocks of 7 (946 bytes a head).
+THUMB = 48
 # Bytes of attention patterns kept for every layer at once (the rest of the layers then cost a model run when
 # shipped). SmolLM2-135M's 30 layers x 9 heads take 1,080 MiB at 1,024 tokens in float32.
 ATTENTION_CACHE_BUDGET = 256 * 2**20
@@ -99,7 +111,7 @@ class AttentionExplorer(Explorer):
     CONTROLS = {
         "prompt": Control("recompute", _check_prompt, "the prompt (model only)"),
         "layers": Control("update", _check_layers, "layers whose heads are shown"),
-        "head": Control("redraw", _check_head, "the open head {layer, head}"),
+        "head": Control("redraw", _check_head, "the open head {layer, head} (the page asks for its pattern)"),
         "query": Control("redraw", _check_query, "the query whose attention colours the text (-1: none)"),
         "zoom": Control("redraw", number("zoom", low=1, high=64), "heatmap cell size in pixels"),
     }
@@ -108,10 +120,10 @@ class AttentionExplorer(Explorer):
     layers = traitlets.List([]).tag(sync=True)
     head = traitlets.Dict({"layer": 0, "head": 0}).tag(sync=True)
     query = traitlets.Int(-1).tag(sync=True)
-    zoom = traitlets.Float(0.0).tag(sync=True)  # 0: fit about 560 px
+    zoom = traitlets.Float(0.0).tag(sync=True)  # 0: about 560 px, cells of 10 px at least (labelled, scrolling)
 
-    meta = traitlets.Dict({}).tag(sync=True)
-    patterns = traitlets.Bytes(b"").tag(sync=True)
+    meta = traitlets.Dict({}).tag(sync=True)  # tokens, layers, n_heads, thumb (blocks a side), run
+    thumbs = traitlets.Bytes(b"").tag(sync=True)
 
     @renamed_keywords(prompt_index="batch_index")
     def __init__(
@@ -136,6 +148,7 @@ class AttentionExplorer(Explorer):
         self._cache: Any = None
         self._kept: list[int] = []
         self._str_tokens: list[str] = []
+        self._run = 0  # counts the data shipped, so the page never takes a pattern of older data for the new
         if self.model is not None:
             if attention_mask is not None:
                 raise ArgumentError("attention_mask= is for a cache of a padded batch; a typed prompt has no padding")
@@ -163,6 +176,7 @@ class AttentionExplorer(Explorer):
             else:
                 self._str_tokens = [str(p) for p in keep]
         super().__init__(threaded=threaded)
+        self.on_msg(lambda _, request, buffers: self.send(*self.answer(request)))
         if layers is None:
             layers = [self.available_layers[0] if layer is None else layer]
         elif layer is not None:
@@ -189,9 +203,15 @@ class AttentionExplorer(Explorer):
     def pattern(self, layer: int | None = None) -> torch.Tensor:
         """The pattern of a shown layer, [n_heads, q_pos, k_pos] (padding left out); default the open head's."""
         layer = self.head["layer"] if layer is None else layer
-        pattern = plot_attention.attention_pattern(self._cache, layer)[self.batch_index]
-        keep = self._real_positions(pattern.shape[-1])
-        return pattern[:, keep][:, :, keep].detach().float().cpu()
+        return self._heads(layer, slice(None))
+
+    def _heads(self, layer: int, heads: slice) -> torch.Tensor:
+        """Some heads of a layer's pattern, [heads, q_pos, k_pos], padding left out (none to leave: no copy)."""
+        pattern = plot_attention.attention_pattern(self._cache, layer)[self.batch_index, heads]
+        if self._attention_mask is not None:
+            keep = self._real_positions(pattern.shape[-1])
+            pattern = pattern[:, keep][:, :, keep]
+        return pattern.detach().float().cpu()
 
     def to_frame(self) -> pd.DataFrame:
         """The open head's pattern as a table: query, query_token, key, key_token, weight (keys each query
@@ -283,15 +303,31 @@ class AttentionExplorer(Explorer):
         else:
             self._ship(check)
 
-    def _ship(self, check: Callable[[], None]) -> None:
-        """Sends the shown layers' patterns: [layer][head] lower triangles, uint16 (weight x 65535)."""
-        parts = []
+    @property
+    def patterns(self) -> bytes:
+        """Every shown head's pattern as a saved page holds it: [layer][head] lower triangles, uint16
+        (weight x 65535), layers in the order of `layers`."""
+        return b"".join(_packed(self.pattern(layer)) for layer in self.layers)
+
+    def _thumbnails(self) -> tuple[bytes, int]:
+        """Every shown head as at most THUMB x THUMB blocks (the brightest weight of each), one byte of
+        sqrt(weight) a block, lower triangle: the bytes and the blocks a side."""
+        parts, side = [], 1
         for layer in self.layers:
             pattern = self.pattern(layer)  # [n_heads, n, n]
             n = pattern.shape[-1]
-            query, key = torch.tril_indices(n, n)
-            values = (pattern[:, query, key].clamp(0, 1) * 65535).round().to(torch.int32)
-            parts.append(values.numpy().astype("<u2").tobytes())
+            step = -(-n // THUMB)
+            side = -(-n // step)
+            padded = torch.nn.functional.pad(pattern, (0, side * step - n, 0, side * step - n))
+            blocks = padded.view(-1, side, step, side, step).amax(dim=(2, 4))
+            query, key = torch.tril_indices(side, side)
+            shades = (blocks[:, query, key].clamp(0, 1).sqrt() * 255).round().to(torch.uint8)
+            parts.append(shades.numpy().tobytes())
+        return b"".join(parts), side
+
+    def _ship(self, check: Callable[[], None]) -> None:
+        """Sends what the page draws now: the shown heads' thumbnails and the open head's pattern."""
+        thumbs, side = self._thumbnails()
         check()
         with self.hold_sync():
             if self.head["layer"] not in self.layers:
@@ -302,13 +338,51 @@ class AttentionExplorer(Explorer):
                 self._quiet = True
                 self.query = len(self._str_tokens) - 1
                 self._quiet = False
-            self.meta = {"tokens": self._str_tokens, "layers": self.layers, "n_heads": self.n_heads}
-            self.patterns = b"".join(parts)
+            self._run += 1
+            self.meta = {
+                "tokens": self._str_tokens,
+                "layers": self.layers,
+                "n_heads": self.n_heads,
+                "thumb": side,
+                "run": self._run,
+            }
+            self.thumbs = thumbs
             n = len(self._str_tokens)
             self.status = f"{n} tokens, layer{'s' if len(self.layers) > 1 else ''} {self.layers}"
         self._data_changed()
 
+    def answer(self, request: Any) -> tuple[dict[str, Any], list[bytes]]:
+        """The reply to the page's request for a head's full pattern, and its binary buffers.
+
+        Request: {"want": "head", "layer", "head", "run"}. The reply repeats them and carries the pattern as one
+        buffer (the head's lower triangle, uint16, weight x 65535); a request about older data gets
+        {"stale": True} (the page's new data is on its way), a malformed one {"error": why}.
+        """
+        if not isinstance(request, dict) or request.get("want") != "head":
+            return {"error": f"unknown request {request!r}"}, []
+        reply = {key: request.get(key) for key in ("want", "layer", "head", "run")}
+        run = self._run
+        if request.get("run") != run:
+            return reply | {"stale": True}, []
+        layer, head = request.get("layer"), request.get("head")
+        if layer not in self.layers or type(head) is not int or not 0 <= head < self.n_heads:
+            return reply | {"error": f"layer {layer!r}, head {head!r} is not shown"}, []
+        packed = _packed(self._heads(layer, slice(head, head + 1)))
+        if self._run != run:  # new data came while this was read
+            return reply | {"stale": True}, []
+        return reply, [packed]
+
     def page_state(self) -> dict[str, Any]:
         state = super().page_state()
-        state["patterns"] = base64.b64encode(self.patterns).decode("ascii")  # the page decodes it
+        # The page decodes these; a saved page has no kernel to ask for the other heads, so it has them all.
+        for name in ("thumbs", "patterns"):
+            state[name] = base64.b64encode(getattr(self, name)).decode("ascii")
         return state
+
+
+def _packed(pattern: torch.Tensor) -> bytes:
+    """Heads' patterns [heads, n, n] as their lower triangles, uint16 (weight x 65535), head after head."""
+    n = pattern.shape[-1]
+    query, key = torch.tril_indices(n, n)
+    values = (pattern[:, query, key].clamp(0, 1) * 65535).round().to(torch.int32)
+    return values.numpy().astype("<u2").tobytes()

@@ -119,8 +119,10 @@ function put(model, name, value) {
 }
 
 function canvasFor(canvas, width, height) {
-  // Sharp on high-density screens, within the browsers' canvas size limit.
-  const dpr = Math.max(1, Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, height, 1)));
+  // Sharp on high-density screens, within the browsers' canvas size limit and 16 million pixels (a 300-token
+  // attention heatmap of 10 px cells is 3,070 px a side: at a density of 2, 150 MB of pixels otherwise).
+  const dpr = Math.max(1, Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, height, 1),
+    Math.sqrt(16e6 / Math.max(1, width * height))));
   canvas.width = Math.round(width * dpr);
   canvas.height = Math.round(height * dpr);
   canvas.style.width = width + "px";
@@ -155,11 +157,68 @@ function escapeHtml(text) {
 }
 
 // base64 of little-endian binary (what Python's `lens_data._pack` writes) -> a typed array of `dtype`
-// ("u2", "u4" or "f4"). Every browser in use is little-endian, so the bytes are the array's own.
+// ("u1", "u2", "u4" or "f4"). Every browser in use is little-endian, so the bytes are the array's own.
 function fromBase64(text, dtype) {
   const raw = atob(text);
   const bytes = new Uint8Array(raw.length);
   for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
-  const Type = { u2: Uint16Array, u4: Uint32Array, f4: Float32Array }[dtype];
+  const Type = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, f4: Float32Array }[dtype];
   return new Type(bytes.buffer, 0, bytes.length / Type.BYTES_PER_ELEMENT);
+}
+
+// Where elements are on the screen, read once and kept until something scrolls or is resized (or `clear()`, when
+// the pointer comes in or the view redraws). Reading a place in every mousemove makes the browser lay the whole
+// page out whenever anything in it changed since the last frame: in JupyterLab tens of milliseconds a hover.
+function placeCache() {
+  let rects = new Map();
+  const clear = () => { rects = new Map(); };
+  window.addEventListener("scroll", clear, true); // capture: a scrolling panel's event does not bubble
+  window.addEventListener("resize", clear);
+  return {
+    of(element) {
+      let rect = rects.get(element);
+      if (!rect) rects.set(element, (rect = element.getBoundingClientRect()));
+      return rect;
+    },
+    clear,
+    stop() { window.removeEventListener("scroll", clear, true); window.removeEventListener("resize", clear); },
+  };
+}
+
+// Places a tooltip beside the pointer, inside the explorer's box (a notebook's output area cuts off what hangs
+// below it), without making the browser lay the page out in the event: the box's and the tooltip's sizes are
+// kept from ResizeObserver's reports (after the browser's own layout), and a new size moves the tooltip again.
+function tooltipPlacer(tooltip, root) {
+  let tipSize = null, rootSize = null, at = null;
+  const fit = () => {
+    if (!at) return;
+    // Until the first report (the tooltip's first showing), beside the pointer; the report moves it inside.
+    const w = tipSize ? tipSize.w : 0, h = tipSize ? tipSize.h : 0, box = rootSize || { w: Infinity, h: Infinity };
+    tooltip.style.left = Math.max(0, Math.min(at.x + 14, box.w - w)) + "px";
+    tooltip.style.top = Math.max(0, Math.min(at.y + 14, box.h - h)) + "px";
+  };
+  const watch = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(() => {
+    if (tooltip.offsetWidth > 0) tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+    rootSize = { w: root.clientWidth, h: root.clientHeight };
+    fit();
+  });
+  if (watch) { watch.observe(tooltip); watch.observe(root); }
+  return {
+    place(x, y) {
+      at = { x, y };
+      if (!watch) { // no ResizeObserver: measured here (which lays the page out)
+        rootSize = { w: root.clientWidth, h: root.clientHeight };
+        tipSize = { w: tooltip.offsetWidth, h: tooltip.offsetHeight };
+      }
+      fit();
+    },
+    stop() { if (watch) watch.disconnect(); },
+  };
+}
+
+// Records `kind` as the time from `started` to the next frame drawn (the event's work, the browser's layout and
+// paint of what it changed): what the eye waits for, beside the handler's own time.
+function frameTiming(kind, started) {
+  if (typeof requestAnimationFrame === "undefined") return;
+  requestAnimationFrame(() => setTimeout(() => timing(kind, performance.now() - started), 0));
 }

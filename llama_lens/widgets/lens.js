@@ -1,6 +1,7 @@
-// LogitLensExplorer's view: a heatmap per panel (read-outs up, positions across) on a canvas, hover tooltip,
-// a top-k list for the clicked cell, a chart of pinned tokens across read-outs. The data comes with each model
-// run (the `panels` trait) and, for what that frame left out, as the view needs it (lens_parts.js).
+// LogitLensExplorer's view: the controls, a heatmap per panel (read-outs up, positions across) on a canvas, its
+// hover tooltip, clicks and keys. The data comes with each model run (the `panels` trait) and, for what that frame
+// left out, as the view needs it (lens_parts.js); the cells' values and colours are lens_values.js's, the top-k
+// list and the pins' chart lens_pins.js's, the SVG and CSV text lens_export.js's.
 
 const ROW_H = 18;
 const LABEL_W = 64;
@@ -9,9 +10,6 @@ const METRIC_NAMES = {
   token_prob: "token probability", token_rank: "token rank", entropy: "entropy (nats)", kl: "KL to final (nats)",
 };
 
-const SEQUENTIALS = {}; // colour map name -> its 256-entry palette, made when first shown
-const sequential = (name) => SEQUENTIALS[name] || (SEQUENTIALS[name] = palette(COLORMAPS[name] || VIRIDIS));
-const DIVERGENT = palette(DIVERGING);
 
 function render({ model, el }) {
   const offline = model.get("offline") === true;
@@ -66,6 +64,7 @@ function render({ model, el }) {
   const tooltip = h("div", { class: "ll-tooltip" });
   root.append(panelsBox, h("div", { class: "ll-legendbar" }, [legend, legendText]),
     h("div", { class: "ll-bottom" }, [popup, chart]), tooltip);
+  const places = placeCache(), placer = tooltipPlacer(tooltip, root); // hovering reads no layout
   if (offline) {
     for (const box of [promptBox, compareBox, readout, lens, targetBox, tokenBox]) box.disabled = true;
     promptBox.title = "a saved page has no kernel to run the model";
@@ -115,93 +114,14 @@ function render({ model, el }) {
     return rows.reverse(); // the last read-out at the top
   };
 
-  // The current metric's raw value at (panel, row, column), or null where it is not available.
-  function value(p, r, c, which = model.get("metric")) {
-    const d = panels()[p];
-    const i = r * d.P + c;
-    if (which === "prob") return d.probs[i * d.k] / d.prob_scale;
-    if (which === "logit" || which === "entropy" || which === "kl") {
-      return d.metrics[which] ? d.metrics[which][i] : null; // until it comes (pages saved before "logit": never)
-    }
-    const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
-    if (!source || !source.panels || !source.panels[p]) return null;
-    // Ranks are computed when a rank colouring first asks for them: null until they arrive.
-    const values = which.endsWith("rank") ? source.panels[p].ranks : source.panels[p].probs;
-    return values ? values[i] : null;
-  }
-
-  // Why the metric has no values to show, or "" when it has them.
-  function missingData(which) {
-    if (which === "logit" || which === "entropy" || which === "kl") {
-      if (panels().every((d) => d.metrics[which])) return "";
-      return offline ? "not saved with this page" : "loading…";
-    }
-    if (!which.startsWith("target") && !which.startsWith("token")) return "";
-    const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
-    if (!source || !source.panels) return which.startsWith("target") ? "set a target" : "choose a colour token";
-    if (which.endsWith("rank") && source.panels.some((s) => !s.ranks)) {
-      return offline ? "ranks were not saved with this page" : "ranking…";
-    }
-    return "";
-  }
-
-  // Scale shared by the panels: value -> t in [0, 1] (or [-1, 1] for a difference).
-  function scale() {
-    const which = model.get("metric");
-    const ps = panels();
-    if (which === "entropy" || which === "kl") {
-      let max = 1e-9;
-      for (const d of ps) for (const v of d.metrics[which] || []) if (v > max) max = v;
-      return { max, f: (v) => v / max, label: [0, max] };
-    }
-    if (which === "logit") {
-      // Raw logits are not normalised: the scale runs from the least to the greatest shown.
-      let min = Infinity, max = -Infinity;
-      for (const d of ps) for (const v of d.metrics.logit || []) { if (v < min) min = v; if (v > max) max = v; }
-      if (!(max > min)) { min = Number.isFinite(min) ? min : 0; max = min + 1; }
-      return { max, f: (v) => (v - min) / (max - min), label: [min, max] };
-    }
-    if (which.endsWith("rank")) {
-      const source = which.startsWith("target") ? model.get("target_data") : model.get("token_data");
-      let max = 1;
-      for (const s of (source && source.panels) || []) for (const v of s.ranks || []) if (v > max) max = v;
-      const lmax = Math.log1p(max);
-      return { max, f: (v) => 1 - Math.log1p(v) / lmax, label: [max, 0], rank: true };
-    }
-    return { max: 1, f: (v) => v, label: [0, 1] };
-  }
-
-  // Columns of panel p paired with panel 1 - p for the difference: positions aligned at the end.
-  function partner(p, c) {
-    const ps = panels();
-    if (ps.length < 2) return null;
-    const q = 1 - p;
-    const c2 = c - (ps[p].positions.length - ps[q].positions.length);
-    return c2 >= 0 && c2 < ps[q].positions.length ? [q, c2] : null;
-  }
-
-  // The cell's colour as a palette entry {css, ink, rgb}, or null where the metric has no value.
-  function colourOf(p, r, c, sc) {
-    const v = value(p, r, c);
-    if (v === null || v === undefined) return null;
-    const ps = panels();
-    if (model.get("diff") && ps.length === 2) {
-      const other = partner(p, c);
-      if (!other || r >= ps[other[0]].labels.length) return null;
-      const w = value(other[0], r, other[1]);
-      if (w === null || w === undefined) return null;
-      const a = p === 0 ? sc.f(v) : sc.f(w);
-      const b = p === 0 ? sc.f(w) : sc.f(v);
-      return shade(DIVERGENT, 0.5 + (a - b) / 2);
-    }
-    return shade(sequential(model.get("colormap")), sc.f(v));
-  }
+  const { value, missingData, scale, partner, colourOf } = lensValues(model, panels, offline);
 
   // ---------------------------------------------------------------- drawing
   function draw() {
     const started = performance.now();
     const ps = panels();
     const theme = themeOf(root);
+    places.clear(); // new canvases, and the page below the controls may move
     panelsBox.replaceChildren();
     views = [];
     const titles = model.get("titles") || [];
@@ -265,6 +185,7 @@ function render({ model, el }) {
       lctx.fillText("next", LABEL_W - 4, ROW_H / 2);
       lctx.fillText("input", LABEL_W - 4, bottom + ROW_H / 2);
       views.push({ canvas, scroll, marks, rows, cellW, d, p });
+      canvas.addEventListener("mouseenter", () => places.clear()); // the page may have moved since the last visit
       canvas.addEventListener("mousemove", (e) => hover(e, p));
       canvas.addEventListener("mouseleave", () => { tooltip.style.display = "none"; tip = null; });
       canvas.addEventListener("click", (e) => click(e, p));
@@ -331,7 +252,7 @@ function render({ model, el }) {
 
   function cellAt(e, p) {
     const view = views[p];
-    const rect = view.canvas.getBoundingClientRect();
+    const rect = places.of(view.canvas);
     const x = e.clientX - rect.left, y = e.clientY - rect.top;
     const c = Math.floor(x / view.cellW);
     const yRow = Math.floor(y / ROW_H) - 1;
@@ -361,9 +282,10 @@ function render({ model, el }) {
     const started = performance.now();
     const cell = cellAt(e, p);
     if (!cell) { tooltip.style.display = "none"; return; }
-    const box = root.getBoundingClientRect();
+    const box = places.of(root);
     showTip(p, cell, e.clientX - box.left, e.clientY - box.top);
     timing("hover", performance.now() - started);
+    frameTiming("hover_frame", started);
   }
 
   // The tooltip of a cell at (x, y) in the explorer's box.
@@ -394,9 +316,7 @@ function render({ model, el }) {
     tooltip.style.display = "block";
     tip = { p, cell, x, y };
     // Inside the explorer's box: a notebook's output area cuts off what hangs below it (the top-20 list did).
-    const width = tooltip.offsetWidth, height = tooltip.offsetHeight;
-    tooltip.style.left = Math.max(0, Math.min(x + 14, root.clientWidth - width)) + "px";
-    tooltip.style.top = Math.max(0, Math.min(y + 14, root.clientHeight - height)) + "px";
+    placer.place(x, y);
   }
 
   function click(e, p) {
@@ -453,149 +373,12 @@ function render({ model, el }) {
     const left = c * cellW, scroll = view.scroll; // keep the cell in sight
     if (left < scroll.scrollLeft) scroll.scrollLeft = left;
     else if (left + cellW > scroll.scrollLeft + scroll.clientWidth) scroll.scrollLeft = left + cellW - scroll.clientWidth;
-    const canvasBox = view.canvas.getBoundingClientRect(), box = root.getBoundingClientRect();
+    places.clear(); // scrolled just now
+    const canvasBox = places.of(view.canvas), box = places.of(root);
     showTip(p, { c, r }, canvasBox.left - box.left + (c + 1) * cellW, canvasBox.top - box.top + (y + 2) * ROW_H);
   }
 
-  function addPin(p, pos, id, extend) {
-    const pins = (model.get("pins") || []).map((g) => ({ ...g, ids: [...g.ids] }));
-    const last = pins[pins.length - 1];
-    if (extend && last && last.panel === p && last.position === pos) {
-      if (!last.ids.includes(id)) last.ids.push(id);
-    } else {
-      pins.push({ panel: p, position: pos, ids: [id] });
-    }
-    model.set("pins", pins.slice(-24));
-  }
-
-  function drawPopup() {
-    const s = model.get("selection") || {};
-    const d = panels()[s.panel];
-    if (!d || s.row === undefined) return;
-    const c = d.positions.indexOf(s.position);
-    if (c < 0 || s.row >= d.labels.length) return;
-    const list = h("ol", { class: "ll-topk" });
-    const top = topList(s.panel, s.row, c, d.k);
-    if (!top) list.append(h("li", { class: "ll-loading", text: "loading…" }));
-    for (const t of top || []) {
-      const item = h("li", {}, [
-        h("button", { class: "ll-pin", "data-id": t.id, title: "pin (shift: add to the last pin)",
-          text: visible(t.text), onclick: (e) => {
-            const started = performance.now();
-            addPin(s.panel, s.position, t.id, e.shiftKey);
-            model.save_changes();
-            drawChart();
-            timing("pin", performance.now() - started);
-          } }),
-        h("span", { class: "ll-bar-prob", style: `width:${Math.round(t.prob * 80)}px` }),
-        h("span", { text: " " + fmt(t.prob, 3) + " " }),
-        h("a", { href: "#", text: "colour", title: "colour the cells by this token", onclick: (e) => {
-          e.preventDefault();
-          tokenBox.value = "#" + t.id;
-          send("token", "#" + t.id);
-          send("metric", "token_prob");
-        } }),
-      ]);
-      list.append(item);
-    }
-    popup.replaceChildren(
-      h("div", { class: "ll-popup-title", text: `${d.labels[s.row]} · position ${s.position} ${visible(d.tokens[s.position])}` }),
-      list);
-  }
-
-  // A pin's line: exact values from the kernel (traces) when they have arrived, else from the top-k lists
-  // (gaps where the token is not among a read-out's top k; dashed).
-  function pinLine(g) {
-    const traces = model.get("traces") || [];
-    const exact = traces.find((t) => t.panel === g.panel && t.position === g.position &&
-      t.ids.length === g.ids.length && t.ids.every((id, j) => id === g.ids[j]));
-    const d = panels()[g.panel];
-    if (exact) return { probs: exact.probs, ranks: exact.ranks, texts: exact.texts, exact: true };
-    if (!d) return null;
-    const c = d.positions.indexOf(g.position);
-    const probs = [], ranks = [], texts = [];
-    for (let r = 0; r < d.labels.length; r++) {
-      const list = topList(g.panel, r, c, d.k) || []; // gaps until the position's top-k comes
-      let sum = 0, best = null;
-      for (const id of g.ids) {
-        const j = list.findIndex((t) => t.id === id);
-        if (j >= 0) { sum += list[j].prob; best = best === null ? j : Math.min(best, j); }
-      }
-      probs.push(best === null ? null : sum);
-      ranks.push(best);
-    }
-    for (const id of g.ids) {
-      const v = d.index.get(id);
-      texts.push(v !== undefined ? d.vocab[v] : "#" + id);
-    }
-    return { probs, ranks, texts, exact: false };
-  }
-
-  function drawChart() {
-    const pins = model.get("pins") || [];
-    if (!pins.length) {
-      chart.replaceChildren(h("em", { text: "click a token in the list to pin its trajectory (shift-click sums)" }));
-      return;
-    }
-    const d = panels()[0];
-    const R = Math.max(...panels().map((x) => x.labels.length));
-    const W = 520, H = 220, L = 44, B = 40, T = 10;
-    const byRank = model.get("trajectory") === "rank";
-    let maxRank = 1;
-    const lines = pins.map(pinLine);
-    for (const line of lines) for (const v of (line && line.ranks) || []) if (v !== null && v > maxRank) maxRank = v;
-    const x = (r) => L + (r / Math.max(1, R - 1)) * (W - L - 10);
-    const y = (v) => byRank ? T + (Math.log1p(v) / Math.log1p(maxRank)) * (H - T - B) : T + (1 - v) * (H - T - B);
-    const ns = "http://www.w3.org/2000/svg";
-    const svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-    svg.setAttribute("width", W);
-    svg.setAttribute("height", H);
-    svg.setAttribute("class", "ll-chart-svg");
-    const add = (tag, attrs, text) => {
-      const node = document.createElementNS(ns, tag);
-      for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-      if (text !== undefined) node.textContent = text;
-      svg.append(node);
-      return node;
-    };
-    add("line", { x1: L, y1: H - B, x2: W - 10, y2: H - B, class: "ll-axis" });
-    add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "ll-axis" });
-    add("text", { x: L - 4, y: T + 8, "text-anchor": "end", class: "ll-axis-text" }, byRank ? "0" : "1");
-    add("text", { x: L - 4, y: H - B, "text-anchor": "end", class: "ll-axis-text" }, byRank ? String(maxRank) : "0");
-    add("text", { x: (W + L) / 2, y: H - 6, "text-anchor": "middle", class: "ll-axis-text" },
-      `read-out (${d.labels[0]} … ${d.labels[d.labels.length - 1]}); y: ${byRank ? "best rank (log)" : "summed probability"}`);
-    // Per-layer ticks on the read-out axis: a mark at every read-out, the layer's number under every step-th
-    // (about ten numbers whatever the depth, the last read-out's always), "emb" for the embedding.
-    const step = Math.max(1, Math.ceil(R / 10));
-    for (let r = 0; r < R; r++) {
-      const labelled = r % step === 0 || r === R - 1;
-      if (r === R - 1 && r % step !== 0 && r % step < step / 2) continue; // too close to the last number
-      add("line", { x1: x(r), y1: H - B, x2: x(r), y2: H - B + (labelled ? 5 : 3), class: "ll-axis ll-tick" });
-      if (!labelled || r >= d.labels.length) continue;
-      const text = d.labels[r] === "embed" ? "emb" : String(d.layers[r]);
-      add("text", { x: x(r), y: H - B + 15, "text-anchor": "middle", class: "ll-axis-text ll-tick-label" }, text);
-    }
-    const colours = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131", "#5c940d"];
-    lines.forEach((line, i) => {
-      if (!line) return;
-      const values = byRank ? line.ranks : line.probs;
-      let path = "", pen = false;
-      values.forEach((v, r) => {
-        if (v === null || v === undefined) { pen = false; return; }
-        path += `${pen ? "L" : "M"}${x(r).toFixed(1)},${y(v).toFixed(1)}`;
-        pen = true;
-      });
-      const label = line.texts.map(visible).join(" + ") + ` @${pins[i].position}` + (panels().length > 1 ? ` (panel ${pins[i].panel + 1})` : "");
-      add("path", { d: path, fill: "none", stroke: colours[i % colours.length], "stroke-width": 2,
-        "stroke-dasharray": line.exact ? "" : "4 3", class: "ll-pin-line", "data-label": label });
-      add("text", { x: W - 12, y: T + 12 + i * 13, "text-anchor": "end", fill: colours[i % colours.length],
-        class: "ll-pin-label" }, label);
-    });
-    chart.replaceChildren(svg, h("button", { text: "clear pins", onclick: () => {
-      model.set("pins", []); model.set("pinned_positions", []); model.save_changes(); draw();
-    } }));
-  }
+  const { addPin, drawPopup, drawChart } = lensPins({ model, panels, topList, popup, chart, tokenBox, redraw: () => draw() });
 
   // ---------------------------------------------------------------- export
   function exportPng() {
@@ -607,24 +390,9 @@ function render({ model, el }) {
   function exportSvg() {
     const ps = panels();
     if (!ps.length) return;
-    const d = ps[0], sc = scale(), cellW = model.get("zoom") || 36;
-    const rows = rowsShown(d.labels.length), P = d.positions.length;
-    const parts = [];
-    rows.forEach((r, y) => {
-      parts.push(`<text x="${LABEL_W - 4}" y="${(y + 0.7) * ROW_H}" text-anchor="end" font-size="11">${escapeHtml(d.labels[r])}</text>`);
-      for (let c = 0; c < P; c++) {
-        const colour = colourOf(0, r, c, sc) || { css: "#eee", ink: "#000" };
-        const x = LABEL_W + c * cellW;
-        parts.push(`<rect x="${x}" y="${y * ROW_H}" width="${cellW - 1}" height="${ROW_H - 1}" fill="${colour.css}"/>`);
-        if (cellW >= 20) {
-          const text = visible(d.vocab[d.top[(r * P + c) * d.k]]).slice(0, Math.floor(cellW / 7));
-          parts.push(`<text x="${x + cellW / 2}" y="${(y + 0.7) * ROW_H}" text-anchor="middle" font-size="10" fill="${colour.ink}">${escapeHtml(text)}</text>`);
-        }
-      }
-    });
-    d.positions.forEach((pos, c) => parts.push(`<text x="${LABEL_W + (c + 0.5) * cellW}" y="${(rows.length + 0.7) * ROW_H}" text-anchor="middle" font-size="10">${escapeHtml(visible(d.tokens[pos]).slice(0, 8))}</text>`));
-    const W = LABEL_W + P * cellW, H = (rows.length + 1) * ROW_H;
-    download("logit_lens.svg", `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">${parts.join("")}</svg>`, "image/svg+xml");
+    const d = ps[0], sc = scale();
+    const cells = (r, c) => colourOf(0, r, c, sc);
+    download("logit_lens.svg", lensSvg(d, rowsShown(d.labels.length), cells, model.get("zoom") || 36), "image/svg+xml");
   }
 
   function exportCsv() {
@@ -635,21 +403,9 @@ function render({ model, el }) {
       for (const [p, metric] of missing) ask(p, { want: "metric", metric });
       return;
     }
-    const lines = [["panel", "readout", "position", "token", "top_token", "top_prob", "entropy", "kl_to_final", "target_prob", "target_rank"].join(",")];
-    const target = model.get("target_data") || {};
-    panels().forEach((d, p) => {
-      const P = d.positions.length;
-      for (let r = 0; r < d.labels.length; r++) for (let c = 0; c < P; c++) {
-        const i = r * P + c;
-        const t = target.panels ? target.panels[p] : null;
-        lines.push([p, d.labels[r], d.positions[c], d.tokens[d.positions[c]], d.vocab[d.top[i * d.k]], d.probs[i * d.k] / d.prob_scale,
-          fmtMetric(d, "entropy", i), fmtMetric(d, "kl", i), t && t.probs ? t.probs[i] : "", t && t.ranks ? t.ranks[i] : ""].map(csvCell).join(","));
-      }
-    });
+    const lines = lensCsvLines(panels(), model.get("target_data") || {});
     download("logit_lens.csv", lines.join("\n"), "text/csv");
   }
-
-  const fmtMetric = (d, name, i) => (d.metrics[name] ? d.metrics[name][i] : "");
 
   function fit() {
     const d = panels()[0];
@@ -717,6 +473,8 @@ function render({ model, el }) {
   return () => {
     stopWatchingTheme();
     stop();
+    places.stop();
+    placer.stop();
   };
 }
 

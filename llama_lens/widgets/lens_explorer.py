@@ -117,7 +117,12 @@ class LogitLensExplorer(Explorer):
         threaded: run browser-driven work in a worker thread (default: when a kernel runs).
     """
 
-    _esm = asset("common.js") + asset("lens_parts.js") + asset("lens.js")
+    # The view, in parts with one job each (lens.js: the controls, heatmaps, tooltip and keys; lens_parts.js: the
+    # data as it comes; lens_values.js: values and colours; lens_pins.js: top-k list and chart; lens_export.js).
+    _esm = "".join(
+        asset(name)
+        for name in ("common.js", "lens_parts.js", "lens_values.js", "lens_pins.js", "lens_export.js", "lens.js")
+    )
     _css = asset("widgets.css")
 
     CONTROLS = {

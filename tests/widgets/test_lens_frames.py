@@ -62,7 +62,7 @@ def test_the_frame_holds_every_top_token_and_the_first_positions_top_k(explorer)
 def test_the_frame_grows_with_the_positions_in_sight_not_with_all(model):
     explorer = ll_widgets.LogitLensExplorer(model, "hello world " * 24)  # 289 positions
     frame, whole = (len(json.dumps(panel)) for panel in (explorer.panels[0], explorer.full_panel()))
-    # The top-k of 64 positions of 289 and the top-1 of the rest: under half of what the saved page carries.
+    # The top-k of FRAME_COLUMNS (32) positions of 289 and the top-1 of the rest: under half of the saved page.
     assert frame < whole / 2
 
 
@@ -131,8 +131,9 @@ def test_the_page_asks_for_what_it_shows_and_draws_it_when_it_comes(explorer, tm
     out = run_view(tmp_path, live_state(explorer), steps)
     assert out["errors"] == []
     reports = out["reports"]
-    # In sight at first: positions 0..22 (800 px of 36 px cells) and a block beyond, all in the frame.
-    assert reports["start"]["asked"] == []
+    # In sight at first: positions 0..22 (800 px of 36 px cells), in the frame's first FRAME_COLUMNS; the block
+    # beyond is asked for at once, so the tooltips there are ready before the pointer gets there.
+    assert FRAME_COLUMNS == 32 and reports["start"]["asked"] == [columns | {"start": 32, "stop": 64}]
     assert "loading" in reports["hovered"]["tooltip"] and reports["hovered"]["asked"] == [columns]
     assert reports["arrived"]["tooltip"].count("<tr>") == 10 and "loading" not in reports["arrived"]["tooltip"]
     assert "loading" in reports["kl asked"]["legend"] and reports["kl asked"]["asked"] == [kl]
@@ -154,9 +155,11 @@ def test_scrolling_asks_for_the_positions_in_sight(explorer, tmp_path):
     steps = [{"scroll": [70 * 36, 0]}, {"report": "scrolled"}, {"scroll": [70 * 36, 0]}, {"report": "again"}]
     out = run_view(tmp_path, live_state(explorer), steps)
     assert out["errors"] == []
-    # Positions 70..92 are in sight (800 px), and a block of 32 beyond: the blocks from 64 on, asked once.
+    # The block beyond the first screen (32..64) is asked for with the first picture; then positions 70..92 are
+    # in sight (800 px), and a block of 32 beyond: the blocks from 64 on, asked once.
     asked = [(m["start"], m["stop"]) for m in out["reports"]["scrolled"]["asked"]]
-    assert asked == [(64, 96), (96, 97)] and all(m["run"] == run_id for m in out["reports"]["scrolled"]["asked"])
+    assert asked == [(32, 64), (64, 96), (96, 97)]
+    assert all(m["run"] == run_id for m in out["reports"]["scrolled"]["asked"])
     assert out["reports"]["again"]["asked"] == []
 
 

@@ -237,49 +237,28 @@ def test_keyboard_moves_the_selected_cell_and_enter_pins(model, tmp_path):
 @needs_node
 def test_tooltip_stays_inside_the_explorer(model, tmp_path):
     explorer = ll_widgets.LogitLensExplorer(model, "hello", top_k=20)
-    steps = [{"root_height": 150}, {"hover": [36 * 2.5, 18 * 1.5]}, {"report": "low"}]
+    steps = [{"root_height": 150}, {"hover": [36 * 2.5, 18 * 1.5]}, {"report": "beside"}]
+    steps += [{"box": ["ll-tooltip", 200, 120]}, {"report": "low"}]  # the browser reports the sizes (after layout)
     out = run_view(tmp_path, explorer.page_state(), steps)
     assert out["errors"] == []
-    # The tooltip (120 px in the stand-in DOM) would hang below a 150 px explorer from y = 27 + 14: it moves up to
+    # The hover itself reads no layout: the tooltip goes beside the pointer (y = 27 + 14). Once the browser
+    # reports its size (120 px in the stand-in DOM), which would hang below the 150 px explorer, it moves up to
     # fit, where a notebook's output area would otherwise cut off its last rows.
+    assert out["reports"]["beside"]["tooltip_top"] == "41px"
     assert out["reports"]["low"]["tooltip_top"] == f"{150 - 120}px"
 
 
 @needs_node
-def test_attention_thumbnails_drawn_once_and_text_kept(model, tmp_path):
-    explorer = ll_widgets.AttentionExplorer(model, "hello world")
-    state = explorer.page_state()
-    layers, n_heads = state["meta"]["layers"], state["meta"]["n_heads"]
-    steps = [{"report": "start"}, {"set": "head", "value": {"layer": layers[-1], "head": 1}}, {"report": "opened"}]
-    out = run_view(tmp_path, state, steps, which="attention")
-    assert out["errors"] == []
-    start, opened = out["reports"]["start"], out["reports"]["opened"]
-    assert start["thumbs"] == opened["thumbs"] == len(layers) * n_heads
-    assert start["open_thumbs"] == opened["open_thumbs"] == 1
-    assert opened["text_spans"] == len(state["meta"]["tokens"])
-    # Opening a head drew one canvas (the heatmap's image), no thumbnail and no token of the text again.
-    assert opened["made"]["canvas"] - start["made"]["canvas"] == 1
-    assert opened["made"]["span"] == start["made"]["span"]
+@pytest.mark.parametrize("name", ["LogitLensExplorer", "AttentionExplorer", "FeatureExplorer", "GraphExplorer"])
+def test_the_shipped_scripts_parse_without_their_comments(name, tmp_path):
+    """The page gets each script compacted (base.compact: no comment lines, no indentation): it still parses as
+    a module, and it is smaller than the files."""
+    from llama_lens.widgets.base import compact
 
-
-@needs_node
-def test_attention_text_wraps_and_only_the_lines_in_sight_are_in_the_page(model, tmp_path):
-    explorer = ll_widgets.AttentionExplorer(model, "hello world, " * 23)  # 299 characters and the BOS
-    assert len(explorer.tokens) == 300
-    # The stand-in measures 6 px a character: a 72 px box (12 px of margin) takes 10 a line, and 100 px of height
-    # shows 5 lines of 24 px; two more either side are kept.
-    steps = [{"box": ["ll-text", 72, 100]}, {"report": "top"}, {"mouseover": 5}, {"report": "hovered"}]
-    steps += [{"scroll": [0, 20 * 24]}, {"report": "scrolled"}, {"mouseover": 210}, {"report": "hovered below"}]
-    out = run_view(tmp_path, explorer.page_state(), steps, which="attention")
-    assert out["errors"] == []
-    top, hovered, scrolled, below = (out["reports"][k] for k in ("top", "hovered", "scrolled", "hovered below"))
-    # Lines 0..6: "<s>" and 7 characters, then 10 a line; no line wider than the box.
-    assert top["text_positions"] == list(range(68)) and top["text_spans"] == 68
-    assert all(len(line) <= 10 for line in top["text_lines"]) and top["text_lines"][1] == "orld, hell"
-    # A pointer moving over the text recolours the spans in the page and builds none.
-    assert hovered["made"].get("span") == top["made"].get("span") and hovered["coloured_spans"] == 6
-    # Scrolled to line 20: lines 18..26 are in the page, and only they.
-    assert scrolled["text_positions"] == list(range(178, 268))
-    weights = explorer.pattern(0)[0, 210, 178:211]  # query 210's keys in the page (the open head: layer 0, head 0)
-    assert below["made"].get("span") == scrolled["made"].get("span")
-    assert below["coloured_spans"] == int(((weights * 65535).round() > 0).sum()) > 0
+    explorer_class = getattr(ll_widgets, name)
+    script = tmp_path / "explorer.mjs"
+    script.write_text(explorer_class._esm)
+    subprocess.run([NODE, "--check", str(script)], check=True, capture_output=True, timeout=60)
+    source = (Path(ll_widgets.__file__).parent / "common.js").read_text()
+    assert len(compact(source)) < 0.8 * len(source)
+    assert compact("a {\n  b: 1; /* why */\n}\n/* a\n rule */\n", "x.css") == "a {\nb: 1;\n}\n"

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from support.models import CharTokenizer, assert_same_top_k, run_patterns
+from support.models import CharTokenizer, assert_same_top_k
 
 import llama_lens as ll
 from llama_lens import widgets as ll_widgets
@@ -416,93 +416,3 @@ def test_static_pictures_are_indexed_pngs_a_fraction_of_the_size(model):
     html = explorer.static_bundle()["text/html"]
     png = base64.b64decode(re.search(r"base64,([^\"]+)", html).group(1))
     assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).mode == "P"
-
-
-# ------------------------------------------------------------------------------------------ attention
-def _unpack(explorer, layer, head):
-    """The open layer/head's pattern from the bytes the page gets (lower triangle, uint16)."""
-    n = len(explorer.tokens)
-    tri = n * (n + 1) // 2
-    index = explorer.layers.index(layer) * explorer.n_heads + head
-    words = np.frombuffer(explorer.patterns, dtype="<u2")[index * tri : (index + 1) * tri] / 65535
-    pattern = np.zeros((n, n))
-    pattern[np.tril_indices(n)] = words
-    return pattern
-
-
-def test_attention_ships_the_patterns_of_the_shown_layers(model):
-    explorer = ll_widgets.AttentionExplorer(model, "hello world", layers=[0, 1], head=2)
-    _, cache = run_patterns(model, "hello world")
-    assert explorer.meta == {"tokens": model.to_str_tokens("hello world"), "layers": [0, 1], "n_heads": 4}
-    for layer in (0, 1):
-        for head in range(4):
-            expected = cache[f"blocks.{layer}.attn.hook_pattern"][0, head].numpy()
-            np.testing.assert_allclose(_unpack(explorer, layer, head), expected, atol=1 / 65535)
-    assert explorer.query == 11 and explorer.head == {"layer": 0, "head": 2}
-    frame = explorer.to_frame()
-    assert len(frame) == 12 * 13 // 2
-    row = frame[(frame["query"] == 5) & (frame["key"] == 2)].iloc[0]
-    assert (row["query_token"], row["key_token"]) == ("o", "e")
-    assert row["weight"] == pytest.approx(float(cache["blocks.0.attn.hook_pattern"][0, 2, 5, 2]), abs=1e-6)
-    fig = explorer.to_figure()
-    np.testing.assert_allclose(
-        fig.axes[0].images[0].get_array(), cache["blocks.0.attn.hook_pattern"][0, 2].numpy(), rtol=1e-5
-    )
-
-
-def test_attention_changes_and_their_cost(model):
-    counter, runs = _forwards(model)
-    explorer = ll_widgets.AttentionExplorer(model, "hello world")
-    with model.hooks([counter]):
-        explorer.head = {"layer": 0, "head": 3}
-        explorer.query = 4
-        explorer.zoom = 8
-        explorer.layers = [0, 1]  # held under the budget: no run
-        assert runs == []
-        explorer.prompt = "abc"
-        assert len(runs) == 1 and explorer.query == 3
-    with pytest.raises(ValueError, match="query=9 is out of range"):
-        explorer.query = 9
-    with pytest.raises(ValueError, match=r"layers \[5\] are not held"):
-        explorer.layers = [5]
-    with pytest.raises(ValueError, match="head layer 1 is not shown"):
-        ll_widgets.AttentionExplorer(model, "hi").head = {"layer": 1, "head": 0}
-
-    small = ll_widgets.AttentionExplorer(model, "hello world", cache_budget=0)
-    with model.hooks([counter]):
-        runs.clear()
-        small.layers = [1]  # over the budget: only the shown layers are kept, so this runs the model
-        assert len(runs) == 1 and small.head["layer"] == 1
-
-
-def test_attention_from_a_padded_cache(model):
-    tokens, mask = model.prepare_tokens(["ab", "xyz"])  # "ab" is left-padded: <pad> <s> a b
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask)
-    names = model.to_str_tokens(tokens[0])
-    explorer = ll_widgets.AttentionExplorer(cache, tokens=names, batch_index=0, attention_mask=mask, head=1)
-    assert explorer.tokens == ["<s>", "a", "b"]
-    np.testing.assert_allclose(_unpack(explorer, 0, 1), cache["blocks.0.attn.hook_pattern"][0, 1, 1:, 1:].numpy(),
-                               atol=1 / 65535)  # fmt: skip
-    with pytest.raises(ValueError, match="fixed cache"):
-        explorer.prompt = "other"
-    with pytest.raises(ValueError, match=r"batch_index=2 is out of range: the cache holds 2 prompts"):
-        ll_widgets.AttentionExplorer(cache, batch_index=2)
-    # The former name keeps working for one release, with a warning naming the new one.
-    with pytest.warns(
-        DeprecationWarning, match=r"^AttentionExplorer\(prompt_index=...\) is deprecated .*use batch_index="
-    ):
-        second = ll_widgets.AttentionExplorer(cache, tokens=model.to_str_tokens(tokens[1]), prompt_index=1)
-    assert second.batch_index == second.prompt_index == 1 and second.tokens == model.to_str_tokens(tokens[1])
-    with pytest.raises(ValueError, match="attention_mask= is for a cache of a padded batch"):
-        ll_widgets.AttentionExplorer(model, "ab", attention_mask=mask)
-
-
-def test_attention_save_html_carries_the_patterns(model, tmp_path):
-    import base64
-
-    explorer = ll_widgets.AttentionExplorer(model, "hello", layers=[1])
-    page = explorer.save_html(tmp_path / "attention.html").read_text()
-    state = json.loads(re.search(r"const state = (.*);\n", page).group(1))
-    assert base64.b64decode(state["patterns"]) == explorer.patterns
-    assert "https://" not in page

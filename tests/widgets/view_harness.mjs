@@ -89,13 +89,14 @@ const sandbox = {
   ImageData: class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } },
   URL: { createObjectURL: (blob) => { blobs.push(blob); return "blob:" + blobs.length; }, revokeObjectURL() {} },
   setTimeout: () => 0,
+  addEventListener() {}, removeEventListener() {},
   ResizeObserver: class { constructor(cb) { this.cb = cb; observers.push(this); } observe() {} disconnect() {} },
 };
 const observers = [];
 sandbox.window = sandbox;
 vm.createContext(sandbox);
 // The files in the order the explorer's _esm concatenates them.
-const files = { lens: ["common.js", "lens_parts.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
+const files = { lens: ["common.js", "lens_parts.js", "lens_values.js", "lens_pins.js", "lens_export.js", "lens.js"] }[which] || ["common.js", `${which}.js`];
 const source = files.map((name) => fs.readFileSync(`${folder}/${name}`, "utf8")).join("");
 vm.runInContext(source.replace("export default", "globalThis.explorerModule ="), sandbox);
 
@@ -189,6 +190,9 @@ for (const step of script) {
       feature: state.feature,
       state: Object.fromEntries((step.keys || []).map((k) => [k, state[k]])),
       attrs: step.attrs ? find(step.attrs[0]).map((n) => n.getAttribute(step.attrs[1])) : [],
+      heatmap: find("ll-att-canvas").map((n) => ({ width: n.style.width, labels: n.dataset.labels })),
+      texts: { title: (find("ll-title")[0] || { textContent: "" }).textContent,
+        status: (find("ll-status")[0] || { textContent: "" }).textContent },
       tick_labels: el.all((n) => (n.attributes.class || "").includes("ll-tick-label")).map((n) => n.textContent),
     };
     fills.clear();
