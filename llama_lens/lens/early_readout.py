@@ -29,13 +29,11 @@ from dataclasses import fields
 
 import torch
 
-from ..model.idle import IDLE_WORK_BYTES
+from ..model.idle import IDLE_WORK_BYTES, MIN_EARLY_VECTORS
 from .readout import kl_from_kept_logits, readout_steps
 from .readout_metrics import ReadoutMetrics
 
-# Residual vectors (rows x streams) an early sweep waits for before it starts: at 256 rows a float32 product
-# with d_model 3072 ran at 65% of its rate at 896 rows on this project's 2-core AVX2 machine (roofline.py).
-MIN_EARLY_VECTORS = 256
+__all__ = ["IDLE_WORK_BYTES", "MIN_EARLY_VECTORS", "EarlyReadout"]  # the two bounds: model/idle.py
 
 
 class EarlyReadout:

@@ -28,6 +28,12 @@ from torch import nn
 # ll.plan counts this much for a streamed lens; 256 MB is 3.5% of a 3B-shaped bfloat16 checkpoint.
 IDLE_WORK_BYTES = 256 * 2**20
 
+# Residual vectors (rows x streams) the logit lens waits for before it starts a read-out sweep in the idle time
+# (lens/early_readout.py): a product of few rows runs far below the CPU's GEMM rate (a float32 [256, 3072] x
+# [3072, 1024] at 65% of its rate at 896 rows on a 2-core AVX2 CPU, roofline.measure_gemm_rate), and every sweep
+# casts the whole unembedding to float32 once more, so few sweeps run.
+MIN_EARLY_VECTORS = 256
+
 # The attribute a model's waiting code reads; set only inside `idle_work`.
 _STEP = "_llama_lens_idle_step"
 
