@@ -82,6 +82,13 @@ class EarlyReadout:
         while self._sweep is not None:
             self.step()
 
+    def close(self) -> None:
+        """Drops a sweep left unfinished (the pass raised) and lets go of a streamed unembedding's blocks."""
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
+            self._release()
+
     def untaken(self) -> tuple[list[torch.Tensor], list[str]]:
         """The distinct streams caught but not read out early, in the order caught, with each one's first hook."""
         return self._waiting()
@@ -130,6 +137,9 @@ class EarlyReadout:
     def _end(self, metrics: ReadoutMetrics) -> None:
         self.groups.append(metrics)
         self._sweep = None
+        self._release()
+
+    def _release(self) -> None:
         release = getattr(self.weight, "release", None)  # a streamed unembedding's blocks and reading thread
         if release is not None:
             release()

@@ -140,12 +140,17 @@ def logit_lens(
         # positions only: [batch, pos, d_vocab] at every position is 8.7 GB for a 44k-token prompt when one
         # position was asked for.
         stop = model.layer_indices[-1] + 1 if model.layer_indices else 0
-        final_resid = model.run_with_hooks(
-            inputs.tokens,
-            attention_mask=inputs.attention_mask,
-            stop_at_layer=stop,
-            fwd_hooks=[(names, capture)] if names else [],
-        )
+        try:
+            final_resid = model.run_with_hooks(
+                inputs.tokens,
+                attention_mask=inputs.attention_mask,
+                stop_at_layer=stop,
+                fwd_hooks=[(names, capture)] if names else [],
+            )
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
         previous.clear()
         if early is not None:
             early.finish()

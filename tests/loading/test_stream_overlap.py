@@ -158,3 +158,22 @@ def test_a_model_held_in_memory_runs_no_idle_work(ckpt_path, early_sweeps):
     model = ll.load(ckpt_path, index_cache=False, progress=False)
     ll.logit_lens(model, tokens_for(), target=3)
     assert early_sweeps == []
+
+
+def test_a_pass_that_raises_leaves_no_sweep_or_unembedding_block_behind(ckpt_path, early_sweeps):
+    model = slow_streamed(ckpt_path, "stream")
+
+    def boom(tensor, *, hook):
+        raise ValueError("boom at the last layer")
+
+    model.add_hook(f"blocks.{model.cfg.n_layers - 1}.hook_resid_mid", boom)
+    try:
+        with pytest.raises(ValueError, match="boom at the last layer"):
+            ll.logit_lens(model, tokens_for(), target=3)
+    finally:
+        model.reset_hooks()
+    assert early_sweeps  # a sweep had started before the error
+    weight = model.unembed.weight
+    assert weight._block is None and weight._next is None and weight._pool is None
+    overlapped, sequential = lens_pair(model, tokens_for(), target=3)
+    assert_same_lens(overlapped, sequential)
