@@ -5,7 +5,8 @@ Run on a Llama-3.2-3B-shaped Meta MP2 bf16 checkpoint with a separate unembeddin
 
     python scripts/make_synthetic_checkpoint.py /work/bigckpt/meta3b --layout meta --shards 2 --untied \\
         --embed-split d_model
-    python scripts/bench_stream_floor.py /work/bigckpt/meta3b [--tokens 32] [--unembed stream] [--repeat 1] [--warm]
+    python scripts/bench_stream_floor.py /work/bigckpt/meta3b [--tokens 32] [--unembed stream] [--repeat 1] [--warm] \\
+        [--sequential]
 
 Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own:
 
@@ -15,6 +16,8 @@ Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its 
   streamed    ll.load(path, stream=True, unembed=...) and ll.logit_lens over a prompt of --tokens ids, timed
               from before the load to the lens's result, the files evicted first
   warm        (--warm) the same with the files left in the page cache: the compute alone
+  sequential  (--sequential) the same, cold, with the read-out after the pass (none in the layers' waits,
+              lens/early_readout.py): the schedule before the overlap, for a comparison within one run
 
 and prints:
 
@@ -78,14 +81,10 @@ def child_gemm(path: Path, tokens: int) -> dict:
     import torch
 
     from llama_lens.io.checkpoint import Checkpoint
-    from llama_lens.lens.logit import _readout_points
     from llama_lens.loading import roofline
-    from llama_lens.model.llama import HookedLlama
 
     cfg = Checkpoint(path).config
-    with torch.device("meta"):
-        n_readouts = len(_readout_points(HookedLlama(cfg), ("embed", "resid_post"), None))
-    rows = tokens * n_readouts
+    rows = tokens * _n_readouts(path)
     return {
         "rows": rows,
         "threads": torch.get_num_threads(),
@@ -94,6 +93,18 @@ def child_gemm(path: Path, tokens: int) -> dict:
         "shape": [cfg.d_model, cfg.d_mlp],
         "capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def _n_readouts(path: Path) -> int:
+    """The lens's read-outs over the checkpoint's model (the embedding and every layer's resid_post)."""
+    import torch
+
+    from llama_lens.io.checkpoint import Checkpoint
+    from llama_lens.lens.logit import _readout_points
+    from llama_lens.model.llama import HookedLlama
+
+    with torch.device("meta"):
+        return len(_readout_points(HookedLlama(Checkpoint(path).config), ("embed", "resid_post"), None))
 
 
 def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> dict:
@@ -106,14 +117,17 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
     if cold:
         evict(path)
     cached = cached_bytes(path)
-    start = time.perf_counter()
-    estimate = ll.plan(path, tokens=tokens, stream=True, dtype=torch.bfloat16, unembed=unembed, cache="resid")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    estimate = ll.plan(
+        path, tokens=tokens, stream=True, dtype=torch.bfloat16, unembed=unembed, cache="resid",
+        readouts=_n_readouts(path) - 1,
+    )  # fmt: skip
     model = ll.load(path, dtype=torch.bfloat16, stream=True, unembed=unembed, progress=False)
     load_seconds = time.perf_counter() - start
     phases = _time_layer_phase(model)
     with torch.inference_mode():
         result = ll.logit_lens(model, ids, target=int(ids[0, -1]))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     from llama_lens.loading import roofline
 
     rows, readouts = tokens, result.n_readouts - 1  # the last read-out is the model's own output
@@ -123,6 +137,7 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
     return {
         "flops": flops,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "load_seconds": load_seconds,
         "cached_before": cached,
         "peak_rss": peak_rss(),
@@ -140,16 +155,22 @@ def child_streamed(path: Path, tokens: int, unembed: str, cold: bool = True) -> 
         "layers_seconds": phases["last_out"] - phases["first_in"],
         "read_wait_seconds": phases["wait"],
         "head_seconds": time.perf_counter() - phases["last_out"],
+        # The read-out steps run while the layers waited for reads (lens/early_readout.py), and the streams taken
+        # by the early sweeps (the last one may end after the pass).
+        "early_seconds": phases["early"],
+        "early_streams": phases["early_streams"],
     }
 
 
 def _time_layer_phase(model) -> dict:
     """Wraps the streamed model's run_block and its layer stream's take (in this child process only) to time the
     decoder layers' phase of the next forward pass."""
+    from llama_lens.lens import early_readout
     from llama_lens.loading import stream
 
-    phases = {"first_in": None, "last_out": None, "wait": 0.0}
+    phases = {"first_in": None, "last_out": None, "wait": 0.0, "early": 0.0, "early_streams": 0}
     run_block, take = model.run_block, stream.LayerStream.take
+    step, start = early_readout.EarlyReadout.step, early_readout.EarlyReadout._start
 
     def timed_block(*args, **kwargs):
         if phases["first_in"] is None:
@@ -161,13 +182,32 @@ def _time_layer_phase(model) -> dict:
 
     def timed_take(self, layer):
         begin = time.perf_counter()
+        phases["in_take"] = True
         try:
             return take(self, layer)
         finally:
+            phases["in_take"] = False
             phases["wait"] += time.perf_counter() - begin
+
+    def timed_step(self):
+        begin = time.perf_counter()
+        try:
+            return step(self)
+        finally:
+            if phases.get("in_take"):  # not the end of a sweep after the pass (EarlyReadout.finish)
+                phases["early"] += time.perf_counter() - begin
+
+    def counted_start(self):
+        before = len(self.taken)
+        try:
+            return start(self)
+        finally:
+            phases["early_streams"] += len(self.taken) - before
 
     model.run_block = timed_block
     stream.LayerStream.take = timed_take
+    early_readout.EarlyReadout.step = timed_step
+    early_readout.EarlyReadout._start = counted_start
     return phases
 
 
@@ -197,7 +237,14 @@ def main() -> None:
     parser.add_argument("--unembed", default="stream", choices=["stream", "memory", "auto"], help="ll.load's unembed=")
     parser.add_argument("--repeat", type=int, default=1, help="cold read + streamed lens pairs to run")
     parser.add_argument("--warm", action="store_true", help="also run the lens with the files in the page cache")
-    parser.add_argument("--child", choices=["cold_read", "gemm", "streamed", "streamed_warm"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="also run the lens with its read-out after the pass (none in the layers' waits), cold, for comparison",
+    )  # fmt: skip
+    parser.add_argument(
+        "--child", choices=["cold_read", "gemm", "streamed", "streamed_warm", "streamed_sequential"],
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     args = parser.parse_args()
     if args.child == "cold_read":
         print(json.dumps(child_cold_read(args.path)))
@@ -205,8 +252,12 @@ def main() -> None:
     if args.child == "gemm":
         print(json.dumps(child_gemm(args.path, args.tokens)))
         return
-    if args.child in ("streamed", "streamed_warm"):
-        print(json.dumps(child_streamed(args.path, args.tokens, args.unembed, cold=args.child == "streamed")))
+    if args.child == "streamed_sequential":
+        from llama_lens.lens import early_readout
+
+        early_readout.MIN_EARLY_VECTORS = 2**62  # no early sweep: the read-out after the pass, as before overlap
+    if args.child in ("streamed", "streamed_warm", "streamed_sequential"):
+        print(json.dumps(child_streamed(args.path, args.tokens, args.unembed, cold=args.child != "streamed_warm")))
         return
 
     checkpoint_bytes = sum(f.stat().st_size for f in weight_files(args.path))
@@ -221,6 +272,7 @@ def main() -> None:
         cold = run_child(args, "cold_read")
         gemm = run_child(args, "gemm")
         streamed = run_child(args, "streamed")
+        sequential = run_child(args, "streamed_sequential") if args.sequential else None
         warm = run_child(args, "streamed_warm") if args.warm else None
         load_after = os.getloadavg()
         bandwidth = cold["bytes"] / cold["seconds"]
@@ -248,7 +300,8 @@ def main() -> None:
         )
         print(f"  floor       max(cold read, FLOPs / GEMM rate) = {floor:.1f} s")
         print(
-            f"  streamed    load {streamed['load_seconds']:.1f} s, load + lens {wall:.1f} s (embed "
+            f"  streamed    load {streamed['load_seconds']:.1f} s, load + lens {wall:.1f} s, CPU time "
+            f"{streamed['cpu_seconds']:.1f} s (embed "
             f"{streamed['model_embed']}, unembed {streamed['model_unembed']}; {_gb(streamed['cached_before'])} "
             "cached before)"
         )
@@ -267,7 +320,9 @@ def main() -> None:
             f"  phases      layers {streamed['layers_seconds']:.1f} s (waited {streamed['read_wait_seconds']:.1f} s "
             f"for reads; their FLOPs at the GEMM rate {layer_flops / gemm['rate']:.1f} s, at the forward's "
             f"{layer_flops / gemm['forward_rate']:.1f} s), then unembedding + read-out "
-            f"{streamed['head_seconds']:.1f} s ({(flops - layer_flops) / gemm['rate']:.1f} s at the GEMM rate)"
+            f"{streamed['head_seconds']:.1f} s ({(flops - layer_flops) / gemm['rate']:.1f} s at the GEMM rate); "
+            f"within the layers' waits, {streamed['early_seconds']:.1f} s of read-out steps (early sweeps over "
+            f"{streamed['early_streams']} of the {readouts} read-outs)"
         )
         if args.unembed == "memory":
             # Held, the unembedding is read at load, and the read-out starts after the last layer: this
@@ -276,6 +331,13 @@ def main() -> None:
                 f"  schedule    held unembedding: read at load + max(layers' read, layers' compute) + read-out "
                 f"compute = {estimate['est_wall_seconds']:.1f} s = {estimate['est_wall_seconds'] / floor:.2f} x the "
                 f"floor; wall / that = {wall / estimate['est_wall_seconds']:.2f}"
+            )
+        if sequential is not None:
+            print(
+                f"  sequential  the same with the read-out after the pass: {sequential['seconds']:.1f} s, "
+                f"{sequential['seconds'] / floor:.2f} x the floor (layers {sequential['layers_seconds']:.1f} s, then "
+                f"{sequential['head_seconds']:.1f} s); overlapped / sequential = {wall / sequential['seconds']:.2f}; "
+                f"CPU time {streamed['cpu_seconds']:.1f} s overlapped, {sequential['cpu_seconds']:.1f} s sequential"
             )
         if warm is not None:
             print(

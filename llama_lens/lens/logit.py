@@ -18,6 +18,8 @@ the residual streams before the norm (a tuned lens, `lens=`) is applied just bef
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ArgumentError
+from ..model.idle import idle_work, waits_for_reads
 from ..model.limits import check_context_length, check_fits, forward_nbytes
 from ..validate import check_count, check_loaded_layers
+from .early_readout import EarlyReadout
 from .inputs import Prompt, Target, on_cpu, prepare_inputs, token_texts
 from .logit_result import LensResult
-from .readout import read_out
+from .readout import DEFAULT_CHUNK_SIZE, read_out
 from .readouts import DEFAULT_READOUT, READOUTS, readout_hook, readout_kinds, readout_label
 
 if TYPE_CHECKING:
@@ -119,18 +123,38 @@ def logit_lens(
             previous[:] = [tensor, kept.flatten(0, 1)]
         resid[hook.name] = previous[1]
 
-    with torch.inference_mode():
+    targets = inputs.target_ids
+    weight = model.unembed.weight
+    row_targets = None if targets is None else targets.to(weight.device).repeat_interleave(n_pos, 0)
+    # A streamed model waits for its layers' reads: the streams caught so far are read out meanwhile.
+    early = None
+    if names and waits_for_reads(model):
+        norm = functools.partial(_normed_streams, model, lens)
+        early = EarlyReadout(
+            resid, norm, weight, row_targets, top_k=top_k, keep_logits=keep_logits,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        )  # fmt: skip
+
+    with torch.inference_mode(), idle_work(model, early.step) if early else contextlib.nullcontext():
         # The forward stops at the final residual stream, and the model's logits are made at the asked-for
         # positions only: [batch, pos, d_vocab] at every position is 8.7 GB for a 44k-token prompt when one
         # position was asked for.
         stop = model.layer_indices[-1] + 1 if model.layer_indices else 0
-        final_resid = model.run_with_hooks(
-            inputs.tokens,
-            attention_mask=inputs.attention_mask,
-            stop_at_layer=stop,
-            fwd_hooks=[(names, capture)] if names else [],
-        )
+        try:
+            final_resid = model.run_with_hooks(
+                inputs.tokens,
+                attention_mask=inputs.attention_mask,
+                stop_at_layer=stop,
+                fwd_hooks=[(names, capture)] if names else [],
+            )
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
         previous.clear()
+        if early is not None:
+            early.finish()
+    with torch.inference_mode():
         # ln_final runs over every position, as in the model's forward (its hooks see what they always saw; it
         # is d_model wide); only the unembedding, d_vocab wide, is limited to the asked-for positions.
         normed_final = model.ln_final(final_resid.to(model.ln_final.weight.device))
@@ -140,22 +164,20 @@ def logit_lens(
         # (every position when none were picked); what a hook returns is the final read-out.
         final_rows = model.hook_logits(model.unembed(kept)).flatten(0, 1)  # [batch * n_pos, d_vocab]
         del normed_final, kept
-        targets = inputs.target_ids
-        row_targets = None if targets is None else targets.to(final_rows.device).repeat_interleave(n_pos, 0)
-        # Hooks that name the same tensor object are read out once: `column` maps each to its read-out.
-        first_with: dict[int, int] = {}
-        column = {hook: first_with.setdefault(id(tensor), len(first_with)) for hook, tensor in resid.items()}
-        unique = list({id(tensor): tensor for tensor in resid.values()}.values())
-        if lens is not None:
-            # Each distinct tensor once, by the first hook that names it (embed and 0_pre, and i_post and
-            # (i+1)_pre, name one stream and have one translator).
-            first_hook = {id(tensor): hook for hook, tensor in reversed(list(resid.items()))}
-            unique = [lens.translate_hook(tensor, first_hook[id(tensor)]) for tensor in unique]
-        normed = _normed_rows(model, unique, final_rows)
+        # Each distinct tensor once (hooks that name the same tensor object are read out once), by the first
+        # hook that names it (embed and 0_pre, and i_post and (i+1)_pre, name one stream and have one
+        # translator); read out early (a streamed model) or now.
+        unique, first_hooks = early.untaken() if early else _distinct_streams(resid)
+        normed = _normed_streams(model, lens, unique, first_hooks, final_rows=final_rows)
         final, readouts = read_out(
-            normed, model.unembed.weight, final_logits=final_rows, targets=row_targets, top_k=top_k,
+            normed, weight, final_logits=final_rows, targets=row_targets, top_k=top_k,
             keep_logits=keep_logits, chunk_size=chunk_size,
         )  # fmt: skip
+        if early is not None:
+            unique, readouts = early.metrics(readouts, final_rows, final)
+        # `column` maps each hook to its read-out.
+        where = {id(tensor): k for k, tensor in enumerate(unique)}
+        column = {hook: where[id(tensor)] for hook, tensor in resid.items()}
 
     def stacked(field: str) -> torch.Tensor | None:
         # n_readouts x [batch * n_pos, ...] -> [batch, n_readouts, n_pos, ...]; made outside inference_mode,
@@ -245,12 +267,29 @@ def _check_tuned_lens(lens: TunedLens, model: HookedLlama, points: list[tuple[st
         lens.translator(layer, kind)  # raises, naming the read-out, where the lens has no translator
 
 
-def _normed_rows(model: HookedLlama, resid: list[torch.Tensor], final_rows: torch.Tensor) -> torch.Tensor:
-    """[n_rows, n_readouts, d_model]: the captured residual streams (each [n_rows, d_model]) through the model's
-    own ln_final, as the final read-out was; hooks on ln_final fire here too, once. A tuned lens has already
-    moved each stream by its translator (in `logit_lens`)."""
+def _distinct_streams(resid: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
+    """The distinct tensors of `resid` (hook name -> stream), in the order caught, with each one's first hook."""
+    streams: dict[int, tuple[torch.Tensor, str]] = {}
+    for hook, tensor in resid.items():
+        streams.setdefault(id(tensor), (tensor, hook))
+    return [tensor for tensor, _ in streams.values()], [hook for _, hook in streams.values()]
+
+
+def _normed_streams(
+    model: HookedLlama,
+    lens: TunedLens | None,
+    resid: list[torch.Tensor],
+    hooks: list[str],
+    *,
+    final_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[n_rows, n_streams, d_model]: residual streams (each [n_rows, d_model], caught at `hooks`) moved by a
+    tuned lens's translators (`lens`), then through the model's own ln_final, as the final read-out was; hooks
+    on ln_final fire here, once per call."""
     if not resid:
         return final_rows.new_empty(final_rows.shape[0], 0, model.cfg.d_model, dtype=model.unembed.weight.dtype)
+    if lens is not None:
+        resid = [lens.translate_hook(tensor, hook) for tensor, hook in zip(resid, hooks)]
     return model.ln_final(torch.stack(resid, dim=1))
 
 

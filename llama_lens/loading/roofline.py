@@ -3,8 +3,8 @@ needs for them at its measured float32 GEMM rate.
 
 A streamed lens can take no less than the larger of two times: reading the checkpoint once, and doing its
 matmuls at the machine's own GEMM rate. `ll.plan(..., readouts=, gemm_rate=)` counts both and predicts the wall
-time of the two phases of a lens (see `predicted_wall_seconds`); scripts/bench_stream_floor.py measures the
-rates in the same run and prints the floor, the wall and their ratio.
+time of a lens, with the read-out overlapping the layers' reads where it can (see `predicted_wall_seconds`);
+scripts/bench_stream_floor.py measures the rates in the same run and prints the floor, the wall and their ratio.
 
 Only the matmuls are counted (2 FLOPs per multiply-add): the norms, rotary embedding, softmax and the lens's
 metrics are a few passes over [rows, d_model] or [rows, block] tensors, small beside them.
@@ -73,14 +73,17 @@ def predicted_wall_seconds(
     gemm_rate: float,
     stream: bool,
     unembed: str = "memory",
+    early_flops: int = 0,
 ) -> float:
     """Wall time of a load and one pass of a logit lens (or a forward pass: no read-outs), from the two rates.
 
-    Streamed, the pass has two phases, one after the other: the decoder layers, whose reads overlap their
-    compute (a layer is read while the one before computes), then the unembedding's sweeps (the model's output
-    and the read-outs), whose block reads overlap their compute when it is streamed (`unembed="stream"`) and
-    come before everything when it is held (read at load time). Each overlapped phase takes the longer of its
-    read and its compute. Without streaming, the whole checkpoint is read first and the compute follows.
+    Streamed, the decoder layers' reads overlap their compute (a layer is read while the one before computes),
+    so that phase takes the longer of the two; where the reads are the longer, the CPU would idle, and the
+    lens reads out the layers already done meanwhile (lens/early_readout.py): up to `early_flops` of the
+    read-out move into that idle time. What is left of the unembedding's sweeps (the model's output and the
+    read-outs) follows the last layer. A held unembedding (`unembed="memory"`) is read at load, before
+    everything; a streamed one is read during the pass (by the early sweeps, with the layers, or after them,
+    overlapping its compute). Without streaming the whole checkpoint is read first and the compute follows.
 
     Args:
         layer_read_seconds: reading the decoder layers (and the embedding) once.
@@ -89,10 +92,17 @@ def predicted_wall_seconds(
         gemm_rate: float32 FLOP/s (`measure_gemm_rate`).
         stream: whether the layers are streamed.
         unembed: "memory" or "stream", as the plan resolved it.
+        early_flops: the part of `head_flops` the lens may read out during the layers (0: none, the read-out
+            all after them).
     """
     layer_seconds, head_seconds = layer_flops / gemm_rate, head_flops / gemm_rate
     if not stream:
         return layer_read_seconds + head_read_seconds + layer_seconds + head_seconds
-    if unembed == "stream":
+    if unembed == "stream" and not early_flops:
         return max(layer_read_seconds, layer_seconds) + max(head_read_seconds, head_seconds)
-    return head_read_seconds + max(layer_read_seconds, layer_seconds) + head_seconds
+    # Reads during the layers' phase: the layers, and a streamed unembedding (its first early sweep; later
+    # sweeps find it in the page cache).
+    read = layer_read_seconds + (head_read_seconds if unembed == "stream" else 0.0)
+    early = min(max(read - layer_seconds, 0.0), early_flops / gemm_rate)
+    layers_phase = max(read, layer_seconds + early)
+    return (head_read_seconds if unembed == "memory" else 0.0) + layers_phase + head_seconds - early

@@ -35,6 +35,7 @@ from ..config import LlamaConfig
 from ..errors import ArgumentError, CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint, dropped_on_error
 from ..io.names import block_param_shapes
+from ..model.idle import run_while_waiting
 from ..model.kv_cache import KVCache
 from ..model.llama import HookedLlama
 from .host_memory import empty_cpu_tensors, release_free_heap
@@ -97,10 +98,13 @@ class LayerStream:
         reader: reads one layer (see `LayerReader`); called in the loader thread.
         layers: the layers the pass will run, in order.
         progress: show a tqdm bar with layers streamed and MB/s.
+        model: whose idle work (`llama_lens.model.idle`) runs while a layer's read is awaited.
     """
 
-    def __init__(self, reader: LayerReader, layers: Sequence[int], *, progress: bool = True) -> None:
-        self.reader = reader
+    def __init__(
+        self, reader: LayerReader, layers: Sequence[int], *, progress: bool = True, model: nn.Module | None = None
+    ) -> None:
+        self.reader, self.model = reader, model
         self.layers = list(layers)
         self._next = {a: b for a, b in zip(self.layers, self.layers[1:])}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama_lens-stream")
@@ -125,7 +129,12 @@ class LayerStream:
         if layer in self._next:
             # Queued before waiting: the loader thread goes straight on to the next layer.
             self._submit(self._next[layer])
-        state, read_bytes = self._pending.pop(layer).result()
+        future = self._pending.pop(layer)
+        if self.model is not None:
+            # The CPU would idle until the read is in: the caller's idle work (the logit lens reading out the
+            # layers done so far) runs meanwhile, a small step at a time.
+            run_while_waiting(self.model, future.done)
+        state, read_bytes = future.result()
         self.read_bytes += read_bytes
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         self._bar.set_postfix_str(f"{self.read_bytes / elapsed / 1e6:.0f} MB/s", refresh=False)
@@ -153,6 +162,9 @@ class StreamedLlama(HookedLlama):
         layers: decoder layers to run (default: all).
         progress: show a progress bar for each forward pass.
     """
+
+    # Its forward pass waits for reads, and runs idle work meanwhile (llama_lens.model.idle).
+    waits_for_reads = True
 
     def __init__(
         self, cfg: LlamaConfig, reader: LayerReader, layers: Sequence[int] | None = None, *, progress: bool = True
@@ -198,7 +210,7 @@ class StreamedLlama(HookedLlama):
         # HookedLlama.forward asks for its layers once, before the embedding: the moment to start reading
         # the first one.
         layers = super()._layers_to_run(start_layer, stop_at_layer, has_resid)
-        self._stream = LayerStream(self.reader, layers, progress=self.progress)
+        self._stream = LayerStream(self.reader, layers, progress=self.progress, model=self)
         return layers
 
     def run_block(self, layer: int, resid: torch.Tensor, cos, sin, mask, kv_cache: KVCache | None) -> torch.Tensor:

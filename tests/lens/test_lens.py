@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 import llama_lens as ll
 from llama_lens.lens import logit as lens_module
 from llama_lens.lens import readout as readout_module
+from llama_lens.lens import readout_online
 from llama_lens.viz.tokens import visible_token
 
 CORPUS = [
@@ -837,7 +838,7 @@ def test_positions_and_layers_take_any_iterable():
 @pytest.mark.parametrize("vectorized", [True, False])  # exp2 or exp for the shifted blocks
 @pytest.mark.parametrize("scale", [1.0, 40.0])  # logits within EXP_SAFE_MAX (unshifted exp), and far beyond it
 def test_read_out_metrics_match_softmax_whether_or_not_the_block_is_shifted(scale, vectorized, monkeypatch):
-    monkeypatch.setattr(readout_module, "_exp2_is_vectorized", lambda: vectorized)
+    monkeypatch.setattr(readout_online, "_exp2_is_vectorized", lambda: vectorized)
     # Rows mixing small logits, logits far past e^64 and rows far below zero: every block's logsumexp, entropy
     # and KL equal what torch's log_softmax gives over the whole row.
     generator = torch.Generator().manual_seed(0)
