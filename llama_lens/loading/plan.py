@@ -16,7 +16,6 @@ see `choose_unembed`): `plan(path, stream=True)` says which (`embed`, `unembed`)
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 
 from ..config import LlamaConfig
 from ..errors import ArgumentError, NotEnoughMemoryError
-from ..model import cpu_matmul, idle
+from ..model import cpu_matmul
 from ..model.memory import GIB, _cached_width, _working_width, available_memory, process_memory
 from . import plan_graph, plan_sizes, roofline, stream_vocab
 from .plan_sizes import largest_cast_elements, largest_layer_tensor, layer_param_count
@@ -319,22 +318,14 @@ def plan(
     layer_flops = roofline.layer_flops(cfg, tokens=tokens, batch=batch, n_layers=n_layers)
     head_flops = roofline.unembed_flops(cfg, rows=rows, readouts=readouts)
     head_read_bytes = round(embed_params * stored_size)
-    early_readouts = 0
-    if stream and readouts and rows * readouts >= idle.MIN_EARLY_VECTORS:
-        # A streamed lens reads out early layers while the pass waits for reads, and keeps their logits until the
-        # final distribution exists (model/idle.py): as many read-outs as IDLE_WORK_BYTES holds, and as the
-        # layers' idle time covers, about (a sweep takes every stream waiting when it starts).
-        read_seconds = (read_bytes - (0 if unembed == "stream" else head_read_bytes)) / bandwidth
-        idle_seconds = max(read_seconds - layer_flops / rate, 0.0)
-        per_readout = roofline.unembed_flops(cfg, rows=rows) / rate
-        early_readouts = min(
-            readouts, idle.IDLE_WORK_BYTES // (rows * cfg.d_vocab * weight_size), math.ceil(idle_seconds / per_readout)
-        )
-        peak += early_readouts * rows * cfg.d_vocab * weight_size
+    if stream and readouts:
+        layer_read_seconds = (read_bytes - (0 if unembed == "stream" else head_read_bytes)) / bandwidth
+        idle_seconds = layer_read_seconds - layer_flops / rate
+        early = roofline.early_readouts(cfg, rows, readouts, idle_seconds, rate, weight_size)
+        peak += early * rows * cfg.d_vocab * weight_size  # their logits, kept until the final distribution exists
     wall = roofline.predicted_wall_seconds(
         layer_read_seconds=(read_bytes - head_read_bytes) / bandwidth, head_read_seconds=head_read_bytes / bandwidth,
         layer_flops=layer_flops, head_flops=head_flops, gemm_rate=rate, stream=stream, unembed=unembed,
-        early_flops=roofline.unembed_flops(cfg, rows=rows * early_readouts),  # the read-outs of early_readouts
     )  # fmt: skip
     available = available_memory(device)
     return Plan(

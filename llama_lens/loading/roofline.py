@@ -3,8 +3,8 @@ needs for them at its measured float32 GEMM rate.
 
 A streamed lens can take no less than the larger of two times: reading the checkpoint once, and doing its
 matmuls at the machine's own GEMM rate. `ll.plan(..., readouts=, gemm_rate=)` counts both and predicts the wall
-time of a lens, with the read-out overlapping the layers' reads where it can (see `predicted_wall_seconds`);
-scripts/bench_stream_floor.py measures the rates in the same run and prints the floor, the wall and their ratio.
+time of the two phases of a lens (see `predicted_wall_seconds`); scripts/bench_stream_floor.py measures the
+rates in the same run and prints the floor, the wall and their ratio.
 
 Only the matmuls are counted (2 FLOPs per multiply-add): the norms, rotary embedding, softmax and the lens's
 metrics are a few passes over [rows, d_model] or [rows, block] tensors, small beside them.
@@ -19,6 +19,7 @@ import torch
 
 from ..config import LlamaConfig
 from ..io.names import block_param_shapes
+from ..model import idle
 
 # Float32 FLOP/s assumed when no rate is measured or given: a few cores of a recent AVX2 CPU. Measure the real
 # one with `measure_gemm_rate` (about a second).
@@ -73,17 +74,14 @@ def predicted_wall_seconds(
     gemm_rate: float,
     stream: bool,
     unembed: str = "memory",
-    early_flops: int = 0,
 ) -> float:
     """Wall time of a load and one pass of a logit lens (or a forward pass: no read-outs), from the two rates.
 
-    Streamed, the decoder layers' reads overlap their compute (a layer is read while the one before computes),
-    so that phase takes the longer of the two; where the reads are the longer, the CPU would idle, and the
-    lens reads out the layers already done meanwhile (lens/early_readout.py): up to `early_flops` of the
-    read-out move into that idle time. What is left of the unembedding's sweeps (the model's output and the
-    read-outs) follows the last layer. A held unembedding (`unembed="memory"`) is read at load, before
-    everything; a streamed one is read during the pass (by the early sweeps, with the layers, or after them,
-    overlapping its compute). Without streaming the whole checkpoint is read first and the compute follows.
+    Streamed, the pass has two phases, one after the other: the decoder layers, whose reads overlap their
+    compute (a layer is read while the one before computes), then the unembedding's sweeps (the model's output
+    and the read-outs), whose block reads overlap their compute when it is streamed (`unembed="stream"`) and
+    come before everything when it is held (read at load time). Each overlapped phase takes the longer of its
+    read and its compute. Without streaming, the whole checkpoint is read first and the compute follows.
 
     Args:
         layer_read_seconds: reading the decoder layers (and the embedding) once.
@@ -92,17 +90,29 @@ def predicted_wall_seconds(
         gemm_rate: float32 FLOP/s (`measure_gemm_rate`).
         stream: whether the layers are streamed.
         unembed: "memory" or "stream", as the plan resolved it.
-        early_flops: the part of `head_flops` the lens may read out during the layers (0: none, the read-out
-            all after them).
     """
     layer_seconds, head_seconds = layer_flops / gemm_rate, head_flops / gemm_rate
     if not stream:
         return layer_read_seconds + head_read_seconds + layer_seconds + head_seconds
-    if unembed == "stream" and not early_flops:
+    if unembed == "stream":
         return max(layer_read_seconds, layer_seconds) + max(head_read_seconds, head_seconds)
-    # Reads during the layers' phase: the layers, and a streamed unembedding (its first early sweep; later
-    # sweeps find it in the page cache).
-    read = layer_read_seconds + (head_read_seconds if unembed == "stream" else 0.0)
-    early = min(max(read - layer_seconds, 0.0), early_flops / gemm_rate)
-    layers_phase = max(read, layer_seconds + early)
-    return (head_read_seconds if unembed == "memory" else 0.0) + layers_phase + head_seconds - early
+    return head_read_seconds + max(layer_read_seconds, layer_seconds) + head_seconds
+
+
+def early_readouts(
+    cfg: LlamaConfig, rows: int, readouts: int, idle_seconds: float, gemm_rate: float, weight_size: int
+) -> int:
+    """How many read-outs a streamed lens does while its pass waits for reads (model/idle.py), keeping their
+    logits until the final distribution exists: as many as the idle time covers at the GEMM rate, and as
+    `idle.IDLE_WORK_BYTES` holds; none under `idle.MIN_EARLY_VECTORS` vectors (rows x read-outs).
+
+    Only the peak memory counts them: `predicted_wall_seconds` leaves the read-out after the layers, because
+    the layers take longer than their FLOPs at the GEMM rate (the bf16 casts, the norms and the attention of
+    few rows), so the idle time estimated here is an upper bound and crediting it made the wall estimate
+    short (0.62-0.72 of the measured wall in scripts/bench_stream_floor.py).
+    """
+    if rows * readouts < idle.MIN_EARLY_VECTORS or idle_seconds <= 0:
+        return 0
+    per_readout = unembed_flops(cfg, rows=rows) / gemm_rate
+    logit_bytes = rows * cfg.d_vocab * weight_size  # kept in the weights' dtype
+    return min(readouts, idle.IDLE_WORK_BYTES // logit_bytes, math.ceil(idle_seconds / per_readout))
