@@ -305,7 +305,7 @@ class AttentionExplorer(Explorer):
 
     @property
     def patterns(self) -> bytes:
-        """Every shown head's pattern as a saved page holds it: [layer][head] lower triangles, uint16
+        """Every shown head's pattern as a saved page holds it: `[layer][head]` lower triangles, uint16
         (weight x 65535), layers in the order of `layers`."""
         return b"".join(_packed(self.pattern(layer)) for layer in self.layers)
 
