@@ -16,7 +16,6 @@ transformers' modeling code so that logits agree to float rounding.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
-from .cpu_matmul import Linear, computes_in_float32, matmul
+from .cpu_matmul import Linear, matmul
 from .hooks import HookPoint
 from .kv_cache import KVCache
 from .norm import RMSNorm
@@ -195,7 +194,8 @@ class Attention(nn.Module):
 
         if self.hook_result.has_hooks:
             # Each head's write into the residual stream; they sum (plus the bias) to the attention output.
-            result = self.hook_result(head_results(z, self.o_proj.weight))  # [batch, pos, n_heads, d_model]
+            w_o = self.o_proj.weight.view(cfg.d_model, cfg.n_heads, cfg.d_head)
+            result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w_o))  # [batch, pos, n_heads, d_model]
             out = result.sum(dim=2)
             return out if self.o_proj.bias is None else out + self.o_proj.bias
         return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
@@ -208,14 +208,11 @@ class Attention(nn.Module):
         n_rep = self.cfg.n_rep
         # Query head j reads key/value head j // n_rep.
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        scores = matmul(q, k.transpose(-1, -2)) / math.sqrt(self.cfg.d_head)  # [batch, n_heads, q_pos, k_pos]
         if mask is None:
-            # Plain causal: the scale and the mask go into the product itself, one pass over the scores instead
-            # of four (scale, build a mask, invert it, fill).
-            scores = causal_scores(q, k, 1 / math.sqrt(self.cfg.d_head))  # [batch, n_heads, q_pos, k_pos]
-        else:
-            scores = matmul(q, k.transpose(-1, -2)) / math.sqrt(self.cfg.d_head)  # [batch, n_heads, q_pos, k_pos]
-            scores = scores.masked_fill(~mask, float("-inf"))
-        scores = self.hook_attn_scores(scores)
+            q_pos, k_pos = scores.shape[-2:]
+            mask = torch.ones(q_pos, k_pos, dtype=torch.bool, device=q.device).tril(k_pos - q_pos)
+        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         if has_key is not None:
             # Rows with no key: softmax over zeros (not over -inf, which is NaN in value and gradient), then zeroed.
             scores = scores.masked_fill(~has_key, 0.0)
@@ -224,56 +221,3 @@ class Attention(nn.Module):
         pattern = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         pattern = self.hook_pattern(pattern if has_key is None else pattern * has_key)
         return matmul(pattern, v)
-
-
-# --------------------------------------------------------------------------------- written-out attention
-def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale * q @ k^T` with -inf where a query would see a later key, as one batched product that adds the mask
-    (`baddbmm`): the scores the written-out attention hooks see, without separate scale and mask passes.
-
-    Args:
-        q: [batch, n_heads, q_pos, d_head], the last q_pos of the k_pos positions (earlier ones in a KV cache).
-        k: [batch, n_heads, k_pos, d_head] (key/value heads already repeated per query head).
-
-    Returns:
-        [batch, n_heads, q_pos, k_pos] in q's dtype (computed in float32 where cpu_matmul says so).
-    """
-    batch, n_heads, q_pos, d_head = q.shape
-    k_pos = k.shape[2]
-    dtype = torch.float32 if computes_in_float32(q, rows=q_pos) else q.dtype
-    bias = _causal_bias(q_pos, k_pos, dtype, q.device)  # [q_pos, k_pos]: 0 or -inf
-    scores = torch.baddbmm(
-        bias,
-        q.reshape(batch * n_heads, q_pos, d_head).to(dtype),
-        k.reshape(batch * n_heads, k_pos, d_head).transpose(1, 2).to(dtype),
-        alpha=scale,
-    )
-    return scores.view(batch, n_heads, q_pos, k_pos).to(q.dtype)
-
-
-@functools.lru_cache(maxsize=4)
-def _causal_bias(q_pos: int, k_pos: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 where query i (the last q_pos of k_pos positions) may see key j, -inf after it; made once per shape and
-    shared by every layer and pass (a few MB at most: 4 shapes kept)."""
-    # An ordinary tensor even when first made under inference_mode, so passes with autograd may use it too.
-    with torch.inference_mode(False):
-        return torch.full((q_pos, k_pos), float("-inf"), dtype=dtype, device=device).triu(k_pos - q_pos + 1)
-
-
-def head_results(z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """Each head's write into the residual stream, `z[:, :, h] @ W_O[h]`, as one batched product over heads.
-
-    Args:
-        z: [batch, pos, n_heads, d_head]
-        w_o: o_proj's weight [d_model, n_heads * d_head].
-
-    Returns:
-        [batch, pos, n_heads, d_model], laid out head-major in memory ([n_heads, batch, pos, d_model] permuted),
-        as torch.einsum lays it out: each head's block is one contiguous product.
-    """
-    batch, pos, n_heads, d_head = z.shape
-    d_model = w_o.shape[0]
-    per_head = z.reshape(batch * pos, n_heads, d_head).transpose(0, 1)  # [n_heads, batch * pos, d_head]
-    w_heads = w_o.view(d_model, n_heads, d_head).permute(1, 2, 0)  # [n_heads, d_head, d_model]
-    result = matmul(per_head, w_heads)  # [n_heads, batch * pos, d_model]
-    return result.view(n_heads, batch, pos, d_model).permute(1, 2, 0, 3)
