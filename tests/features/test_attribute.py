@@ -8,6 +8,7 @@ import pytest
 import torch
 from support.dictionaries import write_saelens
 from support.models import tiny_model
+from support.pass_counter import pass_counting_hooks
 
 import llama_lens as ll
 from llama_lens.patching import BatchedMetric, target_prob_metric
@@ -99,16 +100,7 @@ def test_attribution_is_the_models_gradient_at_each_site(tmp_path):
 def test_one_forward_and_one_backward_then_one_batched_forward(tmp_path):
     model = _model()
     sae = _sae(tmp_path, "blocks.0.hook_resid_post")
-    counts = {"fwd": 0, "bwd": 0}
-
-    def count(key):
-        def fn(tensor, *, hook):
-            counts[key] += 1
-
-        return fn
-
-    hooks = {"fwd_hooks": [("ln_final.hook_normalized", count("fwd"))]}
-    hooks["bwd_hooks"] = [("ln_final.hook_normalized", count("bwd"))]
+    counts, hooks = pass_counting_hooks()
     tokens = _tokens()
     with model.hooks(**hooks):
         ll.feature_attribution(model, tokens, sae, logit_diff, top_n=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from support.dictionaries import write_clt, write_saelens
 from support.models import char_model, tiny_model
+from support.pass_counter import pass_counting_hooks
 
 import llama_lens as ll
 
@@ -74,16 +75,7 @@ def test_an_equal_length_batch_of_ids_equals_each_row_alone(tmp_path):
 
 def test_a_batch_takes_one_forward_and_one_backward_pass(tmp_path):
     model = tiny_model(seed=1).double()
-    counts = {"fwd": 0, "bwd": 0}
-
-    def count(key):
-        def fn(tensor, *, hook):
-            counts[key] += 1
-
-        return fn
-
-    hooks = {"fwd_hooks": [("ln_final.hook_normalized", count("fwd"))]}
-    hooks["bwd_hooks"] = [("ln_final.hook_normalized", count("bwd"))]
+    counts, hooks = pass_counting_hooks()
     with model.hooks(**hooks):
         result = ll.feature_attribution(
             model, torch.randint(3, 128, (4, 6)), _dictionaries(tmp_path), logit_diff, top_n=0
